@@ -1,0 +1,1 @@
+"""Data: document-level datasets, preprocessing, synthetic lengths."""

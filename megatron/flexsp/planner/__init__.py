@@ -1,0 +1,1 @@
+"""Planner: cost model, bucketing, sequence blaster, MILP, baselines. Never imports torch."""

@@ -1,0 +1,375 @@
+"""The alpha-beta cost model of FlexSP in the fixed JSON form of DESIGN.md.
+
+For a group of degree d holding sequences s_1..s_k (T = sum s_i), one micro-batch:
+
+* compute ms   = sum_i (alpha1 * s_i^2 + alpha2 * s_i) / d + beta1
+* all-to-all ms = bytes_per_token * T / d / 2^20 / bandwidth_gbs[d]   (0 when d == 1)
+* memory MB/GPU = model_states_mb + activation_mb_per_token * T / d  (<= limit_gb * 1024)
+
+Estimates for this form follow exactly these formulas; everything else (capacities, smallest
+feasible degree, allowed degrees) is derived from them here, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "CostModelError",
+    "ComputeCoeffs",
+    "AllToAllCoeffs",
+    "MemoryCoeffs",
+    "CostModel",
+    "alltoall_bytes_per_token",
+    "build_cost_model",
+    "load_cost_model",
+    "PRESET_NAMES",
+]
+
+
+class CostModelError(ValueError):
+    """A cost model that cannot be used, with the offending field named."""
+
+
+@dataclass(frozen=True)
+class ComputeCoeffs:
+    alpha1_ms_per_token2: float
+    alpha2_ms_per_token: float
+    beta1_ms: float
+
+
+@dataclass(frozen=True)
+class AllToAllCoeffs:
+    bytes_per_token: float
+    bandwidth_gbs: Mapping[int, float]
+
+
+@dataclass(frozen=True)
+class MemoryCoeffs:
+    limit_gb: float
+    model_states_mb: float
+    activation_mb_per_token: float
+
+
+def _num(d: Mapping[str, Any], key: str, where: str, *, positive: bool = False, nonneg: bool = True) -> float:
+    if key not in d:
+        raise CostModelError(f"cost model: missing field '{where}{key}'")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise CostModelError(f"cost model: field '{where}{key}' must be a finite number, got {v!r}")
+    if positive and v <= 0:
+        raise CostModelError(f"cost model: field '{where}{key}' must be > 0, got {v!r}")
+    if nonneg and v < 0:
+        raise CostModelError(f"cost model: field '{where}{key}' must be >= 0, got {v!r}")
+    return float(v)
+
+
+def _int(d: Mapping[str, Any], key: str, *, default: int | None = None) -> int:
+    if key not in d:
+        if default is not None:
+            return default
+        raise CostModelError(f"cost model: missing field '{key}'")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise CostModelError(f"cost model: field '{key}' must be a positive integer, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Profiled costs of one model on one cluster (paper form, units of the public FlexSP solver)."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    gpus_per_node: int
+    compute: ComputeCoeffs
+    alltoall: AllToAllCoeffs
+    memory: MemoryCoeffs
+    extra: Mapping[str, Any] = field(default_factory=dict)  # unknown top-level keys, kept on save
+
+    # ------------------------------------------------------------------ JSON
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CostModel":
+        if not isinstance(d, Mapping):
+            raise CostModelError(f"cost model: expected a JSON object, got {type(d).__name__}")
+        for sec in ("compute", "alltoall", "memory"):
+            if not isinstance(d.get(sec), Mapping):
+                raise CostModelError(f"cost model: missing or malformed section '{sec}'")
+        c, a, m = d["compute"], d["alltoall"], d["memory"]
+        heads = _int(d, "num_attention_heads")
+        groups = _int(d, "num_query_groups", default=heads)
+        if heads % groups:
+            raise CostModelError(
+                f"cost model: 'num_attention_heads' ({heads}) must be a multiple of 'num_query_groups' ({groups})"
+            )
+        bw_raw = a.get("bandwidth_gbs")
+        if not isinstance(bw_raw, Mapping) or not bw_raw:
+            raise CostModelError("cost model: 'alltoall.bandwidth_gbs' must be a non-empty object {degree: GB/s}")
+        bw: dict[int, float] = {}
+        for k, v in bw_raw.items():
+            try:
+                deg = int(k)
+            except (TypeError, ValueError):
+                raise CostModelError(f"cost model: 'alltoall.bandwidth_gbs' key {k!r} is not an integer degree") from None
+            if deg < 2:
+                raise CostModelError(f"cost model: 'alltoall.bandwidth_gbs' key {k!r}: degrees start at 2")
+            bw[deg] = _num(bw_raw, k, "alltoall.bandwidth_gbs.", positive=True)
+        known = {"name", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "gpus_per_node",
+                 "compute", "alltoall", "memory"}
+        model = cls(
+            name=str(d.get("name", "")),
+            num_layers=_int(d, "num_layers"),
+            hidden_size=_int(d, "hidden_size"),
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            gpus_per_node=_int(d, "gpus_per_node"),
+            compute=ComputeCoeffs(
+                _num(c, "alpha1_ms_per_token2", "compute."),
+                _num(c, "alpha2_ms_per_token", "compute."),
+                _num(c, "beta1_ms", "compute."),
+            ),
+            alltoall=AllToAllCoeffs(_num(a, "bytes_per_token", "alltoall."), dict(sorted(bw.items()))),
+            memory=MemoryCoeffs(
+                _num(m, "limit_gb", "memory.", positive=True),
+                _num(m, "model_states_mb", "memory."),
+                _num(m, "activation_mb_per_token", "memory.", positive=True),
+            ),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+        if model.memory.model_states_mb >= model.memory.limit_gb * 1024:
+            raise CostModelError(
+                f"cost model: 'memory.model_states_mb' ({model.memory.model_states_mb}) leaves no room under "
+                f"'memory.limit_gb' ({model.memory.limit_gb} GB = {model.memory.limit_gb * 1024} MB)"
+            )
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_query_groups": self.num_query_groups,
+            "gpus_per_node": self.gpus_per_node,
+            "compute": {
+                "alpha1_ms_per_token2": self.compute.alpha1_ms_per_token2,
+                "alpha2_ms_per_token": self.compute.alpha2_ms_per_token,
+                "beta1_ms": self.compute.beta1_ms,
+            },
+            "alltoall": {
+                "bytes_per_token": self.alltoall.bytes_per_token,
+                "bandwidth_gbs": {str(k): v for k, v in self.alltoall.bandwidth_gbs.items()},
+            },
+            "memory": {
+                "limit_gb": self.memory.limit_gb,
+                "model_states_mb": self.memory.model_states_mb,
+                "activation_mb_per_token": self.memory.activation_mb_per_token,
+            },
+        }
+        d.update(self.extra)
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------ formulas
+    def compute_ms(self, lengths: Iterable[int], degree: int) -> float:
+        c = self.compute
+        work = sum(c.alpha1_ms_per_token2 * s * s + c.alpha2_ms_per_token * s for s in lengths)
+        return work / degree + c.beta1_ms
+
+    def alltoall_ms(self, total_tokens: float, degree: int) -> float:
+        if degree == 1:
+            return 0.0
+        return self.alltoall.bytes_per_token * total_tokens / degree / 2**20 / self.bandwidth(degree)
+
+    def memory_mb(self, total_tokens: float, degree: int) -> float:
+        return self.memory.model_states_mb + self.memory.activation_mb_per_token * total_tokens / degree
+
+    def group_time_ms(self, lengths: Sequence[int], degree: int) -> float:
+        """Compute plus all-to-all of one group in one micro-batch."""
+        return self.compute_ms(lengths, degree) + self.alltoall_ms(sum(lengths), degree)
+
+    def bandwidth(self, degree: int) -> float:
+        try:
+            return self.alltoall.bandwidth_gbs[degree]
+        except KeyError:
+            raise CostModelError(
+                f"cost model '{self.name}': no all-to-all bandwidth for degree {degree} "
+                f"(known: {sorted(self.alltoall.bandwidth_gbs)})"
+            ) from None
+
+    # ---------------------------------------------------- derived quantities
+    @property
+    def limit_mb(self) -> float:
+        return self.memory.limit_gb * 1024
+
+    @property
+    def tokens_per_gpu(self) -> int:
+        """Activation tokens one GPU can hold next to its model states."""
+        return int(math.floor((self.limit_mb - self.memory.model_states_mb) / self.memory.activation_mb_per_token + 1e-9))
+
+    def capacity(self, degree: int) -> int:
+        """Most tokens a group of this degree can hold in one micro-batch."""
+        return self.tokens_per_gpu * degree
+
+    def fits(self, total_tokens: float, degree: int) -> bool:
+        return self.memory_mb(total_tokens, degree) <= self.limit_mb + 1e-9
+
+    def allowed_degrees(self, world_size: int) -> list[int]:
+        """Degrees a plan may use on ``world_size`` ranks.
+
+        d divides the head count and d <= world_size; d = 1 or its bandwidth is profiled;
+        a group inside one node has d dividing gpus_per_node (so groups tile a node), a larger
+        group spans whole nodes (d a multiple of gpus_per_node).
+        """
+        g = self.gpus_per_node
+        out = []
+        for d in range(1, world_size + 1):
+            if self.num_attention_heads % d:
+                continue
+            if d > 1 and d not in self.alltoall.bandwidth_gbs:
+                continue
+            if (d <= g and g % d) or (d > g and d % g):
+                continue
+            out.append(d)
+        return out
+
+    def smallest_degree(self, length: int, world_size: int) -> int | None:
+        """Smallest allowed degree whose group holds one sequence of ``length``; None if none does."""
+        for d in self.allowed_degrees(world_size):
+            if self.fits(length, d):
+                return d
+        return None
+
+    def check_world_size(self, world_size: int) -> None:
+        g = self.gpus_per_node
+        if world_size <= 0:
+            raise CostModelError(f"world size must be positive, got {world_size}")
+        if world_size > g and world_size % g:
+            raise CostModelError(
+                f"world size {world_size} is not a multiple of gpus_per_node {g} in cost model '{self.name}'"
+            )
+
+
+# --------------------------------------------------------------------------- builders
+
+def alltoall_bytes_per_token(num_layers: int, hidden_size: int, num_attention_heads: int,
+                             num_query_groups: int | None = None, bytes_per_element: int = 2) -> float:
+    """All-to-all volume of one token through the whole model, forward and backward.
+
+    Per layer and pass, Ulysses exchanges q, k, v before attention and the output after it:
+    q and output carry ``hidden`` values, k and v carry ``hidden * groups / heads`` each (GQA).
+    Backward exchanges the same tensors' gradients.
+    """
+    groups = num_query_groups or num_attention_heads
+    per_layer = 2 * hidden_size + 2 * hidden_size * groups / num_attention_heads
+    return float(2 * num_layers * per_layer * bytes_per_element)
+
+
+def build_cost_model(
+    *,
+    name: str,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int | None = None,
+    gpus_per_node: int,
+    alpha1_ms_per_token2: float,
+    alpha2_ms_per_token: float,
+    beta1_ms: float,
+    bandwidth_gbs: Mapping[int, float],
+    limit_gb: float,
+    activation_mb_per_token: float,
+    model_states_mb: float | None = None,
+    num_parameters: float | None = None,
+    world_size: int | None = None,
+    bytes_per_element: int = 2,
+) -> CostModel:
+    """A cost model from model shape plus hardware numbers.
+
+    Model states are either given in MB per GPU or derived for ZeRO-3 as
+    ``num_parameters * 16 bytes / world_size`` (bf16 weights and grads, fp32 master and Adam moments).
+    """
+    if model_states_mb is None:
+        if num_parameters is None or world_size is None:
+            raise CostModelError("give model_states_mb, or num_parameters and world_size for ZeRO-3 model states")
+        model_states_mb = num_parameters * 16 / world_size / 2**20
+    groups = num_query_groups or num_attention_heads
+    return CostModel.from_dict({
+        "name": name,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_attention_heads": num_attention_heads,
+        "num_query_groups": groups,
+        "gpus_per_node": gpus_per_node,
+        "compute": {"alpha1_ms_per_token2": alpha1_ms_per_token2, "alpha2_ms_per_token": alpha2_ms_per_token,
+                    "beta1_ms": beta1_ms},
+        "alltoall": {"bytes_per_token": alltoall_bytes_per_token(num_layers, hidden_size, num_attention_heads, groups,
+                                                                 bytes_per_element),
+                     "bandwidth_gbs": {str(k): v for k, v in bandwidth_gbs.items()}},
+        "memory": {"limit_gb": limit_gb, "model_states_mb": model_states_mb,
+                   "activation_mb_per_token": activation_mb_per_token},
+    })
+
+
+# ---------------------------------------------------------------------------- presets
+
+# The paper's cluster: 64 x A100-40G, 8 per node, 30 GB usable; coefficients of the public
+# FlexSP solver. The solver's models use 64 attention heads, so degrees up to 64 divide them.
+_PAPER_BANDWIDTH = {2: 119.54, 4: 104.07, 8: 96.5, 16: 10.33, 32: 5.94, 64: 4.87}
+_PAPER_MODELS = {
+    "gpt-7b": dict(num_layers=32, hidden_size=4096, alpha1=5.128e-6, alpha2=0.18396, beta1=629.36, act=4.48, params=7e9),
+    "gpt-13b": dict(num_layers=40, hidden_size=5120, alpha1=9.2852e-6, alpha2=0.30602, beta1=1132.56, act=4.22, params=13e9),
+    "gpt-30b": dict(num_layers=60, hidden_size=6656, alpha1=15.4262e-6, alpha2=0.80357, beta1=2789.36, act=3.42, params=30e9),
+}
+# The CPU test cluster: 4 gloo ranks in one "node" running the small GPT of the quickstart.
+# Coefficients are what `flexsp-profile` measured on the 2-core development machine; the
+# memory limit is artificial, so that long documents need several ranks as on a GPU cluster.
+_CPU_PRESET = {
+    "name": "cpu-tiny: small GPT on 4 gloo ranks (2-core dev machine)",
+    "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "gpus_per_node": 4,
+    "compute": {"alpha1_ms_per_token2": 2.0e-5, "alpha2_ms_per_token": 0.05, "beta1_ms": 5.0},
+    "alltoall": {"bytes_per_token": alltoall_bytes_per_token(2, 64, 4, 2, 4), "bandwidth_gbs": {"2": 0.5, "4": 0.4}},
+    "memory": {"limit_gb": 1.0, "model_states_mb": 512.0, "activation_mb_per_token": 1.0},
+}
+
+PRESET_NAMES = ("gpt-7b", "gpt-13b", "gpt-30b", "cpu-tiny")
+
+
+def preset(name: str, world_size: int = 64) -> CostModel:
+    """A shipped cost model by name; the paper presets derive ZeRO-3 model states from ``world_size``."""
+    key = name.lower()
+    if key in _PAPER_MODELS:
+        p = _PAPER_MODELS[key]
+        return build_cost_model(
+            name=f"{key} on A100-40G x {world_size} (FlexSP paper cluster)",
+            num_layers=p["num_layers"], hidden_size=p["hidden_size"], num_attention_heads=64, num_query_groups=64,
+            gpus_per_node=8, alpha1_ms_per_token2=p["alpha1"], alpha2_ms_per_token=p["alpha2"], beta1_ms=p["beta1"],
+            bandwidth_gbs=_PAPER_BANDWIDTH, limit_gb=30.0, activation_mb_per_token=p["act"],
+            num_parameters=p["params"], world_size=world_size,
+        )
+    if key == "cpu-tiny":
+        return CostModel.from_dict(_CPU_PRESET)
+    raise CostModelError(f"unknown cost-model preset '{name}' (presets: {', '.join(PRESET_NAMES)})")
+
+
+def load_cost_model(spec: str | Path, world_size: int = 64) -> CostModel:
+    """A cost model from a JSON file path or a preset name."""
+    p = Path(spec)
+    if p.suffix == ".json" or p.exists():
+        if not p.exists():
+            raise CostModelError(f"cost model file not found: {p}")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise CostModelError(f"cost model file {p} is not valid JSON: {e}") from None
+        return CostModel.from_dict(data)
+    return preset(str(spec), world_size)

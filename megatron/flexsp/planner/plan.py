@@ -1,0 +1,228 @@
+"""The plan of one global batch (fixed JSON form of DESIGN.md), its estimate and its validator.
+
+A plan is the only thing that crosses from the planner to the runtime: which micro-batches run,
+and in each, which ranks form which SP group and which sequences (indices into ``lengths``)
+that group processes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .costmodel import CostModel
+
+__all__ = ["PlanError", "Group", "MicroBatch", "SolverInfo", "Plan", "estimate_plan_ms", "validate_plan"]
+
+
+class PlanError(ValueError):
+    """A plan that breaks an invariant; the message says which and where."""
+
+
+@dataclass
+class Group:
+    ranks: list[int]
+    sequences: list[int] = field(default_factory=list)
+
+    @property
+    def degree(self) -> int:
+        return len(self.ranks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ranks": list(self.ranks), "sequences": list(self.sequences)}
+
+
+@dataclass
+class MicroBatch:
+    groups: list[Group]
+
+    def group_of(self, rank: int) -> Group:
+        """The group containing ``rank`` (each rank is in exactly one group of a valid plan)."""
+        for g in self.groups:
+            if rank in g.ranks:
+                return g
+        raise PlanError(f"rank {rank} is in no group of this micro-batch")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": [g.to_dict() for g in self.groups]}
+
+
+@dataclass
+class SolverInfo:
+    method: str
+    status: str = "unknown"
+    solve_time_s: float = 0.0
+    lower_bound_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": self.method, "status": self.status, "solve_time_s": self.solve_time_s,
+                             "lower_bound_ms": self.lower_bound_ms}
+        d.update(self.extra)
+        return d
+
+
+@dataclass
+class Plan:
+    world_size: int
+    lengths: list[int]
+    micro_batches: list[MicroBatch]
+    estimated_time_ms: float | None = None
+    solver: SolverInfo = field(default_factory=lambda: SolverInfo(method="manual"))
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "lengths": [int(x) for x in self.lengths],
+            "micro_batches": [mb.to_dict() for mb in self.micro_batches],
+            "estimated_time_ms": self.estimated_time_ms,
+            "solver": self.solver.to_dict(),
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a crash never leaves half a plan)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json(indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+        try:
+            mbs = [
+                MicroBatch([Group([int(r) for r in g["ranks"]], [int(s) for s in g.get("sequences", [])])
+                            for g in mb["groups"]])
+                for mb in d["micro_batches"]
+            ]
+            s = dict(d.get("solver") or {"method": "manual"})
+            solver = SolverInfo(
+                method=str(s.pop("method", "manual")),
+                status=str(s.pop("status", "unknown")),
+                solve_time_s=float(s.pop("solve_time_s", 0.0) or 0.0),
+                lower_bound_ms=s.pop("lower_bound_ms", None),
+                extra=s,
+            )
+            return cls(int(d["world_size"]), [int(x) for x in d["lengths"]], mbs, d.get("estimated_time_ms"), solver)
+        except KeyError as e:
+            raise PlanError(f"plan JSON: missing field {e}") from None
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"plan JSON: malformed: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan JSON: not valid JSON: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        return cls.from_json(Path(path).read_text())
+
+    # ---------------------------------------------------------------- views
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.micro_batches)
+
+    def degree_histogram(self) -> dict[int, int]:
+        """Number of groups of each degree over all micro-batches."""
+        h: dict[int, int] = {}
+        for mb in self.micro_batches:
+            for g in mb.groups:
+                h[g.degree] = h.get(g.degree, 0) + 1
+        return dict(sorted(h.items()))
+
+
+def micro_batch_ms(mb: MicroBatch, lengths: Sequence[int], cost: CostModel) -> float:
+    """Slowest group of the micro-batch (groups holding no sequence cost nothing)."""
+    times = [cost.group_time_ms([lengths[i] for i in g.sequences], g.degree) for g in mb.groups if g.sequences]
+    return max(times, default=0.0)
+
+
+def estimate_plan_ms(plan: Plan, cost: CostModel) -> float:
+    """Iteration time by the DESIGN.md formulas: sum over micro-batches of the slowest group."""
+    return sum(micro_batch_ms(mb, plan.lengths, cost) for mb in plan.micro_batches)
+
+
+def validate_plan(plan: Plan, cost: CostModel | None = None, *, world_size: int | None = None,
+                  num_sequences: int | None = None) -> None:
+    """Check every invariant of DESIGN.md; raise PlanError naming the first broken one.
+
+    Without a cost model only the structural invariants are checked (partition of ranks,
+    every sequence exactly once); with one, also degrees, topology and memory.
+    """
+    ws = plan.world_size
+    if world_size is not None and ws != world_size:
+        raise PlanError(f"plan is for world size {ws}, but the job has {world_size} ranks")
+    if ws <= 0:
+        raise PlanError(f"world_size must be positive, got {ws}")
+    n = len(plan.lengths)
+    if num_sequences is not None and n != num_sequences:
+        raise PlanError(f"plan has {n} lengths, but the global batch has {num_sequences} sequences")
+    for i, L in enumerate(plan.lengths):
+        if L <= 0:
+            raise PlanError(f"lengths[{i}] = {L}: a sequence must have at least one token")
+    if not plan.micro_batches:
+        raise PlanError("plan has no micro-batch")
+    seen: dict[int, int] = {}
+    for m, mb in enumerate(plan.micro_batches):
+        if not mb.groups:
+            raise PlanError(f"micro-batch {m} has no group")
+        owner: dict[int, int] = {}
+        for gi, g in enumerate(mb.groups):
+            if not g.ranks:
+                raise PlanError(f"micro-batch {m} group {gi} has no rank")
+            for r in g.ranks:
+                if not 0 <= r < ws:
+                    raise PlanError(f"micro-batch {m} group {gi}: rank {r} is outside 0..{ws - 1}")
+                if r in owner:
+                    raise PlanError(f"micro-batch {m}: rank {r} is in group {owner[r]} and group {gi}")
+                owner[r] = gi
+            for s in g.sequences:
+                if not 0 <= s < n:
+                    raise PlanError(f"micro-batch {m} group {gi}: sequence index {s} is outside 0..{n - 1}")
+                if s in seen:
+                    raise PlanError(f"sequence {s} is assigned twice (micro-batch {seen[s]} and micro-batch {m})")
+                seen[s] = m
+        missing = sorted(set(range(ws)) - set(owner))
+        if missing:
+            raise PlanError(f"micro-batch {m}: groups do not partition the ranks; ranks {missing[:8]} are in no group")
+        empty = [gi for gi, g in enumerate(mb.groups) if not g.sequences]
+        if empty and sum(len(g.sequences) for g in mb.groups) >= len(mb.groups):
+            raise PlanError(f"micro-batch {m}: group {empty[0]} holds no sequence although the micro-batch has "
+                            f"at least as many sequences as groups")
+    unassigned = sorted(set(range(n)) - set(seen))
+    if unassigned:
+        raise PlanError(f"sequences {unassigned[:8]} (of {len(unassigned)}) are in no group")
+    if cost is None:
+        return
+    gpn = cost.gpus_per_node
+    heads = cost.num_attention_heads
+    for m, mb in enumerate(plan.micro_batches):
+        for gi, g in enumerate(mb.groups):
+            d = g.degree
+            where = f"micro-batch {m} group {gi} (degree {d}, ranks {g.ranks[:8]})"
+            if heads % d:
+                raise PlanError(f"{where}: degree {d} does not divide num_attention_heads {heads}")
+            if d > 1 and d not in cost.alltoall.bandwidth_gbs:
+                raise PlanError(f"{where}: cost model has no all-to-all bandwidth for degree {d}")
+            nodes = sorted({r // gpn for r in g.ranks})
+            if d <= gpn:
+                if len(nodes) != 1:
+                    raise PlanError(f"{where}: a group of degree <= gpus_per_node ({gpn}) must lie in one node, "
+                                    f"spans nodes {nodes}")
+            else:
+                if d % gpn or len(nodes) != d // gpn:
+                    raise PlanError(f"{where}: a group larger than a node must span exactly {d}/{gpn} whole nodes, "
+                                    f"spans nodes {nodes}")
+            tokens = sum(plan.lengths[s] for s in g.sequences)
+            mem = cost.memory_mb(tokens, d)
+            if mem > cost.limit_mb + 1e-6:
+                raise PlanError(f"{where}: {tokens} tokens need {mem:.1f} MB per GPU, over the limit "
+                                f"{cost.limit_mb:.1f} MB")

@@ -1,0 +1,1 @@
+"""Runtime: SP group pool, all-to-all attention, packing, loss, FSDP2, executor."""

@@ -1,0 +1,1 @@
+"""Training: arguments, loop, checkpointing, logging, profiler."""

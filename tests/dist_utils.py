@@ -1,0 +1,191 @@
+"""Run a function on N torch.distributed processes from a pytest test, bounded in time.
+
+Why: multi-process tests must never hang CI, must show the failing rank's traceback in the
+pytest report, and must not collide on ports when several test files run at once.
+
+Usage (``fn`` must be a module-level function so it can be pickled by reference)::
+
+    from tests.dist_utils import run_distributed
+
+    def _body(rank: int, world_size: int, n: int) -> float:
+        t = torch.full((n,), float(rank))
+        torch.distributed.all_reduce(t)          # process group is already initialised
+        return t.sum().item()                    # any picklable value (tensors are fine)
+
+    def test_something():
+        results = run_distributed(_body, 4, 3, timeout=60)   # list ordered by rank
+        assert results == [18.0] * 4
+
+Several cases should share one call (one process group per test function): starting
+processes that import torch costs seconds on a 2-core CI machine.
+
+Expected errors: catch them inside ``fn`` and return the message, then assert on the returned
+list in the parent (an exception escaping ``fn`` fails the whole run, by design).
+
+Mechanics: processes come from a ``forkserver`` context whose server pre-imports torch once per
+pytest session, so later runs start fast; each run gets a fresh free port (TCP store on
+127.0.0.1) and a process-group timeout; the parent waits for results with a deadline, kills
+every child on timeout or on the first failure, and raises with the child's traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+__all__ = ["DistRunError", "free_port", "run_distributed"]
+
+_CTX = None
+
+
+class DistRunError(RuntimeError):
+    """A rank raised, crashed, or did not finish in time; the message carries the details."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and let the OS choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _context():
+    """One forkserver context per process; the server pre-imports torch so children start fast."""
+    global _CTX
+    if _CTX is None:
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        ctx = mp.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(["torch", "torch.distributed"])
+        _CTX = ctx
+    return _CTX
+
+
+def _child(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, threads, env, result_q):
+    """Entry point of one rank: init the process group, run fn, report (rank, ok, payload)."""
+    try:
+        os.environ.update(env)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        os.environ["RANK"] = str(rank)
+        os.environ["LOCAL_RANK"] = str(rank)
+        os.environ["WORLD_SIZE"] = str(world_size)
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        import torch
+        import torch.distributed as dist
+
+        if threads:
+            torch.set_num_threads(threads)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+        )
+        try:
+            out = fn(rank, world_size, *args, **kwargs)
+        finally:
+            # Leave the group torn down even when fn raised, so the store does not linger.
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - best effort; the real error is reported below
+                pass
+        payload = pickle.dumps(out)  # plain pickle: tensors are copied, no shared-memory handles
+        result_q.put((rank, True, payload))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
+        result_q.put((rank, False, traceback.format_exc()))
+
+
+def _kill_all(procs: Sequence[Any]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=5)
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+    pg_timeout: float | None = None,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank.
+
+    * ``timeout``: wall-clock seconds for the whole run (process start included); on expiry
+      every child is killed and DistRunError names the ranks that did not finish.
+    * ``pg_timeout``: torch.distributed timeout for init and collectives (default: ``timeout``).
+    * ``threads``: torch intra-op threads per child (1 keeps N processes from fighting over cores).
+    * ``env``: extra environment variables set in every child before torch.distributed starts.
+    * The first rank that raises (or dies) fails the run at once, with its traceback.
+    """
+    if world_size < 1:
+        raise ValueError(f"run_distributed: world_size must be >= 1, got {world_size}")
+    ctx = _context()
+    result_q = ctx.Queue()
+    port = free_port()
+    pg_timeout_s = float(pg_timeout if pg_timeout is not None else timeout)
+    procs = []
+    deadline = time.monotonic() + timeout
+    try:
+        for rank in range(world_size):
+            p = ctx.Process(
+                target=_child,
+                args=(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, threads, dict(env or {}), result_q),
+                daemon=True,
+                name=f"dist-rank{rank}",
+            )
+            p.start()
+            procs.append(p)
+        results: dict[int, Any] = {}
+        dead_since: dict[int, float] = {}
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise DistRunError(
+                    f"run_distributed({getattr(fn, '__name__', fn)}): timed out after {timeout:.0f}s; "
+                    f"ranks {missing} did not finish (all children killed)"
+                )
+            try:
+                rank, ok, payload = result_q.get(timeout=min(remaining, 0.25))
+            except queue.Empty:
+                # A child that died without reporting (segfault, os._exit, OOM kill): give its
+                # queue item a moment to arrive, then fail instead of waiting for the deadline.
+                now = time.monotonic()
+                for r, p in enumerate(procs):
+                    if r not in results and p.exitcode is not None:
+                        first = dead_since.setdefault(r, now)
+                        if now - first > 2.0:
+                            raise DistRunError(
+                                f"run_distributed({getattr(fn, '__name__', fn)}): rank {r} exited with code "
+                                f"{p.exitcode} without reporting a result"
+                            )
+                continue
+            if not ok:
+                raise DistRunError(f"run_distributed({getattr(fn, '__name__', fn)}): rank {rank} failed:\n{payload}")
+            results[rank] = pickle.loads(payload)
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+        return [results[r] for r in range(world_size)]
+    finally:
+        _kill_all(procs)
+        result_q.close()
+        result_q.join_thread()

@@ -1,0 +1,58 @@
+"""tests/dist_utils.run_distributed: results by rank, child tracebacks, hangs and crashes bounded."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from tests.dist_utils import DistRunError, run_distributed
+
+
+def _allreduce(rank, ws, n):
+    t = torch.full((n,), float(rank))
+    torch.distributed.all_reduce(t)
+    return t, torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _raise_on_rank1(rank, ws):
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    torch.distributed.barrier()  # rank 0 would wait forever without the parent's kill
+
+
+def _rank0_hangs(rank, ws):
+    if rank == 0:
+        time.sleep(600)
+    return rank
+
+
+def _rank1_dies(rank, ws):
+    if rank == 1:
+        os._exit(3)
+    time.sleep(600)
+
+
+def test_results_ordered_by_rank():
+    out = run_distributed(_allreduce, 3, 2, timeout=60)
+    expected = float(sum(range(3)))
+    for r, (t, dist_rank, dist_ws) in enumerate(out):
+        assert torch.equal(t, torch.full((2,), expected))
+        assert (dist_rank, dist_ws) == (r, 3)
+
+
+def test_child_exception_text_reaches_parent():
+    t0 = time.monotonic()
+    with pytest.raises(DistRunError, match="rank 1 failed:(.|\n)*ValueError: boom on rank 1"):
+        run_distributed(_raise_on_rank1, 2, timeout=60)
+    assert time.monotonic() - t0 < 60  # failed on the first error, not at the deadline
+
+
+def test_hang_is_killed_at_deadline():
+    with pytest.raises(DistRunError, match=r"timed out after 4s; ranks \[0\] did not finish"):
+        run_distributed(_rank0_hangs, 2, timeout=4)
+
+
+def test_silent_crash_is_reported():
+    with pytest.raises(DistRunError, match="rank 1 exited with code 3"):
+        run_distributed(_rank1_dies, 2, timeout=60)

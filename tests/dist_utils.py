@@ -94,18 +94,36 @@ def _child(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, thre
             world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout_s),
         )
-        try:
-            out = fn(rank, world_size, *args, **kwargs)
-        finally:
-            # Leave the group torn down even when fn raised, so the store does not linger.
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - best effort; the real error is reported below
-                pass
+        out = fn(rank, world_size, *args, **kwargs)
         payload = pickle.dumps(out)  # plain pickle: tensors are copied, no shared-memory handles
         result_q.put((rank, True, payload))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
+        # Report before tearing anything down, so the root cause reaches the parent before the
+        # peers' secondary "connection closed" errors.
         result_q.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort teardown
+            pass
+
+
+def _failure_text(fn, rank: int, tb: str, result_q, grace_s: float = 1.0) -> str:
+    """First failure first; other ranks' failures that arrive within grace_s are appended
+    (a peer's crash often makes the others fail too, and the order of reports is not causal)."""
+    parts = [f"run_distributed({getattr(fn, '__name__', fn)}): rank {rank} failed:\n{tb}"]
+    end = time.monotonic() + grace_s
+    while (left := end - time.monotonic()) > 0:
+        try:
+            r, ok, payload = result_q.get(timeout=left)
+        except queue.Empty:
+            break
+        if not ok:
+            parts.append(f"rank {r} failed too:\n{payload}")
+    return "\n".join(parts)
 
 
 def _kill_all(procs: Sequence[Any]) -> None:
@@ -180,7 +198,7 @@ def run_distributed(
                             )
                 continue
             if not ok:
-                raise DistRunError(f"run_distributed({getattr(fn, '__name__', fn)}): rank {rank} failed:\n{payload}")
+                raise DistRunError(_failure_text(fn, rank, payload, result_q))
             results[rank] = pickle.loads(payload)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))

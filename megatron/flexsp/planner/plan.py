@@ -14,11 +14,36 @@ from typing import Any, Mapping, Sequence
 
 from .costmodel import CostModel
 
-__all__ = ["PlanError", "Group", "MicroBatch", "SolverInfo", "Plan", "estimate_plan_ms", "validate_plan"]
+__all__ = ["PlanError", "NoFeasiblePlanError", "Group", "MicroBatch", "SolverInfo", "Plan", "estimate_plan_ms", "validate_plan"]
 
 
 class PlanError(ValueError):
     """A plan that breaks an invariant; the message says which and where."""
+
+
+class NoFeasiblePlanError(PlanError):
+    """No valid plan exists: some sequences fit in no allowed SP group on this world size.
+
+    ``lengths`` are the offending lengths, ``max_capacity`` the token capacity of the largest
+    allowed group (``max_degree``).
+    """
+
+    def __init__(self, lengths: Sequence[int], max_capacity: int, max_degree: int, world_size: int,
+                 detail: str = "") -> None:
+        self.lengths = [int(x) for x in lengths]
+        self.max_capacity = int(max_capacity)
+        self.max_degree = int(max_degree)
+        self.world_size = int(world_size)
+        self.detail = detail
+        shown = ", ".join(str(x) for x in self.lengths[:16]) + (" ..." if len(self.lengths) > 16 else "")
+        msg = (f"no feasible plan on {world_size} ranks: {len(self.lengths)} sequence(s) of length(s) [{shown}] "
+               f"exceed the largest group capacity {self.max_capacity} tokens (degree {self.max_degree})")
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(msg)
+
+    def __reduce__(self):  # picklable across the planner's background process
+        return (type(self), (self.lengths, self.max_capacity, self.max_degree, self.world_size, self.detail))
 
 
 @dataclass

@@ -1,0 +1,505 @@
+"""Command line of pretrain_gpt_flexsp.py: Megatron's flag names and meanings, FlexSP's own flags.
+
+Everything a user can get wrong is checked in ``validate_args`` before any process group,
+dataset or model exists, with a message naming the offending flag. The parsed namespace is
+turned into small dataclass configs (``build_configs``) that the rest of the trainer consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = [
+    "ArgumentError",
+    "SP_MODES",
+    "build_parser",
+    "parse_args",
+    "validate_args",
+    "resolve_cost_model",
+    "ModelArgs",
+    "OptimizerConfig",
+    "TrainConfig",
+    "FlexSPConfig",
+    "LoggingConfig",
+    "CheckpointConfig",
+    "TrainerConfigs",
+    "build_configs",
+    "parse_data_path",
+]
+
+SP_MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
+# Megatron's --attention-backend names map onto the FlexSP attention backends.
+_ATTN_ALIASES = {"auto": "auto", "sdpa": "sdpa", "flash": "flash", "te": "te",
+                 "fused": "te", "unfused": "sdpa", "local": "sdpa"}
+
+
+class ArgumentError(ValueError):
+    """A flag value (or combination) that cannot work; raised before any work starts."""
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt_flexsp.py",
+        description="GPT pre-training with FlexSP heterogeneous sequence parallelism (Megatron-style flags).",
+        allow_abbrev=False,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--num-layers", type=_positive_int, default=2)
+    m.add_argument("--hidden-size", type=_positive_int, default=64)
+    m.add_argument("--ffn-hidden-size", type=_positive_int, default=None, help="default 4*hidden (or the SwiGLU size)")
+    m.add_argument("--num-attention-heads", type=_positive_int, default=4)
+    m.add_argument("--group-query-attention", action="store_true")
+    m.add_argument("--num-query-groups", type=_positive_int, default=None)
+    m.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="rope")
+    m.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="RMSNorm")
+    m.add_argument("--swiglu", action="store_true")
+    m.add_argument("--max-position-embeddings", type=_positive_int, default=None,
+                   help="default: --seq-length")
+    m.add_argument("--seq-length", type=_positive_int, default=2048,
+                   help="longest document kept (tokens of model input); longer ones are truncated or dropped "
+                        "(--overlong)")
+    m.add_argument("--vocab-size", type=_positive_int, default=None, help="default: the tokenizer's vocabulary")
+    m.add_argument("--tokenizer-type", default=None,
+                   help="ByteLevelTokenizer (built in, no download) or HuggingFaceTokenizer with --tokenizer-model")
+    m.add_argument("--tokenizer-model", default=None, help="local path of a HuggingFace tokenizer")
+    m.add_argument("--init-method-std", type=float, default=0.02)
+
+    t = p.add_argument_group("training")
+    t.add_argument("--global-batch-size", type=_positive_int, default=32, help="documents per global batch")
+    t.add_argument("--micro-batch-size", type=_positive_int, default=None,
+                   help="accepted for Megatron compatibility and ignored: the planner chooses micro-batches")
+    t.add_argument("--train-iters", type=_positive_int, default=20)
+    t.add_argument("--lr", type=_nonneg_float, default=1e-3)
+    t.add_argument("--min-lr", type=_nonneg_float, default=0.0)
+    t.add_argument("--lr-warmup-iters", type=_nonneg_int, default=0)
+    t.add_argument("--lr-decay-iters", type=_positive_int, default=None, help="default: --train-iters")
+    t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    t.add_argument("--weight-decay", type=_nonneg_float, default=0.01)
+    t.add_argument("--clip-grad", type=_nonneg_float, default=1.0, help="global gradient-norm clip; 0 disables")
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.999)
+    t.add_argument("--adam-eps", type=float, default=1e-8)
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU only)")
+    t.add_argument("--eval-interval", type=_nonneg_int, default=0, help="validate every N iterations; 0 disables")
+    t.add_argument("--eval-iters", type=_positive_int, default=2, help="global batches per validation")
+    t.add_argument("--exit-interval", type=_positive_int, default=None,
+                   help="save (if --save) and exit after the iteration divisible by this value")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", nargs="+", default=None,
+                   help="Megatron .bin/.idx prefixes, optionally with weights: [W1] PREFIX1 [W2] PREFIX2 ...; "
+                        "default (without --mock-data): a corpus built from the Python standard library sources")
+    d.add_argument("--split", default="969,30,1", help="train,valid,test weights of the documents")
+    d.add_argument("--mock-data", action="store_true", help="random tokens with a long-tail length distribution")
+    d.add_argument("--mock-data-num-docs", type=_positive_int, default=20000)
+    d.add_argument("--mock-data-median", type=_positive_int, default=None, help="default: seq-length / 16")
+    d.add_argument("--mock-data-sigma", type=_nonneg_float, default=1.0)
+    d.add_argument("--mock-data-tail-frac", type=_nonneg_float, default=0.05)
+    d.add_argument("--mock-data-pareto-alpha", type=_nonneg_float, default=1.2)
+    d.add_argument("--mock-data-min-len", type=_positive_int, default=16)
+    d.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                   help="what happens to documents longer than --seq-length")
+    d.add_argument("--stdlib-max-docs", type=_positive_int, default=None,
+                   help="cap on the number of standard-library files in the default corpus")
+
+    c = p.add_argument_group("checkpointing")
+    c.add_argument("--save", default=None, help="checkpoint directory to write")
+    c.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    c.add_argument("--save-interval", type=_positive_int, default=None)
+    c.add_argument("--no-save-final", action="store_true", help="do not save at the end of training")
+
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-interval", type=_positive_int, default=1)
+    lg.add_argument("--tensorboard-dir", default=None)
+    lg.add_argument("--wandb-project", default=None)
+    lg.add_argument("--wandb-exp-name", default=None)
+    lg.add_argument("--metrics-file", default=None, help="append one JSON object per logged iteration")
+    lg.add_argument("--no-progress-bar", action="store_true")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                     help="default: nccl with CUDA, gloo otherwise")
+    par.add_argument("--context-parallel-size", type=_positive_int, default=None,
+                     help="the SP degree of --sp-mode static (vanilla Megatron CP / Ulysses); default: the smallest "
+                          "degree that holds --seq-length")
+    par.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    par.add_argument("--attention-backend", default="auto", choices=sorted(_ATTN_ALIASES),
+                     help="sdpa (CPU/GPU), flash (flash-attn varlen), te (Transformer Engine); Megatron names "
+                          "fused->te, unfused/local->sdpa; auto: te or flash when installed on GPU, else sdpa")
+    par.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
+    par.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
+
+    f = p.add_argument_group("flexsp")
+    f.add_argument("--sp-mode", choices=list(SP_MODES), default="flexsp")
+    f.add_argument("--flexsp-cost-model", default=None,
+                   help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU, required on GPU")
+    f.add_argument("--flexsp-time-limit", type=_nonneg_float, default=2.0,
+                   help="planner time limit per global batch (s); also the longest wait for a late plan")
+    f.add_argument("--flexsp-plan-ahead", type=_nonneg_int, default=2,
+                   help="global batches planned ahead in a background process on rank 0 (0: plan inline)")
+    f.add_argument("--flexsp-dump-plans", default=None, metavar="DIR", help="write every plan as JSON here")
+    f.add_argument("--flexsp-sharding", choices=["fsdp2", "ddp"], default="fsdp2",
+                   help="model-state sharding: fsdp2 (ZeRO-3) or ddp (replicated, for debugging)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags (unknown flags stop argparse with its usage message) and fill derived defaults."""
+    args = build_parser().parse_args(argv)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.mock_data_median is None:
+        args.mock_data_median = max(args.mock_data_min_len, args.seq_length // 16)
+    args.attention_backend = _ATTN_ALIASES[args.attention_backend]
+    return args
+
+
+def parse_data_path(items: Sequence[str] | None) -> list[tuple[float, str]]:
+    """Megatron's ``--data-path [W1] P1 [W2] P2 ...``: all weighted or none (then equal weights)."""
+    if not items:
+        return []
+
+    def as_float(s: str) -> float | None:
+        try:
+            return float(s)
+        except ValueError:
+            return None
+
+    if as_float(items[0]) is None:
+        bad = [s for s in items if as_float(s) is not None]
+        if bad:
+            raise ArgumentError(f"--data-path: mix of weighted and unweighted entries ({bad[0]!r} looks like a weight); "
+                                "give a weight before every prefix or none")
+        return [(1.0, s) for s in items]
+    if len(items) % 2:
+        raise ArgumentError("--data-path: weights and prefixes must come in pairs: W1 PREFIX1 W2 PREFIX2 ...")
+    out = []
+    for w, pth in zip(items[0::2], items[1::2]):
+        wv = as_float(w)
+        if wv is None or not math.isfinite(wv) or wv < 0:
+            raise ArgumentError(f"--data-path: {w!r} is not a weight >= 0 (before prefix {pth!r})")
+        if as_float(pth) is not None:
+            raise ArgumentError(f"--data-path: expected a prefix after weight {w!r}, got {pth!r}")
+        out.append((wv, pth))
+    if sum(w for w, _ in out) <= 0:
+        raise ArgumentError("--data-path: the weights sum to 0")
+    return out
+
+
+def _parse_split(split: str) -> tuple[float, float, float]:
+    parts = [s.strip() for s in split.replace("/", ",").split(",") if s.strip()]
+    try:
+        vals = [float(s) for s in parts]
+    except ValueError:
+        raise ArgumentError(f"--split {split!r}: expected comma-separated numbers such as 969,30,1") from None
+    if not 1 <= len(vals) <= 3 or any(v < 0 or not math.isfinite(v) for v in vals) or sum(vals) <= 0:
+        raise ArgumentError(f"--split {split!r}: expected 1 to 3 non-negative weights with a positive sum")
+    vals += [0.0] * (3 - len(vals))
+    if vals[0] <= 0:
+        raise ArgumentError(f"--split {split!r}: the training share must be positive")
+    return vals[0], vals[1], vals[2]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_cost_model(args: argparse.Namespace, world_size: int, has_cuda: bool):
+    """The cost model the planner uses (file or preset), with a clear error when it cannot be loaded."""
+    from megatron.flexsp.planner.costmodel import CostModelError, load_cost_model
+
+    spec = args.flexsp_cost_model
+    if spec is None:
+        if has_cuda:
+            raise ArgumentError("--flexsp-cost-model is required on GPU: profile the cluster with `flexsp-profile` "
+                                "or pass a preset (gpt-7b, gpt-13b, gpt-30b)")
+        spec = "cpu-tiny"
+    try:
+        return load_cost_model(spec, world_size)
+    except CostModelError as e:
+        raise ArgumentError(f"--flexsp-cost-model {spec}: {e}") from None
+
+
+def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, cost=None) -> None:
+    """Stop with a clear message on any conflicting or impossible setting (before any work).
+
+    ``cost`` is the resolved cost model (loaded here when not given). Pure: no process group needed.
+    """
+    def err(msg: str) -> None:
+        raise ArgumentError(msg)
+
+    if world_size <= 0:
+        err(f"world size must be positive, got {world_size}")
+    # ---- model shape
+    heads, groups = args.num_attention_heads, args.num_query_groups
+    if args.hidden_size % heads:
+        err(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
+    if heads % groups:
+        err(f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
+    if groups != heads and not args.group_query_attention:
+        err(f"--num-query-groups {groups} differs from --num-attention-heads {heads}: add --group-query-attention")
+    if args.seq_length > args.max_position_embeddings:
+        err(f"--seq-length {args.seq_length} is above --max-position-embeddings {args.max_position_embeddings}")
+    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+        err("--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: FlexSP shards model states "
+            "with ZeRO-3 over all ranks and uses every rank for sequence parallelism")
+    # ---- training
+    if args.min_lr > args.lr:
+        err(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.lr_decay_style != "constant" and args.lr_warmup_iters > args.lr_decay_iters:
+        err(f"--lr-warmup-iters {args.lr_warmup_iters} is above --lr-decay-iters {args.lr_decay_iters}")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(args, name)
+        if not 0.0 <= v < 1.0:
+            err(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    if args.adam_eps <= 0:
+        err(f"--adam-eps must be > 0, got {args.adam_eps}")
+    if args.global_batch_size < 1:
+        err("--global-batch-size must be >= 1")
+    # ---- devices and backends
+    if args.bf16 and not has_cuda:
+        err("--bf16 needs a GPU: this machine has no CUDA device (the CPU runs train in fp32)")
+    if args.distributed_backend == "nccl" and not has_cuda:
+        err("--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
+    if args.attention_backend in ("flash", "te") and not has_cuda:
+        err(f"--attention-backend {args.attention_backend} needs a GPU; use sdpa on CPU")
+    if args.attention_backend == "flash" and not _installed("flash_attn"):
+        err("--attention-backend flash: the flash_attn package is not installed (pip install flash-attn)")
+    if args.attention_backend == "te" and not _installed("transformer_engine"):
+        err("--attention-backend te: Transformer Engine is not installed (pip install transformer-engine[pytorch])")
+    if args.transformer_impl == "transformer_engine":
+        if not has_cuda:
+            err("--transformer-impl transformer_engine needs a GPU; use local on CPU")
+        if not _installed("transformer_engine"):
+            err("--transformer-impl transformer_engine: Transformer Engine is not installed")
+    if args.tensorboard_dir and not (_installed("tensorboard") or _installed("tensorboardX")):
+        err("--tensorboard-dir: the tensorboard package is not installed (pip install tensorboard, or "
+            "pip install -e .[tensorboard])")
+    if args.wandb_project and not _installed("wandb"):
+        err("--wandb-project: the wandb package is not installed (pip install wandb)")
+    # ---- data
+    if args.mock_data and args.data_path:
+        err("--mock-data and --data-path are exclusive: choose one data source")
+    parse_data_path(args.data_path)
+    _parse_split(args.split)
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        err("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH")
+    if args.mock_data and args.mock_data_min_len > args.seq_length:
+        err(f"--mock-data-min-len {args.mock_data_min_len} is above --seq-length {args.seq_length}")
+    # ---- checkpoints and logging
+    if args.save_interval and not args.save:
+        err("--save-interval needs --save DIR")
+    if args.eval_interval and args.split and _parse_split(args.split)[1] <= 0:
+        err(f"--eval-interval {args.eval_interval} needs a validation share in --split (got {args.split!r})")
+    # ---- parallelism and the planner
+    if cost is None:
+        cost = resolve_cost_model(args, world_size, has_cuda)
+    from megatron.flexsp.planner.costmodel import CostModelError
+
+    try:
+        cost.check_world_size(world_size)
+    except CostModelError as e:
+        err(f"{e}: launch a multiple of gpus_per_node ranks (or use a cost model for this cluster)")
+    allowed = cost.allowed_degrees(world_size)
+    bad = [d for d in allowed if heads % d]
+    if bad:
+        err(f"--num-attention-heads {heads} is not divisible by SP degree(s) {bad} that cost model "
+            f"'{cost.name}' allows on {world_size} ranks (degrees {allowed})")
+    if cost.num_attention_heads != heads:
+        err(f"cost model '{cost.name}' was made for {cost.num_attention_heads} attention heads, the model has "
+            f"--num-attention-heads {heads}: profile this model (flexsp-profile) or pick a matching cost model")
+    holding = [d for d in allowed if cost.fits(args.seq_length, d)]
+    if not holding:
+        biggest = max(allowed)
+        err(f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
+            f"{cost.capacity(biggest)} tokens under cost model '{cost.name}'; lower --seq-length or add ranks")
+    cp = args.context_parallel_size
+    if cp is not None:
+        if args.sp_mode != "static" and cp != 1:
+            err(f"--context-parallel-size {cp} applies to --sp-mode static only (--sp-mode {args.sp_mode} "
+                "chooses its degrees per micro-batch)")
+        if args.sp_mode == "static":
+            if heads % cp:
+                err(f"--num-attention-heads {heads} is not divisible by --context-parallel-size {cp}")
+            if world_size % cp:
+                err(f"world size {world_size} is not divisible by --context-parallel-size {cp}")
+            if cp not in allowed:
+                err(f"--context-parallel-size {cp} is not a degree cost model '{cost.name}' allows on "
+                    f"{world_size} ranks (allowed: {allowed})")
+            if not cost.fits(args.seq_length, cp):
+                err(f"--context-parallel-size {cp} cannot hold --seq-length {args.seq_length}: a group of {cp} "
+                    f"ranks holds {cost.capacity(cp)} tokens; use at least {holding[0]}")
+
+
+# ----------------------------------------------------------------------------- configs
+
+@dataclass
+class ModelArgs:
+    """Model-shape flags; converted to the runtime's GPTConfig once the vocabulary is known."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int | None
+    vocab_size: int | None
+    max_position_embeddings: int
+    position_embedding_type: str
+    normalization: str
+    swiglu: bool
+    attention_backend: str
+    transformer_impl: str
+    bf16: bool
+    init_method_std: float
+    seed: int
+
+    def to_gpt_config(self, vocab_size: int):
+        import torch
+        from megatron.flexsp.runtime.model import GPTConfig
+
+        return GPTConfig(
+            num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups, ffn_hidden_size=self.ffn_hidden_size, vocab_size=vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            position_embedding_type=self.position_embedding_type, normalization=self.normalization,
+            swiglu=self.swiglu, attention_backend=self.attention_backend, transformer_impl=self.transformer_impl,
+            params_dtype=torch.float32, bf16=self.bf16, init_method_std=self.init_method_std, seed=self.seed,
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float
+    min_lr: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    clip_grad: float
+    lr_warmup_iters: int
+    lr_decay_iters: int
+    lr_decay_style: str
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int
+    global_batch_size: int
+    seed: int
+    eval_interval: int
+    eval_iters: int
+    exit_interval: int | None
+
+
+@dataclass
+class FlexSPConfig:
+    sp_mode: str
+    cost_model: str | None
+    time_limit_s: float
+    plan_ahead: int
+    dump_plans: str | None
+    sharding: str
+    context_parallel_size: int | None
+    seq_length: int
+    distributed_backend: str | None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int
+    tensorboard_dir: str | None
+    wandb_project: str | None
+    wandb_exp_name: str | None
+    metrics_file: str | None
+    progress_bar: bool
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None
+    load: str | None
+    save_interval: int | None
+    save_final: bool
+
+
+@dataclass
+class TrainerConfigs:
+    model: ModelArgs
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    flexsp: FlexSPConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    data: argparse.Namespace  # Megatron-named data flags, the "args-like config" of data.build_datasets
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_configs(args: argparse.Namespace) -> TrainerConfigs:
+    """Split the validated namespace into one dataclass per concern."""
+    return TrainerConfigs(
+        model=ModelArgs(
+            num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size,
+            max_position_embeddings=args.max_position_embeddings, position_embedding_type=args.position_embedding_type,
+            normalization=args.normalization, swiglu=args.swiglu, attention_backend=args.attention_backend,
+            transformer_impl=args.transformer_impl, bf16=args.bf16, init_method_std=args.init_method_std,
+            seed=args.seed,
+        ),
+        optimizer=OptimizerConfig(
+            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+            lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+            lr_decay_style=args.lr_decay_style,
+        ),
+        train=TrainConfig(
+            train_iters=args.train_iters, global_batch_size=args.global_batch_size, seed=args.seed,
+            eval_interval=args.eval_interval, eval_iters=args.eval_iters, exit_interval=args.exit_interval,
+        ),
+        flexsp=FlexSPConfig(
+            sp_mode=args.sp_mode, cost_model=args.flexsp_cost_model, time_limit_s=args.flexsp_time_limit,
+            plan_ahead=args.flexsp_plan_ahead, dump_plans=args.flexsp_dump_plans, sharding=args.flexsp_sharding,
+            context_parallel_size=args.context_parallel_size, seq_length=args.seq_length,
+            distributed_backend=args.distributed_backend,
+        ),
+        logging=LoggingConfig(
+            log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
+            wandb_exp_name=args.wandb_exp_name, metrics_file=args.metrics_file,
+            progress_bar=not args.no_progress_bar,
+        ),
+        checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
+                                    save_final=not args.no_save_final),
+        data=args,
+    )

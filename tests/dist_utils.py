@@ -80,6 +80,10 @@ def _child(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, thre
         os.environ["WORLD_SIZE"] = str(world_size)
         if sys.platform.startswith("linux"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        import warnings
+
+        # Same filter as pytest.ini (children do not inherit pytest's warning filters).
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         import torch
         import torch.distributed as dist
 

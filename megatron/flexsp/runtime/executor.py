@@ -1,0 +1,252 @@
+"""Run one global batch under a FlexSP plan: every micro-batch, every rank in its SP group.
+
+Why: the plan is the only thing that changes between iterations; the executor turns it into
+the per-rank work: for each micro-batch, enter the group that holds this rank, pack that
+group's sequences and take this rank's contiguous slice, run forward (attention exchanges
+tokens inside the group), weight the loss by the tokens of the whole global batch, run backward
+and accumulate gradients. A rank whose group got no sequence (a batch with fewer sequences than
+groups) still runs a forward/backward on a dummy sequence with zero loss weight, so FSDP2's
+per-layer collectives line up on every rank. The optimizer step is the trainer's.
+
+Before any work, the plan is checked on every rank (partition of ranks, pool membership, head
+divisibility, sequence lengths) and a fingerprint of it is compared across ranks in one small
+collective, so a bad or inconsistent plan fails on every rank within seconds instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from megatron.flexsp.planner.plan import Plan, PlanError, validate_plan
+
+from . import loss as loss_mod
+from .sharding import finish_grad_sync, sharding_mode_of
+
+__all__ = ["StepResult", "FlexSPExecutor", "PlanMismatchError"]
+
+
+class PlanMismatchError(PlanError):
+    """Ranks disagree on the plan, or another rank rejected it."""
+
+
+@dataclass
+class StepResult:
+    """Outcome of one global batch on this rank.
+
+    ``loss``: global token-mean cross entropy (same on every rank); ``num_tokens``: loss tokens of
+    the global batch; ``stats``: this rank's tokens (its unpadded share of the packed tokens),
+    padded tokens, fwd_ms, bwd_ms, a2a_ms, a2a_bytes, micro_batches, per-micro-batch details;
+    ``all_stats``: every rank's stats (only with ``gather_stats=True``, else None).
+    """
+
+    loss: float
+    num_tokens: int
+    stats: dict[str, Any]
+    all_stats: list[dict[str, Any]] | None = None
+    micro_batch_stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _plan_fingerprint(plan: Plan) -> int:
+    """A 62-bit hash of the plan's structure (what every rank must agree on)."""
+    d = {"world_size": plan.world_size, "lengths": list(plan.lengths),
+         "micro_batches": [mb.to_dict() for mb in plan.micro_batches]}
+    h = hashlib.sha256(repr(d).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 2
+
+
+def _a2a_stats_reader():
+    """(reset, read) for R1's all-to-all counters, or no-ops if the module has none."""
+    try:
+        from . import alltoall
+    except ImportError:  # pragma: no cover - alltoall is part of the runtime
+        return (lambda: None), (lambda: (0.0, 0))
+    stats = getattr(alltoall, "STATS", None) or getattr(alltoall, "stats", None)
+    if stats is None:
+        return (lambda: None), (lambda: (0.0, 0))
+
+    def reset():
+        if hasattr(stats, "reset"):
+            stats.reset()
+
+    def read():
+        ms = float(getattr(stats, "ms", getattr(stats, "time_ms", 0.0)) or 0.0)
+        nbytes = int(getattr(stats, "bytes", getattr(stats, "nbytes", 0)) or 0)
+        return ms, nbytes
+
+    return reset, read
+
+
+class FlexSPExecutor:
+    """Forward/backward of a whole plan on this rank; gradients end up reduced over all ranks.
+
+    ``model``: a GPTModel from ``build_gpt_model``, prepared with ``shard_model(model, mode)``.
+    ``pool``: the GroupPool holding every group the plans use. ``sharding_mode`` must match
+    ``shard_model``. ``pad_multiple``: packing granularity the attention backend needs (the
+    packed length of a group is padded to a multiple of ``degree * pad_multiple``).
+    With ``sync_grads`` (default) ``run`` also finishes the plain data-parallel gradient
+    all-reduce, so after ``run`` gradients are global sums in both modes.
+    """
+
+    def __init__(self, model: nn.Module, pool, *, sharding_mode: str = "fsdp2", pad_multiple: int = 1,
+                 sync_grads: bool = True, time_cuda: bool = True, check_consistency: bool = True):
+        actual = sharding_mode_of(model)
+        if actual is None:
+            raise ValueError("FlexSPExecutor: the model was not prepared with shard_model(model, mode)")
+        if actual != sharding_mode:
+            raise ValueError(f"FlexSPExecutor: sharding_mode={sharding_mode!r} but the model was sharded as {actual!r}")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        self.model = model
+        self.pool = pool
+        self.sharding_mode = sharding_mode
+        self.pad_multiple = int(pad_multiple)
+        self.sync_grads = sync_grads
+        self.check_consistency = check_consistency
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        cfg = getattr(model, "_flexsp_cfg", None)
+        self.num_heads = getattr(cfg, "num_attention_heads", None) or getattr(getattr(model, "config", None),
+                                                                              "num_attention_heads", None)
+        self.bf16 = bool(getattr(cfg, "bf16", False))
+        self.device = next(model.parameters()).device
+        self.time_cuda = time_cuda and self.device.type == "cuda"
+        self._a2a_reset, self._a2a_read = _a2a_stats_reader()
+
+    # ------------------------------------------------------------------ checks
+    def _local_check(self, plan: Plan, sequences: Sequence[Tensor]) -> str | None:
+        """None if the plan is runnable here, else the reason (never raises)."""
+        try:
+            validate_plan(plan, world_size=self.world_size, num_sequences=len(sequences))
+            for m, mb in enumerate(plan.micro_batches):
+                try:
+                    self.pool.check_partition([g.ranks for g in mb.groups])
+                except ValueError as e:
+                    raise PlanError(f"micro-batch {m}: {e}") from None
+                for gi, g in enumerate(mb.groups):
+                    if self.num_heads is not None and self.num_heads % g.degree:
+                        raise PlanError(f"micro-batch {m} group {gi} (ranks {g.ranks}): degree {g.degree} does not "
+                                        f"divide num_attention_heads {self.num_heads}")
+            for i, s in enumerate(sequences):
+                if not isinstance(s, Tensor) or s.dim() != 1:
+                    raise PlanError(f"sequence {i} must be a 1-D token tensor, got "
+                                    f"{type(s).__name__} {tuple(getattr(s, 'shape', ()))}")
+                if s.dtype not in (torch.int64, torch.int32):
+                    raise PlanError(f"sequence {i} must hold integer token ids, got dtype {s.dtype}")
+                if s.numel() != plan.lengths[i] + 1:
+                    raise PlanError(f"sequence {i} has {s.numel()} ids but the plan says length {plan.lengths[i]} "
+                                    f"(a sequence of length L has L + 1 ids)")
+        except (PlanError, ValueError) as e:
+            return str(e)
+        return None
+
+    def validate(self, plan: Plan, sequences: Sequence[Tensor]) -> None:
+        """Check the plan on every rank and agree across ranks; raise the same way everywhere.
+
+        One collective: (max fingerprint, -min fingerprint, any error) over all ranks.
+        """
+        reason = self._local_check(plan, sequences)
+        if not self.check_consistency:
+            if reason:
+                raise PlanError(f"rank {self.rank}: plan rejected: {reason}")
+            return
+        fp = _plan_fingerprint(plan)
+        dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([fp, -fp, 1 if reason else 0], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        vmax, vmin, err = int(t[0]), -int(t[1]), int(t[2])
+        if reason:
+            raise PlanError(f"rank {self.rank}: plan rejected: {reason}")
+        if err:
+            raise PlanMismatchError(f"rank {self.rank}: plan rejected by another rank (see its error); no "
+                                    f"micro-batch was run")
+        if vmax != vmin:
+            raise PlanMismatchError(f"rank {self.rank}: ranks were given different plans (fingerprints differ); "
+                                    f"the plan must be broadcast from one source")
+
+    # ------------------------------------------------------------------- run
+    def _sync(self):
+        if self.time_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _autocast(self):
+        if self.bf16 and self.sharding_mode == "ddp":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_backward(self, seqs: list[Tensor], rank_in_group: int, degree: int, global_tokens: int,
+                          dummy: bool) -> dict[str, Any]:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        from .packing import pack_group
+
+        sl = pack_group(seqs, rank_in_group, degree, pad_multiple=self.pad_multiple)
+        dev = self.device
+        cu = sl.cu_seqlens.to(device=dev, dtype=torch.int32)
+        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                              max_seqlen_q=int(sl.max_seqlen), max_seqlen_kv=int(sl.max_seqlen))
+        input_ids = sl.input_ids.to(dev)
+        labels = sl.labels.to(dev)
+        loss_mask = sl.loss_mask.to(dev)
+        if dummy:
+            loss_mask = torch.zeros_like(loss_mask)
+        position_ids = sl.position_ids.to(dev)
+
+        self._sync()
+        t0 = time.perf_counter()
+        with self._autocast():
+            token_losses = self.model(input_ids, position_ids, None, labels=labels, packed_seq_params=psp)
+        local_sum = loss_mod.masked_loss_sum(token_losses, loss_mask)
+        scaled = local_sum / float(global_tokens)
+        self._sync()
+        t1 = time.perf_counter()
+        scaled.backward()
+        self._sync()
+        t2 = time.perf_counter()
+        tokens = 0 if dummy else int(loss_mask.sum().item())
+        return {"loss_sum": float(local_sum.detach().double().item()), "tokens": tokens,
+                "slice_tokens": int(input_ids.numel()), "fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3}
+
+    def run(self, plan: Plan, sequences: Sequence[Tensor], *, gather_stats: bool = False) -> StepResult:
+        """Forward + backward of every micro-batch of ``plan`` on this rank (collective over all ranks)."""
+        from flexsp_patches.parallel_state import sp_group
+
+        self.validate(plan, sequences)
+        global_tokens = loss_mod.global_batch_tokens(plan.lengths)
+        self.model.train()
+        totals = {"tokens": 0, "slice_tokens": 0, "fwd_ms": 0.0, "bwd_ms": 0.0, "a2a_ms": 0.0, "a2a_bytes": 0}
+        loss_sum = 0.0
+        per_mb: list[dict[str, Any]] = []
+        for m, mb in enumerate(plan.micro_batches):
+            g = mb.group_of(self.rank)
+            seqs = [sequences[i] for i in g.sequences]
+            dummy = not seqs
+            if dummy:  # group without sequences: same collectives, zero loss weight
+                seqs = [torch.zeros(g.degree * self.pad_multiple + 1, dtype=torch.int64)]
+            self._a2a_reset()
+            with sp_group(self.pool, g.ranks) as active:
+                r = self._forward_backward(seqs, active.rank, g.degree, global_tokens, dummy)
+            r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()
+            r.update(micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences))
+            per_mb.append(r)
+            loss_sum += r.pop("loss_sum")
+            for k in totals:
+                totals[k] += r[k]
+        if self.sync_grads and self.sharding_mode == "ddp":
+            finish_grad_sync(self.model)
+        loss = loss_mod.all_reduce_loss(loss_sum, global_tokens)
+        stats = dict(totals, rank=self.rank, micro_batches=len(plan.micro_batches),
+                     padded_tokens=totals["slice_tokens"] - totals["tokens"])
+        all_stats = None
+        if gather_stats:
+            all_stats = [None] * self.world_size
+            dist.all_gather_object(all_stats, stats)
+        return StepResult(loss=loss, num_tokens=global_tokens, stats=stats, all_stats=all_stats,
+                          micro_batch_stats=per_mb)

@@ -1,0 +1,175 @@
+"""Build megatron.core's GPTModel for FlexSP: config dataclass, FlexSP layer spec, deterministic init.
+
+Why: every rank must start from bit-identical weights (ZeRO-3 shards them afterwards, plain data
+parallel replicates them) and a single-process run with the same seed must start from the same
+weights too, so correctness can be checked against it. Weights are therefore always initialised
+on the CPU from a seeded CPU generator (``use_cpu_initialization``), then moved to the device.
+RoPE follows the per-token position ids (which restart at every packed document), see
+``flexsp_patches.rope``; learned-absolute positions use the ids natively.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GPTConfig", "to_transformer_config", "build_gpt_model"]
+
+_POS_TYPES = ("rope", "learned_absolute")
+_NORMS = ("RMSNorm", "LayerNorm")
+_IMPLS = ("local", "transformer_engine")
+_BACKENDS = ("sdpa", "flash", "te")
+
+
+@dataclass
+class GPTConfig:
+    """A GPT (Llama-style by default: RoPE, RMSNorm, SwiGLU, no biases) for megatron.core."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int = 0
+    max_position_embeddings: int = 0
+    position_embedding_type: str = "rope"
+    normalization: str = "RMSNorm"
+    swiglu: bool = True
+    attention_backend: str = "sdpa"
+    transformer_impl: str = "local"
+    params_dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    init_method_std: float = 0.02
+    seed: int = 1234
+    # Additive extensions (defaults keep the interfaces.md behaviour).
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    rotary_base: int = 10000
+    qk_layernorm: bool = False
+    share_embeddings_and_output_weights: bool = False
+    kv_channels: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to TransformerConfig as-is
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}")
+        if self.position_embedding_type not in _POS_TYPES:
+            raise ValueError(f"GPTConfig.position_embedding_type must be one of {_POS_TYPES}, "
+                             f"got {self.position_embedding_type!r}")
+        if self.normalization not in _NORMS:
+            raise ValueError(f"GPTConfig.normalization must be one of {_NORMS}, got {self.normalization!r}")
+        if self.transformer_impl not in _IMPLS:
+            raise ValueError(f"GPTConfig.transformer_impl must be one of {_IMPLS}, got {self.transformer_impl!r}")
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(f"GPTConfig.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"GPTConfig.hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        g = self.num_query_groups
+        if g is not None and (g <= 0 or self.num_attention_heads % g):
+            raise ValueError(f"GPTConfig.num_query_groups {g} must divide num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.bf16 and self.params_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"GPTConfig.bf16 with params_dtype {self.params_dtype} is not supported")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params_dtype"] = str(self.params_dtype).replace("torch.", "")
+        return d
+
+
+def to_transformer_config(cfg: GPTConfig):
+    """The megatron.core TransformerConfig for ``cfg`` (tp = pp = cp = 1; fusions off).
+
+    Fusions are off everywhere: on CPU they do not exist, and on GPU the ones that matter for
+    FlexSP are in the attention backend; RoPE fusion in particular must stay off because FlexSP's
+    per-token RoPE goes through megatron's unfused path (flexsp_patches.rope), and gradient
+    accumulation fusion needs megatron's own DDP buffers (FlexSP uses FSDP2).
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.validate()
+    kw: dict[str, Any] = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.kv_channels,
+        normalization=cfg.normalization,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=cfg.add_bias_linear,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        params_dtype=cfg.params_dtype,
+        bf16=cfg.bf16,
+        qk_layernorm=cfg.qk_layernorm,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        context_parallel_size=1,
+        sequence_parallel=False,
+    )
+    kw.update(cfg.extra)
+    return TransformerConfig(**kw)
+
+
+def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
+                    flexsp_attention: bool = True):
+    """megatron.core GPTModel with FlexSP attention; identical weights for the same seed anywhere.
+
+    ``flexsp_attention=False`` builds megatron's stock layer spec and stock RoPE (a reference
+    model for tests and comparisons; it does not support packed sequences on CPU).
+    Needs megatron parallel_state initialised (``flexsp_patches.cpu_compat.init_model_parallel``).
+    The global RNG state is left as it was. Parameters are kept in ``cfg.params_dtype`` (fp32 by
+    default); ``cfg.bf16`` makes the runtime compute in bf16 (FSDP2 mixed precision, or autocast
+    for plain data parallel), with fp32 gradient reduction.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    from flexsp_patches import cpu_compat, layer_specs, rope
+
+    cpu_compat.apply()
+    tcfg = to_transformer_config(cfg)
+    if flexsp_attention:
+        spec = layer_specs.get_flexsp_layer_spec(cfg.transformer_impl, normalization=cfg.normalization,
+                                                 qk_layernorm=cfg.qk_layernorm, attention_backend=cfg.attention_backend)
+    else:
+        spec = layer_specs.get_stock_layer_spec(cfg.transformer_impl, normalization=cfg.normalization,
+                                                qk_layernorm=cfg.qk_layernorm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=True,
+            post_process=True,
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            position_embedding_type=cfg.position_embedding_type,
+            rotary_base=cfg.rotary_base,
+        )
+    if flexsp_attention and cfg.position_embedding_type == "rope":
+        rope.attach(model)
+    model._flexsp_cfg = cfg  # read by shard_model / the executor (bf16 compute policy, heads)
+    if device is not None:
+        model = model.to(device)
+    return model

@@ -1,0 +1,151 @@
+"""Model states over all ranks: ZeRO-3 with torch FSDP2, or plain data parallel; gradients SUMMED.
+
+Why: FlexSP moves a rank from one SP group to another between micro-batches, so no rank may own
+a fixed slice of the model tied to a group; the model states are sharded (FSDP2) or replicated
+(small models) over *all* ranks. The loss already divides by the tokens of the whole global batch
+(runtime.loss), so the gradient reduction must be a plain SUM over ranks, not FSDP's default
+average.
+
+Both modes work on gloo (CPU) and NCCL. Every rank must run the same number of forward/backward
+passes (the executor runs every micro-batch on every rank), because FSDP2 all-gathers and
+reduce-scatters per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["MODES", "shard_model", "finish_grad_sync", "sharding_mode_of", "broadcast_params", "full_state_dict"]
+
+MODES = ("fsdp2", "ddp")
+
+
+def _transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of a megatron GPTModel (model.decoder.layers), else top-level children."""
+    decoder = getattr(model, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is not None and len(layers):
+        return list(layers)
+    raise TypeError(f"shard_model: {type(model).__name__} has no decoder.layers (expected a megatron GPTModel)")
+
+
+def broadcast_params(model: nn.Module, src: int = 0, group=None) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (one collective per tensor)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=src, group=group)
+
+
+def _device_mesh(device_type: str, group):
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    if group is None:
+        return init_device_mesh(device_type, (dist.get_world_size(),))
+    return DeviceMesh.from_group(group, device_type)
+
+
+def shard_model(model: nn.Module, mode: str = "fsdp2", *, group=None, sync_params: bool = True,
+                reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+    """Apply ``mode`` to ``model`` in place and return it.
+
+    * ``fsdp2``: ``fully_shard`` each transformer layer, then the root (embeddings, final norm,
+      output layer), over all ranks of ``group`` (default: the world); gradient divide factor 1
+      and sum-only reductions, so gradients are summed over ranks.
+    * ``ddp``: parameters stay replicated; call ``finish_grad_sync(model)`` after the last
+      backward of the step to all-reduce (SUM) the gradients.
+
+    ``sync_params`` broadcasts rank 0's weights first (a cheap guard: build_gpt_model already
+    gives identical weights for the same seed). ``mp_policy`` is an optional FSDP2
+    MixedPrecisionPolicy; by default a model built with ``GPTConfig.bf16`` computes in bf16 and
+    reduces gradients in fp32.
+    """
+    if mode not in MODES:
+        raise ValueError(f"sharding mode must be one of {MODES}, got {mode!r}")
+    if not dist.is_initialized():
+        raise RuntimeError("shard_model: torch.distributed is not initialised")
+    if getattr(model, "_flexsp_sharding", None) is not None:
+        raise RuntimeError(f"shard_model: model is already sharded ({model._flexsp_sharding})")
+    if sync_params:
+        broadcast_params(model, group=group)
+    if mode == "ddp":
+        model._flexsp_sharding = "ddp"
+        model._flexsp_group = group
+        return model
+
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = next(model.parameters()).device.type
+    mesh = _device_mesh(device_type, group)
+    kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    cfg = getattr(model, "_flexsp_cfg", None)
+    if mp_policy is None and cfg is not None and getattr(cfg, "bf16", False):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    for layer in _transformer_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    model._flexsp_sharding = "fsdp2"
+    model._flexsp_group = group
+    return model
+
+
+def sharding_mode_of(model: nn.Module) -> str | None:
+    return getattr(model, "_flexsp_sharding", None)
+
+
+def _grads_for_sync(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # every rank must contribute the same tensors: a missing grad is zeros
+            p.grad = torch.zeros_like(p)
+        out.append(p.grad)
+    return out
+
+
+def finish_grad_sync(model: nn.Module) -> None:
+    """Plain data parallel: all-reduce (SUM) every gradient over the group, bucketed by dtype.
+
+    A no-op for FSDP2 models (their backward already reduce-scattered the gradients).
+    """
+    mode = sharding_mode_of(model)
+    if mode == "fsdp2":
+        return
+    if mode != "ddp":
+        raise RuntimeError("finish_grad_sync: model was not prepared with shard_model(model, 'ddp')")
+    group = getattr(model, "_flexsp_group", None)
+    grads = _grads_for_sync(model.parameters())
+    by_key: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for g in grads:
+        by_key.setdefault((g.dtype, g.device), []).append(g)
+    for gs in by_key.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        off = 0
+        for g in gs:
+            n = g.numel()
+            g.copy_(flat[off:off + n].view_as(g))
+            off += n
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU copy of the parameters, the same on every rank (collective for FSDP2)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        out[name] = t.cpu().clone()
+    return out

@@ -1,0 +1,115 @@
+"""The planner's front door: one call plans one global batch with any method.
+
+Used by the trainer's planner hook (background process on rank 0), by ``flexsp-plan`` and by
+the benchmarks. Every plan returned here has passed ``validate_plan`` against the cost model,
+so the runtime can trust it.
+
+``flexsp`` returns the better of the FlexSP solver's plan and the best homogeneous plan
+(batch-adaptive) of the same batch: homogeneous plans are a special case of FlexSP's search
+space, so keeping the better one guarantees FlexSP is never estimated slower than
+``static`` or ``batch-adaptive`` (the solver can miss them under a time limit).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from .baselines import batch_adaptive_plan, static_plan
+from .bounds import lower_bound_ms
+from .costmodel import CostModel
+from .hybrid_cp import hybrid_cp_plan
+from .plan import Plan, PlanError, validate_plan
+
+__all__ = ["METHODS", "PlannerConfig", "plan_global_batch", "fallback_plan"]
+
+METHODS = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
+
+
+@dataclass
+class PlannerConfig:
+    """How to plan: ``static_degree`` forces the static degree (the trainer's --context-parallel-size);
+    ``max_seq_len`` is the longest length the run is configured for (static sizes its degree for it)."""
+
+    world_size: int
+    method: str = "flexsp"
+    time_limit_s: float = 2.0
+    max_seq_len: int | None = None
+    static_degree: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"planner method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"planner world_size must be a positive integer, got {self.world_size!r}")
+        if not self.time_limit_s > 0:
+            raise ValueError(f"planner time_limit_s must be > 0, got {self.time_limit_s!r}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"planner max_seq_len must be >= 1, got {self.max_seq_len!r}")
+        if self.static_degree is not None and self.static_degree < 1:
+            raise ValueError(f"planner static_degree must be >= 1, got {self.static_degree!r}")
+
+
+def _check_lengths(lengths: Sequence[int], config: PlannerConfig) -> list[int]:
+    out = [int(x) for x in lengths]
+    if not out:
+        raise PlanError("cannot plan an empty global batch")
+    for i, (L, raw) in enumerate(zip(out, lengths)):
+        if L != raw or L < 1:
+            raise PlanError(f"lengths[{i}] = {raw!r}: lengths must be integers >= 1")
+    if config.max_seq_len is not None:
+        over = [i for i, L in enumerate(out) if L > config.max_seq_len]
+        if over:
+            raise PlanError(f"{len(over)} sequence(s) longer than max_seq_len {config.max_seq_len}: first is "
+                            f"lengths[{over[0]}] = {out[over[0]]} (truncate or drop them before planning)")
+    return out
+
+
+def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float) -> Plan:
+    from .flexsp import plan_flexsp
+
+    t0 = time.perf_counter()
+    plan = plan_flexsp(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, seed=config.seed)
+    homo = batch_adaptive_plan(lengths, cost, config.world_size, lower_bound_ms=lb)
+    if homo.estimated_time_ms < plan.estimated_time_ms:
+        solver = plan.solver
+        solver.extra = {**solver.extra, "chosen": "homogeneous", "homogeneous_degree": homo.solver.extra["degree"],
+                        "solver_estimate_ms": plan.estimated_time_ms}
+        homo.solver = solver
+        plan = homo
+    plan.solver.solve_time_s = time.perf_counter() - t0
+    if plan.solver.lower_bound_ms is None:
+        plan.solver.lower_bound_ms = lb
+    return plan
+
+
+def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerConfig) -> Plan:
+    """Plan one global batch with ``config.method``; the result is validated against ``cost``."""
+    lengths = _check_lengths(lengths, config)
+    ws = config.world_size
+    lb = lower_bound_ms(lengths, cost, ws)  # also raises NoFeasiblePlanError naming impossible lengths
+    if config.method == "flexsp":
+        plan = _flexsp(lengths, cost, config, lb)
+    elif config.method == "static":
+        plan = static_plan(lengths, cost, ws, max_seq_len=config.max_seq_len, degree=config.static_degree,
+                           lower_bound_ms=lb)
+    elif config.method == "batch-adaptive":
+        plan = batch_adaptive_plan(lengths, cost, ws, lower_bound_ms=lb)
+    else:
+        plan = hybrid_cp_plan(lengths, cost, ws, lower_bound_ms=lb)
+    validate_plan(plan, cost, world_size=ws, num_sequences=len(lengths))
+    return plan
+
+
+def fallback_plan(lengths: Sequence[int], cost: CostModel, config: PlannerConfig) -> Plan:
+    """A fast plan that is always valid when any plan exists (greedy for flexsp, else the baseline itself)."""
+    if config.method != "flexsp":
+        return plan_global_batch(lengths, cost, config)
+    from .flexsp import greedy_plan
+
+    lengths = _check_lengths(lengths, config)
+    plan = greedy_plan(lengths, cost, config.world_size)
+    validate_plan(plan, cost, world_size=config.world_size, num_sequences=len(lengths))
+    return plan

@@ -1,0 +1,231 @@
+"""``flexsp-plan``: what would FlexSP do with my data on my cluster, and what would it gain?
+
+Draws global batches from a length source (text file, .npy, Megatron dataset prefix, or
+synthetic long-tail lengths), plans each with every requested method under one cost model and
+prints one table: estimated ms per iteration, speedup over ``static``, ratio to the lower
+bound, and planning seconds. ``--output`` keeps every plan (JSON) plus a summary (JSON, CSV);
+``--plot`` draws each plan on a rank/time chart.
+
+Example::
+
+    flexsp-plan --synthetic 100000 --cost-model gpt-7b --world-size 64 \\
+        --global-batch-size 512 --max-seq-len 196608 --iters 5 --output plans/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .api import METHODS, PlannerConfig, plan_global_batch
+from .costmodel import CostModel, CostModelError, load_cost_model
+from .lengths_io import OVERLONG_MODES, LengthsError, OverlongReport, apply_max_len, read_lengths
+from .plan import Plan, PlanError
+
+__all__ = ["main", "build_parser", "iter_batches", "run_methods", "MethodStats", "summarize", "format_table"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flexsp-plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("lengths (give exactly one)")
+    src.add_argument("lengths", nargs="?", help="text file (one length per line), .npy, or Megatron dataset prefix "
+                                                "(PREFIX.bin/.idx; a document of n ids has length n - 1)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic long-tail lengths (log-normal body, "
+                                                               "Pareto tail up to --max-seq-len)")
+    p.add_argument("--cost-model", default="gpt-7b", help="cost model JSON file or preset name "
+                                                          "(gpt-7b, gpt-13b, gpt-30b, cpu-tiny)")
+    p.add_argument("--world-size", type=int, default=64, help="number of GPUs (ranks)")
+    p.add_argument("--global-batch-size", type=int, default=512, help="sequences per global batch")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest planned length (static is sized for it); default: the longest in the data "
+                        "(synthetic: 196608)")
+    p.add_argument("--overlong", choices=OVERLONG_MODES, default="truncate",
+                   help="what to do with sequences longer than --max-seq-len")
+    p.add_argument("--iters", type=int, default=5, help="global batches to plan")
+    p.add_argument("--seed", type=int, default=0, help="seed of batch sampling, synthetic lengths and the solver")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--time-limit", type=float, default=2.0, help="FlexSP solver time limit per global batch (s)")
+    p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
+    p.add_argument("--output", type=Path, default=None, help="directory for plans and summary.json/.csv")
+    p.add_argument("--plot", action="store_true", help="draw every plan as a PNG under --output/plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def iter_batches(num_docs: int, global_batch_size: int, iters: int, seed: int) -> Iterator[np.ndarray]:
+    """Indices of consecutive global batches over a stream of per-epoch permutations (seed, epoch)."""
+    buf = np.empty(0, dtype=np.int64)
+    epoch = 0
+    for _ in range(iters):
+        while buf.size < global_batch_size:
+            perm = np.random.default_rng([seed, epoch]).permutation(num_docs)
+            buf = np.concatenate([buf, perm])
+            epoch += 1
+        yield buf[:global_batch_size]
+        buf = buf[global_batch_size:]
+
+
+@dataclass
+class MethodStats:
+    method: str
+    mean_ms: float
+    speedup_vs_static: float | None
+    mean_ratio_to_lb: float
+    plan_s_median: float
+    plan_s_max: float
+    iters: int
+
+
+def run_methods(batches: Sequence[Sequence[int]], cost: CostModel, methods: Sequence[str], *, world_size: int,
+                max_seq_len: int | None, time_limit_s: float, seed: int, static_degree: int | None = None,
+                on_plan=None, progress: bool = False) -> dict[str, list[Plan]]:
+    """Plan every batch with every method; ``on_plan(k, method, plan)`` is called for each plan."""
+    out: dict[str, list[Plan]] = {m: [] for m in methods}
+    it = enumerate(batches)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=len(batches), desc="planning", unit="batch", file=sys.stderr)
+    for k, lengths in it:
+        for m in methods:
+            cfg = PlannerConfig(world_size=world_size, method=m, time_limit_s=time_limit_s, max_seq_len=max_seq_len,
+                                static_degree=static_degree, seed=seed + k)
+            t0 = time.perf_counter()
+            plan = plan_global_batch(lengths, cost, cfg)
+            plan.solver.extra.setdefault("wall_s", time.perf_counter() - t0)
+            out[m].append(plan)
+            if on_plan is not None:
+                on_plan(k, m, plan)
+    return out
+
+
+def _wall(plan: Plan) -> float:
+    return float(plan.solver.extra.get("wall_s", plan.solver.solve_time_s))
+
+
+def summarize(results: dict[str, list[Plan]]) -> list[MethodStats]:
+    static = results.get("static")
+    static_mean = statistics.fmean(p.estimated_time_ms for p in static) if static else None
+    rows = []
+    for m, plans in results.items():
+        mean = statistics.fmean(p.estimated_time_ms for p in plans)
+        ratios = [p.estimated_time_ms / p.solver.lower_bound_ms for p in plans if p.solver.lower_bound_ms]
+        walls = [_wall(p) for p in plans]
+        rows.append(MethodStats(m, mean, static_mean / mean if static_mean else None,
+                                statistics.fmean(ratios) if ratios else float("nan"),
+                                statistics.median(walls), max(walls), len(plans)))
+    return rows
+
+
+def format_table(rows: Sequence[MethodStats]) -> str:
+    head = f"{'method':<20} {'est. ms/iter':>13} {'vs static':>10} {'/ lower bound':>14} {'plan s (median)':>16} " \
+           f"{'plan s (max)':>13}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sp = f"{r.speedup_vs_static:.2f}x" if r.speedup_vs_static is not None else "n/a"
+        lines.append(f"{r.method:<20} {r.mean_ms:>13.1f} {sp:>10} {r.mean_ratio_to_lb:>13.3f}x "
+                     f"{r.plan_s_median:>16.3f} {r.plan_s_max:>13.3f}")
+    return "\n".join(lines)
+
+
+def _load_lengths(args, parser) -> tuple[np.ndarray, OverlongReport, int]:
+    if (args.lengths is None) == (args.synthetic is None):
+        parser.error("give exactly one length source: a LENGTHS file/prefix or --synthetic N")
+    if args.synthetic is not None:
+        if args.synthetic < 1:
+            parser.error(f"--synthetic must be >= 1, got {args.synthetic}")
+        from megatron.flexsp.data.synthetic import longtail_lengths
+
+        max_len = args.max_seq_len or 196608
+        raw = longtail_lengths(args.synthetic, max_len=max_len, seed=args.seed)
+        return raw, OverlongReport(), max_len
+    raw = read_lengths(args.lengths)
+    lengths, report = apply_max_len(raw, args.max_seq_len, args.overlong)
+    return lengths, report, args.max_seq_len or int(lengths.max())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        parser.error(f"--methods: unknown {bad or 'empty list'}; choose from {', '.join(METHODS)}")
+    for name in ("world_size", "global_batch_size", "iters"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        parser.error(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    if args.time_limit <= 0:
+        parser.error(f"--time-limit must be > 0, got {args.time_limit}")
+    if args.plot and args.output is None:
+        parser.error("--plot needs --output DIR")
+    try:
+        cost = load_cost_model(args.cost_model, args.world_size)
+        cost.check_world_size(args.world_size)
+        lengths, report, max_len = _load_lengths(args, parser)
+    except (CostModelError, LengthsError) as e:
+        parser.error(str(e))
+
+    print(f"flexsp-plan: {lengths.size} sequences (median {int(np.median(lengths))}, max {int(lengths.max())}), "
+          f"max length {max_len}: {report.truncated} truncated, {report.dropped} dropped; cost model "
+          f"'{cost.name}', {args.world_size} ranks, global batch {args.global_batch_size}, {args.iters} iteration(s)")
+    batches = [lengths[idx].tolist() for idx in iter_batches(lengths.size, args.global_batch_size, args.iters,
+                                                               args.seed)]
+    out = args.output
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for m in methods:
+            (out / "plans" / m).mkdir(parents=True, exist_ok=True)
+        if args.plot:
+            (out / "plots").mkdir(exist_ok=True)
+
+    def on_plan(k: int, m: str, plan: Plan) -> None:
+        if out is None:
+            return
+        plan.save(out / "plans" / m / f"iter_{k:04d}.json")
+        if args.plot:
+            from .plotting import plot_plan
+
+            plot_plan(plan, cost, out / "plots" / f"{m}_iter_{k:04d}.png")
+
+    try:
+        results = run_methods(batches, cost, methods, world_size=args.world_size, max_seq_len=max_len,
+                              time_limit_s=args.time_limit, seed=args.seed, static_degree=args.static_degree,
+                              on_plan=on_plan, progress=not args.quiet)
+    except PlanError as e:
+        print(f"flexsp-plan: error: {e}", file=sys.stderr)
+        return 1
+    rows = summarize(results)
+    print(format_table(rows))
+    if out is not None:
+        summary = {
+            "cost_model": cost.to_dict(), "world_size": args.world_size, "global_batch_size": args.global_batch_size,
+            "max_seq_len": max_len, "overlong": args.overlong, "truncated": report.truncated,
+            "dropped": report.dropped, "num_sequences": int(lengths.size), "iters": args.iters, "seed": args.seed,
+            "methods": [asdict(r) for r in rows],
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        with open(out / "summary.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["iter", "method", "estimated_ms", "lower_bound_ms", "plan_s", "micro_batches", "status"])
+            for m, plans in results.items():
+                for k, p in enumerate(plans):
+                    w.writerow([k, m, f"{p.estimated_time_ms:.3f}", f"{p.solver.lower_bound_ms:.3f}",
+                                f"{_wall(p):.4f}", p.num_micro_batches, p.solver.status])
+        print(f"flexsp-plan: wrote {sum(len(v) for v in results.values())} plans and summary.json/.csv to {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

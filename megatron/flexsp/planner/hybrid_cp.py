@@ -1,0 +1,255 @@
+"""Baseline ``megatron-hybrid-cp``: the rule of megatron.core's hybrid context-parallel scheduler.
+
+megatron-core 0.16.1 ships ``BalancedCPScheduler`` (megatron/core/pipeline_parallel/
+hybrid_cp_schedule.py). Its rule, reimplemented here without torch (the planner never imports
+torch; the class itself needs only a group with ``size()`` and runs on CPU, and
+tests/planner/test_baselines.py drives it and checks that :func:`balanced_cp_rounds` gives the
+same assignment):
+
+* sort sub-samples by length, longest first; each needs a CP size ``gpus_needed(L)`` = the next
+  power of two of L / max_seqlen_per_cp_rank; its workload is ``L^2 / gpus_needed(L)``;
+* per round ("group" in Megatron, a micro-batch here): cut the pending samples into as many
+  buckets of balanced workload as there are distinct CP sizes; repeatedly take the first
+  bucket head that can be placed, on a new CP group of free ranks if enough are free, else on
+  the least loaded existing group of the same size; after the CP size first drops, stop as soon
+  as all ranks are within ``delta`` (5%) of the busiest; pop the last sample of the busiest
+  group while that reduces the imbalance; finally double the smallest group (first created
+  first) until no rank is idle. Leftover samples go to the next round in their order.
+
+Where this baseline differs from the class, and why:
+
+* ``max_seqlen_per_cp_rank`` is the cost model's tokens per GPU, so a sample alone always fits.
+* Megatron runs a group's samples one after another inside a round; a FlexSP plan packs a
+  group's sequences of one micro-batch together, so a group only accepts a sample while its
+  tokens fit the group's memory (a round ends earlier when nothing else fits).
+* CP sizes are the cost model's allowed degrees: a size is the smallest allowed degree >= the
+  power of two (identical for the power-of-two degrees of the shipped presets), and growing an
+  idle-rank-absorbing group goes to the next allowed degree that fits in the idle ranks instead
+  of ``min(2 * size, world)``; if no group can grow, the idle ranks form groups that get a
+  sequence moved to them (or stay empty when the round has fewer sequences than groups).
+* Groups are then placed on aligned candidate groups (placement.place_groups) rather than
+  the next consecutive ranks, as every plan of this project must be.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .baselines import fill_empty_groups
+from .costmodel import CostModel
+from .placement import candidate_groups, place_groups
+from .plan import Group, MicroBatch, NoFeasiblePlanError, Plan, PlanError, SolverInfo, estimate_plan_ms
+
+__all__ = ["CPGroup", "megatron_gpus_needed", "balanced_cp_rounds", "rounds_to_rank_lists", "hybrid_cp_plan"]
+
+
+@dataclass
+class CPGroup:
+    """One CP group of a round: its size and the (sample id, length) pairs it runs, in order."""
+
+    size: int
+    items: list[tuple[int, int]] = field(default_factory=list)
+    load: float = 0.0
+    tokens: int = 0
+
+
+def megatron_gpus_needed(length: int, max_seqlen_per_rank: int) -> int:
+    """Megatron's CP size of a sample: the next power of two of length / max_seqlen_per_rank (>= 1)."""
+    return max(1, 2 ** math.ceil(math.log2(length / max_seqlen_per_rank)))
+
+
+def _buckets(pending: list[tuple[int, int]], need: Callable[[int], int],
+             work: Callable[[int], float]) -> list[list[tuple[int, int]]]:
+    """Consecutive buckets of about equal workload, one per distinct CP size (Megatron's make_buckets_equal)."""
+    k = len({need(L) for _, L in pending})
+    target = sum(work(L) for _, L in pending) / k
+    buckets: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
+    cur_work, remaining_k = 0.0, k
+    for i, item in enumerate(pending):
+        w = work(item[1])
+        # close the bucket when it would be too heavy, or to keep a sample for each remaining bucket
+        if cur and (cur_work + w > target * 1.1 or len(pending) - i <= remaining_k - len(buckets)):
+            buckets.append(cur)
+            cur, cur_work = [], 0.0
+            remaining_k -= 1
+        cur.append(item)
+        cur_work += w
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _one_round(pending: list[tuple[int, int]], total: int, need: Callable[[int], int],
+               work: Callable[[int], float], grow: Callable[[int, int], int | None],
+               fits: Callable[[int, int], bool] | None, delta: float) -> tuple[list[CPGroup], list[tuple[int, int]]]:
+    buckets = [list(reversed(b)) for b in _buckets(pending, need, work)]  # pop() takes the head
+    groups: list[CPGroup] = []
+    used = 0
+    first_need: int | None = None
+    check_balance = False
+
+    def spread() -> tuple[float, float]:
+        hi = max((g.load for g in groups), default=0.0)
+        lo = 0.0 if used < total else min(g.load for g in groups)
+        return hi, lo
+
+    while buckets:
+        pick = None
+        for b in buckets:
+            if not b:
+                continue
+            L = b[-1][1]
+            nd = need(L)
+            same = [g for g in groups if g.size == nd and (fits is None or fits(g.tokens + L, g.size))]
+            if same or total - used >= nd:
+                pick = (b, nd, same)
+                break
+        if pick is None:
+            break
+        b, nd, same = pick
+        sid, L = b.pop()
+        if first_need is None:
+            first_need = nd
+        if total - used >= nd:  # free ranks have no load, so a new group beats any existing one
+            g = CPGroup(nd)
+            groups.append(g)
+            used += nd
+        else:
+            g = min(same, key=lambda x: x.load)
+        g.items.append((sid, L))
+        g.load += work(L)
+        g.tokens += L
+        while buckets and not buckets[0]:
+            buckets.pop(0)
+        if nd < first_need:  # Megatron starts checking balance once the CP size first drops
+            check_balance = True
+        hi, lo = spread()
+        if check_balance and buckets and hi - lo <= delta * hi:
+            break
+    leftovers = [item for b in buckets for item in reversed(b)]
+
+    # trim: pop the busiest group's last sample while that narrows the spread
+    while True:
+        hi, lo = spread()
+        if hi - lo <= delta * hi or lo == 0:
+            break
+        g = next(x for x in groups if x.load == hi)
+        if len(g.items) <= 1:
+            break
+        sid, L = g.items[-1]
+        w = work(L)
+        proj = [x.load - w if x is g else x.load for x in groups]
+        if max(proj) - min(proj) < hi - lo:
+            g.items.pop()
+            g.load -= w
+            g.tokens -= L
+            leftovers.append((sid, L))
+        else:
+            break
+
+    # no idle rank: grow the smallest group (earliest first) until every rank is used
+    while used < total:
+        for g in sorted(groups, key=lambda x: x.size):  # stable: creation order among equal sizes
+            new = grow(g.size, total - used)
+            if new is not None:
+                used += new - g.size
+                g.size = new
+                break
+        else:
+            break
+    return groups, leftovers
+
+
+def balanced_cp_rounds(lengths: Sequence[int], total_gpus: int, *, need: Callable[[int], int],
+                       grow: Callable[[int, int], int | None] | None = None,
+                       fits: Callable[[int, int], bool] | None = None,
+                       delta: float = 0.05) -> list[list[CPGroup]]:
+    """Megatron's BalancedCPScheduler rule over a whole global batch: rounds of CP groups.
+
+    ``need(L)`` is the CP size of a sample, ``grow(size, idle)`` the size a group grows to when
+    ranks are idle (None: cannot grow; Megatron: min(2 * size, total_gpus)), ``fits(tokens,
+    size)`` whether a group may take more tokens (None: always, as in Megatron).
+    """
+    if grow is None:
+        grow = lambda size, idle: min(2 * size, total_gpus)  # noqa: E731
+    work = lambda L: (L * L) / need(L)  # noqa: E731  (Megatron's get_total_workload)
+    pending = sorted(((i, int(L)) for i, L in enumerate(lengths)), key=lambda x: x[1], reverse=True)
+    for _, L in pending:
+        if need(L) > total_gpus:
+            raise ValueError(f"a sample of length {L} needs CP size {need(L)} > {total_gpus} ranks")
+    rounds = []
+    while pending:
+        groups, pending = _one_round(pending, total_gpus, need, work, grow, fits, delta)
+        if not any(g.items for g in groups):
+            raise RuntimeError("hybrid-CP rule placed no sample in a round")  # cannot happen: a new group always fits
+        rounds.append(groups)
+    return rounds
+
+
+def rounds_to_rank_lists(rounds: list[list[CPGroup]], total_gpus: int) -> list[list[list[int]]]:
+    """Megatron's output form: per round, per rank, the sample ids it runs (groups on consecutive ranks)."""
+    out = []
+    for groups in rounds:
+        per_rank: list[list[int]] = [[] for _ in range(total_gpus)]
+        r = 0
+        for g in groups:
+            for q in range(r, r + g.size):
+                per_rank[q] = [sid for sid, _ in g.items]
+            r += g.size
+        out.append(per_rank)
+    return out
+
+
+def hybrid_cp_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
+                   lower_bound_ms: float | None = None, delta: float = 0.05) -> Plan:
+    """A plan by Megatron's hybrid-CP rule (adapted as the module docstring says)."""
+    t0 = time.perf_counter()
+    lengths = [int(x) for x in lengths]
+    if not lengths:
+        raise PlanError("cannot plan an empty global batch")
+    degrees = sorted({len(g) for g in candidate_groups(cost, world_size)})
+    per_rank = cost.tokens_per_gpu
+    sizes_of = {L: _cp_size(L, degrees, per_rank, cost) for L in set(lengths)}
+    bad = sorted((L for L, d in sizes_of.items() if d is None), reverse=True)
+    if bad:
+        raise NoFeasiblePlanError(bad, cost.capacity(degrees[-1]), degrees[-1], world_size,
+                                  "megatron-hybrid-cp: no allowed CP size holds them")
+
+    def need(L: int) -> int:
+        return sizes_of[L]  # type: ignore[return-value]
+
+    def grow(size: int, idle: int) -> int | None:
+        return next((d for d in degrees if size < d <= size + idle), None)
+
+    rounds = balanced_cp_rounds(lengths, world_size, need=need, grow=grow,
+                                fits=lambda tokens, d: cost.fits(tokens, d), delta=delta)
+    mbs = []
+    for groups in rounds:
+        sizes = [g.size for g in groups]
+        seqs = [sorted(sid for sid, _ in g.items) for g in groups]
+        idle = world_size - sum(sizes)
+        while idle > 0:  # groups could not grow: idle ranks form extra groups
+            d = max(x for x in degrees if x <= idle)
+            sizes.append(d)
+            seqs.append([])
+            idle -= d
+        ranks = place_groups(sizes, cost, world_size)
+        mb = MicroBatch([Group(list(r), s) for r, s in zip(ranks, seqs)])
+        fill_empty_groups(mb, lengths, cost)
+        mbs.append(mb)
+    plan = Plan(world_size=world_size, lengths=lengths, micro_batches=mbs)
+    plan.estimated_time_ms = estimate_plan_ms(plan, cost)
+    plan.solver = SolverInfo(method="megatron-hybrid-cp", status="heuristic", solve_time_s=time.perf_counter() - t0,
+                             lower_bound_ms=lower_bound_ms, extra={"rounds": len(rounds)})
+    return plan
+
+
+
+def _cp_size(L: int, degrees: Sequence[int], per_rank: int, cost: CostModel) -> int | None:
+    """Smallest allowed degree >= Megatron's power-of-two CP size that holds L (None: none does)."""
+    p2 = megatron_gpus_needed(L, per_rank)
+    return next((d for d in degrees if d >= p2 and cost.fits(L, d)), None)

@@ -221,7 +221,13 @@ class CostModel:
         return self.tokens_per_gpu * degree
 
     def fits(self, total_tokens: float, degree: int) -> bool:
-        return self.memory_mb(total_tokens, degree) <= self.limit_mb + 1e-9
+        """Whether a group of this degree holds ``total_tokens`` in one micro-batch.
+
+        Same as ``total_tokens <= capacity(degree)``: each of the d GPUs holds ceil(T / d) tokens
+        of the packed group, so T <= d * tokens_per_gpu. This is at most d - 1 tokens stricter
+        than the plain formula T / d, and keeps capacity, fits and smallest_degree consistent.
+        """
+        return total_tokens <= self.capacity(degree)
 
     def allowed_degrees(self, world_size: int) -> list[int]:
         """Degrees a plan may use on ``world_size`` ranks.
@@ -367,6 +373,8 @@ def load_cost_model(spec: str | Path, world_size: int = 64) -> CostModel:
     if p.suffix == ".json" or p.exists():
         if not p.exists():
             raise CostModelError(f"cost model file not found: {p}")
+        if p.is_dir():
+            raise CostModelError(f"cost model {p} is a directory, not a JSON file")
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:

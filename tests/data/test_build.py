@@ -104,3 +104,18 @@ def test_mock_determinism_and_lengths():
     j = int(np.flatnonzero(dropped.doc_ids == t1.doc_ids[5])[0]) if t1.lengths[5] < 512 else None
     if j is not None:
         assert np.array_equal(dropped[j], t1[5])
+
+
+def test_from_args_namespace_equals_dataclass():
+    import argparse
+
+    ns = argparse.Namespace(seq_length=300, data_path=None, split="90,10,0", mock_data=True, mock_data_num_docs=200,
+                            mock_data_median=50, mock_data_max_len=600, overlong="drop", seed=3)
+    cfg = DataConfig.from_args(ns)
+    assert cfg.mock and not cfg.stdlib_corpus and cfg.overlong == "drop" and cfg.mock_config.num_documents == 200
+    a, _ = build_datasets(ns)
+    b, _ = build_datasets(DataConfig(seq_length=300, split="90,10,0", mock=True, overlong="drop", seed=3,
+                                     mock_config=MockConfig(num_documents=200, median=50, max_len=600)))
+    assert np.array_equal(a.lengths, b.lengths) and np.array_equal(a[7], b[7])
+    default = DataConfig.from_args(argparse.Namespace(seq_length=64, stdlib_max_docs=5))
+    assert default.stdlib_corpus and not default.mock and default.stdlib_max_files == 5

@@ -33,11 +33,36 @@ class DataConfig:
     mock_config: MockConfig = field(default_factory=MockConfig)
     stdlib_corpus: bool = False  # the embedded real corpus
     stdlib_granularity: str = "file"  # "file" | "toplevel"
+    stdlib_max_files: int | None = None  # first N files in sorted order (tests, quick demos)
     vocab_size: int = BYTE_VOCAB_SIZE  # token range of mock documents
     seed: int = 1234  # --seed
     cache_dir: str | None = None  # stdlib corpus cache (default ~/.cache/flexsp)
     blend_by: str = "documents"  # "documents" | "tokens": what blend weights count
     blend_size: int | None = None  # documents in a weighted blend (default: sum of components)
+
+    @classmethod
+    def from_args(cls, args, vocab_size: int | None = None) -> "DataConfig":
+        """From a Megatron-style namespace (--data-path --split --seq-length --mock-data --seed ...).
+
+        Missing attributes take the defaults; with neither --data-path nor --mock-data the
+        stdlib corpus is used (the quickstart default).
+        """
+        g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        mock = MockConfig(
+            num_documents=g("mock_data_num_docs", MockConfig.num_documents), max_len=g("mock_data_max_len"),
+            median=g("mock_data_median"), sigma=g("mock_data_sigma"), tail_frac=g("mock_data_tail_frac"),
+            pareto_alpha=g("mock_data_pareto_alpha"), tail_min=g("mock_data_tail_min"), min_len=g("mock_data_min_len"),
+        )
+        data_path = list(g("data_path") or [])
+        is_mock = bool(g("mock_data", False))
+        return cls(
+            seq_length=int(args.seq_length), data_path=data_path, split=g("split") or "969,30,1",
+            overlong=g("overlong") or "truncate", mock=is_mock, mock_config=mock,
+            stdlib_corpus=bool(g("stdlib_corpus", not is_mock and not data_path)),
+            stdlib_granularity=g("stdlib_granularity") or "file", stdlib_max_files=g("stdlib_max_docs", g("stdlib_max_files")),
+            vocab_size=int(vocab_size or g("vocab_size") or BYTE_VOCAB_SIZE), seed=int(g("seed", 1234)),
+            cache_dir=g("data_cache_dir", g("cache_dir")), blend_by=g("blend_by") or "documents", blend_size=g("blend_size"),
+        )
 
     def validate(self) -> None:
         if int(self.seq_length) < 1:
@@ -87,8 +112,13 @@ def _document_count(prefix: str) -> int:
     return int(len(indexed.open_indexed(prefix).document_indices) - 1)
 
 
-def build_split_datasets(config: DataConfig) -> dict[str, DocumentDataset | None]:
-    """All three splits; a split with weight 0 (or no documents left) is None."""
+def build_split_datasets(config) -> dict[str, DocumentDataset | None]:
+    """All three splits; a split with weight 0 (or no documents left) is None.
+
+    ``config`` is a DataConfig or a Megatron-style namespace (see DataConfig.from_args).
+    """
+    if not isinstance(config, DataConfig):
+        config = DataConfig.from_args(config)
     config.validate()
     if config.mock:
         n = config.mock_config.num_documents
@@ -104,7 +134,9 @@ def build_split_datasets(config: DataConfig) -> dict[str, DocumentDataset | None
     if config.stdlib_corpus:
         from megatron.flexsp.data.stdlib_corpus import build_stdlib_corpus
 
-        corpus = build_stdlib_corpus(config.cache_dir, granularity=config.stdlib_granularity)
+        corpus = build_stdlib_corpus(
+            config.cache_dir, granularity=config.stdlib_granularity, max_files=config.stdlib_max_files
+        )
         weights, prefixes = None, [corpus.prefix]
     else:
         weights, prefixes = parse_data_path(config.data_path)
@@ -146,8 +178,10 @@ def build_split_datasets(config: DataConfig) -> dict[str, DocumentDataset | None
     return out
 
 
-def build_datasets(config: DataConfig) -> tuple[DocumentDataset, DocumentDataset | None]:
+def build_datasets(config) -> tuple[DocumentDataset, DocumentDataset | None]:
     """(train, valid) document datasets; valid is None when the split gives it no documents."""
+    if not isinstance(config, DataConfig):
+        config = DataConfig.from_args(config)
     splits = build_split_datasets(config)
     if splits["train"] is None or len(splits["train"]) == 0:
         raise ValueError(

@@ -119,12 +119,17 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+        if not isinstance(d, Mapping):
+            raise PlanError(f"plan JSON: expected an object, got {type(d).__name__}")
         try:
-            mbs = [
-                MicroBatch([Group([int(r) for r in g["ranks"]], [int(s) for s in g.get("sequences", [])])
-                            for g in mb["groups"]])
-                for mb in d["micro_batches"]
-            ]
+            mbs = []
+            for m, mb in enumerate(_as_list(d["micro_batches"], "micro_batches")):
+                groups = []
+                for gi, g in enumerate(_as_list(mb["groups"], f"micro_batches[{m}].groups")):
+                    where = f"micro_batches[{m}].groups[{gi}]"
+                    groups.append(Group(_int_list(g["ranks"], where + ".ranks"),
+                                        _int_list(g.get("sequences", []), where + ".sequences")))
+                mbs.append(MicroBatch(groups))
             s = dict(d.get("solver") or {"method": "manual"})
             solver = SolverInfo(
                 method=str(s.pop("method", "manual")),
@@ -133,7 +138,8 @@ class Plan:
                 lower_bound_ms=s.pop("lower_bound_ms", None),
                 extra=s,
             )
-            return cls(int(d["world_size"]), [int(x) for x in d["lengths"]], mbs, d.get("estimated_time_ms"), solver)
+            ws = _int_list([d["world_size"]], "world_size")[0]
+            return cls(ws, _int_list(d["lengths"], "lengths"), mbs, d.get("estimated_time_ms"), solver)
         except KeyError as e:
             raise PlanError(f"plan JSON: missing field {e}") from None
         except (TypeError, ValueError) as e:
@@ -162,6 +168,22 @@ class Plan:
             for g in mb.groups:
                 h[g.degree] = h.get(g.degree, 0) + 1
         return dict(sorted(h.items()))
+
+
+def _as_list(v: Any, where: str) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise PlanError(f"plan JSON: '{where}' must be a list, got {type(v).__name__}")
+    return list(v)
+
+
+def _int_list(v: Any, where: str) -> list[int]:
+    """Integers of a JSON list; a float, bool or string is a malformed plan, not silently rounded."""
+    out = []
+    for k, x in enumerate(_as_list(v, where)):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise PlanError(f"plan JSON: '{where}[{k}]' = {x!r} is not an integer")
+        out.append(int(x))
+    return out
 
 
 def micro_batch_ms(mb: MicroBatch, lengths: Sequence[int], cost: CostModel) -> float:
@@ -195,7 +217,7 @@ def validate_plan(plan: Plan, cost: CostModel | None = None, *, world_size: int 
             raise PlanError(f"lengths[{i}] = {L}: a sequence must have at least one token")
     if not plan.micro_batches:
         raise PlanError("plan has no micro-batch")
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, int]] = {}
     for m, mb in enumerate(plan.micro_batches):
         if not mb.groups:
             raise PlanError(f"micro-batch {m} has no group")
@@ -207,14 +229,17 @@ def validate_plan(plan: Plan, cost: CostModel | None = None, *, world_size: int 
                 if not 0 <= r < ws:
                     raise PlanError(f"micro-batch {m} group {gi}: rank {r} is outside 0..{ws - 1}")
                 if r in owner:
+                    if owner[r] == gi:
+                        raise PlanError(f"micro-batch {m} group {gi}: rank {r} is listed twice")
                     raise PlanError(f"micro-batch {m}: rank {r} is in group {owner[r]} and group {gi}")
                 owner[r] = gi
             for s in g.sequences:
                 if not 0 <= s < n:
                     raise PlanError(f"micro-batch {m} group {gi}: sequence index {s} is outside 0..{n - 1}")
                 if s in seen:
-                    raise PlanError(f"sequence {s} is assigned twice (micro-batch {seen[s]} and micro-batch {m})")
-                seen[s] = m
+                    raise PlanError(f"sequence {s} is assigned twice (micro-batch {seen[s][0]} group {seen[s][1]} "
+                                    f"and micro-batch {m} group {gi})")
+                seen[s] = (m, gi)
         missing = sorted(set(range(ws)) - set(owner))
         if missing:
             raise PlanError(f"micro-batch {m}: groups do not partition the ranks; ranks {missing[:8]} are in no group")

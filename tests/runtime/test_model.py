@@ -1,0 +1,163 @@
+"""Model building, per-token RoPE and CPU compatibility of megatron.core (runtime.model, flexsp_patches)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+
+
+def _rope_module(dim: int, interleaved: bool = False):
+    from flexsp_patches import cpu_compat
+
+    cpu_compat.apply()
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    return RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, rotary_interleaved=interleaved,
+                           use_cpu_initialization=True)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_per_token_freqs_match_megatron_positions(interleaved):
+    from flexsp_patches.rope import per_token_freqs
+
+    rot = _rope_module(8, interleaved)
+    ref = rot.get_emb(11)  # megatron: positions 0..10, [s, 1, 1, d]
+    pos = torch.arange(11)[None]
+    got = per_token_freqs(rot.inv_freq, pos, rotary_interleaved=interleaved)
+    assert got.shape == ref.shape
+    assert torch.equal(got, ref)
+    # Restarting positions pick the same rows as megatron's table.
+    pos2 = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    got2 = per_token_freqs(rot.inv_freq, pos2, rotary_interleaved=interleaved)
+    assert torch.equal(got2, ref[pos2[0]])
+
+
+def test_patched_rope_apply_follows_positions_in_thd():
+    """THD tensors with tagged per-token freqs rotate each document from position 0 (cu_seqlens ignored)."""
+    from flexsp_patches import rope
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.transformer import attention as mattn
+
+    rope.install()
+    rope.install()  # idempotent
+    rot = _rope_module(8)
+    cfg = types.SimpleNamespace(rotary_interleaved=False, multi_latent_attention=False, apply_rope_fusion=False,
+                                mrope_section=None)
+    lens = [3, 5, 2]
+    torch.manual_seed(0)
+    t = torch.randn(sum(lens), 4, 8)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    # A slice of the packed group (what one SP rank holds): cu_seqlens describe the whole group,
+    # the frequencies come from the slice's own position ids.
+    freqs = rope.per_token_freqs(rot.inv_freq, pos[:, 2:7])
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    got = mattn.apply_rotary_pos_emb(t[2:7], freqs, config=cfg, cu_seqlens=cu)
+    ref_parts, start = [], 0
+    for n in lens:  # megatron's own rotation of every document separately, positions 0..n-1
+        ref_parts.append(_apply_rotary_pos_emb_bshd(t[start:start + n].unsqueeze(1), rot.get_emb(n)).squeeze(1))
+        start += n
+    ref = torch.cat(ref_parts)[2:7]
+    assert torch.equal(got, ref)
+    # Untagged frequencies still go through megatron's original function.
+    plain = rot.get_emb(10)
+    a = mattn.apply_rotary_pos_emb(t.unsqueeze(1), plain, config=cfg, cp_group=object())  # bshd: group unused
+    assert torch.equal(a, _apply_rotary_pos_emb_bshd(t.unsqueeze(1), plain))
+    with pytest.raises(RuntimeError, match="per-token frequencies"):
+        mattn.apply_rotary_pos_emb(t[:4], freqs, config=cfg, cu_seqlens=cu)
+
+
+def test_cpu_rng_tracker_forks_and_restores():
+    from flexsp_patches import cpu_compat
+
+    cpu_compat.apply()
+    cpu_compat.apply()
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(7, tp_rank=0, ep_rank=0, etp_rank=0)
+    tr = tensor_parallel.get_cuda_rng_tracker()
+    assert isinstance(tr, cpu_compat.CPURNGStatesTracker)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tr.fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)  # default stream untouched
+    with tr.fork():
+        b = torch.rand(3)
+    assert not torch.equal(a, b)  # the forked stream advanced
+    tensor_parallel.model_parallel_cuda_manual_seed(7, tp_rank=0, ep_rank=0, etp_rank=0)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        a2 = torch.rand(3)
+    assert torch.equal(a, a2)  # reseeding reproduces the stream
+
+
+def test_gpt_config_validation():
+    from megatron.flexsp.runtime.model import GPTConfig
+
+    ok = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
+              max_position_embeddings=64)
+    GPTConfig(**ok).validate()
+    for bad, match in [(dict(position_embedding_type="alibi"), "position_embedding_type"),
+                       (dict(num_query_groups=3), "num_query_groups"),
+                       (dict(hidden_size=30), "hidden_size"),
+                       (dict(vocab_size=0), "vocab_size"),
+                       (dict(normalization="Batch"), "normalization"),
+                       (dict(attention_backend="magic"), "attention_backend"),
+                       (dict(transformer_impl="jax"), "transformer_impl")]:
+        with pytest.raises(ValueError, match=match):
+            GPTConfig(**{**ok, **bad}).validate()
+
+
+# ----------------------------------------------------------------- model building (1 process)
+def _tiny(pos: str, seed: int = 1234):
+    from megatron.flexsp.runtime.model import GPTConfig
+
+    return GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
+                     vocab_size=50, max_position_embeddings=40, position_embedding_type=pos, seed=seed)
+
+
+def _build_body(rank, world_size):
+    import torch
+
+    from flexsp_patches import cpu_compat
+    from megatron.flexsp.runtime.model import build_gpt_model
+
+    cpu_compat.init_model_parallel(seed=5)
+    out = {}
+    for pos in ("rope", "learned_absolute"):
+        torch.manual_seed(99)
+        rng_before = torch.get_rng_state()
+        a = build_gpt_model(_tiny(pos), flexsp_attention=False)
+        out[f"{pos}_rng_kept"] = torch.equal(rng_before, torch.get_rng_state())
+        b = build_gpt_model(_tiny(pos), flexsp_attention=False)
+        c = build_gpt_model(_tiny(pos, seed=1), flexsp_attention=False)
+        sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+        out[f"{pos}_same_seed_equal"] = all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
+        out[f"{pos}_other_seed_differs"] = any(not torch.equal(sa[k], sc[k]) for k in sa
+                                               if torch.is_tensor(sa[k]) and sa[k].numel() > 1)
+        names = [n for n, _ in a.named_parameters()]
+        out[f"{pos}_has_pos_emb"] = any("position_embeddings" in n for n in names)
+        out[f"{pos}_gqa"] = tuple(a.decoder.layers[0].self_attention.linear_qkv.weight.shape)
+        # Forward/backward of megatron's stock model on CPU with the CPU patches.
+        ids = torch.randint(0, 50, (1, 12))
+        losses = a(ids, torch.arange(12)[None], None, labels=ids)
+        losses.sum().backward()
+        out[f"{pos}_loss_shape"] = tuple(losses.shape)
+        out[f"{pos}_finite_grads"] = all(p.grad is not None and torch.isfinite(p.grad).all() for p in a.parameters())
+    return out
+
+
+def test_build_gpt_model_deterministic_and_runs_on_cpu():
+    (r,) = run_distributed(_build_body, 1, timeout=120)
+    for pos in ("rope", "learned_absolute"):
+        assert r[f"{pos}_rng_kept"]
+        assert r[f"{pos}_same_seed_equal"]
+        assert r[f"{pos}_other_seed_differs"]
+        assert r[f"{pos}_loss_shape"] == (1, 12)
+        assert r[f"{pos}_finite_grads"]
+        # GQA: q (4 heads x 8) + k, v (2 groups x 8 each) = 64 rows.
+        assert r[f"{pos}_gqa"] == (64, 32)
+    assert r["learned_absolute_has_pos_emb"] and not r["rope_has_pos_emb"]

@@ -62,6 +62,13 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_gpt_flexsp.py",
@@ -85,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--overlong)")
     m.add_argument("--vocab-size", type=_positive_int, default=None, help="default: the tokenizer's vocabulary")
     m.add_argument("--tokenizer-type", default=None,
-                   help="ByteLevelTokenizer (built in, no download) or HuggingFaceTokenizer with --tokenizer-model")
+                   help="ByteTokenizer (built in, no download; the default corpus uses it) or HuggingFaceTokenizer "
+                        "with --tokenizer-model")
     m.add_argument("--tokenizer-model", default=None, help="local path of a HuggingFace tokenizer")
     m.add_argument("--init-method-std", type=float, default=0.02)
 
@@ -123,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mock-data-tail-frac", type=_nonneg_float, default=0.05)
     d.add_argument("--mock-data-pareto-alpha", type=_nonneg_float, default=1.2)
     d.add_argument("--mock-data-min-len", type=_positive_int, default=16)
+    d.add_argument("--mock-data-max-len", type=_positive_int, default=None,
+                   help="longest generated document (default: --seq-length; longer ones exercise --overlong)")
     d.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
                    help="what happens to documents longer than --seq-length")
-    d.add_argument("--stdlib-max-docs", type=_positive_int, default=None,
-                   help="cap on the number of standard-library files in the default corpus")
+    d.add_argument("--stdlib-granularity", choices=["toplevel", "file"], default="toplevel",
+                   help="documents of the default corpus: one per top-level def/class block (long-tailed, "
+                        "median ~500 tokens) or one per stdlib file")
 
     c = p.add_argument_group("checkpointing")
     c.add_argument("--save", default=None, help="checkpoint directory to write")
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sp-mode", choices=list(SP_MODES), default="flexsp")
     f.add_argument("--flexsp-cost-model", default=None,
                    help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU, required on GPU")
-    f.add_argument("--flexsp-time-limit", type=_nonneg_float, default=2.0,
+    f.add_argument("--flexsp-time-limit", type=_positive_float, default=2.0,
                    help="planner time limit per global batch (s); also the longest wait for a late plan")
     f.add_argument("--flexsp-plan-ahead", type=_nonneg_int, default=2,
                    help="global batches planned ahead in a background process on rank 0 (0: plan inline)")
@@ -315,6 +326,11 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
         err("--mock-data and --data-path are exclusive: choose one data source")
     parse_data_path(args.data_path)
     _parse_split(args.split)
+    if args.tokenizer_type is not None:
+        from megatron.flexsp.data.tokenizer import TOKENIZER_TYPES
+
+        if args.tokenizer_type not in TOKENIZER_TYPES:
+            err(f"--tokenizer-type {args.tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})")
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         err("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH")
     if args.mock_data and args.mock_data_min_len > args.seq_length:

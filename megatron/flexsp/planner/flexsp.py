@@ -1,0 +1,544 @@
+"""FlexSP planning of one global batch: blaster -> per-micro-batch groups -> placement -> Plan.
+
+Pipeline (``plan_flexsp``):
+
+1. Sort the sequences longest first; cut them into consecutive chunks, one micro-batch each
+   (``blaster``): the paper's min-max token cut for M = M_min.. and a DP over cut points on
+   estimated micro-batch times under a few memory budgets. Every candidate cut is scored by
+   solving its micro-batches with the fast greedy below; the best cut wins.
+2. Per micro-batch, the greedy: each sequence's preferred degree is the one of least GPU-ms
+   (short ones: degree 1, no all-to-all); for a target time C the sequences of each degree class
+   need n_d(C) = max(ceil(time/C), ceil(tokens/capacity)) groups; bisection finds the least C whose
+   groups fit the ranks (sequences too slow for C move up a degree). Left-over ranks become more
+   groups where they help most. Sequences are dealt longest first onto the least loaded group of
+   their class (LPT) under the memory limit, then a local search moves / swaps sequences out of
+   the slowest group while that lowers it (any degree, exact lengths).
+3. The MILP (``milp.py``) on bucketed lengths re-chooses the degree classes of each micro-batch
+   (cut off at the greedy value, under a time limit); its counts become concrete sequences by the
+   same LPT + local search, and it replaces the greedy micro-batch only when better.
+4. Degrees become ranks with ``placement.place_groups``; the plan is validated before return.
+
+``greedy_plan`` is steps 1, 2 and 4 (no MILP). Both never fail when a plan exists: the last
+resort is one sequence per group at its smallest degree, groups packed first-fit into
+micro-batches, which is always valid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .blaster import ChunkEstimator, min_max_chunks, segment
+from .bounds import check_feasible, lower_bound_ms, min_micro_batches, seq_tau_table
+from .bucketing import bucketize
+from .costmodel import CostModel
+from .milp import ClassProblem, solve_class_milp
+from .placement import place_groups
+from .plan import Group, MicroBatch, Plan, PlanError, SolverInfo, estimate_plan_ms, validate_plan
+
+__all__ = ["plan_flexsp", "greedy_plan", "MBSolution", "solve_micro_batch", "PlannerContext"]
+
+_EPS = 1e-9
+
+
+@dataclass
+class PlannerContext:
+    """What every micro-batch solve needs, computed once per global batch."""
+
+    cost: CostModel
+    world_size: int
+    degrees: list[int]
+    caps: np.ndarray       # [D] tokens per group of each degree
+    beta1: float
+
+    @classmethod
+    def build(cls, cost: CostModel, world_size: int) -> "PlannerContext":
+        degs = cost.allowed_degrees(world_size)
+        return cls(cost, world_size, degs, np.array([cost.capacity(d) for d in degs], dtype=np.float64),
+                   cost.compute.beta1_ms)
+
+
+@dataclass
+class MBSolution:
+    """One micro-batch: group degrees and their members (local indices into the chunk)."""
+
+    degrees: list[int]
+    members: list[list[int]]
+    time_ms: float
+    method: str = "greedy"
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- concrete groups
+
+class _Groups:
+    """Mutable groups of one micro-batch with per-group load (sum tau) and tokens."""
+
+    def __init__(self, ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, gk: Sequence[int]):
+        self.ctx, self.L, self.tau = ctx, L, tau
+        self.gk = np.asarray(gk, dtype=np.int64)             # degree index per group
+        G = self.gk.size
+        self.load = np.zeros(G)
+        self.tok = np.zeros(G)
+        self.cap = ctx.caps[self.gk]
+        self.members: list[list[int]] = [[] for _ in range(G)]
+        self.where = np.full(L.size, -1, dtype=np.int64)
+
+    def put(self, s: int, g: int) -> None:
+        self.members[g].append(s)
+        self.load[g] += self.tau[s, self.gk[g]]
+        self.tok[g] += self.L[s]
+        self.where[s] = g
+
+    def take(self, s: int) -> None:
+        g = int(self.where[s])
+        self.members[g].remove(s)
+        self.load[g] -= self.tau[s, self.gk[g]]
+        self.tok[g] -= self.L[s]
+        if not self.members[g]:
+            self.load[g] = 0.0
+            self.tok[g] = 0.0
+        self.where[s] = -1
+
+    def times(self) -> np.ndarray:
+        nonempty = np.array([bool(m) for m in self.members])
+        return np.where(nonempty, self.load + self.ctx.beta1, 0.0)
+
+    def makespan(self) -> float:
+        return float(self.times().max(initial=0.0))
+
+
+def _assign_lpt(gr: _Groups, order: np.ndarray, cls: np.ndarray | None) -> bool:
+    """Deal sequences (in ``order``) onto the group of least finish time with memory room.
+
+    With ``cls`` a sequence first tries the groups of its class; then any group.
+    """
+    tau, L = gr.tau, gr.L
+    for s in order.tolist():
+        fin = gr.load + tau[s, gr.gk]
+        room = gr.tok + L[s] <= gr.cap + _EPS
+        ok = room & np.isfinite(fin)
+        if cls is not None:
+            mine = ok & (gr.gk == cls[s])
+            if mine.any():
+                ok = mine
+        if not ok.any():
+            return False
+        g = int(np.argmin(np.where(ok, fin, np.inf)))
+        gr.put(s, g)
+    return True
+
+
+def _rebalance(gr: _Groups, max_iter: int) -> None:
+    """Move or swap sequences out of the slowest group while that lowers it (exact lengths)."""
+    tau, L = gr.tau, gr.L
+    n = L.size
+    beta1 = gr.ctx.beta1
+    for _ in range(max_iter):
+        T = gr.times()
+        g0 = int(np.argmax(T))
+        T0 = float(T[g0])
+        k0 = gr.gk[g0]
+        best = (T0 - 1e-7, None, None)
+        mem0 = gr.members[g0]
+        if len(mem0) >= 1:
+            for s in mem0:
+                rest = T0 - tau[s, k0] if len(mem0) > 1 else 0.0
+                newg = gr.load + tau[s, gr.gk] + beta1
+                ok = (gr.tok + L[s] <= gr.cap + _EPS) & np.isfinite(newg)
+                ok[g0] = False
+                if not ok.any():
+                    continue
+                cand = np.where(ok, np.maximum(newg, rest), np.inf)
+                g = int(np.argmin(cand))
+                if cand[g] < best[0]:
+                    best = (float(cand[g]), ("move", s, g), None)
+        if best[1] is None and len(mem0) >= 1:
+            others = np.flatnonzero((gr.where >= 0) & (gr.where != g0))
+            if others.size:
+                og = gr.where[others]
+                ok_t = gr.gk[og]
+                for s in mem0:
+                    # g0 loses s, gains t; t's group loses t, gains s
+                    new0 = T0 - tau[s, k0] + tau[others, k0]
+                    newo = gr.load[og] + beta1 - tau[others, ok_t] + tau[s, ok_t]
+                    mem_ok = ((gr.tok[g0] - L[s] + L[others] <= gr.cap[g0] + _EPS)
+                              & (gr.tok[og] - L[others] + L[s] <= gr.cap[og] + _EPS))
+                    cand = np.where(mem_ok & np.isfinite(new0) & np.isfinite(newo), np.maximum(new0, newo), np.inf)
+                    j = int(np.argmin(cand))
+                    if cand[j] < best[0]:
+                        best = (float(cand[j]), ("swap", s, int(others[j])), None)
+        if best[1] is None:
+            return
+        kind, s, x = best[1]
+        if kind == "move":
+            gr.take(s)
+            gr.put(s, x)
+        else:
+            t = x
+            gt = int(gr.where[t])
+            gr.take(s)
+            gr.take(t)
+            gr.put(s, gt)
+            gr.put(t, g0)
+    del n
+
+
+def _fix_empty(gr: _Groups) -> bool:
+    """Give every empty group a sequence when the micro-batch has at least as many sequences as groups."""
+    G = gr.gk.size
+    n = gr.L.size
+    if n < G:
+        return True
+    beta1 = gr.ctx.beta1
+    for e in range(G):
+        if gr.members[e]:
+            continue
+        best = (np.inf, -1)
+        for g in range(G):
+            if len(gr.members[g]) < 2:
+                continue
+            for s in gr.members[g]:
+                if gr.L[s] > gr.cap[e] + _EPS or not np.isfinite(gr.tau[s, gr.gk[e]]):
+                    continue
+                v = max(gr.tau[s, gr.gk[e]] + beta1, gr.load[g] - gr.tau[s, gr.gk[g]] + beta1)
+                if v < best[0]:
+                    best = (v, s)
+        if best[1] < 0:
+            return False
+        s = best[1]
+        gr.take(s)
+        gr.put(s, e)
+    return True
+
+
+def _finish(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, gk: list[int], cls: np.ndarray | None,
+            method: str, rebalance_iters: int) -> MBSolution | None:
+    """Groups of the given degree indices -> concrete members -> rebalanced solution (None: failed)."""
+    degs = [ctx.degrees[k] for k in gk]
+    if sum(degs) != ctx.world_size:
+        return None
+    try:
+        place_groups(degs, ctx.cost, ctx.world_size)
+    except PlanError:
+        return None
+    gr = _Groups(ctx, L, tau, gk)
+    pref = tau[np.arange(L.size), cls] if cls is not None else tau.min(axis=1)
+    order = np.argsort(-pref, kind="stable")
+    if not _assign_lpt(gr, order, cls):
+        return None
+    _rebalance(gr, rebalance_iters)
+    if not _fix_empty(gr):
+        return None
+    _rebalance(gr, rebalance_iters // 4 + 1)
+    if L.size >= len(gk) and any(not m for m in gr.members):
+        return None
+    return MBSolution(degs, [list(m) for m in gr.members], gr.makespan(), method)
+
+
+def _fill_left_over(ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, counts: np.ndarray) -> list[int]:
+    """Degree indices of all groups: n_per[k] of each degree plus groups on the left-over ranks."""
+    degs = ctx.degrees
+    n_per = n_per.copy()
+    left = ctx.world_size - int(sum(d * c for d, c in zip(degs, n_per)))
+    while left > 0:
+        best_k, best_v = -1, -1.0
+        for k, d in enumerate(degs):
+            if d <= left and n_per[k] < counts[k]:
+                v = load[k] / max(n_per[k], 1)
+                if v > best_v:
+                    best_k, best_v = k, v
+        if best_k < 0:  # nothing to split further: the largest group that fits (may stay empty)
+            best_k = max(k for k, d in enumerate(degs) if d <= left)
+        n_per[best_k] += 1
+        left -= degs[best_k]
+    gk: list[int] = []
+    for k in range(len(degs) - 1, -1, -1):
+        gk += [k] * int(n_per[k])
+    return gk
+
+
+def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> tuple[list[int], np.ndarray] | None:
+    """Degree classes by bisection on the target time (see module docstring); (group degree indices, class)."""
+    D = len(ctx.degrees)
+    dvec = np.asarray(ctx.degrees, dtype=np.float64)
+    gpu = tau * dvec[None, :]
+    pref = np.argmin(gpu, axis=1)                       # least GPU-ms degree (inf-safe: some degree fits)
+    n = L.size
+    rows = np.arange(n)
+
+    def structure(cp: float):
+        # class: smallest degree >= pref whose tau fits cp
+        okd = (tau <= cp + _EPS) & (np.arange(D)[None, :] >= pref[:, None])
+        if not okd.any(axis=1).all():
+            return None
+        cls = np.argmax(okd, axis=1)
+        t = tau[rows, cls]
+        load = np.bincount(cls, weights=t, minlength=D)
+        tok = np.bincount(cls, weights=L.astype(np.float64), minlength=D)
+        cnt = np.bincount(cls, minlength=D)
+        need = np.maximum(np.ceil(load / cp - 1e-9), np.ceil(tok / ctx.caps - 1e-9))
+        need = np.where(cnt > 0, np.maximum(need, 1), 0)
+        need = np.minimum(need, cnt)
+        used = float((need * dvec).sum())
+        return cls, need.astype(np.int64), load, cnt, used
+
+    lo = max(float(tau.min(axis=1).max()), float(gpu.min(axis=1).sum()) / ctx.world_size, 1e-6)
+    hi = lo
+    for _ in range(60):
+        r = structure(hi)
+        if r is not None and r[4] <= ctx.world_size:
+            break
+        hi *= 1.5
+    else:
+        return None
+    for _ in range(40):
+        if hi - lo <= 1e-4 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        r = structure(mid)
+        if r is not None and r[4] <= ctx.world_size:
+            hi = mid
+        else:
+            lo = mid
+    cls, need, load, cnt, _ = structure(hi)
+    return _fill_left_over(ctx, need, load, cnt), cls
+
+
+def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, use_milp: bool = False,
+                      time_limit_s: float = 0.5, upper: MBSolution | None = None,
+                      rebalance_iters: int | None = None) -> MBSolution | None:
+    """Best groups for one micro-batch (``L`` lengths, ``tau`` their tau table); None if the heuristics fail."""
+    iters = rebalance_iters if rebalance_iters is not None else 3 * L.size + 50
+    best = upper
+    if best is None:
+        st = _greedy_structure(ctx, L, tau)
+        if st is not None:
+            best = _finish(ctx, L, tau, st[0], st[1], "greedy", iters)
+        if best is None:  # classes ignored: LPT over the same groups
+            if st is not None:
+                best = _finish(ctx, L, tau, st[0], None, "greedy", iters)
+    if not use_milp or L.size == 0:
+        return best
+    # ---- MILP on buckets
+    bk = bucketize(L, max_error=0.02, breaks=[int(c) for c in ctx.caps], max_buckets=14)
+    B, D = bk.num_buckets, len(ctx.degrees)
+    tmean = np.zeros((B, D))
+    tmax = np.zeros((B, D))
+    lmean = np.zeros(B)
+    for b in range(B):
+        mem = bk.members(b)
+        tmean[b] = tau[mem].mean(axis=0)
+        tmax[b] = tau[mem].max(axis=0)
+        lmean[b] = L[mem].mean()
+    prob = ClassProblem(bk.counts, tmean, tmax, lmean, ctx.degrees, ctx.caps, ctx.world_size)
+    up = best.time_ms - ctx.beta1 if best is not None else None
+    sol = solve_class_milp(prob, upper=up, time_limit_s=time_limit_s)
+    info = {"milp_status": sol.status, "milp_time_s": sol.solve_time_s, "buckets": B}
+    if not np.isfinite(sol.cprime):
+        if best is not None:
+            best.extra.update(info)
+        return best
+    # bucket counts -> concrete sequences: longest members of a bucket go to its largest class
+    cls = np.zeros(L.size, dtype=np.int64)
+    for b in range(B):
+        mem = bk.members(b)
+        mem = mem[np.argsort(-L[mem], kind="stable")]
+        pos = 0
+        for k in range(D - 1, -1, -1):
+            c = int(sol.y[b, k])
+            cls[mem[pos:pos + c]] = k
+            pos += c
+    load = np.array([(np.where(sol.y[:, k] > 0, tmean[:, k], 0.0) * sol.y[:, k]).sum() for k in range(D)])
+    cnt = sol.y.sum(axis=0)
+    gk = _fill_left_over(ctx, sol.n.astype(np.int64), load, cnt)
+    cand = _finish(ctx, L, tau, gk, cls, "milp", iters)
+    if cand is not None:
+        cand.extra.update(info)
+        cand.extra["milp_bound_ms"] = sol.cprime + ctx.beta1
+    if cand is not None and (best is None or cand.time_ms < best.time_ms - 1e-9):
+        return cand
+    if best is not None:
+        best.extra.update(info)
+    return best
+
+
+# ------------------------------------------------------------------------------- global batch
+
+def _safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[tuple[np.ndarray, MBSolution]]:
+    """Always-valid last resort: one sequence per group at its smallest degree, first-fit into micro-batches."""
+    n = L.size
+    kmin = np.argmax(np.isfinite(tau), axis=1)
+    order = np.argsort(-L, kind="stable")
+    mbs: list[list[int]] = []
+    used: list[int] = []
+    for s in order.tolist():
+        d = ctx.degrees[kmin[s]]
+        for m in range(len(mbs)):
+            if used[m] + d <= ctx.world_size:
+                mbs[m].append(s)
+                used[m] += d
+                break
+        else:
+            mbs.append([s])
+            used.append(d)
+    out = []
+    for m, seqs in enumerate(mbs):
+        degs = [ctx.degrees[kmin[s]] for s in seqs] + [1] * (ctx.world_size - used[m])
+        members = [[j] for j in range(len(seqs))] + [[] for _ in range(ctx.world_size - used[m])]
+        idx = np.asarray(seqs, dtype=np.int64)
+        t = max(ctx.beta1 + tau[s, kmin[s]] for s in seqs)
+        out.append((idx, MBSolution(degs, members, float(t), "safe")))
+    del n
+    return out
+
+
+def _candidate_cuts(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> list[tuple[str, list[int]]]:
+    n = Ls.size
+    cuts: list[tuple[str, list[int]]] = []
+    mmin = min_micro_batches(Ls, ctx.cost, ctx.world_size)
+    for frac in (1.0, 0.96, 0.92, 0.86):
+        est = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees, mem_frac=frac)
+        b, tot = segment(n, est.cost_to)
+        if b:
+            cuts.append((f"dp{frac:g}", b))
+    for m in range(mmin, mmin + 3):
+        if m <= n:
+            b, _ = min_max_chunks(Ls, m)
+            cuts.append((f"minmax{m}", b))
+    seen, out = set(), []
+    for name, b in cuts:
+        if tuple(b) not in seen:
+            seen.add(tuple(b))
+            out.append((name, b))
+    return out
+
+
+def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, time_limit_s: float,
+                 deadline: float) -> tuple[list[tuple[np.ndarray, MBSolution]], dict]:
+    order = np.argsort(-lengths, kind="stable")
+    Ls = lengths[order]
+    taus = seq_tau_table(Ls, ctx.cost, ctx.degrees)
+    cache: dict[tuple[int, int], MBSolution | None] = {}
+
+    def solve(a: int, b: int) -> MBSolution | None:
+        if (a, b) not in cache:
+            cache[(a, b)] = solve_micro_batch(ctx, Ls[a:b], taus[a:b])
+        return cache[(a, b)]
+
+    best_total, best_cut, best_name = np.inf, None, ""
+    tried = []
+    for name, bounds in _candidate_cuts(ctx, Ls, taus):
+        total = 0.0
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            sol = solve(a, b)
+            if sol is None:
+                total = np.inf
+                break
+            total += sol.time_ms
+            if total >= best_total:
+                break
+        tried.append((name, total))
+        if total < best_total:
+            best_total, best_cut, best_name = total, bounds, name
+        if time.perf_counter() > deadline and best_cut is not None:
+            break
+    info: dict = {"cut": best_name, "cuts_tried": len(tried)}
+    if best_cut is None:
+        safe = _safe_plan(ctx, Ls, taus)
+        info["cut"] = "safe"
+        return [(order[idx], sol) for idx, sol in safe], info
+    chunks = []
+    for a, b in zip(best_cut[:-1], best_cut[1:]):
+        chunks.append((a, b, cache[(a, b)]))
+    if use_milp:
+        remaining = max(0.0, deadline - time.perf_counter())
+        per = max(0.02, remaining / max(1, len(chunks)))
+        statuses = []
+        improved = 0
+        # slowest micro-batches first: they gain most
+        for i in sorted(range(len(chunks)), key=lambda i: -chunks[i][2].time_ms):
+            a, b, sol = chunks[i]
+            left = deadline - time.perf_counter()
+            if left <= 0.005:
+                statuses.append("skipped")
+                continue
+            new = solve_micro_batch(ctx, Ls[a:b], taus[a:b], use_milp=True, time_limit_s=min(per, left),
+                                    upper=sol)
+            statuses.append(new.extra.get("milp_status", "none"))
+            if new.method == "milp":
+                improved += 1
+            chunks[i] = (a, b, new)
+        info["milp_statuses"] = statuses
+        info["milp_improved"] = improved
+    return [(order[a:b], sol) for a, b, sol in chunks], info
+
+
+def _to_plan(ctx: PlannerContext, lengths: np.ndarray, chunks: list[tuple[np.ndarray, MBSolution]]) -> Plan:
+    mbs = []
+    for idx, sol in chunks:
+        ranks = place_groups(sol.degrees, ctx.cost, ctx.world_size)
+        groups = [Group(list(r), [int(idx[j]) for j in mem]) for r, mem in zip(ranks, sol.members)]
+        groups.sort(key=lambda g: g.ranks[0])
+        mbs.append(MicroBatch(groups))
+    return Plan(ctx.world_size, [int(x) for x in lengths], mbs)
+
+
+def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: bool, time_limit_s: float,
+         method: str) -> Plan:
+    t0 = time.perf_counter()
+    L = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if L.size == 0:
+        raise PlanError("cannot plan an empty global batch (no sequences)")
+    if (L <= 0).any():
+        bad = np.flatnonzero(L <= 0)[:8].tolist()
+        raise PlanError(f"lengths must be positive; sequences {bad} are not")
+    check_feasible(L, cost, world_size)
+    ctx = PlannerContext.build(cost, world_size)
+    deadline = t0 + max(0.05, float(time_limit_s))
+    chunks, info = _plan_chunks(ctx, L, use_milp=use_milp, time_limit_s=time_limit_s, deadline=deadline)
+    plan = _to_plan(ctx, L, chunks)
+    try:
+        validate_plan(plan, cost)
+    except PlanError:
+        if info.get("cut") == "safe":
+            raise
+        order = np.argsort(-L, kind="stable")
+        taus = seq_tau_table(L[order], cost, ctx.degrees)
+        safe = _safe_plan(ctx, L[order], taus)
+        plan = _to_plan(ctx, L, [(order[idx], sol) for idx, sol in safe])
+        validate_plan(plan, cost)
+        info["cut"] = "safe"
+    plan.estimated_time_ms = estimate_plan_ms(plan, cost)
+    statuses = info.get("milp_statuses", [])
+    if not use_milp:
+        status = "heuristic"
+    elif statuses and all(s == "optimal" for s in statuses):
+        status = "optimal"
+    elif any(s in ("optimal", "time_limit") for s in statuses):
+        status = "time_limit" if any(s == "time_limit" for s in statuses) else "optimal"
+    else:
+        status = "fallback_greedy"
+    info.update(num_micro_batches=plan.num_micro_batches)
+    plan.solver = SolverInfo(method=method, status=status, solve_time_s=time.perf_counter() - t0,
+                             lower_bound_ms=lower_bound_ms(L, cost, world_size), extra=info)
+    return plan
+
+
+def greedy_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 30.0) -> Plan:
+    """Fast heuristic plan (no MILP); always valid when any plan exists."""
+    return _run(lengths, cost, world_size, use_milp=False, time_limit_s=time_limit_s, method="flexsp-greedy")
+
+
+def plan_flexsp(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 2.0,
+                seed: int = 0) -> Plan:
+    """FlexSP plan: greedy over candidate micro-batch cuts, then the MILP per micro-batch within the time limit.
+
+    ``seed`` is accepted for API stability; the planner is deterministic.
+    """
+    del seed
+    return _run(lengths, cost, world_size, use_milp=True, time_limit_s=time_limit_s, method="flexsp")

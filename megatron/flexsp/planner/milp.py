@@ -1,0 +1,186 @@
+"""The per-micro-batch MILP on HiGHS (scipy.optimize.milp): group degrees and bucket assignment.
+
+Formulation (aggregate over degree classes, so its size depends on the number of buckets B and
+allowed degrees D, not on the number of sequences or ranks):
+
+    variables  C' >= 0                      slowest group's time minus beta1 (continuous)
+               n_d = sum_k 2^k z_{d,k}      groups of degree d, z binary (binary expansion)
+               w_{d,k} in [0, U]            w_{d,k} = z_{d,k} * C'  (exact product linearisation,
+                                            only the upper side is needed: w <= U z, w <= C')
+               y_{b,d} in {0..cnt_b}        sequences of bucket b placed in class d (only if the
+                                            bucket's longest length fits a degree-d group)
+               u_{b,d} binary               bucket b used in class d
+    minimise   C'
+    subject to sum_d y_{b,d} = cnt_b                                  every sequence placed
+               sum_b tmean_{b,d} y_{b,d} <= sum_k 2^k w_{d,k}         class time fits n_d groups
+               sum_b lmean_b y_{b,d} <= cap_d n_d                     class tokens fit n_d groups
+               y_{b,d} <= cnt_b u_{b,d},  tmax_{b,d} u_{b,d} <= C'    one sequence is not divisible
+               sum_d d n_d <= world_size                              ranks
+               n_d <= sum_b y_{b,d}                                   no empty group
+               C' <= U                                                cut-off (the greedy plan's value)
+
+tmean/tmax are the mean/largest time a bucket's sequence adds to a degree-d group
+(work/d + all-to-all), lmean the mean length. The model relaxes each class's split into
+concrete groups to its average; the planner then turns counts into sequences and rebalances
+with exact lengths (flexsp.py), and keeps the greedy plan when that is not better.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
+__all__ = ["ClassProblem", "ClassSolution", "solve_class_milp", "class_objective"]
+
+
+@dataclass
+class ClassProblem:
+    counts: np.ndarray        # int [B] sequences per bucket
+    tmean: np.ndarray         # [B, D] mean tau per sequence of the bucket at degree d (inf: not allowed)
+    tmax: np.ndarray          # [B, D] largest tau in the bucket at degree d (inf: does not fit)
+    lmean: np.ndarray         # [B] mean length
+    degrees: Sequence[int]    # [D]
+    caps: np.ndarray          # [D] tokens a group of each degree holds
+    world_size: int
+
+
+@dataclass
+class ClassSolution:
+    n: np.ndarray             # int [D] groups per degree
+    y: np.ndarray             # int [B, D]
+    cprime: float             # objective: slowest group time minus beta1 (aggregate model)
+    status: str               # "optimal" | "time_limit" | "infeasible" | "error: ..."
+    solve_time_s: float
+
+
+def class_objective(p: ClassProblem, n: np.ndarray, y: np.ndarray) -> float:
+    """C' of a given (n, y) under the aggregate model; inf if it breaks a constraint."""
+    n = np.asarray(n)
+    y = np.asarray(y)
+    if (y.sum(axis=1) != p.counts).any() or int((np.asarray(p.degrees) * n).sum()) > p.world_size:
+        return float("inf")
+    best = 0.0
+    for k in range(len(p.degrees)):
+        used = y[:, k] > 0
+        if n[k] == 0:
+            if used.any():
+                return float("inf")
+            continue
+        if y[:, k].sum() < n[k]:
+            return float("inf")
+        if used.any():
+            if not np.isfinite(p.tmax[used, k]).all():
+                return float("inf")
+            if float((p.lmean * y[:, k]).sum()) > p.caps[k] * n[k] + 1e-6:
+                return float("inf")
+            load = float((p.tmean[used, k] * y[used, k]).sum()) / n[k]
+            best = max(best, load, float(p.tmax[used, k].max()))
+    return best
+
+
+def solve_class_milp(p: ClassProblem, *, upper: float | None = None, time_limit_s: float = 1.0,
+                     mip_rel_gap: float = 1e-4) -> ClassSolution:
+    t0 = time.perf_counter()
+    B, D = p.tmax.shape
+    degs = [int(d) for d in p.degrees]
+    ws = p.world_size
+    counts = np.asarray(p.counts, dtype=np.int64)
+    ok = np.isfinite(p.tmax)
+    U = float(upper) if upper is not None and np.isfinite(upper) else float(
+        np.where(ok, p.tmax, 0).max() + (np.where(ok, p.tmean, 0) * counts[:, None]).sum())
+    U = max(U, 1e-9)
+
+    # ---- variable layout
+    col = 0
+    iC = col; col += 1
+    iy: dict[tuple[int, int], int] = {}
+    iu: dict[tuple[int, int], int] = {}
+    for b in range(B):
+        for k in range(D):
+            if ok[b, k] and counts[b] > 0:
+                iy[b, k] = col; col += 1
+                iu[b, k] = col; col += 1
+    iz: dict[tuple[int, int], int] = {}
+    iw: dict[tuple[int, int], int] = {}
+    for k, d in enumerate(degs):
+        nmax = min(ws // d, int(sum(counts[b] for b in range(B) if (b, k) in iy)))
+        bits = 0
+        while (1 << bits) - 1 < nmax:
+            bits += 1
+        for j in range(bits):
+            iz[k, j] = col; col += 1
+            iw[k, j] = col; col += 1
+    nvar = col
+    lb = np.zeros(nvar)
+    ub = np.zeros(nvar)
+    integ = np.zeros(nvar)
+    ub[iC] = U
+    for (b, k), c in iy.items():
+        ub[c] = counts[b]; integ[c] = 1
+        ub[iu[b, k]] = 1; integ[iu[b, k]] = 1
+    for key, c in iz.items():
+        ub[c] = 1; integ[c] = 1
+        ub[iw[key]] = U
+
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    r = 0
+
+    def add(entries, l, h):
+        nonlocal r
+        for c, v in entries:
+            rows.append(r); cols.append(c); vals.append(v)
+        lo.append(l); hi.append(h)
+        r += 1
+
+    for b in range(B):
+        ent = [(iy[b, k], 1.0) for k in range(D) if (b, k) in iy]
+        if counts[b] > 0:
+            if not ent:
+                return ClassSolution(np.zeros(D, int), np.zeros((B, D), int), float("inf"), "infeasible",
+                                     time.perf_counter() - t0)
+            add(ent, counts[b], counts[b])
+    for k, d in enumerate(degs):
+        zs = [(j, iz[k, j]) for (kk, j) in iz if kk == k]
+        ys = [(b, iy[b, k]) for b in range(B) if (b, k) in iy]
+        # time: sum tmean y - sum 2^j w <= 0
+        add([(c, float(p.tmean[b, k])) for b, c in ys] + [(iw[k, j], -float(1 << j)) for j, _ in zs], -np.inf, 0.0)
+        # memory: sum lmean y - cap sum 2^j z <= 0
+        add([(c, float(p.lmean[b])) for b, c in ys] + [(cz, -float(p.caps[k]) * (1 << j)) for j, cz in zs],
+            -np.inf, 0.0)
+        # no empty group: sum 2^j z - sum y <= 0
+        add([(cz, float(1 << j)) for j, cz in zs] + [(c, -1.0) for _, c in ys], -np.inf, 0.0)
+        for j, cz in zs:
+            add([(iw[k, j], 1.0), (cz, -U)], -np.inf, 0.0)
+            add([(iw[k, j], 1.0), (iC, -1.0)], -np.inf, 0.0)
+    for (b, k), c in iy.items():
+        add([(c, 1.0), (iu[b, k], -float(counts[b]))], -np.inf, 0.0)
+        add([(iu[b, k], float(p.tmax[b, k])), (iC, -1.0)], -np.inf, 0.0)
+    add([(iz[k, j], float(degs[k] * (1 << j))) for (k, j) in iz], -np.inf, float(ws))
+
+    A = coo_matrix((vals, (rows, cols)), shape=(r, nvar)).tocsr()
+    cvec = np.zeros(nvar)
+    cvec[iC] = 1.0
+    try:
+        res = milp(cvec, integrality=integ, bounds=Bounds(lb, ub), constraints=LinearConstraint(A, lo, hi),
+                   options={"time_limit": max(0.01, float(time_limit_s)), "disp": False, "mip_rel_gap": mip_rel_gap})
+    except Exception as e:  # noqa: BLE001 - HiGHS failures fall back to the greedy plan
+        return ClassSolution(np.zeros(D, int), np.zeros((B, D), int), float("inf"), f"error: {e}",
+                             time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    if res.x is None:
+        status = "infeasible" if res.status == 2 else ("time_limit" if res.status == 1 else f"error: {res.message}")
+        return ClassSolution(np.zeros(D, int), np.zeros((B, D), int), float("inf"), status, dt)
+    x = res.x
+    y = np.zeros((B, D), dtype=np.int64)
+    for (b, k), c in iy.items():
+        y[b, k] = int(round(x[c]))
+    n = np.zeros(D, dtype=np.int64)
+    for (k, j), c in iz.items():
+        n[k] += int(round(x[c])) << j
+    status = "optimal" if res.status == 0 else "time_limit"
+    return ClassSolution(n, y, float(x[iC]), status, dt)

@@ -31,7 +31,7 @@ def test_file_order_and_exclusions(tmp_path):
 def test_build_small_subset_equals_file_bytes_and_is_cached(tmp_path):
     root = os.path.join(stdlib_root(), "json")  # a small real piece of the stdlib
     files = list_source_files(root)
-    corpus = build_stdlib_corpus(str(tmp_path), root=root)
+    corpus = build_stdlib_corpus(str(tmp_path), root=root, granularity="file")
     docs = _all_docs(corpus.prefix)
     expected = []
     for rel in files:
@@ -40,10 +40,15 @@ def test_build_small_subset_equals_file_bytes_and_is_cached(tmp_path):
     assert [d.tolist() for d in docs] == expected
     assert (corpus.num_files, corpus.num_documents, corpus.num_tokens) == (len(files), len(files), sum(map(len, expected)))
     mtime = os.stat(corpus.prefix + ".bin").st_mtime_ns
-    again = build_stdlib_corpus(str(tmp_path), root=root)
+    again = build_stdlib_corpus(str(tmp_path), root=root, granularity="file")
     assert again == corpus and os.stat(corpus.prefix + ".bin").st_mtime_ns == mtime  # reused, not rebuilt
-    top = build_stdlib_corpus(str(tmp_path), root=root, granularity="toplevel")
-    assert top.prefix != corpus.prefix and top.num_documents > corpus.num_documents
+    top = build_stdlib_corpus(str(tmp_path), root=root)  # default: top-level blocks
+    assert top.granularity == "toplevel" and top.prefix != corpus.prefix and top.num_documents > corpus.num_documents
+    pieces = []
+    for rel in files:
+        with open(os.path.join(root, rel), "rb") as f:
+            pieces += [list(p) + [BYTE_EOD] for p in split_toplevel(f.read())]
+    assert [d.tolist() for d in _all_docs(top.prefix)] == pieces
     assert top.num_tokens - top.num_documents == corpus.num_tokens - corpus.num_documents  # same bytes
     with pytest.raises(ValueError, match="granularity"):
         build_stdlib_corpus(str(tmp_path), root=root, granularity="line")
@@ -64,7 +69,8 @@ def test_build_datasets_with_stdlib_corpus(tmp_path, monkeypatch):
     import megatron.flexsp.data.stdlib_corpus as sc
 
     monkeypatch.setattr(sc, "stdlib_root", lambda: root)  # keep the test small
-    train, valid = build_datasets(DataConfig(seq_length=256, stdlib_corpus=True, cache_dir=str(tmp_path), split="80,20,0"))
+    train, valid = build_datasets(DataConfig(seq_length=256, stdlib_corpus=True, cache_dir=str(tmp_path), split="80,20,0",
+                                             stdlib_granularity="file"))
     assert len(train) > 0 and len(valid) > 0 and train.lengths.max() == 256
     assert train.stats.truncated > 0
     doc = train[0]
@@ -72,3 +78,5 @@ def test_build_datasets_with_stdlib_corpus(tmp_path, monkeypatch):
     with open(os.path.join(root, files[int(train.doc_ids[0])]), "rb") as f:
         assert doc.tolist() == list(f.read()[: len(doc)])
     assert np.all(train.lengths >= 1)
+    top, _ = build_datasets(DataConfig(seq_length=256, stdlib_corpus=True, cache_dir=str(tmp_path), split="80,20,0"))
+    assert len(top) > len(train) and np.mean(top.lengths) < np.mean(train.lengths)

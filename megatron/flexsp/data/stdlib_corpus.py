@@ -7,9 +7,12 @@ a Megatron .bin/.idx pair in a cache directory; later runs reuse it. The cache n
 a content fingerprint, so a different Python (different stdlib) builds its own copy, and
 ranks can compare fingerprints to be sure they train on the same data.
 
-granularity="file": one document per file. granularity="toplevel": one document per
-top-level block (module header, each top-level def/class with its decorators): shorter
-documents with the same long tail, a better fit for small CPU models with short seq-length.
+granularity="toplevel" (default): one document per top-level block (module header, each
+top-level def/class with its decorators); granularity="file": one document per file. On
+CPython 3.11 (732 files, 12.1M bytes) files have p50 7.8K / p90 36K bytes, so at the
+seq-lengths a CPU run affords most files would be truncated to the same length; top-level
+blocks (6.6K documents) have p50 ~480 / p90 ~3.6K / p99 ~21K: a real long tail at any
+seq-length from 1K up.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def build_stdlib_corpus(
     cache_dir: str | None = None,
     *,
     root: str | None = None,
-    granularity: str = "file",
+    granularity: str = "toplevel",
     max_files: int | None = None,
     rebuild: bool = False,
     verbose: bool = False,
@@ -201,7 +204,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--granularity", choices=GRANULARITIES, default="file")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="toplevel")
     p.add_argument("--max-files", type=int, default=None)
     p.add_argument("--rebuild", action="store_true")
     a = p.parse_args(argv)

@@ -59,13 +59,25 @@ def plan_inline(lengths: Sequence[int], cost: CostModel, cfg_dict: dict[str, Any
     return api.plan_global_batch(lengths, cost, cfg)
 
 
-def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg_dict: dict[str, Any], needed_from) -> None:
+def _resolve(planner_fn: str | None) -> Callable[..., Plan]:
+    """``module:function`` with plan_inline's signature (a custom planner), default plan_inline."""
+    if not planner_fn:
+        return plan_inline
+    import importlib
+
+    mod, _, name = planner_fn.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg_dict: dict[str, Any], needed_from,
+                 planner_fn: str | None = None) -> None:
     """Background planner: (k, lengths) in, (k, plan dict | None, solve s, error) out; skips stale k."""
     try:
         os.nice(10)  # the planner must not steal the trainer's CPU time on shared hosts
     except (OSError, AttributeError):
         pass
     cost = CostModel.from_dict(cost_dict)
+    plan_fn = _resolve(planner_fn)
     res_q.put(("ready", None, 0.0, None))
     while True:
         item = req_q.get()
@@ -76,7 +88,7 @@ def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg_dict: dict[str, An
             continue
         t0 = time.perf_counter()
         try:
-            plan = plan_inline(lengths, cost, cfg_dict)
+            plan = plan_fn(lengths, cost, cfg_dict)
             res_q.put((k, plan.to_dict(), time.perf_counter() - t0, None))
         except BaseException as e:  # noqa: BLE001 - reported to the trainer, which falls back
             res_q.put((k, None, time.perf_counter() - t0, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -109,13 +121,14 @@ class PlannerHook:
     lengths_fn(k) gives the lengths of global batch k (only called on rank 0). ``plan_ahead=0``
     plans inline (synchronously) on rank 0. ``wait_s`` bounds the wait for a late plan
     (default: the planner time limit). ``startup_wait_s`` bounds the wait for the background
-    process to start (spawn imports numpy/scipy), counted once.
+    process to start (spawn imports numpy/scipy), counted once. ``planner_fn`` ("module:function",
+    same signature as ``plan_inline``) replaces the planner proper (not the fallback).
     """
 
     def __init__(self, cost: CostModel, planner_cfg: dict[str, Any], lengths_fn: LengthsFn | None, *,
                  plan_ahead: int = 2, rank: int = 0, dump_dir: str | os.PathLike | None = None,
                  wait_s: float | None = None, startup_wait_s: float = 60.0, group=None, broadcast: bool = True,
-                 max_iterations: int | None = None) -> None:
+                 max_iterations: int | None = None, planner_fn: str | None = None) -> None:
         self.cost = cost
         self.cfg = dict(planner_cfg)
         self.lengths_fn = lengths_fn
@@ -124,13 +137,15 @@ class PlannerHook:
         self.group = group
         self.broadcast = broadcast
         self.max_iterations = max_iterations
+        self.planner_fn = planner_fn
         self.wait_s = float(self.cfg.get("time_limit_s", 2.0) if wait_s is None else wait_s)
         self.startup_wait_s = startup_wait_s
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.counters = _Counters()
         self._proc = None
         self._ready = False
-        self._submitted: dict[int, list[int]] = {}
+        self._lengths_cache: dict[int, list[int]] = {}
+        self._sent: set[int] = set()
         self._results: dict[int, tuple[dict | None, float, str | None]] = {}
         self._dead_logged = False
         if rank == 0:
@@ -146,21 +161,23 @@ class PlannerHook:
         self._res_q = ctx.Queue()
         self._needed_from = ctx.Value("q", 0, lock=False)
         self._proc = ctx.Process(target=_worker_main, name="flexsp-planner", daemon=True,
-                                 args=(self._req_q, self._res_q, self.cost.to_dict(), self.cfg, self._needed_from))
+                                 args=(self._req_q, self._res_q, self.cost.to_dict(), self.cfg, self._needed_from,
+                                       self.planner_fn))
         self._proc.start()
 
     def _lengths(self, k: int) -> list[int]:
-        if k not in self._submitted:
-            self._submitted[k] = [int(x) for x in self.lengths_fn(k)]
-        return self._submitted[k]
+        if k not in self._lengths_cache:
+            self._lengths_cache[k] = [int(x) for x in self.lengths_fn(k)]
+        return self._lengths_cache[k]
 
     def _submit_ahead(self, k: int) -> None:
         last = k + self.plan_ahead
         if self.max_iterations is not None:
             last = min(last, self.max_iterations - 1)
         for j in range(k, last + 1):
-            if j not in self._submitted:
+            if j not in self._sent:
                 self._req_q.put((j, self._lengths(j)))
+                self._sent.add(j)
 
     def _drain(self, block_until: float | None, want: int) -> None:
         """Collect results; with ``block_until``, block until ``want`` arrives or the deadline."""
@@ -196,15 +213,16 @@ class PlannerHook:
 
     # -------------------------------------------------------------- rank 0 plan
     def _plan_on_rank0(self, k: int) -> tuple[Plan, PlanInfo]:
-        lengths = self._lengths(k)
         if self.plan_ahead == 0:
+            lengths = [int(x) for x in self.lengths_fn(k)]
             t0 = time.perf_counter()
             try:
-                plan = plan_inline(lengths, self.cost, self.cfg)
+                plan = _resolve(self.planner_fn)(lengths, self.cost, self.cfg)
                 return plan, PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - never stop training for a planner error
                 log.error("planner failed on iteration %d (%s); using the fallback plan", k, e)
                 return self._fallback(k, lengths, "fallback-error", 0.0, f"{type(e).__name__}: {e}")
+        lengths = self._lengths(k)
         self._needed_from.value = k
         t_wait = time.perf_counter()
         if self._worker_alive():
@@ -220,7 +238,9 @@ class PlannerHook:
         res = self._results.pop(k, None)
         for old in [j for j in self._results if j < k]:
             del self._results[old]
-        self._submitted.pop(k, None)
+        for old in [j for j in self._lengths_cache if j <= k]:
+            del self._lengths_cache[old]
+        self._sent = {j for j in self._sent if j > k}
         if res is None:
             log.warning("plan of iteration %d not ready after %.0f ms; using the fallback plan", k, wait_ms)
             return self._fallback(k, lengths, "fallback-late", wait_ms, None)

@@ -26,3 +26,17 @@ def write_prefix(tmp_path):
         return prefix
 
     return _write
+
+
+@pytest.fixture
+def hf_tokenizer_dir(tmp_path):
+    """A tiny word-level HuggingFace tokenizer saved locally (skips without transformers/tokenizers)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3, "again": 4}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>")
+    path = tmp_path / "hf_tok"
+    fast.save_pretrained(str(path))
+    return str(path)

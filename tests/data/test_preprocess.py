@@ -99,3 +99,12 @@ def test_cli_script(tmp_path):
                                     "--tokenizer-type", "HuggingFaceTokenizer"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "needs --tokenizer-model" in bad.stderr
+
+
+def test_jsonl_round_trip_hf_tokenizer(tmp_path, hf_tokenizer_dir):
+    texts = ["hello world", "again hello again", "unknown words here", ""]
+    src = tmp_path / "in.jsonl"
+    _write_jsonl(src, texts)
+    out = preprocess([str(src)], str(tmp_path / "hf"), tokenizer_type="HuggingFaceTokenizer",
+                     tokenizer_model=hf_tokenizer_dir, append_eod=True, quiet=True)
+    assert _read_all(out["text"]["prefix"]) == [[2, 3, 1], [4, 2, 4, 1], [0, 0, 0, 1], [1]]

@@ -47,16 +47,10 @@ def test_hf_without_transformers_is_a_clear_error(tmp_path):
         HuggingFaceTokenizer(str(tmp_path))
 
 
-def test_hf_local_tokenizer_round_trip(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>")
-    fast.save_pretrained(str(tmp_path))
-    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path))
+def test_hf_local_tokenizer_round_trip(hf_tokenizer_dir, tmp_path):
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)
     assert tok.tokenize("hello world hello") == [2, 3, 2]
-    assert tok.eod == 1
+    assert tok.tokenize("hello zebra") == [2, 0]
+    assert tok.eod == 1 and tok.vocab_size == 5
     with pytest.raises(FileNotFoundError, match="does not exist"):
         HuggingFaceTokenizer(str(tmp_path / "missing"))

@@ -26,6 +26,7 @@ setup(
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        "hf": ["transformers"],  # --tokenizer-type HuggingFaceTokenizer (preprocess_data.py)
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     entry_points={

@@ -20,7 +20,7 @@ from .baselines import batch_adaptive_plan, static_plan
 from .bounds import lower_bound_ms
 from .costmodel import CostModel
 from .hybrid_cp import hybrid_cp_plan
-from .plan import Plan, PlanError, validate_plan
+from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 
 __all__ = ["METHODS", "PlannerConfig", "plan_global_batch", "fallback_plan"]
 
@@ -72,8 +72,11 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
 
     t0 = time.perf_counter()
     plan = plan_flexsp(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, seed=config.seed)
-    homo = batch_adaptive_plan(lengths, cost, config.world_size, lower_bound_ms=lb)
-    if homo.estimated_time_ms < plan.estimated_time_ms:
+    try:
+        homo = batch_adaptive_plan(lengths, cost, config.world_size, lower_bound_ms=lb)
+    except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: only mixed degrees fit
+        homo = None
+    if homo is not None and homo.estimated_time_ms < plan.estimated_time_ms:
         solver = plan.solver
         solver.extra = {**solver.extra, "chosen": "homogeneous", "homogeneous_degree": homo.solver.extra["degree"],
                         "solver_estimate_ms": plan.estimated_time_ms}

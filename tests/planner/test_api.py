@@ -1,0 +1,113 @@
+"""api: config checks, every method gives a validated plan, FlexSP never worse than the homogeneous baselines."""
+
+import pytest
+
+from megatron.flexsp.data.synthetic import longtail_lengths
+from megatron.flexsp.planner.api import METHODS, PlannerConfig, fallback_plan, plan_global_batch
+from megatron.flexsp.planner.baselines import batch_adaptive_plan, static_plan
+from megatron.flexsp.planner.bounds import lower_bound_ms
+from megatron.flexsp.planner.costmodel import build_cost_model, preset
+from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
+
+
+def small_cost():
+    return build_cost_model(name="small", num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2,
+                            gpus_per_node=4, alpha1_ms_per_token2=2e-5, alpha2_ms_per_token=0.05, beta1_ms=5.0,
+                            bandwidth_gbs={2: 0.5, 4: 0.4, 8: 0.05}, limit_gb=1.0, model_states_mb=24.0,
+                            activation_mb_per_token=1.0)
+
+
+SCENARIOS = [
+    ("cpu-tiny", preset("cpu-tiny"), 4, 24, 1500),
+    ("small-8", small_cost(), 8, 48, 7000),
+    ("gpt-7b-64", preset("gpt-7b", 64), 64, 128, 196608),
+]
+
+
+@pytest.mark.parametrize("name,cost,ws,n,max_len", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_all_methods_valid_and_flexsp_never_worse(name, cost, ws, n, max_len):
+    for seed in range(3):
+        lengths = longtail_lengths(n, max_len=max_len, seed=100 + seed, min_len=1).tolist()
+        lb = lower_bound_ms(lengths, cost, ws)
+        plans = {}
+        for m in METHODS:
+            cfg = PlannerConfig(world_size=ws, method=m, time_limit_s=0.3, max_seq_len=max_len, seed=seed)
+            p = plan_global_batch(lengths, cost, cfg)
+            validate_plan(p, cost, world_size=ws, num_sequences=n)
+            assert p.lengths == lengths and p.solver.method == m
+            assert p.estimated_time_ms == pytest.approx(estimate_plan_ms(p, cost))
+            assert p.solver.lower_bound_ms == pytest.approx(lb)
+            assert p.estimated_time_ms >= lb * (1 - 1e-9)
+            # survives the JSON trip the trainer uses to ship plans
+            validate_plan(Plan.from_json(p.to_json()), cost, world_size=ws, num_sequences=n)
+            plans[m] = p
+        # independent references: the baseline modules called directly
+        s = static_plan(lengths, cost, ws, max_seq_len=max_len)
+        b = batch_adaptive_plan(lengths, cost, ws)
+        assert plans["static"].estimated_time_ms == pytest.approx(s.estimated_time_ms)
+        assert plans["flexsp"].estimated_time_ms <= s.estimated_time_ms * (1 + 1e-12)
+        assert plans["flexsp"].estimated_time_ms <= b.estimated_time_ms * (1 + 1e-12)
+        fb = fallback_plan(lengths, cost, PlannerConfig(world_size=ws, max_seq_len=max_len))
+        validate_plan(fb, cost, world_size=ws, num_sequences=n)
+
+
+def test_flexsp_keeps_the_homogeneous_plan_when_it_is_better(monkeypatch):
+    """If the solver returned something worse, the api keeps the best homogeneous plan."""
+    import megatron.flexsp.planner.flexsp as fx
+
+    cost = small_cost()
+    lengths = [300] * 32
+
+    def worse(lengths, cost, ws, **kw):
+        # a valid but poor plan: the greedy fallback with everything in degree-8 groups would do; use static(8)
+        p = static_plan(lengths, cost, ws, degree=8)
+        p.solver.method = "flexsp"
+        return p
+
+    monkeypatch.setattr(fx, "plan_flexsp", worse)
+    p = plan_global_batch(lengths, cost, PlannerConfig(world_size=8, method="flexsp"))
+    ref = batch_adaptive_plan(lengths, cost, 8)
+    assert p.estimated_time_ms == pytest.approx(ref.estimated_time_ms)
+    assert p.estimated_time_ms < static_plan(lengths, cost, 8, degree=8).estimated_time_ms
+    assert p.solver.method == "flexsp" and p.solver.extra["chosen"] == "homogeneous"
+
+
+def test_static_degree_is_forced():
+    cost = small_cost()
+    lengths = [100, 200, 900, 50, 70]
+    p = plan_global_batch(lengths, cost, PlannerConfig(world_size=8, method="static", static_degree=2))
+    assert {g.degree for mb in p.micro_batches for g in mb.groups} == {2}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="ulysses"), "planner method must be one of flexsp, static, batch-adaptive, megatron-hybrid-cp"),
+    (dict(world_size=0), "world_size must be a positive integer"),
+    (dict(world_size=2.0), "world_size must be a positive integer"),
+    (dict(time_limit_s=0), "time_limit_s must be > 0"),
+    (dict(max_seq_len=0), "max_seq_len must be >= 1"),
+    (dict(static_degree=0), "static_degree must be >= 1"),
+])
+def test_config_errors(kwargs, match):
+    args = dict(world_size=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        PlannerConfig(**args)
+
+
+def test_bad_batches():
+    cost = small_cost()
+    cfg = PlannerConfig(world_size=8, max_seq_len=5000)
+    with pytest.raises(PlanError, match="empty global batch"):
+        plan_global_batch([], cost, cfg)
+    with pytest.raises(PlanError, match=r"lengths\[1\] = 0"):
+        plan_global_batch([5, 0], cost, cfg)
+    with pytest.raises(PlanError, match=r"lengths\[0\] = 2.5"):
+        plan_global_batch([2.5], cost, cfg)
+    with pytest.raises(PlanError, match=r"1 sequence\(s\) longer than max_seq_len 5000: first is lengths\[2\] = 6000"):
+        plan_global_batch([5, 6, 6000], cost, cfg)
+    # 9000 tokens exceed 8 ranks x 1000 tokens: no plan exists, for any method
+    for m in METHODS:
+        with pytest.raises(NoFeasiblePlanError, match=r"\[9000\]"):
+            plan_global_batch([10, 9000], cost, PlannerConfig(world_size=8, method=m))
+    with pytest.raises(NoFeasiblePlanError, match=r"\[9000\]"):
+        fallback_plan([10, 9000], cost, PlannerConfig(world_size=8))

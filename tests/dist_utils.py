@@ -44,6 +44,8 @@ from typing import Any, Callable, Sequence
 __all__ = ["DistRunError", "free_port", "run_distributed"]
 
 _CTX = None
+# Same filter as pytest.ini; children and the fork server do not inherit pytest's filters.
+_QUIET = "ignore:Transformer Engine and Apex are not installed"
 
 
 class DistRunError(RuntimeError):
@@ -64,7 +66,20 @@ def _context():
         method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
         if method == "forkserver":
-            ctx.set_forkserver_preload(["torch", "torch.distributed"])
+            # Preloading megatron.core (when installed) saves every child seconds of imports;
+            # the server ignores modules that fail to import.
+            ctx.set_forkserver_preload(["torch", "torch.distributed", "megatron.core"])
+            from multiprocessing import forkserver
+
+            saved = os.environ.get("PYTHONWARNINGS")
+            os.environ["PYTHONWARNINGS"] = ",".join(x for x in (saved, _QUIET) if x)
+            try:
+                forkserver.ensure_running()  # started now, with the quiet filter in its environment
+            finally:
+                if saved is None:
+                    del os.environ["PYTHONWARNINGS"]
+                else:
+                    os.environ["PYTHONWARNINGS"] = saved
         _CTX = ctx
     return _CTX
 
@@ -83,7 +98,7 @@ def _child(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, thre
         import warnings
 
         # Same filter as pytest.ini (children do not inherit pytest's warning filters).
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", message=_QUIET.split(":", 1)[1])
         import torch
         import torch.distributed as dist
 

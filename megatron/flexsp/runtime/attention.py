@@ -1,0 +1,287 @@
+"""FlexSP core attention: Ulysses all-to-all around causal attention over packed documents.
+
+Plugs into megatron.core as the ``core_attention`` submodule of a GPT layer spec (same
+constructor as ``DotProductAttention``). Per call it reads the micro-batch's SP group from
+``parallel_state.get_context_parallel_group()`` (set by ``flexsp_patches.parallel_state.sp_group``),
+so one model serves groups of every degree:
+
+    q, k, v  [s_local, 1, heads, d]  this rank's contiguous slice of the packed group
+      -> all-to-all (one collective for q, k, v)      [T, heads / P, d]
+      -> causal attention per document (cu_seqlens)   [T, heads / P, d]
+      -> all-to-all back                              [s_local, 1, heads * d]
+
+Degree 1 does no communication. Backends for the local attention:
+
+* ``sdpa``: torch scaled_dot_product_attention, one causal call per document (CPU and GPU).
+* ``flash``: flash-attn 2 ``flash_attn_varlen_func`` on the packed tokens (GPU, fp16/bf16).
+* ``te``: Transformer Engine ``DotProductAttention`` in ``thd`` format with ``padding_causal``
+  masks (GPU). The exchange is FlexSP's own, done with the group of each call; TE runs the
+  already-exchanged full documents without its own context parallelism. Reason: TE's
+  ``cp_comm_type="a2a"`` reorders tokens for its DualChunkSwap load-balancing layout (each
+  document split into 2 * cp chunks), which is not FlexSP's contiguous-slice layout, and its
+  a2a path does not accept the ``thd`` format of packed documents.
+* ``auto``: flash when the tensors are on CUDA and flash-attn is installed, else sdpa.
+
+Masking comes only from the documents' boundaries (``packed_seq_params`` cu_seqlens, or one
+document when absent) and causality: a dense ``attention_mask`` argument is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from .alltoall import AllToAllStats, group_size, head_to_seq, qkv_seq_to_head
+
+__all__ = ["BACKENDS", "FlexSPCoreAttention", "varlen_causal_attention", "resolve_backend"]
+
+BACKENDS = ("sdpa", "flash", "te", "auto")
+_CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+
+def _require(backend: str):
+    """Import the kernel of a backend, or raise ImportError naming the package to install."""
+    if backend == "flash":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError as e:
+            raise ImportError(
+                "FlexSP attention backend 'flash' needs the 'flash-attn' package (pip install flash-attn, "
+                f"or the [gpu] extra of flexsp-megatron); import failed: {e}"
+            ) from e
+        return flash_attn_varlen_func
+    if backend == "te":
+        try:
+            import transformer_engine.pytorch as te
+        except ImportError as e:
+            raise ImportError(
+                "FlexSP attention backend 'te' needs the 'transformer-engine' package "
+                f"(pip install transformer-engine[pytorch], or the [gpu] extra of flexsp-megatron); import failed: {e}"
+            ) from e
+        return te
+    return None
+
+
+def resolve_backend(backend: str | None, device: torch.device | None = None) -> str:
+    """Validate a backend name; 'auto' picks flash on CUDA when flash-attn imports, else sdpa."""
+    name = (backend or "sdpa").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown FlexSP attention backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if name == "auto":
+        if device is not None and device.type == "cuda":
+            try:
+                _require("flash")
+                return "flash"
+            except ImportError:
+                return "sdpa"
+        return "sdpa"
+    _require(name)
+    return name
+
+
+# --------------------------------------------------------------------------- cu_seqlens caches
+# All layers of one forward share one PackedSeqParams; convert its cu_seqlens once, not per layer
+# (on CUDA every .tolist() is a device sync).
+# The caches hold a reference to the source tensor, so identity plus version is a safe key.
+_BOUNDS_CACHE: list[Any] = [None, -1, None]
+_DEVICE_CU_CACHE: dict[Any, tuple] = {}
+
+
+def _bounds(cu: torch.Tensor) -> list[int]:
+    if _BOUNDS_CACHE[0] is not cu or _BOUNDS_CACHE[1] != cu._version:
+        _BOUNDS_CACHE[:] = [cu, cu._version, [int(x) for x in cu.tolist()]]
+    return _BOUNDS_CACHE[2]
+
+
+def _cu_on(cu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if cu.device == device and cu.dtype == torch.int32:
+        return cu
+    hit = _DEVICE_CU_CACHE.get(device)
+    if hit is None or hit[0] is not cu or hit[1] != cu._version:
+        _DEVICE_CU_CACHE[device] = (cu, cu._version, cu.to(device=device, dtype=torch.int32))
+    return _DEVICE_CU_CACHE[device][2]
+
+
+_SDPA_HAS_GQA: bool | None = None
+
+
+def _sdpa(q, k, v, scale, dropout_p):
+    """SDPA with a causal mask on [1, h, L, d] tensors; kv heads may be fewer (GQA)."""
+    global _SDPA_HAS_GQA
+    if k.shape[1] != q.shape[1]:
+        if _SDPA_HAS_GQA is None:
+            try:
+                F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], enable_gqa=True)
+                _SDPA_HAS_GQA = True
+            except TypeError:  # torch < 2.5
+                _SDPA_HAS_GQA = False
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p,
+                                                  enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+
+
+def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float,
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention within each document [bounds[i], bounds[i+1]) of packed [T, h, d] tensors."""
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, T, d] views
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            outs.append(_sdpa(qt[:, :, a:b], kt[:, :, a:b], vt[:, :, a:b], scale, dropout_p))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.squeeze(0).transpose(0, 1)  # [T, h, d]
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, *, backend: str = "sdpa", softmax_scale: float | None = None,
+                            dropout_p: float = 0.0, te_module: Any = None) -> torch.Tensor:
+    """Causal attention per packed document: q [T, h, d], k/v [T, hk, d] (h % hk == 0) -> [T, h, d].
+
+    ``cu_seqlens``: document boundaries [0, ..., T] (int, CPU or device). Used directly by the
+    distributed FlexSPCoreAttention after the exchange, and as the single-process kernel.
+    """
+    total = q.shape[0]
+    bounds = _bounds(cu_seqlens)
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the {total} packed tokens, got "
+                         f"{bounds if len(bounds) <= 10 else bounds[:5] + ['...'] + bounds[-3:]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if backend == "sdpa":
+        return sdpa_varlen(q, k, v, bounds, scale, dropout_p)
+    if backend == "flash":
+        fn = _require("flash")
+        cu = _cu_on(cu_seqlens, q.device)
+        return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, softmax_scale=scale, causal=True)
+    if backend == "te":
+        if te_module is None:
+            raise ValueError("backend 'te' needs the TE DotProductAttention module (FlexSPCoreAttention builds it)")
+        cu = _cu_on(cu_seqlens, q.device)
+        out = te_module(q.contiguous(), k.contiguous(), v.contiguous(), qkv_format="thd",
+                        cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
+                        attn_mask_type="padding_causal")
+        return out.view(total, q.shape[1], q.shape[2])
+    raise ValueError(f"unknown backend '{backend}'")
+
+
+class FlexSPCoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` for megatron.core GPT layer specs (see module docstring).
+
+    Constructor: DotProductAttention's, plus ``backend`` (also read from
+    ``config.flexsp_attention_backend`` when not given; ModuleSpec ``params`` can set it).
+    Run backward inside the same ``sp_group`` as forward when activation recomputation is on.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection: Any = None, backend: Optional[str] = None,
+                 a2a_stats: Optional[AllToAllStats] = None, **kwargs: Any):
+        super().__init__(config=config)
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        if attention_type != "self":
+            raise NotImplementedError(f"FlexSPCoreAttention supports self-attention only, got '{attention_type}'")
+        if attn_mask_type not in _CAUSAL_TYPES:
+            raise NotImplementedError(f"FlexSPCoreAttention is causal-only; got attn_mask_type {attn_mask_type}")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise NotImplementedError(f"FlexSPCoreAttention supports softmax_type 'vanilla' only, got {config.softmax_type}")
+        if getattr(config, "window_size", None) is not None:
+            raise NotImplementedError("FlexSPCoreAttention does not support sliding-window attention (config.window_size)")
+        tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+        tp = tp_group.size() if tp_group is not None else 1
+        heads, groups = config.num_attention_heads, (config.num_query_groups or config.num_attention_heads)
+        if heads % tp or groups % tp:
+            raise ValueError(f"tensor-parallel size {tp} must divide the heads ({heads}) and query groups ({groups})")
+        self.num_heads = heads // tp
+        self.num_kv_heads = groups // tp
+        self.head_dim = config.kv_channels
+        # Megatron's query-key layer scaling divides the scale by layer_number and multiplies the
+        # scores back in the softmax: the net scale is the plain one.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = float(config.attention_dropout if attention_dropout is None else attention_dropout)
+        requested = (backend or getattr(config, "flexsp_attention_backend", None) or "sdpa").lower()
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown FlexSP attention backend '{requested}' (choose from {', '.join(BACKENDS)})")
+        if requested in ("flash", "te"):
+            _require(requested)  # fail at model build, naming the missing package
+        self.backend = requested  # 'auto' is resolved per call from the tensors' device
+        self.a2a_stats = a2a_stats
+        self.__dict__["_te_modules"] = {}  # per (heads, kv heads) local shape; not submodules (no params)
+
+    # ------------------------------------------------------------------ helpers
+    def _te_module(self, heads: int, kv_heads: int):
+        key = (heads, kv_heads)
+        mods = self.__dict__["_te_modules"]
+        if key not in mods:
+            te = _require("te")
+            kwargs = dict(num_attention_heads=heads, kv_channels=self.head_dim, num_gqa_groups=kv_heads,
+                          attention_dropout=self.dropout_p, qkv_format="thd", attn_mask_type="padding_causal",
+                          layer_number=self.layer_number, attention_type="self", softmax_scale=self.softmax_scale)
+            if self.dropout_p > 0:
+                from megatron.core import tensor_parallel
+
+                kwargs["get_rng_state_tracker"] = tensor_parallel.get_cuda_rng_tracker
+            mods[key] = te.DotProductAttention(**kwargs)
+        return mods[key]
+
+    @staticmethod
+    def _layout(packed_seq_params, total: int, device) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens of the packed group, max document length); one document when not packed."""
+        if packed_seq_params is None:
+            return torch.tensor([0, total], dtype=torch.int32), total
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        if cu is None:
+            raise ValueError("packed_seq_params has no cu_seqlens_q: FlexSP attention needs document boundaries")
+        kv = packed_seq_params.cu_seqlens_kv_padded if packed_seq_params.cu_seqlens_kv_padded is not None \
+            else packed_seq_params.cu_seqlens_kv
+        if kv is not None and kv is not cu and not torch.equal(kv.cpu(), cu.cpu()):
+            raise ValueError("FlexSP self-attention needs cu_seqlens_kv equal to cu_seqlens_q")
+        max_len = packed_seq_params.max_seqlen_q
+        if max_len is None:
+            b = _bounds(cu)
+            max_len = max(y - x for x, y in zip(b[:-1], b[1:]))
+        return cu, int(max_len)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None, attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None, **kwargs: Any) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("FlexSPCoreAttention does not support attention_bias")
+        if attn_mask_type is not None and attn_mask_type not in _CAUSAL_TYPES:
+            raise NotImplementedError(f"FlexSPCoreAttention is causal-only; got attn_mask_type {attn_mask_type}")
+        if query.dim() == 4:  # [s, b, h, d] (sbhd); packed rows have b == 1
+            if query.shape[1] != 1:
+                raise ValueError(f"FlexSPCoreAttention takes one packed row (batch 1), got batch {query.shape[1]}")
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        elif query.dim() != 3:  # thd: megatron squeezes the batch dim itself
+            raise ValueError(f"query must be [s, 1, heads, dim] or [t, heads, dim], got shape {tuple(query.shape)}")
+        s_local = query.shape[0]
+        group = parallel_state.get_context_parallel_group(check_initialized=False)
+        p = group_size(group)
+        total = s_local * p
+        cu, max_len = self._layout(packed_seq_params, total, query.device)
+        backend = resolve_backend(self.backend, query.device) if self.backend == "auto" else self.backend
+
+        q, k, v = qkv_seq_to_head(query, key, value, group, self.a2a_stats)  # checks heads vs degree
+        out = varlen_causal_attention(
+            q, k, v, cu, max_len, backend=backend, softmax_scale=self.softmax_scale,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            te_module=self._te_module(q.shape[1], k.shape[1]) if backend == "te" else None,
+        )
+        (out,) = head_to_seq([out], group, self.a2a_stats)
+        return out.reshape(s_local, 1, -1)

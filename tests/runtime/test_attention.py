@@ -1,0 +1,194 @@
+"""FlexSPCoreAttention on 4 gloo ranks equals single-process attention on the same packed documents.
+
+Reference: dense attention with an explicit block-diagonal causal mask, built token by token
+(independent of the module's per-document SDPA loop and of the all-to-all).
+"""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_utils import run_distributed
+
+GROUPS = [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
+# (query heads, kv heads, head dim): MHA, GQA with degree <= kv heads, GQA and MQA with degree > kv heads.
+HEAD_CASES = [(4, 4, 8), (4, 2, 8), (8, 2, 4), (4, 1, 8)]
+# Very different lengths in one group: 1-token and 1-2 hundred-token documents together.
+LENGTHS = [1, 57, 3, 203, 11, 2]
+
+
+def _config(hq, hkv, d):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=hq * d, num_attention_heads=hq, num_query_groups=hkv,
+                             kv_channels=d, attention_dropout=0.0, hidden_dropout=0.0)
+
+
+def _reference(q, k, v, bounds, scale):
+    """Dense masked attention; q [T, h, d], k/v [T, hk, d]; mask[i, j] = same document and j <= i."""
+    T, h, d = q.shape
+    rep = h // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    doc = torch.empty(T, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        doc[a:b] = i
+    pos = torch.arange(T)
+    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    scores = torch.einsum("thd,shd->hts", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+
+
+def _lengths_for(group_id, case_id):
+    g = torch.Generator().manual_seed(1000 * case_id + group_id)
+    order = torch.randperm(len(LENGTHS), generator=g).tolist()
+    return [LENGTHS[i] + group_id for i in order]  # groups differ in content and total
+
+
+def _attention_body(rank, ws):
+    from flexsp_patches.parallel_state import sp_group
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.flexsp.runtime.alltoall import AllToAllStats, kv_replication
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+    from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.packing import pack_group
+
+    torch.use_deterministic_algorithms(False)
+    pool = GroupPool(GROUPS)
+    results = []
+    for case_id, (hq, hkv, d) in enumerate(HEAD_CASES):
+        cfg = _config(hq, hkv, d)
+        stats = AllToAllStats()
+        attn = FlexSPCoreAttention(cfg, 1, AttnMaskType.causal, "self", a2a_stats=stats)
+        for degree in (1, 2, 4):
+            ranks = tuple(range(rank // degree * degree, rank // degree * degree + degree))
+            me = ranks.index(rank)
+            lengths = _lengths_for(ranks[0], case_id)
+            packed = pack_group([torch.zeros(L + 1, dtype=torch.long) for L in lengths], me, degree)
+            Tp, s = packed.cu_seqlens[-1].item(), packed.n_local
+            gen = torch.Generator().manual_seed(77 + 10 * case_id + ranks[0])  # same on the group's ranks
+            q = torch.randn(Tp, hq, d, generator=gen, dtype=torch.float64)
+            k = torch.randn(Tp, hkv, d, generator=gen, dtype=torch.float64)
+            v = torch.randn(Tp, hkv, d, generator=gen, dtype=torch.float64)
+            gout = torch.randn(Tp, hq * d, generator=gen, dtype=torch.float64)
+            sl = slice(me * s, (me + 1) * s)
+            thd = (case_id + degree) % 2 == 1  # alternate megatron's two input layouts
+            ql, kl, vl = (x[sl].clone().requires_grad_(True) for x in (q, k, v))
+            inputs = (ql, kl, vl) if thd else tuple(x.unsqueeze(1) for x in (ql, kl, vl))
+            stats.reset()
+            with sp_group(pool, ranks):
+                out = attn(*inputs, None, attn_mask_type=AttnMaskType.causal,
+                           packed_seq_params=packed.packed_seq_params())
+                out.reshape(s, -1).backward(gout[sl].unsqueeze(1).reshape(s, -1))
+            calls, nbytes = stats.calls, stats.bytes
+
+            qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+            ref = _reference(qr, kr, vr, packed.cu_seqlens.tolist(), 1.0 / d ** 0.5).reshape(Tp, hq * d)
+            ref.backward(gout)
+            e = kv_replication(hq, hkv, degree) if degree > 1 else 1
+            per_pass = s * (hq + 2 * hkv * e) * d * 8 + s * hq * d * 8  # qkv exchange + output exchange
+            results.append(dict(
+                case=(hq, hkv, d, degree, "thd" if thd else "sbhd"), shape=tuple(out.shape),
+                out=(out.reshape(s, -1) - ref[sl]).abs().max().item(),
+                dq=(ql.grad - qr.grad[sl]).abs().max().item(),
+                dk=(kl.grad - kr.grad[sl]).abs().max().item(),
+                dv=(vl.grad - vr.grad[sl]).abs().max().item(),
+                calls=calls, expect_calls=0 if degree == 1 else 4,
+                bytes=nbytes, expect_bytes=0 if degree == 1 else 2 * per_pass,
+                s=s, pad=packed.num_padded,
+            ))
+    return results
+
+
+def test_alltoall_attention_matches_single_process():
+    t0 = time.monotonic()
+    res = run_distributed(_attention_body, 4, timeout=150)
+    for rank, results in enumerate(res):
+        assert len(results) == len(HEAD_CASES) * 3
+        for r in results:
+            hq, hkv, d, degree, layout = r["case"]
+            assert r["shape"] == (r["s"], 1, hq * d), r
+            for key in ("out", "dq", "dk", "dv"):
+                assert r[key] < 1e-10, (rank, r)
+            assert (r["calls"], r["bytes"]) == (r["expect_calls"], r["expect_bytes"]), (rank, r)
+    # the varied lengths really did need padding for some degree (so padding is exercised)
+    assert any(r["pad"] > 0 for results in res for r in results)
+    assert time.monotonic() - t0 < 150
+
+
+def _bad_degree_body(rank, ws):
+    from flexsp_patches.parallel_state import sp_group
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+    from megatron.flexsp.runtime.group_pool import GroupPool
+
+    pool = GroupPool(GROUPS)
+    attn = FlexSPCoreAttention(_config(6, 2, 4), 1, AttnMaskType.causal, "self")
+    q, kv = torch.randn(4, 1, 6, 4), torch.randn(4, 1, 2, 4)
+    out = {}
+    with sp_group(pool, (0, 1) if rank < 2 else (2, 3)):  # 2 divides 6 heads: fine
+        out["deg2_shape"] = tuple(attn(q, kv, kv, None).shape)
+    t0 = time.monotonic()
+    try:
+        with sp_group(pool, (0, 1, 2, 3)):
+            attn(q, kv, kv, None)
+        out["deg4"] = None
+    except ValueError as e:
+        out["deg4"] = str(e)
+    out["elapsed"] = time.monotonic() - t0
+    dist.barrier()
+    return out
+
+
+def test_degree_not_dividing_heads_fails_on_every_rank():
+    res = run_distributed(_bad_degree_body, 4, timeout=60, pg_timeout=30)
+    for out in res:
+        assert out["deg2_shape"] == (4, 1, 24)
+        assert out["deg4"] and "SP degree 4 does not divide the number of attention heads 6" in out["deg4"]
+        assert out["elapsed"] < 5.0
+
+
+def test_backend_errors_are_clear():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+
+    cfg = _config(4, 2, 8)
+    with pytest.raises(ValueError, match="unknown FlexSP attention backend 'xla'"):
+        FlexSPCoreAttention(cfg, 1, AttnMaskType.causal, "self", backend="xla")
+    with pytest.raises(NotImplementedError, match="causal-only"):
+        FlexSPCoreAttention(cfg, 1, AttnMaskType.no_mask, "self")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match="'flash-attn' package"):
+            FlexSPCoreAttention(cfg, 1, AttnMaskType.causal, "self", backend="flash")
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(ImportError, match="'transformer-engine' package"):
+            FlexSPCoreAttention(cfg, 1, AttnMaskType.causal, "self", backend="te")
+    attn = FlexSPCoreAttention(cfg, 1, AttnMaskType.causal, "self")
+    q, kv = torch.randn(6, 2, 4, 8), torch.randn(6, 2, 2, 8)
+    with pytest.raises(ValueError, match="batch 1"):
+        attn(q, kv, kv, None)
+
+
+def test_single_process_kernel_matches_reference_without_group():
+    """Degree 1 outside any group (no torch.distributed): sdpa per document equals the dense reference."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+
+    g = torch.Generator().manual_seed(3)
+    bounds = [0, 1, 40, 43, 120]
+    q = torch.randn(120, 8, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(120, 2, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(120, 2, 4, generator=g, dtype=torch.float64)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    attn = FlexSPCoreAttention(_config(8, 2, 4), 1, AttnMaskType.causal, "self", softmax_scale=0.3)
+    out = attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), None,
+               packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
+    ref = _reference(q, k, v, bounds, 0.3).reshape(120, 1, 32)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # no packed_seq_params: the whole row is one causal document
+    out1 = attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), None)
+    torch.testing.assert_close(out1, _reference(q, k, v, [0, 120], 0.3).reshape(120, 1, 32), rtol=0, atol=1e-12)

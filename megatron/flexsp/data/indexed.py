@@ -19,6 +19,13 @@ from typing import Iterable
 import numpy as np
 
 
+def _unique() -> str:
+    """Temporary-name suffix unique across hosts sharing a file system."""
+    import socket
+
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 def idx_path(prefix: str) -> str:
     return prefix + ".idx"
 
@@ -88,7 +95,7 @@ class DocumentWriter:
         self.dtype = np.dtype(dtype)
         self._info = np.iinfo(self.dtype)
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self._tmp = f"{prefix}.tmp{os.getpid()}"
+        self._tmp = f"{prefix}.tmp{_unique()}"
         self._builder = IndexedDatasetBuilder(bin_path(self._tmp), dtype=self.dtype.type)
         self.documents = 0
         self.tokens = 0

@@ -65,6 +65,21 @@ def _lines(paths: Sequence[str]) -> Iterator[tuple[str, int, str]]:
                     yield path, lineno, line
 
 
+def _bounded_imap(pool, items: Iterator, batch: int):
+    """Ordered pool.imap over bounded slices (document i = line i) without reading the whole input.
+
+    Pool.imap alone feeds its queue from the input as fast as it can, holding a large file in
+    memory; slicing keeps at most ``batch`` lines in flight.
+    """
+    import itertools
+
+    while True:
+        chunk = list(itertools.islice(items, batch))
+        if not chunk:
+            return
+        yield from pool.imap(_encode, chunk, chunksize=max(1, min(64, len(chunk) // (4 * pool._processes) or 1)))
+
+
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
@@ -99,7 +114,7 @@ def preprocess(
     try:
         if workers > 1:
             pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init)
-            encoded = pool.imap(_encode, _lines(inputs), chunksize=64)  # ordered: document i = line i
+            encoded = _bounded_imap(pool, _lines(inputs), batch=1024 * workers)
         else:
             _init_worker(*init)
             encoded = map(_encode, _lines(inputs))

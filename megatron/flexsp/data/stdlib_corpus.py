@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from megatron.flexsp.data import indexed
+from megatron.flexsp.data.indexed import _unique
 from megatron.flexsp.data.tokenizer import BYTE_EOD, BYTE_VOCAB_SIZE, token_dtype
 
 FORMAT_VERSION = 1
@@ -158,7 +159,7 @@ def build_stdlib_corpus(
                 token_dtype(BYTE_VOCAB_SIZE),
             )
             corpus = StdlibCorpus(prefix, root, granularity, len(files), n_docs, n_tokens, fingerprint)
-            tmp = f"{info_path}.tmp{os.getpid()}"
+            tmp = f"{info_path}.tmp{_unique()}"
             with open(tmp, "w") as f:
                 json.dump({**corpus.to_dict(), "files": files}, f, indent=1)
             os.replace(tmp, info_path)

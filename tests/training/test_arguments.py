@@ -1,0 +1,130 @@
+"""Command line: Megatron flag names and defaults, and a clear error for every impossible setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron.flexsp.training import arguments as A
+from megatron.flexsp.training.loop import launch_env, main
+
+GQA = ["--num-query-groups", "2", "--group-query-attention"]
+
+
+def check(argv, ws=4, cuda=False):
+    args = A.parse_args(argv)
+    A.validate_args(args, ws, has_cuda=cuda)
+    return args
+
+
+def test_defaults_follow_megatron_meanings():
+    a = check(["--seq-length", "1024", "--train-iters", "7"])
+    assert a.max_position_embeddings == 1024  # defaults to --seq-length
+    assert a.lr_decay_iters == 7
+    assert a.num_query_groups == a.num_attention_heads
+    assert a.sp_mode == "flexsp" and a.attention_backend == "auto" and a.flexsp_sharding == "fsdp2"
+    assert A.parse_args(["--attention-backend", "fused"]).attention_backend == "te"
+    assert A.parse_args(["--attention-backend", "unfused"]).attention_backend == "sdpa"
+    c = A.build_configs(check(["--lr", "3e-4", "--min-lr", "1e-5", "--lr-decay-style", "linear", "--sp-mode",
+                               "static", "--context-parallel-size", "4", "--metrics-file", "m.jsonl"]))
+    assert (c.optimizer.lr, c.optimizer.min_lr, c.optimizer.lr_decay_style) == (3e-4, 1e-5, "linear")
+    assert (c.flexsp.sp_mode, c.flexsp.context_parallel_size) == ("static", 4)
+    assert c.logging.metrics_file == "m.jsonl" and c.checkpoint.save_final
+
+
+def test_unknown_flag_stops_argparse(capsys):
+    with pytest.raises(SystemExit):
+        A.parse_args(["--num-layerz", "2"])
+    assert "unrecognized arguments: --num-layerz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        A.parse_args(["--sp-mode", "ulysses"])
+    assert "invalid choice: 'ulysses'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        A.parse_args(["--global-batch-size", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, ws, cuda, message", [
+    (["--hidden-size", "66"], 4, False, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
+    (["--num-query-groups", "3", "--group-query-attention"], 4, False,
+     "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
+    (["--num-query-groups", "2"], 4, False, "add --group-query-attention"),
+    (["--seq-length", "2048", "--max-position-embeddings", "1024"], 4, False,
+     "--seq-length 2048 is above --max-position-embeddings 1024"),
+    ([], 6, False, "world size 6 is not a multiple of gpus_per_node 4"),
+    (["--bf16"], 4, False, "--bf16 needs a GPU"),
+    (["--distributed-backend", "nccl"], 4, False, "nccl needs CUDA"),
+    (["--attention-backend", "flash"], 4, False, "--attention-backend flash needs a GPU"),
+    (["--transformer-impl", "transformer_engine"], 4, False, "needs a GPU"),
+    (["--sp-mode", "static", "--context-parallel-size", "2", "--seq-length", "2048"], 4, False,
+     "--context-parallel-size 2 cannot hold --seq-length 2048: a group of 2 ranks holds 1024 tokens; use at least 4"),
+    (["--sp-mode", "static", "--context-parallel-size", "3"], 4, False,
+     "--num-attention-heads 4 is not divisible by --context-parallel-size 3"),
+    (["--seq-length", "4096"], 4, False, "--seq-length 4096 does not fit any SP group: the largest (4 ranks) holds 2048"),
+    (["--context-parallel-size", "2"], 4, False, "--context-parallel-size 2 applies to --sp-mode static only"),
+    (["--num-attention-heads", "8"], 4, False, "made for 4 attention heads"),
+    (["--mock-data", "--data-path", "x"], 4, False, "--mock-data and --data-path are exclusive"),
+    (["--data-path", "0.3", "a", "b"], 4, False, "weights and prefixes must come in pairs"),
+    (["--data-path", "a", "0.5", "b"], 4, False, "mix of weighted and unweighted"),
+    (["--save-interval", "5"], 4, False, "--save-interval needs --save"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], 4, False, "--min-lr 0.001 is above --lr 0.0001"),
+    (["--lr-warmup-iters", "30", "--train-iters", "20"], 4, False, "--lr-warmup-iters 30 is above --lr-decay-iters 20"),
+    (["--tensor-model-parallel-size", "2"], 4, False, "must be 1"),
+    (["--split", "0,1,0"], 4, False, "the training share must be positive"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], 4, False, "is not supported"),
+    (["--flexsp-cost-model", "gpt-1t"], 4, False, "unknown cost-model preset 'gpt-1t'"),
+    (["--flexsp-cost-model", "/nonexistent/cost.json"], 4, False, "cost model file not found"),
+    ([], 4, True, "--flexsp-cost-model is required on GPU"),
+])
+def test_bad_settings_give_clear_errors(argv, ws, cuda, message):
+    with pytest.raises(A.ArgumentError) as e:
+        check(GQA + argv if "--num-query-groups" not in argv else argv, ws, cuda)
+    assert message in str(e.value)
+
+
+def test_missing_optional_backends(monkeypatch):
+    monkeypatch.setattr(A, "_installed", lambda name: False)
+    with pytest.raises(A.ArgumentError, match="the flash_attn package is not installed"):
+        check(["--attention-backend", "flash", "--flexsp-cost-model", "cpu-tiny"], cuda=True)
+    with pytest.raises(A.ArgumentError, match="Transformer Engine is not installed"):
+        check(["--attention-backend", "te", "--flexsp-cost-model", "cpu-tiny"], cuda=True)
+    with pytest.raises(A.ArgumentError, match="tensorboard package is not installed"):
+        check(["--tensorboard-dir", "tb"])
+    with pytest.raises(A.ArgumentError, match="wandb package is not installed"):
+        check(["--wandb-project", "p"])
+
+
+def test_valid_static_and_gpu_settings_pass():
+    check(GQA + ["--sp-mode", "static", "--context-parallel-size", "4", "--seq-length", "2048"])
+    check(GQA + ["--sp-mode", "static", "--seq-length", "1000"])
+    check(GQA + ["--bf16", "--flexsp-cost-model", "cpu-tiny"], cuda=True)
+    assert A.parse_data_path(["0.3", "a", "0.7", "b"]) == [(0.3, "a"), (0.7, "b")]
+    assert A.parse_data_path(["a", "b"]) == [(1.0, "a"), (1.0, "b")]
+
+
+def test_launch_env_torchrun_slurm_single():
+    e = launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                    "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_addr, e.master_port) == \
+        (3, 4, 1, 2, "h0", 1234)
+    e = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+                    "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size) == (5, 8, 1, 4)
+    e = launch_env({})
+    assert (e.rank, e.world_size, e.master_addr) == (0, 1, "127.0.0.1") and e.master_port > 0
+    with pytest.raises(A.ArgumentError, match="RANK='x' is not an integer"):
+        launch_env({"RANK": "x", "WORLD_SIZE": "4"})
+    with pytest.raises(A.ArgumentError, match="rank 4 is outside world size 4"):
+        launch_env({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "h"})
+    with pytest.raises(A.ArgumentError, match="MASTER_ADDR is not set"):
+        launch_env({"RANK": "0", "WORLD_SIZE": "4"})
+
+
+def test_main_reports_bad_settings_before_any_work(capsys, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["--bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain_gpt_flexsp.py: error: --bf16 needs a GPU" in err
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()

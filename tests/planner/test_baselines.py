@@ -203,3 +203,23 @@ def test_hybrid_cp_infeasible_and_empty():
         hybrid_cp_plan([], cost, 8)
     with pytest.raises(PlanError, match="empty global batch"):
         batch_adaptive_plan([], cost, 8)
+
+
+def test_hybrid_cp_defers_a_sequence_when_idle_ranks_cannot_take_one():
+    # degrees {1, 4} on 6 ranks (2 per node): a degree-4 group cannot grow, so ranks stay idle
+    cost = build_cost_model(name="c6", num_layers=2, hidden_size=64, num_attention_heads=4, gpus_per_node=2,
+                            alpha1_ms_per_token2=1e-6, alpha2_ms_per_token=0.01, beta1_ms=1.0,
+                            bandwidth_gbs={4: 1.0}, limit_gb=1.0, model_states_mb=24.0,
+                            activation_mb_per_token=1000 / 2200)  # 2200 tokens per GPU
+    assert cost.tokens_per_gpu == 2200 and cost.allowed_degrees(6) == [1, 4]
+    # the rule puts 4000 + 4000 in one degree-4 group and 100 on one rank; the sixth rank is idle,
+    # and neither 4000 fits it: one 4000 is deferred to its own micro-batch
+    rule = balanced_cp_rounds([4000, 4000, 100], 6, need=lambda L: 4 if L > 2200 else 1,
+                              grow=lambda s, idle: 4 if s < 4 <= s + idle else None, fits=cost.fits)
+    assert [[(g.size, len(g.items)) for g in r] for r in rule] == [[(4, 2), (1, 1)]]  # the rule: one round
+    plan = hybrid_cp_plan([4000, 4000, 100], cost, 6)
+    validate_plan(plan, cost, world_size=6, num_sequences=3)
+    assert plan.num_micro_batches == 2
+    assert plan.solver.extra["rounds"] == 2
+    firsts = sorted((g.degree, tuple(g.sequences)) for g in plan.micro_batches[0].groups)
+    assert firsts == [(1, ()), (1, (2,)), (4, (0,))]

@@ -225,28 +225,50 @@ def hybrid_cp_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
     def grow(size: int, idle: int) -> int | None:
         return next((d for d in degrees if size < d <= size + idle), None)
 
-    rounds = balanced_cp_rounds(lengths, world_size, need=need, grow=grow,
-                                fits=lambda tokens, d: cost.fits(tokens, d), delta=delta)
-    mbs = []
-    for groups in rounds:
-        sizes = [g.size for g in groups]
-        seqs = [sorted(sid for sid, _ in g.items) for g in groups]
-        idle = world_size - sum(sizes)
-        while idle > 0:  # groups could not grow: idle ranks form extra groups
-            d = max(x for x in degrees if x <= idle)
-            sizes.append(d)
-            seqs.append([])
-            idle -= d
-        ranks = place_groups(sizes, cost, world_size)
-        mb = MicroBatch([Group(list(r), s) for r, s in zip(ranks, seqs)])
-        fill_empty_groups(mb, lengths, cost)
-        mbs.append(mb)
+    mbs: list[MicroBatch] = []
+    todo = list(range(len(lengths)))
+    n_rounds = 0
+    while todo:  # one pass, plus a pass for sequences a round could not keep (see _to_micro_batch)
+        rounds = balanced_cp_rounds([lengths[i] for i in todo], world_size, need=need, grow=grow,
+                                    fits=lambda tokens, d: cost.fits(tokens, d), delta=delta)
+        n_rounds += len(rounds)
+        deferred: list[int] = []
+        for groups in rounds:
+            for g in groups:  # ids of this pass -> indices into lengths
+                g.items = [(todo[sid], L) for sid, L in g.items]
+            mbs.append(_to_micro_batch(groups, lengths, cost, world_size, degrees, deferred))
+        todo = sorted(deferred)
     plan = Plan(world_size=world_size, lengths=lengths, micro_batches=mbs)
     plan.estimated_time_ms = estimate_plan_ms(plan, cost)
     plan.solver = SolverInfo(method="megatron-hybrid-cp", status="heuristic", solve_time_s=time.perf_counter() - t0,
-                             lower_bound_ms=lower_bound_ms, extra={"rounds": len(rounds)})
+                             lower_bound_ms=lower_bound_ms, extra={"rounds": n_rounds})
     return plan
 
+
+
+def _to_micro_batch(groups: list[CPGroup], lengths: Sequence[int], cost: CostModel, world_size: int,
+                    degrees: Sequence[int], deferred: list[int]) -> MicroBatch:
+    """Place a round's groups on candidate groups; idle ranks (groups that could not grow) form
+    extra groups, which get a sequence moved to them. If none fits them, the round's most recent
+    sequences are deferred to a later micro-batch until the round has fewer sequences than groups."""
+    sizes = [g.size for g in groups]
+    seqs = [[sid for sid, _ in g.items] for g in groups]
+    idle = world_size - sum(sizes)
+    while idle > 0:
+        d = max(x for x in degrees if x <= idle)
+        sizes.append(d)
+        seqs.append([])
+        idle -= d
+    ranks = place_groups(sizes, cost, world_size)
+    mb = MicroBatch([Group(list(r), sorted(s)) for r, s in zip(ranks, seqs)])
+    try:
+        fill_empty_groups(mb, lengths, cost)
+    except PlanError:
+        while sum(len(s) for s in seqs) >= len(seqs):
+            k = max(range(len(seqs)), key=lambda j: len(seqs[j]))
+            deferred.append(seqs[k].pop())
+        mb = MicroBatch([Group(list(r), sorted(s)) for r, s in zip(ranks, seqs)])
+    return mb
 
 
 def _cp_size(L: int, degrees: Sequence[int], per_rank: int, cost: CostModel) -> int | None:

@@ -5,7 +5,7 @@ the per-rank work: for each micro-batch, enter the group that holds this rank, p
 group's sequences and take this rank's contiguous slice, run forward (attention exchanges
 tokens inside the group), weight the loss by the tokens of the whole global batch, run backward
 and accumulate gradients. A rank whose group got no sequence (a batch with fewer sequences than
-groups) still runs a forward/backward on a dummy sequence with zero loss weight, so FSDP2's
+groups) still runs a forward/backward on one block of padding with zero loss weight, so FSDP2's
 per-layer collectives line up on every rank. The optimizer step is the trainer's.
 
 Before any work, the plan is checked on every rank (partition of ranks, pool membership, head
@@ -63,25 +63,15 @@ def _plan_fingerprint(plan: Plan) -> int:
 
 
 def _a2a_stats_reader():
-    """(reset, read) for R1's all-to-all counters, or no-ops if the module has none."""
-    try:
-        from . import alltoall
-    except ImportError:  # pragma: no cover - alltoall is part of the runtime
-        return (lambda: None), (lambda: (0.0, 0))
-    stats = getattr(alltoall, "STATS", None) or getattr(alltoall, "stats", None)
-    if stats is None:
-        return (lambda: None), (lambda: (0.0, 0))
+    """(reset, read) over the runtime's process-wide all-to-all counters (alltoall.get_stats())."""
+    from .alltoall import get_stats
 
-    def reset():
-        if hasattr(stats, "reset"):
-            stats.reset()
+    stats = get_stats()
 
-    def read():
-        ms = float(getattr(stats, "ms", getattr(stats, "time_ms", 0.0)) or 0.0)
-        nbytes = int(getattr(stats, "bytes", getattr(stats, "nbytes", 0)) or 0)
-        return ms, nbytes
+    def read() -> tuple[float, int]:
+        return float(stats.ms), int(stats.bytes)
 
-    return reset, read
+    return stats.reset, read
 
 
 class FlexSPExecutor:
@@ -181,12 +171,13 @@ class FlexSPExecutor:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward_backward(self, seqs: list[Tensor], rank_in_group: int, degree: int, global_tokens: int,
-                          dummy: bool) -> dict[str, Any]:
+    def _forward_backward(self, seqs: list[Tensor], rank_in_group: int, degree: int,
+                          global_tokens: int) -> dict[str, Any]:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         from .packing import pack_group
 
+        # An empty group packs one block of padding only (loss mask 0): same collectives, no loss.
         sl = pack_group(seqs, rank_in_group, degree, pad_multiple=self.pad_multiple)
         dev = self.device
         cu = sl.cu_seqlens.to(device=dev, dtype=torch.int32)
@@ -195,8 +186,6 @@ class FlexSPExecutor:
         input_ids = sl.input_ids.to(dev)
         labels = sl.labels.to(dev)
         loss_mask = sl.loss_mask.to(dev)
-        if dummy:
-            loss_mask = torch.zeros_like(loss_mask)
         position_ids = sl.position_ids.to(dev)
 
         self._sync()
@@ -210,7 +199,7 @@ class FlexSPExecutor:
         scaled.backward()
         self._sync()
         t2 = time.perf_counter()
-        tokens = 0 if dummy else int(loss_mask.sum().item())
+        tokens = int(sl.local_tokens)
         return {"loss_sum": float(local_sum.detach().double().item()), "tokens": tokens,
                 "slice_tokens": int(input_ids.numel()), "fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3}
 
@@ -227,14 +216,12 @@ class FlexSPExecutor:
         for m, mb in enumerate(plan.micro_batches):
             g = mb.group_of(self.rank)
             seqs = [sequences[i] for i in g.sequences]
-            dummy = not seqs
-            if dummy:  # group without sequences: same collectives, zero loss weight
-                seqs = [torch.zeros(g.degree * self.pad_multiple + 1, dtype=torch.int64)]
             self._a2a_reset()
             with sp_group(self.pool, g.ranks) as active:
-                r = self._forward_backward(seqs, active.rank, g.degree, global_tokens, dummy)
+                r = self._forward_backward(seqs, active.rank, g.degree, global_tokens)
             r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()
-            r.update(micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences))
+            r.update(micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences),
+                     empty_group=not seqs)
             per_mb.append(r)
             loss_sum += r.pop("loss_sum")
             for k in totals:

@@ -21,7 +21,7 @@ __all__ = ["GPTConfig", "to_transformer_config", "build_gpt_model"]
 _POS_TYPES = ("rope", "learned_absolute")
 _NORMS = ("RMSNorm", "LayerNorm")
 _IMPLS = ("local", "transformer_engine")
-_BACKENDS = ("sdpa", "flash", "te")
+_BACKENDS = ("sdpa", "flash", "te", "auto")
 
 
 @dataclass

@@ -1,0 +1,205 @@
+"""End to end: megatron.core GPTModel trained under heterogeneous FlexSP plans on 4 gloo ranks
+equals a single-process run of megatron's stock model on the same global batches.
+
+The reference is independent of the FlexSP path: megatron's stock local layer spec
+(DotProductAttention), stock RoPE (positions 0..L-1 of each document), one document per forward
+(no packing, no all-to-all, no per-token RoPE patch, no group pool), token-mean loss computed
+directly over the global batch, plain torch SGD on plain tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+
+WORLD = 4
+LR = 0.5
+POOL = [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
+
+
+def _plans():
+    """Three global batches (lengths L_i) and their hand-written heterogeneous plans."""
+    from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
+
+    p1 = Plan(WORLD, [5, 9, 7, 4, 23], [
+        MicroBatch([Group([0, 1], [0, 1]), Group([2], [2]), Group([3], [3])]),  # degrees 2, 1, 1
+        MicroBatch([Group([0, 1, 2, 3], [4])]),  # one long sequence on degree 4 (23 tokens -> 1 pad)
+    ])
+    p2 = Plan(WORLD, [3, 17, 6, 2, 11, 8], [
+        MicroBatch([Group([0, 1, 2, 3], [1, 0])]),  # documents of very different lengths in one group
+        MicroBatch([Group([0], [2, 3]), Group([1], [5]), Group([2, 3], [4])]),
+    ])
+    p3 = Plan(WORLD, [6, 10], [  # small batch: group [3] gets no sequence
+        MicroBatch([Group([0, 1], [1]), Group([2], [0]), Group([3], [])]),
+    ])
+    return [p1, p2, p3]
+
+
+def _batches(vocab: int):
+    g = torch.Generator().manual_seed(42)
+    return [[torch.randint(0, vocab, (L + 1,), generator=g) for L in p.lengths] for p in _plans()]
+
+
+def _cfg(pos: str):
+    from megatron.flexsp.runtime.model import GPTConfig
+
+    # GQA (4 heads, 2 groups: degree 4 replicates kv heads), SwiGLU, RMSNorm, 2 layers.
+    return GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
+                     vocab_size=61, max_position_embeddings=32, position_embedding_type=pos, seed=11)
+
+
+def _reference(pos: str):
+    """Single process, stock megatron model, one document per forward."""
+    from megatron.flexsp.runtime.model import build_gpt_model
+
+    model = build_gpt_model(_cfg(pos), flexsp_attention=False)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for docs in _batches(61):
+        total = sum(d.numel() - 1 for d in docs)
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for d in docs:
+            L = d.numel() - 1
+            tok = model(d[None, :-1], torch.arange(L)[None], None, labels=d[None, 1:])
+            loss = tok.sum() / total
+            loss.backward()
+            step_loss += float(loss.detach())
+        opt.step()
+        losses.append(step_loss)
+    return losses, init, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _train_body(rank, world_size, mode, positions):
+    from flexsp_patches import cpu_compat
+    from megatron.flexsp.runtime.executor import FlexSPExecutor
+    from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.model import build_gpt_model
+    from megatron.flexsp.runtime.sharding import full_state_dict, shard_model
+
+    cpu_compat.init_model_parallel(seed=3)
+    pool = GroupPool(POOL)
+    out = {}
+    for pos in positions:
+        model = build_gpt_model(_cfg(pos))
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        shard_model(model, mode)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        ex = FlexSPExecutor(model, pool, sharding_mode=mode)
+        losses, stats = [], []
+        for plan, docs in zip(_plans(), _batches(61)):
+            opt.zero_grad(set_to_none=True)
+            res = ex.run(plan, docs)
+            opt.step()
+            losses.append(res.loss)
+            stats.append(res.stats)
+        final = full_state_dict(model)
+        if rank == 0:
+            ref_losses, ref_init, ref_final = _reference(pos)
+            out[pos] = dict(losses=losses, final=final, init=init, stats=stats,
+                            ref_losses=ref_losses, ref_init=ref_init, ref_final=ref_final)
+        else:
+            out[pos] = dict(losses=losses, stats=stats)
+    return out
+
+
+# The default suite covers both sharding modes and both position embeddings; the other two
+# combinations run with -m slow.
+@pytest.mark.parametrize("mode,pos", [
+    ("fsdp2", "rope"),
+    ("ddp", "learned_absolute"),
+    pytest.param("fsdp2", "learned_absolute", marks=pytest.mark.slow),
+    pytest.param("ddp", "rope", marks=pytest.mark.slow),
+])
+def test_flexsp_training_matches_single_process(mode, pos):
+    results = run_distributed(_train_body, WORLD, mode, (pos,), timeout=300)
+    _check_against_reference(results, pos)
+
+
+def _check_against_reference(results, pos):
+    plans = _plans()
+    r0 = results[0][pos]
+    # Same initial weights as the single-process stock model (same names, same values).
+    assert r0["init"].keys() == r0["ref_init"].keys()
+    for n in r0["init"]:
+        assert torch.equal(r0["init"][n], r0["ref_init"][n]), n
+    # Same loss on every rank, equal to the reference's, step by step.
+    for r in results:
+        assert r[pos]["losses"] == r0["losses"]
+    assert torch.allclose(torch.tensor(r0["losses"], dtype=torch.float64),
+                          torch.tensor(r0["ref_losses"], dtype=torch.float64), rtol=2e-7, atol=0), \
+        (pos, r0["losses"], r0["ref_losses"])
+    # Parameters after 3 SGD steps.
+    worst = 0.0
+    for n, ref in r0["ref_final"].items():
+        got = r0["final"][n]
+        assert got.shape == ref.shape, n
+        worst = max(worst, float((got - ref).abs().max()))
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), (pos, n, float((got - ref).abs().max()))
+    # Training moved the weights far more than the tolerance (the comparison has teeth).
+    moved = max(float((r0["ref_final"][n] - r0["ref_init"][n]).abs().max()) for n in r0["ref_final"])
+    assert moved > 1e3 * max(worst, 1e-9)
+    # Stats: every loss token counted exactly once over ranks; empty group ran with 0 tokens.
+    for step, plan in enumerate(plans):
+        assert sum(r[pos]["stats"][step]["tokens"] for r in results) == sum(plan.lengths)
+    assert results[3][pos]["stats"][2]["tokens"] == 0
+    assert results[3][pos]["stats"][2]["slice_tokens"] > 0
+    # Groups of degree > 1 exchange tokens; a step where a rank only sits in degree-1 groups does not.
+    assert results[0][pos]["stats"][0]["a2a_bytes"] > 0
+    assert results[2][pos]["stats"][2]["a2a_bytes"] == 0
+
+
+def _errors_body(rank, world_size):
+    import time
+
+    from flexsp_patches import cpu_compat
+    from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
+    from megatron.flexsp.runtime.executor import FlexSPExecutor
+    from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.model import build_gpt_model
+    from megatron.flexsp.runtime.sharding import shard_model
+
+    cpu_compat.init_model_parallel(seed=3)
+    pool = GroupPool(POOL + [(0, 1, 2)])
+    model = shard_model(build_gpt_model(_cfg("rope")), "ddp")
+    ex = FlexSPExecutor(model, pool, sharding_mode="ddp")
+    docs = [torch.arange(L + 1) for L in (4, 6)]
+    bad = {
+        "not_partition": Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1], [0, 1]), Group([2], [])])]),
+        "not_in_pool": Plan(WORLD, [4, 6], [MicroBatch([Group([1, 2], [0, 1]), Group([0], []), Group([3], [])])]),
+        "heads": Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1, 2], [0]), Group([3], [1])])]),
+        "length": Plan(WORLD, [4, 7], [MicroBatch([Group([0, 1, 2, 3], [0, 1])])]),
+        # Rank 3 is handed a different (itself valid) plan: every rank must notice.
+        "mismatch": Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1, 2, 3], [0, 1] if rank != 3 else [1, 0])])]),
+    }
+    out = {}
+    for name, plan in bad.items():
+        t0 = time.monotonic()
+        try:
+            ex.run(plan, docs)
+            out[name] = ("no error", 0.0)
+        except Exception as e:  # noqa: BLE001 - the message is what the test checks
+            out[name] = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
+    # The executor still works after rejected plans (no half-run micro-batch left behind).
+    good = Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1], [1]), Group([2], [0]), Group([3], [])])])
+    out["good_loss"] = ex.run(good, docs).loss
+    return out
+
+
+def test_bad_plans_fail_fast_on_every_rank():
+    results = run_distributed(_errors_body, WORLD, timeout=180)
+    expect = {"not_partition": "ranks \\[3\\]|partition", "not_in_pool": "not in the group pool",
+              "heads": "does not divide num_attention_heads", "length": "sequence 1 has 7 ids",
+              "mismatch": "different plans"}
+    import re
+
+    for name, pattern in expect.items():
+        for rank, r in enumerate(results):
+            msg, secs = r[name]
+            assert msg.startswith(("PlanError", "PlanMismatchError")), (name, rank, msg)
+            assert re.search(pattern, msg), (name, rank, msg)
+            assert secs < 10, (name, rank, secs)
+    assert len({r["good_loss"] for r in results}) == 1

@@ -21,7 +21,7 @@ import numpy as np
 
 from .costmodel import CostModel
 
-__all__ = ["min_max_chunks", "segment", "ChunkEstimator"]
+__all__ = ["min_max_chunks", "segment", "cut_points", "ChunkEstimator"]
 
 
 def _greedy_chunks(w: np.ndarray, cap: int) -> list[int]:
@@ -68,33 +68,48 @@ def min_max_chunks(weights: Sequence[int] | np.ndarray, m: int) -> tuple[list[in
     return bounds, best
 
 
-def segment(n: int, cost_to: Callable[[int], np.ndarray], max_chunks: int | None = None) -> tuple[list[int], float]:
-    """Cut items 0..n-1 into consecutive chunks minimising the sum of chunk costs.
+def segment(points: Sequence[int] | np.ndarray, cost: Callable[[np.ndarray, int], np.ndarray]) -> tuple[list[int], float]:
+    """Cut items 0..n-1 into consecutive chunks, cutting only at ``points``, minimising the sum of chunk costs.
 
-    ``cost_to(j)`` returns a vector c with c[i] = cost of the chunk [i, j) for i in 0..j-1 (inf if not
-    allowed). DP: f[j] = min_i f[i] + c[i]. Returns (bounds [0, ..., n], total cost); total is
-    inf if no finite segmentation exists. ``max_chunks`` is unused by the DP but kept for callers
-    that want to bound M: it raises if the optimum needs more chunks.
+    ``points`` are the allowed cut positions, increasing, from 0 to n (both included).
+    ``cost(i, j)`` returns, for an array i of start positions (< j), the cost of each chunk
+    [i, j) (inf if not allowed). DP: f[j] = min_i f[i] + cost(i, j). Returns (bounds [0, ..., n],
+    total); bounds is empty and total inf if no finite segmentation exists.
     """
-    f = np.full(n + 1, np.inf)
+    pts = np.asarray(points, dtype=np.int64)
+    if pts.size < 2 or pts[0] != 0 or (np.diff(pts) <= 0).any():
+        raise ValueError("segment: points must increase strictly from 0 to n")
+    m = pts.size
+    f = np.full(m, np.inf)
     f[0] = 0.0
-    par = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        c = np.asarray(cost_to(j), dtype=np.float64)
-        if c.shape != (j,):
-            raise ValueError(f"segment: cost_to({j}) must have shape ({j},), got {c.shape}")
-        tot = f[:j] + c
+    par = np.zeros(m, dtype=np.int64)
+    for q in range(1, m):
+        c = np.asarray(cost(pts[:q], int(pts[q])), dtype=np.float64)
+        if c.shape != (q,):
+            raise ValueError(f"segment: cost(i, {pts[q]}) must have shape ({q},), got {c.shape}")
+        tot = f[:q] + c
         k = int(np.argmin(tot))
-        f[j], par[j] = tot[k], k
-    if not np.isfinite(f[n]):
+        f[q], par[q] = tot[k], k
+    if not np.isfinite(f[-1]):
         return [], float("inf")
-    bounds = [n]
-    while bounds[-1] > 0:
-        bounds.append(int(par[bounds[-1]]))
-    bounds.reverse()
-    if max_chunks is not None and len(bounds) - 1 > max_chunks:
-        raise ValueError(f"segment: optimum uses {len(bounds) - 1} chunks, more than {max_chunks}")
-    return bounds, float(f[n])
+    out = [m - 1]
+    while out[-1] > 0:
+        out.append(int(par[out[-1]]))
+    return [int(pts[q]) for q in reversed(out)], float(f[-1])
+
+
+def cut_points(lengths_desc: np.ndarray, head: int = 384, max_points: int = 768) -> np.ndarray:
+    """Allowed cut positions: every position among the ``head`` longest sequences, then evenly spaced.
+
+    Where a cut falls among many short sequences matters little (the planner moves short
+    sequences between micro-batches afterwards), so the DP stays O(points^2).
+    """
+    n = int(np.asarray(lengths_desc).size)
+    if n + 1 <= max_points:
+        return np.arange(n + 1)
+    h = min(head, n)
+    rest = np.linspace(h, n, max(2, max_points - h)).round().astype(np.int64)
+    return np.unique(np.concatenate([np.arange(h + 1), rest, [n]]))
 
 
 class ChunkEstimator:
@@ -119,14 +134,13 @@ class ChunkEstimator:
         self.T = np.concatenate([[0], np.cumsum(L)])
         self.budget = mem_frac * cost.tokens_per_gpu * world_size
 
-    def cost_to(self, j: int) -> np.ndarray:
-        i = np.arange(j)
-        out = np.full(j, np.inf)
-        lo = int(np.searchsorted(self.T, self.T[j] - self.budget - 1e-9, side="left"))
-        if lo >= j:
+    def cost(self, i: np.ndarray, j: int) -> np.ndarray:
+        out = np.full(i.size, np.inf)
+        ok = self.T[j] - self.T[i] <= self.budget + 1e-9
+        if not ok.any():
             return out
-        i = i[lo:]
-        rest = (self.G[j] - self.G[i] - self.g[i])[:, None]
-        est = np.maximum(self.tau[i], (rest + self.dtau[i]) / self.ws).min(axis=1)
-        out[lo:] = self.beta1 + est
+        ii = i[ok]
+        rest = (self.G[j] - self.G[ii] - self.g[ii])[:, None]
+        est = np.maximum(self.tau[ii], (rest + self.dtau[ii]) / self.ws).min(axis=1)
+        out[ok] = self.beta1 + est
         return out

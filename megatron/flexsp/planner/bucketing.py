@@ -43,16 +43,28 @@ class Bucketing:
         return np.flatnonzero(self.bucket_of == b)
 
 
-def _prep(lengths: Sequence[int] | np.ndarray, breaks: Sequence[int]):
+def _prep(lengths: Sequence[int] | np.ndarray, breaks: Sequence[int], max_atoms: int | None = None):
+    """Distinct sorted lengths (or at most ``max_atoms`` runs of them: bucket edges then fall only
+    between runs) with prefix counts / tokens and the break segment of each."""
     L = np.asarray(lengths, dtype=np.int64)
     if L.ndim != 1 or L.size == 0:
         raise ValueError(f"bucketing: need a non-empty 1-D array of lengths, got shape {L.shape}")
     if (L <= 0).any():
         raise ValueError(f"bucketing: lengths must be positive, got {int(L.min())}")
     v, c = np.unique(L, return_counts=True)
-    pc = np.concatenate([[0], np.cumsum(c)]).astype(np.float64)
-    pt = np.concatenate([[0], np.cumsum(c * v)]).astype(np.float64)
     seg = np.searchsorted(np.sort(np.asarray(breaks, dtype=np.int64)), v, side="left")
+    tok = c * v
+    if max_atoms is not None and v.size > max_atoms:
+        u = v.size
+        edges = np.unique(np.concatenate([np.linspace(0, u, max_atoms + 1).round().astype(np.int64),
+                                          np.flatnonzero(np.diff(seg)) + 1, [0, u]]))
+        starts = edges[:-1]
+        v = v[edges[1:] - 1]
+        c = np.add.reduceat(c, starts)
+        tok = np.add.reduceat(tok, starts)
+        seg = seg[starts]
+    pc = np.concatenate([[0], np.cumsum(c)]).astype(np.float64)
+    pt = np.concatenate([[0], np.cumsum(tok)]).astype(np.float64)
     return L, v, c, pc, pt, seg
 
 
@@ -132,11 +144,15 @@ def optimal_buckets(lengths: Sequence[int] | np.ndarray, k: int, breaks: Sequenc
 
 
 def bucketize(lengths: Sequence[int] | np.ndarray, max_error: float = 0.02, breaks: Sequence[int] = (),
-              max_buckets: int | None = None) -> Bucketing:
-    """Fewest buckets whose padding error is at most ``max_error`` (capped at ``max_buckets``)."""
+              max_buckets: int | None = None, max_atoms: int | None = None) -> Bucketing:
+    """Fewest buckets whose padding error is at most ``max_error`` (capped at ``max_buckets``).
+
+    ``max_atoms`` bounds the DP's size on huge batches: the distinct lengths are first merged
+    into that many runs of equal size (and at the breaks), and buckets are unions of runs.
+    """
     if max_error < 0:
         raise ValueError(f"bucketing: max_error must be >= 0, got {max_error}")
-    L, v, c, pc, pt, seg = _prep(lengths, breaks)
+    L, v, c, pc, pt, seg = _prep(lengths, breaks, max_atoms)
     total = float(pt[-1])
     need = int(np.unique(seg).size)
     cap = v.size if max_buckets is None else max(need, min(int(max_buckets), v.size))

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .blaster import ChunkEstimator, min_max_chunks, segment
+from .blaster import ChunkEstimator, cut_points, min_max_chunks, segment
 from .bounds import check_feasible, lower_bound_ms, min_micro_batches, seq_tau_table
 from .bucketing import bucketize
 from .costmodel import CostModel
@@ -311,7 +311,8 @@ def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> tu
 
 def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, use_milp: bool = False,
                       time_limit_s: float = 0.5, upper: MBSolution | None = None,
-                      rebalance_iters: int | None = None) -> MBSolution | None:
+                      rebalance_iters: int | None = None, bucket_error: float = 0.02,
+                      max_buckets: int | None = 14) -> MBSolution | None:
     """Best groups for one micro-batch (``L`` lengths, ``tau`` their tau table); None if the heuristics fail."""
     iters = rebalance_iters if rebalance_iters is not None else 3 * L.size + 50
     best = upper
@@ -325,7 +326,8 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
     if not use_milp or L.size == 0:
         return best
     # ---- MILP on buckets
-    bk = bucketize(L, max_error=0.02, breaks=[int(c) for c in ctx.caps], max_buckets=14)
+    bk = bucketize(L, max_error=bucket_error, breaks=[int(c) for c in ctx.caps], max_buckets=max_buckets,
+                   max_atoms=400)
     B, D = bk.num_buckets, len(ctx.degrees)
     tmean = np.zeros((B, D))
     tmax = np.zeros((B, D))
@@ -397,13 +399,107 @@ def _safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[tupl
     return out
 
 
+def _group_arrays(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolution):
+    """Per-group degree index, load (sum tau), tokens of a micro-batch solution."""
+    kidx = {d: k for k, d in enumerate(ctx.degrees)}
+    gk = np.array([kidx[d] for d in sol.degrees], dtype=np.int64)
+    load = np.array([tau[m, k].sum() if m else 0.0 for m, k in zip(sol.members, gk)])
+    tok = np.array([L[m].sum() if m else 0.0 for m in sol.members], dtype=np.float64)
+    return gk, load, tok
+
+
+def _fill_pass(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list],
+               deadline: float) -> int:
+    """Pull sequences into the idle room of slower micro-batches; re-solve the micro-batches they left.
+
+    ``mbs`` is a list of [idx (positions in the sorted batch), MBSolution], changed in place.
+    A micro-batch whose makespan is set by a few long sequences has groups with spare time
+    and memory; filling them with sequences of faster micro-batches leaves its makespan
+    unchanged and shortens the donors (or empties them: one micro-batch less). Kept only when
+    the total improves. Returns the number of accepted pulls.
+    """
+    accepted = 0
+    beta1 = ctx.beta1
+    a = 0
+    while a < len(mbs):
+        if time.perf_counter() > deadline:
+            break
+        mbs.sort(key=lambda x: -x[1].time_ms)
+        idx_a, sol_a = mbs[a]
+        T = sol_a.time_ms
+        gk, load, tok = _group_arrays(ctx, Ls[idx_a], taus[idx_a], sol_a)
+        cap = ctx.caps[gk]
+        tslack = T - beta1 - load
+        mslack = cap - tok
+        donors = list(range(a + 1, len(mbs)))
+        if not donors:
+            break
+        pool = np.concatenate([mbs[b][0] for b in donors])
+        owner = np.concatenate([np.full(mbs[b][0].size, b) for b in donors])
+        order = np.argsort(-Ls[pool], kind="stable")
+        pulled: list[tuple[int, int]] = []      # (position in sorted batch, group of a)
+        min_need = np.inf
+        for q in order.tolist():
+            s = int(pool[q])
+            if Ls[s] < min_need and not (mslack >= Ls[s]).any():
+                break
+            tt = taus[s, gk]
+            ok = (mslack >= Ls[s] - _EPS) & (tslack >= tt - _EPS)
+            if not ok.any():
+                continue
+            g = int(np.argmin(np.where(ok, tslack - tt, np.inf)))   # best fit in time
+            tslack[g] -= tt[g]
+            mslack[g] -= Ls[s]
+            pulled.append((q, g))
+        if not pulled:
+            a += 1
+            continue
+        # tentative: new a (same makespan) and re-solved donors
+        take = {int(pool[q]) for q, _ in pulled}
+        new_members = [list(m) for m in sol_a.members]
+        new_idx = list(idx_a.tolist())
+        for q, g in pulled:
+            new_members[g].append(len(new_idx))
+            new_idx.append(int(pool[q]))
+        touched = sorted({int(owner[q]) for q, _ in pulled})
+        old_total = T + sum(mbs[b][1].time_ms for b in touched)
+        new_total = T
+        new_donors = {}
+        fail = False
+        for b in touched:
+            rest = np.array([s for s in mbs[b][0].tolist() if s not in take], dtype=np.int64)
+            if rest.size == 0:
+                new_donors[b] = None
+                continue
+            sol = solve_micro_batch(ctx, Ls[rest], taus[rest])
+            if sol is None:
+                fail = True
+                break
+            new_donors[b] = (rest, sol)
+            new_total += sol.time_ms
+        if fail or new_total >= old_total - 1e-6:
+            a += 1
+            continue
+        sol_new = MBSolution(list(sol_a.degrees), new_members, T, sol_a.method, dict(sol_a.extra))
+        mbs[a] = [np.asarray(new_idx, dtype=np.int64), sol_new]
+        for b in sorted(touched, reverse=True):
+            if new_donors[b] is None:
+                del mbs[b]
+            else:
+                mbs[b] = list(new_donors[b])
+        accepted += 1
+        # same a again: its room may be used by what remains
+    return accepted
+
+
 def _candidate_cuts(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> list[tuple[str, list[int]]]:
     n = Ls.size
     cuts: list[tuple[str, list[int]]] = []
     mmin = min_micro_batches(Ls, ctx.cost, ctx.world_size)
+    pts = cut_points(Ls)
     for frac in (1.0, 0.96, 0.92, 0.86):
         est = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees, mem_frac=frac)
-        b, tot = segment(n, est.cost_to)
+        b, tot = segment(pts, est.cost)
         if b:
             cuts.append((f"dp{frac:g}", b))
     for m in range(mmin, mmin + 3):
@@ -452,30 +548,30 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, ti
         safe = _safe_plan(ctx, Ls, taus)
         info["cut"] = "safe"
         return [(order[idx], sol) for idx, sol in safe], info
-    chunks = []
-    for a, b in zip(best_cut[:-1], best_cut[1:]):
-        chunks.append((a, b, cache[(a, b)]))
+    mbs = [[np.arange(a, b), cache[(a, b)]] for a, b in zip(best_cut[:-1], best_cut[1:])]
+    info["fill_pulls"] = _fill_pass(ctx, Ls, taus, mbs, deadline)
+    chunks = [(idx, sol) for idx, sol in mbs]
     if use_milp:
         remaining = max(0.0, deadline - time.perf_counter())
         per = max(0.02, remaining / max(1, len(chunks)))
         statuses = []
         improved = 0
         # slowest micro-batches first: they gain most
-        for i in sorted(range(len(chunks)), key=lambda i: -chunks[i][2].time_ms):
-            a, b, sol = chunks[i]
+        for i in sorted(range(len(chunks)), key=lambda i: -chunks[i][1].time_ms):
+            idx, sol = chunks[i]
             left = deadline - time.perf_counter()
             if left <= 0.005:
                 statuses.append("skipped")
                 continue
-            new = solve_micro_batch(ctx, Ls[a:b], taus[a:b], use_milp=True, time_limit_s=min(per, left),
+            new = solve_micro_batch(ctx, Ls[idx], taus[idx], use_milp=True, time_limit_s=min(per, left),
                                     upper=sol)
             statuses.append(new.extra.get("milp_status", "none"))
             if new.method == "milp":
                 improved += 1
-            chunks[i] = (a, b, new)
+            chunks[i] = (idx, new)
         info["milp_statuses"] = statuses
         info["milp_improved"] = improved
-    return [(order[a:b], sol) for a, b, sol in chunks], info
+    return [(order[idx], sol) for idx, sol in chunks], info
 
 
 def _to_plan(ctx: PlannerContext, lengths: np.ndarray, chunks: list[tuple[np.ndarray, MBSolution]]) -> Plan:

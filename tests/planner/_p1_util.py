@@ -1,0 +1,87 @@
+"""Shared tiny cost models and brute-force references for the planner-core tests (P1)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from megatron.flexsp.planner.costmodel import CostModel, build_cost_model
+
+
+def tiny_cost(gpus_per_node: int = 4, heads: int = 8, beta1: float = 2.0) -> CostModel:
+    """8-head model, 1000 tokens per GPU, all-to-all slower across nodes (degree 8)."""
+    return build_cost_model(name="tiny", num_layers=2, hidden_size=64, num_attention_heads=heads,
+                            num_query_groups=heads, gpus_per_node=gpus_per_node, alpha1_ms_per_token2=1e-4,
+                            alpha2_ms_per_token=0.01, beta1_ms=beta1,
+                            bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1, 16: 0.05}, limit_gb=1.0, model_states_mb=24.0,
+                            activation_mb_per_token=1.0)
+
+
+def degree_multisets(allowed: Sequence[int], total: int) -> list[list[int]]:
+    """All multisets of allowed degrees summing to total (largest first)."""
+    out: list[list[int]] = []
+
+    def rec(rest: int, maxd: int, cur: list[int]) -> None:
+        if rest == 0:
+            out.append(list(cur))
+            return
+        for d in sorted(allowed, reverse=True):
+            if d <= min(rest, maxd):
+                cur.append(d)
+                rec(rest - d, d, cur)
+                cur.pop()
+
+    rec(total, max(allowed), [])
+    return out
+
+
+def brute_micro_batch(lengths: Sequence[int], cost: CostModel, world_size: int) -> float:
+    """Optimal time of ONE micro-batch holding all ``lengths`` (every valid grouping tried)."""
+    from megatron.flexsp.planner.placement import can_place
+
+    n = len(lengths)
+    best = float("inf")
+    for degs in degree_multisets(cost.allowed_degrees(world_size), world_size):
+        if not can_place(degs, cost, world_size):
+            continue
+        G = len(degs)
+        for assign in itertools.product(range(G), repeat=n):
+            members = [[] for _ in range(G)]
+            for s, g in enumerate(assign):
+                members[g].append(lengths[s])
+            if n >= G and any(not m for m in members):
+                continue
+            if any(m and not cost.fits(sum(m), d) for m, d in zip(members, degs)):
+                continue
+            t = max(cost.group_time_ms(m, d) for m, d in zip(members, degs) if m)
+            best = min(best, t)
+    return best
+
+
+def set_partitions(items: list[int]):
+    """All partitions of a list into non-empty blocks."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for p in set_partitions(rest):
+        yield [[first]] + p
+        for i in range(len(p)):
+            yield p[:i] + [[first] + p[i]] + p[i + 1:]
+
+
+def brute_plan(lengths: Sequence[int], cost: CostModel, world_size: int) -> float:
+    """Optimal iteration time over every split into micro-batches and every grouping of each."""
+    memo: dict[tuple[int, ...], float] = {}
+    best = float("inf")
+    for part in set_partitions(list(range(len(lengths)))):
+        tot = 0.0
+        for block in part:
+            key = tuple(sorted(lengths[i] for i in block))
+            if key not in memo:
+                memo[key] = brute_micro_batch(list(key), cost, world_size)
+            tot += memo[key]
+            if tot >= best:
+                break
+        best = min(best, tot)
+    return best

@@ -66,10 +66,24 @@ def normalize_weights(weights: Sequence[float]) -> np.ndarray:
     return w / w.sum()
 
 
-def greedy_assignment(weights: np.ndarray, size: int, costs: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+class _DrawCosts:
+    """Token cost of the k-th draw from one component, one pass (permutation) cached at a time."""
+
+    def __init__(self, tokens: np.ndarray, pass_order) -> None:
+        self.tokens, self.pass_order, self.n = tokens, pass_order, len(tokens)
+        self._pass, self._costs = -1, None
+
+    def __getitem__(self, k: int) -> float:
+        e = k // self.n
+        if e != self._pass:
+            self._pass, self._costs = e, self.tokens[self.pass_order(e)].tolist()
+        return self._costs[k % self.n]
+
+
+def greedy_assignment(weights: np.ndarray, size: int, costs=None) -> tuple[np.ndarray, np.ndarray]:
     """Component per blend position and the running draw count within that component.
 
-    ``costs`` (per-component arrays, indexed by draw count modulo their length) switches the
+    ``costs`` (per component, ``costs[d][k]`` = units of the k-th draw from d) switches the
     balance from document counts to token counts.
     """
     n = len(weights)
@@ -89,7 +103,7 @@ def greedy_assignment(weights: np.ndarray, size: int, costs: Sequence[np.ndarray
                 best, best_err = d, err
         which[j] = best
         draw[j] = counts[best]
-        unit = 1.0 if costs is None else float(costs[best][counts[best] % len(costs[best])])
+        unit = 1.0 if costs is None else float(costs[best][counts[best]])
         counts[best] += 1
         got[best] += unit
         total += unit
@@ -123,34 +137,30 @@ class BlendedDocuments(DocumentDataset):
         self.size = int(size) if size is not None else int(sum(len(ds) for d, ds in enumerate(datasets) if w[d] > 0))
         if self.size < 0:
             raise ValueError(f"blend size must be >= 0, got {size}")
-        perms = [self._order(d) for d in range(len(datasets))]
         costs = None
-        if by == "tokens":
-            costs = [
-                (self.datasets[d].lengths + 1)[perms[d]] if len(self.datasets[d]) else np.ones(1)
-                for d in range(len(datasets))
-            ]
+        if by == "tokens":  # tokens of the k-th draw from d, in the same order the blend reads them
+            costs = [_DrawCosts(self.datasets[d].lengths + 1, self._pass_order(d)) for d in range(len(datasets))]
         self.component, draws = greedy_assignment(w, self.size, costs)
         self.sample = np.empty(self.size, dtype=np.int64)
         for d in range(len(datasets)):
-            mask = self.component == d
-            if np.any(mask):
-                self.sample[mask] = perms[d][draws[mask]]
+            rows = np.flatnonzero(self.component == d)
+            if rows.size:
+                n = len(self.datasets[d])
+                passes = draws[rows] // n  # nondecreasing along rows: each pass is one contiguous run
+                bounds = np.flatnonzero(np.diff(passes)) + 1
+                for run in np.split(np.arange(rows.size), bounds):  # one permutation per pass: memory O(size)
+                    sel = rows[run]
+                    self.sample[sel] = self._pass_order(d)(int(passes[run[0]]))[draws[sel] % n]
         self.lengths = np.empty(self.size, dtype=np.int64)
         for d in range(len(datasets)):
             mask = self.component == d
             self.lengths[mask] = self.datasets[d].lengths[self.sample[mask]]
         self.stats = sum((ds.stats for ds in self.datasets), DocumentStats())
 
-    def _order(self, d: int) -> np.ndarray:
-        """Draw order of component d, long enough for the largest possible draw count."""
-        n = len(self.datasets[d])
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        passes = max(1, -(-self.size // n))
-        return np.concatenate(
-            [np.random.default_rng([self.seed, d, e]).permutation(n) for e in range(passes)]
-        ).astype(np.int64)
+    def _pass_order(self, d: int):
+        """pass e -> the order in which component d's documents are drawn in that pass."""
+        n, seed = len(self.datasets[d]), self.seed
+        return lambda e: np.random.default_rng([seed, d, e]).permutation(n).astype(np.int64)
 
     def _read(self, i: int) -> np.ndarray:
         return self.datasets[int(self.component[i])][int(self.sample[i])]

@@ -1,0 +1,224 @@
+"""Forward+backward time and all-to-all share of one transformer layer per SP degree.
+
+Why: the planner's cost model predicts compute and all-to-all time per group from profiled
+coefficients; this measures them on the real runtime (FlexSPCoreAttention inside a small
+pre-norm transformer layer with GQA and SwiGLU), so the two can be compared.
+
+On ``--world-size`` ranks (default 4, gloo), for each degree d every aligned block of d ranks
+forms a group and all groups run at once, each holding ``tokens`` packed tokens (``--docs``
+equal documents). Per (degree, tokens) the table shows the median over repeats of the slowest
+rank's forward / backward ms, the mean all-to-all ms per rank and its share, the all-to-all
+volume per token (measured, and the cost model's formula for one layer), and the effective
+bandwidth in the cost model's units (``bytes_per_token * T / d / 2^20 / ms``).
+
+    python benchmarks/runtime_bench.py                      # 4 gloo ranks on CPU
+    python benchmarks/runtime_bench.py --tokens 2048 8192 --docs 4
+    torchrun-free NCCL run on one GPU node: --backend nccl --dtype bfloat16 --attn-backend flash
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests.dist_utils
+
+
+@dataclass
+class BenchConfig:
+    world_size: int = 4
+    degrees: list[int] = field(default_factory=lambda: [1, 2, 4])
+    tokens: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
+    docs: int = 1
+    hidden: int = 256
+    heads: int = 8
+    kv_heads: int = 4
+    ffn: int = 512
+    repeats: int = 3
+    warmup: int = 1
+    backend: str = "gloo"
+    attn_backend: str = "sdpa"
+    dtype: str = "float32"
+    threads: int = 1
+    timeout_s: float = 900.0
+
+
+def _build_layer(cfg: BenchConfig, device, dtype):
+    import torch
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+
+    d = cfg.hidden // cfg.heads
+    tcfg = TransformerConfig(num_layers=1, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
+                             num_query_groups=cfg.kv_heads, kv_channels=d, attention_dropout=0.0,
+                             hidden_dropout=0.0)
+
+    class Layer(torch.nn.Module):
+        """Pre-norm block: RMSNorm, QKV (GQA), FlexSP attention, proj; RMSNorm, SwiGLU MLP."""
+
+        def __init__(self):
+            super().__init__()
+            self.norm1 = torch.nn.RMSNorm(cfg.hidden)
+            self.qkv = torch.nn.Linear(cfg.hidden, (cfg.heads + 2 * cfg.kv_heads) * d, bias=False)
+            self.attn = FlexSPCoreAttention(tcfg, 1, AttnMaskType.causal, "self", backend=cfg.attn_backend)
+            self.proj = torch.nn.Linear(cfg.heads * d, cfg.hidden, bias=False)
+            self.norm2 = torch.nn.RMSNorm(cfg.hidden)
+            self.fc1 = torch.nn.Linear(cfg.hidden, 2 * cfg.ffn, bias=False)
+            self.fc2 = torch.nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+
+        def forward(self, x, packed_seq_params):
+            s = x.shape[0]
+            q, k, v = self.qkv(self.norm1(x)).view(s, 1, -1, d).split([cfg.heads, cfg.kv_heads, cfg.kv_heads], dim=2)
+            x = x + self.proj(self.attn(q, k, v, None, packed_seq_params=packed_seq_params))
+            a, b = self.fc1(self.norm2(x)).chunk(2, dim=-1)
+            return x + self.fc2(torch.nn.functional.silu(a) * b)
+
+    torch.manual_seed(1234)
+    return Layer().to(device=device, dtype=dtype)
+
+
+def _rank_body(rank: int, world_size: int, cfg_dict: dict) -> list[dict]:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from flexsp_patches.parallel_state import sp_group
+    from megatron.flexsp.runtime.alltoall import get_stats
+    from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.packing import pack_group
+
+    cfg = BenchConfig(**cfg_dict)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.backend == "nccl" else torch.device("cpu")
+    dtype = getattr(torch, cfg.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    groups = [tuple(range(b, b + d)) for d in cfg.degrees for b in range(0, world_size, d)]
+    pool = GroupPool(groups)
+    layer = _build_layer(cfg, device, dtype)
+    stats = get_stats()
+    rows = []
+    for d in cfg.degrees:
+        ranks = tuple(range(rank // d * d, rank // d * d + d))
+        me = ranks.index(rank)
+        for tokens in cfg.tokens:
+            base, extra = divmod(tokens, cfg.docs)
+            docs = [torch.zeros(base + (i < extra) + 1, dtype=torch.long) for i in range(cfg.docs)]
+            packed = pack_group(docs, me, d)
+            psp = packed.packed_seq_params(device)
+            x = torch.randn(packed.n_local, 1, cfg.hidden, device=device, dtype=dtype)
+            fwd, bwd, a2a = [], [], []
+            for it in range(cfg.warmup + cfg.repeats):
+                layer.zero_grad(set_to_none=True)
+                xi = x.clone().requires_grad_(True)
+                dist.barrier()
+                sync()
+                stats.reset()
+                with sp_group(pool, ranks):
+                    t0 = time.perf_counter()
+                    out = layer(xi, psp)
+                    sync()
+                    t1 = time.perf_counter()
+                    out.float().square().mean().backward()
+                    sync()
+                    t2 = time.perf_counter()
+                if it >= cfg.warmup:
+                    fwd.append((t1 - t0) * 1e3)
+                    bwd.append((t2 - t1) * 1e3)
+                    a2a.append(stats.ms)
+            rows.append(dict(degree=d, tokens=tokens, tokens_per_rank=packed.n_local, fwd=fwd, bwd=bwd, a2a=a2a,
+                             a2a_bytes=stats.bytes, a2a_calls=stats.calls, padded=packed.num_padded))
+    return rows
+
+
+def _summarise(cfg: BenchConfig, per_rank: list[list[dict]]) -> list[dict]:
+    from megatron.flexsp.planner.costmodel import alltoall_bytes_per_token
+
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[cfg.dtype]
+    formula = alltoall_bytes_per_token(1, cfg.hidden, cfg.heads, cfg.kv_heads, elem)
+    out = []
+    for i, row in enumerate(per_rank[0]):
+        rows = [r[i] for r in per_rank]
+        n = len(row["fwd"])
+        fwd = statistics.median(max(r["fwd"][k] for r in rows) for k in range(n))
+        bwd = statistics.median(max(r["bwd"][k] for r in rows) for k in range(n))
+        total = statistics.median(max(r["fwd"][k] + r["bwd"][k] for r in rows) for k in range(n))
+        a2a = statistics.median(statistics.mean(r["a2a"][k] for r in rows) for k in range(n))
+        d, T = row["degree"], row["tokens"] + row["padded"]
+        bpt = row["a2a_bytes"] * d / T if d > 1 else 0.0  # per token of the group, fwd + bwd
+        out.append(dict(degree=d, tokens=row["tokens"], tokens_per_rank=row["tokens_per_rank"], fwd_ms=fwd,
+                        bwd_ms=bwd, fwd_bwd_ms=total, a2a_ms=a2a, a2a_share=a2a / total if total else 0.0,
+                        a2a_calls=row["a2a_calls"], a2a_mb_per_rank=row["a2a_bytes"] / 2**20,
+                        bytes_per_token=bpt, formula_bytes_per_token=formula if d > 1 else 0.0,
+                        eff_bandwidth_gbs=(row["a2a_bytes"] / 2**20 / a2a) if d > 1 and a2a > 0 else None))
+    return out
+
+
+def _table(rows: list[dict], cfg: BenchConfig) -> str:
+    head = (f"FlexSP runtime bench: {cfg.world_size} ranks ({cfg.backend}), layer hidden={cfg.hidden} "
+            f"heads={cfg.heads} kv_heads={cfg.kv_heads} ffn={cfg.ffn} {cfg.dtype}, attention={cfg.attn_backend}, "
+            f"{cfg.docs} doc(s)/group, median of {cfg.repeats}")
+    cols = ["degree", "tokens", "tok/rank", "fwd ms", "bwd ms", "fwd+bwd ms", "a2a ms", "a2a %", "a2a calls",
+            "B/token", "model B/token", "eff GB/s"]
+    lines = [head, " | ".join(f"{c:>10}" for c in cols)]
+    for r in rows:
+        bw = "-" if r["eff_bandwidth_gbs"] is None else f"{r['eff_bandwidth_gbs']:.3f}"
+        vals = [r["degree"], r["tokens"], r["tokens_per_rank"], f"{r['fwd_ms']:.1f}", f"{r['bwd_ms']:.1f}",
+                f"{r['fwd_bwd_ms']:.1f}", f"{r['a2a_ms']:.1f}", f"{100 * r['a2a_share']:.1f}", r["a2a_calls"],
+                f"{r['bytes_per_token']:.0f}", f"{r['formula_bytes_per_token']:.0f}", bw]
+        lines.append(" | ".join(f"{v:>10}" for v in vals))
+    lines.append("B/token: all-to-all bytes per token of the group through this layer, forward + backward; "
+                 "model B/token: costmodel.alltoall_bytes_per_token for one layer (differs when kv heads are "
+                 "replicated because the degree exceeds them).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    c = BenchConfig()
+    p.add_argument("--world-size", type=int, default=c.world_size)
+    p.add_argument("--degrees", type=int, nargs="+", default=c.degrees)
+    p.add_argument("--tokens", type=int, nargs="+", default=c.tokens, help="packed tokens per group")
+    p.add_argument("--docs", type=int, default=c.docs, help="equal documents per group")
+    p.add_argument("--hidden", type=int, default=c.hidden)
+    p.add_argument("--heads", type=int, default=c.heads)
+    p.add_argument("--kv-heads", type=int, default=c.kv_heads)
+    p.add_argument("--ffn", type=int, default=c.ffn)
+    p.add_argument("--repeats", type=int, default=c.repeats)
+    p.add_argument("--warmup", type=int, default=c.warmup)
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=c.backend)
+    p.add_argument("--attn-backend", choices=["sdpa", "flash", "te", "auto"], default=c.attn_backend)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=c.dtype)
+    p.add_argument("--threads", type=int, default=c.threads, help="torch threads per rank")
+    p.add_argument("--timeout-s", type=float, default=c.timeout_s)
+    p.add_argument("--json", help="also write the rows as JSON here")
+    a = p.parse_args(argv)
+    cfg = BenchConfig(world_size=a.world_size, degrees=a.degrees, tokens=a.tokens, docs=a.docs, hidden=a.hidden,
+                      heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn, repeats=a.repeats, warmup=a.warmup,
+                      backend=a.backend, attn_backend=a.attn_backend, dtype=a.dtype, threads=a.threads,
+                      timeout_s=a.timeout_s)
+    bad = [d for d in cfg.degrees if cfg.world_size % d or cfg.heads % d]
+    if bad:
+        p.error(f"degrees {bad} must divide the world size {cfg.world_size} and the heads {cfg.heads}")
+    if cfg.hidden % cfg.heads or cfg.heads % cfg.kv_heads:
+        p.error("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
+
+    from tests.dist_utils import run_distributed
+
+    per_rank = run_distributed(_rank_body, cfg.world_size, asdict(cfg), timeout=cfg.timeout_s,
+                               backend=cfg.backend, threads=cfg.threads)
+    rows = _summarise(cfg, per_rank)
+    print(_table(rows, cfg))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"config": asdict(cfg), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,3 +77,15 @@ def test_missing_prefix_and_bad_policy(tmp_path, write_prefix):
         IndexedDocuments(prefix, 10, overlong="cut")
     with pytest.raises(ValueError, match="seq_length must be >= 1"):
         select_documents(np.array([3]), 0)
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_lengths_agree_with_the_planners_torch_free_idx_reader(write_prefix, overlong):
+    """The planner CLI reads lengths from .idx on its own; both must give the same L."""
+    from megatron.flexsp.planner.lengths_io import apply_max_len, read_lengths
+
+    docs = _raw_docs(seed=9)
+    prefix = write_prefix("p", docs, multi={7: [1, len(docs[7]) - 1]} if len(docs[7]) >= 1 else None)
+    ds = IndexedDocuments(prefix, 60, overlong)
+    planner_lengths, _ = apply_max_len(read_lengths(prefix), 60, overlong)
+    assert ds.lengths.tolist() == planner_lengths.tolist()

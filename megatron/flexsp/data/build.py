@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from megatron.flexsp.data.blend import BLEND_UNITS, BlendedDocuments, parse_data_path
 from megatron.flexsp.data.documents import DocumentDataset, IndexedDocuments, check_overlong
@@ -28,7 +27,7 @@ class DataConfig:
     seq_length: int  # --seq-length: the largest L kept
     data_path: list[str] = field(default_factory=list)  # --data-path [w1] p1 [w2] p2 ...
     split: str = "969,30,1"  # --split
-    overlong: str = "truncate"  # --overlong-documents {truncate,drop}
+    overlong: str = "truncate"  # --overlong {truncate,drop}
     mock: bool = False  # --mock-data
     mock_config: MockConfig = field(default_factory=MockConfig)
     stdlib_corpus: bool = False  # the embedded real corpus

@@ -1,12 +1,13 @@
 """Narrow patches so megatron.core's GPTModel trains on a CPU-only torch (development and CI).
 
 Why: megatron.core assumes CUDA in a few places on the paths FlexSP uses: the RoPE module moves
-its frequencies to ``torch.cuda.current_device()`` on first use, and the RNG tracker
-(``get_cuda_rng_tracker`` / ``model_parallel_cuda_manual_seed``) stores and swaps CUDA generator
-states. Each patch below names exactly what it replaces and is installed only where CUDA is not
+its frequencies to ``torch.cuda.current_device()`` on first use; the RNG tracker
+(``get_cuda_rng_tracker`` / ``model_parallel_cuda_manual_seed``) and activation recomputation
+store and swap CUDA generator states; the local attention's scratch buffer and default causal
+mask are allocated on CUDA. Each patch below names exactly what it replaces and is installed only where CUDA is not
 available, so GPU runs execute megatron.core unchanged. Fused kernels (bias-gelu, masked
 softmax, RoPE fusion, gradient-accumulation fusion) are not patched but switched off in the
-model config on CPU (see ``megatron.flexsp.runtime.model``).
+model config (see ``megatron.flexsp.runtime.model.to_transformer_config``).
 
 ``apply()`` is idempotent; ``init_model_parallel()`` initialises megatron.core.parallel_state
 with tensor = pipeline = context parallel size 1 on top of an initialised torch.distributed
@@ -87,6 +88,30 @@ class CPURNGStatesTracker(_tracker_base()):  # type: ignore[misc]
                 orig = self.states_[orig_name]
             torch.set_rng_state(orig)
             self._current_state_name = orig_name
+
+
+def _patch_cuda_rng_state() -> None:
+    """CPU stand-ins for megatron's CUDA generator state helpers.
+
+    Replaces ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` of megatron.core.tensor_parallel.
+    random (module globals used by activation recomputation: ``CheckpointFunction`` saves and
+    restores "all RNG states" around the recomputed forward), which call torch.cuda; on CPU the
+    device generator *is* the CPU generator, so they read and write ``torch.get/set_rng_state``.
+    """
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if getattr(mrandom._get_cuda_rng_state, "_flexsp_cpu", False):
+        return
+
+    def _get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def _set_cuda_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    _get_cuda_rng_state._flexsp_cpu = True  # type: ignore[attr-defined]
+    mrandom._get_cuda_rng_state = _get_cuda_rng_state
+    mrandom._set_cuda_rng_state = _set_cuda_rng_state
 
 
 def _patch_rng_tracker() -> None:
@@ -198,6 +223,7 @@ def apply() -> None:
         return
     if not cuda_available():
         _patch_rng_tracker()
+        _patch_cuda_rng_state()
         _patch_rope()
         _patch_memory_buffer()
         _patch_causal_mask()

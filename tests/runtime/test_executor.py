@@ -42,12 +42,15 @@ def _batches(vocab: int):
     return [[torch.randint(0, vocab, (L + 1,), generator=g) for L in p.lengths] for p in _plans()]
 
 
-def _cfg(pos: str):
+def _cfg(pos: str, recompute: bool = False):
     from megatron.flexsp.runtime.model import GPTConfig
 
     # GQA (4 heads, 2 groups: degree 4 replicates kv heads), SwiGLU, RMSNorm, 2 layers.
+    # recompute: megatron's full activation recomputation (its CheckpointFunction re-runs the
+    # layer, all-to-all included, during backward).
+    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
     return GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
-                     vocab_size=61, max_position_embeddings=32, position_embedding_type=pos, seed=11)
+                     vocab_size=61, max_position_embeddings=32, position_embedding_type=pos, seed=11, extra=extra)
 
 
 def _reference(pos: str):
@@ -70,10 +73,15 @@ def _reference(pos: str):
             step_loss += float(loss.detach())
         opt.step()
         losses.append(step_loss)
-    return losses, init, {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():  # evaluation loss of the trained model on the first batch
+        docs = _batches(61)[0]
+        total = sum(d.numel() - 1 for d in docs)
+        eval_loss = sum(float(model(d[None, :-1], torch.arange(d.numel() - 1)[None], None, labels=d[None, 1:]).sum())
+                        for d in docs) / total
+    return losses, init, {n: p.detach().clone() for n, p in model.named_parameters()}, eval_loss
 
 
-def _train_body(rank, world_size, mode, positions):
+def _train_body(rank, world_size, mode, positions, recompute=False):
     from flexsp_patches import cpu_compat
     from megatron.flexsp.runtime.executor import FlexSPExecutor
     from megatron.flexsp.runtime.group_pool import GroupPool
@@ -84,7 +92,7 @@ def _train_body(rank, world_size, mode, positions):
     pool = GroupPool(POOL)
     out = {}
     for pos in positions:
-        model = build_gpt_model(_cfg(pos))
+        model = build_gpt_model(_cfg(pos, recompute))
         init = {n: p.detach().clone() for n, p in model.named_parameters()}
         shard_model(model, mode)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -97,25 +105,27 @@ def _train_body(rank, world_size, mode, positions):
             losses.append(res.loss)
             stats.append(res.stats)
         final = full_state_dict(model)
+        opt.zero_grad(set_to_none=True)
+        ev = ex.run(_plans()[0], _batches(61)[0], forward_only=True)
+        no_grads = all(p.grad is None for p in model.parameters())
+        out[pos] = dict(losses=losses, stats=stats, eval_loss=ev.loss, no_grads=no_grads, training=model.training)
         if rank == 0:
-            ref_losses, ref_init, ref_final = _reference(pos)
-            out[pos] = dict(losses=losses, final=final, init=init, stats=stats,
-                            ref_losses=ref_losses, ref_init=ref_init, ref_final=ref_final)
-        else:
-            out[pos] = dict(losses=losses, stats=stats)
+            ref_losses, ref_init, ref_final, ref_eval = _reference(pos)
+            out[pos].update(final=final, init=init, ref_losses=ref_losses, ref_init=ref_init, ref_final=ref_final,
+                            ref_eval=ref_eval)
     return out
 
 
 # The default suite covers both sharding modes and both position embeddings; the other two
 # combinations run with -m slow.
-@pytest.mark.parametrize("mode,pos", [
-    ("fsdp2", "rope"),
-    ("ddp", "learned_absolute"),
-    pytest.param("fsdp2", "learned_absolute", marks=pytest.mark.slow),
-    pytest.param("ddp", "rope", marks=pytest.mark.slow),
+@pytest.mark.parametrize("mode,pos,recompute", [
+    ("fsdp2", "rope", False),
+    ("ddp", "learned_absolute", True),
+    pytest.param("fsdp2", "learned_absolute", True, marks=pytest.mark.slow),
+    pytest.param("ddp", "rope", False, marks=pytest.mark.slow),
 ])
-def test_flexsp_training_matches_single_process(mode, pos):
-    results = run_distributed(_train_body, WORLD, mode, (pos,), timeout=300)
+def test_flexsp_training_matches_single_process(mode, pos, recompute):
+    results = run_distributed(_train_body, WORLD, mode, (pos,), recompute, timeout=300)
     _check_against_reference(results, pos)
 
 
@@ -150,6 +160,11 @@ def _check_against_reference(results, pos):
     # Groups of degree > 1 exchange tokens; a step where a rank only sits in degree-1 groups does not.
     assert results[0][pos]["stats"][0]["a2a_bytes"] > 0
     assert results[2][pos]["stats"][2]["a2a_bytes"] == 0
+    # Forward-only evaluation: same loss as the reference's no-grad pass, no gradients, mode restored.
+    for r in results:
+        assert r[pos]["eval_loss"] == results[0][pos]["eval_loss"]
+        assert r[pos]["no_grads"] and r[pos]["training"]
+    assert abs(r0["eval_loss"] - r0["ref_eval"]) <= 2e-7 * abs(r0["ref_eval"]), (r0["eval_loss"], r0["ref_eval"])
 
 
 def _errors_body(rank, world_size):

@@ -73,7 +73,7 @@ def _grad_body(rank, world_size):
         shard_model(model, mode)
         for micro in range(2):  # two backward passes accumulate before the sync
             _doc_loss(model, docs[rank] if micro == 0 else docs[(rank + 1) % world_size]).backward()
-        finish_grad_sync(model)  # ddp: all-reduce SUM; fsdp2: no-op
+        finish_grad_sync(model, bucket_numel=3000)  # ddp: all-reduce SUM in several buckets; fsdp2: no-op
         grads = {}
         for n, p in model.named_parameters():
             g = p.grad

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from flexsp_patches.parallel_state import sp_group
 from megatron.flexsp.planner.plan import Plan, PlanError, validate_plan
 
 from . import loss as loss_mod
@@ -172,7 +173,7 @@ class FlexSPExecutor:
         return contextlib.nullcontext()
 
     def _forward_backward(self, seqs: list[Tensor], rank_in_group: int, degree: int,
-                          global_tokens: int) -> dict[str, Any]:
+                          global_tokens: int, forward_only: bool = False) -> dict[str, Any]:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         from .packing import pack_group
@@ -190,26 +191,37 @@ class FlexSPExecutor:
 
         self._sync()
         t0 = time.perf_counter()
-        with self._autocast():
+        with self._autocast(), (torch.no_grad() if forward_only else contextlib.nullcontext()):
             token_losses = self.model(input_ids, position_ids, None, labels=labels, packed_seq_params=psp)
         local_sum = loss_mod.masked_loss_sum(token_losses, loss_mask)
-        scaled = local_sum / float(global_tokens)
         self._sync()
         t1 = time.perf_counter()
-        scaled.backward()
-        self._sync()
+        if not forward_only:
+            (local_sum / float(global_tokens)).backward()
+            self._sync()
         t2 = time.perf_counter()
         tokens = int(sl.local_tokens)
         return {"loss_sum": float(local_sum.detach().double().item()), "tokens": tokens,
                 "slice_tokens": int(input_ids.numel()), "fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3}
 
-    def run(self, plan: Plan, sequences: Sequence[Tensor], *, gather_stats: bool = False) -> StepResult:
-        """Forward + backward of every micro-batch of ``plan`` on this rank (collective over all ranks)."""
-        from flexsp_patches.parallel_state import sp_group
+    def run(self, plan: Plan, sequences: Sequence[Tensor], *, gather_stats: bool = False,
+            forward_only: bool = False) -> StepResult:
+        """Forward + backward of every micro-batch of ``plan`` on this rank (collective over all ranks).
 
+        ``forward_only``: evaluation (model in eval mode, no autograd graph, gradients untouched);
+        the loss is the same global token mean.
+        """
         self.validate(plan, sequences)
         global_tokens = loss_mod.global_batch_tokens(plan.lengths)
-        self.model.train()
+        was_training = self.model.training
+        self.model.train(not forward_only)
+        try:
+            return self._run(plan, sequences, global_tokens, gather_stats, forward_only)
+        finally:
+            self.model.train(was_training)
+
+    def _run(self, plan: Plan, sequences: Sequence[Tensor], global_tokens: int, gather_stats: bool,
+             forward_only: bool) -> StepResult:
         totals = {"tokens": 0, "slice_tokens": 0, "fwd_ms": 0.0, "bwd_ms": 0.0, "a2a_ms": 0.0, "a2a_bytes": 0}
         loss_sum = 0.0
         per_mb: list[dict[str, Any]] = []
@@ -218,7 +230,7 @@ class FlexSPExecutor:
             seqs = [sequences[i] for i in g.sequences]
             self._a2a_reset()
             with sp_group(self.pool, g.ranks) as active:
-                r = self._forward_backward(seqs, active.rank, g.degree, global_tokens)
+                r = self._forward_backward(seqs, active.rank, g.degree, global_tokens, forward_only)
             r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()
             r.update(micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences),
                      empty_group=not seqs)
@@ -226,7 +238,7 @@ class FlexSPExecutor:
             loss_sum += r.pop("loss_sum")
             for k in totals:
                 totals[k] += r[k]
-        if self.sync_grads and self.sharding_mode == "ddp":
+        if self.sync_grads and self.sharding_mode == "ddp" and not forward_only:
             finish_grad_sync(self.model)
         loss = loss_mod.all_reduce_loss(loss_sum, global_tokens)
         stats = dict(totals, rank=self.rank, micro_batches=len(plan.micro_batches),

@@ -115,9 +115,11 @@ def _grads_for_sync(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
     return out
 
 
-def finish_grad_sync(model: nn.Module) -> None:
-    """Plain data parallel: all-reduce (SUM) every gradient over the group, bucketed by dtype.
+def finish_grad_sync(model: nn.Module, bucket_numel: int = 1 << 25) -> None:
+    """Plain data parallel: all-reduce (SUM) every gradient over the group.
 
+    Gradients are flattened into buckets of at most ``bucket_numel`` elements per (dtype,
+    device), one collective per bucket, in parameter order (the same on every rank).
     A no-op for FSDP2 models (their backward already reduce-scattered the gradients).
     """
     mode = sharding_mode_of(model)
@@ -126,11 +128,16 @@ def finish_grad_sync(model: nn.Module) -> None:
     if mode != "ddp":
         raise RuntimeError("finish_grad_sync: model was not prepared with shard_model(model, 'ddp')")
     group = getattr(model, "_flexsp_group", None)
-    grads = _grads_for_sync(model.parameters())
-    by_key: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for g in grads:
-        by_key.setdefault((g.dtype, g.device), []).append(g)
-    for gs in by_key.values():
+    buckets: list[list[torch.Tensor]] = []
+    open_bucket: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[int]]] = {}
+    for g in _grads_for_sync(model.parameters()):
+        key = (g.dtype, g.device)
+        if key not in open_bucket or open_bucket[key][1][0] + g.numel() > bucket_numel:
+            open_bucket[key] = ([], [0])
+            buckets.append(open_bucket[key][0])
+        open_bucket[key][0].append(g)
+        open_bucket[key][1][0] += g.numel()
+    for gs in buckets:
         flat = torch.cat([g.reshape(-1) for g in gs])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         off = 0

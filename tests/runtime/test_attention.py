@@ -192,3 +192,53 @@ def test_single_process_kernel_matches_reference_without_group():
     # no packed_seq_params: the whole row is one causal document
     out1 = attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), None)
     torch.testing.assert_close(out1, _reference(q, k, v, [0, 120], 0.3).reshape(120, 1, 32), rtol=0, atol=1e-12)
+
+
+def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
+    """The GPU backends' plumbing on CPU: fake kernels check the arguments they receive and
+    compute the dense reference, so wrong boundaries, scale, dtype or output shape fail here."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.flexsp.runtime import attention as A
+
+    bounds = [0, 5, 6, 30]
+    calls = []
+
+    def fake_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert cu_q.dtype == torch.int32 and cu_q.tolist() == bounds and cu_k is cu_q
+        assert (max_q, max_k, causal, dropout_p) == (24, 24, True, 0.0)
+        assert q.stride(-1) == 1 and k.shape[1] == 2 and q.shape[1] == 4
+        calls.append("flash")
+        return _reference(q, k, v, bounds, softmax_scale)
+
+    class FakeTEDotProductAttention:
+        def __init__(self, **kw):
+            assert kw["qkv_format"] == "thd" and kw["attn_mask_type"] == "padding_causal"
+            assert (kw["num_attention_heads"], kw["num_gqa_groups"], kw["kv_channels"]) == (4, 2, 8)
+            self.scale = kw["softmax_scale"]
+
+        def __call__(self, q, k, v, **kw):
+            assert kw["qkv_format"] == "thd" and kw["attn_mask_type"] == "padding_causal"
+            assert kw["cu_seqlens_q"].dtype == torch.int32 and kw["cu_seqlens_q"].tolist() == bounds
+            assert kw["max_seqlen_q"] == kw["max_seqlen_kv"] == 24 and q.is_contiguous()
+            calls.append("te")
+            return _reference(q, k, v, bounds, self.scale).reshape(q.shape[0], -1)  # TE returns [t, h*d]
+
+    class FakeTE:
+        DotProductAttention = FakeTEDotProductAttention
+
+    real_require = A._require
+    monkeypatch.setattr(A, "_require", lambda b: fake_flash if b == "flash" else FakeTE if b == "te" else real_require(b))
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(30, 1, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(30, 1, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(30, 1, 2, 8, generator=g, dtype=torch.float64)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=24, max_seqlen_kv=24)
+    ref = _reference(q.squeeze(1), k.squeeze(1), v.squeeze(1), bounds, 0.25).reshape(30, 1, 32)
+    for backend in ("flash", "te"):
+        attn = A.FlexSPCoreAttention(_config(4, 2, 8), 1, AttnMaskType.causal, "self", backend=backend,
+                                     softmax_scale=0.25)
+        out = attn(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, packed_seq_params=psp)  # thd input
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert calls == ["flash", "te"]

@@ -35,7 +35,7 @@ __all__ = ["main", "build_parser", "iter_batches", "run_methods", "MethodStats",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flexsp-plan", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="flexsp-plan", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("lengths (give exactly one)")
     src.add_argument("lengths", nargs="?", help="text file (one length per line), .npy, or Megatron dataset prefix "

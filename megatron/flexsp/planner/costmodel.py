@@ -12,6 +12,7 @@ feasible degree, allowed degrees) is derived from them here, in one place.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -211,7 +212,7 @@ class CostModel:
     def limit_mb(self) -> float:
         return self.memory.limit_gb * 1024
 
-    @property
+    @functools.cached_property
     def tokens_per_gpu(self) -> int:
         """Activation tokens one GPU can hold next to its model states."""
         return int(math.floor((self.limit_mb - self.memory.model_states_mb) / self.memory.activation_mb_per_token + 1e-9))

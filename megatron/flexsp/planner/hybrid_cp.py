@@ -33,6 +33,7 @@ Where this baseline differs from the class, and why:
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass, field
@@ -91,11 +92,35 @@ def _one_round(pending: list[tuple[int, int]], total: int, need: Callable[[int],
     used = 0
     first_need: int | None = None
     check_balance = False
+    # Loads only grow while placing, so heaps with lazily skipped stale entries give the least
+    # loaded group (ties: earliest created, as Megatron's min over group ids) in O(log n).
+    by_size: dict[int, list[tuple[float, int]]] = {}
+    all_heap: list[tuple[float, int]] = []
+    hi = 0.0
 
-    def spread() -> tuple[float, float]:
-        hi = max((g.load for g in groups), default=0.0)
-        lo = 0.0 if used < total else min(g.load for g in groups)
-        return hi, lo
+    def least_loaded_fitting(nd: int, L: int) -> int | None:
+        heap = by_size.get(nd, [])
+        skipped, found = [], None
+        while heap:
+            load, k = heap[0]
+            g = groups[k]
+            if load != g.load:  # stale
+                heapq.heappop(heap)
+                continue
+            if fits is None or fits(g.tokens + L, g.size):
+                found = k
+                break
+            skipped.append(heapq.heappop(heap))
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return found
+
+    def lowest_load() -> float:
+        if used < total:
+            return 0.0
+        while all_heap[0][0] != groups[all_heap[0][1]].load:
+            heapq.heappop(all_heap)
+        return all_heap[0][0]
 
     while buckets:
         pick = None
@@ -104,32 +129,42 @@ def _one_round(pending: list[tuple[int, int]], total: int, need: Callable[[int],
                 continue
             L = b[-1][1]
             nd = need(L)
-            same = [g for g in groups if g.size == nd and (fits is None or fits(g.tokens + L, g.size))]
-            if same or total - used >= nd:
-                pick = (b, nd, same)
+            if total - used >= nd:  # free ranks have no load, so a new group beats any existing one
+                pick = (b, nd, None)
+                break
+            k = least_loaded_fitting(nd, L)
+            if k is not None:
+                pick = (b, nd, k)
                 break
         if pick is None:
             break
-        b, nd, same = pick
+        b, nd, k = pick
         sid, L = b.pop()
         if first_need is None:
             first_need = nd
-        if total - used >= nd:  # free ranks have no load, so a new group beats any existing one
-            g = CPGroup(nd)
-            groups.append(g)
+        if k is None:
+            groups.append(CPGroup(nd))
             used += nd
-        else:
-            g = min(same, key=lambda x: x.load)
+            k = len(groups) - 1
+        g = groups[k]
         g.items.append((sid, L))
         g.load += work(L)
         g.tokens += L
+        heapq.heappush(by_size.setdefault(nd, []), (g.load, k))
+        heapq.heappush(all_heap, (g.load, k))
+        hi = max(hi, g.load)
         while buckets and not buckets[0]:
             buckets.pop(0)
         if nd < first_need:  # Megatron starts checking balance once the CP size first drops
             check_balance = True
-        hi, lo = spread()
-        if check_balance and buckets and hi - lo <= delta * hi:
+        if check_balance and buckets and hi - lowest_load() <= delta * hi:
             break
+
+    def spread() -> tuple[float, float]:
+        hi = max((g.load for g in groups), default=0.0)
+        lo = 0.0 if used < total else min(g.load for g in groups)
+        return hi, lo
+
     leftovers = [item for b in buckets for item in reversed(b)]
 
     # trim: pop the busiest group's last sample while that narrows the spread
@@ -225,12 +260,14 @@ def hybrid_cp_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
     def grow(size: int, idle: int) -> int | None:
         return next((d for d in degrees if size < d <= size + idle), None)
 
+    caps = {d: cost.capacity(d) for d in degrees}  # same as cost.fits, without the call overhead
+
     mbs: list[MicroBatch] = []
     todo = list(range(len(lengths)))
     n_rounds = 0
     while todo:  # one pass, plus a pass for sequences a round could not keep (see _to_micro_batch)
         rounds = balanced_cp_rounds([lengths[i] for i in todo], world_size, need=need, grow=grow,
-                                    fits=lambda tokens, d: cost.fits(tokens, d), delta=delta)
+                                    fits=lambda tokens, d: tokens <= caps[d], delta=delta)
         n_rounds += len(rounds)
         deferred: list[int] = []
         for groups in rounds:

@@ -240,7 +240,13 @@ def _finish(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, gk: list[int], 
     return MBSolution(degs, [list(m) for m in gr.members], gr.makespan(), method)
 
 
-def _fill_left_over(ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, counts: np.ndarray) -> list[int]:
+def _small_k(L: np.ndarray, tau: np.ndarray) -> int:
+    """Degree index of the smallest group the shortest sequence fits in."""
+    return int(np.argmax(np.isfinite(tau[int(np.argmin(L))])))
+
+
+def _fill_left_over(ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, counts: np.ndarray,
+                    small_k: int = 0) -> list[int]:
     """Degree indices of all groups: n_per[k] of each degree plus groups on the left-over ranks."""
     degs = ctx.degrees
     n_per = n_per.copy()
@@ -252,8 +258,11 @@ def _fill_left_over(ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, co
                 v = load[k] / max(n_per[k], 1)
                 if v > best_v:
                     best_k, best_v = k, v
-        if best_k < 0:  # nothing to split further: the largest group that fits (may stay empty)
-            best_k = max(k for k, d in enumerate(degs) if d <= left)
+        if best_k < 0:
+            # every class has a group per sequence: small groups that the local search (and the
+            # fill pass) can give sequences to; a big empty group would invite short sequences
+            # into an expensive all-to-all
+            best_k = min(max(k for k, d in enumerate(degs) if d <= left), small_k)
         n_per[best_k] += 1
         left -= degs[best_k]
     gk: list[int] = []
@@ -262,7 +271,8 @@ def _fill_left_over(ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, co
     return gk
 
 
-def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> tuple[list[int], np.ndarray] | None:
+def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray,
+                      pack_big: bool = False) -> tuple[list[int], np.ndarray] | None:
     """Degree classes by bisection on the target time (see module docstring); (group degree indices, class)."""
     D = len(ctx.degrees)
     dvec = np.asarray(ctx.degrees, dtype=np.float64)
@@ -270,6 +280,7 @@ def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> tu
     pref = np.argmin(gpu, axis=1)                       # least GPU-ms degree (inf-safe: some degree fits)
     n = L.size
     rows = np.arange(n)
+    half = ctx.caps / 2.0
 
     def structure(cp: float):
         # class: smallest degree >= pref whose tau fits cp
@@ -281,7 +292,15 @@ def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> tu
         load = np.bincount(cls, weights=t, minlength=D)
         tok = np.bincount(cls, weights=L.astype(np.float64), minlength=D)
         cnt = np.bincount(cls, minlength=D)
-        need = np.maximum(np.ceil(load / cp - 1e-9), np.ceil(tok / ctx.caps - 1e-9))
+        # memory: sequences over half a group's capacity cannot share one; the rest fill by volume
+        big = L[:, None] > half[None, :]
+        nbig = np.bincount(cls, weights=big[rows, cls].astype(np.float64), minlength=D)
+        room = np.bincount(cls, weights=np.where(big[rows, cls], ctx.caps[cls] - L, 0.0), minlength=D)
+        small_tok = tok - np.bincount(cls, weights=np.where(big[rows, cls], L, 0).astype(np.float64), minlength=D)
+        mem_need = np.ceil(tok / ctx.caps - 1e-9)
+        if pack_big:
+            mem_need = np.maximum(mem_need, nbig + np.ceil(np.maximum(small_tok - room, 0.0) / ctx.caps - 1e-9))
+        need = np.maximum(np.ceil(load / cp - 1e-9), mem_need)
         need = np.where(cnt > 0, np.maximum(need, 1), 0)
         need = np.minimum(need, cnt)
         used = float((need * dvec).sum())
@@ -306,23 +325,39 @@ def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> tu
         else:
             lo = mid
     cls, need, load, cnt, _ = structure(hi)
-    return _fill_left_over(ctx, need, load, cnt), cls
+    return _fill_left_over(ctx, need, load, cnt, _small_k(L, tau)), cls
 
 
 def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, use_milp: bool = False,
                       time_limit_s: float = 0.5, upper: MBSolution | None = None,
                       rebalance_iters: int | None = None, bucket_error: float = 0.02,
-                      max_buckets: int | None = 14) -> MBSolution | None:
+                      max_buckets: int | None = 14, milp_span: int | None = 2) -> MBSolution | None:
     """Best groups for one micro-batch (``L`` lengths, ``tau`` their tau table); None if the heuristics fail."""
     iters = rebalance_iters if rebalance_iters is not None else 3 * L.size + 50
     best = upper
     if best is None:
-        st = _greedy_structure(ctx, L, tau)
-        if st is not None:
-            best = _finish(ctx, L, tau, st[0], st[1], "greedy", iters)
-        if best is None:  # classes ignored: LPT over the same groups
-            if st is not None:
-                best = _finish(ctx, L, tau, st[0], None, "greedy", iters)
+        # two structures: memory by volume only, or also one group per sequence over half a
+        # group's capacity; each dealt by class, else (memory fragmentation) over all groups
+        for pack_big in (False, True):
+            st = _greedy_structure(ctx, L, tau, pack_big)
+            if st is None:
+                continue
+            sol = _finish(ctx, L, tau, st[0], st[1], "greedy", iters)
+            if sol is None:
+                sol = _finish(ctx, L, tau, st[0], None, "greedy", iters)
+            if sol is not None and (best is None or sol.time_ms < best.time_ms):
+                best = sol
+        if L.size <= 48:
+            # few sequences: also every homogeneous structure (e.g. one big group for the longest
+            # sequence and its company, which the class structure cannot express)
+            kneed = int(np.argmax(np.isfinite(tau), axis=1).max())
+            for k in range(kneed, len(ctx.degrees)):
+                d = ctx.degrees[k]
+                if ctx.world_size % d:
+                    continue
+                sol = _finish(ctx, L, tau, [k] * (ctx.world_size // d), None, "greedy", iters)
+                if sol is not None and (best is None or sol.time_ms < best.time_ms):
+                    best = sol
     if not use_milp or L.size == 0:
         return best
     # ---- MILP on buckets
@@ -332,12 +367,23 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
     tmean = np.zeros((B, D))
     tmax = np.zeros((B, D))
     lmean = np.zeros(B)
+    lmin = np.zeros(B)
     for b in range(B):
         mem = bk.members(b)
         tmean[b] = tau[mem].mean(axis=0)
         tmax[b] = tau[mem].max(axis=0)
         lmean[b] = L[mem].mean()
-    prob = ClassProblem(bk.counts, tmean, tmax, lmean, ctx.degrees, ctx.caps, ctx.world_size)
+        lmin[b] = L[mem].min()
+    if milp_span is not None:
+        # smaller model: a bucket may use its smallest feasible degree, the next ``milp_span``
+        # ones, and the largest (this makes the MILP a restriction; milp_span=None keeps all)
+        fin = np.isfinite(tmax)
+        kmin = np.argmax(fin, axis=1)
+        ks = np.arange(D)[None, :]
+        keep = (ks <= kmin[:, None] + milp_span) | (ks == D - 1)
+        tmax = np.where(keep, tmax, np.inf)
+        tmean = np.where(keep, tmean, np.inf)
+    prob = ClassProblem(bk.counts, tmean, tmax, lmean, ctx.degrees, ctx.caps, ctx.world_size, lmin)
     up = best.time_ms - ctx.beta1 if best is not None else None
     sol = solve_class_milp(prob, upper=up, time_limit_s=time_limit_s)
     info = {"milp_status": sol.status, "milp_time_s": sol.solve_time_s, "buckets": B}
@@ -357,7 +403,7 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
             pos += c
     load = np.array([(np.where(sol.y[:, k] > 0, tmean[:, k], 0.0) * sol.y[:, k]).sum() for k in range(D)])
     cnt = sol.y.sum(axis=0)
-    gk = _fill_left_over(ctx, sol.n.astype(np.int64), load, cnt)
+    gk = _fill_left_over(ctx, sol.n.astype(np.int64), load, cnt, _small_k(L, tau))
     cand = _finish(ctx, L, tau, gk, cls, "milp", iters)
     if cand is not None:
         cand.extra.update(info)

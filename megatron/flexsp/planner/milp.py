@@ -17,6 +17,7 @@ allowed degrees D, not on the number of sequences or ranks):
                y_{b,d} <= cnt_b u_{b,d},  tmax_{b,d} u_{b,d} <= C'    one sequence is not divisible
                sum_d d n_d <= world_size                              ranks
                n_d <= sum_b y_{b,d}                                   no empty group
+               sum_{b: lmin_b > cap_d/2} y_{b,d} <= n_d               such sequences cannot share a group
                C' <= U                                                cut-off (the greedy plan's value)
 
 tmean/tmax are the mean/largest time a bucket's sequence adds to a degree-d group
@@ -47,6 +48,13 @@ class ClassProblem:
     degrees: Sequence[int]    # [D]
     caps: np.ndarray          # [D] tokens a group of each degree holds
     world_size: int
+    lmin: np.ndarray | None = None  # [B] shortest length (sequences over half a group's capacity cannot share it)
+
+    def big(self) -> np.ndarray:
+        """[B, D]: every sequence of bucket b is longer than half a degree-d group's capacity."""
+        if self.lmin is None:
+            return np.zeros(self.tmax.shape, dtype=bool)
+        return np.asarray(self.lmin)[:, None] > np.asarray(self.caps)[None, :] / 2.0
 
 
 @dataclass
@@ -71,7 +79,7 @@ def class_objective(p: ClassProblem, n: np.ndarray, y: np.ndarray) -> float:
             if used.any():
                 return float("inf")
             continue
-        if y[:, k].sum() < n[k]:
+        if y[:, k].sum() < n[k] or y[p.big()[:, k], k].sum() > n[k]:
             return float("inf")
         if used.any():
             if not np.isfinite(p.tmax[used, k]).all():
@@ -91,6 +99,7 @@ def solve_class_milp(p: ClassProblem, *, upper: float | None = None, time_limit_
     ws = p.world_size
     counts = np.asarray(p.counts, dtype=np.int64)
     ok = np.isfinite(p.tmax)
+    big = p.big()
     U = float(upper) if upper is not None and np.isfinite(upper) else float(
         np.where(ok, p.tmax, 0).max() + (np.where(ok, p.tmean, 0) * counts[:, None]).sum())
     U = max(U, 1e-9)
@@ -154,6 +163,10 @@ def solve_class_milp(p: ClassProblem, *, upper: float | None = None, time_limit_
             -np.inf, 0.0)
         # no empty group: sum 2^j z - sum y <= 0
         add([(cz, float(1 << j)) for j, cz in zs] + [(c, -1.0) for _, c in ys], -np.inf, 0.0)
+        # sequences over half the capacity need a group each: sum_{big b} y - n <= 0
+        bigs = [(b, c) for b, c in ys if big[b, k]]
+        if bigs:
+            add([(c, 1.0) for _, c in bigs] + [(cz, -float(1 << j)) for j, cz in zs], -np.inf, 0.0)
         for j, cz in zs:
             add([(iw[k, j], 1.0), (cz, -U)], -np.inf, 0.0)
             add([(iw[k, j], 1.0), (iC, -1.0)], -np.inf, 0.0)

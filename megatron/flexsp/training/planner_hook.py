@@ -78,9 +78,15 @@ def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg_dict: dict[str, An
         pass
     cost = CostModel.from_dict(cost_dict)
     plan_fn = _resolve(planner_fn)
+    parent = os.getppid()
     res_q.put(("ready", None, 0.0, None))
     while True:
-        item = req_q.get()
+        try:
+            item = req_q.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the trainer died (killed): do not linger as an orphan
+                return
+            continue
         if item is None:
             return
         k, lengths = item

@@ -25,7 +25,7 @@ import numpy as np
 
 from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import METHODS
-from megatron.flexsp.planner.cli import format_table, iter_batches, run_methods, summarize
+from megatron.flexsp.planner.cli import flexsp_choice_note, format_table, iter_batches, run_methods, summarize
 from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.lengths_io import apply_max_len, read_lengths
 
@@ -43,6 +43,9 @@ def scenario(title: str, pool: np.ndarray, *, model: str, world_size: int, gbs: 
     results = run_methods(batches, cost, methods, world_size=world_size, max_seq_len=max_len,
                           time_limit_s=time_limit, seed=seed, progress=sys.stderr.isatty())
     print(format_table(summarize(results)))
+    note = flexsp_choice_note(results)
+    if note:
+        print(note)
     print(f"   ({time.perf_counter() - t0:.1f} s wall for the table)")
 
 

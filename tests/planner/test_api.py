@@ -6,6 +6,7 @@ from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import METHODS, PlannerConfig, fallback_plan, plan_global_batch
 from megatron.flexsp.planner.baselines import batch_adaptive_plan, static_plan
 from megatron.flexsp.planner.bounds import lower_bound_ms
+from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.costmodel import build_cost_model, preset
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
 
@@ -47,12 +48,14 @@ def test_all_methods_valid_and_flexsp_never_worse(name, cost, ws, n, max_len):
         assert plans["static"].estimated_time_ms == pytest.approx(s.estimated_time_ms)
         assert plans["flexsp"].estimated_time_ms <= s.estimated_time_ms * (1 + 1e-12)
         assert plans["flexsp"].estimated_time_ms <= b.estimated_time_ms * (1 + 1e-12)
+        assert plans["flexsp"].estimated_time_ms <= plans["megatron-hybrid-cp"].estimated_time_ms * (1 + 1e-12)
+        assert plans["flexsp"].solver.extra["chosen"] in ("solver", "homogeneous", "megatron-hybrid-cp")
         fb = fallback_plan(lengths, cost, PlannerConfig(world_size=ws, max_seq_len=max_len))
         validate_plan(fb, cost, world_size=ws, num_sequences=n)
 
 
-def test_flexsp_keeps_the_homogeneous_plan_when_it_is_better(monkeypatch):
-    """If the solver returned something worse, the api keeps the best homogeneous plan."""
+def test_flexsp_keeps_the_best_baseline_plan_when_it_is_better(monkeypatch):
+    """If the solver returned something worse, the api keeps the best baseline plan."""
     import megatron.flexsp.planner.flexsp as fx
 
     cost = small_cost()
@@ -66,10 +69,10 @@ def test_flexsp_keeps_the_homogeneous_plan_when_it_is_better(monkeypatch):
 
     monkeypatch.setattr(fx, "plan_flexsp", worse)
     p = plan_global_batch(lengths, cost, PlannerConfig(world_size=8, method="flexsp"))
-    ref = batch_adaptive_plan(lengths, cost, 8)
-    assert p.estimated_time_ms == pytest.approx(ref.estimated_time_ms)
+    ref = min(batch_adaptive_plan(lengths, cost, 8).estimated_time_ms, hybrid_cp_plan(lengths, cost, 8).estimated_time_ms)
+    assert p.estimated_time_ms == pytest.approx(ref)
     assert p.estimated_time_ms < static_plan(lengths, cost, 8, degree=8).estimated_time_ms
-    assert p.solver.method == "flexsp" and p.solver.extra["chosen"] == "homogeneous"
+    assert p.solver.method == "flexsp" and p.solver.extra["chosen"] in ("homogeneous", "megatron-hybrid-cp")
 
 
 def test_static_degree_is_forced():

@@ -52,6 +52,8 @@ def test_synthetic_run_writes_valid_plans_summary_and_plots(tmp_path, capsys):
         assert float(rows[m][0]) == pytest.approx(means[m], abs=0.06)
         assert rows[m][1] == f"{means['static'] / means[m]:.2f}x"
     assert rows["static"][1] == "1.00x"
+    kept = sum(Plan.load(f).solver.extra["chosen"] == "solver" for f in (out_dir / "plans" / "flexsp").glob("*.json"))
+    assert f"flexsp: the solver's plan was kept in {kept}/3 batches" in out
     assert means["flexsp"] <= means["static"] + 1e-6 and means["flexsp"] <= means["batch-adaptive"] + 1e-6
     summary = json.loads((out_dir / "summary.json").read_text())
     assert [r["method"] for r in summary["methods"]] == methods

@@ -4,10 +4,12 @@ Used by the trainer's planner hook (background process on rank 0), by ``flexsp-p
 the benchmarks. Every plan returned here has passed ``validate_plan`` against the cost model,
 so the runtime can trust it.
 
-``flexsp`` returns the better of the FlexSP solver's plan and the best homogeneous plan
-(batch-adaptive) of the same batch: homogeneous plans are a special case of FlexSP's search
-space, so keeping the better one guarantees FlexSP is never estimated slower than
-``static`` or ``batch-adaptive`` (the solver can miss them under a time limit).
+``flexsp`` returns the best of the FlexSP solver's plan, the best homogeneous plan
+(batch-adaptive) and the hybrid-CP rule's plan of the same batch (both take milliseconds):
+they use the same candidate groups, so they lie in FlexSP's search space, and keeping the best
+guarantees FlexSP is never estimated slower than any baseline (the solver can miss them under a
+time limit). ``solver.extra["chosen"]`` says which one was kept ("solver", "homogeneous" or
+"megatron-hybrid-cp"; then ``solver_estimate_ms`` is the solver's own estimate).
 """
 
 from __future__ import annotations
@@ -72,19 +74,22 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
 
     t0 = time.perf_counter()
     plan = plan_flexsp(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, seed=config.seed)
-    try:
-        homo = batch_adaptive_plan(lengths, cost, config.world_size, lower_bound_ms=lb)
-    except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: only mixed degrees fit
-        homo = None
-    if homo is not None and homo.estimated_time_ms < plan.estimated_time_ms:
-        solver = plan.solver
-        solver.extra = {**solver.extra, "chosen": "homogeneous", "homogeneous_degree": homo.solver.extra["degree"],
-                        "solver_estimate_ms": plan.estimated_time_ms}
-        homo.solver = solver
-        plan = homo
-    plan.solver.solve_time_s = time.perf_counter() - t0
-    if plan.solver.lower_bound_ms is None:
-        plan.solver.lower_bound_ms = lb
+    solver = plan.solver
+    chosen, solver_ms = "solver", plan.estimated_time_ms
+    for name, build in (("homogeneous", batch_adaptive_plan), ("megatron-hybrid-cp", hybrid_cp_plan)):
+        try:
+            other = build(lengths, cost, config.world_size, lower_bound_ms=lb)
+        except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: no homogeneous plan
+            continue
+        if other.estimated_time_ms < plan.estimated_time_ms:
+            plan, chosen = other, name
+    plan.solver = solver
+    solver.extra = {**solver.extra, "chosen": chosen}
+    if chosen != "solver":
+        solver.extra["solver_estimate_ms"] = solver_ms
+    solver.solve_time_s = time.perf_counter() - t0
+    if solver.lower_bound_ms is None:
+        solver.lower_bound_ms = lb
     return plan
 
 

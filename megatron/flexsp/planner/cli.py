@@ -31,7 +31,8 @@ from .costmodel import CostModel, CostModelError, load_cost_model
 from .lengths_io import OVERLONG_MODES, LengthsError, OverlongReport, apply_max_len, read_lengths
 from .plan import Plan, PlanError
 
-__all__ = ["main", "build_parser", "iter_batches", "run_methods", "MethodStats", "summarize", "format_table"]
+__all__ = ["main", "build_parser", "iter_batches", "run_methods", "MethodStats", "summarize", "format_table",
+           "flexsp_choice_note"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +139,20 @@ def format_table(rows: Sequence[MethodStats]) -> str:
     return "\n".join(lines)
 
 
+def flexsp_choice_note(results: dict[str, list[Plan]]) -> str | None:
+    """Which plan the flexsp method kept per batch (the solver's, or a better baseline's; see api)."""
+    plans = results.get("flexsp")
+    if not plans:
+        return None
+    counts: dict[str, int] = {}
+    for p in plans:
+        c = str(p.solver.extra.get("chosen", "solver"))
+        counts[c] = counts.get(c, 0) + 1
+    others = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "solver")
+    return (f"flexsp: the solver's plan was kept in {counts.get('solver', 0)}/{len(plans)} batches"
+            + (f" (a better baseline plan in the others: {others})" if others else ""))
+
+
 def _load_lengths(args, parser) -> tuple[np.ndarray, OverlongReport, int]:
     if (args.lengths is None) == (args.synthetic is None):
         parser.error("give exactly one length source: a LENGTHS file/prefix or --synthetic N")
@@ -208,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     rows = summarize(results)
     print(format_table(rows))
+    note = flexsp_choice_note(results)
+    if note:
+        print(note)
     if out is not None:
         summary = {
             "cost_model": cost.to_dict(), "world_size": args.world_size, "global_batch_size": args.global_batch_size,

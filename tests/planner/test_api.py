@@ -85,7 +85,8 @@ def test_static_degree_is_forced():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="ulysses"), "planner method must be one of flexsp, static, batch-adaptive, megatron-hybrid-cp"),
     (dict(world_size=0), "world_size must be a positive integer"),
-    (dict(world_size=2.0), "world_size must be a positive integer"),
+    (dict(world_size=2.0), "world_size must be an integer, got 2.0"),
+    (dict(max_seq_len=100.5), "max_seq_len must be an integer"),
     (dict(time_limit_s=0), "time_limit_s must be > 0"),
     (dict(max_seq_len=0), "max_seq_len must be >= 1"),
     (dict(static_degree=0), "static_degree must be >= 1"),

@@ -14,6 +14,7 @@ time limit). ``solver.extra["chosen"]`` says which one was kept ("solver", "homo
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -44,7 +45,13 @@ class PlannerConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"planner method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+        for name in ("world_size", "max_seq_len", "static_degree"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"planner {name} must be an integer, got {v!r}")
+            if v is not None:
+                setattr(self, name, int(v))
+        if self.world_size < 1:
             raise ValueError(f"planner world_size must be a positive integer, got {self.world_size!r}")
         if not self.time_limit_s > 0:
             raise ValueError(f"planner time_limit_s must be > 0, got {self.time_limit_s!r}")

@@ -115,3 +115,19 @@ def test_bad_batches():
             plan_global_batch([10, 9000], cost, PlannerConfig(world_size=8, method=m))
     with pytest.raises(NoFeasiblePlanError, match=r"\[9000\]"):
         fallback_plan([10, 9000], cost, PlannerConfig(world_size=8))
+
+
+def test_planner_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from megatron.flexsp.planner import api, baselines, hybrid_cp, cli, lengths_io, plotting, costmodel\n"
+            "from megatron.flexsp.data import synthetic\n"
+            "cost = costmodel.preset('cpu-tiny')\n"
+            "for m in api.METHODS:\n"
+            "    api.plan_global_batch([100, 700, 30, 1500], cost, api.PlannerConfig(4, method=m, time_limit_s=0.2))\n"
+            "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.') or k == 'megatron.core')\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -175,6 +175,19 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"run_distributed: world_size must be >= 1, got {world_size}")
+    for attempt in range(2):
+        try:
+            return _run_once(fn, world_size, args, kwargs, timeout, backend, pg_timeout, threads, env)
+        except DistRunError as e:
+            # The free port can be taken between free_port() and the store's bind by another
+            # test running concurrently: retry once on a fresh port, never for other failures.
+            if attempt == 0 and ("Address already in use" in str(e) or "EADDRINUSE" in str(e)):
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_once(fn, world_size, args, kwargs, timeout, backend, pg_timeout, threads, env) -> list[Any]:
     ctx = _context()
     result_q = ctx.Queue()
     port = free_port()

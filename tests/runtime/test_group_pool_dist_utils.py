@@ -56,3 +56,25 @@ def test_hang_is_killed_at_deadline():
 def test_silent_crash_is_reported():
     with pytest.raises(DistRunError, match="rank 1 exited with code 3"):
         run_distributed(_rank1_dies, 2, timeout=60)
+
+
+def _world_size(rank, ws):
+    return torch.distributed.get_world_size()
+
+
+def test_port_taken_in_between_is_retried(monkeypatch):
+    import socket
+
+    import tests.dist_utils as du
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    ports = [taken.getsockname()[1]]  # first attempt gets a port someone else holds
+    real = du.free_port
+    monkeypatch.setattr(du, "free_port", lambda: ports.pop() if ports else real())
+    try:
+        assert run_distributed(_world_size, 2, timeout=60) == [2, 2]
+    finally:
+        taken.close()
+    assert not ports

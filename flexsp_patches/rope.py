@@ -68,10 +68,11 @@ class PositionIdsRotaryEmbedding(_base_rotary_cls()):  # type: ignore[misc]
 
     _flexsp_position_ids: Tensor | None = None
 
-    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group: Any = None):  # noqa: D401
+    def forward(self, *args: Any, **kwargs: Any):  # megatron's (max_seq_len, offset=0, packed_seq, cp_group)
         pos = self._flexsp_position_ids
         if pos is None:
-            return super().forward(max_seq_len, offset, packed_seq, cp_group)
+            return super().forward(*args, **kwargs)
+        offset = kwargs.get("offset", args[1] if len(args) > 1 else 0)
         if offset:
             pos = pos + offset
         inv_freq = self.inv_freq

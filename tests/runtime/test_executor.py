@@ -179,14 +179,18 @@ def _errors_body(rank, world_size):
 
     cpu_compat.init_model_parallel(seed=3)
     pool = GroupPool(POOL + [(0, 1, 2)])
-    model = shard_model(build_gpt_model(_cfg("rope")), "ddp")
+    model = shard_model(build_gpt_model(_cfg("learned_absolute")), "ddp")
     ex = FlexSPExecutor(model, pool, sharding_mode="ddp")
     docs = [torch.arange(L + 1) for L in (4, 6)]
+    long_docs = [docs[0], torch.arange(41) % 61]
+    bad_docs = [docs[0], torch.tensor([1, 2, 3, 61, 4, 5, 6])]
     bad = {
         "not_partition": Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1], [0, 1]), Group([2], [])])]),
         "not_in_pool": Plan(WORLD, [4, 6], [MicroBatch([Group([1, 2], [0, 1]), Group([0], []), Group([3], [])])]),
         "heads": Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1, 2], [0]), Group([3], [1])])]),
         "length": Plan(WORLD, [4, 7], [MicroBatch([Group([0, 1, 2, 3], [0, 1])])]),
+        "too_long": Plan(WORLD, [4, 40], [MicroBatch([Group([0, 1, 2, 3], [0, 1])])]),
+        "vocab": Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1, 2, 3], [0, 1])])]),
         # Rank 3 is handed a different (itself valid) plan: every rank must notice.
         "mismatch": Plan(WORLD, [4, 6], [MicroBatch([Group([0, 1, 2, 3], [0, 1] if rank != 3 else [1, 0])])]),
     }
@@ -194,7 +198,7 @@ def _errors_body(rank, world_size):
     for name, plan in bad.items():
         t0 = time.monotonic()
         try:
-            ex.run(plan, docs)
+            ex.run(plan, long_docs if name == "too_long" else bad_docs if name == "vocab" else docs)
             out[name] = ("no error", 0.0)
         except Exception as e:  # noqa: BLE001 - the message is what the test checks
             out[name] = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
@@ -208,6 +212,8 @@ def test_bad_plans_fail_fast_on_every_rank():
     results = run_distributed(_errors_body, WORLD, timeout=180)
     expect = {"not_partition": "ranks \\[3\\]|partition", "not_in_pool": "not in the group pool",
               "heads": "does not divide num_attention_heads", "length": "sequence 1 has 7 ids",
+              "too_long": "more than the model's learned absolute position embeddings",
+              "vocab": "sequence 1 has token ids outside the vocabulary 0..60",
               "mismatch": "different plans"}
     import re
 

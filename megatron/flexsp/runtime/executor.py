@@ -107,6 +107,9 @@ class FlexSPExecutor:
         self.num_heads = getattr(cfg, "num_attention_heads", None) or getattr(getattr(model, "config", None),
                                                                               "num_attention_heads", None)
         self.bf16 = bool(getattr(cfg, "bf16", False))
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
+        learned = getattr(cfg, "position_embedding_type", None) == "learned_absolute"
+        self.max_positions = int(cfg.max_position_embeddings) if learned else 0
         self.device = next(model.parameters()).device
         self.time_cuda = time_cuda and self.device.type == "cuda"
         self._a2a_reset, self._a2a_read = _a2a_stats_reader()
@@ -134,6 +137,13 @@ class FlexSPExecutor:
                 if s.numel() != plan.lengths[i] + 1:
                     raise PlanError(f"sequence {i} has {s.numel()} ids but the plan says length {plan.lengths[i]} "
                                     f"(a sequence of length L has L + 1 ids)")
+                if self.vocab_size and s.numel() and (int(s.min()) < 0 or int(s.max()) >= self.vocab_size):
+                    raise PlanError(f"sequence {i} has token ids outside the vocabulary 0..{self.vocab_size - 1} "
+                                    f"(min {int(s.min())}, max {int(s.max())})")
+            if self.max_positions and plan.lengths and max(plan.lengths) > self.max_positions:
+                i = max(range(len(plan.lengths)), key=lambda j: plan.lengths[j])
+                raise PlanError(f"sequence {i} has length {plan.lengths[i]}, more than the model's learned absolute "
+                                f"position embeddings ({self.max_positions})")
         except (PlanError, ValueError) as e:
             return str(e)
         return None

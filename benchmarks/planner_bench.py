@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", help="text file, .npy or Megatron prefix instead of synthetic lengths")
     p.add_argument("--pool", type=int, default=200_000, help="synthetic documents to draw batches from")
+    p.add_argument("--tail-frac", type=float, default=None, help="synthetic: fraction of Pareto-tail sequences")
+    p.add_argument("--pareto-alpha", type=float, default=None, help="synthetic: Pareto shape (smaller: heavier)")
+    p.add_argument("--median", type=float, default=None, help="synthetic: median of the log-normal body")
     p.add_argument("--iters", type=int, default=10, help="iterations of the 64-GPU scenario")
     p.add_argument("--iters-large", type=int, default=2, help="iterations of the 1024-GPU scenario")
     p.add_argument("--time-limit", type=float, default=2.0, help="FlexSP solver limit per batch (64 GPUs)")
@@ -66,8 +69,10 @@ def main(argv=None) -> int:
         pool, rep = apply_max_len(read_lengths(args.lengths), max_len, "truncate")
         print(f"lengths from {args.lengths}: {pool.size} sequences, {rep.truncated} truncated to {max_len}")
     else:
-        pool = longtail_lengths(args.pool, max_len=max_len, seed=args.seed)
-        print(f"synthetic lengths: {pool.size} sequences, median {int(np.median(pool))}, mean {pool.mean():.0f}, "
+        shape = {k: v for k, v in (("tail_frac", args.tail_frac), ("pareto_alpha", args.pareto_alpha),
+                                   ("median", args.median)) if v is not None}
+        pool = longtail_lengths(args.pool, max_len=max_len, seed=args.seed, **shape)
+        print(f"synthetic lengths {shape or '(defaults)'}: {pool.size} sequences, median {int(np.median(pool))}, mean {pool.mean():.0f}, "
               f"{(pool < 2048).mean():.0%} under 2K, {(pool > 65536).mean():.2%} over 64K, max {pool.max()}")
     methods = [m for m in args.methods.split(",") if m]
     scenario("reference", pool, model="gpt-7b", world_size=64, gbs=512, max_len=max_len, iters=args.iters,

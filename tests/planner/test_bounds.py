@@ -23,7 +23,14 @@ def reference_lb(lengths, cost, ws):
         per.append(min(o[0] for o in opts))
         fastest.append(min(o[1] for o in opts))
     m = math.ceil(sum(lengths) / (cost.tokens_per_gpu * ws))
-    return max(sum(per) / ws + b1 * m, max(fastest) + b1 * m)
+    # memory-aware bound: densest GPU-ms into one micro-batch's tokens (fractional knapsack)
+    room, K = cost.tokens_per_gpu * ws, 0.0
+    for g, L in sorted(zip(per, lengths), key=lambda x: x[0] / x[1], reverse=True):
+        take = min(L, room)
+        K += g * take / L
+        room -= take
+    G, t = sum(per), max(fastest)
+    return max(G / ws + b1 * m, t + b1 * m, b1 * m + max(t, K / ws) + (G - K) / ws)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -33,6 +40,15 @@ def test_lower_bound_matches_reference_formula(seed):
     L = rng.integers(100, 200_000, size=40).tolist()
     assert lower_bound_ms(L, cost, 64) == pytest.approx(reference_lb(L, cost, 64), rel=1e-12)
     assert min_micro_batches(L, cost, 64) == max(1, math.ceil(sum(L) / (cost.tokens_per_gpu * 64)))
+
+
+def test_memory_aware_bound_is_tighter_when_the_longest_sequence_cannot_share():
+    from megatron.flexsp.planner.bounds import simple_lower_bound_ms
+    cost = preset("gpt-7b", 1024)
+    L = [196608] * 4 + [2000] * 4000
+    lb, simple = lower_bound_ms(L, cost, 1024), simple_lower_bound_ms(L, cost, 1024)
+    assert lb == pytest.approx(reference_lb(L, cost, 1024))
+    assert lb > 1.05 * simple
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -132,15 +132,22 @@ class ChunkEstimator:
         self.g = self.dtau.min(axis=1)                   # cheapest GPU-ms
         self.G = np.concatenate([[0.0], np.cumsum(self.g)])
         self.T = np.concatenate([[0], np.cumsum(L)])
-        self.budget = mem_frac * cost.tokens_per_gpu * world_size
+        self.full_budget = float(cost.tokens_per_gpu * world_size)
+        self.budget = mem_frac * self.full_budget
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
 
-    def cost(self, i: np.ndarray, j: int) -> np.ndarray:
-        out = np.full(i.size, np.inf)
-        ok = self.T[j] - self.T[i] <= self.budget + 1e-9
-        if not ok.any():
-            return out
-        ii = i[ok]
-        rest = (self.G[j] - self.G[ii] - self.g[ii])[:, None]
-        est = np.maximum(self.tau[ii], (rest + self.dtau[ii]) / self.ws).min(axis=1)
-        out[ok] = self.beta1 + est
-        return out
+    def estimate(self, i: np.ndarray, j: int) -> np.ndarray:
+        """Estimated time of chunks [i, j) ignoring memory (cached per j: several budgets share it)."""
+        key = (j, i.size, int(i[0]) if i.size else -1)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        rest = (self.G[j] - self.G[i] - self.g[i])[:, None]
+        est = self.beta1 + np.maximum(self.tau[i], (rest + self.dtau[i]) / self.ws).min(axis=1)
+        self._cache[key] = est
+        return est
+
+    def cost(self, i: np.ndarray, j: int, mem_frac: float | None = None) -> np.ndarray:
+        budget = self.budget if mem_frac is None else mem_frac * self.full_budget
+        est = self.estimate(i, j)
+        return np.where(self.T[j] - self.T[i] <= budget + 1e-9, est, np.inf)

@@ -138,10 +138,15 @@ def _rebalance(gr: _Groups, max_iter: int) -> None:
     tau, L = gr.tau, gr.L
     n = L.size
     beta1 = gr.ctx.beta1
-    for _ in range(max_iter):
+    mark = np.inf
+    for it in range(max_iter):
         T = gr.times()
         g0 = int(np.argmax(T))
         T0 = float(T[g0])
+        if it % 25 == 0:  # stalled: many groups share the makespan and each step gains little
+            if T0 > mark * (1 - 1e-4):
+                return
+            mark = T0
         k0 = gr.gk[g0]
         best = (T0 - 1e-7, None, None)
         mem0 = gr.members[g0]
@@ -333,15 +338,20 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
                       rebalance_iters: int | None = None, bucket_error: float = 0.02,
                       max_buckets: int | None = 14, milp_span: int | None = 2) -> MBSolution | None:
     """Best groups for one micro-batch (``L`` lengths, ``tau`` their tau table); None if the heuristics fail."""
-    iters = rebalance_iters if rebalance_iters is not None else 3 * L.size + 50
+    iters = rebalance_iters if rebalance_iters is not None else min(2 * L.size + 20, 400)
     best = upper
     if best is None:
         # two structures: memory by volume only, or also one group per sequence over half a
         # group's capacity; each dealt by class, else (memory fragmentation) over all groups
+        seen = set()
         for pack_big in (False, True):
             st = _greedy_structure(ctx, L, tau, pack_big)
             if st is None:
                 continue
+            key = (tuple(st[0]), st[1].tobytes())
+            if key in seen:
+                continue
+            seen.add(key)
             sol = _finish(ctx, L, tau, st[0], st[1], "greedy", iters)
             if sol is None:
                 sol = _finish(ctx, L, tau, st[0], None, "greedy", iters)
@@ -543,9 +553,9 @@ def _candidate_cuts(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> li
     cuts: list[tuple[str, list[int]]] = []
     mmin = min_micro_batches(Ls, ctx.cost, ctx.world_size)
     pts = cut_points(Ls)
+    est = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees)
     for frac in (1.0, 0.96, 0.92, 0.86):
-        est = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees, mem_frac=frac)
-        b, tot = segment(pts, est.cost)
+        b, tot = segment(pts, lambda i, j, f=frac: est.cost(i, j, f))
         if b:
             cuts.append((f"dp{frac:g}", b))
     for m in range(mmin, mmin + 3):
@@ -560,64 +570,107 @@ def _candidate_cuts(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> li
     return out
 
 
-def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, time_limit_s: float,
-                 deadline: float) -> tuple[list[tuple[np.ndarray, MBSolution]], dict]:
+def _milp_shots(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolution, deadline: float,
+                shots: Sequence[float] = (0.03, 0.12)) -> MBSolution:
+    """Improve a micro-batch with short MILP solves (the MILP's incumbents are concretised and kept when better).
+
+    Short limits are enough: the aggregate model's optimum is not always the best concrete
+    plan, so an early incumbent is as useful as a proven optimum; a second, longer shot runs
+    only when the first was cut off.
+    """
+    best = sol
+    statuses = []
+    for tl in shots:
+        left = deadline - time.perf_counter()
+        if left < 0.01:
+            statuses.append("skipped")
+            break
+        new = solve_micro_batch(ctx, L, tau, use_milp=True, time_limit_s=min(tl, left), upper=best)
+        st = new.extra.get("milp_status", "none")
+        statuses.append(st)
+        if new.time_ms < best.time_ms - 1e-9:
+            best = new
+        if st != "time_limit":
+            break
+    best = MBSolution(best.degrees, best.members, best.time_ms, best.method, dict(best.extra))
+    best.extra["milp_statuses"] = statuses
+    return best
+
+
+def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, t0: float,
+                 time_limit_s: float) -> tuple[list[tuple[np.ndarray, MBSolution]], dict]:
+    """Micro-batches of the batch: greedy over candidate cuts + fill pass, then (use_milp) the MILP.
+
+    The greedy part does not depend on the clock (the same batch gives the same greedy plan),
+    and the MILP only ever replaces a micro-batch or a whole cut by a better one, so the FlexSP
+    plan is never worse than ``greedy_plan``'s.
+    """
+    deadline = t0 + time_limit_s
     order = np.argsort(-lengths, kind="stable")
     Ls = lengths[order]
     taus = seq_tau_table(Ls, ctx.cost, ctx.degrees)
     cache: dict[tuple[int, int], MBSolution | None] = {}
+    mcache: dict[tuple[int, int], MBSolution] = {}
 
     def solve(a: int, b: int) -> MBSolution | None:
         if (a, b) not in cache:
             cache[(a, b)] = solve_micro_batch(ctx, Ls[a:b], taus[a:b])
         return cache[(a, b)]
 
-    best_total, best_cut, best_name = np.inf, None, ""
-    tried = []
+    def improve(a: int, b: int, until: float) -> MBSolution:
+        if (a, b) not in mcache:
+            mcache[(a, b)] = _milp_shots(ctx, Ls[a:b], taus[a:b], cache[(a, b)], until)
+        return mcache[(a, b)]
+
+    def total(mbs) -> float:
+        return float(sum(sol.time_ms for _, sol in mbs))
+
+    # 1. every candidate cut, scored by the greedy
+    scored: list[tuple[float, str, list[int]]] = []
     for name, bounds in _candidate_cuts(ctx, Ls, taus):
-        total = 0.0
+        tot = 0.0
         for a, b in zip(bounds[:-1], bounds[1:]):
             sol = solve(a, b)
             if sol is None:
-                total = np.inf
+                tot = np.inf
                 break
-            total += sol.time_ms
-            if total >= best_total:
-                break
-        tried.append((name, total))
-        if total < best_total:
-            best_total, best_cut, best_name = total, bounds, name
-        if time.perf_counter() > deadline and best_cut is not None:
-            break
-    info: dict = {"cut": best_name, "cuts_tried": len(tried)}
-    if best_cut is None:
+            tot += sol.time_ms
+        if np.isfinite(tot):
+            scored.append((tot, name, bounds))
+    info: dict = {"cuts_tried": len(scored)}
+    if not scored:
         safe = _safe_plan(ctx, Ls, taus)
         info["cut"] = "safe"
         return [(order[idx], sol) for idx, sol in safe], info
-    mbs = [[np.arange(a, b), cache[(a, b)]] for a, b in zip(best_cut[:-1], best_cut[1:])]
-    info["fill_pulls"] = _fill_pass(ctx, Ls, taus, mbs, deadline)
-    chunks = [(idx, sol) for idx, sol in mbs]
+    scored.sort(key=lambda x: x[0])
+    # 2. greedy plan: best cut, then pull sequences into idle room of slow micro-batches
+    _, name, bounds = scored[0]
+    best = [[np.arange(a, b), cache[(a, b)]] for a, b in zip(bounds[:-1], bounds[1:])]
+    info["fill_pulls"] = _fill_pass(ctx, Ls, taus, best, t0 + 10.0 * time_limit_s)
+    info["cut"] = name
     if use_milp:
-        remaining = max(0.0, deadline - time.perf_counter())
-        per = max(0.02, remaining / max(1, len(chunks)))
-        statuses = []
-        improved = 0
-        # slowest micro-batches first: they gain most
-        for i in sorted(range(len(chunks)), key=lambda i: -chunks[i][1].time_ms):
-            idx, sol = chunks[i]
-            left = deadline - time.perf_counter()
-            if left <= 0.005:
-                statuses.append("skipped")
-                continue
-            new = solve_micro_batch(ctx, Ls[idx], taus[idx], use_milp=True, time_limit_s=min(per, left),
-                                    upper=sol)
-            statuses.append(new.extra.get("milp_status", "none"))
-            if new.method == "milp":
-                improved += 1
-            chunks[i] = (idx, new)
+        # 3. MILP per micro-batch of the greedy plan (slowest first)
+        for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
+            idx, sol = best[m]
+            best[m][1] = _milp_shots(ctx, Ls[idx], taus[idx], sol, t0 + 0.5 * time_limit_s)
+        # 4. the best few cuts re-scored with the MILP, filled, compared
+        soft = t0 + 0.5 * time_limit_s
+        for _, name2, bounds2 in scored[:3]:
+            if time.perf_counter() > soft:
+                break
+            pairs = sorted(zip(bounds2[:-1], bounds2[1:]), key=lambda ab: -cache[ab].time_ms)
+            cand = [[np.arange(a, b), improve(a, b, soft)] for a, b in pairs]
+            _fill_pass(ctx, Ls, taus, cand, soft)
+            for m in range(len(cand)):
+                idx, sol = cand[m]
+                if "milp_statuses" not in sol.extra and time.perf_counter() < soft:
+                    cand[m][1] = _milp_shots(ctx, Ls[idx], taus[idx], sol, soft)
+            if total(cand) < total(best) - 1e-9:
+                best, info["cut"] = cand, name2 + "+milp"
+        statuses = [st for _, sol in best for st in sol.extra.get("milp_statuses", ["skipped"])]
         info["milp_statuses"] = statuses
-        info["milp_improved"] = improved
-    return [(order[idx], sol) for idx, sol in chunks], info
+        info["milp_improved"] = sum(sol.method == "milp" for _, sol in best)
+    return [(order[idx], sol) for idx, sol in best], info
 
 
 def _to_plan(ctx: PlannerContext, lengths: np.ndarray, chunks: list[tuple[np.ndarray, MBSolution]]) -> Plan:
@@ -641,8 +694,7 @@ def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: 
         raise PlanError(f"lengths must be positive; sequences {bad} are not")
     check_feasible(L, cost, world_size)
     ctx = PlannerContext.build(cost, world_size)
-    deadline = t0 + max(0.05, float(time_limit_s))
-    chunks, info = _plan_chunks(ctx, L, use_milp=use_milp, time_limit_s=time_limit_s, deadline=deadline)
+    chunks, info = _plan_chunks(ctx, L, use_milp=use_milp, t0=t0, time_limit_s=max(0.05, float(time_limit_s)))
     plan = _to_plan(ctx, L, chunks)
     try:
         validate_plan(plan, cost)

@@ -211,7 +211,7 @@ class FlexSPExecutor:
             self._sync()
         t2 = time.perf_counter()
         tokens = int(sl.local_tokens)
-        return {"loss_sum": float(local_sum.detach().double().item()), "tokens": tokens,
+        return {"loss_sum": local_sum.detach(), "tokens": tokens,
                 "slice_tokens": int(input_ids.numel()), "fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3}
 
     def run(self, plan: Plan, sequences: Sequence[Tensor], *, gather_stats: bool = False,
@@ -233,7 +233,7 @@ class FlexSPExecutor:
     def _run(self, plan: Plan, sequences: Sequence[Tensor], global_tokens: int, gather_stats: bool,
              forward_only: bool) -> StepResult:
         totals = {"tokens": 0, "slice_tokens": 0, "fwd_ms": 0.0, "bwd_ms": 0.0, "a2a_ms": 0.0, "a2a_bytes": 0}
-        loss_sum = 0.0
+        loss_parts: list[Tensor] = []  # summed once at the end: no device sync per micro-batch
         per_mb: list[dict[str, Any]] = []
         for m, mb in enumerate(plan.micro_batches):
             g = mb.group_of(self.rank)
@@ -245,11 +245,12 @@ class FlexSPExecutor:
             r.update(micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences),
                      empty_group=not seqs)
             per_mb.append(r)
-            loss_sum += r.pop("loss_sum")
+            loss_parts.append(r.pop("loss_sum"))
             for k in totals:
                 totals[k] += r[k]
         if self.sync_grads and self.sharding_mode == "ddp" and not forward_only:
             finish_grad_sync(self.model)
+        loss_sum = float(torch.stack(loss_parts).double().sum().item())
         loss = loss_mod.all_reduce_loss(loss_sum, global_tokens)
         stats = dict(totals, rank=self.rank, micro_batches=len(plan.micro_batches),
                      padded_tokens=totals["slice_tokens"] - totals["tokens"])

@@ -34,6 +34,7 @@ def cuda_available() -> bool:
 
 
 def applied() -> bool:
+    """True once the CPU patches are installed in this process."""
     return _APPLIED
 
 
@@ -216,31 +217,38 @@ def _patch_causal_mask() -> None:
         fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
-def apply() -> None:
-    """Install the CPU patches (idempotent; nothing is changed where CUDA is available)."""
+def apply(force_cpu: bool = False) -> None:
+    """Install the CPU patches (idempotent).
+
+    By default they are installed only where CUDA is not available, so GPU runs execute
+    megatron.core unchanged. ``force_cpu=True`` installs them anyway, for a CPU-only run (gloo,
+    CPU tensors) on a machine that has a GPU.
+    """
     global _APPLIED
     if _APPLIED:
         return
-    if not cuda_available():
+    if force_cpu or not cuda_available():
         _patch_rng_tracker()
         _patch_cuda_rng_state()
         _patch_rope()
         _patch_memory_buffer()
         _patch_causal_mask()
-    _APPLIED = True
+        _APPLIED = True
 
 
-def init_model_parallel(seed: int = 1234) -> None:
+def init_model_parallel(seed: int = 1234, *, device_type: str | None = None) -> None:
     """Initialise megatron.core.parallel_state (tp = pp = cp = 1) and megatron's RNG tracker.
 
-    Needs torch.distributed initialised (any backend). Idempotent: an already initialised
-    parallel_state is kept if it has tp = pp = 1, and rejected with a clear error otherwise.
+    Needs torch.distributed initialised (any backend). ``device_type="cpu"`` forces the CPU
+    patches even where CUDA exists (default: by availability). Idempotent: an already
+    initialised parallel_state is kept if it has tp = pp = 1, and rejected with a clear error
+    otherwise.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    apply()
+    apply(force_cpu=device_type == "cpu")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("init_model_parallel: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first")

@@ -88,7 +88,7 @@ def _train_body(rank, world_size, mode, positions, recompute=False):
     from megatron.flexsp.runtime.model import build_gpt_model
     from megatron.flexsp.runtime.sharding import full_state_dict, shard_model
 
-    cpu_compat.init_model_parallel(seed=3)
+    cpu_compat.init_model_parallel(seed=3, device_type="cpu")
     pool = GroupPool(POOL)
     out = {}
     for pos in positions:
@@ -177,7 +177,7 @@ def _errors_body(rank, world_size):
     from megatron.flexsp.runtime.model import build_gpt_model
     from megatron.flexsp.runtime.sharding import shard_model
 
-    cpu_compat.init_model_parallel(seed=3)
+    cpu_compat.init_model_parallel(seed=3, device_type="cpu")
     pool = GroupPool(POOL + [(0, 1, 2)])
     model = shard_model(build_gpt_model(_cfg("learned_absolute")), "ddp")
     ex = FlexSPExecutor(model, pool, sharding_mode="ddp")

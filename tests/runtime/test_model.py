@@ -13,7 +13,7 @@ from tests.dist_utils import run_distributed
 def _rope_module(dim: int, interleaved: bool = False):
     from flexsp_patches import cpu_compat
 
-    cpu_compat.apply()
+    cpu_compat.apply(force_cpu=True)
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     return RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, rotary_interleaved=interleaved,
@@ -73,8 +73,8 @@ def test_patched_rope_apply_follows_positions_in_thd():
 def test_cpu_rng_tracker_forks_and_restores():
     from flexsp_patches import cpu_compat
 
-    cpu_compat.apply()
-    cpu_compat.apply()
+    cpu_compat.apply(force_cpu=True)
+    cpu_compat.apply(force_cpu=True)
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(7, tp_rank=0, ep_rank=0, etp_rank=0)
@@ -125,7 +125,7 @@ def _build_body(rank, world_size):
     from flexsp_patches import cpu_compat
     from megatron.flexsp.runtime.model import build_gpt_model
 
-    cpu_compat.init_model_parallel(seed=5)
+    cpu_compat.init_model_parallel(seed=5, device_type="cpu")
     out = {}
     for pos in ("rope", "learned_absolute"):
         torch.manual_seed(99)
@@ -161,3 +161,31 @@ def test_build_gpt_model_deterministic_and_runs_on_cpu():
         # GQA: q (4 heads x 8) + k, v (2 groups x 8 each) = 64 rows.
         assert r[f"{pos}_gqa"] == (64, 32)
     assert r["learned_absolute_has_pos_emb"] and not r["rope_has_pos_emb"]
+
+
+# ---------------------------------------------------------------------------- layer specs
+def test_flexsp_layer_spec_swaps_only_core_attention():
+    from flexsp_patches.layer_specs import get_flexsp_layer_spec, get_stock_layer_spec
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+
+    stock = get_stock_layer_spec("local", normalization="RMSNorm")
+    flex = get_flexsp_layer_spec("local", normalization="RMSNorm", attention_backend="sdpa")
+    core = flex.submodules.self_attention.submodules.core_attention
+    assert core.module is FlexSPCoreAttention and core.params == {"backend": "sdpa"}
+    assert stock.submodules.self_attention.submodules.core_attention is not core  # stock spec not mutated
+    for name in ("linear_qkv", "linear_proj", "q_layernorm", "k_layernorm"):
+        assert getattr(flex.submodules.self_attention.submodules, name) == \
+            getattr(stock.submodules.self_attention.submodules, name), name
+    for name in ("input_layernorm", "pre_mlp_layernorm", "mlp", "self_attn_bda", "mlp_bda"):
+        assert getattr(flex.submodules, name) == getattr(stock.submodules, name), name
+
+
+def test_transformer_engine_spec_needs_te():
+    from flexsp_patches.layer_specs import get_stock_layer_spec, have_te
+
+    with pytest.raises(ValueError, match="transformer_impl"):
+        get_stock_layer_spec("cuda")
+    if have_te():
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(RuntimeError, match="Transformer Engine"):
+        get_stock_layer_spec("transformer_engine")

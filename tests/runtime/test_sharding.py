@@ -58,7 +58,7 @@ def _grad_body(rank, world_size):
     from megatron.flexsp.runtime.model import build_gpt_model
     from megatron.flexsp.runtime.sharding import finish_grad_sync, full_state_dict, shard_model
 
-    cpu_compat.init_model_parallel(seed=1)
+    cpu_compat.init_model_parallel(seed=1, device_type="cpu")
     docs = _docs()
     out = {}
     for mode in ("fsdp2", "ddp"):

@@ -145,7 +145,7 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
 
     from flexsp_patches import cpu_compat, layer_specs, rope
 
-    cpu_compat.apply()
+    cpu_compat.apply(force_cpu=device is not None and torch.device(device).type == "cpu")
     tcfg = to_transformer_config(cfg)
     if flexsp_attention:
         spec = layer_specs.get_flexsp_layer_spec(cfg.transformer_impl, normalization=cfg.normalization,

@@ -92,23 +92,42 @@ def fill_empty_groups(mb: MicroBatch, lengths: Sequence[int], cost: CostModel) -
     """Give empty groups a sequence moved from a group holding several, while the invariant needs it.
 
     DESIGN.md allows an empty group only when a micro-batch has fewer sequences than groups.
-    Moving a sequence never breaks memory of its old group and is checked for the new one.
+    Each empty group (largest first) takes the longest sequence that fits it from the slowest
+    group holding two or more. Moving never breaks memory of the old group and is checked for
+    the new one; raises PlanError when no sequence fits an empty group.
     """
-    while True:
-        empty = [g for g in mb.groups if not g.sequences]
-        if not empty or sum(len(g.sequences) for g in mb.groups) < len(mb.groups):
-            return
-        target = max(empty, key=lambda g: g.degree)
-        donors = [(g, s) for g in mb.groups if len(g.sequences) >= 2 for s in g.sequences
-                  if cost.fits(lengths[s], target.degree)]
-        if not donors:
+    if sum(len(g.sequences) for g in mb.groups) < len(mb.groups):
+        return
+    empty = sorted((g for g in mb.groups if not g.sequences), key=lambda g: -g.degree)
+    if not empty:
+        return
+
+    def time_of(k: int) -> float:
+        g = mb.groups[k]
+        return cost.group_time_ms([lengths[s] for s in g.sequences], g.degree)
+
+    donors = [(-time_of(k), k) for k, g in enumerate(mb.groups) if len(g.sequences) >= 2]
+    heapq.heapify(donors)
+    for target in empty:
+        skipped = []
+        moved = False
+        while donors and not moved:
+            item = heapq.heappop(donors)
+            g = mb.groups[item[1]]
+            fit = [s for s in g.sequences if cost.fits(lengths[s], target.degree)]
+            if not fit:
+                skipped.append(item)
+                continue
+            s = max(fit, key=lambda x: lengths[x])
+            g.sequences.remove(s)
+            target.sequences.append(s)
+            moved = True
+            if len(g.sequences) >= 2:
+                heapq.heappush(donors, (-time_of(item[1]), item[1]))
+        for item in skipped:
+            heapq.heappush(donors, item)
+        if not moved:
             raise PlanError(f"cannot fill an empty group of degree {target.degree}: no movable sequence fits it")
-        # move the longest movable sequence out of the slowest donor group
-        slowest = max({id(g): g for g, _ in donors}.values(),
-                      key=lambda g: cost.group_time_ms([lengths[s] for s in g.sequences], g.degree))
-        s = max((s for g, s in donors if g is slowest), key=lambda s: lengths[s])
-        slowest.sequences.remove(s)
-        target.sequences.append(s)
 
 
 def _slots_to_plan(slots: list[list[int]], lengths: Sequence[int], cost: CostModel, world_size: int,

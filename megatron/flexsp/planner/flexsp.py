@@ -54,6 +54,7 @@ class PlannerContext:
     degrees: list[int]
     caps: np.ndarray       # [D] tokens per group of each degree
     beta1: float
+    milp_shots: tuple[float, ...] = (0.03, 0.12)   # MILP time limits tried per micro-batch
 
     @classmethod
     def build(cls, cost: CostModel, world_size: int) -> "PlannerContext":
@@ -571,7 +572,7 @@ def _candidate_cuts(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> li
 
 
 def _milp_shots(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolution, deadline: float,
-                shots: Sequence[float] = (0.03, 0.12)) -> MBSolution:
+                shots: Sequence[float] | None = None) -> MBSolution:
     """Improve a micro-batch with short MILP solves (the MILP's incumbents are concretised and kept when better).
 
     Short limits are enough: the aggregate model's optimum is not always the best concrete
@@ -580,6 +581,8 @@ def _milp_shots(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolu
     """
     best = sol
     statuses = []
+    if shots is None:
+        shots = ctx.milp_shots
     for tl in shots:
         left = deadline - time.perf_counter()
         if left < 0.01:
@@ -694,6 +697,7 @@ def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: 
         raise PlanError(f"lengths must be positive; sequences {bad} are not")
     check_feasible(L, cost, world_size)
     ctx = PlannerContext.build(cost, world_size)
+    ctx.milp_shots = (0.015 * time_limit_s, 0.06 * time_limit_s)
     chunks, info = _plan_chunks(ctx, L, use_milp=use_milp, t0=t0, time_limit_s=max(0.05, float(time_limit_s)))
     plan = _to_plan(ctx, L, chunks)
     try:

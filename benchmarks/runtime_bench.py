@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 class BenchConfig:
     world_size: int = 4
     degrees: list[int] = field(default_factory=lambda: [1, 2, 4])
-    tokens: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
+    tokens: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     docs: int = 1
     hidden: int = 256
     heads: int = 8

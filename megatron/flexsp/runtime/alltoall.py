@@ -164,7 +164,9 @@ def _h2s(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -
     if total % p:
         raise ValueError(f"head_to_seq: {total} tokens are not divisible by the SP degree {p}")
     s = total // p
-    send = torch.cat([t.reshape(p, s, -1) for t in tensors], dim=2).contiguous()
+    parts = [t.reshape(p, s, -1) for t in tensors]
+    # one tensor: reshape already copied a non-contiguous input, so skip cat's second copy
+    send = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=2)
     recv = _exchange(send, group, stats)  # [P(head chunk), s, N]
     widths = [t.shape[1] * t.shape[2] for t in tensors]
     return [x.transpose(0, 1).reshape(s, t.shape[1] * p, t.shape[2])

@@ -161,6 +161,23 @@ def _from_cost_model(rank, ws):
     return pool.groups, [tuple(g) for g in candidate_groups(cost, ws)]
 
 
+def _aligned(rank, ws):
+    from megatron.flexsp.runtime.group_pool import GroupPool, GroupPoolError
+
+    try:
+        GroupPool.aligned([3])
+        err = None
+    except GroupPoolError as e:
+        err = str(e)
+    return GroupPool.aligned([1, 2, 4, 2]).groups, err
+
+
+def test_aligned_pool():
+    for groups, err in run_distributed(_aligned, 4, timeout=60):
+        assert groups == GROUPS
+        assert "degrees [3] do not divide the world size 4" in err
+
+
 def test_from_cost_model_matches_candidate_groups():
     res = run_distributed(_from_cost_model, 4, timeout=60)
     for groups, cands in res:

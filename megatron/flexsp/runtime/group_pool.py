@@ -76,6 +76,17 @@ class GroupPool:
             raise GroupPoolError(f"world_size {ws} differs from torch.distributed's {dist.get_world_size()}")
         return cls(candidate_groups(cost, ws), backend=backend, **kwargs)
 
+    @classmethod
+    def aligned(cls, degrees: Sequence[int], world_size: int | None = None, backend: str | None = None,
+                **kwargs) -> "GroupPool":
+        """Aligned blocks [k*d, (k+1)*d) of every degree d in ``degrees`` (tests, fixed-degree runs)."""
+        ws = dist.get_world_size() if world_size is None else world_size
+        bad = [d for d in degrees if d < 1 or ws % d]
+        if bad:
+            raise GroupPoolError(f"degrees {bad} do not divide the world size {ws}")
+        groups = [tuple(range(b, b + d)) for d in dict.fromkeys(degrees) for b in range(0, ws, d)]
+        return cls(groups, backend=backend, **kwargs)
+
     # ------------------------------------------------------------------ lookups
     @property
     def groups(self) -> list[tuple[int, ...]]:

@@ -134,6 +134,23 @@ def _assign_lpt(gr: _Groups, order: np.ndarray, cls: np.ndarray | None) -> bool:
     return True
 
 
+def _assign_bfd(gr: _Groups, order: np.ndarray) -> bool:
+    """Memory first: each sequence (longest first) into the group it fills best (least room left).
+
+    For micro-batches packed close to the memory limit, where dealing by time fragments memory;
+    the local search then balances time within what memory allows.
+    """
+    L = gr.L
+    for s in order.tolist():
+        room = gr.cap - gr.tok - L[s]
+        ok = (room >= -_EPS) & np.isfinite(gr.tau[s, gr.gk])
+        if not ok.any():
+            return False
+        g = int(np.argmin(np.where(ok, room, np.inf)))
+        gr.put(s, g)
+    return True
+
+
 def _rebalance(gr: _Groups, max_iter: int) -> None:
     """Move or swap sequences out of the slowest group while that lowers it (exact lengths)."""
     tau, L = gr.tau, gr.L
@@ -236,7 +253,9 @@ def _finish(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, gk: list[int], 
     pref = tau[np.arange(L.size), cls] if cls is not None else tau.min(axis=1)
     order = np.argsort(-pref, kind="stable")
     if not _assign_lpt(gr, order, cls):
-        return None
+        gr = _Groups(ctx, L, tau, gk)
+        if not _assign_bfd(gr, np.argsort(-L, kind="stable")):
+            return None
     _rebalance(gr, rebalance_iters)
     if not _fix_empty(gr):
         return None
@@ -549,6 +568,78 @@ def _fill_pass(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[
     return accepted
 
 
+def _polish(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], max_evals: int = 120,
+            small: int = 48, top: int = 6) -> int:
+    """Move or swap long sequences between micro-batches with few sequences (the head of the batch).
+
+    Consecutive cuts of the sorted batch put the longest sequences together; which of them
+    share a micro-batch decides how well their groups balance, so the planner tries moving each
+    of the ``top`` longest sequences of a small micro-batch to another small one (and swapping
+    pairs), re-solving both, and keeps changes that lower the sum. Bounded by ``max_evals``
+    re-solved pairs, not by the clock, so the greedy plan stays deterministic.
+    """
+    evals = 0
+    accepted = 0
+    memo: dict[tuple[int, ...], MBSolution | None] = {}
+
+    def solve(idx: np.ndarray) -> MBSolution | None:
+        key = tuple(sorted(idx.tolist()))
+        if key not in memo:
+            memo[key] = solve_micro_batch(ctx, Ls[idx], taus[idx])
+        return memo[key]
+
+    improved = True
+    while improved and evals < max_evals:
+        improved = False
+        heads = [m for m in range(len(mbs)) if mbs[m][0].size <= small]
+        heads.sort(key=lambda m: -mbs[m][1].time_ms)
+        for a in heads:
+            ia = mbs[a][0]
+            longest = ia[np.argsort(-Ls[ia], kind="stable")][:top]
+            for b in heads:
+                if b == a or evals >= max_evals:
+                    continue
+                ib = mbs[b][0]
+                old = mbs[a][1].time_ms + mbs[b][1].time_ms
+                best = None
+                for s_ in longest.tolist():
+                    # move s to b
+                    na = ia[ia != s_]
+                    nb = np.append(ib, s_)
+                    evals += 1
+                    sa = solve(na) if na.size else None
+                    sb = solve(nb)
+                    if sb is not None and (sa is not None or na.size == 0):
+                        t = (sa.time_ms if sa is not None else 0.0) + sb.time_ms
+                        if t < old - 1e-6 and (best is None or t < best[0]):
+                            best = (t, na, sa, nb, sb)
+                    # swap s with the longest of b shorter than s
+                    cand = ib[Ls[ib] < Ls[s_]]
+                    if cand.size:
+                        t_ = int(cand[np.argmax(Ls[cand])])
+                        na2 = np.append(ia[ia != s_], t_)
+                        nb2 = np.append(ib[ib != t_], s_)
+                        evals += 1
+                        sa2, sb2 = solve(na2), solve(nb2)
+                        if sa2 is not None and sb2 is not None:
+                            t = sa2.time_ms + sb2.time_ms
+                            if t < old - 1e-6 and (best is None or t < best[0]):
+                                best = (t, na2, sa2, nb2, sb2)
+                if best is not None:
+                    _, na, sa, nb, sb = best
+                    mbs[b] = [nb, sb]
+                    if na.size:
+                        mbs[a] = [na, sa]
+                    else:
+                        del mbs[a]
+                    accepted += 1
+                    improved = True
+                    break
+            if improved:
+                break
+    return accepted
+
+
 def _candidate_cuts(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> list[tuple[str, list[int]]]:
     n = Ls.size
     cuts: list[tuple[str, list[int]]] = []
@@ -649,6 +740,7 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, t0
     # 2. greedy plan: best cut, then pull sequences into idle room of slow micro-batches
     _, name, bounds = scored[0]
     best = [[np.arange(a, b), cache[(a, b)]] for a, b in zip(bounds[:-1], bounds[1:])]
+    info["polish_moves"] = _polish(ctx, Ls, taus, best)
     info["fill_pulls"] = _fill_pass(ctx, Ls, taus, best, t0 + 10.0 * time_limit_s)
     info["cut"] = name
     if use_milp:

@@ -35,8 +35,9 @@ def _train_modes(rank, world_size, out_dir):
     res = {}
     for mode in MODES:
         metrics = os.path.join(out_dir, f"{mode}.jsonl")
-        args = A.parse_args(BASE + ["--sp-mode", mode, "--metrics-file", metrics, "--flexsp-plan-ahead", "0",
-                                    "--flexsp-dump-plans", os.path.join(out_dir, f"plans-{mode}")])
+        extra = ["--eval-interval", "3", "--eval-iters", "1"] if mode == "batch-adaptive" else []
+        args = A.parse_args(BASE + extra + ["--sp-mode", mode, "--metrics-file", metrics, "--flexsp-plan-ahead",
+                                            "0", "--flexsp-dump-plans", os.path.join(out_dir, f"plans-{mode}")])
         records = train(args, launch_env())
         res[mode] = [(r.iteration, r.loss, r.grad_norm, r.lr) for r in records]
     return res
@@ -69,6 +70,13 @@ def test_every_mode_trains_with_the_same_losses(mode_runs):
     cost = preset("cpu-tiny")
     for mode in MODES:
         lines = [json.loads(x) for x in (out / f"{mode}.jsonl").read_text().splitlines()]
+        valid = [x for x in lines if "valid_loss" in x]
+        lines = [x for x in lines if "valid_loss" not in x]
+        if mode == "batch-adaptive":  # validation every 3 iterations, on real text: a sane loss
+            assert [x["iteration"] for x in valid] == [3, 6]
+            assert all(0 < x["valid_loss"] < 6.0 for x in valid)
+        else:
+            assert valid == []
         assert [x["iteration"] for x in lines] == list(range(1, ITERS + 1))
         for x in lines:
             for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "iter_ms", "estimated_ms",

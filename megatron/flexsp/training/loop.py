@@ -215,6 +215,9 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
     random.seed(args.seed)
     log.info("FlexSP-Megatron: %d ranks (%s, %s), sp-mode %s, cost model '%s'", env.world_size,
              dist.get_backend(), device.type, args.sp_mode, cost.name)
+    if args.micro_batch_size is not None:
+        log.warning("--micro-batch-size %d is ignored: the planner chooses the micro-batches of every global batch",
+                    args.micro_batch_size)
 
     # ---- data (rank 0 first: it may build and cache the embedded corpus); errors reach every rank
     def build():

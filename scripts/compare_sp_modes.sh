@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train the same model on the same data under several --sp-mode values, one after another, and
+# print one table (tokens/s, ms/iteration, speedup over static, final loss) from their metrics files.
+#
+#   bash scripts/compare_sp_modes.sh [pretrain_gpt_flexsp.py flags ...]
+#
+# Environment: NPROC (ranks on this machine, default 4), MODES (default
+# "static flexsp batch-adaptive megatron-hybrid-cp"), OUT (output folder, default
+# outputs/compare-<time>), PYTHON (default .venv/bin/python, else python3), LAUNCH (the launcher,
+# default "$PYTHON -m torch.distributed.run --nproc-per-node $NPROC"; set it to use srun).
+# Flags given here are added to every run (e.g. --mock-data --seq-length 4096 --train-iters 30);
+# without flags: the quickstart's small GPT on the embedded stdlib corpus.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+NPROC=${NPROC:-4}
+MODES=${MODES:-"static flexsp batch-adaptive megatron-hybrid-cp"}
+OUT=${OUT:-outputs/compare-$(date +%Y%m%d-%H%M%S)}
+LAUNCH=${LAUNCH:-"$PYTHON -m torch.distributed.run --nproc-per-node $NPROC --master-addr 127.0.0.1 --master-port ${MASTER_PORT:-29533}"}
+mkdir -p "$OUT"
+
+DEFAULTS=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 --group-query-attention
+          --swiglu --seq-length 2048 --global-batch-size 32 --train-iters 12 --lr 2e-3 --lr-warmup-iters 2
+          --seed 1234 --no-progress-bar --log-interval 1)
+specs=()
+for mode in $MODES; do
+  metrics="$OUT/$mode.jsonl"
+  rm -f "$metrics"
+  echo "== sp-mode $mode  (log: $OUT/$mode.log)"
+  # later flags win in argparse, so the caller's flags override the defaults
+  if ! $LAUNCH pretrain_gpt_flexsp.py "${DEFAULTS[@]}" "$@" --sp-mode "$mode" --metrics-file "$metrics" \
+      > "$OUT/$mode.log" 2>&1; then
+    echo "sp-mode $mode failed; last lines of $OUT/$mode.log:" >&2
+    grep -v "Warning\|warnings.warn" "$OUT/$mode.log" | tail -20 >&2
+    exit 1
+  fi
+  grep "iteration .*/" "$OUT/$mode.log" | tail -1
+  specs+=("$mode=$metrics")
+done
+echo
+"$PYTHON" -m megatron.flexsp.training.summary compare "${specs[@]}" --baseline static | tee "$OUT/table.txt"
+echo "(metrics files and logs in $OUT)"

@@ -47,7 +47,7 @@ def test_reference_scenario_plans_validate(seed):
 
 
 @pytest.mark.parametrize("name,ws,n,max_len,seed", [
-    ("gpt-7b", 16, 96, 90_000, 0), ("gpt-7b", 8, 40, 40_000, 1), ("gpt-13b", 32, 128, 150_000, 2),
+    ("gpt-7b", 16, 96, 90_000, 0), ("gpt-7b", 8, 40, 40_000, 1), ("gpt-7b", 24, 96, 100_000, 6), ("gpt-13b", 32, 128, 150_000, 2),
     ("cpu-tiny", 4, 30, 2048, 3), ("cpu-tiny", 2, 12, 1024, 4), ("cpu-tiny", 1, 5, 512, 5),
 ])
 def test_random_batches_validate(name, ws, n, max_len, seed):
@@ -88,6 +88,21 @@ def test_edge_cases():
         plan_flexsp([], cost, 64)
     with pytest.raises(PlanError, match="positive"):
         greedy_plan([10, 0], cost, 64)
+
+
+def test_last_resort_plan_is_valid():
+    # one sequence per group at its smallest degree, first-fit into micro-batches
+    from megatron.flexsp.planner.bounds import seq_tau_table
+    from megatron.flexsp.planner.flexsp import PlannerContext, _safe_plan, _to_plan
+
+    cost = preset("gpt-7b", 64)
+    L = longtail_lengths(200, max_len=196608, seed=3)
+    ctx = PlannerContext.build(cost, 64)
+    order = np.argsort(-L, kind="stable")
+    chunks = _safe_plan(ctx, L[order], seq_tau_table(L[order], cost, ctx.degrees))
+    plan = _to_plan(ctx, L, [(order[idx], sol) for idx, sol in chunks])
+    validate_plan(plan, cost)
+    assert sum(len(g.sequences) for mb in plan.micro_batches for g in mb.groups) == L.size
 
 
 @pytest.mark.slow

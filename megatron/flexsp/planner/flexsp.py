@@ -1,26 +1,36 @@
 """FlexSP planning of one global batch: blaster -> per-micro-batch groups -> placement -> Plan.
 
-Pipeline (``plan_flexsp``):
+Pipeline (``plan_flexsp``; ``greedy_plan`` is steps 1-4 and 7):
 
-1. Sort the sequences longest first; cut them into consecutive chunks, one micro-batch each
-   (``blaster``): the paper's min-max token cut for M = M_min.. and a DP over cut points on
-   estimated micro-batch times under a few memory budgets. Every candidate cut is scored by
-   solving its micro-batches with the fast greedy below; the best cut wins.
-2. Per micro-batch, the greedy: each sequence's preferred degree is the one of least GPU-ms
-   (short ones: degree 1, no all-to-all); for a target time C the sequences of each degree class
-   need n_d(C) = max(ceil(time/C), ceil(tokens/capacity)) groups; bisection finds the least C whose
-   groups fit the ranks (sequences too slow for C move up a degree). Left-over ranks become more
-   groups where they help most. Sequences are dealt longest first onto the least loaded group of
-   their class (LPT) under the memory limit, then a local search moves / swaps sequences out of
-   the slowest group while that lowers it (any degree, exact lengths).
-3. The MILP (``milp.py``) on bucketed lengths re-chooses the degree classes of each micro-batch
-   (cut off at the greedy value, under a time limit); its counts become concrete sequences by the
-   same LPT + local search, and it replaces the greedy micro-batch only when better.
-4. Degrees become ranks with ``placement.place_groups``; the plan is validated before return.
+1. Sort the sequences longest first and cut them into consecutive chunks, one micro-batch each
+   (``blaster``): the paper's min-max token cut for M = M_min .. M_min+2, and a DP over cut
+   points on estimated micro-batch times under memory budgets of 100/96/92/86 %. Every candidate
+   cut is scored by solving its micro-batches with the greedy below; the best one is kept.
+2. Greedy per micro-batch: a sequence's preferred degree is the one of least GPU-ms (short
+   ones: degree 1, no all-to-all). For a target time C each degree class needs
+   n_d(C) = max(ceil(time/C), groups memory needs) groups; bisection finds the least C whose
+   groups fit the ranks (a sequence too slow for C moves up a degree). Left-over ranks become
+   more groups where the per-group load is highest. Sequences are dealt longest first onto the
+   least loaded group of their class with memory room (LPT; memory-first best fit when that
+   fragments memory), then a local search moves / swaps sequences out of the slowest group while
+   that lowers it (any degree, exact lengths). Micro-batches with few sequences also try every
+   homogeneous structure (one big group can beat classes for a very long sequence).
+3. Polish: moves and swaps of the longest sequences between micro-batches with few sequences,
+   each re-solved, kept when the sum of times drops (a bounded number of evaluations).
+4. Fill: a micro-batch whose time is set by a few long sequences has groups with spare time and
+   memory; they take sequences from faster micro-batches (makespan unchanged), which are then
+   re-solved, possibly vanishing (one micro-batch less).
+5. MILP (``milp.py``) on the bucketed lengths of each micro-batch, cut off at the greedy value,
+   in short time-limited shots; its counts become sequences by the dealing + local search of
+   step 2, kept only when better. Then the best other cuts are re-scored with the MILP, filled
+   and compared, within the time limit.
+6. (same as 7) Degrees become ranks with ``placement.place_groups``.
+7. The plan is validated before it is returned; it never is worse than ``greedy_plan``'s
+   because steps 1-4 do not depend on the clock and the MILP only replaces what it beats.
 
-``greedy_plan`` is steps 1, 2 and 4 (no MILP). Both never fail when a plan exists: the last
-resort is one sequence per group at its smallest degree, groups packed first-fit into
-micro-batches, which is always valid.
+Never fails when a plan exists: if no cut can be solved, the last resort is one sequence per
+group at its smallest degree, groups packed first-fit into micro-batches, which is always
+valid (left-over ranks are degree-1 groups, so there are more groups than sequences).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ bandwidth in the cost model's units (``bytes_per_token * T / d / 2^20 / ms``).
 
     python benchmarks/runtime_bench.py                      # 4 gloo ranks on CPU
     python benchmarks/runtime_bench.py --tokens 2048 8192 --docs 4
-    torchrun-free NCCL run on one GPU node: --backend nccl --dtype bfloat16 --attn-backend flash
+    python benchmarks/runtime_bench.py --backend nccl --dtype bfloat16 --attn-backend flash  # >= 4 GPUs
+    python benchmarks/runtime_bench.py --check-backends     # one GPU: sdpa/flash/te parity vs fp64
 """
 
 from __future__ import annotations
@@ -178,6 +179,72 @@ def _table(rows: list[dict], cfg: BenchConfig) -> str:
     return "\n".join(lines)
 
 
+def check_backends(device: str | None = None, dtype_name: str | None = None, lengths=(1, 300, 7, 2000, 45)) -> int:
+    """Single-process parity of every available attention backend against fp64 SDPA.
+
+    For a GPU node: flash-attn and Transformer Engine get the packed documents in bf16 and
+    must match the reference (outputs and q/k/v gradients) within bf16 tolerance. Returns the
+    number of failing backends (the exit code of ``--check-backends``).
+    """
+    import time
+
+    import torch
+
+    from megatron.flexsp.runtime import attention as A
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    g = torch.Generator().manual_seed(0)
+    T, h, hk, d = sum(lengths), 8, 2, 64
+    cu = torch.tensor([0, *torch.cumsum(torch.tensor(lengths), 0).tolist()], dtype=torch.int32)
+    base = [torch.randn(T, n, d, generator=g, dtype=torch.float64) for n in (h, hk, hk)]
+    gout = torch.randn(T, h, d, generator=g, dtype=torch.float64)
+
+    def run(backend, dt, device_):
+        q, k, v = (x.detach().to(device_, dt).clone().requires_grad_(True) for x in base)
+        te_mod = None
+        if backend == "te":
+            te = A._require("te")
+            te_mod = te.DotProductAttention(num_attention_heads=h, kv_channels=d, num_gqa_groups=hk,
+                                            attention_dropout=0.0, qkv_format="thd",
+                                            attn_mask_type="padding_causal", softmax_scale=d ** -0.5)
+        t0 = time.perf_counter()
+        out = A.varlen_causal_attention(q, k, v, cu, max(lengths), backend=backend, te_module=te_mod)
+        out.backward(gout.to(device_, dt))
+        if device_.type == "cuda":
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        return [t.detach().double().cpu() for t in (out, q.grad, k.grad, v.grad)], ms
+
+    ref, _ = run("sdpa", torch.float64, torch.device("cpu"))
+    failures = 0
+    print(f"attention backend parity on {dev} in {dtype} vs fp64 sdpa; documents {list(lengths)}; "
+          f"heads {h}/{hk} kv, dim {d}; tolerance {tol} (relative to max |ref|)")
+    for backend in ("sdpa", "flash", "te"):
+        try:
+            if backend != "sdpa":
+                A._require(backend)
+        except ImportError as e:
+            print(f"{backend:>6}: not available ({str(e).split(';')[0]})")
+            continue
+        if backend != "sdpa" and dev.type != "cuda":
+            print(f"{backend:>6}: skipped (needs CUDA)")
+            continue
+        try:
+            got, ms = run(backend, dtype, dev)
+        except Exception as e:  # noqa: BLE001 - report and count, keep checking the others
+            print(f"{backend:>6}: FAILED to run: {type(e).__name__}: {e}")
+            failures += 1
+            continue
+        errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)]
+        ok = all(e <= tol for e in errs)
+        failures += not ok
+        print(f"{backend:>6}: {'ok  ' if ok else 'FAIL'} rel err out {errs[0]:.2e} dq {errs[1]:.2e} "
+              f"dk {errs[2]:.2e} dv {errs[3]:.2e}; fwd+bwd {ms:.1f} ms")
+    return failures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     c = BenchConfig()
@@ -197,7 +264,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=c.threads, help="torch threads per rank")
     p.add_argument("--timeout-s", type=float, default=c.timeout_s)
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--check-backends", action="store_true",
+                   help="instead: single-process parity of the sdpa/flash/te attention backends on this device")
     a = p.parse_args(argv)
+    if a.check_backends:
+        return min(1, check_backends(dtype_name=None if a.dtype == "float32" else a.dtype))
     cfg = BenchConfig(world_size=a.world_size, degrees=a.degrees, tokens=a.tokens, docs=a.docs, hidden=a.hidden,
                       heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn, repeats=a.repeats, warmup=a.warmup,
                       backend=a.backend, attn_backend=a.attn_backend, dtype=a.dtype, threads=a.threads,

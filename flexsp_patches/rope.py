@@ -14,12 +14,16 @@ Mechanism (two narrow hooks, both inert unless a model was attached with ``attac
    ``PositionIdsRotaryEmbedding`` whose forward returns per-token frequencies
    ``freqs[s, b, 1, d] = position_ids[b, s] * inv_freq`` (same arithmetic as megatron's
    ``get_freqs_non_repeated`` + ``get_emb``) instead of frequencies of 0..max_seq_len-1.
-   The tensor is tagged ``_flexsp_per_token = True``.
+   The tensor is marked by its type, ``PerTokenRotaryFreqs`` (a plain torch.Tensor subclass
+   with no behaviour): unlike a Python attribute, the type survives what megatron and torch
+   do to the argument on its way to the attention (``detach`` in activation recomputation,
+   dtype casts of module inputs).
 2. ``install()``: replaces the name ``apply_rotary_pos_emb`` in
    ``megatron.core.transformer.attention`` (megatron's rope dispatcher, imported there from
    rope_utils) by a wrapper that, for tagged per-token frequencies, applies megatron's own
-   unfused ``_apply_rotary_pos_emb_bshd`` token by token and ignores ``cu_seqlens``; every other
-   call goes to the original unchanged. Only the unfused path is used (the model config sets
+   unfused ``_apply_rotary_pos_emb_bshd`` token by token (on a plain-tensor view, so the marker
+   type never reaches the activations) and ignores ``cu_seqlens``; every other call goes to the
+   original unchanged. Only the unfused path is used (the model config sets
    ``apply_rope_fusion=False``).
 """
 
@@ -30,9 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["install", "attach", "PositionIdsRotaryEmbedding", "per_token_freqs"]
+__all__ = ["install", "attach", "PositionIdsRotaryEmbedding", "PerTokenRotaryFreqs", "per_token_freqs"]
 
-_TAG = "_flexsp_per_token"
+
+class PerTokenRotaryFreqs(torch.Tensor):
+    """Marker type: rotary frequencies of explicit per-token positions, [s, b, 1, d]."""
 
 
 def per_token_freqs(inv_freq: Tensor, position_ids: Tensor, *, rotary_interleaved: bool = False,
@@ -49,8 +55,7 @@ def per_token_freqs(inv_freq: Tensor, position_ids: Tensor, *, rotary_interleave
     else:
         emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
     emb = emb.transpose(0, 1)[:, :, None, :].contiguous()  # [s, b, 1, d]
-    setattr(emb, _TAG, True)
-    return emb
+    return emb.as_subclass(PerTokenRotaryFreqs)
 
 
 def _base_rotary_cls():
@@ -133,8 +138,9 @@ def install() -> None:
     bshd = rope_utils._apply_rotary_pos_emb_bshd
 
     def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, **kw):
-        if not getattr(freqs, _TAG, False):
+        if not isinstance(freqs, PerTokenRotaryFreqs):
             return orig(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kw)
+        freqs = freqs.as_subclass(torch.Tensor)
         if freqs.size(0) != t.size(0):
             raise RuntimeError(f"flexsp RoPE: {freqs.size(0)} per-token frequencies for {t.size(0)} tokens")
         if t.dim() == 3:  # THD: [t, h, d] -> [t, 1, h, d]

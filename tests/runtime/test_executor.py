@@ -116,13 +116,15 @@ def _train_body(rank, world_size, mode, positions, recompute=False):
     return out
 
 
-# The default suite covers both sharding modes and both position embeddings; the other two
-# combinations run with -m slow.
+# The default suite covers both sharding modes, both position embeddings, and activation
+# recomputation (with RoPE: the frequencies go through megatron's checkpoint function); the
+# other combinations run with -m slow.
 @pytest.mark.parametrize("mode,pos,recompute", [
-    ("fsdp2", "rope", False),
-    ("ddp", "learned_absolute", True),
-    pytest.param("fsdp2", "learned_absolute", True, marks=pytest.mark.slow),
-    pytest.param("ddp", "rope", False, marks=pytest.mark.slow),
+    ("fsdp2", "rope", True),
+    ("ddp", "learned_absolute", False),
+    pytest.param("fsdp2", "learned_absolute", False, marks=pytest.mark.slow),
+    pytest.param("ddp", "rope", True, marks=pytest.mark.slow),
+    pytest.param("fsdp2", "rope", False, marks=pytest.mark.slow),
 ])
 def test_flexsp_training_matches_single_process(mode, pos, recompute):
     results = run_distributed(_train_body, WORLD, mode, (pos,), recompute, timeout=300)
@@ -224,3 +226,45 @@ def test_bad_plans_fail_fast_on_every_rank():
             assert re.search(pattern, msg), (name, rank, msg)
             assert secs < 10, (name, rank, secs)
     assert len({r["good_loss"] for r in results}) == 1
+
+
+def _bf16_body(rank, world_size):
+    import dataclasses
+
+    from flexsp_patches import cpu_compat
+    from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
+    from megatron.flexsp.runtime.executor import FlexSPExecutor
+    from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.model import build_gpt_model
+    from megatron.flexsp.runtime.sharding import shard_model
+
+    cpu_compat.init_model_parallel(seed=3, device_type="cpu")
+    pool = GroupPool([(0,), (1,), (0, 1)])
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 61, (L + 1,), generator=g) for L in (9, 5, 14)]
+    plan = Plan(2, [9, 5, 14], [MicroBatch([Group([0], [0]), Group([1], [1])]), MicroBatch([Group([0, 1], [2])])])
+    out = {}
+    for bf16 in (False, True):
+        model = shard_model(build_gpt_model(dataclasses.replace(_cfg("rope"), bf16=bf16)), "fsdp2")
+        res = FlexSPExecutor(model, pool, sharding_mode="fsdp2").run(plan, docs)
+        grads = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
+        out[bf16] = dict(loss=res.loss, grads=grads, param_dtypes={str(p.dtype) for p in model.parameters()},
+                         grad_dtypes={str(p.grad.dtype) for p in model.parameters()})
+    try:
+        FlexSPExecutor(shard_model(build_gpt_model(dataclasses.replace(_cfg("rope"), bf16=True)), "ddp"), pool,
+                       sharding_mode="ddp")
+        out["ddp"] = "no error"
+    except ValueError as e:
+        out["ddp"] = str(e)
+    return out
+
+
+def test_bf16_fsdp2_computes_in_bf16_keeps_fp32_states():
+    r = run_distributed(_bf16_body, 2, timeout=180)[0]
+    fp32, bf16 = r[False], r[True]
+    assert bf16["param_dtypes"] == {"torch.float32"} and bf16["grad_dtypes"] == {"torch.float32"}
+    assert bf16["loss"] != fp32["loss"]  # the compute really ran in bf16 ...
+    assert abs(bf16["loss"] - fp32["loss"]) < 1e-2 * abs(fp32["loss"])  # ... and stays close
+    cos = torch.nn.functional.cosine_similarity(bf16["grads"], fp32["grads"], dim=0)
+    assert cos > 0.99, float(cos)
+    assert "needs CUDA" in r["ddp"]

@@ -111,6 +111,9 @@ class FlexSPExecutor:
         learned = getattr(cfg, "position_embedding_type", None) == "learned_absolute"
         self.max_positions = int(cfg.max_position_embeddings) if learned else 0
         self.device = next(model.parameters()).device
+        if self.bf16 and sharding_mode == "ddp" and self.device.type != "cuda":
+            raise ValueError("bf16 with sharding_mode='ddp' needs CUDA (megatron's linear layers restore autocast "
+                             "in backward only on CUDA); use sharding_mode='fsdp2' (bf16 mixed precision) on CPU")
         self.time_cuda = time_cuda and self.device.type == "cuda"
         self._a2a_reset, self._a2a_read = _a2a_stats_reader()
 

@@ -85,7 +85,11 @@ def shard_model(model: nn.Module, mode: str = "fsdp2", *, group=None, sync_param
     if mp_policy is None and cfg is not None and getattr(cfg, "bf16", False):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: the layers' float inputs include RoPE frequencies
+        # (position x inv_freq), which must stay fp32 (bf16 angles are off by radians at
+        # long positions); hidden states are bf16 anyway, coming from bf16 parameters.
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                         cast_forward_inputs=False)
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
     for layer in _transformer_layers(model):

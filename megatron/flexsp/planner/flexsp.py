@@ -650,25 +650,32 @@ def _polish(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[lis
     return accepted
 
 
-def _candidate_cuts(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> list[tuple[str, list[int]]]:
+def _candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> list[tuple[str, list[np.ndarray]]]:
+    """Candidate splits of the sorted batch (positions 0..n-1) into micro-batches.
+
+    Consecutive cuts of the sorted batch (``blaster``). (Dealing the longest sequences one per
+    micro-batch among short ones was tried and lost on long-tail batches: memory then forces
+    the long sequence into a group too small to keep pace with the rest.)
+    """
     n = Ls.size
-    cuts: list[tuple[str, list[int]]] = []
+    out: list[tuple[str, list[np.ndarray]]] = []
+    seen: set[tuple[int, ...]] = set()
     mmin = min_micro_batches(Ls, ctx.cost, ctx.world_size)
     pts = cut_points(Ls)
     est = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees)
+    cuts: list[tuple[str, list[int]]] = []
     for frac in (1.0, 0.96, 0.92, 0.86):
-        b, tot = segment(pts, lambda i, j, f=frac: est.cost(i, j, f))
+        b, _ = segment(pts, lambda i, j, f=frac: est.cost(i, j, f))
         if b:
             cuts.append((f"dp{frac:g}", b))
     for m in range(mmin, mmin + 3):
         if m <= n:
             b, _ = min_max_chunks(Ls, m)
             cuts.append((f"minmax{m}", b))
-    seen, out = set(), []
     for name, b in cuts:
         if tuple(b) not in seen:
             seen.add(tuple(b))
-            out.append((name, b))
+            out.append((name, [np.arange(x, y) for x, y in zip(b[:-1], b[1:])]))
     return out
 
 
@@ -713,43 +720,45 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, t0
     order = np.argsort(-lengths, kind="stable")
     Ls = lengths[order]
     taus = seq_tau_table(Ls, ctx.cost, ctx.degrees)
-    cache: dict[tuple[int, int], MBSolution | None] = {}
-    mcache: dict[tuple[int, int], MBSolution] = {}
+    cache: dict[bytes, MBSolution | None] = {}
+    mcache: dict[bytes, MBSolution] = {}
 
-    def solve(a: int, b: int) -> MBSolution | None:
-        if (a, b) not in cache:
-            cache[(a, b)] = solve_micro_batch(ctx, Ls[a:b], taus[a:b])
-        return cache[(a, b)]
+    def solve(idx: np.ndarray) -> MBSolution | None:
+        key = idx.tobytes()
+        if key not in cache:
+            cache[key] = solve_micro_batch(ctx, Ls[idx], taus[idx])
+        return cache[key]
 
-    def improve(a: int, b: int, until: float) -> MBSolution:
-        if (a, b) not in mcache:
-            mcache[(a, b)] = _milp_shots(ctx, Ls[a:b], taus[a:b], cache[(a, b)], until)
-        return mcache[(a, b)]
+    def improve(idx: np.ndarray, until: float) -> MBSolution:
+        key = idx.tobytes()
+        if key not in mcache:
+            mcache[key] = _milp_shots(ctx, Ls[idx], taus[idx], cache[key], until)
+        return mcache[key]
 
     def total(mbs) -> float:
         return float(sum(sol.time_ms for _, sol in mbs))
 
-    # 1. every candidate cut, scored by the greedy
-    scored: list[tuple[float, str, list[int]]] = []
-    for name, bounds in _candidate_cuts(ctx, Ls, taus):
+    # 1. every candidate split, scored by the greedy
+    scored: list[tuple[float, str, list[np.ndarray]]] = []
+    for name, parts in _candidate_splits(ctx, Ls, taus):
         tot = 0.0
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            sol = solve(a, b)
+        for idx in parts:
+            sol = solve(idx)
             if sol is None:
                 tot = np.inf
                 break
             tot += sol.time_ms
         if np.isfinite(tot):
-            scored.append((tot, name, bounds))
+            scored.append((tot, name, parts))
     info: dict = {"cuts_tried": len(scored)}
     if not scored:
         safe = _safe_plan(ctx, Ls, taus)
         info["cut"] = "safe"
         return [(order[idx], sol) for idx, sol in safe], info
     scored.sort(key=lambda x: x[0])
-    # 2. greedy plan: best cut, then pull sequences into idle room of slow micro-batches
-    _, name, bounds = scored[0]
-    best = [[np.arange(a, b), cache[(a, b)]] for a, b in zip(bounds[:-1], bounds[1:])]
+    # 2. greedy plan: best split, polished, then pull sequences into idle room of slow micro-batches
+    _, name, parts = scored[0]
+    best = [[idx, cache[idx.tobytes()]] for idx in parts]
     info["polish_moves"] = _polish(ctx, Ls, taus, best)
     info["fill_pulls"] = _fill_pass(ctx, Ls, taus, best, t0 + 10.0 * time_limit_s)
     info["cut"] = name
@@ -760,11 +769,11 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, t0
             best[m][1] = _milp_shots(ctx, Ls[idx], taus[idx], sol, t0 + 0.5 * time_limit_s)
         # 4. the best few cuts re-scored with the MILP, filled, compared
         soft = t0 + 0.5 * time_limit_s
-        for _, name2, bounds2 in scored[:3]:
+        for _, name2, parts2 in scored[:3]:
             if time.perf_counter() > soft:
                 break
-            pairs = sorted(zip(bounds2[:-1], bounds2[1:]), key=lambda ab: -cache[ab].time_ms)
-            cand = [[np.arange(a, b), improve(a, b, soft)] for a, b in pairs]
+            parts2 = sorted(parts2, key=lambda idx: -cache[idx.tobytes()].time_ms)
+            cand = [[idx, improve(idx, soft)] for idx in parts2]
             _fill_pass(ctx, Ls, taus, cand, soft)
             for m in range(len(cand)):
                 idx, sol = cand[m]

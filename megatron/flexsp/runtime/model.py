@@ -10,7 +10,7 @@ RoPE follows the per-token position ids (which restart at every packed document)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -126,6 +126,13 @@ def to_transformer_config(cfg: GPTConfig):
         context_parallel_size=1,
         sequence_parallel=False,
     )
+    # Newer megatron-core versions may carry these on the config, and GPTModel then prefers the
+    # config's value over its constructor argument: set them where the field exists.
+    names = {f.name for f in fields(TransformerConfig)}
+    if "position_embedding_type" in names:
+        kw["position_embedding_type"] = cfg.position_embedding_type
+    if "rotary_base" in names:
+        kw["rotary_base"] = cfg.rotary_base
     kw.update(cfg.extra)
     return TransformerConfig(**kw)
 
@@ -167,6 +174,9 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
             position_embedding_type=cfg.position_embedding_type,
             rotary_base=cfg.rotary_base,
         )
+    if getattr(model, "position_embedding_type", cfg.position_embedding_type) != cfg.position_embedding_type:
+        raise RuntimeError(f"megatron GPTModel built with position embedding {model.position_embedding_type!r}, "
+                           f"not the requested {cfg.position_embedding_type!r}")
     if flexsp_attention and cfg.position_embedding_type == "rope":
         rope.attach(model)
     model._flexsp_cfg = cfg  # read by shard_model / the executor (bf16 compute policy, heads)

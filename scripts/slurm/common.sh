@@ -124,10 +124,16 @@ flexsp_train() {
 
 # flexsp_compare [EXTRA TRAINER FLAGS...]: every sp-mode on the same data, then one table.
 flexsp_compare() {
-  local mode rc=0
-  for mode in ${FLEXSP_COMPARE_MODES:-flexsp static batch-adaptive megatron-hybrid-cp}; do
-    flexsp_train "$mode" "$@" || { echo "flexsp-slurm: sp-mode $mode failed" >&2; rc=1; }
+  local mode rc=0 specs=()
+  for mode in ${FLEXSP_COMPARE_MODES:-static flexsp batch-adaptive megatron-hybrid-cp}; do
+    if flexsp_train "$mode" "$@"; then
+      specs+=("$mode=$FLEXSP_RUN_DIR/metrics-$mode.jsonl")
+    else
+      echo "flexsp-slurm: sp-mode $mode failed" >&2; rc=1
+    fi
   done
-  "$FLEXSP_PYTHON" "$FLEXSP_ROOT/scripts/slurm/metrics_table.py" "$FLEXSP_RUN_DIR"/metrics-*.jsonl
+  [ ${#specs[@]} -gt 0 ] || flexsp_die "every sp-mode failed"
+  "$FLEXSP_PYTHON" -m megatron.flexsp.training.summary compare "${specs[@]}" --baseline static \
+    | tee "$FLEXSP_RUN_DIR/compare_table.txt"
   return $rc
 }

@@ -323,14 +323,18 @@ class _Session:
     def _seqs(self, lengths: Sequence[int]):
         return [self.torch.randint(0, self.vocab, (s + 1,), generator=self._gen) for s in lengths]
 
-    def _degree1_plan(self, per_rank: Sequence[int]):
-        """Every rank its own group holding sequences of ``per_rank`` lengths (one micro-batch)."""
+    def _degree1_plan(self, per_rank: Sequence[int], micro_batches: int = 1):
+        """Every rank its own group holding sequences of ``per_rank`` lengths, in each micro-batch."""
         from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
 
         k = len(per_rank)
-        lengths = [int(s) for _ in range(self.world) for s in per_rank]
-        groups = [Group(ranks=[r], sequences=list(range(r * k, (r + 1) * k))) for r in range(self.world)]
-        return Plan(world_size=self.world, lengths=lengths, micro_batches=[MicroBatch(groups=groups)])
+        lengths = [int(s) for _ in range(micro_batches * self.world) for s in per_rank]
+        mbs = []
+        for m in range(micro_batches):
+            base = m * self.world * k
+            mbs.append(MicroBatch(groups=[Group(ranks=[r], sequences=list(range(base + r * k, base + (r + 1) * k)))
+                                          for r in range(self.world)]))
+        return Plan(world_size=self.world, lengths=lengths, micro_batches=mbs)
 
     def _step(self, plan, seqs) -> float:
         """Wall ms of one executor run (forward+backward of the plan), slowest rank."""
@@ -396,17 +400,22 @@ class _Session:
         return self._max(mb)
 
     # -- compute
-    def compute_samples(self, lengths: Sequence[int]) -> list[dict[str, Any]]:
-        """Single sequences of every length, plus packs of equal sequences filling the longest."""
+    def compute_samples(self, lengths: Sequence[int], micro_batches: int = 4) -> list[dict[str, Any]]:
+        """Single sequences of every length, plus packs of equal sequences filling the longest.
+
+        Each timing runs ``micro_batches`` identical micro-batches in one executor call (as a
+        training step does) and is divided by their number, so the once-per-step work (plan
+        check, loss all-reduce) is not charged to every micro-batch's beta1.
+        """
         top = max(lengths)
         shapes = [[s] for s in lengths] + [[s] * (top // s) for s in lengths if top // s >= 2]
         out = []
         for per_rank in shapes:
-            plan = self._degree1_plan(per_rank)
+            plan = self._degree1_plan(per_rank, micro_batches)
             seqs = self._seqs(plan.lengths)
             for _ in range(self.pcfg.warmup):
                 self._step(plan, seqs)
-            times = [self._step(plan, seqs) for _ in range(self.pcfg.repeats)]
+            times = [self._step(plan, seqs) / micro_batches for _ in range(self.pcfg.repeats)]
             out.append({"lengths": list(per_rank), "ms": statistics.median(times), "all_ms": times})
         self.optimizer.zero_grad(set_to_none=True)
         return out
@@ -517,9 +526,11 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
         f"{lin.slope:.5f} MB/token, limit {limit_gb:.4g} GB -> {tokens_per_gpu} tokens per GPU "
         f"({time.perf_counter() - t_start:.0f}s)")
 
-    top = min(pcfg.max_len, tokens_per_gpu)
+    # On GPU a degree-1 sample must fit the device; on CPU the limit is a configured number, and
+    # timing up to --seq-length keeps alpha1 from being extrapolated far beyond the samples.
+    top = min(pcfg.max_len, tokens_per_gpu) if cuda else pcfg.max_len
     lengths = sorted(set(pcfg.lengths)) if pcfg.lengths else _geometric(max(32, top // 32), top, 6)
-    too_long = [s for s in lengths if s > tokens_per_gpu]
+    too_long = [s for s in lengths if s > tokens_per_gpu] if cuda else []
     if too_long:
         raise ProfileError(f"--profile-lengths {too_long} do not fit one GPU ({tokens_per_gpu} tokens)")
     if len(lengths) < 3:

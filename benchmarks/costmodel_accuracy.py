@@ -1,0 +1,135 @@
+"""Cost-model accuracy on the CPU cluster: profile, train every sp-mode, estimated vs measured ms.
+
+Why: the planner optimises the cost model's estimate, so the estimate must track what the
+runtime really does. This benchmark runs `flexsp-profile` on N gloo ranks (the same model
+flags as the trainer), then trains each sp-mode with that cost model and compares, per
+iteration after a warm-up, the plan's estimate (planner/plan.estimate_plan_ms) with
+
+* the measured iteration time (iter_ms: plan wait, data, forward+backward, optimizer step) and
+* the measured forward+backward time (compute_ms: the slowest rank's executor time), which is
+  what the cost model describes (it has no term for the optimizer step).
+
+Target: within 15% (mean absolute error of the per-iteration estimates). Prints one table.
+
+    python benchmarks/costmodel_accuracy.py [--nproc 4] [--train-iters 8] [--cost-model FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], log: Path, timeout: float) -> None:
+    """Run a torchrun command, output to ``log``; kill its whole process group on timeout."""
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise SystemExit(f"timed out after {timeout:.0f}s: {' '.join(cmd)} (log: {log})")
+    if rc != 0:
+        tail = [x for x in log.read_text().splitlines() if "Warning" not in x and "warn(" not in x][-25:]
+        raise SystemExit(f"failed (exit {rc}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--train-iters", type=int, default=8)
+    p.add_argument("--skip", type=int, default=2, help="warm-up iterations left out (default 2)")
+    p.add_argument("--global-batch-size", type=int, default=32)
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--capacity-tokens", type=int, default=None,
+                   help="tokens one rank holds (artificial CPU memory limit; default seq-length / nproc, so the "
+                        "longest documents need every rank)")
+    p.add_argument("--profile-repeats", type=int, default=3)
+    p.add_argument("--cost-model", default=None, help="use this cost-model JSON instead of profiling")
+    p.add_argument("--out", default=None, help="output folder (default outputs/costmodel-accuracy-<time>)")
+    p.add_argument("--timeout-s", type=float, default=900)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more trainer flags for every run")
+    a = p.parse_args(argv)
+    out = Path(a.out or ROOT / "outputs" / f"costmodel-accuracy-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [x for x in a.extra if x != "--"]
+    model = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+             "--num-query-groups", "2", "--swiglu", "--seq-length", str(a.seq_length), "--seed", "1234"]
+
+    cost_path = Path(a.cost_model) if a.cost_model else out / "cost_model.json"
+    if not a.cost_model:
+        cap = a.capacity_tokens or max(1, a.seq_length // a.nproc)
+        t0 = time.perf_counter()
+        print(f"profiling on {a.nproc} gloo ranks (capacity {cap} tokens per rank) ...", flush=True)
+        _run(_torchrun(a.nproc) + ["-m", "megatron.flexsp.training.profiler", *model, *extra,
+                                    "--capacity-tokens", str(cap), "--profile-repeats", str(a.profile_repeats),
+                                    "--profile-warmup", "1", "--output", str(cost_path)],
+             out / "profile.log", a.timeout_s)
+        print(f"  done in {time.perf_counter() - t0:.0f}s: {cost_path}")
+        for line in (out / "profile.log").read_text().splitlines():
+            if line.startswith(("compute fit", "  ", "memory (")) and "Warning" not in line:
+                print(line)
+    cm = json.loads(cost_path.read_text())
+    print(f"cost model: alpha1 {cm['compute']['alpha1_ms_per_token2']:.3g} alpha2 "
+          f"{cm['compute']['alpha2_ms_per_token']:.3g} beta1 {cm['compute']['beta1_ms']:.3g} ms, bandwidth "
+          f"{cm['alltoall']['bandwidth_gbs']} GB/s, {cm['memory']['activation_mb_per_token']:.4g} MB/token")
+
+    rows = []
+    for mode in [m for m in a.modes.split(",") if m]:
+        metrics = out / f"metrics-{mode}.jsonl"
+        metrics.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        _run(_torchrun(a.nproc) + ["pretrain_gpt_flexsp.py", *model, "--global-batch-size", str(a.global_batch_size),
+                                    "--train-iters", str(a.train_iters), "--lr", "1e-3", "--log-interval", "1",
+                                    "--no-progress-bar", "--flexsp-cost-model", str(cost_path), "--sp-mode", mode,
+                                    "--metrics-file", str(metrics), *extra],
+             out / f"train-{mode}.log", a.timeout_s)
+        recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        use = recs[a.skip:] if len(recs) > a.skip else recs[-1:]
+        est = [r["estimated_ms"] for r in use]
+        it = [r["iter_ms"] for r in use]
+        fb = [r["compute_ms"] for r in use]
+        err_it = statistics.mean(abs(e - m) / m for e, m in zip(est, it))
+        err_fb = statistics.mean(abs(e - m) / m for e, m in zip(est, fb))
+        rows.append((mode, len(use), statistics.mean(est), statistics.mean(fb), statistics.mean(it), err_fb, err_it,
+                     statistics.mean(r["micro_batches"] for r in use)))
+        print(f"  {mode}: {len(recs)} iterations in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    print()
+    print(f"{'sp-mode':<20}{'iters':>6}{'mb/iter':>8}{'est ms':>10}{'fwd+bwd ms':>12}{'iter ms':>10}"
+          f"{'err fwd+bwd':>13}{'err iter':>10}  within 15%")
+    for mode, n, e, fb, it, efb, eit, mb in rows:
+        ok = "yes" if eit <= 0.15 else ("fwd+bwd only" if efb <= 0.15 else "no")
+        print(f"{mode:<20}{n:>6}{mb:>8.1f}{e:>10.1f}{fb:>12.1f}{it:>10.1f}{100 * efb:>12.1f}%{100 * eit:>9.1f}%  {ok}")
+    print("(err: mean over iterations of |estimate - measured| / measured; estimate = plan.estimated_time_ms)")
+    print(f"(logs, metrics and the cost model in {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -199,7 +199,7 @@ def _run_once(fn, world_size, args, kwargs, timeout, backend, pg_timeout, thread
             p = ctx.Process(
                 target=_child,
                 args=(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, threads, dict(env or {}), result_q),
-                daemon=True,
+                daemon=False,  # ranks may start processes of their own (e.g. the planner hook); we kill them below
                 name=f"dist-rank{rank}",
             )
             p.start()

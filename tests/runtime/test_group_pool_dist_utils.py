@@ -78,3 +78,23 @@ def test_port_taken_in_between_is_retried(monkeypatch):
     finally:
         taken.close()
     assert not ports
+
+
+def _child_of_rank(rank, ws):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_put_square, args=(q, rank))
+    p.start()
+    v = q.get(timeout=60)
+    p.join(timeout=30)
+    return v
+
+
+def _put_square(q, x):
+    q.put(x * x)
+
+
+def test_ranks_may_start_their_own_processes():
+    assert run_distributed(_child_of_rank, 2, timeout=90) == [0, 1]

@@ -95,13 +95,32 @@ def shard_model(model: nn.Module, mode: str = "fsdp2", *, group=None, sync_param
     for layer in _transformer_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
-    for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor"):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
+    _sum_gradients(model)
     model._flexsp_sharding = "fsdp2"
     model._flexsp_group = group
     return model
+
+
+def _sum_gradients(model: nn.Module) -> None:
+    """Make every FSDP2 unit reduce gradients by plain SUM (divide factor 1).
+
+    ``set_force_sum_reduction_for_comms`` (torch >= 2.8) keeps the collective a ReduceOp.SUM
+    (gloo has no PREMUL_SUM); older torch names the factor setter
+    ``set_reduce_scatter_divide_factor``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+        elif hasattr(m, "set_reduce_scatter_divide_factor"):
+            m.set_reduce_scatter_divide_factor(1.0)
+        else:
+            raise RuntimeError("this torch's FSDP2 cannot set a gradient divide factor; torch >= 2.6 is needed")
+        if hasattr(m, "set_force_sum_reduction_for_comms"):
+            m.set_force_sum_reduction_for_comms(True)
 
 
 def sharding_mode_of(model: nn.Module) -> str | None:

@@ -81,9 +81,12 @@ class FlexSPExecutor:
     ``model``: a GPTModel from ``build_gpt_model``, prepared with ``shard_model(model, mode)``.
     ``pool``: the GroupPool holding every group the plans use. ``sharding_mode`` must match
     ``shard_model``. ``pad_multiple``: packing granularity the attention backend needs (the
-    packed length of a group is padded to a multiple of ``degree * pad_multiple``).
-    With ``sync_grads`` (default) ``run`` also finishes the plain data-parallel gradient
-    all-reduce, so after ``run`` gradients are global sums in both modes.
+    packed length of a group is padded to a multiple of lcm(degree, pad_multiple); 1 for the
+    current backends). With ``sync_grads`` (default) ``run`` also finishes the plain
+    data-parallel gradient all-reduce, so after ``run`` gradients are global sums in both modes
+    (do not call ``finish_grad_sync`` again). ``time_cuda`` synchronises the device around
+    forward and backward so the per-rank ms are exact (small cost; off = launch times only).
+    ``check_consistency`` compares the plan across ranks (one tiny all-reduce per step).
     """
 
     def __init__(self, model: nn.Module, pool, *, sharding_mode: str = "fsdp2", pad_multiple: int = 1,
@@ -149,6 +152,8 @@ class FlexSPExecutor:
                                 f"position embeddings ({self.max_positions})")
         except (PlanError, ValueError) as e:
             return str(e)
+        except Exception as e:  # noqa: BLE001 - any local failure must reach the agreement step, not hang peers
+            return f"{type(e).__name__}: {e}"
         return None
 
     def validate(self, plan: Plan, sequences: Sequence[Tensor]) -> None:

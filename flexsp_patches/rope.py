@@ -20,7 +20,7 @@ Mechanism (two narrow hooks, both inert unless a model was attached with ``attac
    dtype casts of module inputs).
 2. ``install()``: replaces the name ``apply_rotary_pos_emb`` in
    ``megatron.core.transformer.attention`` (megatron's rope dispatcher, imported there from
-   rope_utils) by a wrapper that, for tagged per-token frequencies, applies megatron's own
+   rope_utils) by a wrapper that, for per-token frequencies (marker type), applies megatron's own
    unfused ``_apply_rotary_pos_emb_bshd`` token by token (on a plain-tensor view, so the marker
    type never reaches the activations) and ignores ``cu_seqlens``; every other call goes to the
    original unchanged. Only the unfused path is used (the model config sets

@@ -35,7 +35,9 @@ def _train_modes(rank, world_size, out_dir):
     res = {}
     for mode in MODES:
         metrics = os.path.join(out_dir, f"{mode}.jsonl")
-        extra = ["--eval-interval", "3", "--eval-iters", "1"] if mode == "batch-adaptive" else []
+        extra = {"batch-adaptive": ["--eval-interval", "3", "--eval-iters", "1"],
+                 # paired baseline steps run before or after the real one; their gradients must not leak
+                 "flexsp": ["--flexsp-compare-with", "static"]}.get(mode, [])
         args = A.parse_args(BASE + extra + ["--sp-mode", mode, "--metrics-file", metrics, "--flexsp-plan-ahead",
                                             "0", "--flexsp-dump-plans", os.path.join(out_dir, f"plans-{mode}")])
         records = train(args, launch_env())
@@ -72,6 +74,11 @@ def test_every_mode_trains_with_the_same_losses(mode_runs):
         lines = [json.loads(x) for x in (out / f"{mode}.jsonl").read_text().splitlines()]
         valid = [x for x in lines if "valid_loss" in x]
         lines = [x for x in lines if "valid_loss" not in x]
+        if mode == "flexsp":  # the paired static step saw the same batch and weights: same loss
+            for x in lines:
+                assert x["baseline_mode"] == "static" and x["baseline_exec_ms"] > 0
+                assert x["baseline_loss"] == pytest.approx(x["loss"], rel=2e-5)
+            assert {x["baseline_first"] for x in lines} == {True, False}
         if mode == "batch-adaptive":  # validation every 3 iterations, on real text: a sane loss
             assert [x["iteration"] for x in valid] == [3, 6]
             assert all(0 < x["valid_loss"] < 6.0 for x in valid)

@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--flexsp-plan-ahead", type=_nonneg_int, default=2,
                    help="global batches planned ahead in a background process on rank 0 (0: plan inline)")
     f.add_argument("--flexsp-dump-plans", default=None, metavar="DIR", help="write every plan as JSON here")
+    f.add_argument("--flexsp-compare-with", choices=[m for m in SP_MODES if m != "flexsp"], default=None,
+                   help="also run every global batch under this baseline's plan (same model, same batch, right "
+                        "before the real step; its gradients are dropped) and log both times: a paired comparison "
+                        "in the same run conditions, immune to load drift on shared machines")
     f.add_argument("--flexsp-sharding", choices=["fsdp2", "ddp"], default="fsdp2",
                    help="model-state sharding: fsdp2 (ZeRO-3) or ddp (replicated, for debugging)")
     return p
@@ -362,12 +366,14 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
         biggest = max(allowed)
         err(f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
             f"{cost.capacity(biggest)} tokens under cost model '{cost.name}'; lower --seq-length or add ranks")
+    if args.flexsp_compare_with is not None and args.flexsp_compare_with == args.sp_mode:
+        err(f"--flexsp-compare-with {args.flexsp_compare_with} is the --sp-mode itself; pick another mode")
     cp = args.context_parallel_size
     if cp is not None:
-        if args.sp_mode != "static" and cp != 1:
+        if args.sp_mode != "static" and args.flexsp_compare_with != "static" and cp != 1:
             err(f"--context-parallel-size {cp} applies to --sp-mode static only (--sp-mode {args.sp_mode} "
                 "chooses its degrees per micro-batch)")
-        if args.sp_mode == "static":
+        if "static" in (args.sp_mode, args.flexsp_compare_with):
             if heads % cp:
                 err(f"--num-attention-heads {heads} is not divisible by --context-parallel-size {cp}")
             if world_size % cp:

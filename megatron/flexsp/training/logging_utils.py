@@ -79,6 +79,9 @@ def format_line(r: IterationRecord, train_iters: int) -> str:
     groups = " ".join(f"d{d}x{n}" for d, n in sorted(r.groups_by_degree.items()))
     est = f"{r.estimated_ms:.1f}" if r.estimated_ms is not None else "-"
     src = "" if r.plan_source in ("planner", "inline") else f" | plan {r.plan_source}"
+    if r.extra.get("baseline_exec_ms") and r.extra.get("exec_ms"):
+        src += (f" | step {r.extra['exec_ms']:.0f} ms vs {r.extra['baseline_mode']} "
+                f"{r.extra['baseline_exec_ms']:.0f} ms")
     return (f" iteration {r.iteration:>6}/{train_iters} | loss {r.loss:.5f} | lr {r.lr:.3E} | "
             f"grad norm {r.grad_norm:.3f} | tokens/s {r.tokens_per_s:,.0f} | ms/iter {r.iter_ms:.1f} | "
             f"est ms {est} | micro-batches {r.micro_batches} | groups {groups} | a2a {100 * r.a2a_share:.1f}%"

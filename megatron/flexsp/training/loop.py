@@ -247,6 +247,10 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
     pcfg = dict(world_size=env.world_size, method=args.sp_mode, time_limit_s=args.flexsp_time_limit,
                 max_seq_len=args.seq_length, static_degree=args.context_parallel_size if args.sp_mode == "static"
                 else None, seed=args.seed)
+    cmp_cfg = None
+    if args.flexsp_compare_with:
+        cmp_cfg = dict(pcfg, method=args.flexsp_compare_with,
+                       static_degree=args.context_parallel_size if args.flexsp_compare_with == "static" else None)
     hook = PlannerHook(cost, pcfg, sampler.batch_lengths if env.rank == 0 else None,
                        plan_ahead=args.flexsp_plan_ahead, rank=env.rank, dump_dir=args.flexsp_dump_plans,
                        max_iterations=args.train_iters)
@@ -299,7 +303,25 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
                                    "sampler disagree); this is a bug")
             seqs = _batch_sequences(train_ds, indices)
             lr = scheduler.set_for_next_step()
+            extra: dict[str, Any] = {}
+            baseline_first = cmp_cfg is not None and k % 2 == 0  # alternate: both orders equally often
+            if baseline_first:
+                extra = _run_baseline(executor, optimizer, cost, cmp_cfg, lengths, seqs, device)
+            t_exec = time.perf_counter()
             result = executor.run(plan, seqs)  # gradients are global sums afterwards (fsdp2 and ddp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            exec_ms = (time.perf_counter() - t_exec) * 1e3
+            if cmp_cfg is not None and not baseline_first:
+                stash = [(p, p.grad) for p in model.parameters()]
+                for p_, _ in stash:
+                    p_.grad = None
+                extra = _run_baseline(executor, optimizer, cost, cmp_cfg, lengths, seqs, device)
+                for p_, g in stash:
+                    p_.grad = g
+                del stash
+            if extra:
+                extra["baseline_first"] = baseline_first
             gnorm = clip_grad_norm(model.parameters(), args.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -320,7 +342,7 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
                 estimated_ms=plan.estimated_time_ms, micro_batches=plan.num_micro_batches, sp_mode=args.sp_mode,
                 groups_by_degree=plan.degree_histogram(), compute_ms=float(t[0]), a2a_ms=float(t[1]),
                 plan_source=info.source, plan_wait_ms=info.wait_ms, solve_time_s=info.solve_time_s,
-                num_sequences=len(lengths),
+                num_sequences=len(lengths), extra=dict(extra, exec_ms=exec_ms),
             )
             logger.log(rec)
             if valid_sampler is not None and it % args.eval_interval == 0:
@@ -347,6 +369,25 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
         return logger.records
     finally:
         hook.close()
+
+
+def _run_baseline(executor, optimizer, cost, cfg: dict[str, Any], lengths, seqs, device) -> dict[str, Any]:
+    """Execute the baseline's plan of this batch and time it; its gradients are dropped (the caller
+    stashes the real step's gradients when the baseline runs second)."""
+    from megatron.flexsp.planner.plan import Plan
+
+    from .planner_hook import broadcast_plan, plan_inline
+
+    d = plan_inline(lengths, cost, cfg).to_dict() if dist.get_rank() == 0 else None
+    plan = Plan.from_dict(broadcast_plan(d))
+    t0 = time.perf_counter()
+    res = executor.run(plan, seqs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3
+    optimizer.zero_grad(set_to_none=True)
+    return {"baseline_mode": cfg["method"], "baseline_exec_ms": ms, "baseline_loss": float(res.loss),
+            "baseline_estimated_ms": plan.estimated_time_ms, "baseline_micro_batches": plan.num_micro_batches}
 
 
 def evaluate(executor, optimizer, cost, pcfg: dict[str, Any], dataset, sampler, iters: int) -> float:

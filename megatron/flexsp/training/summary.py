@@ -36,6 +36,16 @@ class RunSummary:
     a2a_share: float
     groups_by_degree: dict[str, int]
     fallback_plans: int
+    paired_baseline: str | None = None  # --flexsp-compare-with: same batches, executed back to back
+    exec_ms: float | None = None
+    baseline_exec_ms: float | None = None
+    max_loss_diff: float | None = None
+
+    @property
+    def paired_speedup(self) -> float | None:
+        if not self.exec_ms or self.baseline_exec_ms is None:
+            return None
+        return self.baseline_exec_ms / self.exec_ms
 
 
 def warmup_count(n: int) -> int:
@@ -61,6 +71,13 @@ def summarize(records: Sequence[Mapping[str, Any]], name: str = "run") -> RunSum
         for d, n in (r.get("groups_by_degree") or {}).items():
             groups[str(d)] = groups.get(str(d), 0) + int(n)
     a2a = sum(r.get("a2a_ms", r.get("a2a_share", 0.0) * r["iter_ms"]) for r in body)
+    paired = [r for r in body if r.get("baseline_exec_ms") is not None and r.get("exec_ms")]
+    pair_kw: dict[str, Any] = {}
+    if paired and len(paired) == len(body):
+        pair_kw = dict(paired_baseline=str(paired[-1].get("baseline_mode")),
+                       exec_ms=sum(r["exec_ms"] for r in paired) / len(paired),
+                       baseline_exec_ms=sum(r["baseline_exec_ms"] for r in paired) / len(paired),
+                       max_loss_diff=max(abs(r["baseline_loss"] - r["loss"]) for r in paired))
     return RunSummary(
         name=name, sp_mode=str(recs[-1].get("sp_mode", "?")), iterations=int(recs[-1]["iteration"]),
         measured_iterations=len(body), tokens_per_s=tokens / (ms / 1e3) if ms > 0 else 0.0,
@@ -69,6 +86,7 @@ def summarize(records: Sequence[Mapping[str, Any]], name: str = "run") -> RunSum
         micro_batches=sum(r["micro_batches"] for r in body) / len(body), a2a_share=a2a / ms if ms > 0 else 0.0,
         groups_by_degree=dict(sorted(groups.items(), key=lambda kv: int(kv[0]))),
         fallback_plans=sum(1 for r in recs if str(r.get("plan_source", "")).startswith("fallback")),
+        **pair_kw,
     )
 
 
@@ -105,6 +123,13 @@ def format_summary(s: RunSummary) -> str:
         ("fallback plans", str(s.fallback_plans)),
         ("loss first -> final", f"{s.first_loss:.4f} -> {s.final_loss:.4f}"),
     ]
+    if s.paired_speedup is not None:
+        rows += [
+            (f"paired: {s.sp_mode} step ms", f"{s.exec_ms:.1f}"),
+            (f"paired: {s.paired_baseline} step ms", f"{s.baseline_exec_ms:.1f}  (same batches, back to back)"),
+            (f"paired speedup over {s.paired_baseline}", f"{s.paired_speedup:.2f}x"),
+            ("paired: largest loss difference", f"{s.max_loss_diff:.2e}"),
+        ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 30)
     return "\n".join([line, "training summary", line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])

@@ -1,0 +1,275 @@
+"""Single-GPU check of the cluster code paths (run by scripts/device_check.sh, under 5 minutes).
+
+1. Attention: FlexSPCoreAttention (the module the GPT layers use) with the Transformer Engine
+   and flash-attn varlen backends against the SDPA backend, forward and backward, bf16, on
+   packed documents of very different lengths with GQA. Reference: SDPA in fp32; a kernel
+   passes when its bf16 error is at most 2x SDPA-in-bf16's own error plus a small floor
+   (the usual way to judge low-precision attention kernels).
+2. Profiler: flexsp-profile on this GPU (world size 1) for the small GPT used below; prints the
+   fitted cost model.
+3. Training: a few steps of pretrain_gpt_flexsp.py with each available backend (same data, same
+   initial weights): losses must be finite and agree across backends within bf16 noise.
+
+Prints one table and writes device_check.json / device_check.txt / cost_model.json and the logs
+under --out (default $OUT, else outputs/device-check-<time>). Exit codes: 0 all checks passed,
+1 a check failed, 3 no NVIDIA GPU here (nothing was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU_EXIT = 3
+
+
+@dataclass
+class AttentionResult:
+    backend: str
+    status: str  # pass, FAIL, not installed, error
+    fwd_err: float = float("nan")
+    fwd_ref_err: float = float("nan")
+    grad_err: float = float("nan")
+    grad_ref_err: float = float("nan")
+    ms: float = float("nan")
+    detail: str = ""
+
+
+@dataclass
+class TrainResult:
+    backend: str
+    status: str
+    losses: list[float] = field(default_factory=list)
+    tokens_per_s: float = float("nan")
+    iter_ms: float = float("nan")
+    detail: str = ""
+
+
+def max_err(x, ref) -> float:
+    """Largest absolute difference, relative to the reference's largest magnitude."""
+    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+
+
+def passes(err: float, ref_err: float, floor: float = 1e-3) -> bool:
+    """bf16 kernel error within twice the bf16 SDPA error (plus a floor for exact-ish kernels)."""
+    return math.isfinite(err) and err <= 2.0 * ref_err + floor
+
+
+def attention_run(backend: str, q, k, v, cu, max_len: int, grad_out):
+    """FlexSPCoreAttention forward + backward at degree 1; returns (out, dq, dk, dv)."""
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+
+    total, heads, dim = q.shape
+    cfg = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
+                            num_query_groups=k.shape[1], kv_channels=dim, attention_dropout=0.0,
+                            bf16=q.dtype == torch.bfloat16, params_dtype=q.dtype)
+    mod = FlexSPCoreAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, backend=backend)
+    qq, kk, vv = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                          max_seqlen_kv=max_len)
+    out = mod(qq.unsqueeze(1), kk.unsqueeze(1), vv.unsqueeze(1), None, packed_seq_params=psp)
+    out = out.view(total, heads, dim)
+    out.backward(grad_out)
+    return out.detach(), qq.grad, kk.grad, vv.grad
+
+
+def attention_check(backend: str, *, device: str = "cuda", doc_lengths: Sequence[int] = (1, 17, 300, 1024, 2048, 77),
+                    heads: int = 16, kv_heads: int = 4, dim: int = 128, dtype_name: str = "bfloat16",
+                    seed: int = 0) -> AttentionResult:
+    """One backend against SDPA (fp32 reference; SDPA in the same dtype gives the error budget)."""
+    import torch
+
+    from megatron.flexsp.runtime.attention import resolve_backend
+
+    if backend != "sdpa":
+        try:
+            resolve_backend(backend)
+        except ImportError as e:
+            return AttentionResult(backend, "not installed", detail=str(e).split(";")[0])
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    total = sum(doc_lengths)
+    q = torch.randn(total, heads, dim, generator=g).to(device)
+    k = torch.randn(total, kv_heads, dim, generator=g).to(device)
+    v = torch.randn(total, kv_heads, dim, generator=g).to(device)
+    go = torch.randn(total, heads, dim, generator=g).to(device)
+    cu = torch.tensor([0, *torch.tensor(doc_lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    max_len = max(doc_lengths)
+    try:
+        ref = attention_run("sdpa", q, k, v, cu, max_len, go)  # fp32 reference
+        low = [x.to(dtype) for x in (q, k, v)]
+        base = attention_run("sdpa", *low, cu, max_len, go.to(dtype))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        got = attention_run(backend, *low, cu, max_len, go.to(dtype))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+    except Exception as e:  # noqa: BLE001 - reported in the table, the check goes on
+        return AttentionResult(backend, "error", detail=f"{type(e).__name__}: {e}"[:300])
+    fwd, fwd_ref = max_err(got[0], ref[0]), max_err(base[0], ref[0])
+    grad = max(max_err(a, b) for a, b in zip(got[1:], ref[1:]))
+    grad_ref = max(max_err(a, b) for a, b in zip(base[1:], ref[1:]))
+    ok = passes(fwd, fwd_ref) and passes(grad, grad_ref)
+    return AttentionResult(backend, "pass" if ok else "FAIL", fwd, fwd_ref, grad, grad_ref, ms)
+
+
+# ------------------------------------------------------------------------ subprocess stages
+
+def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return 124, f"timed out after {timeout:.0f}s"
+    tail = [x for x in log.read_text().splitlines() if "Warning" not in x and "warn(" not in x]
+    return rc, "\n".join(tail[-12:])
+
+
+MODEL = ["--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16", "--group-query-attention",
+         "--num-query-groups", "4", "--swiglu", "--seq-length", "8192", "--seed", "1234"]
+
+
+def profile_stage(out: Path, timeout: float) -> tuple[str, str]:
+    cmd = [sys.executable, "-m", "megatron.flexsp.training.profiler", *MODEL, "--bf16",
+           "--profile-repeats", "3", "--profile-warmup", "1", "--output", str(out / "cost_model.json")]
+    rc, tail = _run(cmd, out / "profile.log", timeout)
+    text = (out / "profile.log").read_text()
+    summary = "\n".join(x for x in text.splitlines() if x.startswith(("compute fit", "  ", "memory (", "[flexsp")))
+    return ("pass" if rc == 0 else "FAIL"), (summary if rc == 0 else tail)
+
+
+def train_stage(backend: str, out: Path, cost_model: str, timeout: float, iters: int) -> TrainResult:
+    from megatron.flexsp.runtime.attention import resolve_backend
+
+    if backend != "sdpa":
+        try:
+            resolve_backend(backend)
+        except ImportError as e:
+            return TrainResult(backend, "not installed", detail=str(e).split(";")[0])
+    metrics = out / f"train-{backend}.jsonl"
+    metrics.unlink(missing_ok=True)
+    impl = ["--transformer-impl", "transformer_engine"] if backend == "te" else []
+    cmd = [sys.executable, str(ROOT / "pretrain_gpt_flexsp.py"), *MODEL, "--bf16", "--mock-data",
+           "--global-batch-size", "16", "--train-iters", str(iters), "--lr", "3e-4", "--log-interval", "1",
+           "--no-progress-bar", "--attention-backend", backend, *impl, "--flexsp-cost-model", cost_model,
+           "--metrics-file", str(metrics)]
+    rc, tail = _run(cmd, out / f"train-{backend}.log", timeout)
+    if rc != 0 or not metrics.exists():
+        return TrainResult(backend, "FAIL", detail=tail)
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in recs]
+    use = recs[1:] or recs
+    ms = sum(r["iter_ms"] for r in use)
+    tps = sum(r["tokens"] for r in use) / (ms / 1e3)
+    ok = len(losses) == iters and all(math.isfinite(x) for x in losses)
+    return TrainResult(backend, "pass" if ok else "FAIL", losses, tps, ms / len(use),
+                       "" if ok else f"losses {losses}")
+
+
+def format_report(attn: list[AttentionResult], prof: tuple[str, str] | None, train: list[TrainResult],
+                  gpu: str) -> str:
+    lines = [f"device check on {gpu}", "", "attention vs SDPA (fp32 reference; bf16; max error relative to max |ref|)",
+             f"  {'backend':<8}{'status':<15}{'fwd err':>10}{'sdpa bf16':>11}{'grad err':>10}{'sdpa bf16':>11}"
+             f"{'ms':>9}"]
+    for a in attn:
+        lines.append(f"  {a.backend:<8}{a.status:<15}{a.fwd_err:>10.2e}{a.fwd_ref_err:>11.2e}{a.grad_err:>10.2e}"
+                     f"{a.grad_ref_err:>11.2e}{a.ms:>9.1f}" + (f"  {a.detail}" if a.detail else ""))
+    if prof is not None:
+        lines += ["", f"profiler: {prof[0]}", *("  " + x for x in prof[1].splitlines())]
+    if train:
+        lines += ["", "training (4 layers, hidden 1024, bf16, mock long-tail data, 1 GPU)",
+                  f"  {'backend':<8}{'status':<15}{'first loss':>11}{'last loss':>11}{'ms/iter':>10}{'tokens/s':>11}"]
+        for t in train:
+            first = f"{t.losses[0]:.4f}" if t.losses else "-"
+            last = f"{t.losses[-1]:.4f}" if t.losses else "-"
+            lines.append(f"  {t.backend:<8}{t.status:<15}{first:>11}{last:>11}{t.iter_ms:>10.1f}{t.tokens_per_s:>11.0f}"
+                         + (f"  {t.detail.splitlines()[-1] if t.detail else ''}" if t.status != "pass" else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or None)
+    p.add_argument("--train-iters", type=int, default=4)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-profile", action="store_true")
+    p.add_argument("--stage-timeout-s", type=float, default=150)
+    a = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        print("device_check: no NVIDIA GPU here (torch.cuda.is_available() is False): nothing was checked. Run "
+              "scripts/device_check.sh on a machine with a CUDA GPU and a CUDA build of torch.", file=sys.stderr)
+        return NO_GPU_EXIT
+    out = Path(a.out or ROOT / "outputs" / f"device-check-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    t0 = time.perf_counter()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    attn = [attention_check(b) for b in ("sdpa", "flash", "te")]
+    print(f"[device_check] attention done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    prof = None
+    cost = "gpt-7b"
+    if not a.skip_profile:
+        prof = profile_stage(out, a.stage_timeout_s)
+        if prof[0] == "pass":
+            cost = str(out / "cost_model.json")
+        print(f"[device_check] profiler {prof[0]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    train: list[TrainResult] = []
+    if not a.skip_train:
+        if cost == "gpt-7b":  # no profile: a cost model for this model shape that fits one GPU
+            c = {"name": "device-check fallback", "num_layers": 4, "hidden_size": 1024, "num_attention_heads": 16,
+                 "num_query_groups": 4, "gpus_per_node": 1,
+                 "compute": {"alpha1_ms_per_token2": 1e-7, "alpha2_ms_per_token": 1e-3, "beta1_ms": 5.0},
+                 "alltoall": {"bytes_per_token": 65536, "bandwidth_gbs": {"2": 100.0}},
+                 "memory": {"limit_gb": 60, "model_states_mb": 2000, "activation_mb_per_token": 1.0}}
+            cost = str(out / "cost_model_fallback.json")
+            Path(cost).write_text(json.dumps(c))
+        for b in ("sdpa", "flash", "te"):
+            train.append(train_stage(b, out, cost, a.stage_timeout_s, a.train_iters))
+            print(f"[device_check] training with {b}: {train[-1].status} ({time.perf_counter() - t0:.0f}s)",
+                  flush=True)
+        ran = [t for t in train if t.status == "pass"]
+        if len(ran) > 1:  # same data and weights: first losses agree within bf16 noise
+            l0 = ran[0].losses[0]
+            for t in ran[1:]:
+                if abs(t.losses[0] - l0) > 0.02 * abs(l0):
+                    t.status, t.detail = "FAIL", f"first loss {t.losses[0]:.4f} vs sdpa {l0:.4f}"
+    report = format_report(attn, prof, train, gpu)
+    print(report)
+    (out / "device_check.txt").write_text(report + "\n")
+    (out / "device_check.json").write_text(json.dumps(
+        {"gpu": gpu, "attention": [asdict(x) for x in attn], "profile": prof, "train": [asdict(x) for x in train],
+         "seconds": time.perf_counter() - t0}, indent=2, default=str))
+    failed = [x.backend for x in attn if x.status in ("FAIL", "error")] + \
+             [x.backend for x in train if x.status == "FAIL"] + (["profiler"] if prof and prof[0] != "pass" else [])
+    print(f"[device_check] {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} "
+          f"in {time.perf_counter() - t0:.0f}s; outputs in {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

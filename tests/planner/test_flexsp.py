@@ -90,6 +90,33 @@ def test_edge_cases():
         greedy_plan([10, 0], cost, 64)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_random_cost_models_and_worlds(seed):
+    """Odd head counts (degree sets that are no divisibility chain), 1-8 GPUs per node, 1-8 nodes."""
+    from megatron.flexsp.planner.costmodel import CostModelError, build_cost_model
+
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < 5:
+        gpn = int(rng.choice([1, 2, 4, 8]))
+        ws = gpn * int(rng.choice([1, 2, 3, 4, 6]))
+        try:
+            cost = build_cost_model(
+                name="fuzz", num_layers=4, hidden_size=256, num_attention_heads=int(rng.choice([4, 12, 24, 48, 64])),
+                gpus_per_node=gpn, alpha1_ms_per_token2=float(rng.uniform(1e-7, 1e-4)),
+                alpha2_ms_per_token=float(rng.uniform(1e-3, 0.5)), beta1_ms=float(rng.uniform(0, 100)),
+                bandwidth_gbs={d: float(rng.uniform(0.5, 200)) for d in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)},
+                limit_gb=1.0, model_states_mb=float(rng.uniform(0, 900)),
+                activation_mb_per_token=float(rng.uniform(0.05, 2)))
+        except CostModelError:
+            continue
+        cap = cost.capacity(max(cost.allowed_degrees(ws)))
+        L = np.minimum(rng.lognormal(np.log(max(2, cost.tokens_per_gpu / 3)), 1.0, size=int(rng.integers(1, 60)))
+                       .astype(np.int64) + 1, cap)
+        check(plan_flexsp(L, cost, ws, time_limit_s=0.2), L, cost, ws)
+        done += 1
+
+
 def test_last_resort_plan_is_valid():
     # one sequence per group at its smallest degree, first-fit into micro-batches
     from megatron.flexsp.planner.bounds import seq_tau_table

@@ -97,10 +97,12 @@ class _Groups:
         self.tok = np.zeros(G)
         self.cap = ctx.caps[self.gk]
         self.members: list[list[int]] = [[] for _ in range(G)]
+        self.count = np.zeros(G, dtype=np.int64)
         self.where = np.full(L.size, -1, dtype=np.int64)
 
     def put(self, s: int, g: int) -> None:
         self.members[g].append(s)
+        self.count[g] += 1
         self.load[g] += self.tau[s, self.gk[g]]
         self.tok[g] += self.L[s]
         self.where[s] = g
@@ -108,6 +110,7 @@ class _Groups:
     def take(self, s: int) -> None:
         g = int(self.where[s])
         self.members[g].remove(s)
+        self.count[g] -= 1
         self.load[g] -= self.tau[s, self.gk[g]]
         self.tok[g] -= self.L[s]
         if not self.members[g]:
@@ -116,8 +119,7 @@ class _Groups:
         self.where[s] = -1
 
     def times(self) -> np.ndarray:
-        nonempty = np.array([bool(m) for m in self.members])
-        return np.where(nonempty, self.load + self.ctx.beta1, 0.0)
+        return np.where(self.count > 0, self.load + self.ctx.beta1, 0.0)
 
     def makespan(self) -> float:
         return float(self.times().max(initial=0.0))

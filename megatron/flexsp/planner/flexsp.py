@@ -768,9 +768,9 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, t0
         # 3. MILP per micro-batch of the greedy plan (slowest first)
         for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
             idx, sol = best[m]
-            best[m][1] = _milp_shots(ctx, Ls[idx], taus[idx], sol, t0 + 0.5 * time_limit_s)
+            best[m][1] = _milp_shots(ctx, Ls[idx], taus[idx], sol, t0 + 0.4 * time_limit_s)
         # 4. the best few cuts re-scored with the MILP, filled, compared
-        soft = t0 + 0.5 * time_limit_s
+        soft = t0 + 0.4 * time_limit_s
         for _, name2, parts2 in scored[:3]:
             if time.perf_counter() > soft:
                 break

@@ -7,7 +7,9 @@
 # Environment: NPROC (ranks on this machine, default 4), MODES (default
 # "static flexsp batch-adaptive megatron-hybrid-cp"), OUT (output folder, default
 # outputs/compare-<time>), PYTHON (default .venv/bin/python, else python3), LAUNCH (the launcher,
-# default "$PYTHON -m torch.distributed.run --nproc-per-node $NPROC"; set it to use srun).
+# default "$PYTHON -m torch.distributed.run --nproc-per-node $NPROC"; set it to use srun),
+# PAIRED=1 (the flexsp run also executes every batch under the static plan, back to back:
+# a comparison immune to load changes between runs on shared machines).
 # Flags given here are added to every run (e.g. --mock-data --seq-length 4096 --train-iters 30);
 # without flags: the quickstart's small GPT on the embedded stdlib corpus.
 set -euo pipefail
@@ -30,8 +32,10 @@ for mode in $MODES; do
   rm -f "$metrics"
   echo "== sp-mode $mode  (log: $OUT/$mode.log)"
   # later flags win in argparse, so the caller's flags override the defaults
+  paired=()
+  if [ "${PAIRED:-0}" = 1 ] && [ "$mode" = flexsp ]; then paired=(--flexsp-compare-with static); fi
   if ! $LAUNCH pretrain_gpt_flexsp.py "${DEFAULTS[@]}" "$@" --sp-mode "$mode" --metrics-file "$metrics" \
-      > "$OUT/$mode.log" 2>&1; then
+      ${paired[@]+"${paired[@]}"} > "$OUT/$mode.log" 2>&1; then
     echo "sp-mode $mode failed; last lines of $OUT/$mode.log:" >&2
     grep -v "Warning\|warnings.warn" "$OUT/$mode.log" | tail -20 >&2
     exit 1

@@ -148,8 +148,9 @@ def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
     straight = {it: loss for it, loss, _, _ in res["flexsp"]}
     ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     common = BASE + ["--sp-mode", "flexsp", "--flexsp-plan-ahead", "2", "--save", str(ckpt), "--save-interval", "2"]
-    p = _torchrun(common + ["--train-iters", "40", "--lr-decay-iters", str(ITERS), "--metrics-file", str(m1)],
-                  tmp_path / "a.log", free_port())
+    # --load = --save with no checkpoint yet: the auto-resume pattern starts from scratch
+    p = _torchrun(common + ["--train-iters", "40", "--lr-decay-iters", str(ITERS), "--metrics-file", str(m1),
+                            "--load", str(ckpt)], tmp_path / "a.log", free_port())
     # the lr schedule above keeps --lr-decay-iters of the reference run, so only the kill differs
     deadline = time.monotonic() + 300
     try:
@@ -163,6 +164,7 @@ def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
             pytest.fail("training did not reach iteration 3 in time")
     finally:
         _kill_tree(p)
+    assert "starting from scratch" in (tmp_path / "a.log").read_text()
     saved = int((ckpt / "latest").read_text().strip().split("_")[1])
     assert saved >= 2 and saved % 2 == 0
     q = _torchrun(common + ["--train-iters", str(ITERS), "--load", str(ckpt), "--metrics-file", str(m2)],

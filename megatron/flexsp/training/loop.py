@@ -200,7 +200,10 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
     args.attention_backend = _attention_backend(args.attention_backend, cuda)
     cfgs = A.build_configs(args)
     data_cfg = _data_config(args, vocab)
-    data_cfg.validate()
+    try:
+        data_cfg.validate()
+    except ValueError as e:
+        raise A.ArgumentError(f"data: {e}") from None
 
     device = init_distributed(env, args.distributed_backend)
     setup_logging(env.rank)
@@ -242,6 +245,10 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
     valid_sampler = None
     if valid_ds is not None and len(valid_ds) >= args.global_batch_size and args.eval_interval:
         valid_sampler = GlobalBatchSampler(valid_ds.lengths, args.global_batch_size, args.seed, shuffle=False)
+    elif args.eval_interval:
+        log.warning("--eval-interval %d: the validation split has %d documents, fewer than one global batch of %d; "
+                    "no validation (raise the valid share of --split)", args.eval_interval,
+                    0 if valid_ds is None else len(valid_ds), args.global_batch_size)
 
     # ---- planner hook (rank 0 plans ahead; every rank gets the plan by broadcast)
     pcfg = dict(world_size=env.world_size, method=args.sp_mode, time_limit_s=args.flexsp_time_limit,
@@ -268,7 +275,11 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
                  vocab, args.attention_backend, args.flexsp_sharding)
 
         start = 0
-        if args.load:
+        fresh = (args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save)
+                 and not os.path.exists(os.path.join(args.load, "latest")))
+        if fresh:  # Megatron's auto-resume pattern (--save X --load X): the first launch starts from scratch
+            log.info("no checkpoint in %s yet: starting from scratch", args.load)
+        elif args.load:
             loaded = load_checkpoint(args.load, model, optimizer, scheduler)
             if loaded.sampler is not None:
                 sampler.load_state_dict(loaded.sampler)
@@ -334,7 +345,8 @@ def train(args, env: LaunchEnv) -> list[IterationRecord]:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            iter_ms = (time.perf_counter() - t0) * 1e3
+            # the paired baseline's step (--flexsp-compare-with) is not part of this mode's iteration
+            iter_ms = (time.perf_counter() - t0) * 1e3 - float(extra.get("baseline_exec_ms", 0.0))
             if not np.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: loss is {loss} (lower --lr or check the data)")
             rec = IterationRecord(

@@ -150,6 +150,11 @@ def compare_table(summaries: Iterable[RunSummary], baseline: str | None = "stati
                      f"{s.micro_batches:>8.2f} {100 * s.a2a_share:>6.1f} {s.final_loss:>11.5f}")
     if base is None and baseline:
         lines.append(f"(no '{baseline}' run: no speedup column)")
+    for s in runs:
+        if s.paired_speedup is not None:
+            lines.append(f"paired ({s.name}: every batch also run under {s.paired_baseline}, back to back, order "
+                         f"alternating): {s.exec_ms:.1f} vs {s.baseline_exec_ms:.1f} ms per step = "
+                         f"{s.paired_speedup:.2f}x, largest loss difference {s.max_loss_diff:.1e}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@
 #
 #   bash scripts/quickstart.sh            (a few minutes on a 2-core machine)
 #
-# ITERS (default 30) and NPROC (default 4) change the length and the number of ranks; PYTHON=...
+# ITERS (default 24) and NPROC (default 4) change the length and the number of ranks; PYTHON=...
 # uses an existing environment instead of setting up .venv. Extra flags go to both runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ else
   bash scripts/setup.sh
   PYTHON=.venv/bin/python
 fi
-ITERS=${ITERS:-30}
+ITERS=${ITERS:-24}
 NPROC=${NPROC:-4}
 OUT=${OUT:-outputs/quickstart}
 mkdir -p "$OUT"

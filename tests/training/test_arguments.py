@@ -69,6 +69,7 @@ def test_unknown_flag_stops_argparse(capsys):
     (["--lr", "1e-4", "--min-lr", "1e-3"], 4, False, "--min-lr 0.001 is above --lr 0.0001"),
     (["--lr-warmup-iters", "30", "--train-iters", "20"], 4, False, "--lr-warmup-iters 30 is above --lr-decay-iters 20"),
     (["--tensor-model-parallel-size", "2"], 4, False, "must be 1"),
+    (["--hidden-dropout", "1.0"], 4, False, "--hidden-dropout must be below 1"),
     (["--split", "0,1,0"], 4, False, "the training share must be positive"),
     (["--tokenizer-type", "GPT2BPETokenizer"], 4, False, "is not supported"),
     (["--flexsp-cost-model", "gpt-1t"], 4, False, "unknown cost-model preset 'gpt-1t'"),

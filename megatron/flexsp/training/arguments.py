@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --tokenizer-model")
     m.add_argument("--tokenizer-model", default=None, help="local path of a HuggingFace tokenizer")
     m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--rotary-base", type=_positive_int, default=10000)
+    m.add_argument("--hidden-dropout", type=_nonneg_float, default=0.0,
+                   help="default 0 (Megatron: 0.1): with dropout, sp-modes no longer give bit-comparable losses")
+    m.add_argument("--attention-dropout", type=_nonneg_float, default=0.0, help="default 0 (Megatron: 0.1)")
 
     t = p.add_argument_group("training")
     t.add_argument("--global-batch-size", type=_positive_int, default=32, help="documents per global batch")
@@ -288,6 +292,9 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
         err(f"--num-query-groups {groups} differs from --num-attention-heads {heads}: add --group-query-attention")
     if args.seq_length > args.max_position_embeddings:
         err(f"--seq-length {args.seq_length} is above --max-position-embeddings {args.max_position_embeddings}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if getattr(args, name) >= 1.0:
+            err(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")
     if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         err("--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: FlexSP shards model states "
             "with ZeRO-3 over all ranks and uses every rank for sequence parallelism")
@@ -407,6 +414,9 @@ class ModelArgs:
     bf16: bool
     init_method_std: float
     seed: int
+    rotary_base: int = 10000
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     def to_gpt_config(self, vocab_size: int):
         import torch
@@ -419,6 +429,7 @@ class ModelArgs:
             position_embedding_type=self.position_embedding_type, normalization=self.normalization,
             swiglu=self.swiglu, attention_backend=self.attention_backend, transformer_impl=self.transformer_impl,
             params_dtype=torch.float32, bf16=self.bf16, init_method_std=self.init_method_std, seed=self.seed,
+            rotary_base=self.rotary_base, hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
         )
 
 
@@ -498,7 +509,8 @@ def build_configs(args: argparse.Namespace) -> TrainerConfigs:
             max_position_embeddings=args.max_position_embeddings, position_embedding_type=args.position_embedding_type,
             normalization=args.normalization, swiglu=args.swiglu, attention_backend=args.attention_backend,
             transformer_impl=args.transformer_impl, bf16=args.bf16, init_method_std=args.init_method_std,
-            seed=args.seed,
+            seed=args.seed, rotary_base=args.rotary_base, hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout,
         ),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,

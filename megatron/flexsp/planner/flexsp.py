@@ -35,7 +35,6 @@ valid (left-over ranks are degree-1 groups, so there are more groups than sequen
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -166,7 +165,6 @@ def _assign_bfd(gr: _Groups, order: np.ndarray) -> bool:
 def _rebalance(gr: _Groups, max_iter: int) -> None:
     """Move or swap sequences out of the slowest group while that lowers it (exact lengths)."""
     tau, L = gr.tau, gr.L
-    n = L.size
     beta1 = gr.ctx.beta1
     mark = np.inf
     for it in range(max_iter):
@@ -220,7 +218,6 @@ def _rebalance(gr: _Groups, max_iter: int) -> None:
             gr.take(t)
             gr.put(s, gt)
             gr.put(t, g0)
-    del n
 
 
 def _fix_empty(gr: _Groups) -> bool:
@@ -461,7 +458,6 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
 
 def _safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[tuple[np.ndarray, MBSolution]]:
     """Always-valid last resort: one sequence per group at its smallest degree, first-fit into micro-batches."""
-    n = L.size
     kmin = np.argmax(np.isfinite(tau), axis=1)
     order = np.argsort(-L, kind="stable")
     mbs: list[list[int]] = []
@@ -483,7 +479,6 @@ def _safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[tupl
         idx = np.asarray(seqs, dtype=np.int64)
         t = max(ctx.beta1 + tau[s, kmin[s]] for s in seqs)
         out.append((idx, MBSolution(degs, members, float(t), "safe")))
-    del n
     return out
 
 

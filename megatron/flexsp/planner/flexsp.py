@@ -386,7 +386,7 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
                 sol = _finish(ctx, L, tau, st[0], None, "greedy", iters)
             if sol is not None and (best is None or sol.time_ms < best.time_ms):
                 best = sol
-        if L.size <= 48:
+        if L.size <= min(2 * ctx.world_size, 256):
             # few sequences: also every homogeneous structure (e.g. one big group for the longest
             # sequence and its company, which the class structure cannot express)
             kneed = int(np.argmax(np.isfinite(tau), axis=1).max())

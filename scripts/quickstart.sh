@@ -23,8 +23,15 @@ echo
 echo "FlexSP quickstart: $NPROC gloo ranks, 2-layer GPT (hidden 64), documents up to 2048 tokens;"
 echo "cost model 'cpu-tiny' gives each rank room for 512 tokens, so long documents need SP groups of 2-4 ranks."
 echo
-PYTHON=$PYTHON NPROC=$NPROC OUT=$OUT MODES="flexsp static" bash scripts/compare_sp_modes.sh \
+# PAIRED=1: the FlexSP run also times every batch under the static plan, back to back, so the
+# comparison holds even when other work on the machine changes its speed between the two runs.
+PYTHON=$PYTHON NPROC=$NPROC OUT=$OUT MODES="flexsp static" PAIRED=1 bash scripts/compare_sp_modes.sh \
   --train-iters "$ITERS" --lr-warmup-iters 3 "$@"
+echo
+echo "How to read it: 'est ms' is the cost model's time of the plans. Equal estimates mean the planner found"
+echo "no schedule better than static's for this model and cost model (on one CPU host all-to-all is cheap), and"
+echo "then the tokens/s of the two runs differ only by machine noise; the paired line compares both schedules"
+echo "on the same batches back to back. Identical final losses: only the schedule differs, never the math."
 echo
 echo "FlexSP run, every 5th iteration (full logs and metrics in $OUT):"
 grep "iteration .*/" "$OUT/flexsp.log" | awk -F'|' '{split($1, a, " "); split(a[3], b, "/"); if (b[1] == 1 || b[1] % 5 == 0) print $1 "|" $2 "|" $5 "|" $6 "|" $9}' || true

@@ -19,11 +19,17 @@ def _model(seed: int, hidden: int = 10) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 3))
 
 
-def _shard(m, world_size):
+def _shard(m, world_size, fsdp=True):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if world_size == 1:
+        return m
+    if not fsdp:  # replicated parameters, gradients all-reduced (the runtime's ddp mode)
+        def hook(p):
+            torch.distributed.all_reduce(p.grad)
+        for p in m.parameters():
+            p.register_post_accumulate_grad_hook(hook)
         return m
     mesh = init_device_mesh("cpu", (world_size,))
     for layer in (m[0], m[2]):
@@ -54,22 +60,22 @@ def _step(m, opt, sched, it, rank, world_size):
     return t.item(), noise
 
 
-def _resume_body(rank, world_size, tmp):
-    m = _shard(_model(0), world_size)
+def _resume_body(rank, world_size, tmp, fsdp=True):
+    m = _shard(_model(0), world_size, fsdp)
     opt, sched = build_optimizer(m, CFG)
     for it in range(2):
         _step(m, opt, sched, it, rank, world_size)
     ckpt.save_checkpoint(tmp, 2, m, opt, sched, sampler_state={"next_batch": 2}, planner_state={"p": 1})
     straight = [_step(m, opt, sched, it, rank, world_size) for it in range(2, 5)]
 
-    m2 = _shard(_model(7), world_size)  # different init: everything must come from the checkpoint
+    m2 = _shard(_model(7), world_size, fsdp)  # different init: everything must come from the checkpoint
     opt2, sched2 = build_optimizer(m2, CFG)
     torch.manual_seed(999)
     loaded = ckpt.load_checkpoint(tmp, m2, opt2, sched2)
     resumed = [_step(m2, opt2, sched2, it, rank, world_size) for it in range(2, 5)]
 
     errors = []
-    bad = _shard(_model(0, hidden=12), world_size)
+    bad = _shard(_model(0, hidden=12), world_size, fsdp)
     bopt, bsched = build_optimizer(bad, CFG)
     try:
         ckpt.load_checkpoint(tmp, bad, bopt, bsched)
@@ -78,8 +84,9 @@ def _resume_body(rank, world_size, tmp):
     return straight, resumed, loaded.iteration, loaded.sampler, loaded.planner, sched2.num_steps, errors
 
 
-def test_fsdp2_resume_is_exact_and_mismatch_is_clear(tmp_path):
-    out = run_distributed(_resume_body, 2, str(tmp_path), timeout=180)
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp2", "replicated"])
+def test_resume_is_exact_and_mismatch_is_clear(tmp_path, fsdp):
+    out = run_distributed(_resume_body, 2, str(tmp_path), fsdp, timeout=180)
     for straight, resumed, it, sampler, planner, steps, errors in out:
         assert resumed == straight  # bit-identical losses and RNG draws
         assert (it, sampler, planner, steps) == (2, {"next_batch": 2}, {"p": 1}, 5)

@@ -133,6 +133,18 @@ def test_last_resort_plan_is_valid():
 
 
 @pytest.mark.slow
+def test_many_micro_batches_memory_tight_cuts_are_repaired():
+    # 4096 sequences on 64 GPUs: ~21 micro-batches at the memory bound; cuts the greedy cannot
+    # pack are split, not dropped (dropping them all left only the last-resort plan, 1.7x the bound)
+    cost = preset("gpt-7b", 64)
+    L = longtail_lengths(4096, max_len=196608, seed=1)
+    p = greedy_plan(L, cost, 64)
+    check(p, L, cost, 64)
+    assert p.solver.extra["cut"] != "safe"
+    assert p.estimated_time_ms <= 1.3 * lower_bound_ms(L, cost, 64)
+
+
+@pytest.mark.slow
 def test_1024_gpus_plan_validates():
     cost = preset("gpt-7b", 1024)
     L = longtail_lengths(8192, max_len=196608, seed=0)

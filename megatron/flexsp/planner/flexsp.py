@@ -736,17 +736,29 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, t0
         return float(sum(sol.time_ms for _, sol in mbs))
 
     # 1. every candidate split, scored by the greedy
+    def repaired(idx: np.ndarray, depth: int = 0) -> list[np.ndarray] | None:
+        """``idx`` if the greedy solves it, else its two halves (by tokens), recursively."""
+        if solve(idx) is not None:
+            return [idx]
+        if idx.size < 2 or depth > 12:
+            return None
+        b, _ = min_max_chunks(Ls[idx], 2)
+        left = repaired(idx[:b[1]], depth + 1)
+        right = repaired(idx[b[1]:], depth + 1) if left is not None else None
+        return None if right is None else left + right
+
     scored: list[tuple[float, str, list[np.ndarray]]] = []
     for name, parts in _candidate_splits(ctx, Ls, taus):
-        tot = 0.0
+        # a micro-batch the greedy cannot pack (memory too tight) is split in two, not dropped
+        fixed: list[np.ndarray] = []
         for idx in parts:
-            sol = solve(idx)
-            if sol is None:
-                tot = np.inf
+            r = repaired(idx)
+            if r is None:
+                fixed = []
                 break
-            tot += sol.time_ms
-        if np.isfinite(tot):
-            scored.append((tot, name, parts))
+            fixed += r
+        if fixed:
+            scored.append((sum(cache[i.tobytes()].time_ms for i in fixed), name, fixed))
     info: dict = {"cuts_tried": len(scored)}
     if not scored:
         safe = _safe_plan(ctx, Ls, taus)

@@ -155,6 +155,7 @@ class ProfileConfig:
     a2a_repeats: int = 5
     sharding: str = "fsdp2"
     name: str | None = None
+    stat: str = "median"  # of repeated timings: median, or min on a machine shared with other work
 
     def validate(self) -> None:
         if self.lengths is not None and (not self.lengths or any(s < 1 for s in self.lengths)):
@@ -167,6 +168,8 @@ class ProfileConfig:
             raise ProfileError(f"--memory-limit-gb must be > 0, got {self.memory_limit_gb}")
         if self.capacity_tokens is not None and self.capacity_tokens < 1:
             raise ProfileError(f"--capacity-tokens must be >= 1, got {self.capacity_tokens}")
+        if self.stat not in ("median", "min"):
+            raise ProfileError(f"--profile-stat must be median or min, got {self.stat!r}")
         if not 0 < self.memory_fraction <= 1:
             raise ProfileError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
 
@@ -187,6 +190,8 @@ def add_profiler_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--profile-repeats", type=int, default=5, help="timed repetitions per sample (median kept)")
     g.add_argument("--profile-warmup", type=int, default=2, help="untimed repetitions before each sample")
     g.add_argument("--profile-a2a-repeats", type=int, default=5)
+    g.add_argument("--profile-stat", choices=["median", "min"], default="median",
+                   help="statistic of repeated timings (min on a machine shared with other work)")
     g.add_argument("--memory-limit-gb", type=float, default=None,
                    help="usable memory per GPU (default: --memory-fraction of the device; on CPU half of the "
                         "available RAM per local rank)")
@@ -208,7 +213,7 @@ def profile_config_from_args(args: argparse.Namespace) -> ProfileConfig:
         memory_limit_gb=get("memory_limit_gb", None), capacity_tokens=get("capacity_tokens", None),
         memory_fraction=get("memory_fraction", d.memory_fraction), gpus_per_node=get("gpus_per_node", None),
         a2a_repeats=get("profile_a2a_repeats", d.a2a_repeats), sharding=get("flexsp_sharding", d.sharding),
-        name=get("cost_model_name", None),
+        name=get("cost_model_name", None), stat=get("profile_stat", d.stat),
     )
     cfg.validate()
     return cfg
@@ -316,6 +321,10 @@ class _Session:
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return float(t.item())
 
+    def _stat(self, times: Sequence[float]) -> float:
+        """Median of repeated timings, or the minimum (interference from other processes only adds time)."""
+        return min(times) if self.pcfg.stat == "min" else statistics.median(times)
+
     def _sync(self):
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
@@ -416,7 +425,7 @@ class _Session:
             for _ in range(self.pcfg.warmup):
                 self._step(plan, seqs)
             times = [self._step(plan, seqs) / micro_batches for _ in range(self.pcfg.repeats)]
-            out.append({"lengths": list(per_rank), "ms": statistics.median(times), "all_ms": times})
+            out.append({"lengths": list(per_rank), "ms": self._stat(times), "all_ms": times})
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
@@ -460,10 +469,10 @@ class _Session:
                 if i >= self.pcfg.warmup:
                     walls.append(wall)
                     colls.append((cms, stats.bytes))
-            ms_layer = statistics.median(walls)
+            ms_layer = self._stat(walls)
             model_mb = bpt * s * degree / degree / 2**20  # formula MB per rank for T = s * degree tokens
             samples.append((model_mb, ms_layer * c.num_layers))
-            cms = statistics.median(x for x, _ in colls)
+            cms = self._stat([x for x, _ in colls])
             nbytes = self._max(colls[0][1])
             coll.append((nbytes / 2**20, cms))
         return {"bandwidth_gbs": fit_bandwidth(samples), "collective_gbs": fit_bandwidth(coll) if all(

@@ -122,6 +122,15 @@ flexsp_train() {
     --sp-mode "$mode" "${cp[@]}" --metrics-file "$FLEXSP_RUN_DIR/metrics-$mode.jsonl" "$@"
 }
 
+# flexsp_profile [EXTRA PROFILER FLAGS...]: flexsp-profile on every rank of the allocation with the
+# preset's model; writes $FLEXSP_RUN_DIR/cost_model.json (pass it to training as COST_MODEL=...).
+flexsp_profile() {
+  flexsp_preset_args
+  echo "flexsp-slurm: profiling, cost model -> $FLEXSP_RUN_DIR/cost_model.json"
+  flexsp_launch -m megatron.flexsp.training.profiler "${FLEXSP_MODEL_ARGS[@]}" "${FLEXSP_DATA_ARGS[@]}" \
+    --output "$FLEXSP_RUN_DIR/cost_model.json" "$@"
+}
+
 # flexsp_compare [EXTRA TRAINER FLAGS...]: every sp-mode on the same data, then one table.
 flexsp_compare() {
   local mode rc=0 specs=()

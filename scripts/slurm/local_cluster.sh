@@ -12,7 +12,8 @@
 #   local_cluster.sh env DIR              print `export SLURM_CONF=...` for this cluster
 #   local_cluster.sh wait DIR JOBID [S]   wait (at most S seconds, default 600) for a job to end;
 #                                         prints its final JobState/ExitCode; rc 0 only if COMPLETED 0:0
-#   local_cluster.sh run DIR SCRIPT [SBATCH_ARGS...]   sbatch SCRIPT, wait, print its log, check exit
+#   local_cluster.sh run DIR SCRIPT [SBATCH_ARGS...] [-- SCRIPT_ARGS...]
+#                                         sbatch SCRIPT, wait, print its log, check exit
 #   local_cluster.sh stop DIR             stop the daemons started from DIR (by their pid files)
 #   local_cluster.sh selftest             install, start in a temp dir, run a trivial 2-task job, stop
 set -euo pipefail
@@ -168,8 +169,10 @@ cmd_run() {
   local dir=${1:?state directory} script=${2:?job script}; shift 2
   dir=$(cd "$dir" && pwd); export SLURM_CONF="$dir/slurm.conf"
   local out="$dir/log/job-%j.out"
-  local id
-  id=$(sbatch --parsable --output="$out" "$@" "$script") || die "sbatch $script failed"
+  local sb=() id
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do sb+=("$1"); shift; done
+  [ "${1:-}" = "--" ] && shift  # what follows goes to the job script
+  id=$(sbatch --parsable --output="$out" "${sb[@]}" "$script" "$@") || die "sbatch $script failed"
   id=${id%%;*}
   echo "submitted $script as job $id"
   local rc=0

@@ -112,6 +112,20 @@ def test_cpu_training_job(cluster, mode, launcher, args):
     assert all(r["sp_mode"] == mode and math.isfinite(r["loss"]) for r in rows), rows
 
 
+def test_cpu_profile_job(cluster):
+    from megatron.flexsp.planner.costmodel import CostModel
+
+    run_dir = cluster / "profile"
+    rc, state, log = submit(cluster, ROOT / "scripts/slurm/cpu_profile.sbatch", "--", "--profile-repeats", "1",
+                            "--profile-warmup", "1", "--profile-a2a-repeats", "1", wait_s=600,
+                            env={"FLEXSP_RUN_DIR": str(run_dir), "SEQ_LENGTH": "512", "CAPACITY_TOKENS": "128"})
+    assert (rc, state) == (0, ("COMPLETED", "0:0")), log
+    assert "fit error rms" in log
+    cost = CostModel.from_dict(json.loads((run_dir / "cost_model.json").read_text()))
+    assert cost.gpus_per_node == 4 and sorted(cost.alltoall.bandwidth_gbs) == [2, 4]
+    assert cost.tokens_per_gpu == 128 and cost.smallest_degree(512, 4) == 4
+
+
 def test_cpu_compare_job(cluster):
     run_dir = cluster / "compare"
     rc, state, log = submit(cluster, ROOT / "scripts/slurm/cpu_compare.sbatch", wait_s=900,

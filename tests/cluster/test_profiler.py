@@ -151,3 +151,17 @@ def test_profiler_bad_flags_exit_cleanly(tmp_path):
     r = _run_bounded(cmd, 120, cwd=ROOT)
     assert r.returncode == 2 and "--memory-limit-gb or --capacity-tokens" in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_single_process_profile_has_no_usable_fake_bandwidth(tmp_path):
+    out = tmp_path / "one.json"
+    cmd = [sys.executable, "-m", "megatron.flexsp.training.profiler", "--num-layers", "1", "--hidden-size", "32",
+           "--num-attention-heads", "4", "--seq-length", "128", "--capacity-tokens", "64", "--profile-repeats", "1",
+           "--profile-warmup", "0", "--output", str(out)]
+    r = _run_bounded(cmd, 180, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "no all-to-all measured" in r.stdout
+    cost = CostModel.from_dict(json.loads(out.read_text()))
+    # the placeholder sits on a degree the heads never allow: no plan can use an unmeasured bandwidth
+    assert list(cost.alltoall.bandwidth_gbs) == [3]
+    assert cost.allowed_degrees(1) == [1] and 3 not in cost.allowed_degrees(8)

@@ -291,7 +291,7 @@ class _Session:
         # (bandwidth placeholders) through the planner's own rule, so the groups are exactly the trainer's.
         self.provisional = CostModel.from_dict(self._cost_dict(
             {"alpha1_ms_per_token2": 0.0, "alpha2_ms_per_token": 1.0, "beta1_ms": 0.0},
-            {str(d): 1.0 for d in range(2, self.world + 1)}, 1e9, 0.0, 1.0))
+            {str(d): 1.0 for d in range(2, max(self.world, 2) + 1)}, 1e9, 0.0, 1.0))
         self.degrees = self.provisional.allowed_degrees(self.world)
         self.pool = GroupPool(candidate_groups(self.provisional, self.world))
         self.model = build_gpt_model(model_cfg, device=device)
@@ -559,8 +559,14 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
     if not a2a and ses.world > 1:
         log("[flexsp-profile] warning: no degree >= 2 is allowed (heads/topology); the model allows degree 1 only")
     bandwidth = {str(d): a["bandwidth_gbs"] for d, a in a2a.items()}
-    if not bandwidth:  # the JSON form needs one entry; degree 2 never used when not allowed
-        bandwidth = {str(max(2, ses.world * 2)): 1.0}
+    if not bandwidth:
+        # The JSON form needs one entry. Nothing was measured (one rank, or no degree >= 2 divides
+        # the heads), so the entry goes to a degree that does not divide the head count: the cost
+        # model can never allow it, and no plan can use an unmeasured bandwidth.
+        never = next(d for d in range(2, ses.heads + 2) if ses.heads % d)
+        bandwidth = {str(never): 1.0}
+        log(f"[flexsp-profile] no all-to-all measured (world size {ses.world}); placeholder bandwidth on degree "
+            f"{never}, which {ses.heads} heads never allow: profile on the real node count before training on it")
     name = pcfg.name or (f"profiled: {model_cfg.num_layers}L h{model_cfg.hidden_size} on {ses.world} x "
                          f"{torch.cuda.get_device_name(device) if cuda else 'CPU (gloo)'}")
     ses.pcfg.name = name
@@ -640,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from megatron.flexsp.planner.costmodel import CostModelError
+
     from . import arguments as A
 
     for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated"):
@@ -655,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, k, v)
     try:
         profile(args)
-    except (ProfileError, A.ArgumentError) as e:
+    except (ProfileError, A.ArgumentError, CostModelError) as e:
         print(f"flexsp-profile: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

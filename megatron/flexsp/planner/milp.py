@@ -27,7 +27,7 @@ with exact lengths (flexsp.py), and keeps the greedy plan when that is not bette
 
 Size: the planner buckets each micro-batch into at most 14 buckets (2 % padding error, bucket
 edges at the group capacities) and lets a bucket use only its smallest feasible degree, the
-next two and the largest, so a model has at most ~14 x 4 integer and ~40 binary variables and
+next two and the largest, so a model has at most 56 integer counts and about 90 binaries, and
 HiGHS answers in tens of milliseconds; it runs in short time-limited shots, and an incumbent
 cut off by the limit is used like an optimum (the aggregate optimum is not always the best
 concrete plan anyway). Exact buckets and all degrees make it a relaxation of the real

@@ -50,7 +50,7 @@ def test_unknown_flag_stops_argparse(capsys):
     (["--num-query-groups", "2"], 4, False, "add --group-query-attention"),
     (["--seq-length", "2048", "--max-position-embeddings", "1024"], 4, False,
      "--seq-length 2048 is above --max-position-embeddings 1024"),
-    ([], 6, False, "world size 6 is not a multiple of gpus_per_node 4"),
+    ([], 3, False, "world size 3 is not a multiple of gpus_per_node 2"),
     (["--bf16"], 4, False, "--bf16 needs a GPU"),
     (["--distributed-backend", "nccl"], 4, False, "nccl needs CUDA"),
     (["--attention-backend", "flash"], 4, False, "--attention-backend flash needs a GPU"),

@@ -340,11 +340,20 @@ _PAPER_MODELS = {
 # The CPU test cluster: 4 gloo ranks in one "node" running the small GPT of the quickstart.
 # Coefficients are what `flexsp-profile` measured on the 2-core development machine; the
 # memory limit is artificial, so that long documents need several ranks as on a GPU cluster.
+# Measured on the emulated CPU cluster (2 network-namespace "nodes" x 2 gloo ranks, 200 Mbit/s tc-shaped
+# inter-node links, loopback inside a node; 2-core machine shared with other work, so --profile-stat min):
+#   bash scripts/emulated_cluster.sh --link-mbit 200 -- -m megatron.flexsp.training.profiler --num-layers 2 \
+#     --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 --group-query-attention --swiglu \
+#     --seq-length 2048 --capacity-tokens 512 --profile-stat min --output cost_model.json
+# compute and alltoall are its numbers (degree 2 stays inside a node, degree 4 crosses the link; beta1
+# includes the per-micro-batch ZeRO-3 gathers over the link). The memory section is artificial: a rank
+# holds 512 tokens, so documents of the 2048-token default need groups of 2-4 ranks.
 _CPU_PRESET = {
-    "name": "cpu-tiny: small GPT on 4 gloo ranks (2-core dev machine)",
-    "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "gpus_per_node": 4,
-    "compute": {"alpha1_ms_per_token2": 2.0e-5, "alpha2_ms_per_token": 0.05, "beta1_ms": 5.0},
-    "alltoall": {"bytes_per_token": alltoall_bytes_per_token(2, 64, 4, 2, 4), "bandwidth_gbs": {"2": 0.5, "4": 0.4}},
+    "name": "cpu-tiny: small GPT on 2 emulated nodes x 2 gloo ranks (scripts/emulated_cluster.sh, 200 Mbit/s)",
+    "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "gpus_per_node": 2,
+    "compute": {"alpha1_ms_per_token2": 5.52e-5, "alpha2_ms_per_token": 0.0562, "beta1_ms": 78.0},
+    "alltoall": {"bytes_per_token": alltoall_bytes_per_token(2, 64, 4, 2, 4),
+                 "bandwidth_gbs": {"2": 0.127, "4": 0.0178}},
     "memory": {"limit_gb": 1.0, "model_states_mb": 512.0, "activation_mb_per_token": 1.0},
 }
 

@@ -7,9 +7,13 @@ iteration after a warm-up, the plan's estimate (planner/plan.estimate_plan_ms) w
 
 * the measured iteration time (iter_ms: plan wait, data, forward+backward, optimizer step) and
 * the measured forward+backward time (compute_ms: the slowest rank's executor time), which is
-  what the cost model describes (it has no term for the optimizer step).
+  what the cost model describes (it has no term for the optimizer step or planning).
 
-Target: within 15% (mean absolute error of the per-iteration estimates). Prints one table.
+Target: within 15% (mean absolute error of the per-iteration estimates of forward+backward).
+Each mode runs --runs times on the same batches and plans; per iteration the fastest run is kept
+(other work on the machine only adds time). Plans are made inline by default (--plan-ahead 0),
+so on a 2-core machine the planner's solver does not compete with the timed ranks.
+Prints one table.
 
     python benchmarks/costmodel_accuracy.py [--nproc 4] [--train-iters 8] [--cost-model FILE]
 """
@@ -70,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens one rank holds (artificial CPU memory limit; default seq-length / nproc, so the "
                         "longest documents need every rank)")
     p.add_argument("--profile-repeats", type=int, default=3)
+    p.add_argument("--plan-ahead", type=int, default=0,
+                   help="trainer's --flexsp-plan-ahead (default 0: plan inline, so on a small CPU machine the "
+                        "planner's solver does not share the cores with the ranks while they are timed)")
     p.add_argument("--runs", type=int, default=2,
                    help="training runs per mode; per iteration the fastest is kept (default 2)")
     p.add_argument("--stat", choices=["min", "median"], default="min",
@@ -112,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics.unlink(missing_ok=True)
             _run(_torchrun(a.nproc) + ["pretrain_gpt_flexsp.py", *model, "--global-batch-size",
                                         str(a.global_batch_size), "--train-iters", str(a.train_iters), "--lr", "1e-3",
-                                        "--log-interval", "1", "--no-progress-bar", "--flexsp-cost-model",
+                                        "--log-interval", "1", "--no-progress-bar", "--flexsp-plan-ahead",
+                                        str(a.plan_ahead), "--flexsp-cost-model",
                                         str(cost_path), "--sp-mode", mode, "--metrics-file", str(metrics), *extra],
                  out / f"train-{mode}-{k}.log", a.timeout_s)
             runs.append([json.loads(x) for x in metrics.read_text().splitlines() if x.strip()])
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         fb = [r["compute_ms"] for r in use]
         err_it = statistics.mean(abs(e - m) / m for e, m in zip(est, it))
         err_fb = statistics.mean(abs(e - m) / m for e, m in zip(est, fb))
-        med_it = statistics.median(abs(e - m) / m for e, m in zip(est, it))
+        med_it = statistics.median(abs(e - m) / m for e, m in zip(est, fb))
         rows.append((mode, len(use), statistics.mean(est), statistics.mean(fb), statistics.mean(it), err_fb, err_it,
                      statistics.mean(r["micro_batches"] for r in use), med_it))
         print(f"  {mode}: {a.runs} run(s) of {a.train_iters} iterations in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -136,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sp-mode':<20}{'iters':>6}{'mb/iter':>8}{'est ms':>10}{'fwd+bwd ms':>12}{'iter ms':>10}"
           f"{'err fwd+bwd':>13}{'err iter':>10}{'median err':>12}  within 15%")
     for mode, n, e, fb, it, efb, eit, mb, med in rows:
-        ok = "yes" if eit <= 0.15 else ("median only" if med <= 0.15 else "no")
+        ok = "yes" if efb <= 0.15 else ("median only" if med <= 0.15 else "no")
         print(f"{mode:<20}{n:>6}{mb:>8.1f}{e:>10.1f}{fb:>12.1f}{it:>10.1f}{100 * efb:>12.1f}%{100 * eit:>9.1f}%"
               f"{100 * med:>11.1f}%  {ok}")
-    print("(err: mean over iterations of |estimate - measured| / measured, fwd+bwd = the slowest rank's executor time, "
-          "iter = the whole step; median err: median over iterations of the iteration error, robust to load spikes "
-          "from other processes on the machine; estimate = plan.estimated_time_ms)")
+    print("(err: mean over iterations of |estimate - measured| / measured; fwd+bwd = the slowest rank's forward+"
+          "backward time, which the cost model describes (the target applies to it); iter = the whole step, adding "
+          "the optimizer step and, with --plan-ahead 0, the planner's solve time; median err: median over "
+          "iterations of the fwd+bwd error, robust to load spikes from other processes; estimate = "
+          "plan.estimated_time_ms)")
     try:
         print(f"(machine load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     except OSError:

@@ -16,6 +16,7 @@
 #                      SLURM_NTASKS_PER_NODE, else 1)
 #   MASTER_PORT        rendezvous / store port (default: 20000 + job id mod 20000)
 #   FLEXSP_RUN_DIR     where logs, metrics and plans go (default: runs/slurm-<job id>)
+#   FLEXSP_DRY_RUN=1   print the srun line instead of running it
 
 set -euo pipefail
 
@@ -34,9 +35,10 @@ command -v "$FLEXSP_PYTHON" >/dev/null || flexsp_die "python interpreter '$FLEXS
 FLEXSP_LAUNCHER=${FLEXSP_LAUNCHER:-torchrun}
 FLEXSP_NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 # The first node's address as SLURM itself reaches it (NodeAddr; the node name when unset).
-_first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+_first_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1 || true)
 _first_addr=$(scontrol show node "$_first_node" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
 MASTER_ADDR=${MASTER_ADDR:-${_first_addr:-$_first_node}}
+[ -n "$MASTER_ADDR" ] || flexsp_die "cannot resolve the first node of SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}' (scontrol failed): export MASTER_ADDR"
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 _per_node=${SLURM_NTASKS_PER_NODE:-}
 _per_node=${_per_node%%(*}  # "4(x2)" -> "4"
@@ -47,14 +49,20 @@ export FLEXSP_ROOT FLEXSP_PYTHON MASTER_ADDR MASTER_PORT GPUS_PER_NODE FLEXSP_RU
 export PYTHONPATH=$FLEXSP_ROOT${PYTHONPATH:+:$PYTHONPATH}
 cd "$FLEXSP_ROOT"
 
+flexsp_print() { printf 'flexsp-slurm: dry run: srun'; printf ' %q' "$@"; echo; }
+
 # flexsp_launch PROGRAM.py ARGS...   or   flexsp_launch -m MODULE ARGS...
 flexsp_launch() {
   [ $# -ge 1 ] || flexsp_die "flexsp_launch: no program given"
+  local srun=srun
+  if [ "${FLEXSP_DRY_RUN:-0}" = 1 ]; then  # print the launch line instead of running it
+    srun=flexsp_print
+  fi
   case "$FLEXSP_LAUNCHER" in
     torchrun)
       echo "flexsp-slurm: torchrun on $FLEXSP_NNODES node(s) x $GPUS_PER_NODE process(es), rendezvous c10d at $MASTER_ADDR:$MASTER_PORT"
       # The per-task SLURM rank variables are dropped so torchrun's RANK/WORLD_SIZE are the only ones.
-      srun --nodes="$FLEXSP_NNODES" --ntasks="$FLEXSP_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+      $srun --nodes="$FLEXSP_NNODES" --ntasks="$FLEXSP_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         env -u SLURM_PROCID -u SLURM_LOCALID -u SLURM_NTASKS -u SLURM_NPROCS \
         "$FLEXSP_PYTHON" -m torch.distributed.run \
           --nnodes="$FLEXSP_NNODES" --nproc-per-node="$GPUS_PER_NODE" \
@@ -65,7 +73,7 @@ flexsp_launch() {
       local ntasks=${SLURM_NTASKS:-$((FLEXSP_NNODES * GPUS_PER_NODE))}
       echo "flexsp-slurm: srun with $ntasks task(s), one per rank, store at $MASTER_ADDR:$MASTER_PORT"
       # shellcheck disable=SC2016  # expanded by each task, not here
-      srun --ntasks="$ntasks" --kill-on-bad-exit=1 bash -c '
+      $srun --ntasks="$ntasks" --kill-on-bad-exit=1 bash -c '
         export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
         _n=${SLURM_NTASKS_PER_NODE:-$SLURM_NTASKS}; export LOCAL_WORLD_SIZE=${_n%%(*}
         exec "$@"' flexsp-rank "$FLEXSP_PYTHON" "$@"
@@ -93,7 +101,8 @@ flexsp_preset_args() {
       fi
       FLEXSP_TRAIN_ARGS=(--global-batch-size "${GLOBAL_BATCH_SIZE:-64}" --train-iters "${TRAIN_ITERS:-100}"
         --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 10 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
-        --log-interval 1 --flexsp-cost-model "${COST_MODEL:-gpt-7b}")
+        --log-interval 1)
+      FLEXSP_DEFAULT_COST_MODEL=""  # profile the cluster first: scripts/slurm/profile.sbatch
       ;;
     cpu-tiny)
       FLEXSP_MODEL_ARGS=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --group-query-attention
@@ -102,7 +111,8 @@ flexsp_preset_args() {
         --distributed-backend gloo)
       FLEXSP_DATA_ARGS=(--mock-data)
       FLEXSP_TRAIN_ARGS=(--global-batch-size "${GLOBAL_BATCH_SIZE:-16}" --train-iters "${TRAIN_ITERS:-3}"
-        --lr 1e-3 --log-interval 1 --flexsp-cost-model "${COST_MODEL:-cpu-tiny}")
+        --lr 1e-3 --log-interval 1)
+      FLEXSP_DEFAULT_COST_MODEL=cpu-tiny
       ;;
     *) flexsp_die "unknown FLEXSP_PRESET '${FLEXSP_PRESET}' (gpu-7b, cpu-tiny)" ;;
   esac
@@ -112,6 +122,8 @@ flexsp_preset_args() {
 flexsp_train() {
   local mode=${1:?sp-mode}; shift
   flexsp_preset_args
+  local cost=${COST_MODEL:-$FLEXSP_DEFAULT_COST_MODEL}
+  [ -n "$cost" ] || flexsp_die "set COST_MODEL to this cluster's cost-model JSON (sbatch scripts/slurm/profile.sbatch writes runs/slurm-<job>/cost_model.json) or a preset name"
   local cp=()
   # static = vanilla Megatron CP / Ulysses: its degree from CONTEXT_PARALLEL_SIZE, else the planner
   # picks the smallest degree that holds --seq-length.
@@ -119,7 +131,7 @@ flexsp_train() {
   echo "flexsp-slurm: sp-mode $mode, run directory $FLEXSP_RUN_DIR"
   flexsp_launch "$FLEXSP_ROOT/pretrain_gpt_flexsp.py" \
     "${FLEXSP_MODEL_ARGS[@]}" "${FLEXSP_DATA_ARGS[@]}" "${FLEXSP_TRAIN_ARGS[@]}" \
-    --sp-mode "$mode" "${cp[@]}" --metrics-file "$FLEXSP_RUN_DIR/metrics-$mode.jsonl" "$@"
+    --flexsp-cost-model "$cost" --sp-mode "$mode" "${cp[@]}" --metrics-file "$FLEXSP_RUN_DIR/metrics-$mode.jsonl" "$@"
 }
 
 # flexsp_profile [EXTRA PROFILER FLAGS...]: flexsp-profile on every rank of the allocation with the

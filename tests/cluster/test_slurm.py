@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -94,7 +95,7 @@ def test_cpu_job_launches_four_ranks(cluster, launcher, args):
     rc, state, log = submit(cluster, ROOT / "scripts/slurm/cpu_train.sbatch", *args,
                             env={"FLEXSP_LAUNCHER": launcher, "FLEXSP_ENTRY": "scripts/slurm/dist_check.py"})
     assert (rc, state) == (0, ("COMPLETED", "0:0")), log
-    ranks = sorted(int(m) for m in re.findall(r"dist_check: rank (\d+)/4 .* OK", log))
+    ranks = sorted(int(m) for m in re.findall(r"dist_check: rank (\d+)/4 .*? OK", log))
     assert ranks == [0, 1, 2, 3], log
 
 
@@ -124,6 +125,46 @@ def test_cpu_profile_job(cluster):
     cost = CostModel.from_dict(json.loads((run_dir / "cost_model.json").read_text()))
     assert cost.gpus_per_node == 4 and sorted(cost.alltoall.bandwidth_gbs) == [2, 4]
     assert cost.tokens_per_gpu == 128 and cost.smallest_degree(512, 4) == 4
+
+
+def _dry_run(cluster, script, *args, **env):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    e.update(SLURM_CONF=str(cluster / "slurm.conf"), SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu[01-02]",
+             SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(ROOT), FLEXSP_DRY_RUN="1",
+             FLEXSP_PYTHON=sys.executable, FLEXSP_RUN_DIR=str(cluster / "dry"))
+    e.update(env)
+    return subprocess.run(["bash", str(ROOT / "scripts/slurm" / script), *args], capture_output=True, text=True,
+                          timeout=60, env=e, cwd=ROOT)
+
+
+def test_gpu_job_scripts_launch_lines(cluster):
+    """The multi-node GPU scripts' launch lines (printed, not run: no GPUs here) and their trainer flags."""
+    from megatron.flexsp.training.arguments import parse_args
+
+    for script, mode in [("train_flexsp.sbatch", "flexsp"), ("train_static.sbatch", "static"),
+                         ("train_batch_adaptive.sbatch", "batch-adaptive"),
+                         ("train_megatron_hybrid_cp.sbatch", "megatron-hybrid-cp")]:
+        r = _dry_run(cluster, script, "--train-iters", "5", COST_MODEL="/x/cost.json")
+        assert r.returncode == 0, r.stderr
+        line = [x for x in r.stdout.splitlines() if x.startswith("flexsp-slurm: dry run: srun")]
+        assert len(line) == 1, r.stdout
+        argv = shlex.split(line[0].split(": dry run: ", 1)[1])
+        i = argv.index("torch.distributed.run")
+        assert argv[:4] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
+        assert "--nnodes=2" in argv and "--nproc-per-node=8" in argv and "--rdzv-backend=c10d" in argv
+        assert "--rdzv-endpoint=gpu01:20077" in argv and "--rdzv-id=77" in argv
+        args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+        assert args.sp_mode == mode and args.train_iters == 5 and args.flexsp_cost_model == "/x/cost.json"
+        assert args.bf16 and args.transformer_impl == "transformer_engine" and args.distributed_backend == "nccl"
+        assert args.num_layers == 32 and args.seq_length == 65536 and i > 0
+    # one task per GPU: 16 ranks, the trainer sees torchrun's variables
+    r = _dry_run(cluster, "train_flexsp.sbatch", COST_MODEL="/x/cost.json", FLEXSP_LAUNCHER="srun",
+                 SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8")
+    assert r.returncode == 0 and "srun --ntasks=16 --kill-on-bad-exit=1 bash -c" in r.stdout, r.stdout + r.stderr
+    assert "RANK=$SLURM_PROCID" in r.stdout
+    # the GPU preset has no default cost model: a clear error, nothing launched
+    r = _dry_run(cluster, "compare.sbatch")
+    assert r.returncode == 2 and "set COST_MODEL" in r.stderr and "dry run" not in r.stdout
 
 
 def test_cpu_compare_job(cluster):

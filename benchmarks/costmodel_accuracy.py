@@ -45,7 +45,7 @@ def _run(cmd: list[str], log: Path, timeout: float) -> None:
     """Run a torchrun command, output to ``log``; kill its whole process group on timeout."""
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                             env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHON=sys.executable))
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -57,7 +57,14 @@ def _run(cmd: list[str], log: Path, timeout: float) -> None:
         raise SystemExit(f"failed (exit {rc}): {' '.join(cmd)}\n" + "\n".join(tail))
 
 
-def _torchrun(nproc: int) -> list[str]:
+def _launcher(nproc: int, emulated_nodes: int, link_mbit: int, timeout_s: float) -> list[str]:
+    """torchrun on this host, or scripts/emulated_cluster.sh (network-namespace nodes, shaped links)."""
+    if emulated_nodes:
+        if nproc % emulated_nodes:
+            raise SystemExit(f"--nproc {nproc} is not a multiple of --emulated-nodes {emulated_nodes}")
+        return ["bash", str(ROOT / "scripts" / "emulated_cluster.sh"), "--nodes", str(emulated_nodes),
+                "--gpus-per-node", str(nproc // emulated_nodes), "--link-mbit", str(link_mbit),
+                "--timeout", str(int(timeout_s)), "--port", str(_free_port()), "--"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
 
@@ -85,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default outputs/costmodel-accuracy-<time>)")
     p.add_argument("--timeout-s", type=float, default=900)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more trainer flags for every run")
+    p.add_argument("--emulated-nodes", type=int, default=0,
+                   help="run on scripts/emulated_cluster.sh with this many network-namespace nodes (needs root)")
+    p.add_argument("--link-mbit", type=int, default=200, help="inter-node link of the emulated cluster")
     a = p.parse_args(argv)
+    launch = lambda: _launcher(a.nproc, a.emulated_nodes, a.link_mbit, a.timeout_s)  # noqa: E731
+    where = (f"{a.emulated_nodes} emulated nodes x {a.nproc // max(1, a.emulated_nodes)} gloo ranks, "
+             f"{a.link_mbit} Mbit/s links" if a.emulated_nodes else f"{a.nproc} gloo ranks on one host")
     out = Path(a.out or ROOT / "outputs" / f"costmodel-accuracy-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     extra = [x for x in a.extra if x != "--"]
@@ -96,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.cost_model:
         cap = a.capacity_tokens or max(1, a.seq_length // a.nproc)
         t0 = time.perf_counter()
-        print(f"profiling on {a.nproc} gloo ranks (capacity {cap} tokens per rank) ...", flush=True)
-        _run(_torchrun(a.nproc) + ["-m", "megatron.flexsp.training.profiler", *model, *extra,
+        print(f"profiling on {where} (capacity {cap} tokens per rank) ...", flush=True)
+        _run(launch() + ["-m", "megatron.flexsp.training.profiler", *model, *extra,
                                     "--capacity-tokens", str(cap), "--profile-repeats", str(a.profile_repeats),
                                     "--profile-warmup", "1", "--profile-stat", a.stat, "--output", str(cost_path)],
              out / "profile.log", a.timeout_s)
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(a.runs):
             metrics = out / f"metrics-{mode}-{k}.jsonl"
             metrics.unlink(missing_ok=True)
-            _run(_torchrun(a.nproc) + ["pretrain_gpt_flexsp.py", *model, "--global-batch-size",
+            _run(launch() + ["pretrain_gpt_flexsp.py", *model, "--global-batch-size",
                                         str(a.global_batch_size), "--train-iters", str(a.train_iters), "--lr", "1e-3",
                                         "--log-interval", "1", "--no-progress-bar", "--flexsp-plan-ahead",
                                         str(a.plan_ahead), "--flexsp-cost-model",

@@ -357,7 +357,16 @@ _CPU_PRESET = {
     "memory": {"limit_gb": 1.0, "model_states_mb": 512.0, "activation_mb_per_token": 1.0},
 }
 
-PRESET_NAMES = ("gpt-7b", "gpt-13b", "gpt-30b", "cpu-tiny")
+# The same model and cluster with replicated model states (--flexsp-sharding ddp), profiled by the same command
+# plus --flexsp-sharding ddp: no per-micro-batch parameter gathers over the link, so beta1 is 16 ms, not 78 ms.
+_CPU_DDP_PRESET = dict(
+    _CPU_PRESET,
+    name="cpu-tiny-ddp: cpu-tiny with replicated model states (--flexsp-sharding ddp), emulated 2x2, 200 Mbit/s",
+    compute={"alpha1_ms_per_token2": 4.96e-5, "alpha2_ms_per_token": 0.0496, "beta1_ms": 16.2},
+    alltoall={"bytes_per_token": alltoall_bytes_per_token(2, 64, 4, 2, 4), "bandwidth_gbs": {"2": 0.157, "4": 0.019}},
+)
+
+PRESET_NAMES = ("gpt-7b", "gpt-13b", "gpt-30b", "cpu-tiny", "cpu-tiny-ddp")
 
 
 def preset(name: str, world_size: int = 64) -> CostModel:
@@ -374,6 +383,8 @@ def preset(name: str, world_size: int = 64) -> CostModel:
         )
     if key == "cpu-tiny":
         return CostModel.from_dict(_CPU_PRESET)
+    if key == "cpu-tiny-ddp":
+        return CostModel.from_dict(_CPU_DDP_PRESET)
     raise CostModelError(f"unknown cost-model preset '{name}' (presets: {', '.join(PRESET_NAMES)})")
 
 

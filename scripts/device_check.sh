@@ -6,7 +6,7 @@
 #   bash scripts/device_check.sh [--train-iters N] [--skip-train] [--skip-profile]
 # Exit: 0 all passed, 1 a check failed, 3 no NVIDIA GPU here (nothing was run).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the FlexSP SLURM job scripts: finds the repository and Python, and launches a
 # Python program on every rank of the allocation in one of two ways:
 #
@@ -94,7 +95,9 @@ flexsp_preset_args() {
         --seq-length "${SEQ_LENGTH:-65536}" --max-position-embeddings "${SEQ_LENGTH:-65536}"
         --bf16 --transformer-impl transformer_engine --distributed-backend nccl)
       if [ -n "${DATA_PATH:-}" ]; then
-        FLEXSP_DATA_ARGS=(--data-path $DATA_PATH --tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}"
+        read -r -a _data_path <<< "$DATA_PATH"  # "W1 PREFIX1 W2 PREFIX2 ..." as Megatron takes it
+        # shellcheck disable=SC2054  # "99,1,0" is one argument
+        FLEXSP_DATA_ARGS=(--data-path "${_data_path[@]}" --tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}"
           --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL with DATA_PATH}" --split 99,1,0)
       else
         FLEXSP_DATA_ARGS=(--mock-data --vocab-size 32000)

@@ -201,6 +201,7 @@ cmd_stop() {
 cmd_selftest() {
   cmd_install
   local dir; dir=$(mktemp -d /tmp/flexsp-slurm.XXXXXX)
+  # shellcheck disable=SC2064  # the directory is fixed now, on purpose
   trap "cmd_stop '$dir'" EXIT
   cmd_start "$dir"
   cat > "$dir/trivial.sbatch" <<'JOB'

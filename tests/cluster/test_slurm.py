@@ -157,6 +157,14 @@ def test_gpu_job_scripts_launch_lines(cluster):
         assert args.sp_mode == mode and args.train_iters == 5 and args.flexsp_cost_model == "/x/cost.json"
         assert args.bf16 and args.transformer_impl == "transformer_engine" and args.distributed_backend == "nccl"
         assert args.num_layers == 32 and args.seq_length == 65536 and i > 0
+    # a Megatron blend in DATA_PATH reaches the trainer as separate weight/prefix arguments
+    r = _dry_run(cluster, "train_static.sbatch", COST_MODEL="/x/cost.json", DATA_PATH="0.3 /d/a 0.7 /d/b",
+                 TOKENIZER_MODEL="/tok", CONTEXT_PARALLEL_SIZE="8")
+    line = [x for x in r.stdout.splitlines() if x.startswith("flexsp-slurm: dry run: srun")][0]
+    argv = shlex.split(line.split(": dry run: ", 1)[1])
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    assert args.data_path == ["0.3", "/d/a", "0.7", "/d/b"] and args.tokenizer_model == "/tok"
+    assert args.split == "99,1,0" and args.context_parallel_size == 8 and not args.mock_data
     # one task per GPU: 16 ranks, the trainer sees torchrun's variables
     r = _dry_run(cluster, "train_flexsp.sbatch", COST_MODEL="/x/cost.json", FLEXSP_LAUNCHER="srun",
                  SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8")

@@ -165,3 +165,17 @@ def test_single_process_profile_has_no_usable_fake_bandwidth(tmp_path):
     # the placeholder sits on a degree the heads never allow: no plan can use an unmeasured bandwidth
     assert list(cost.alltoall.bandwidth_gbs) == [3]
     assert cost.allowed_degrees(1) == [1] and 3 not in cost.allowed_degrees(8)
+
+
+def test_trainer_flexsp_profile_flag_profiles_instead_of_training(tmp_path):
+    """pretrain_gpt_flexsp.py --flexsp-profile FILE writes a cost model and trains nothing."""
+    out = tmp_path / "trainer_cost.json"
+    metrics = tmp_path / "metrics.jsonl"
+    cmd = [sys.executable, "pretrain_gpt_flexsp.py", "--flexsp-profile", str(out), "--num-layers", "1",
+           "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "128", "--max-position-embeddings",
+           "128", "--mock-data", "--train-iters", "5", "--metrics-file", str(metrics)]
+    r = _run_bounded(cmd, 180, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    cost = CostModel.from_dict(json.loads(out.read_text()))
+    assert (cost.num_layers, cost.hidden_size, cost.num_attention_heads) == (1, 32, 4)
+    assert not metrics.exists()  # profiling only: no training iteration was logged

@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--flexsp-plan-ahead", type=_nonneg_int, default=2,
                    help="global batches planned ahead in a background process on rank 0 (0: plan inline)")
     f.add_argument("--flexsp-dump-plans", default=None, metavar="DIR", help="write every plan as JSON here")
+    f.add_argument("--flexsp-profile", default=None, metavar="FILE",
+                   help="profile this model on these ranks instead of training (as flexsp-profile does) and write "
+                        "the cost-model JSON to FILE")
     f.add_argument("--flexsp-compare-with", choices=[m for m in SP_MODES if m != "flexsp"], default=None,
                    help="also run every global batch under this baseline's plan (same model, same batch, right "
                         "before the real step; its gradients are dropped) and log both times: a paired comparison "

@@ -441,6 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = A.parse_args(argv)
     try:
         env = launch_env()
+        if args.flexsp_profile:
+            from .profiler import profile
+
+            profile(args, env)
+            return 0
         train(args, env)
     except (A.ArgumentError, CheckpointError) as e:
         print(f"pretrain_gpt_flexsp.py: error: {e}", file=sys.stderr, flush=True)

@@ -9,7 +9,11 @@
 # outputs/compare-<time>), PYTHON (default .venv/bin/python, else python3), LAUNCH (the launcher,
 # default "$PYTHON -m torch.distributed.run --nproc-per-node $NPROC"; set it to use srun),
 # PAIRED=1 (the flexsp run also executes every batch under the static plan, back to back:
-# a comparison immune to load changes between runs on shared machines).
+# a comparison immune to load changes between runs on shared machines),
+# CLUSTER=host (default: NPROC ranks on this machine over loopback) | emulated (NODES network-namespace
+# "nodes" x NPROC/NODES ranks with LINK_MBIT-shaped links between them, scripts/emulated_cluster.sh;
+# needs root + iproute2, else it stops) | auto (emulated when possible, else host, and says so);
+# NODES (default 2), LINK_MBIT (default 200), LATENCY_MS (default 0).
 # Flags given here are added to every run (e.g. --mock-data --seq-length 4096 --train-iters 30);
 # without flags: the quickstart's small GPT on the embedded stdlib corpus.
 set -euo pipefail
@@ -20,8 +24,42 @@ fi
 NPROC=${NPROC:-4}
 MODES=${MODES:-"static flexsp batch-adaptive megatron-hybrid-cp"}
 OUT=${OUT:-outputs/compare-$(date +%Y%m%d-%H%M%S)}
-LAUNCH=${LAUNCH:-"$PYTHON -m torch.distributed.run --nproc-per-node $NPROC --master-addr 127.0.0.1 --master-port ${MASTER_PORT:-29533}"}
+CLUSTER=${CLUSTER:-host}
+NODES=${NODES:-2}
+LINK_MBIT=${LINK_MBIT:-200}
+LATENCY_MS=${LATENCY_MS:-0}
 mkdir -p "$OUT"
+case "$CLUSTER" in
+  host|emulated|auto) ;;
+  *) echo "CLUSTER=$CLUSTER: expected host, emulated or auto" >&2; exit 1 ;;
+esac
+if [ "$CLUSTER" != host ] && [ -n "${LAUNCH:-}" ]; then
+  echo "CLUSTER=$CLUSTER and LAUNCH are exclusive (LAUNCH names its own launcher)" >&2; exit 1
+fi
+if [ "$CLUSTER" != host ]; then
+  if [ $((NPROC % NODES)) != 0 ]; then
+    echo "CLUSTER=$CLUSTER: NPROC=$NPROC is not a multiple of NODES=$NODES" >&2; exit 1
+  fi
+  EMU=(bash scripts/emulated_cluster.sh --nodes "$NODES" --gpus-per-node $((NPROC / NODES))
+       --link-mbit "$LINK_MBIT" --latency-ms "$LATENCY_MS")
+  if why=$("${EMU[@]}" --check 2>&1); then
+    CLUSTER=emulated
+  elif [ "$CLUSTER" = emulated ]; then
+    echo "$why" >&2; exit 1
+  else
+    echo "$why"
+    echo "(CLUSTER=auto: running on one host instead)"
+    CLUSTER=host
+  fi
+fi
+if [ "$CLUSTER" = emulated ]; then
+  LAUNCH="env PYTHON=$PYTHON ${EMU[*]} --"
+  WHERE="emulated cluster: $NODES nodes x $((NPROC / NODES)) ranks (network namespaces), inter-node links ${LINK_MBIT} Mbit/s (tc tbf), latency ${LATENCY_MS} ms, loopback inside a node"
+else
+  LAUNCH=${LAUNCH:-"$PYTHON -m torch.distributed.run --nproc-per-node $NPROC --master-addr 127.0.0.1 --master-port ${MASTER_PORT:-29533}"}
+  WHERE="one host: $NPROC ranks over loopback (no node boundary)"
+fi
+echo "cluster: $WHERE"
 
 DEFAULTS=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 --group-query-attention
           --swiglu --seq-length 2048 --global-batch-size 32 --train-iters 12 --lr 2e-3 --lr-warmup-iters 2
@@ -44,5 +82,6 @@ for mode in $MODES; do
   specs+=("$mode=$metrics")
 done
 echo
-"$PYTHON" -m megatron.flexsp.training.summary compare "${specs[@]}" --baseline static | tee "$OUT/table.txt"
+{ "$PYTHON" -m megatron.flexsp.training.summary compare "${specs[@]}" --baseline static
+  echo "cluster: $WHERE"; } | tee "$OUT/table.txt"
 echo "(metrics files and logs in $OUT)"

@@ -28,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 NODES=2; GPN=2; MBIT=200; LAT=0; TIMEOUT=1800; PORT=29555; CHECK=0
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "emulated_cluster: $*" >&2; exit 1; }
 posint() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
 while [ $# -gt 0 ]; do

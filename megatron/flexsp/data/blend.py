@@ -37,12 +37,13 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[float] | None, list[
         numeric = [s for s in items if as_weight(s) is not None]
         if numeric:
             raise ValueError(
-                f"bad --data-path {items}: mixes prefixes and weights {numeric}; "
-                "give either only prefixes or 'weight prefix' pairs"
+                f"bad --data-path {items}: mixes prefixes and weights {numeric} (a mix of weighted and "
+                "unweighted entries); give either only prefixes or 'weight prefix' pairs"
             )
         return None, items
     if len(items) % 2:
-        raise ValueError(f"bad --data-path {items}: expected 'weight prefix' pairs, got an odd number of items")
+        raise ValueError(f"bad --data-path {items}: weights and prefixes must come in pairs "
+                         "(W1 PREFIX1 W2 PREFIX2 ...), got an odd number of items")
     weights, prefixes = [], []
     for w, p in zip(items[0::2], items[1::2]):
         wf = as_weight(w)

@@ -207,35 +207,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def parse_data_path(items: Sequence[str] | None) -> list[tuple[float, str]]:
-    """Megatron's ``--data-path [W1] P1 [W2] P2 ...``: all weighted or none (then equal weights)."""
+    """Megatron's ``--data-path [W1] P1 [W2] P2 ...`` as (weight, prefix) pairs (unweighted: equal weights).
+
+    The data layer owns the format (megatron.flexsp.data.blend.parse_data_path); this only turns its
+    complaint into an ArgumentError so the trainer stops before any work.
+    """
     if not items:
         return []
+    from megatron.flexsp.data.blend import parse_data_path as parse_blend
 
-    def as_float(s: str) -> float | None:
-        try:
-            return float(s)
-        except ValueError:
-            return None
-
-    if as_float(items[0]) is None:
-        bad = [s for s in items if as_float(s) is not None]
-        if bad:
-            raise ArgumentError(f"--data-path: mix of weighted and unweighted entries ({bad[0]!r} looks like a weight); "
-                                "give a weight before every prefix or none")
-        return [(1.0, s) for s in items]
-    if len(items) % 2:
-        raise ArgumentError("--data-path: weights and prefixes must come in pairs: W1 PREFIX1 W2 PREFIX2 ...")
-    out = []
-    for w, pth in zip(items[0::2], items[1::2]):
-        wv = as_float(w)
-        if wv is None or not math.isfinite(wv) or wv < 0:
-            raise ArgumentError(f"--data-path: {w!r} is not a weight >= 0 (before prefix {pth!r})")
-        if as_float(pth) is not None:
-            raise ArgumentError(f"--data-path: expected a prefix after weight {w!r}, got {pth!r}")
-        out.append((wv, pth))
-    if sum(w for w, _ in out) <= 0:
-        raise ArgumentError("--data-path: the weights sum to 0")
-    return out
+    try:
+        weights, prefixes = parse_blend(items)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    return list(zip(weights or [1.0] * len(prefixes), prefixes))
 
 
 def _parse_split(split: str) -> tuple[float, float, float]:

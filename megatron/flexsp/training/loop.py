@@ -102,6 +102,15 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+def shutdown_distributed() -> None:
+    """Destroy the default process group if one is up; a failure here must not mask the real error."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def init_distributed(env: LaunchEnv, backend: str | None, timeout_s: float = 1800.0) -> torch.device:
     """Process group on the chosen backend, one device per rank, megatron parallel_state (tp=pp=cp=1)."""
     cuda = _has_cuda()
@@ -451,9 +460,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pretrain_gpt_flexsp.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+        shutdown_distributed()
     return 0

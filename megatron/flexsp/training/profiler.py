@@ -667,11 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flexsp-profile: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+        from .loop import shutdown_distributed
+
+        shutdown_distributed()
     return 0
 
 

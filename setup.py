@@ -22,7 +22,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.2", "matplotlib", "ruff==0.17.5", "import-linter>=2.1"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],

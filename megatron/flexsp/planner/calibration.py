@@ -1,0 +1,257 @@
+"""Online calibration of the cost model from what the executor measures while training.
+
+Why: a cost model profiled once drifts (other jobs on the network, a new kernel, a different
+model size), and one profiled on a busy machine is noise; the planner optimises against
+whatever it is given. The executor already times every SP group of every micro-batch, so those
+timings refit the coefficients as the run goes, and later plans use the refitted model.
+
+What is fitted (DESIGN.md's formulas, nothing more, so the result is an ordinary cost-model JSON):
+
+* compute: ``compute_ms = (alpha1 * sum s^2 + alpha2 * T) / d + beta1`` over all groups of the
+  window, by ``fitting.robust_nonneg_fit`` (relative error, Huber-weighted, non-negative, the
+  starting model as a prior worth ``prior_weight`` samples);
+* all-to-all, per degree d >= 2: ``a2a_ms = MB / bw_d`` with MB = bytes_per_token * T / d / 2^20
+  (the formula's volume, so the fitted bandwidth is the *effective* one the formula needs, as the
+  profiler's is), same robust fitter, the starting bandwidth as prior;
+* memory: ``activation_mb_per_token`` only ever grows: a sample whose peak exceeds
+  model_states_mb + act * tokens_per_rank raises it to fit that sample (times ``memory_margin``);
+  samples holding less than ``memory_min_fill`` of a GPU's token capacity are not used, since
+  fixed workspaces would dominate them and inflate the per-token slope where it does not bind.
+
+A refit applies only once ``min_samples`` compute samples (``min_degree_samples`` per degree
+for bandwidth) are in the window; before that the starting coefficients stay. Samples live in
+a rolling window (the most recent ``window``), so the model follows drift. ``state_dict`` holds
+everything (config, starting model, window, memory level, model in force) as plain JSON, so a
+resumed run continues with the identical calibrated model and the identical future refits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .costmodel import CostModel
+from .fitting import FitError, robust_nonneg_fit
+
+__all__ = ["CalibrationConfig", "CostCalibrator", "GroupSample"]
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GroupSample:
+    """One SP group of one micro-batch, as measured by the executor.
+
+    ``a2a_bytes``: bytes one rank of the group sent through all-to-all (forward and backward);
+    used only as a diagnostic (measured volume / formula volume). ``peak_mb``: peak memory of a
+    rank of the group during the micro-batch; ``tokens_per_rank``: the most tokens one rank held
+    (default ceil(tokens / degree)).
+    """
+
+    degree: int
+    tokens: int
+    sum_sq: float
+    compute_ms: float
+    a2a_ms: float = 0.0
+    a2a_bytes: float = 0.0
+    peak_mb: float | None = None
+    tokens_per_rank: float | None = None
+
+    def to_list(self) -> list:
+        return [self.degree, self.tokens, self.sum_sq, self.compute_ms, self.a2a_ms, self.a2a_bytes, self.peak_mb,
+                self.tokens_per_rank]
+
+    @classmethod
+    def from_list(cls, v: list) -> GroupSample:
+        return cls(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]), float(v[5]),
+                   None if v[6] is None else float(v[6]), None if v[7] is None else float(v[7]))
+
+
+@dataclass
+class CalibrationConfig:
+    window: int = 1024               # most recent samples kept and fitted
+    min_samples: int = 24            # compute samples in the window before compute coefficients change
+    min_degree_samples: int = 6      # all-to-all samples of a degree before its bandwidth changes
+    prior_weight: float = 3.0        # the starting model counts as this many samples
+    huber_k: float = 1.345
+    memory_min_fill: float = 0.25    # memory samples below this share of a GPU's token capacity are ignored
+    memory_margin: float = 1.0       # raise activation_mb_per_token to margin * (what the sample needs)
+
+    def __post_init__(self) -> None:
+        if self.window < 3 or self.min_samples < 3 or self.min_degree_samples < 1:
+            raise ValueError(f"calibration: need window >= 3, min_samples >= 3, min_degree_samples >= 1; got {self}")
+        if self.prior_weight < 0 or self.huber_k <= 0 or self.memory_margin < 1.0:
+            raise ValueError(f"calibration: need prior_weight >= 0, huber_k > 0, memory_margin >= 1; got {self}")
+
+
+class CostCalibrator:
+    """Refits a cost model from per-group measurements; see the module docstring.
+
+    Typical use (trainer, rank 0, every few iterations)::
+
+        cal = CostCalibrator(cost)
+        cal.extend(samples)            # GroupSample per group per micro-batch
+        cost = cal.refit()             # the model later plans use
+        ckpt["flexsp_calibration"] = cal.state_dict()
+    """
+
+    def __init__(self, base: CostModel, config: CalibrationConfig | None = None):
+        self.base = base
+        self.config = config or CalibrationConfig()
+        self._samples: deque[GroupSample] = deque(maxlen=self.config.window)
+        self._act = float(base.memory.activation_mb_per_token)
+        self._seen = 0
+        self._rejected = 0
+        self._current = base
+        self._report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ input
+    def add(self, degree: int, tokens: int, sum_sq: float, compute_ms: float, a2a_ms: float = 0.0,
+            a2a_bytes: float = 0.0, peak_mb: float | None = None, tokens_per_rank: float | None = None) -> None:
+        """Record one group of one micro-batch (see ``GroupSample``)."""
+        self.add_sample(GroupSample(int(degree), int(tokens), float(sum_sq), float(compute_ms), float(a2a_ms),
+                                    float(a2a_bytes), None if peak_mb is None else float(peak_mb),
+                                    None if tokens_per_rank is None else float(tokens_per_rank)))
+
+    def add_sample(self, s: GroupSample) -> None:
+        vals = [s.sum_sq, s.compute_ms, s.a2a_ms, s.a2a_bytes]
+        if (s.degree < 1 or s.tokens < 1 or not all(math.isfinite(v) for v in vals) or s.compute_ms <= 0
+                or s.sum_sq < s.tokens):
+            self._rejected += 1          # empty group, failed timer or inconsistent lengths: not evidence
+            return
+        self._samples.append(s)
+        self._seen += 1
+        self._raise_memory(s)
+
+    def extend(self, samples: Iterable[GroupSample]) -> None:
+        for s in samples:
+            self.add_sample(s)
+
+    def _raise_memory(self, s: GroupSample) -> None:
+        if s.peak_mb is None or not math.isfinite(s.peak_mb):
+            return
+        tpr = s.tokens_per_rank if s.tokens_per_rank is not None else math.ceil(s.tokens / s.degree)
+        mem = self.base.memory
+        tokens_per_gpu = (mem.limit_gb * 1024 - mem.model_states_mb) / self._act
+        if tpr <= 0 or tpr < self.config.memory_min_fill * tokens_per_gpu:
+            return
+        need = (s.peak_mb - mem.model_states_mb) / tpr * self.config.memory_margin
+        if need > self._act:
+            self._act = float(need)
+
+    # ----------------------------------------------------------------- output
+    @property
+    def num_samples(self) -> int:
+        """Samples in the window now."""
+        return len(self._samples)
+
+    @property
+    def current(self) -> CostModel:
+        """The model in force (the last ``refit``'s, or the starting model)."""
+        return self._current
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """What the last refit did (samples used, fit errors, outliers, which parts applied)."""
+        return dict(self._report)
+
+    def refit(self) -> CostModel:
+        """Refit from the window; the new model is also ``current``. Parts without enough samples keep their values."""
+        base, cfg = self.base, self.config
+        c0 = base.compute                # prior: the starting model, not the last fit (no drift by feedback)
+        comp = list(self._samples)
+        report: dict[str, Any] = {"samples": len(comp), "seen": self._seen, "rejected": self._rejected}
+        alpha1, alpha2, beta1 = c0.alpha1_ms_per_token2, c0.alpha2_ms_per_token, c0.beta1_ms
+        if len(comp) >= cfg.min_samples:
+            d = np.array([s.degree for s in comp], dtype=np.float64)
+            x = np.stack([np.array([s.sum_sq for s in comp]) / d, np.array([s.tokens for s in comp]) / d,
+                          np.ones(len(comp))], axis=1)
+            y = np.array([s.compute_ms for s in comp])
+            try:
+                fit = robust_nonneg_fit(x, y, prior=[alpha1, alpha2, beta1], prior_weight=cfg.prior_weight,
+                                        huber_k=cfg.huber_k)
+                alpha1, alpha2, beta1 = (float(v) for v in fit.coef)
+                report["compute"] = {"applied": True, "rms_rel_err": fit.rms_rel_err, "rel_scale": fit.rel_scale,
+                                     "outliers": fit.outliers}
+            except FitError as e:
+                report["compute"] = {"applied": False, "error": str(e)}
+        else:
+            report["compute"] = {"applied": False, "need": cfg.min_samples}
+        bpt = base.alltoall.bytes_per_token
+        bw = dict(base.alltoall.bandwidth_gbs)
+        report["alltoall"] = {}
+        by_deg: dict[int, list[GroupSample]] = {}
+        for s in comp:
+            if s.degree >= 2 and s.a2a_ms > 0:
+                by_deg.setdefault(s.degree, []).append(s)
+        for deg in sorted(by_deg):
+            ss = by_deg[deg]
+            rep: dict[str, Any] = {"samples": len(ss)}
+            mb = np.array([bpt * s.tokens / deg / 2**20 for s in ss])
+            with_bytes = [(s.a2a_bytes, m) for s, m in zip(ss, mb) if s.a2a_bytes > 0]
+            if with_bytes:
+                rep["bytes_ratio"] = float(np.median([b / 2**20 / m for b, m in with_bytes]))
+            if len(ss) >= cfg.min_degree_samples:
+                y = np.array([s.a2a_ms for s in ss])
+                prior = [1.0 / bw[deg]] if deg in bw else None
+                fit = robust_nonneg_fit(mb[:, None], y, prior=prior, prior_weight=cfg.prior_weight if prior else 0.0,
+                                        huber_k=cfg.huber_k)
+                if fit.coef[0] > 0:
+                    bw[deg] = float(1.0 / fit.coef[0])
+                    rep.update(applied=True, bandwidth_gbs=bw[deg], rms_rel_err=fit.rms_rel_err,
+                               outliers=fit.outliers)
+                else:
+                    rep["applied"] = False
+            else:
+                rep["applied"] = False
+            report["alltoall"][str(deg)] = rep
+        report["activation_mb_per_token"] = self._act
+        d = base.to_dict()
+        d["compute"] = {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1}
+        d["alltoall"] = {"bytes_per_token": bpt, "bandwidth_gbs": {str(k): v for k, v in sorted(bw.items())}}
+        d["memory"] = dict(d["memory"], activation_mb_per_token=self._act)
+        d["calibration"] = {"samples": len(comp), "seen": self._seen,
+                            "compute_applied": bool(report["compute"].get("applied")),
+                            "bandwidth_applied": sorted(int(k) for k, r in report["alltoall"].items() if r["applied"])}
+        self._current = CostModel.from_dict(d)
+        self._report = report
+        return self._current
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-JSON state: a resumed run continues with the identical model and future refits."""
+        return {
+            "version": _STATE_VERSION,
+            "config": asdict(self.config),
+            "base": self.base.to_dict(),
+            "samples": [s.to_list() for s in self._samples],
+            "activation_mb_per_token": self._act,
+            "seen": self._seen,
+            "rejected": self._rejected,
+            "current": self._current.to_dict(),
+            "report": self._report,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state.get("version", -1)) != _STATE_VERSION:
+            raise ValueError(f"calibration state version {state.get('version')!r} is not {_STATE_VERSION}")
+        known = {f.name for f in fields(CalibrationConfig)}
+        self.config = CalibrationConfig(**{k: v for k, v in state["config"].items() if k in known})
+        self.base = CostModel.from_dict(state["base"])
+        self._samples = deque((GroupSample.from_list(v) for v in state["samples"]), maxlen=self.config.window)
+        self._act = float(state["activation_mb_per_token"])
+        self._seen = int(state["seen"])
+        self._rejected = int(state.get("rejected", 0))
+        self._current = CostModel.from_dict(state["current"])
+        self._report = dict(state.get("report", {}))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> CostCalibrator:
+        cal = cls(CostModel.from_dict(state["base"]))
+        cal.load_state_dict(state)
+        return cal

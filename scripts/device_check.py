@@ -65,6 +65,19 @@ def passes(err: float, ref_err: float, floor: float = 1e-3) -> bool:
     return math.isfinite(err) and err <= 2.0 * ref_err + floor
 
 
+def unavailable(backend: str) -> str:
+    """Why ``backend`` cannot run here ('' when it can): the package to install and the import error."""
+    from megatron.flexsp.runtime.attention import _require, backend_importable
+
+    if backend_importable(backend):
+        return ""
+    try:
+        _require(backend)
+    except ImportError as e:
+        return str(e)[:300]
+    return ""
+
+
 def attention_run(backend: str, q, k, v, cu, max_len: int, grad_out):
     """FlexSPCoreAttention forward + backward at degree 1; returns (out, dq, dk, dv)."""
     import torch
@@ -94,13 +107,9 @@ def attention_check(backend: str, *, device: str = "cuda", doc_lengths: Sequence
     """One backend against SDPA (fp32 reference; SDPA in the same dtype gives the error budget)."""
     import torch
 
-    from megatron.flexsp.runtime.attention import resolve_backend
-
-    if backend != "sdpa":
-        try:
-            resolve_backend(backend)
-        except ImportError as e:
-            return AttentionResult(backend, "not installed", detail=str(e).split(";")[0])
+    missing = unavailable(backend)
+    if missing:
+        return AttentionResult(backend, "not installed", detail=missing)
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device="cpu").manual_seed(seed)
     total = sum(doc_lengths)
@@ -159,13 +168,9 @@ def profile_stage(out: Path, timeout: float) -> tuple[str, str]:
 
 
 def train_stage(backend: str, out: Path, cost_model: str, timeout: float, iters: int) -> TrainResult:
-    from megatron.flexsp.runtime.attention import resolve_backend
-
-    if backend != "sdpa":
-        try:
-            resolve_backend(backend)
-        except ImportError as e:
-            return TrainResult(backend, "not installed", detail=str(e).split(";")[0])
+    missing = unavailable(backend)
+    if missing:
+        return TrainResult(backend, "not installed", detail=missing)
     metrics = out / f"train-{backend}.jsonl"
     metrics.unlink(missing_ok=True)
     impl = ["--transformer-impl", "transformer_engine"] if backend == "te" else []

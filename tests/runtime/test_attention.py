@@ -209,7 +209,7 @@ def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
         assert (max_q, max_k, causal, dropout_p) == (24, 24, True, 0.0)
         assert q.stride(-1) == 1 and k.shape[1] == 2 and q.shape[1] == 4
         calls.append("flash")
-        return _reference(q, k, v, bounds, softmax_scale)
+        return _reference(q.double(), k.double(), v.double(), bounds, softmax_scale).to(q.dtype)
 
     class FakeTEDotProductAttention:
         def __init__(self, **kw):
@@ -222,7 +222,8 @@ def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
             assert kw["cu_seqlens_q"].dtype == torch.int32 and kw["cu_seqlens_q"].tolist() == bounds
             assert kw["max_seqlen_q"] == kw["max_seqlen_kv"] == 24 and q.is_contiguous()
             calls.append("te")
-            return _reference(q, k, v, bounds, self.scale).reshape(q.shape[0], -1)  # TE returns [t, h*d]
+            out = _reference(q.double(), k.double(), v.double(), bounds, self.scale).to(q.dtype)
+            return out.reshape(q.shape[0], -1)  # TE returns [t, h*d]
 
     class FakeTE:
         DotProductAttention = FakeTEDotProductAttention
@@ -230,15 +231,86 @@ def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
     real_require = A._require
     monkeypatch.setattr(A, "_require", lambda b: fake_flash if b == "flash" else FakeTE if b == "te" else real_require(b))
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(30, 1, 4, 8, generator=g, dtype=torch.float64)
-    k = torch.randn(30, 1, 2, 8, generator=g, dtype=torch.float64)
-    v = torch.randn(30, 1, 2, 8, generator=g, dtype=torch.float64)
+    # bf16 like a real run (the kernels reject fp32); the fakes compute in fp64 and round once.
+    q = torch.randn(30, 1, 4, 8, generator=g, dtype=torch.float64).bfloat16()
+    k = torch.randn(30, 1, 2, 8, generator=g, dtype=torch.float64).bfloat16()
+    v = torch.randn(30, 1, 2, 8, generator=g, dtype=torch.float64).bfloat16()
     cu = torch.tensor(bounds, dtype=torch.int32)
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=24, max_seqlen_kv=24)
-    ref = _reference(q.squeeze(1), k.squeeze(1), v.squeeze(1), bounds, 0.25).reshape(30, 1, 32)
+    ref = _reference(*(x.squeeze(1).double() for x in (q, k, v)), bounds, 0.25).bfloat16().reshape(30, 1, 32)
     for backend in ("flash", "te"):
         attn = A.FlexSPCoreAttention(_config(4, 2, 8), 1, AttnMaskType.causal, "self", backend=backend,
                                      softmax_scale=0.25)
         out = attn(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, packed_seq_params=psp)  # thd input
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        # fp32 (or fp64) tensors stop with a clear error before reaching the kernel
+        with pytest.raises(ValueError, match=f"attention backend '{backend}' needs bf16/fp16 tensors"):
+            attn(*(x.squeeze(1).float() for x in (q, k, v)), None, packed_seq_params=psp)
     assert calls == ["flash", "te"]
+
+
+def _group_with_data_body(rank, ws):
+    """The same degree-2 attention three ways: group from parallel_state (sp_group), group carried
+    by packed_seq_params.cp_group outside any sp_group, and carried while a *different* group is
+    active in parallel_state (the data's group must win)."""
+    import dataclasses
+
+    from flexsp_patches.parallel_state import sp_group
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+    from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.packing import pack_group
+
+    pool = GroupPool(GROUPS)
+    hq, hkv, d = 4, 2, 8
+    attn = FlexSPCoreAttention(_config(hq, hkv, d), 1, AttnMaskType.causal, "self")
+    ranks = (0, 1) if rank < 2 else (2, 3)
+    me = ranks.index(rank)
+    lengths = _lengths_for(ranks[0], 0)
+    packed = pack_group([torch.zeros(L + 1, dtype=torch.long) for L in lengths], me, 2)
+    Tp, s = packed.cu_seqlens[-1].item(), packed.n_local
+    gen = torch.Generator().manual_seed(5 + ranks[0])
+    q, k, v = (torch.randn(Tp, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
+    gout = torch.randn(Tp, hq * d, generator=gen, dtype=torch.float64)
+    sl = slice(me * s, (me + 1) * s)
+    base = packed.packed_seq_params()
+
+    def run(psp):
+        ql, kl, vl = (x[sl].clone().requires_grad_(True) for x in (q, k, v))
+        out = attn(ql.unsqueeze(1), kl.unsqueeze(1), vl.unsqueeze(1), None, packed_seq_params=psp)
+        out.reshape(s, -1).backward(gout[sl])
+        return [out.detach().reshape(s, -1), ql.grad, kl.grad, vl.grad]
+
+    with sp_group(pool, ranks):
+        via_state = run(base)
+    carried = dataclasses.replace(base, cp_group=pool.get(ranks), local_cp_size=2)
+    via_data = run(carried)
+    with sp_group(pool, (rank,)):  # parallel_state says degree 1; the data says degree 2
+        via_data_inside_other = run(carried)
+    qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+    ref = _reference(qr, kr, vr, packed.cu_seqlens.tolist(), 1.0 / d ** 0.5).reshape(Tp, hq * d)
+    ref.backward(gout)
+    reference = [ref.detach()[sl], qr.grad[sl], kr.grad[sl], vr.grad[sl]]
+    errors = {}
+    for name, psp in {"size_mismatch": dataclasses.replace(base, cp_group=pool.get(ranks), local_cp_size=4),
+                      "degree_without_group": dataclasses.replace(base, local_cp_size=2)}.items():
+        try:
+            run(psp)
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    dist.barrier()
+    return dict(
+        data_vs_state=max((a - b).abs().max().item() for a, b in zip(via_data, via_state)),
+        data_wins=max((a - b).abs().max().item() for a, b in zip(via_data_inside_other, via_state)),
+        state_vs_ref=max((a - b).abs().max().item() for a, b in zip(via_state, reference)),
+        errors=errors,
+    )
+
+
+def test_sp_group_travels_with_packed_seq_params():
+    for out in run_distributed(_group_with_data_body, 4, timeout=90):
+        assert out["data_vs_state"] == 0.0 and out["data_wins"] == 0.0, out
+        assert out["state_vs_ref"] < 1e-10, out
+        assert "local_cp_size 4 differs from the size 2" in out["errors"]["size_mismatch"]
+        assert "cp_group is not set" in out["errors"]["degree_without_group"]

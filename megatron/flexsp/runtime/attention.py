@@ -1,9 +1,10 @@
 """FlexSP core attention: Ulysses all-to-all around causal attention over packed documents.
 
 Plugs into megatron.core as the ``core_attention`` submodule of a GPT layer spec (same
-constructor as ``DotProductAttention``). Per call it reads the micro-batch's SP group from
-``parallel_state.get_context_parallel_group()`` (set by ``flexsp_patches.parallel_state.sp_group``),
-so one model serves groups of every degree:
+constructor as ``DotProductAttention``). Per call it takes the micro-batch's SP group from the
+data: ``packed_seq_params.cp_group`` (megatron-core 0.16.1+ carries it there), else from
+``parallel_state.get_context_parallel_group()`` (redirected by
+``flexsp_patches.parallel_state.sp_group``), so one model serves groups of every degree:
 
     q, k, v  [s_local, 1, heads, d]  this rank's contiguous slice of the packed group
       -> all-to-all (one collective for q, k, v)      [T, heads / P, d]
@@ -20,7 +21,10 @@ Degree 1 does no communication. Backends for the local attention:
   ``cp_comm_type="a2a"`` reorders tokens for its DualChunkSwap load-balancing layout (each
   document split into 2 * cp chunks), which is not FlexSP's contiguous-slice layout, and its
   a2a path does not accept the ``thd`` format of packed documents.
-* ``auto``: flash when the tensors are on CUDA and flash-attn is installed, else sdpa.
+* ``auto``: the one rule of ``resolve_backend`` (te > flash > sdpa on CUDA with bf16, sdpa
+  otherwise), applied per call from the tensors' device and dtype.
+
+flash and te need fp16/bf16 tensors; fp32 stops with a clear ValueError, not a kernel error.
 
 Masking comes only from the documents' boundaries (``packed_seq_params`` cu_seqlens, or one
 document when absent) and causality: a dense ``attention_mask`` argument is ignored.
@@ -28,7 +32,11 @@ document when absent) and causality: a dense ``attention_mask`` argument is igno
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import logging
 import math
+import sys
 from typing import Any, Optional
 
 import torch
@@ -40,50 +48,129 @@ from megatron.core.transformer.module import MegatronModule
 
 from .alltoall import AllToAllStats, group_size, head_to_seq, qkv_seq_to_head
 
-__all__ = ["BACKENDS", "FlexSPCoreAttention", "varlen_causal_attention", "resolve_backend"]
+__all__ = ["BACKENDS", "FlexSPCoreAttention", "backend_importable", "resolve_backend", "varlen_causal_attention"]
 
 BACKENDS = ("sdpa", "flash", "te", "auto")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
+log = logging.getLogger(__name__)
+
+# backend -> (module to import, top-level package, pip name). The import is the real one: an
+# ABI-mismatched flash-attn (undefined symbol in its CUDA extension) or a core-only Transformer
+# Engine (no ``transformer_engine.pytorch``) is found by find_spec but cannot run.
+_KERNEL_MODULES = {
+    "flash": ("flash_attn", "flash_attn", "flash-attn"),
+    "te": ("transformer_engine.pytorch", "transformer_engine", "transformer-engine[pytorch]"),
+}
+# backend -> (kernel, None) when it imports, (None, "Type: message") when it does not; per process.
+_IMPORTS: dict[str, tuple[Any, str | None]] = {}
+_WARNED: set[str] = set()
+
+
+def _try_import(backend: str) -> tuple[Any, str | None]:
+    """Import a GPU backend's kernel once per process; never raises (the error is returned as text)."""
+    if backend not in _IMPORTS:
+        module = _KERNEL_MODULES[backend][0]
+        try:
+            mod = importlib.import_module(module)
+            kernel = mod.flash_attn_varlen_func if backend == "flash" else mod
+            if backend == "te":
+                kernel.DotProductAttention  # noqa: B018 - a TE without the attention module cannot serve
+            _IMPORTS[backend] = (kernel, None)
+        except Exception as e:  # noqa: BLE001 - ImportError, OSError (missing .so), RuntimeError (CUDA/ABI)...
+            _IMPORTS[backend] = (None, f"{type(e).__name__}: {e}")
+    return _IMPORTS[backend]
+
+
+def _installed(backend: str) -> bool:
+    """Whether the backend's top-level package is on the path at all (import not attempted)."""
+    top = _KERNEL_MODULES[backend][1]
+    if top in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _forget_imports() -> None:
+    """Drop the per-process import results and warnings (tests that change sys.path use it)."""
+    _IMPORTS.clear()
+    _WARNED.clear()
+
+
+def backend_importable(name: str) -> bool:
+    """Whether backend ``name`` can actually run here: its kernel module imports (cached per process).
+
+    'sdpa' (torch) always can. For 'flash' / 'te' the real import is tried, so a package that is
+    installed but broken (ABI mismatch, core-only TE, missing CUDA libraries) counts as not importable.
+    """
+    name = name.lower()
+    if name == "sdpa":
+        return True
+    if name not in _KERNEL_MODULES:
+        raise ValueError(f"unknown FlexSP attention backend '{name}' (importable applies to sdpa, flash, te)")
+    return _try_import(name)[0] is not None
 
 
 def _require(backend: str):
-    """Import the kernel of a backend, or raise ImportError naming the package to install."""
-    if backend == "flash":
-        try:
-            from flash_attn import flash_attn_varlen_func
-        except ImportError as e:
-            raise ImportError(
-                "FlexSP attention backend 'flash' needs the 'flash-attn' package (pip install flash-attn, "
-                f"or the [gpu] extra of flexsp-megatron); import failed: {e}"
-            ) from e
-        return flash_attn_varlen_func
-    if backend == "te":
-        try:
-            import transformer_engine.pytorch as te
-        except ImportError as e:
-            raise ImportError(
-                "FlexSP attention backend 'te' needs the 'transformer-engine' package "
-                f"(pip install transformer-engine[pytorch], or the [gpu] extra of flexsp-megatron); import failed: {e}"
-            ) from e
-        return te
-    return None
+    """The kernel of a backend ('flash': flash_attn_varlen_func, 'te': transformer_engine.pytorch),
+    or ImportError naming the package to install and why the import failed."""
+    if backend not in _KERNEL_MODULES:
+        return None
+    kernel, error = _try_import(backend)
+    if kernel is None:
+        pip = _KERNEL_MODULES[backend][2]
+        raise ImportError(f"FlexSP attention backend '{backend}' needs the '{pip.split('[')[0]}' package "
+                          f"(see docs/gpu.md: pip install --no-build-isolation {pip}); import failed: {error}")
+    return kernel
 
 
-def resolve_backend(backend: str | None, device: torch.device | None = None) -> str:
-    """Validate a backend name; 'auto' picks flash on CUDA when flash-attn imports, else sdpa."""
+def _note_skipped(skipped: tuple[str, ...], chosen: str) -> None:
+    """'auto' passed over ``skipped``: one warning line (per process) naming the installed but broken ones."""
+    new = [b for b in skipped if b not in _WARNED]
+    _WARNED.update(new)  # examined once: find_spec is not repeated per layer and call
+    broken = [b for b in new if _installed(b)]
+    if broken:
+        log.warning("FlexSP attention 'auto': installed but not importable, so using %s: %s", chosen,
+                    "; ".join(f"{_KERNEL_MODULES[b][1]} ({_try_import(b)[1]})" for b in broken))
+
+
+def resolve_backend(backend: str | None, device: torch.device | None = None, *, bf16: bool = False) -> str:
+    """The one backend rule: validate a name and resolve 'auto' (None means 'sdpa').
+
+    'auto': on CUDA with bf16, Transformer Engine if it imports, else flash-attn if it imports,
+    else SDPA; on the CPU or without bf16, SDPA (flash-attn rejects fp32, and TE has no fp32
+    packed (THD) path: its unfused fallback pads to [documents, max length] and runs out of
+    memory). An installed package that fails to import is skipped with one warning line per
+    process. Explicit 'flash' / 'te' need ``bf16`` (ValueError otherwise) and a working import
+    (ImportError naming the package otherwise). ``device`` None means this process's default:
+    CUDA when available.
+    """
     name = (backend or "sdpa").lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown FlexSP attention backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    if name == "auto":
-        if device is not None and device.type == "cuda":
-            try:
-                _require("flash")
-                return "flash"
-            except ImportError:
-                return "sdpa"
+    if name == "sdpa":
+        return name
+    if name in _KERNEL_MODULES and not bf16:
+        why = "flash-attn rejects fp32" if name == "flash" else \
+            "Transformer Engine has no fp32 path for packed (THD) sequences"
+        raise ValueError(f"attention backend '{name}' needs bf16 ({why}): add --bf16, or use "
+                         f"--attention-backend sdpa (or auto, which picks sdpa without bf16)")
+    if name != "auto":
+        _require(name)
+        return name
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type != "cuda" or not bf16:
         return "sdpa"
-    _require(name)
-    return name
+    chosen = "sdpa"
+    for candidate in ("te", "flash"):
+        if backend_importable(candidate):
+            chosen = candidate
+            break
+    _note_skipped(("te", "flash")[:("te", "flash", "sdpa").index(chosen)], chosen)
+    return chosen
 
 
 # --------------------------------------------------------------------------- cu_seqlens caches
@@ -215,10 +302,21 @@ class FlexSPCoreAttention(MegatronModule):
         if requested not in BACKENDS:
             raise ValueError(f"unknown FlexSP attention backend '{requested}' (choose from {', '.join(BACKENDS)})")
         if requested in ("flash", "te"):
-            _require(requested)  # fail at model build, naming the missing package
-        self.backend = requested  # 'auto' is resolved per call from the tensors' device
+            _require(requested)  # fail at model build, naming the missing (or broken) package
+        self.backend = requested  # 'auto' is resolved per call from the tensors' device and dtype
         self.a2a_stats = a2a_stats
-        self.__dict__["_te_modules"] = {}  # per (heads, kv heads) local shape; not submodules (no params)
+        # Per (heads, kv heads) local shape. Kept out of the module tree (they hold no parameters,
+        # and must not appear in state dicts or FSDP's wrapping), so ``train`` below forwards the
+        # mode to them: TE reads ``self.training`` for dropout and for its backend choice.
+        self.__dict__["_te_modules"] = {}
+
+    def train(self, mode: bool = True) -> "FlexSPCoreAttention":
+        """nn.Module.train, also for the TE modules outside the module tree (eval: no dropout)."""
+        super().train(mode)
+        for m in self.__dict__["_te_modules"].values():
+            if hasattr(m, "train"):
+                m.train(mode)
+        return self
 
     # ------------------------------------------------------------------ helpers
     def _te_module(self, heads: int, kv_heads: int):
@@ -233,8 +331,28 @@ class FlexSPCoreAttention(MegatronModule):
                 from megatron.core import tensor_parallel
 
                 kwargs["get_rng_state_tracker"] = tensor_parallel.get_cuda_rng_tracker
-            mods[key] = te.DotProductAttention(**kwargs)
+            mod = te.DotProductAttention(**kwargs)
+            if hasattr(mod, "train"):
+                mod.train(self.training)  # created lazily: start in the parent's current mode
+            mods[key] = mod
         return mods[key]
+
+    @staticmethod
+    def _group(packed_seq_params) -> Any:
+        """The micro-batch's SP group: carried by the data when set, else parallel_state's."""
+        group = getattr(packed_seq_params, "cp_group", None) if packed_seq_params is not None else None
+        local = getattr(packed_seq_params, "local_cp_size", None) if packed_seq_params is not None else None
+        if group is None:
+            if local is not None and local != 1:
+                raise ValueError(f"packed_seq_params.local_cp_size is {local} but cp_group is not set: "
+                                 f"a group of degree > 1 must travel with its process group")
+            if local == 1:
+                return None  # degree 1 stated by the data itself
+            return parallel_state.get_context_parallel_group(check_initialized=False)
+        if local is not None and local != group_size(group):
+            raise ValueError(f"packed_seq_params.local_cp_size {local} differs from the size "
+                             f"{group_size(group)} of its cp_group")
+        return group
 
     @staticmethod
     def _layout(packed_seq_params, total: int, device) -> tuple[torch.Tensor, int]:
@@ -271,11 +389,17 @@ class FlexSPCoreAttention(MegatronModule):
         elif query.dim() != 3:  # thd: megatron squeezes the batch dim itself
             raise ValueError(f"query must be [s, 1, heads, dim] or [t, heads, dim], got shape {tuple(query.shape)}")
         s_local = query.shape[0]
-        group = parallel_state.get_context_parallel_group(check_initialized=False)
+        group = self._group(packed_seq_params)
         p = group_size(group)
         total = s_local * p
         cu, max_len = self._layout(packed_seq_params, total, query.device)
-        backend = resolve_backend(self.backend, query.device) if self.backend == "auto" else self.backend
+        low = query.dtype in LOW_PRECISION
+        backend = self.backend
+        if backend == "auto":
+            backend = resolve_backend("auto", query.device, bf16=low)
+        elif backend in _KERNEL_MODULES and not low:
+            raise ValueError(f"attention backend '{backend}' needs bf16/fp16 tensors, got {query.dtype}: "
+                             f"run with --bf16, or use --attention-backend sdpa")
 
         q, k, v = qkv_seq_to_head(query, key, value, group, self.a2a_stats)  # checks heads vs degree
         out = varlen_causal_attention(

@@ -156,7 +156,10 @@ def test_missing_checkpoint_errors(tmp_path):
 # ------------------------------------------------------------------ verification, safety, retention
 
 def _full_state(m) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.clone() for k, v in sd.items()}
@@ -286,7 +289,7 @@ def test_resave_killed_at_every_step_never_leaves_latest_dangling(tmp_path, monk
         n += 1
         calls = [0]
 
-        def make(fn):
+        def make(fn, calls=calls, n=n):
             def wrapped(*a, **kw):
                 calls[0] += 1
                 if calls[0] == n:

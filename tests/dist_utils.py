@@ -22,10 +22,17 @@ processes that import torch costs seconds on a 2-core CI machine.
 Expected errors: catch them inside ``fn`` and return the message, then assert on the returned
 list in the parent (an exception escaping ``fn`` fails the whole run, by design).
 
-Mechanics: processes come from a ``forkserver`` context whose server pre-imports torch once per
-pytest session, so later runs start fast; each run gets a fresh free port (TCP store on
-127.0.0.1) and a process-group timeout; the parent waits for results with a deadline, kills
-every child on timeout or on the first failure, and raises with the child's traceback.
+Mechanics: gloo runs take processes from a ``forkserver`` context whose server pre-imports
+torch once per pytest session, so later runs start fast; each run gets a fresh free port (TCP
+store on 127.0.0.1) and a process-group timeout; the parent waits for results with a deadline,
+kills every child on timeout or on the first failure, and raises with the child's traceback.
+
+CUDA and forking: a process that forks after CUDA was initialised hands its children a CUDA
+state they cannot use ("Cannot re-initialize CUDA in forked subprocess"). The fork server
+therefore pre-imports only torch and torch.distributed (they do not initialise CUDA), never
+megatron.core: through megatron.core.distributed -> megatron_fsdp it imports Transformer
+Engine, whose attention backends query the device's compute capability at import time when
+flash-attn is installed. NCCL runs use ``spawn`` (fresh interpreters, nothing inherited).
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-__all__ = ["DistRunError", "free_port", "run_distributed"]
+__all__ = ["DistRunError", "FORKSERVER_PRELOAD", "context_for", "free_port", "run_distributed"]
 
-_CTX = None
+# Modules the fork server imports once; none of them may initialise CUDA (see the module docstring).
+FORKSERVER_PRELOAD = ("torch", "torch.distributed")
+_CTX: dict[str, Any] = {}
 # Same filter as pytest.ini; children and the fork server do not inherit pytest's filters.
 _QUIET = "ignore:Transformer Engine and Apex are not installed"
 
@@ -59,16 +68,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _context():
-    """One forkserver context per process; the server pre-imports torch so children start fast."""
-    global _CTX
-    if _CTX is None:
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+def context_for(backend: str):
+    """The multiprocessing context for ranks of ``backend``: ``spawn`` for NCCL (CUDA must never be
+    inherited through a fork), else a fork server that pre-imports torch (fast starts on gloo)."""
+    method = "spawn" if backend == "nccl" or "forkserver" not in mp.get_all_start_methods() else "forkserver"
+    if method not in _CTX:
         ctx = mp.get_context(method)
         if method == "forkserver":
-            # Preloading megatron.core (when installed) saves every child seconds of imports;
-            # the server ignores modules that fail to import.
-            ctx.set_forkserver_preload(["torch", "torch.distributed", "megatron.core"])
+            ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
             from multiprocessing import forkserver
 
             saved = os.environ.get("PYTHONWARNINGS")
@@ -80,8 +87,8 @@ def _context():
                     del os.environ["PYTHONWARNINGS"]
                 else:
                     os.environ["PYTHONWARNINGS"] = saved
-        _CTX = ctx
-    return _CTX
+        _CTX[method] = ctx
+    return _CTX[method]
 
 
 def _child(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, threads, env, result_q):
@@ -188,7 +195,7 @@ def run_distributed(
 
 
 def _run_once(fn, world_size, args, kwargs, timeout, backend, pg_timeout, threads, env) -> list[Any]:
-    ctx = _context()
+    ctx = context_for(backend)
     result_q = ctx.Queue()
     port = free_port()
     pg_timeout_s = float(pg_timeout if pg_timeout is not None else timeout)

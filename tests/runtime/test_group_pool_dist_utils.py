@@ -98,3 +98,29 @@ def _put_square(q, x):
 
 def test_ranks_may_start_their_own_processes():
     assert run_distributed(_child_of_rank, 2, timeout=90) == [0, 1]
+
+
+def _inherited_state(rank, ws):
+    """What a rank holds before it imports anything itself (this module imports no megatron)."""
+    import multiprocessing as mp
+    import sys
+
+    return (mp.get_start_method(allow_none=True), "megatron.core" in sys.modules,
+            "transformer_engine" in sys.modules, torch.cuda.is_initialized())
+
+
+def test_nccl_ranks_are_spawned_and_the_fork_server_preloads_torch_only(monkeypatch):
+    """Issue 10 item 1: nothing that can initialise CUDA may reach a forked rank."""
+    import tests.dist_utils as du
+
+    assert du.context_for("nccl").get_start_method() == "spawn"
+    gloo = du.context_for("gloo").get_start_method()
+    assert gloo in ("forkserver", "spawn")
+    assert not any(m.split(".")[0] == "megatron" for m in du.FORKSERVER_PRELOAD)
+    for start, megatron_loaded, te_loaded, cuda_initialised in run_distributed(_inherited_state, 2, timeout=60):
+        assert start == gloo and not megatron_loaded and not te_loaded and not cuda_initialised
+    # the spawn path end to end (what an NCCL run takes), exercised on gloo
+    spawn = du.context_for("nccl")
+    monkeypatch.setattr(du, "context_for", lambda backend: spawn)
+    for start, megatron_loaded, te_loaded, cuda_initialised in run_distributed(_inherited_state, 2, timeout=90):
+        assert start == "spawn" and not megatron_loaded and not cuda_initialised

@@ -16,7 +16,7 @@ from megatron.flexsp.training import checkpointing as ckpt
 try:  # the trainer redesign moves the dataclass configs into configs.py
     from megatron.flexsp.training.configs import OptimizerConfig
 except ImportError:  # pragma: no cover - before the move
-    from megatron.flexsp.training.configs import OptimizerConfig
+    from megatron.flexsp.training.arguments import OptimizerConfig  # type: ignore[no-redef]
 from megatron.flexsp.training.optimizer import build_optimizer, clip_grad_norm
 from tests.dist_utils import run_distributed
 

@@ -29,12 +29,13 @@ Mechanism (two narrow hooks, both inert unless a model was attached with ``attac
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["install", "attach", "PositionIdsRotaryEmbedding", "PerTokenRotaryFreqs", "per_token_freqs"]
+__all__ = ["install", "attach", "bshd_caller", "PositionIdsRotaryEmbedding", "PerTokenRotaryFreqs", "per_token_freqs"]
 
 
 class PerTokenRotaryFreqs(torch.Tensor):
@@ -124,6 +125,23 @@ def attach(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def bshd_caller(bshd: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Call megatron's ``_apply_rotary_pos_emb_bshd`` with the MLA flag under the name it takes.
+
+    megatron-core 0.19 renamed ``multi_latent_attention`` to ``mla_rotary_interleaved`` and warns
+    (DeprecationWarning) on every call that still uses the old name; 0.16 knows only the old one.
+    The signature is inspected once here, not per call.
+    """
+    params = inspect.signature(bshd).parameters
+    mla_name = "mla_rotary_interleaved" if "mla_rotary_interleaved" in params else "multi_latent_attention"
+
+    def call(t: Tensor, freqs: Tensor, *, rotary_interleaved: bool, mla: bool, mscale: float) -> Tensor:
+        return bshd(t, freqs, rotary_interleaved=rotary_interleaved, mscale=mscale, **{mla_name: mla})
+
+    call.mla_name = mla_name  # type: ignore[attr-defined]
+    return call
+
+
 def install() -> None:
     """Route tagged per-token frequencies around megatron's cu_seqlens-based RoPE. Idempotent."""
     from megatron.core.models.common.embeddings import rope_utils
@@ -135,7 +153,7 @@ def install() -> None:
                            "this megatron-core version is not supported by flexsp_patches.rope")
     if getattr(orig, "_flexsp_rope", False):
         return
-    bshd = rope_utils._apply_rotary_pos_emb_bshd
+    bshd = bshd_caller(rope_utils._apply_rotary_pos_emb_bshd)
 
     def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, **kw):
         if not isinstance(freqs, PerTokenRotaryFreqs):
@@ -143,11 +161,13 @@ def install() -> None:
         freqs = freqs.as_subclass(torch.Tensor)
         if freqs.size(0) != t.size(0):
             raise RuntimeError(f"flexsp RoPE: {freqs.size(0)} per-token frequencies for {t.size(0)} tokens")
+        # megatron-core 0.19 callers may pass the MLA flag; otherwise it follows the config, as there.
+        mla = kw.get("mla_rotary_interleaved")
+        mla = bool(config.multi_latent_attention if mla is None else mla)
         if t.dim() == 3:  # THD: [t, h, d] -> [t, 1, h, d]
-            return bshd(t.unsqueeze(1), freqs, rotary_interleaved=config.rotary_interleaved,
-                        multi_latent_attention=config.multi_latent_attention, mscale=mscale).squeeze(1)
-        return bshd(t, freqs, rotary_interleaved=config.rotary_interleaved,
-                    multi_latent_attention=config.multi_latent_attention, mscale=mscale)
+            return bshd(t.unsqueeze(1), freqs, rotary_interleaved=config.rotary_interleaved, mla=mla,
+                        mscale=mscale).squeeze(1)
+        return bshd(t, freqs, rotary_interleaved=config.rotary_interleaved, mla=mla, mscale=mscale)
 
     apply_rotary_pos_emb._flexsp_rope = True  # type: ignore[attr-defined]
     mattn.apply_rotary_pos_emb = apply_rotary_pos_emb

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import types
+import warnings
 
 import pytest
 import torch
@@ -55,7 +58,9 @@ def test_patched_rope_apply_follows_positions_in_thd():
     # the frequencies come from the slice's own position ids.
     freqs = rope.per_token_freqs(rot.inv_freq, pos[:, 2:7])
     cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
-    got = mattn.apply_rotary_pos_emb(t[2:7], freqs, config=cfg, cu_seqlens=cu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # megatron-core 0.19 renamed the MLA flag
+        got = mattn.apply_rotary_pos_emb(t[2:7], freqs, config=cfg, cu_seqlens=cu)
     ref_parts, start = [], 0
     for n in lens:  # megatron's own rotation of every document separately, positions 0..n-1
         ref_parts.append(_apply_rotary_pos_emb_bshd(t[start:start + n].unsqueeze(1), rot.get_emb(n)).squeeze(1))
@@ -68,6 +73,37 @@ def test_patched_rope_apply_follows_positions_in_thd():
     assert torch.equal(a, _apply_rotary_pos_emb_bshd(t.unsqueeze(1), plain))
     with pytest.raises(RuntimeError, match="per-token frequencies"):
         mattn.apply_rotary_pos_emb(t[:4], freqs, config=cfg, cu_seqlens=cu)
+
+
+def test_rope_passes_the_mla_flag_under_the_name_megatron_takes():
+    """0.16's _apply_rotary_pos_emb_bshd knows multi_latent_attention; 0.19 renamed it to
+    mla_rotary_interleaved (the old name warns on every call). Signature inspected once."""
+    from flexsp_patches.rope import bshd_caller
+
+    seen = []
+
+    def old_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        seen.append(("old", rotary_interleaved, multi_latent_attention, mscale))
+        return t
+
+    def new_bshd(t, freqs, rotary_interleaved=False, mla_rotary_interleaved=False, mscale=1.0,
+                 multi_latent_attention=None):
+        if multi_latent_attention is not None:
+            warnings.warn("multi_latent_attention is deprecated", DeprecationWarning)
+        seen.append(("new", rotary_interleaved, mla_rotary_interleaved, mscale))
+        return t
+
+    t = torch.zeros(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for fn in (old_bshd, new_bshd):
+            call = bshd_caller(fn)
+            call(t, t, rotary_interleaved=True, mla=True, mscale=0.5)
+            call(t, t, rotary_interleaved=False, mla=False, mscale=1.0)
+    assert seen == [("old", True, True, 0.5), ("old", False, False, 1.0),
+                    ("new", True, True, 0.5), ("new", False, False, 1.0)]
+    assert bshd_caller(old_bshd).mla_name == "multi_latent_attention"
+    assert bshd_caller(new_bshd).mla_name == "mla_rotary_interleaved"
 
 
 def test_cpu_rng_tracker_forks_and_restores():
@@ -174,10 +210,31 @@ def test_flexsp_layer_spec_swaps_only_core_attention():
     assert core.module is FlexSPCoreAttention and core.params == {"backend": "sdpa"}
     assert stock.submodules.self_attention.submodules.core_attention is not core  # stock spec not mutated
     for name in ("linear_qkv", "linear_proj", "q_layernorm", "k_layernorm"):
-        assert getattr(flex.submodules.self_attention.submodules, name) == \
-            getattr(stock.submodules.self_attention.submodules, name), name
+        assert _same_spec(getattr(flex.submodules.self_attention.submodules, name),
+                          getattr(stock.submodules.self_attention.submodules, name)), name
     for name in ("input_layernorm", "pre_mlp_layernorm", "mlp", "self_attn_bda", "mlp_bda"):
-        assert getattr(flex.submodules, name) == getattr(stock.submodules, name), name
+        assert _same_spec(getattr(flex.submodules, name), getattr(stock.submodules, name)), name
+    # the comparison is not vacuous: a different partial or module differs
+    assert not _same_spec(functools.partial(max, 1), functools.partial(max, 2))
+    assert not _same_spec(flex.submodules.mlp, flex.submodules.self_attention)
+
+
+def _same_spec(a, b) -> bool:
+    """Structural equality of layer-spec entries. megatron-core 0.19 builds some entries as fresh
+    ``functools.partial`` objects per spec call, and partials compare by identity."""
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return (_same_spec(a.func, b.func) and len(a.args) == len(b.args)
+                and all(_same_spec(x, y) for x, y in zip(a.args, b.args))
+                and a.keywords.keys() == b.keywords.keys()
+                and all(_same_spec(a.keywords[k], b.keywords[k]) for k in a.keywords))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(_same_spec(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_spec(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_spec(a[k], b[k]) for k in a)
+    return a == b
 
 
 def test_transformer_engine_spec_needs_te():

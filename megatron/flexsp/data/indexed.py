@@ -14,7 +14,7 @@ that length-only users (the planner process) stay light.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -44,9 +44,77 @@ def check_prefix(prefix: str) -> None:
         raise FileNotFoundError(f"data prefix {prefix!r}: missing {', '.join(missing)}{hint}")
 
 
-def open_indexed(prefix: str):
-    """megatron.core IndexedDataset for ``prefix`` (memory-mapped)."""
+# Megatron's .idx layout (megatron/core/datasets/indexed_dataset.py, stable since 2019): magic, version
+# (u64 = 1), dtype code (u8), sequence count (u64), document-index count (u64), then int32 sequence
+# lengths, int64 byte pointers into .bin, int64 document indices.
+IDX_MAGIC = b"MMIDIDX\x00\x00"
+IDX_VERSION = 1
+_IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+# dtype codes of megatron.core's DType enum
+_DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+                8: np.uint16}
+_validated: dict[tuple, None] = {}
+
+
+def validate_indexed(prefix: str) -> None:
+    """Check ``prefix``.idx against the format and ``prefix``.bin against the index; ValueError naming the file.
+
+    Why: megatron.core asserts on a bad magic or version (an AssertionError traceback on one rank
+    while its peers hang in a broadcast), and a ``.bin`` shorter than its index passes start-up and
+    fails mid-training at the first document past the end. Reads only the index (no tokens); the
+    result is cached per (file, size, mtime)."""
     check_prefix(prefix)
+    ip, bp = idx_path(prefix), bin_path(prefix)
+    ist, bst = os.stat(ip), os.stat(bp)
+    key = (os.path.abspath(prefix), ist.st_size, ist.st_mtime_ns, bst.st_size, bst.st_mtime_ns)
+    if key in _validated:
+        return
+    if ist.st_size < _IDX_HEADER_BYTES:
+        raise ValueError(f"{ip}: {ist.st_size} bytes, too short for a Megatron index header (truncated?)")
+    with open(ip, "rb") as f:
+        header = f.read(_IDX_HEADER_BYTES)
+    if header[:9] != IDX_MAGIC:
+        raise ValueError(f"{ip}: bad magic {header[:9]!r}, not a Megatron .idx index (expected {IDX_MAGIC!r})")
+    version = int.from_bytes(header[9:17], "little")
+    if version != IDX_VERSION:
+        raise ValueError(f"{ip}: index format version {version}, this reader supports version {IDX_VERSION}")
+    code = header[17]
+    if code not in _DTYPE_CODES:
+        raise ValueError(f"{ip}: unknown token dtype code {code} (known: {sorted(_DTYPE_CODES)})")
+    itemsize = np.dtype(_DTYPE_CODES[code]).itemsize
+    n_seq = int.from_bytes(header[18:26], "little")
+    n_doc = int.from_bytes(header[26:34], "little")
+    need = _IDX_HEADER_BYTES + n_seq * (4 + 8) + n_doc * 8
+    if ist.st_size < need:
+        raise ValueError(f"{ip}: {ist.st_size} bytes, but its header announces {n_seq} sequences and {n_doc} "
+                         f"document indices ({need} bytes): the index is truncated")
+    mm = np.memmap(ip, mode="r", dtype=np.uint8)
+    try:
+        off = _IDX_HEADER_BYTES
+        lengths = np.frombuffer(mm, dtype=np.int32, count=n_seq, offset=off)
+        pointers = np.frombuffer(mm, dtype=np.int64, count=n_seq, offset=off + 4 * n_seq)
+        docs = np.frombuffer(mm, dtype=np.int64, count=n_doc, offset=off + 12 * n_seq)
+        if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or (n_doc > 1 and bool(np.any(np.diff(docs) < 0))):
+            raise ValueError(f"{ip}: document indices are not a non-decreasing list from 0 to the {n_seq} sequences "
+                             "(a damaged index)")
+        if n_seq:
+            if bool(np.any(lengths < 0)) or bool(np.any(pointers < 0)):
+                raise ValueError(f"{ip}: negative sequence length or pointer (a damaged index)")
+            end = pointers + lengths.astype(np.int64) * itemsize
+            needed = int(end.max())
+            if bst.st_size < needed:
+                first = int(np.argmax(end > bst.st_size))
+                doc = int(np.searchsorted(docs, first, side="right")) - 1
+                raise ValueError(f"{bp}: {bst.st_size} bytes, but {ip} needs {needed}: the .bin is truncated "
+                                 f"(document {doc} onwards is missing)")
+    finally:
+        del mm
+    _validated[key] = None
+
+
+def open_indexed(prefix: str):
+    """megatron.core IndexedDataset for ``prefix`` (memory-mapped), after ``validate_indexed``."""
+    validate_indexed(prefix)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     return IndexedDataset(prefix, multimodal=False, mmap=True)
@@ -113,7 +181,7 @@ class DocumentWriter:
         self.documents += 1
         self.tokens += int(arr.size)
 
-    def __enter__(self) -> "DocumentWriter":
+    def __enter__(self) -> DocumentWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -163,11 +163,24 @@ def _build_body(rank, world_size):
 
     cpu_compat.init_model_parallel(seed=5, device_type="cpu")
     out = {}
+    # CUDA generators must be left alone (fork_rng(devices=[]) would not restore them): record
+    # every call that would (re)seed them, lazily queued or not.
+    cuda_seeds = []
+    real = torch.cuda.manual_seed, torch.cuda.manual_seed_all
+    torch.cuda.manual_seed = lambda s: cuda_seeds.append(("manual_seed", s))
+    torch.cuda.manual_seed_all = lambda s: cuda_seeds.append(("manual_seed_all", s))
+    try:
+        for pos in ("rope", "learned_absolute"):
+            torch.random.default_generator.manual_seed(99)
+            rng_before = torch.get_rng_state()
+            a = build_gpt_model(_tiny(pos), flexsp_attention=False)
+            out[f"{pos}_rng_kept"] = torch.equal(rng_before, torch.get_rng_state())
+            out[f"{pos}_models"] = a
+    finally:
+        torch.cuda.manual_seed, torch.cuda.manual_seed_all = real
+    out["cuda_seeds"] = cuda_seeds
     for pos in ("rope", "learned_absolute"):
-        torch.manual_seed(99)
-        rng_before = torch.get_rng_state()
-        a = build_gpt_model(_tiny(pos), flexsp_attention=False)
-        out[f"{pos}_rng_kept"] = torch.equal(rng_before, torch.get_rng_state())
+        a = out.pop(f"{pos}_models")
         b = build_gpt_model(_tiny(pos), flexsp_attention=False)
         c = build_gpt_model(_tiny(pos, seed=1), flexsp_attention=False)
         sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
@@ -188,6 +201,7 @@ def _build_body(rank, world_size):
 
 def test_build_gpt_model_deterministic_and_runs_on_cpu():
     (r,) = run_distributed(_build_body, 1, timeout=120)
+    assert r["cuda_seeds"] == []
     for pos in ("rope", "learned_absolute"):
         assert r[f"{pos}_rng_kept"]
         assert r[f"{pos}_same_seed_equal"]

@@ -144,7 +144,7 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
     ``flexsp_attention=False`` builds megatron's stock layer spec and stock RoPE (a reference
     model for tests and comparisons; it does not support packed sequences on CPU).
     Needs megatron parallel_state initialised (``flexsp_patches.cpu_compat.init_model_parallel``).
-    The global RNG state is left as it was. Parameters are kept in ``cfg.params_dtype`` (fp32 by
+    The global RNG state (CPU and CUDA) is left as it was. Parameters are kept in ``cfg.params_dtype`` (fp32 by
     default); ``cfg.bf16`` makes the runtime compute in bf16 (FSDP2 mixed precision, or autocast
     for plain data parallel), with fp32 gradient reduction.
     """
@@ -160,8 +160,11 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
     else:
         spec = layer_specs.get_stock_layer_spec(cfg.transformer_impl, normalization=cfg.normalization,
                                                 qk_layernorm=cfg.qk_layernorm)
+    # Seed and restore the CPU generator only: torch.manual_seed would also reseed every CUDA
+    # generator, which fork_rng(devices=[]) does not restore (megatron's CUDA RNG tracker and the
+    # caller's CUDA stream of random numbers must stay as they were).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.random.default_generator.manual_seed(cfg.seed)
         model = GPTModel(
             config=tcfg,
             transformer_layer_spec=spec,

@@ -121,20 +121,24 @@ def _bad_pool_list(rank, ws):
     from megatron.flexsp.runtime.group_pool import GroupPool, GroupPoolError
 
     msgs = []
-    for groups in ([(0, 1), (0, 1)], [(0, 4)], [(1, 1)], [()]):
+    # The premise of rejecting unsorted groups: torch numbers a group's ranks ascending whatever
+    # order new_group was given, so position in the list is not the rank in the group.
+    unsorted = dist.new_group([1, 0])
+    premise = (dist.get_group_rank(unsorted, 1), dist.get_group_rank(unsorted, 0))
+    for groups in ([(0, 1), (0, 1)], [(0, 4)], [(1, 1)], [()], [(0,), (1, 0)]):
         try:
             GroupPool(groups)
             msgs.append(None)
         except GroupPoolError as e:
             msgs.append(str(e))
-    return msgs
+    return msgs + [premise]
 
 
 def test_bad_groups_fail_on_every_rank_quickly():
     res = run_distributed(_bad_groups, 4, timeout=60, pg_timeout=30)
     for rank, e in enumerate(res):
         assert e["absent"] and "SP group [1, 2] is not in the group pool" in e["absent"], e
-        assert e["order"] and "[1, 0]" in e["order"]
+        assert e["order"] and "group [1, 0] is not in ascending rank order" in e["order"]
         assert e["not_member"] and f"rank {rank} cannot enter SP group" in e["not_member"]
         assert "rank 1 is in two groups" in e["overlap"]
         assert "ranks [3] are in no group" in e["missing"]
@@ -149,6 +153,8 @@ def test_bad_pool_lists_are_rejected():
         assert "outside the world 0..1" in msgs[1]
         assert "repeats a rank" in msgs[2]
         assert "empty group" in msgs[3]
+        assert "group [1, 0] is not in ascending rank order" in msgs[4]
+        assert msgs[5] == (1, 0)  # new_group([1, 0]): global rank 1 is rank 1 of the group, not 0
 
 
 def _from_cost_model(rank, ws):

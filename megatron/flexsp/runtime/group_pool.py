@@ -30,12 +30,22 @@ def _key(ranks: Iterable[int]) -> tuple[int, ...]:
     return key
 
 
+def _check_sorted(key: tuple[int, ...]) -> None:
+    """Rank-in-group must be the position in the tuple; process groups number ranks ascending."""
+    if list(key) != sorted(key):
+        raise GroupPoolError(f"group {list(key)} is not in ascending rank order: torch.distributed numbers a "
+                             f"group's ranks ascending ({sorted(key)}), so position in this list would not be "
+                             f"the rank in the group and tokens would be exchanged in the wrong order")
+
+
 class GroupPool:
     """Process groups for every rank tuple a plan may use, looked up by their ranks.
 
-    Groups are keyed by the exact rank tuple in the given order (a plan's ``Group.ranks``):
-    the position of a rank in the tuple is its rank inside the SP group, which decides which
-    contiguous slice of the packed tokens it holds.
+    Groups are keyed by the exact rank tuple (a plan's ``Group.ranks``): the position of a rank
+    in the tuple is its rank inside the SP group, which decides which contiguous slice of the
+    packed tokens it holds. ``torch.distributed.new_group`` orders a group's ranks ascending,
+    and the all-to-all exchanges slices in that order, so only ascending tuples are accepted:
+    an unsorted group would silently scramble tokens.
     """
 
     def __init__(self, groups: Sequence[Sequence[int]], backend: str | None = None, *, timeout=None):
@@ -50,6 +60,7 @@ class GroupPool:
                 raise GroupPoolError("empty group in the pool's group list")
             if len(set(key)) != len(key):
                 raise GroupPoolError(f"group {list(key)} repeats a rank")
+            _check_sorted(key)
             bad = [r for r in key if not 0 <= r < self.world_size]
             if bad:
                 raise GroupPoolError(f"group {list(key)} has ranks {bad} outside the world 0..{self.world_size - 1}")
@@ -104,6 +115,7 @@ class GroupPool:
         try:
             return self._groups[key]
         except KeyError:
+            _check_sorted(key)
             raise GroupPoolError(
                 f"SP group {list(key)} is not in the group pool (groups are created once at start-up; "
                 f"pool holds {len(self._groups)} groups: {self._describe()})"

@@ -10,9 +10,14 @@
 3. Training: a few steps of pretrain_gpt_flexsp.py with each available backend (same data, same
    initial weights): losses must be finite and agree across backends within bf16 noise.
 
-Prints one table and writes device_check.json / device_check.txt / cost_model.json and the logs
-under --out (default $OUT, else outputs/device-check-<time>). Exit codes: 0 all checks passed,
-1 a check failed, 3 no NVIDIA GPU here (nothing was run).
+Prints one table and writes, under --out (default $OUT, else outputs/device-check-<time>),
+stages.jsonl (a line per stage as it finishes), device_check.txt / .json (rewritten after every
+stage; ``complete`` is false until the end), cost_model.json and the logs. The whole run plans
+within --budget-s (later stages get what is left; a stage with too little left is "skipped").
+Stage processes stay in this process group (no new session) so an outer `timeout` reaches them;
+a stage past its limit, or a TERM/INT/HUP to this process, kills the stage's process tree and
+writes the partial report. Exit codes: 0 all checks passed, 1 a check failed, 3 no NVIDIA GPU here
+(nothing was run), 128+N stopped by signal N.
 """
 
 from __future__ import annotations
@@ -140,16 +145,83 @@ def attention_check(backend: str, *, device: str = "cuda", doc_lengths: Sequence
 
 
 # ------------------------------------------------------------------------ subprocess stages
+# Stage children stay in this process group and session (no setsid), so the outer `timeout` of
+# device_check.sh and any job killer reach them; a stage that runs past its own limit, or this
+# process being stopped, kills the stage's whole process tree.
+_LIVE: set[int] = set()
+
+
+class Interrupted(Exception):
+    """A termination signal arrived (the outer timeout, Ctrl-C, a job killer)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+    # The same signal often comes twice (from the shell's trap and relayed by `timeout`): take
+    # the first, ignore the rest, so writing the partial report is not interrupted itself.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (children, grandchildren, ...), read from /proc; [] without /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])  # fields after "(comm)": state, ppid
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything below it (twice over, for processes forked meanwhile)."""
+    for _ in range(2):
+        for q in [*descendants(pid), pid]:
+            try:
+                os.kill(q, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
 
 def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _LIVE.add(p.pid)
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            kill_tree(p.pid)
             p.wait()
             return 124, f"timed out after {timeout:.0f}s"
+        finally:
+            if p.poll() is None:  # interrupted while waiting: take the stage down with us
+                kill_tree(p.pid)
+                p.wait()
+            _LIVE.discard(p.pid)
+    # Orphans of a finished stage (reparented away from it) stay in this process group, where
+    # device_check.sh's exit trap ends them.
     tail = [x for x in log.read_text().splitlines() if "Warning" not in x and "warn(" not in x]
     return rc, "\n".join(tail[-12:])
 
@@ -212,68 +284,152 @@ def format_report(attn: list[AttentionResult], prof: tuple[str, str] | None, tra
     return "\n".join(lines)
 
 
+class Report:
+    """The results so far, written to disk after every stage: a run that is cut short (time
+    budget, signal, crash of a later stage) still leaves the table of what it finished.
+
+    Files under ``out``: stages.jsonl (one line per finished stage, appended as it finishes),
+    device_check.txt (the table) and device_check.json (``complete`` false until the end).
+    """
+
+    def __init__(self, out: Path, gpu: str):
+        self.out, self.gpu, self.t0 = out, gpu, time.perf_counter()
+        self.attn: list[AttentionResult] = []
+        self.prof: tuple[str, str] | None = None
+        self.train: list[TrainResult] = []
+        self.notes: list[str] = []
+        (out / "stages.jsonl").write_text("")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def stage_done(self, stage: str, result: Any) -> None:
+        rec = {"stage": stage, "seconds": round(self.elapsed(), 1),
+               "result": asdict(result) if hasattr(result, "__dataclass_fields__") else result}
+        with open(self.out / "stages.jsonl", "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+        status = result.status if hasattr(result, "status") else result[0]
+        print(f"[device_check] {stage}: {status} ({self.elapsed():.0f}s)", flush=True)
+        self.write(complete=False)
+
+    def failed(self) -> list[str]:
+        return [x.backend for x in self.attn if x.status in ("FAIL", "error")] + \
+               [f"train-{x.backend}" for x in self.train if x.status == "FAIL"] + \
+               (["profiler"] if self.prof and self.prof[0] == "FAIL" else [])
+
+    def write(self, complete: bool) -> str:
+        text = format_report(self.attn, self.prof, self.train, self.gpu)
+        if self.notes:
+            text += "\n\n" + "\n".join(f"note: {n}" for n in self.notes)
+        if not complete:
+            text += f"\n\n(incomplete: {self.elapsed():.0f}s so far)"
+        (self.out / "device_check.txt").write_text(text + "\n")
+        (self.out / "device_check.json").write_text(json.dumps(
+            {"gpu": self.gpu, "complete": complete, "attention": [asdict(x) for x in self.attn],
+             "profile": self.prof, "train": [asdict(x) for x in self.train], "notes": self.notes,
+             "seconds": self.elapsed()}, indent=2, default=str))
+        return text
+
+
+FALLBACK_COST_MODEL = {
+    "name": "device-check fallback", "num_layers": 4, "hidden_size": 1024, "num_attention_heads": 16,
+    "num_query_groups": 4, "gpus_per_node": 1,
+    "compute": {"alpha1_ms_per_token2": 1e-7, "alpha2_ms_per_token": 1e-3, "beta1_ms": 5.0},
+    "alltoall": {"bytes_per_token": 65536, "bandwidth_gbs": {"2": 100.0}},
+    "memory": {"limit_gb": 60, "model_states_mb": 2000, "activation_mb_per_token": 1.0},
+}
+
+
+def run_stages(a: argparse.Namespace, rep: Report, deadline: float) -> None:
+    """Attention (in this process), profiler, training per backend; each recorded as it ends."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+    def limit() -> float:  # a subprocess stage may use what is left, up to its own cap
+        return min(a.stage_timeout_s, deadline - time.monotonic() - 5.0)
+
+    lengths = tuple(int(x) for x in a.doc_lengths.split(","))
+    for b in ("sdpa", "flash", "te"):
+        rep.attn.append(attention_check(b, device=a.device, doc_lengths=lengths))
+        rep.stage_done(f"attention-{b}", rep.attn[-1])
+    cost = ""
+    if not a.skip_profile:
+        if limit() < 30:
+            rep.prof = ("skipped", "time budget spent")
+        else:
+            rep.prof = profile_stage(rep.out, limit())
+            if rep.prof[0] == "pass":
+                cost = str(rep.out / "cost_model.json")
+        rep.stage_done("profile", rep.prof)
+    if a.skip_train:
+        return
+    if not cost:  # no profile: a cost model for this model shape that fits one GPU
+        cost = str(rep.out / "cost_model_fallback.json")
+        Path(cost).write_text(json.dumps(FALLBACK_COST_MODEL))
+    for b in ("sdpa", "flash", "te"):
+        if limit() < 30:
+            rep.train.append(TrainResult(b, "skipped", detail="time budget spent"))
+        else:
+            rep.train.append(train_stage(b, rep.out, cost, limit(), a.train_iters))
+        rep.stage_done(f"train-{b}", rep.train[-1])
+    ran = [t for t in rep.train if t.status == "pass"]
+    if len(ran) > 1:  # same data and weights: first losses agree within bf16 noise
+        l0 = ran[0].losses[0]
+        for t in ran[1:]:
+            if abs(t.losses[0] - l0) > 0.02 * abs(l0):
+                t.status, t.detail = "FAIL", f"first loss {t.losses[0]:.4f} vs {ran[0].backend} {l0:.4f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or None)
     p.add_argument("--train-iters", type=int, default=4)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-profile", action="store_true")
-    p.add_argument("--stage-timeout-s", type=float, default=150)
+    p.add_argument("--stage-timeout-s", type=float, default=100, help="cap of one subprocess stage")
+    p.add_argument("--budget-s", type=float, default=float(os.environ.get("DEVICE_CHECK_BUDGET_S", 270)),
+                   help="whole run; later stages get what is left (device_check.sh's timeout is the backstop)")
+    p.add_argument("--doc-lengths", default="1,17,300,1024,2048,77", help="packed documents of the attention stage")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: the attention stage on the CPU, for testing this script without a GPU")
     a = p.parse_args(argv)
+    deadline = time.monotonic() + a.budget_s
 
     import torch
 
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+    if a.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() == 0):
         print("device_check: no NVIDIA GPU here (torch.cuda.is_available() is False): nothing was checked. Run "
               "scripts/device_check.sh on a machine with a CUDA GPU and a CUDA build of torch.", file=sys.stderr)
         return NO_GPU_EXIT
     out = Path(a.out or ROOT / "outputs" / f"device-check-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    gpu = f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    t0 = time.perf_counter()
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    attn = [attention_check(b) for b in ("sdpa", "flash", "te")]
-    print(f"[device_check] attention done ({time.perf_counter() - t0:.0f}s)", flush=True)
-    prof = None
-    cost = "gpt-7b"
-    if not a.skip_profile:
-        prof = profile_stage(out, a.stage_timeout_s)
-        if prof[0] == "pass":
-            cost = str(out / "cost_model.json")
-        print(f"[device_check] profiler {prof[0]} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    train: list[TrainResult] = []
-    if not a.skip_train:
-        if cost == "gpt-7b":  # no profile: a cost model for this model shape that fits one GPU
-            c = {"name": "device-check fallback", "num_layers": 4, "hidden_size": 1024, "num_attention_heads": 16,
-                 "num_query_groups": 4, "gpus_per_node": 1,
-                 "compute": {"alpha1_ms_per_token2": 1e-7, "alpha2_ms_per_token": 1e-3, "beta1_ms": 5.0},
-                 "alltoall": {"bytes_per_token": 65536, "bandwidth_gbs": {"2": 100.0}},
-                 "memory": {"limit_gb": 60, "model_states_mb": 2000, "activation_mb_per_token": 1.0}}
-            cost = str(out / "cost_model_fallback.json")
-            Path(cost).write_text(json.dumps(c))
-        for b in ("sdpa", "flash", "te"):
-            train.append(train_stage(b, out, cost, a.stage_timeout_s, a.train_iters))
-            print(f"[device_check] training with {b}: {train[-1].status} ({time.perf_counter() - t0:.0f}s)",
-                  flush=True)
-        ran = [t for t in train if t.status == "pass"]
-        if len(ran) > 1:  # same data and weights: first losses agree within bf16 noise
-            l0 = ran[0].losses[0]
-            for t in ran[1:]:
-                if abs(t.losses[0] - l0) > 0.02 * abs(l0):
-                    t.status, t.detail = "FAIL", f"first loss {t.losses[0]:.4f} vs sdpa {l0:.4f}"
-    report = format_report(attn, prof, train, gpu)
-    print(report)
-    (out / "device_check.txt").write_text(report + "\n")
-    (out / "device_check.json").write_text(json.dumps(
-        {"gpu": gpu, "attention": [asdict(x) for x in attn], "profile": prof, "train": [asdict(x) for x in train],
-         "seconds": time.perf_counter() - t0}, indent=2, default=str))
-    failed = [x.backend for x in attn if x.status in ("FAIL", "error")] + \
-             [x.backend for x in train if x.status == "FAIL"] + (["profiler"] if prof and prof[0] != "pass" else [])
-    print(f"[device_check] {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} "
-          f"in {time.perf_counter() - t0:.0f}s; outputs in {out}")
-    return 1 if failed else 0
+    gpu = (f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+           if a.device == "cuda" else f"cpu (torch {torch.__version__})")
+    rep = Report(out, gpu)
+    rep.write(complete=False)
+    saved = {sig: signal.signal(sig, _raise_interrupted) for sig in _STOP_SIGNALS}
+    rc = 0
+    try:
+        run_stages(a, rep, deadline)
+    except Interrupted as e:
+        rep.notes.append(f"{e} after {rep.elapsed():.0f}s: stages not listed did not run")
+        rc = 128 + e.signum
+    except Exception as e:  # noqa: BLE001 - keep the table of the stages that finished
+        rep.notes.append(f"stopped by {type(e).__name__}: {e}"[:400])
+        rc = 1
+    finally:
+        for pid in list(_LIVE):
+            kill_tree(pid)
+        if not rc:
+            for sig, h in saved.items():
+                signal.signal(sig, h)
+    text = rep.write(complete=rc == 0)
+    print(text)
+    failed = rep.failed()
+    print(f"[device_check] {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed' if rc == 0 else 'stopped'}"
+          f" in {rep.elapsed():.0f}s; outputs in {out}")
+    return rc or (1 if failed else 0)
 
 
 if __name__ == "__main__":

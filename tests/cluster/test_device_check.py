@@ -1,13 +1,17 @@
 """scripts/device_check.sh: without a GPU it stops with a clear message (exit 3); its attention
 harness (FlexSPCoreAttention at degree 1 on packed documents, error measure, missing packages)
-is checked on CPU against a naive per-document attention."""
+is checked on CPU against a naive per-document attention; its report is written stage by stage,
+and no stage process outlives its limit, the script's time limit, or a signal to the script."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,127 @@ def test_attention_check_statuses_and_report():
     text = device_check.format_report([r, missing], ("pass", "compute fit ..."),
                                       [device_check.TrainResult("sdpa", "pass", [5.6, 5.1], 1000.0, 12.0)], "cpu")
     assert "sdpa" in text and "5.6000" in text and "profiler: pass" in text
+
+
+# ------------------------------------------------------------ reports and processes (issue 10 item 8)
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pids, within_s: float = 5.0) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _kill(pids) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def test_report_is_written_after_every_stage(tmp_path):
+    rep = device_check.Report(tmp_path, "cpu")
+    rep.attn.append(device_check.AttentionResult("sdpa", "pass", 1e-3, 1e-3, 2e-3, 2e-3, 1.0))
+    rep.stage_done("attention-sdpa", rep.attn[-1])
+    first = json.loads((tmp_path / "device_check.json").read_text())
+    assert first["complete"] is False and [a["backend"] for a in first["attention"]] == ["sdpa"]
+    assert "(incomplete" in (tmp_path / "device_check.txt").read_text()
+    rep.prof = ("FAIL", "fit_linear needs two distinct points")
+    rep.stage_done("profile", rep.prof)
+    lines = [json.loads(x) for x in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in lines] == ["attention-sdpa", "profile"]
+    assert lines[1]["result"][0] == "FAIL" and rep.failed() == ["profiler"]
+    assert json.loads((tmp_path / "device_check.json").read_text())["profile"][0] == "FAIL"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_stage_past_its_limit_is_killed_with_its_children(tmp_path):
+    info = tmp_path / "info"
+    child = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(['sleep', '300'])\n"
+             "open(sys.argv[1], 'w').write(f'{os.getpid()} {os.getsid(0)} {os.getpgid(0)} {p.pid}')\n"
+             "p.wait()\n")
+    t0 = time.monotonic()
+    rc, tail = device_check._run([sys.executable, "-c", child, str(info)], tmp_path / "stage.log", timeout=3)
+    pid, sid, pgid, grandchild = (int(x) for x in info.read_text().split())
+    try:
+        assert rc == 124 and "timed out after 3s" in tail
+        assert time.monotonic() - t0 < 10
+        # no new session or group: an outer `timeout` (which signals its process group) reaches it
+        assert (sid, pgid) == (os.getsid(0), os.getpgid(0))
+        assert _gone([pid, grandchild]), "the stage or its child outlived the stage limit"
+        assert not device_check._LIVE
+    finally:
+        _kill([grandchild])
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python: a stage child that ignores SIGTERM, then waits
+bash -c 'trap "" TERM; exec sleep 300' &
+echo "$$ $!" > "$FAKE_PIDS"
+wait
+"""
+
+
+def _fake_run(tmp_path, limit_s: str):
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    pids = tmp_path / "pids"
+    env = dict(os.environ, PYTHON=str(fake), FAKE_PIDS=str(pids), DEVICE_CHECK_TIMEOUT_S=limit_s)
+    p = subprocess.Popen(["bash", str(ROOT / "scripts/device_check.sh")], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 30
+    while not (pids.exists() and len(pids.read_text().split()) == 2) and time.monotonic() < end:
+        time.sleep(0.05)
+    return p, [int(x) for x in pids.read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_time_limit_ends_every_stage_process(tmp_path):
+    p, pids = _fake_run(tmp_path, "2")
+    try:
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 124 and "stopped after 2s" in err
+        assert _gone(pids), "a stage process that ignores SIGTERM outlived device_check.sh"
+    finally:
+        p.kill()
+        _kill(pids)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_terminating_the_script_ends_every_stage_process(tmp_path):
+    p, pids = _fake_run(tmp_path, "120")
+    try:
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 143 and "stopped by SIGTERM" in err
+        assert time.monotonic() - t0 < 15
+        assert _gone(pids)
+    finally:
+        p.kill()
+        _kill(pids)
+
+
+def test_cpu_run_of_main_writes_a_complete_report(tmp_path, capsys):
+    rc = device_check.main(["--device", "cpu", "--skip-profile", "--skip-train", "--out", str(tmp_path),
+                            "--doc-lengths", "3,40,7"])
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    stages = [json.loads(x)["stage"] for x in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert stages == ["attention-sdpa", "attention-flash", "attention-te"]
+    assert res["complete"] is True and res["attention"][0]["status"] == "pass"
+    statuses = {a["backend"]: a["status"] for a in res["attention"]}
+    assert rc == (0 if all(s in ("pass", "not installed") for s in statuses.values()) else 1), statuses
+    assert "attention vs SDPA" in capsys.readouterr().out

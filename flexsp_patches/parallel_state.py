@@ -1,10 +1,13 @@
 """Per-micro-batch SP group for megatron.core.parallel_state's context-parallel getters.
 
-Why: megatron.core code (attention, RoPE, losses, our FlexSP attention) asks
+Why: FlexSP changes the sequence-parallel group every micro-batch. Our own code does not need
+this module to find it: the executor passes the group with the data
+(``PackedSeqParams.cp_group`` / ``local_cp_size``) and ``FlexSPCoreAttention`` reads it from
+there first. This redirection remains only for megatron.core code that still asks
 ``parallel_state.get_context_parallel_{group,world_size,rank,global_ranks}()`` for "my
-sequence-parallel group". FlexSP changes that group every micro-batch, so while a micro-batch
-runs those getters must answer for the micro-batch's group, and for the original setting
-afterwards.
+sequence-parallel group" (RoPE helpers, loss and embedding utilities, any layer that does not
+take the group as an argument): while a micro-batch runs those getters must answer for the
+micro-batch's group, and for the original setting afterwards.
 
 Two mechanisms, both undone on exit:
 

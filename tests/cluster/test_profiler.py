@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from megatron.flexsp.planner.costmodel import CostModel, alltoall_bytes_per_token
-from megatron.flexsp.training.profiler import (ProfileConfig, ProfileError, fit_bandwidth, fit_compute, fit_linear,
+from megatron.flexsp.planner.fitting import fit_bandwidth, fit_compute, fit_linear
+from megatron.flexsp.training.profiler import (GPU_MEMORY_PROBE_CAP, ProfileConfig, ProfileError, memory_probe_lengths,
                                                profile_config_from_args)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,19 @@ def _synthetic(a1, a2, b1, noise=0.0, seed=0):
         ms = sum(a1 * s * s + a2 * s for s in ls) + b1
         out.append((ls, ms * (1 + noise * rng.standard_normal())))
     return out
+
+
+@pytest.mark.parametrize("seq_length", [2048, 8192, 65536, 131072])
+def test_memory_probe_has_a_slope_at_every_length(seq_length):
+    """The memory probe must give fit_linear two or more distinct lengths, also where FlexSP matters most."""
+    for cuda in (False, True):
+        lengths = memory_probe_lengths(seq_length, cuda)
+        assert len(set(lengths)) >= 2, (seq_length, cuda, lengths)
+        assert lengths == sorted(lengths) and max(lengths) <= seq_length
+        if cuda:
+            assert max(lengths) == min(seq_length, GPU_MEMORY_PROBE_CAP)
+    assert memory_probe_lengths(65536, True) == memory_probe_lengths(8192, True)
+    fit_linear(memory_probe_lengths(131072, True), [3.0 * s + 7 for s in memory_probe_lengths(131072, True)])
 
 
 def test_fit_compute_recovers_exact_coefficients():

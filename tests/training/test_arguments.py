@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from megatron.flexsp.data.tokenizer import BYTE_VOCAB_SIZE
+from megatron.flexsp.planner.api import METHODS
 from megatron.flexsp.training import arguments as A
-from megatron.flexsp.training.loop import launch_env, main
+from megatron.flexsp.training.configs import configs_from_args
+from megatron.flexsp.training.distributed import LaunchEnv, LaunchError, device_for_backend, launch_env
+from megatron.flexsp.training.loop import main
 
 GQA = ["--num-query-groups", "2", "--group-query-attention"]
 
@@ -24,11 +28,26 @@ def test_defaults_follow_megatron_meanings():
     assert a.sp_mode == "flexsp" and a.attention_backend == "auto" and a.flexsp_sharding == "fsdp2"
     assert A.parse_args(["--attention-backend", "fused"]).attention_backend == "te"
     assert A.parse_args(["--attention-backend", "unfused"]).attention_backend == "sdpa"
-    c = A.build_configs(check(["--lr", "3e-4", "--min-lr", "1e-5", "--lr-decay-style", "linear", "--sp-mode",
-                               "static", "--context-parallel-size", "4", "--metrics-file", "m.jsonl"]))
+    args = A.parse_args(["--lr", "3e-4", "--min-lr", "1e-5", "--lr-decay-style", "linear", "--sp-mode", "static",
+                         "--context-parallel-size", "4", "--metrics-file", "m.jsonl", "--hidden-size", "32",
+                         "--flexsp-time-limit", "0.5", "--no-progress-bar", "--mock-data"])
+    c = configs_from_args(args, LaunchEnv(0, 4, 0, 4, "127.0.0.1", 1))
     assert (c.optimizer.lr, c.optimizer.min_lr, c.optimizer.lr_decay_style) == (3e-4, 1e-5, "linear")
-    assert (c.flexsp.sp_mode, c.flexsp.context_parallel_size) == ("static", 4)
-    assert c.logging.metrics_file == "m.jsonl" and c.checkpoint.save_final
+    assert (c.flexsp.sp_mode, c.flexsp.context_parallel_size, c.flexsp.time_limit_s) == ("static", 4, 0.5)
+    assert c.logging.metrics_file == "m.jsonl" and c.checkpoint.save_final and not c.logging.progress_bar
+    # the model config is the runtime's GPTConfig, every shape flag carried over by name
+    assert (c.model.hidden_size, c.model.num_layers, c.model.vocab_size) == (32, 2, BYTE_VOCAB_SIZE)
+    assert c.model.attention_backend == "sdpa"  # 'auto' on the CPU
+    assert c.data.mock and c.data.seq_length == 2048
+    # the planner's settings per method: static takes --context-parallel-size, others choose their degrees
+    assert c.flexsp.planner_config(4).static_degree == 4
+    assert c.flexsp.planner_config(4, "flexsp").static_degree is None
+    assert c.flexsp.planner_config(4).max_seq_len == 2048
+
+
+def test_one_mode_list():
+    assert A.SP_MODES is METHODS
+    assert A.build_parser().parse_args(["--sp-mode", "megatron-hybrid-cp"]).sp_mode == "megatron-hybrid-cp"
 
 
 def test_unknown_flag_stops_argparse(capsys):
@@ -54,6 +73,9 @@ def test_unknown_flag_stops_argparse(capsys):
     (["--bf16"], 4, False, "--bf16 needs a GPU"),
     (["--distributed-backend", "nccl"], 4, False, "nccl needs CUDA"),
     (["--attention-backend", "flash"], 4, False, "--attention-backend flash needs a GPU"),
+    (["--attention-backend", "flash", "--flexsp-cost-model", "cpu-tiny"], 4, True,
+     "--attention-backend flash needs --bf16"),
+    (["--attention-backend", "te", "--flexsp-cost-model", "cpu-tiny"], 4, True, "--attention-backend te needs --bf16"),
     (["--transformer-impl", "transformer_engine"], 4, False, "needs a GPU"),
     (["--sp-mode", "static", "--context-parallel-size", "2", "--seq-length", "2048"], 4, False,
      "--context-parallel-size 2 cannot hold --seq-length 2048: a group of 2 ranks holds 1024 tokens; use at least 4"),
@@ -84,10 +106,11 @@ def test_bad_settings_give_clear_errors(argv, ws, cuda, message):
 
 def test_missing_optional_backends(monkeypatch):
     monkeypatch.setattr(A, "_installed", lambda name: False)
-    with pytest.raises(A.ArgumentError, match="the flash_attn package is not installed"):
-        check(["--attention-backend", "flash", "--flexsp-cost-model", "cpu-tiny"], cuda=True)
-    with pytest.raises(A.ArgumentError, match="Transformer Engine is not installed"):
-        check(["--attention-backend", "te", "--flexsp-cost-model", "cpu-tiny"], cuda=True)
+    monkeypatch.setattr(A, "backend_importable", lambda name: name == "sdpa")
+    with pytest.raises(A.ArgumentError, match="flash_attn does not import here"):
+        check(["--attention-backend", "flash", "--bf16", "--flexsp-cost-model", "cpu-tiny"], cuda=True)
+    with pytest.raises(A.ArgumentError, match="transformer_engine.pytorch does not import here"):
+        check(["--attention-backend", "te", "--bf16", "--flexsp-cost-model", "cpu-tiny"], cuda=True)
     with pytest.raises(A.ArgumentError, match="tensorboard package is not installed"):
         check(["--tensorboard-dir", "tb"])
     with pytest.raises(A.ArgumentError, match="wandb package is not installed"):
@@ -112,12 +135,27 @@ def test_launch_env_torchrun_slurm_single():
     assert (e.rank, e.world_size, e.local_rank, e.local_world_size) == (5, 8, 1, 4)
     e = launch_env({})
     assert (e.rank, e.world_size, e.master_addr) == (0, 1, "127.0.0.1") and e.master_port > 0
-    with pytest.raises(A.ArgumentError, match="RANK='x' is not an integer"):
+    with pytest.raises(LaunchError, match="RANK='x' is not an integer"):
         launch_env({"RANK": "x", "WORLD_SIZE": "4"})
-    with pytest.raises(A.ArgumentError, match="rank 4 is outside world size 4"):
+    with pytest.raises(LaunchError, match="rank 4 is outside world size 4"):
         launch_env({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "h"})
-    with pytest.raises(A.ArgumentError, match="MASTER_ADDR is not set"):
+    with pytest.raises(LaunchError, match="MASTER_ADDR is not set"):
         launch_env({"RANK": "0", "WORLD_SIZE": "4"})
+    e = launch_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "TORCHELASTIC_RESTART_COUNT": "3"})
+    assert e.restart_count == 3  # the attempt keys the rendezvous store
+
+
+def test_gloo_runs_on_the_cpu_even_where_cuda_exists(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert device_for_backend("gloo") == ("gloo", torch.device("cpu"))
+    assert device_for_backend(None) == ("nccl", None)  # the default with CUDA is nccl on the GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_for_backend(None) == ("gloo", torch.device("cpu"))
+    with pytest.raises(LaunchError, match="nccl needs CUDA"):
+        device_for_backend("nccl")
 
 
 def test_main_reports_bad_settings_before_any_work(capsys, monkeypatch):

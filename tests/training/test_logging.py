@@ -6,7 +6,7 @@ import json
 import sys
 import types
 
-from megatron.flexsp.training.arguments import LoggingConfig
+from megatron.flexsp.training.configs import LoggingConfig
 from megatron.flexsp.training.logging_utils import IterationRecord, MetricsLogger, format_line
 
 

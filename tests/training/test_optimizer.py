@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron.flexsp.training.arguments import OptimizerConfig
+from megatron.flexsp.training.configs import OptimizerConfig
 from megatron.flexsp.training.optimizer import LRScheduler, build_optimizer, clip_grad_norm, param_groups
 from tests.dist_utils import run_distributed
 

@@ -30,7 +30,9 @@ BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 
 def _train_modes(rank, world_size, out_dir):
     from megatron.flexsp.training import arguments as A
-    from megatron.flexsp.training.loop import launch_env, train
+    from megatron.flexsp.training.configs import configs_from_args
+    from megatron.flexsp.training.distributed import launch_env
+    from megatron.flexsp.training.loop import train
 
     res = {}
     for mode in MODES:
@@ -40,7 +42,8 @@ def _train_modes(rank, world_size, out_dir):
                  "flexsp": ["--flexsp-compare-with", "static"]}.get(mode, [])
         args = A.parse_args(BASE + extra + ["--sp-mode", mode, "--metrics-file", metrics, "--flexsp-plan-ahead",
                                             "0", "--flexsp-dump-plans", os.path.join(out_dir, f"plans-{mode}")])
-        records = train(args, launch_env())
+        env = launch_env()
+        records = train(configs_from_args(args, env), env)
         res[mode] = [(r.iteration, r.loss, r.grad_norm, r.lr) for r in records]
     return res
 

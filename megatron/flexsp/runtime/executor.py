@@ -25,10 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from flexsp_patches.parallel_state import sp_group
+from flexsp_patches.parallel_state import ActiveSPGroup, sp_group
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.flexsp.planner.plan import Plan, PlanError, validate_plan
 
 from . import loss as loss_mod
+from .alltoall import get_stats as a2a_stats
+from .packing import pack_group
 from .sharding import finish_grad_sync, sharding_mode_of
 
 __all__ = ["StepResult", "FlexSPExecutor", "PlanMismatchError"]
@@ -65,9 +68,7 @@ def _plan_fingerprint(plan: Plan) -> int:
 
 def _a2a_stats_reader():
     """(reset, read) over the runtime's process-wide all-to-all counters (alltoall.get_stats())."""
-    from .alltoall import get_stats
-
-    stats = get_stats()
+    stats = a2a_stats()
 
     def read() -> tuple[float, int]:
         return float(stats.ms), int(stats.bytes)
@@ -190,18 +191,17 @@ class FlexSPExecutor:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward_backward(self, seqs: list[Tensor], rank_in_group: int, degree: int,
-                          global_tokens: int, forward_only: bool = False) -> dict[str, Any]:
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        from .packing import pack_group
-
+    def _forward_backward(self, seqs: list[Tensor], active: ActiveSPGroup, global_tokens: int,
+                          forward_only: bool = False) -> dict[str, Any]:
         # An empty group packs one block of padding only (loss mask 0): same collectives, no loss.
-        sl = pack_group(seqs, rank_in_group, degree, pad_multiple=self.pad_multiple)
+        sl = pack_group(seqs, active.rank, active.world_size, pad_multiple=self.pad_multiple)
         dev = self.device
         cu = sl.cu_seqlens.to(device=dev, dtype=torch.int32)
+        # The micro-batch's SP group travels with the packed data (megatron-core's PackedSeqParams
+        # fields for per-micro-batch CP groups); attention reads it from here first.
         psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                              max_seqlen_q=int(sl.max_seqlen), max_seqlen_kv=int(sl.max_seqlen))
+                              max_seqlen_q=int(sl.max_seqlen), max_seqlen_kv=int(sl.max_seqlen),
+                              cp_group=active.group, local_cp_size=active.world_size)
         input_ids = sl.input_ids.to(dev)
         labels = sl.labels.to(dev)
         loss_mask = sl.loss_mask.to(dev)
@@ -248,7 +248,7 @@ class FlexSPExecutor:
             seqs = [sequences[i] for i in g.sequences]
             self._a2a_reset()
             with sp_group(self.pool, g.ranks) as active:
-                r = self._forward_backward(seqs, active.rank, g.degree, global_tokens, forward_only)
+                r = self._forward_backward(seqs, active, global_tokens, forward_only)
             r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()
             r.update(micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences),
                      empty_group=not seqs)

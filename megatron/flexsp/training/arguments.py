@@ -1,8 +1,9 @@
 """Command line of pretrain_gpt_flexsp.py: Megatron's flag names and meanings, FlexSP's own flags.
 
 Everything a user can get wrong is checked in ``validate_args`` before any process group,
-dataset or model exists, with a message naming the offending flag. The parsed namespace is
-turned into small dataclass configs (``build_configs``) that the rest of the trainer consumes.
+dataset or model exists, with a message naming the offending flag. ``configs.configs_from_args``
+then turns the validated namespace into the dataclass configs the trainer consumes; nothing past
+that point reads the namespace.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+import os
+from typing import Sequence
+
+from megatron.flexsp.data.blend import parse_data_path as parse_blend
+from megatron.flexsp.data.tokenizer import BYTE_VOCAB_SIZE, TOKENIZER_TYPES, build_tokenizer
+from megatron.flexsp.planner.api import METHODS as SP_MODES
+from megatron.flexsp.planner.costmodel import CostModel, CostModelError, load_cost_model
+from megatron.flexsp.runtime.attention import backend_importable
 
 __all__ = [
     "ArgumentError",
@@ -20,18 +27,10 @@ __all__ = [
     "parse_args",
     "validate_args",
     "resolve_cost_model",
-    "ModelArgs",
-    "OptimizerConfig",
-    "TrainConfig",
-    "FlexSPConfig",
-    "LoggingConfig",
-    "CheckpointConfig",
-    "TrainerConfigs",
-    "build_configs",
+    "resolve_vocab_size",
     "parse_data_path",
 ]
 
-SP_MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
 # Megatron's --attention-backend names map onto the FlexSP attention backends.
 _ATTN_ALIASES = {"auto": "auto", "sdpa": "sdpa", "flash": "flash", "te": "te",
                  "fused": "te", "unfused": "sdpa", "local": "sdpa"}
@@ -122,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-iters", type=_positive_int, default=2, help="global batches per validation")
     t.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="save (if --save) and exit after the iteration divisible by this value")
+    t.add_argument("--max-skipped-steps", type=_positive_int, default=5,
+                   help="a step whose loss or gradient norm is not finite is skipped (no update); this many in a "
+                        "row stop the run with exit code 3")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="+", default=None,
@@ -148,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--load", default=None, help="checkpoint directory to resume from")
     c.add_argument("--save-interval", type=_positive_int, default=None)
     c.add_argument("--no-save-final", action="store_true", help="do not save at the end of training")
+    c.add_argument("--keep-latest-k", type=_positive_int, default=None,
+                   help="keep only the newest K checkpoints in --save (default: keep all)")
+    c.add_argument("--load-step", type=_positive_int, default=None,
+                   help="resume from this iteration's checkpoint instead of the newest one")
+    c.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take this run's LR-schedule flags instead of refusing a changed schedule")
+    c.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=None,
+                   help="on --exit-signal, save a checkpoint (if --save) at the next iteration boundary and exit 0 "
+                        "(default: on under SLURM, off otherwise)")
+    c.add_argument("--exit-signal", default="SIGTERM", choices=["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"],
+                   help="the signal --exit-signal-handler catches (SLURM scripts send SIGUSR1 90 s before the limit)")
+    c.add_argument("--exit-duration-in-mins", type=_positive_float, default=None,
+                   help="save (if --save) and exit 0 at the first iteration boundary after this many minutes")
 
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-interval", type=_positive_int, default=1)
@@ -160,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("parallelism")
     par.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                      help="default: nccl with CUDA, gloo otherwise")
+    par.add_argument("--distributed-timeout-minutes", type=_positive_float, default=10.0,
+                     help="collectives (process groups, SP groups) fail after this long; a rank that makes no "
+                          "iteration progress for this long dumps its stacks and exits (exit code 4)")
     par.add_argument("--context-parallel-size", type=_positive_int, default=None,
                      help="the SP degree of --sp-mode static (vanilla Megatron CP / Ulysses); default: the smallest "
                           "degree that holds --seq-length")
@@ -203,6 +221,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.mock_data_median is None:
         args.mock_data_median = max(args.mock_data_min_len, args.seq_length // 16)
     args.attention_backend = _ATTN_ALIASES[args.attention_backend]
+    if args.exit_signal_handler is None:  # SLURM preempts with a signal: catch it by default there
+        args.exit_signal_handler = "SLURM_JOB_ID" in os.environ
     return args
 
 
@@ -214,8 +234,6 @@ def parse_data_path(items: Sequence[str] | None) -> list[tuple[float, str]]:
     """
     if not items:
         return []
-    from megatron.flexsp.data.blend import parse_data_path as parse_blend
-
     try:
         weights, prefixes = parse_blend(items)
     except ValueError as e:
@@ -244,10 +262,8 @@ def _installed(module: str) -> bool:
         return False
 
 
-def resolve_cost_model(args: argparse.Namespace, world_size: int, has_cuda: bool):
+def resolve_cost_model(args: argparse.Namespace, world_size: int, has_cuda: bool) -> CostModel:
     """The cost model the planner uses (file or preset), with a clear error when it cannot be loaded."""
-    from megatron.flexsp.planner.costmodel import CostModelError, load_cost_model
-
     spec = args.flexsp_cost_model
     if spec is None:
         if has_cuda:
@@ -258,6 +274,23 @@ def resolve_cost_model(args: argparse.Namespace, world_size: int, has_cuda: bool
         return load_cost_model(spec, world_size)
     except CostModelError as e:
         raise ArgumentError(f"--flexsp-cost-model {spec}: {e}") from None
+
+
+def resolve_vocab_size(args: argparse.Namespace) -> int:
+    """--vocab-size, else the tokenizer's; the byte-level tokenizer for the built-in corpus and mock data."""
+    tok_vocab = None
+    if args.tokenizer_type:
+        tok_vocab = int(build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size)
+    elif not args.data_path:
+        tok_vocab = BYTE_VOCAB_SIZE
+    if args.vocab_size is None:
+        if tok_vocab is None:
+            raise ArgumentError("--data-path without --tokenizer-type: give --vocab-size (or the tokenizer the "
+                                "data was preprocessed with)")
+        return tok_vocab
+    if tok_vocab is not None and args.vocab_size < tok_vocab:
+        raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's vocabulary {tok_vocab}")
+    return int(args.vocab_size)
 
 
 def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, cost=None) -> None:
@@ -304,17 +337,21 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
         err("--bf16 needs a GPU: this machine has no CUDA device (the CPU runs train in fp32)")
     if args.distributed_backend == "nccl" and not has_cuda:
         err("--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
-    if args.attention_backend in ("flash", "te") and not has_cuda:
-        err(f"--attention-backend {args.attention_backend} needs a GPU; use sdpa on CPU")
-    if args.attention_backend == "flash" and not _installed("flash_attn"):
-        err("--attention-backend flash: the flash_attn package is not installed (pip install flash-attn)")
-    if args.attention_backend == "te" and not _installed("transformer_engine"):
-        err("--attention-backend te: Transformer Engine is not installed (pip install transformer-engine[pytorch])")
+    if args.attention_backend in ("flash", "te"):
+        if not has_cuda:
+            err(f"--attention-backend {args.attention_backend} needs a GPU (nccl); use sdpa on CPU")
+        if not args.bf16:
+            err(f"--attention-backend {args.attention_backend} needs --bf16: flash-attn rejects fp32 and Transformer "
+                "Engine has no fp32 kernel for packed documents (use sdpa for fp32)")
+    if args.attention_backend == "flash" and not backend_importable("flash"):
+        err("--attention-backend flash: flash_attn does not import here (pip install flash-attn, see docs/gpu.md)")
+    if args.attention_backend == "te" and not backend_importable("te"):
+        err("--attention-backend te: transformer_engine.pytorch does not import here (see docs/gpu.md)")
     if args.transformer_impl == "transformer_engine":
         if not has_cuda:
             err("--transformer-impl transformer_engine needs a GPU; use local on CPU")
-        if not _installed("transformer_engine"):
-            err("--transformer-impl transformer_engine: Transformer Engine is not installed")
+        if not backend_importable("te"):
+            err("--transformer-impl transformer_engine: transformer_engine.pytorch does not import here")
     if args.tensorboard_dir and not (_installed("tensorboard") or _installed("tensorboardX")):
         err("--tensorboard-dir: the tensorboard package is not installed (pip install tensorboard, or "
             "pip install -e .[tensorboard])")
@@ -326,8 +363,6 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
     parse_data_path(args.data_path)
     _parse_split(args.split)
     if args.tokenizer_type is not None:
-        from megatron.flexsp.data.tokenizer import TOKENIZER_TYPES
-
         if args.tokenizer_type not in TOKENIZER_TYPES:
             err(f"--tokenizer-type {args.tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})")
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
@@ -342,8 +377,6 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
     # ---- parallelism and the planner
     if cost is None:
         cost = resolve_cost_model(args, world_size, has_cuda)
-    from megatron.flexsp.planner.costmodel import CostModelError
-
     try:
         cost.check_world_size(world_size)
     except CostModelError as e:
@@ -379,149 +412,3 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
             if not cost.fits(args.seq_length, cp):
                 err(f"--context-parallel-size {cp} cannot hold --seq-length {args.seq_length}: a group of {cp} "
                     f"ranks holds {cost.capacity(cp)} tokens; use at least {holding[0]}")
-
-
-# ----------------------------------------------------------------------------- configs
-
-@dataclass
-class ModelArgs:
-    """Model-shape flags; converted to the runtime's GPTConfig once the vocabulary is known."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int | None
-    vocab_size: int | None
-    max_position_embeddings: int
-    position_embedding_type: str
-    normalization: str
-    swiglu: bool
-    attention_backend: str
-    transformer_impl: str
-    bf16: bool
-    init_method_std: float
-    seed: int
-    rotary_base: int = 10000
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-
-    def to_gpt_config(self, vocab_size: int):
-        import torch
-        from megatron.flexsp.runtime.model import GPTConfig
-
-        return GPTConfig(
-            num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups, ffn_hidden_size=self.ffn_hidden_size, vocab_size=vocab_size,
-            max_position_embeddings=self.max_position_embeddings,
-            position_embedding_type=self.position_embedding_type, normalization=self.normalization,
-            swiglu=self.swiglu, attention_backend=self.attention_backend, transformer_impl=self.transformer_impl,
-            params_dtype=torch.float32, bf16=self.bf16, init_method_std=self.init_method_std, seed=self.seed,
-            rotary_base=self.rotary_base, hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
-        )
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float
-    min_lr: float
-    weight_decay: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_eps: float
-    clip_grad: float
-    lr_warmup_iters: int
-    lr_decay_iters: int
-    lr_decay_style: str
-
-
-@dataclass
-class TrainConfig:
-    train_iters: int
-    global_batch_size: int
-    seed: int
-    eval_interval: int
-    eval_iters: int
-    exit_interval: int | None
-
-
-@dataclass
-class FlexSPConfig:
-    sp_mode: str
-    cost_model: str | None
-    time_limit_s: float
-    plan_ahead: int
-    dump_plans: str | None
-    sharding: str
-    context_parallel_size: int | None
-    seq_length: int
-    distributed_backend: str | None
-
-
-@dataclass
-class LoggingConfig:
-    log_interval: int
-    tensorboard_dir: str | None
-    wandb_project: str | None
-    wandb_exp_name: str | None
-    metrics_file: str | None
-    progress_bar: bool
-
-
-@dataclass
-class CheckpointConfig:
-    save: str | None
-    load: str | None
-    save_interval: int | None
-    save_final: bool
-
-
-@dataclass
-class TrainerConfigs:
-    model: ModelArgs
-    optimizer: OptimizerConfig
-    train: TrainConfig
-    flexsp: FlexSPConfig
-    logging: LoggingConfig
-    checkpoint: CheckpointConfig
-    data: argparse.Namespace  # Megatron-named data flags, the "args-like config" of data.build_datasets
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def build_configs(args: argparse.Namespace) -> TrainerConfigs:
-    """Split the validated namespace into one dataclass per concern."""
-    return TrainerConfigs(
-        model=ModelArgs(
-            num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-            num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size,
-            max_position_embeddings=args.max_position_embeddings, position_embedding_type=args.position_embedding_type,
-            normalization=args.normalization, swiglu=args.swiglu, attention_backend=args.attention_backend,
-            transformer_impl=args.transformer_impl, bf16=args.bf16, init_method_std=args.init_method_std,
-            seed=args.seed, rotary_base=args.rotary_base, hidden_dropout=args.hidden_dropout,
-            attention_dropout=args.attention_dropout,
-        ),
-        optimizer=OptimizerConfig(
-            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
-            lr_decay_style=args.lr_decay_style,
-        ),
-        train=TrainConfig(
-            train_iters=args.train_iters, global_batch_size=args.global_batch_size, seed=args.seed,
-            eval_interval=args.eval_interval, eval_iters=args.eval_iters, exit_interval=args.exit_interval,
-        ),
-        flexsp=FlexSPConfig(
-            sp_mode=args.sp_mode, cost_model=args.flexsp_cost_model, time_limit_s=args.flexsp_time_limit,
-            plan_ahead=args.flexsp_plan_ahead, dump_plans=args.flexsp_dump_plans, sharding=args.flexsp_sharding,
-            context_parallel_size=args.context_parallel_size, seq_length=args.seq_length,
-            distributed_backend=args.distributed_backend,
-        ),
-        logging=LoggingConfig(
-            log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
-            wandb_exp_name=args.wandb_exp_name, metrics_file=args.metrics_file,
-            progress_bar=not args.no_progress_bar,
-        ),
-        checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
-                                    save_final=not args.no_save_final),
-        data=args,
-    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arguments import LoggingConfig
+from .configs import LoggingConfig
 
 __all__ = ["IterationRecord", "MetricsLogger", "format_line", "setup_logging"]
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .arguments import OptimizerConfig
+from .configs import OptimizerConfig
 
 __all__ = ["LRScheduler", "build_optimizer", "clip_grad_norm", "param_groups"]
 

@@ -27,7 +27,8 @@ same model flags), it measures on every rank at once (as in training, where all 
   MemAvailable split over the node's ranks), or ``--capacity-tokens N`` (limit set so one GPU
   holds N tokens: the artificial limit of the CPU test cluster).
 
-Pure fitting helpers (``fit_compute``, ``fit_bandwidth``, ``fit_linear``) need only numpy/scipy.
+The fitting helpers (``fit_compute``, ``fit_bandwidth``, ``fit_linear``) live in the planner's
+``fitting`` module (torch-free), shared with the online calibration of a training run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
+
+from flexsp_patches import cpu_compat
+from megatron.flexsp.planner.costmodel import CostModel, CostModelError, alltoall_bytes_per_token
+from megatron.flexsp.planner.fitting import ComputeFit, FitError, LinearFit, fit_bandwidth, fit_compute, fit_linear
+from megatron.flexsp.planner.placement import candidate_groups
+from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
+from megatron.flexsp.runtime.alltoall import AllToAllStats, head_to_seq, qkv_seq_to_head
+from megatron.flexsp.runtime.executor import FlexSPExecutor
+from megatron.flexsp.runtime.group_pool import GroupPool
+from megatron.flexsp.runtime.model import build_gpt_model
+from megatron.flexsp.runtime.sharding import shard_model
+
+from . import arguments as A
+from .configs import model_config_from_args
+from .distributed import init_distributed, launch_env, run_entrypoint
 
 __all__ = [
     "ProfileError",
@@ -60,86 +78,10 @@ __all__ = [
 ]
 
 
-class ProfileError(ValueError):
-    """Profiling cannot produce a usable cost model; the message says what to change."""
+# A profile that cannot be fitted or measured is the user's to fix (settings, lengths, memory): the
+# planner's fitting error is that same error, so the profiler raises and documents one class.
+ProfileError = FitError
 
-
-# ------------------------------------------------------------------------- fitting
-
-@dataclass
-class ComputeFit:
-    alpha1_ms_per_token2: float
-    alpha2_ms_per_token: float
-    beta1_ms: float
-    rms_rel_err: float
-    max_rel_err: float
-    samples: int
-
-    def predict(self, lengths: Sequence[int]) -> float:
-        return sum(self.alpha1_ms_per_token2 * s * s + self.alpha2_ms_per_token * s for s in lengths) + self.beta1_ms
-
-
-def fit_compute(samples: Sequence[tuple[Sequence[int], float]]) -> ComputeFit:
-    """alpha1, alpha2, beta1 >= 0 minimising the relative error of sum(a1 s^2 + a2 s) + b1 = ms.
-
-    ``samples``: (sequence lengths of one micro-batch at degree 1, measured ms).
-    """
-    from scipy.optimize import nnls
-
-    if len(samples) < 3:
-        raise ProfileError(f"compute fit needs at least 3 timings, got {len(samples)}")
-    a = np.array([[sum(float(s) ** 2 for s in ls), float(sum(ls)), 1.0] for ls, _ in samples])
-    y = np.array([float(ms) for _, ms in samples])
-    if np.any(y <= 0) or not np.all(np.isfinite(y)):
-        raise ProfileError(f"compute timings must be positive and finite, got {y.tolist()}")
-    if np.linalg.matrix_rank(a) < 3:
-        raise ProfileError("compute fit: the samples do not separate s^2, s and the constant (use at least three "
-                           "different lengths)")
-    scale = a.max(axis=0)  # column scaling keeps nnls well conditioned (s^2 is ~1e9 at 32K tokens)
-    w = 1.0 / y
-    coef, _ = nnls(a / scale * w[:, None], y * w)
-    coef = coef / scale
-    pred = a @ coef
-    rel = (pred - y) / y
-    return ComputeFit(float(coef[0]), float(coef[1]), float(coef[2]), float(np.sqrt(np.mean(rel ** 2))),
-                      float(np.max(np.abs(rel))), len(samples))
-
-
-def fit_bandwidth(samples: Sequence[tuple[float, float]]) -> float:
-    """Bandwidth (2^20 bytes per ms, the cost model's 'GB/s') from (MB of the formula, measured ms).
-
-    Least squares through the origin of ms = MB / bw, so large (real-size) messages dominate and a
-    fixed latency is spread as the formula (which has none) would need it.
-    """
-    if not samples:
-        raise ProfileError("all-to-all fit needs at least one timing")
-    mb = np.array([float(m) for m, _ in samples])
-    ms = np.array([float(t) for _, t in samples])
-    if np.any(mb <= 0) or np.any(ms <= 0) or not np.all(np.isfinite(ms)):
-        raise ProfileError(f"all-to-all samples must be positive: MB {mb.tolist()}, ms {ms.tolist()}")
-    inv_bw = float(np.dot(mb, ms) / np.dot(mb, mb))
-    return 1.0 / inv_bw
-
-
-@dataclass
-class LinearFit:
-    slope: float
-    intercept: float
-    rms_err: float
-
-
-def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
-    """Ordinary least squares y = slope * x + intercept (at least two distinct x)."""
-    x = np.asarray(xs, dtype=float)
-    y = np.asarray(ys, dtype=float)
-    if len(x) < 2 or len(set(x.tolist())) < 2:
-        raise ProfileError(f"a linear fit needs two distinct points, got x = {x.tolist()}")
-    slope, intercept = np.polyfit(x, y, 1)
-    err = float(np.sqrt(np.mean((slope * x + intercept - y) ** 2)))
-    return LinearFit(float(slope), float(intercept), err)
-
-
-# -------------------------------------------------------------------------- config
 
 @dataclass
 class ProfileConfig:
@@ -262,25 +204,32 @@ def _geometric(lo: int, hi: int, n: int) -> list[int]:
     return vals
 
 
+# On GPU the memory probe stays small: activation memory is linear in tokens, so there is no need
+# to go near the device's limit (a long probe only costs start-up time).
+GPU_MEMORY_PROBE_CAP = 8192
+
+
+def memory_probe_lengths(max_len: int, cuda: bool) -> list[int]:
+    """Four lengths for the activation-memory slope: geometric up to --seq-length (capped on GPU).
+
+    The series is built up to the cap, not filtered after: filtering a series up to 65536 at 8192
+    kept a single length, and a slope needs two.
+    """
+    top = min(max_len, GPU_MEMORY_PROBE_CAP) if cuda else max_len
+    if top < 64:
+        return [16, 32, 64]
+    return _geometric(max(16, top // 16), top, 4)
+
+
 class _Session:
     """Model, sharding, groups and executor on this rank; measurements on top (collective)."""
 
     def __init__(self, model_cfg, pcfg: ProfileConfig, device, vocab_size: int):
-        import torch
-        import torch.distributed as dist
-
-        from megatron.flexsp.planner.costmodel import CostModel
-        from megatron.flexsp.planner.placement import candidate_groups
-        from megatron.flexsp.runtime.executor import FlexSPExecutor
-        from megatron.flexsp.runtime.group_pool import GroupPool
-        from megatron.flexsp.runtime.model import build_gpt_model
-        from megatron.flexsp.runtime.sharding import shard_model
-
         self.torch, self.dist = torch, dist
         self.cfg, self.pcfg, self.device, self.vocab = model_cfg, pcfg, device, vocab_size
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.cuda = device.type == "cuda"
-        g = pcfg.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        g = pcfg.gpus_per_node or self.world
         if g < 1 or (self.world > g and self.world % g):
             raise ProfileError(f"world size {self.world} is not a multiple of gpus per node {g}")
         self.gpus_per_node = min(g, self.world) if self.world <= g else g
@@ -302,8 +251,6 @@ class _Session:
 
     # -- helpers
     def _cost_dict(self, compute, bandwidth, limit_gb, states_mb, act_mb) -> dict[str, Any]:
-        from megatron.flexsp.planner.costmodel import alltoall_bytes_per_token
-
         c = self.cfg
         return {
             "name": self.pcfg.name or "profiled",
@@ -334,8 +281,6 @@ class _Session:
 
     def _degree1_plan(self, per_rank: Sequence[int], micro_batches: int = 1):
         """Every rank its own group holding sequences of ``per_rank`` lengths, in each micro-batch."""
-        from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
-
         k = len(per_rank)
         lengths = [int(s) for _ in range(micro_batches * self.world) for s in per_rank]
         mbs = []
@@ -432,9 +377,6 @@ class _Session:
     # -- all-to-all
     def alltoall(self, degree: int, tokens_per_rank: Sequence[int]) -> dict[str, Any]:
         """Effective bandwidth of degree ``degree``: every aligned group exchanges at once."""
-        from megatron.flexsp.planner.costmodel import alltoall_bytes_per_token
-        from megatron.flexsp.runtime.alltoall import AllToAllStats, head_to_seq, qkv_seq_to_head
-
         torch = self.torch
         c = self.cfg
         dh = c.kv_channels or c.hidden_size // c.num_attention_heads
@@ -480,11 +422,9 @@ class _Session:
             "samples_mb_ms": samples}
 
 
-def _default_limit_gb(pcfg: ProfileConfig, cuda: bool, device) -> float:
+def _default_limit_gb(pcfg: ProfileConfig, cuda: bool, device, local_ranks: int) -> float:
     if pcfg.memory_limit_gb is not None:
         return pcfg.memory_limit_gb
-    import torch
-
     if cuda:
         return torch.cuda.get_device_properties(device).total_memory * pcfg.memory_fraction / 2**30
     avail_kb = None
@@ -496,16 +436,11 @@ def _default_limit_gb(pcfg: ProfileConfig, cuda: bool, device) -> float:
         pass
     if avail_kb is None:
         raise ProfileError("cannot read MemAvailable from /proc/meminfo: give --memory-limit-gb or --capacity-tokens")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return avail_kb / 2**20 / 2 / max(1, local)
+    return avail_kb / 2**20 / 2 / max(1, local_ranks)
 
 
 def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=print) -> ProfileReport:
     """All measurements on the current process group (collective); returns the report on every rank."""
-    import torch
-
-    from megatron.flexsp.planner.costmodel import CostModel
-
     pcfg.validate()
     t_start = time.perf_counter()
     ses = _Session(model_cfg, pcfg, device, vocab_size)
@@ -513,9 +448,7 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
 
     # memory first: it bounds the lengths that fit at degree 1 and the all-to-all sizes
     states = ses.model_states_mb()
-    mem_lengths = _geometric(max(16, pcfg.max_len // 16), pcfg.max_len, 4) if pcfg.max_len >= 64 else [16, 32, 64]
-    if cuda:  # keep the memory probe small on GPU: it is linear, no need to go near the limit
-        mem_lengths = [s for s in mem_lengths if s <= 8192] or mem_lengths[:2]
+    mem_lengths = memory_probe_lengths(pcfg.max_len, cuda)
     act = [ses.activation_mb(s) for s in mem_lengths]
     lin = fit_linear(mem_lengths, act)
     if lin.slope <= 0:
@@ -526,7 +459,7 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
     if pcfg.capacity_tokens is not None:
         limit_gb = (states_total + lin.slope * pcfg.capacity_tokens) / 1024 * (1 + 1e-9)
     else:
-        limit_gb = _default_limit_gb(pcfg, cuda, device)
+        limit_gb = _default_limit_gb(pcfg, cuda, device, ses.gpus_per_node)
     if states_total >= limit_gb * 1024:
         raise ProfileError(f"model states need {states_total:.1f} MB per GPU, above the memory limit "
                            f"{limit_gb * 1024:.1f} MB: use more GPUs or raise --memory-limit-gb")
@@ -583,35 +516,21 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
                          memory=memory, environment=env)
 
 
-def _model_from_args(args):
-    """The trainer's model (GPTConfig) and vocabulary for these flags."""
-    from . import arguments as A
-    from .loop import _attention_backend, _vocab_size
-
-    import torch
-
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    vocab = _vocab_size(args)
-    args.attention_backend = _attention_backend(args.attention_backend, cuda)
-    return A.build_configs(args).model.to_gpt_config(vocab), vocab
-
-
 def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
     """Profile with the trainer's flags (pretrain_gpt_flexsp.py --flexsp-profile uses this).
 
     Initialises torch.distributed from the launch environment when needed; rank 0 writes
     ``output`` (ProfileConfig) and prints the summary. Returns the report on every rank.
     """
-    from flexsp_patches import cpu_compat
-
-    from .loop import init_distributed, launch_env
-
     pcfg = profile_config_from_args(args)
     env = env or launch_env()
+    if pcfg.gpus_per_node is None:
+        pcfg.gpus_per_node = env.local_world_size
     device = init_distributed(env, getattr(args, "distributed_backend", None))
     cpu_compat.init_model_parallel(getattr(args, "seed", 1234))
-    model_cfg, vocab = _model_from_args(args)
-    report = run_profile(model_cfg, pcfg, device, vocab, log=log if env.rank == 0 else (lambda *_: None))
+    model_cfg = model_config_from_args(args, cuda=device.type == "cuda")
+    report = run_profile(model_cfg, pcfg, device, model_cfg.vocab_size,
+                         log=log if env.rank == 0 else (lambda *_: None))
     if env.rank == 0:
         out = dict(report.cost_model)
         out["profile"] = {"compute_fit": asdict(report.compute_fit), "compute_samples": report.compute_samples,
@@ -619,8 +538,6 @@ def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
                           "memory": {k: (v if k != "samples" else {str(a): b for a, b in v.items()})
                                      for k, v in report.memory.items()},
                           "environment": report.environment}
-        from megatron.flexsp.planner.costmodel import CostModel
-
         CostModel.from_dict(out)  # what the planner will read back
         os.makedirs(os.path.dirname(os.path.abspath(pcfg.output)), exist_ok=True)
         with open(pcfg.output, "w") as f:
@@ -632,9 +549,7 @@ def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .arguments import build_parser as trainer_parser
-
-    p = trainer_parser()
+    p = A.build_parser()
     p.prog = "flexsp-profile"
     p.description = ("Measure compute, all-to-all bandwidth and memory of this model on this cluster and write the "
                      "FlexSP cost-model JSON. Launch like the trainer (torchrun/srun) with the same model flags.")
@@ -642,35 +557,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import warnings
-
-    import torch.distributed as dist
-
-    from megatron.flexsp.planner.costmodel import CostModelError
-
-    from . import arguments as A
-
-    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated"):
-        warnings.filterwarnings("ignore", message=msg)
+    """flexsp-profile: the profiler's flags first, the rest through the trainer's own parser (same defaults)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
         return 0
-    # profiler flags first, the rest through the trainer's own parser (same derived defaults)
     pargs, rest = add_profiler_args(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     args = A.parse_args(rest)
     for k, v in vars(pargs).items():
         setattr(args, k, v)
-    try:
+    def body() -> None:
         profile(args)
-    except (ProfileError, A.ArgumentError, CostModelError) as e:
-        print(f"flexsp-profile: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from .loop import shutdown_distributed
 
-        shutdown_distributed()
-    return 0
+    return run_entrypoint("flexsp-profile", body, (ProfileError, A.ArgumentError, CostModelError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,213 @@
+"""The trainer's configuration: one dataclass per concern, filled from the validated flags.
+
+Why: the parsed namespace holds ~90 flags of every concern; each component (model builder,
+optimizer, planner, checkpointer, logger, data) should see only its own settings, typed, so a
+reader knows what a component depends on and a test can build one without argparse. Fields are
+filled by a ``fields()`` loop from the flags of the same name (Megatron's
+``core_transformer_config_from_args`` pattern), so adding a flag to a config is one line.
+
+Resolution that needs the machine (vocabulary from the tokenizer, the attention backend for the
+device, the cost model) happens once here, in ``configs_from_args``, after ``validate_args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
+
+import torch
+
+from megatron.flexsp.data.build import DataConfig
+from megatron.flexsp.planner.api import PlannerConfig
+from megatron.flexsp.planner.costmodel import CostModel
+from megatron.flexsp.runtime.attention import resolve_backend
+from megatron.flexsp.runtime.model import GPTConfig
+
+from . import arguments as A
+from .distributed import LaunchEnv, device_for_backend
+
+__all__ = [
+    "OptimizerConfig",
+    "TrainConfig",
+    "FlexSPConfig",
+    "LoggingConfig",
+    "CheckpointConfig",
+    "DistributedConfig",
+    "TrainerConfigs",
+    "fill_from_args",
+    "model_config_from_args",
+    "configs_from_args",
+]
+
+T = TypeVar("T")
+
+
+def fill_from_args(cls: type[T], args: argparse.Namespace, renames: dict[str, str] | None = None, **given: Any) -> T:
+    """``cls(**fields)``: each field from ``given``, else the flag ``renames.get(name, name)``, else its default."""
+    renames = renames or {}
+    kw: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if not f.init:
+            continue
+        if f.name in given:
+            kw[f.name] = given[f.name]
+        elif hasattr(args, renames.get(f.name, f.name)):
+            kw[f.name] = getattr(args, renames.get(f.name, f.name))
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: no flag --{f.name.replace('_', '-')} and no value given")
+    return cls(**kw)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and Megatron's LR schedule."""
+
+    lr: float
+    min_lr: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    clip_grad: float
+    lr_warmup_iters: int
+    lr_decay_iters: int
+    lr_decay_style: str
+
+
+@dataclass
+class TrainConfig:
+    """How long to train, on what batches, and when to validate."""
+
+    train_iters: int
+    global_batch_size: int
+    seed: int
+    eval_interval: int = 0
+    eval_iters: int = 2
+    micro_batch_size: int | None = None  # Megatron's flag, accepted and ignored: the planner picks micro-batches
+    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class FlexSPConfig:
+    """How every global batch is planned (the sp-mode, the planner's budget) and run."""
+
+    sp_mode: str
+    time_limit_s: float
+    seq_length: int
+    plan_ahead: int = 2
+    dump_plans: str | None = None
+    sharding: str = "fsdp2"
+    context_parallel_size: int | None = None
+    compare_with: str | None = None  # the paired baseline (--flexsp-compare-with), a diagnostic
+    seed: int = 1234
+
+    def planner_config(self, world_size: int, method: str | None = None) -> PlannerConfig:
+        """The planner's settings for ``method`` (default: the sp-mode); static uses --context-parallel-size."""
+        method = method or self.sp_mode
+        return PlannerConfig(
+            world_size=world_size,
+            method=method,
+            time_limit_s=self.time_limit_s,
+            max_seq_len=self.seq_length,
+            static_degree=self.context_parallel_size if method == "static" else None,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    metrics_file: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and when to save; ``exit_interval`` also ends the run (Megatron's --exit-interval)."""
+
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    save_final: bool = True
+    exit_interval: int | None = None
+    keep_latest_k: int | None = None
+    load_step: int | None = None
+    override_opt_param_scheduler: bool = False
+    exit_signal: str | None = None  # the signal that asks for save-and-exit (None: no handler)
+    exit_duration_in_mins: float | None = None
+
+
+@dataclass
+class DistributedConfig:
+    backend: str | None = None  # None: nccl with CUDA, gloo otherwise
+    timeout_minutes: float = 10.0  # collectives and the progress watchdog
+
+
+@dataclass
+class TrainerConfigs:
+    """Everything the Trainer needs; ``run_record`` is the flag record stored in checkpoints and wandb."""
+
+    model: GPTConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    flexsp: FlexSPConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    data: DataConfig
+    distributed: DistributedConfig
+    cost: CostModel
+    run_record: dict[str, Any] = field(default_factory=dict)
+
+
+def model_config_from_args(args: argparse.Namespace, *, cuda: bool) -> GPTConfig:
+    """The runtime's GPTConfig for these flags: vocabulary resolved, attention backend chosen for the device."""
+    device = torch.device("cuda" if cuda else "cpu")
+    try:
+        backend = resolve_backend(args.attention_backend, device, bf16=bool(args.bf16))
+    except (ValueError, ImportError) as e:
+        raise A.ArgumentError(f"--attention-backend {args.attention_backend}: {e}") from None
+    return fill_from_args(
+        GPTConfig,
+        args,
+        vocab_size=A.resolve_vocab_size(args),
+        attention_backend=backend,
+        params_dtype=torch.float32,
+        extra={},
+    )
+
+
+def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfigs:
+    """Validate the flags for this launch and split them into the Trainer's configs (no process group needed)."""
+    _, device = device_for_backend(args.distributed_backend)
+    cuda = device is None
+    cost = A.resolve_cost_model(args, env.world_size, cuda)
+    A.validate_args(args, env.world_size, has_cuda=cuda, cost=cost)
+    model = model_config_from_args(args, cuda=cuda)
+    data = DataConfig.from_args(args, vocab_size=model.vocab_size)
+    try:
+        data.validate()
+    except ValueError as e:
+        raise A.ArgumentError(f"data: {e}") from None
+    return TrainerConfigs(
+        model=model,
+        optimizer=fill_from_args(OptimizerConfig, args),
+        train=fill_from_args(TrainConfig, args),
+        flexsp=fill_from_args(
+            FlexSPConfig,
+            args,
+            {"time_limit_s": "flexsp_time_limit", "plan_ahead": "flexsp_plan_ahead", "dump_plans": "flexsp_dump_plans",
+             "sharding": "flexsp_sharding", "compare_with": "flexsp_compare_with"},
+        ),
+        logging=fill_from_args(LoggingConfig, args, progress_bar=not args.no_progress_bar),
+        checkpoint=fill_from_args(CheckpointConfig, args, save_final=not args.no_save_final,
+                                  exit_signal=args.exit_signal if args.exit_signal_handler else None),
+        data=data,
+        distributed=fill_from_args(DistributedConfig, args, {"backend": "distributed_backend",
+                                                             "timeout_minutes": "distributed_timeout_minutes"}),
+        cost=cost,
+        run_record={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool, list))},
+    )

@@ -1,0 +1,335 @@
+"""The Trainer: set-up in dependency order, then one ``train_step`` per global batch.
+
+Set-up: process group and patches -> seeds -> datasets and sampler (rank 0 first: it may build
+the corpus cache) -> planner hook (rank 0 plans ahead in a background process) -> model,
+sharding, SP group pool, executor -> optimizer -> checkpointer, metrics. Iteration k
+(``train_step``): the plan of batch k (planned ahead on rank 0, broadcast) -> the batch's
+documents -> executor (forward/backward of every micro-batch of the plan) -> global-norm clip
+-> AdamW step -> an ``IterationRecord``. ``train`` only orchestrates: each component owns its
+"should I act now?" rule (``Checkpointer.maybe_save``, ``MetricsLogger.log``,
+``Trainer.should_validate``). Every sp-mode uses this same loop and the same batches in the same
+order; only the plan differs, so losses are comparable to the last digit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flexsp_patches import cpu_compat
+from megatron.flexsp.data.build import build_datasets
+from megatron.flexsp.data.sampler import GlobalBatchSampler
+from megatron.flexsp.planner.api import PlannerConfig
+from megatron.flexsp.planner.plan import Plan
+from megatron.flexsp.runtime.executor import FlexSPExecutor, StepResult
+from megatron.flexsp.runtime.group_pool import GroupPool
+from megatron.flexsp.runtime.model import build_gpt_model
+from megatron.flexsp.runtime.sharding import shard_model
+
+from .arguments import ArgumentError
+from .checkpointer import Checkpointer
+from .configs import TrainerConfigs
+from .distributed import LaunchEnv, init_distributed
+from .logging_utils import IterationRecord, MetricsLogger, setup_logging
+from .optimizer import build_optimizer, clip_grad_norm
+from .planner_hook import PlannerHook, broadcast_plan, plan_inline
+from .resilience import ExitMonitor, NonFiniteGuard, ProgressWatchdog
+from .summary import format_summary, summarize
+
+__all__ = ["Trainer", "TrainData", "build_train_data", "seed_everything"]
+
+log = logging.getLogger("flexsp.train")
+
+
+# ------------------------------------------------------------------------------ data
+
+@dataclass
+class TrainData:
+    """The datasets and their batch order (same on every rank)."""
+
+    train: Any
+    valid: Any
+    sampler: GlobalBatchSampler
+    valid_sampler: GlobalBatchSampler | None
+
+    def sequences(self, dataset: Any, indices: Sequence[int]) -> list[torch.Tensor]:
+        return [torch.from_numpy(dataset[int(i)].astype("int64", copy=False)) for i in indices]
+
+
+def _bcast_obj(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build_train_data(cfg: TrainerConfigs, rank: int) -> TrainData:
+    """Datasets on every rank, rank 0 first (it may build and cache the embedded corpus); errors reach every rank."""
+    gbs = cfg.train.global_batch_size
+
+    def build():
+        try:
+            tr, va = build_datasets(cfg.data)
+            return tr, va, GlobalBatchSampler(tr.lengths, gbs, cfg.train.seed), None
+        except (ValueError, OSError) as e:
+            return None, None, None, f"data: {e}"
+
+    built = build() if rank == 0 else None
+    err = _bcast_obj(built[3] if rank == 0 else None)
+    if err:
+        raise ArgumentError(err)
+    train_ds, valid_ds, sampler, err = built if rank == 0 else build()
+    if err:
+        raise ArgumentError(err)
+    stats = getattr(train_ds, "stats", None)
+    log.info("train documents: %d%s", len(train_ds),
+             f" ({stats.to_dict() if hasattr(stats, 'to_dict') else stats})" if stats is not None else "")
+    valid_sampler = None
+    interval = cfg.train.eval_interval
+    if valid_ds is not None and len(valid_ds) >= gbs and interval:
+        valid_sampler = GlobalBatchSampler(valid_ds.lengths, gbs, cfg.train.seed, shuffle=False)
+    elif interval:
+        log.warning("--eval-interval %d: the validation split has %d documents, fewer than one global batch of %d; "
+                    "no validation (raise the valid share of --split)", interval,
+                    0 if valid_ds is None else len(valid_ds), gbs)
+    return TrainData(train_ds, valid_ds, sampler, valid_sampler)
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron's model-parallel RNG tracker, torch, numpy and Python: one seed for every rank."""
+    cpu_compat.init_model_parallel(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _stat(stats: dict[str, Any], *keys: str) -> float:
+    return float(sum(float(stats.get(k, 0.0) or 0.0) for k in keys))
+
+
+# --------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """One training run on this rank. ``train()`` returns rank 0's records (an empty list elsewhere)."""
+
+    def __init__(self, cfg: TrainerConfigs, env: LaunchEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.started = time.monotonic()
+        timeout_s = 60.0 * cfg.distributed.timeout_minutes
+        self.device = init_distributed(env, cfg.distributed.backend, timeout_s=timeout_s)
+        setup_logging(env.rank)
+        seed_everything(cfg.train.seed)
+        fx = cfg.flexsp
+        log.info("FlexSP-Megatron: %d ranks (%s, %s), sp-mode %s, cost model '%s'", env.world_size,
+                 dist.get_backend(), self.device.type, fx.sp_mode, cfg.cost.name)
+        if cfg.train.micro_batch_size is not None:
+            log.warning("--micro-batch-size %d is ignored: the planner chooses the micro-batches of every global "
+                        "batch", cfg.train.micro_batch_size)
+        self.data = build_train_data(cfg, env.rank)
+        self.planner_cfg = fx.planner_config(env.world_size)
+        self.baseline_cfg = fx.planner_config(env.world_size, fx.compare_with) if fx.compare_with else None
+        self.hook = PlannerHook(cfg.cost, self.planner_cfg,
+                                self.data.sampler.batch_lengths if env.rank == 0 else None,
+                                plan_ahead=fx.plan_ahead, rank=env.rank, dump_dir=fx.dump_plans,
+                                max_iterations=cfg.train.train_iters)
+        try:
+            self._build_model()
+        except BaseException:
+            self.hook.close()
+            raise
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.model, self.optimizer, self.scheduler,
+                                         state_fns={"sampler": self.data.sampler.state_dict,
+                                                    "planner": self.hook.state_dict,
+                                                    "extra": lambda: {"nonfinite": self.guard.state_dict()}},
+                                         run_record=cfg.run_record, train_iters=cfg.train.train_iters)
+        self.exit = ExitMonitor(signal_name=cfg.checkpoint.exit_signal,
+                                duration_mins=cfg.checkpoint.exit_duration_in_mins, start_time=self.started)
+        self.exit_voted = False  # every rank's vote at the last iteration boundary
+        self.metrics: MetricsLogger | None = None
+        self.watchdog: ProgressWatchdog | None = None
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.model = build_gpt_model(cfg.model, device=self.device)
+        shard_model(self.model, cfg.flexsp.sharding)
+        self.pool = GroupPool.from_cost_model(cfg.cost, self.env.world_size,
+                                              timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes))
+        self.executor = FlexSPExecutor(self.model, self.pool, sharding_mode=cfg.flexsp.sharding)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer)
+        m = cfg.model
+        nparams = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global count
+        log.info("model: %.2fM parameters, %d layers, hidden %d, heads %d/%d, vocab %d, attention %s, sharding %s",
+                 nparams / 1e6, m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups,
+                 m.vocab_size, m.attention_backend, cfg.flexsp.sharding)
+
+    # ---------------------------------------------------------------- resume
+    def resume(self) -> int:
+        """Restore the checkpoint (if any) into model, optimizer, sampler and planner; the first iteration to run."""
+        loaded = self.checkpointer.resume()
+        start = 0
+        if loaded is not None:
+            if loaded.sampler is not None:
+                self.data.sampler.load_state_dict(loaded.sampler)
+            if loaded.planner is not None:
+                self.hook.load_state_dict(loaded.planner)
+            self.guard.load_state_dict((loaded.extra or {}).get("nonfinite") or {})
+            start = loaded.iteration
+        self.data.sampler.next_batch = start
+        return start
+
+    # -------------------------------------------------------------- planning
+    def plan_now(self, lengths: list[int], cfg: PlannerConfig, *, fallback: bool = False) -> Plan:
+        """Plan ``lengths`` on rank 0 right now and give every rank the same Plan (one JSON crossing)."""
+        plan = plan_inline(lengths, self.cfg.cost, cfg, fallback=fallback) if self.env.rank == 0 else None
+        payload = broadcast_plan(plan.to_dict() if plan is not None else None)
+        return plan if plan is not None else Plan.from_dict(payload)
+
+    def _timed_run(self, plan: Plan, seqs: list[torch.Tensor], **kw: Any) -> tuple[StepResult, float]:
+        t0 = time.perf_counter()
+        res = self.executor.run(plan, seqs, **kw)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return res, (time.perf_counter() - t0) * 1e3
+
+    # ------------------------------------------------------------------ step
+    def paired_baseline(self, lengths: list[int], seqs: list[torch.Tensor], *, first: bool) -> dict[str, Any]:
+        """Run this batch under the baseline's plan too (--flexsp-compare-with) and time it; its gradients are dropped.
+
+        Run second, the real step's gradients are stashed meanwhile, so they survive untouched.
+        """
+        stash = [] if first else [(p, p.grad) for p in self.model.parameters()]
+        for p, _ in stash:
+            p.grad = None
+        plan = self.plan_now(lengths, self.baseline_cfg)
+        res, ms = self._timed_run(plan, seqs)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in stash:
+            p.grad = g
+        return {"baseline_mode": self.baseline_cfg.method, "baseline_exec_ms": ms, "baseline_loss": float(res.loss),
+                "baseline_estimated_ms": plan.estimated_time_ms, "baseline_micro_batches": plan.num_micro_batches,
+                "baseline_first": first}
+
+    def _max_over_ranks(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        t = t.to(self.device) if self.device.type == "cuda" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [float(x) for x in t.tolist()]
+
+    def train_step(self, k: int) -> IterationRecord:
+        """Global batch ``k`` (0-based): plan, forward/backward, clip, optimizer step; the measured record."""
+        it, t0 = k + 1, time.perf_counter()
+        plan, info = self.hook.get_plan(k)
+        indices = self.data.sampler.batch_indices(k)
+        lengths = [int(x) for x in self.data.train.lengths[indices]]
+        if plan.lengths != lengths:
+            raise RuntimeError(f"iteration {it}: the plan is for other lengths than the batch's (planner and "
+                               "sampler disagree); this is a bug")
+        seqs = self.data.sequences(self.data.train, indices)
+        lr = self.scheduler.set_for_next_step()
+        baseline_first = self.baseline_cfg is not None and k % 2 == 0  # alternate: both orders equally often
+        extra = self.paired_baseline(lengths, seqs, first=True) if baseline_first else {}
+        result, exec_ms = self._timed_run(plan, seqs)  # gradients are global sums afterwards (fsdp2 and ddp)
+        if self.baseline_cfg is not None and not baseline_first:
+            extra = self.paired_baseline(lengths, seqs, first=False)
+        gnorm = clip_grad_norm(self.model.parameters(), self.cfg.optimizer.clip_grad)
+        loss = float(result.loss)
+        # one MAX all-reduce carries the timings, the non-finite verdict and the exit vote
+        compute_ms, a2a_ms, bad, stop = self._max_over_ranks(
+            _stat(result.stats, "fwd_ms", "bwd_ms"), _stat(result.stats, "a2a_ms"),
+            NonFiniteGuard.local_flag(loss, gnorm), self.exit.flag())
+        if self.guard.check(bad > 0, it, loss, gnorm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            extra["skipped_step"] = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.data.sampler.next_batch = k + 1
+        self.exit_voted = stop > 0
+        # the paired baseline's step (--flexsp-compare-with) is not part of this mode's iteration
+        iter_ms = (time.perf_counter() - t0) * 1e3 - float(extra.get("baseline_exec_ms", 0.0))
+        return IterationRecord(
+            iteration=it, loss=loss, lr=lr, grad_norm=gnorm, tokens=sum(lengths), iter_ms=iter_ms,
+            estimated_ms=plan.estimated_time_ms, micro_batches=plan.num_micro_batches, sp_mode=self.cfg.flexsp.sp_mode,
+            groups_by_degree=plan.degree_histogram(), compute_ms=compute_ms, a2a_ms=a2a_ms,
+            plan_source=info.source, plan_wait_ms=info.wait_ms, solve_time_s=info.solve_time_s,
+            num_sequences=len(lengths), extra=dict(extra, exec_ms=exec_ms),
+        )
+
+    # ------------------------------------------------------------ validation
+    def should_validate(self, iteration: int) -> bool:
+        return self.data.valid_sampler is not None and iteration % self.cfg.train.eval_interval == 0
+
+    def evaluate(self) -> float:
+        """Validation loss: token mean over the first --eval-iters validation batches (fallback plans, no update)."""
+        tot_loss, tot_tokens = 0.0, 0
+        for k in range(self.cfg.train.eval_iters):
+            indices = self.data.valid_sampler.batch_indices(k)
+            lengths = [int(x) for x in self.data.valid.lengths[indices]]
+            plan = self.plan_now(lengths, self.planner_cfg, fallback=True)
+            res = self.executor.run(plan, self.data.sequences(self.data.valid, indices), forward_only=True)
+            tot_loss += float(res.loss) * sum(lengths)
+            tot_tokens += sum(lengths)
+        return tot_loss / tot_tokens
+
+    # ----------------------------------------------------------------- train
+    def _open_metrics(self, start: int) -> MetricsLogger:
+        scalars = {k: v for k, v in self.cfg.run_record.items() if isinstance(v, (int, float, str, bool))}
+        return MetricsLogger(self.cfg.logging, rank=self.env.rank, train_iters=self.cfg.train.train_iters,
+                             start_iteration=start, run_config=scalars)
+
+    def _log_summary(self, records: list[IterationRecord]) -> None:
+        if self.env.rank != 0 or not records:
+            return
+        log.info("\n%s", format_summary(summarize([r.to_json() for r in records], self.cfg.flexsp.sp_mode)))
+        c = self.hook.counters
+        log.info("plans: %d from the background planner, %d inline, %d fallback (late), %d fallback (error)",
+                 c.planner, c.inline, c.fallback_late, c.fallback_error)
+
+    def _start_watchdog(self) -> ProgressWatchdog:
+        try:  # liveness beats go to the rendezvous store, so a silent rank can be named
+            store = dist.PrefixStore("watchdog", dist.distributed_c10d._get_default_store())
+        except (AttributeError, RuntimeError, ValueError):
+            store = None
+        return ProgressWatchdog(60.0 * self.cfg.distributed.timeout_minutes, rank=self.env.rank,
+                                world_size=self.env.world_size, store=store)
+
+    def train(self) -> list[IterationRecord]:
+        """Resume, then step until --train-iters or an exit condition; save as the checkpointer decides."""
+        start, iters = self.resume(), self.cfg.train.train_iters
+        if start >= iters:  # a requeued or relaunched job that already finished: nothing to do, success
+            log.info("the checkpoint is at iteration %d of --train-iters %d: training already finished", start, iters)
+            return []
+        self.metrics = self._open_metrics(start)
+        self.watchdog = self._start_watchdog()
+        stopped = False
+        for k in range(start, iters):
+            it = k + 1
+            self.metrics.log(self.train_step(k))
+            if self.should_validate(it):
+                self.metrics.log_eval(it, self.evaluate())
+            reason = self.exit.reason() if self.exit_voted else None
+            stopped = self.checkpointer.maybe_save(it, exit_reason=reason).stop
+            self.watchdog.beat(it)
+            if stopped:
+                break
+        if not stopped:
+            self.checkpointer.finish(iters)
+        self.metrics.close()
+        self._log_summary(self.metrics.records)
+        return self.metrics.records
+
+    def close(self) -> None:
+        """Stop the watchdog, the signal handler and the background planner (the process group is main's)."""
+        if self.watchdog is not None:
+            self.watchdog.close()
+        self.exit.close()
+        self.hook.close()
+

@@ -1,0 +1,273 @@
+"""Faults on 2 gloo ranks, end to end: non-finite steps, SIGTERM, deadlines, finished runs, kills, hangs.
+
+The non-finite test runs the Trainer in-process (tests.dist_utils) and corrupts a gradient after
+the real backward; the others launch the real entry point with torchrun and act on its processes
+as a cluster would (a signal to the ranks, a SIGKILL, a SIGSTOP). The long ones are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import free_port, run_distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+         "--group-query-attention", "--swiglu", "--seq-length", "512", "--global-batch-size", "4", "--lr", "2e-3",
+         "--seed", "11", "--mock-data", "--mock-data-num-docs", "600", "--flexsp-time-limit", "0.5",
+         "--no-progress-bar", "--flexsp-cost-model", "cpu-tiny"]
+
+
+# ------------------------------------------------------------------ non-finite steps
+
+def _train_with_bad_grads(rank, world_size, out_dir, bad_steps, max_skipped):
+    from megatron.flexsp.training import arguments as A
+    from megatron.flexsp.training.configs import configs_from_args
+    from megatron.flexsp.training.distributed import launch_env
+    from megatron.flexsp.training.resilience import TooManySkippedSteps
+    from megatron.flexsp.training.trainer import Trainer
+
+    args = A.parse_args(SMALL + ["--train-iters", "5", "--flexsp-plan-ahead", "0", "--flexsp-sharding", "ddp",
+                                 "--save", f"{out_dir}/ckpt", "--save-interval", "1", "--max-skipped-steps",
+                                 str(max_skipped), "--metrics-file", f"{out_dir}/m.jsonl"])
+    env = launch_env()
+    trainer = Trainer(configs_from_args(args, env), env)
+    real_run, steps = trainer.executor.run, []
+
+    def run(plan, seqs, **kw):
+        res = real_run(plan, seqs, **kw)
+        if not kw.get("forward_only"):
+            steps.append(1)
+            if len(steps) in bad_steps and rank == 1:  # one rank's gradient only: the vote must spread it
+                next(iter(trainer.model.parameters())).grad.view(-1)[0] = float("inf")
+        return res
+
+    trainer.executor.run = run
+    try:
+        return {"records": [(r.iteration, r.loss, r.extra.get("skipped_step", False)) for r in trainer.train()],
+                "stopped": None}
+    except TooManySkippedSteps as e:
+        return {"records": None, "stopped": str(e)}
+    finally:
+        trainer.close()
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+
+
+def _all_finite(path: Path) -> bool:
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            return bool(torch.isfinite(x).all()) if x.is_floating_point() else True
+        if isinstance(x, dict):
+            return all(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return all(walk(v) for v in x)
+        return True
+
+    return all(walk(torch.load(f, map_location="cpu", weights_only=True)) for f in (path / "model.pt", path / "optim.pt"))
+
+
+def test_an_inf_gradient_is_skipped_and_never_saved(tmp_path):
+    res = run_distributed(_train_with_bad_grads, 2, str(tmp_path), {2}, 3, timeout=240)
+    recs = res[0]["records"]
+    assert [r[0] for r in recs] == [1, 2, 3, 4, 5]
+    assert [r[2] for r in recs] == [False, True, False, False, False]
+    ckpts = sorted((tmp_path / "ckpt").glob("iter_*"))
+    assert len(ckpts) == 5 and all(_all_finite(c) for c in ckpts)
+    # the skipped step changed nothing: the weights after iteration 2 are those after iteration 1
+    one, two, three = (_model_state(tmp_path / "ckpt" / f"iter_{i:07d}") for i in (1, 2, 3))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not all(torch.equal(two[k], three[k]) for k in two)
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [x.get("skipped_step", False) for x in lines] == [False, True, False, False, False]
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_finite_checkpoints(tmp_path):
+    res = run_distributed(_train_with_bad_grads, 2, str(tmp_path), {2, 3, 4, 5}, 2, timeout=240)
+    assert res[0]["stopped"] and "2 consecutive non-finite steps" in res[0]["stopped"]
+    assert res[1]["stopped"]  # every rank stops alike
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert latest == "iter_0000002"  # iteration 3 raised before its save
+    assert all(_all_finite(c) for c in (tmp_path / "ckpt").glob("iter_*"))
+
+
+# ------------------------------------------------------------------ torchrun helpers
+
+def _torchrun(args, log_path, *, nproc=2, extra_launcher=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), *extra_launcher, str(ROOT / "pretrain_gpt_flexsp.py"),
+           *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    env.pop("SLURM_JOB_ID", None)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
+                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def _rank_pids(proc) -> dict[int, int]:
+    """rank -> pid of the trainer processes under a torchrun launcher (from their environment)."""
+    out = {}
+    for pid in _descendants(proc.pid):
+        try:
+            env = dict(x.split("=", 1) for x in open(f"/proc/{pid}/environ").read().split("\0") if "=" in x)
+            cmdline = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        if "pretrain_gpt_flexsp.py" in cmdline and "RANK" in env and "multiprocessing" not in cmdline:
+            out[int(env["RANK"])] = pid
+    return out
+
+
+def _kill_tree(proc) -> None:
+    for pid in _descendants(proc.pid)[::-1] + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def _losses(path):
+    if not Path(path).exists():
+        return {}
+    return {x["iteration"]: x["loss"] for x in map(json.loads, Path(path).read_text().splitlines()) if "loss" in x}
+
+
+def _wait_for_iteration(proc, metrics, it, log, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if max(_losses(metrics), default=0) >= it:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early (rc {proc.returncode}):\n{Path(log).read_text()[-3000:]}")
+        time.sleep(0.05)
+    _kill_tree(proc)
+    pytest.fail(f"training did not reach iteration {it} in time:\n{Path(log).read_text()[-3000:]}")
+
+
+def _finish(proc, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        pytest.fail(f"the job did not end within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 14-iteration run: the reference losses."""
+    d = tmp_path_factory.mktemp("straight")
+    p = _torchrun(SMALL + ["--train-iters", "14", "--metrics-file", str(d / "m.jsonl")], d / "log")
+    assert _finish(p, 300) == 0, (d / "log").read_text()[-3000:]
+    return _losses(d / "m.jsonl")
+
+
+# ------------------------------------------------------------------ signal and deadline
+
+def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_path, straight):
+    ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common = SMALL + ["--train-iters", "14", "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000",
+                      "--exit-signal-handler"]
+    p = _torchrun(common + ["--metrics-file", str(m1)], tmp_path / "a.log")
+    _wait_for_iteration(p, m1, 7, tmp_path / "a.log")
+    t0 = time.monotonic()
+    for pid in _rank_pids(p).values():  # as srun delivers a job's signal to its tasks
+        os.kill(pid, signal.SIGTERM)
+    rc = _finish(p, 60)
+    log = (tmp_path / "a.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert time.monotonic() - t0 < 30
+    last = max(_losses(m1))
+    assert 7 <= last < 14 and "received SIGTERM" in log
+    assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
+    q = _torchrun(common + ["--metrics-file", str(m2)], tmp_path / "b.log")
+    assert _finish(q, 300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    got = {**_losses(m1), **_losses(m2)}
+    assert sorted(got) == list(range(1, 15))
+    for it, loss in got.items():
+        assert loss == pytest.approx(straight[it], rel=2e-5), it
+    # a relaunch of the finished run has nothing to do and says so, with success
+    r = _torchrun(common + ["--metrics-file", str(tmp_path / "c.jsonl")], tmp_path / "c.log")
+    assert _finish(r, 120) == 0, (tmp_path / "c.log").read_text()[-3000:]
+    assert "training already finished" in (tmp_path / "c.log").read_text()
+
+
+def test_exit_duration_saves_and_exits_zero(tmp_path):
+    ckpt, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    p = _torchrun(SMALL + ["--train-iters", "100000", "--save", str(ckpt), "--exit-duration-in-mins", "0.1",
+                           "--metrics-file", str(m)], tmp_path / "log")
+    rc = _finish(p, 240)
+    log = (tmp_path / "log").read_text()
+    assert rc == 0, log[-3000:]
+    assert "--exit-duration-in-mins reached" in log
+    last = max(_losses(m))
+    assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
+
+
+# ------------------------------------------------------------------ kill and restart, hang
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_killed_rank_is_restarted_in_job_and_resumes(tmp_path, straight, attempt):
+    ckpt, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    p = _torchrun(SMALL + ["--train-iters", "14", "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "5",
+                           "--metrics-file", str(m)], tmp_path / "log", extra_launcher=("--max-restarts", "1"))
+    _wait_for_iteration(p, m, 7, tmp_path / "log")
+    os.kill(_rank_pids(p)[1], signal.SIGKILL)
+    rc = _finish(p, 300)
+    log = (tmp_path / "log").read_text()
+    assert rc == 0, log[-4000:]
+    assert f"resumed from {ckpt / 'iter_0000005'} at iteration 5" in log
+    lines = [json.loads(x) for x in m.read_text().splitlines()]
+    final = {}
+    for x in lines:  # the restarted attempt re-logs 6.. : the later value is the one that counts
+        final[x["iteration"]] = x["loss"]
+    assert sorted(final) == list(range(1, 15))
+    for it, loss in final.items():
+        assert loss == pytest.approx(straight[it], rel=2e-5), it
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
+    m = tmp_path / "m.jsonl"
+    p = _torchrun(SMALL + ["--train-iters", "100000", "--distributed-timeout-minutes", "1",
+                           "--metrics-file", str(m)], tmp_path / "log")
+    _wait_for_iteration(p, m, 5, tmp_path / "log")
+    pids = _rank_pids(p)
+    os.kill(pids[1], signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        rc = _finish(p, 60 + 60)
+    finally:
+        try:
+            os.kill(pids[1], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    elapsed = time.monotonic() - t0
+    log = (tmp_path / "log").read_text()
+    assert rc != 0 and elapsed < 60 + 30, (rc, elapsed, log[-3000:])
+    assert "no training progress" in log and "ranks not responding: [1]" in log, log[-3000:]

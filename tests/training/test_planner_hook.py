@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
-import pytest
 
 from megatron.flexsp.planner import api
 from megatron.flexsp.planner.costmodel import preset
@@ -23,8 +24,9 @@ def _batches(n: int, first: dict[int, int] | None = None) -> list[list[int]]:
     return out
 
 
-def _cfg(method: str = "static") -> dict:
-    return dict(world_size=WS, method=method, time_limit_s=1.0, max_seq_len=2048, static_degree=None, seed=0)
+def _cfg(method: str = "static") -> api.PlannerConfig:
+    return api.PlannerConfig(world_size=WS, method=method, time_limit_s=1.0, max_seq_len=2048, static_degree=None,
+                             seed=0)
 
 
 def test_background_plans_equal_inline_plans(tmp_path):
@@ -34,7 +36,7 @@ def test_background_plans_equal_inline_plans(tmp_path):
                      max_iterations=5) as hook:
         for k in range(5):
             plan, info = hook.get_plan(k)
-            want = api.plan_global_batch(batches[k], COST, api.PlannerConfig(**cfg))
+            want = api.plan_global_batch(batches[k], COST, cfg)
             assert info.source == "planner", info
             assert plan.to_dict()["micro_batches"] == want.to_dict()["micro_batches"]
             assert plan.lengths == batches[k]
@@ -76,18 +78,21 @@ def test_inline_planner_error_falls_back():
     assert info.source == "inline"
 
 
-def test_dead_planner_process_falls_back():
+def test_dead_planner_process_falls_back_without_restarts():
     batches = _batches(3)
     hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=0.5,
-                       max_iterations=3)
+                       max_iterations=3, max_restarts=0)
     try:
         plan, info = hook.get_plan(0)
         hook._proc.kill()
         hook._proc.join(5)
         for k in (1, 2):
+            t0 = time.monotonic()
             plan, info = hook.get_plan(k)
+            assert time.monotonic() - t0 < 0.5  # gave up on the worker: no waiting at all
             assert plan.lengths == batches[k]
-        assert info.source == "fallback-late"
+        assert info.source == "fallback-late"  # plan 1 may have been answered before the kill; 2 was not
+        assert hook.counters.restarts == 0 and hook._proc is None
     finally:
         hook.close()
 
@@ -101,6 +106,144 @@ def _bcast_body(rank, world_size, batches):
 def test_plans_are_broadcast_from_rank0():
     batches = _batches(3)
     out = run_distributed(_bcast_body, WS, batches, timeout=120)
-    want = [api.plan_global_batch(b, COST, api.PlannerConfig(**_cfg("static"))).to_dict() for b in batches]
+    want = [api.plan_global_batch(b, COST, _cfg("static")).to_dict() for b in batches]
     for plans in out:
         assert [p["micro_batches"] for p in plans] == [w["micro_batches"] for w in want]
+
+
+def test_dict_config_is_still_accepted():
+    batches = _batches(1)
+    d = dict(world_size=WS, method="static", time_limit_s=1.0, max_seq_len=2048, static_degree=None, seed=0)
+    hook = PlannerHook(COST, d, lambda k: batches[k], plan_ahead=0, broadcast=False)
+    assert hook.cfg == _cfg("static")
+    got, want = hook.get_plan(0)[0].to_dict(), api.plan_global_batch(batches[0], COST, _cfg("static")).to_dict()
+    assert got["micro_batches"] == want["micro_batches"]
+    assert hook.state_dict()["config"] == d
+
+
+def _timed(hook, k):
+    t0 = time.monotonic()
+    plan, info = hook.get_plan(k)
+    return plan, info, time.monotonic() - t0
+
+
+def test_startup_wait_is_paid_once(monkeypatch):
+    """A worker alive but never ready (its planner sleeps at import): only iteration 1 waits for it."""
+    batches = _batches(6)
+    wait_s, startup_s = 0.3, 1.5
+    monkeypatch.setenv("FLEXSP_TEST_PLANNER_IMPORT_SLEEP", "60")
+    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=wait_s,
+                       startup_wait_s=startup_s, max_iterations=6, max_restarts=2,
+                       planner_fn="tests.training.planner_faults:faulty_plan")
+    monkeypatch.delenv("FLEXSP_TEST_PLANNER_IMPORT_SLEEP")
+    try:
+        waits = []
+        for k in range(6):
+            plan, info, dt = _timed(hook, k)
+            validate_plan(plan, COST, world_size=WS, num_sequences=12)
+            assert info.source == "fallback-late"
+            waits.append(dt)
+        assert waits[0] < startup_s + wait_s + 0.5
+        assert all(w < wait_s + 0.5 for w in waits[1:]), waits
+        # never ready: restarted (bounded), then given up
+        assert 1 <= hook.counters.restarts <= 2
+    finally:
+        hook.close()
+
+
+def test_hung_worker_is_restarted_and_plans_fall_back_meanwhile(tmp_path, monkeypatch, caplog):
+    batches = _batches(40, first={2: 19})
+    wait_s = 0.3
+    monkeypatch.setenv("FLEXSP_TEST_PLANNER_HANG_MARKER", str(tmp_path / "hung"))
+    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=wait_s,
+                       hang_s=1.0, max_iterations=40, planner_fn="tests.training.planner_faults:faulty_plan")
+    try:
+        first_pid = hook._proc.pid
+        sources = []
+        with caplog.at_level("WARNING", logger="flexsp.planner_hook"):
+            for k in range(40):
+                plan, info, dt = _timed(hook, k)
+                assert plan.lengths == batches[k]
+                if k > 0:
+                    assert dt < wait_s + 0.5, (k, dt)
+                sources.append(info.source)
+                if k > 3 and info.source == "planner" and hook._proc.pid != first_pid:
+                    break
+                time.sleep(0.2)  # the "training step"
+        assert (tmp_path / "hung").read_text() == str(first_pid)  # the first worker hung on batch 2
+        assert sources[:2] == ["planner", "planner"] and sources[2] == "fallback-late"
+        assert sources[-1] == "planner" and hook._proc.pid != first_pid, sources
+        assert hook.counters.restarts == 1
+        assert any("silent" in r.message and "restarting it (1 of at most 3)" in r.message for r in caplog.records)
+    finally:
+        hook.close()
+
+
+def test_killed_worker_is_restarted(caplog):
+    batches = _batches(40)
+    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=0.3,
+                       max_iterations=40)
+    try:
+        assert hook.get_plan(0)[1].source == "planner"
+        first_pid = hook._proc.pid
+        hook._proc.kill()
+        hook._proc.join(5)
+        sources = []
+        with caplog.at_level("WARNING", logger="flexsp.planner_hook"):
+            for k in range(1, 40):
+                plan, info, dt = _timed(hook, k)
+                assert plan.lengths == batches[k] and dt < 0.3 + 0.5
+                sources.append(info.source)
+                if info.source == "planner" and "fallback-late" in sources:
+                    break
+                time.sleep(0.2)
+        # plan 1 may have been answered before the kill; later ones fall back until the new worker is up
+        assert "fallback-late" in sources and sources[-1] == "planner", sources
+        assert hook.counters.restarts == 1 and hook._proc.pid != first_pid
+        assert any("died" in r.message and "restarting it" in r.message for r in caplog.records)
+    finally:
+        hook.close()
+
+
+def _crossings_body(rank, world_size, batches):
+    from megatron.flexsp.planner.plan import Plan
+
+    counts = {"from_dict": 0, "to_dict": 0}
+    real_from, real_to = Plan.from_dict.__func__, Plan.to_dict
+
+    def from_dict(cls, d):
+        counts["from_dict"] += 1
+        return real_from(cls, d)
+
+    def to_dict(self):
+        counts["to_dict"] += 1
+        return real_to(self)
+
+    Plan.from_dict, Plan.to_dict = classmethod(from_dict), to_dict
+    try:
+        hook = PlannerHook(COST, _cfg("static"), (lambda k: batches[k]) if rank == 0 else None, plan_ahead=1,
+                           rank=rank, wait_s=30.0, max_iterations=len(batches))
+        try:
+            plans = []
+            for k in range(len(batches)):
+                plan, info = hook.get_plan(k)
+                assert info.source == "planner" and isinstance(plan, Plan)
+                plans.append(real_to(plan))
+        finally:
+            hook.close()
+    finally:
+        Plan.from_dict, Plan.to_dict = classmethod(real_from), real_to
+    return counts, plans
+
+
+def test_a_plan_crosses_each_boundary_once_as_a_dict():
+    """Worker -> rank 0: one to_dict (in the worker) and one from_dict; rank 0 -> others: the same dict,
+    broadcast once, one from_dict per other rank; rank 0 never serialises the plan again."""
+    batches = _batches(3)
+    out = run_distributed(_crossings_body, 2, batches, timeout=120)
+    (c0, plans0), (c1, plans1) = out
+    assert c0 == {"from_dict": 3, "to_dict": 0}
+    assert c1 == {"from_dict": 3, "to_dict": 0}
+    want = [api.plan_global_batch(b, COST, _cfg("static")).to_dict() for b in batches]
+    assert [p["micro_batches"] for p in plans0] == [p["micro_batches"] for p in plans1] == \
+        [w["micro_batches"] for w in want]

@@ -3,32 +3,50 @@
 Rank 0 owns a background process (multiprocessing, spawn context: the planner never needs
 torch or CUDA state) that plans global batch k+1..k+N while batch k trains; it only needs the
 batch lengths (``sampler.batch_lengths(k)``, no token reads). When iteration k starts, rank 0
-takes plan k if ready, waits for it at most the planner's time limit, and otherwise plans with
-the fast fallback (greedy for FlexSP, the baseline itself otherwise). A planner error never
-stops training: it is logged and the fallback is used. Rank 0 then broadcasts the plan, so it is
-the single source of truth and every rank runs the same schedule.
+takes plan k if ready, waits for it at most ``wait_s`` (default: the planner's time limit), and
+otherwise plans with the fast fallback (greedy for FlexSP, the baseline itself otherwise). A
+planner error never stops training: it is logged and the fallback is used. Rank 0 then
+broadcasts the plan, so it is the single source of truth and every rank runs the same schedule.
+
+Bounded waits, whatever the worker does (issue 11):
+
+* The worker's start-up (spawn imports numpy/scipy and the planner) is waited for at most
+  ``startup_wait_s``, once per run: a worker that is alive but never says "ready" costs that
+  wait on the first iteration only; later iterations wait at most ``wait_s``.
+* A worker that died, that stays silent with work outstanding for ``hang_s``, or that is not
+  ready ``startup_wait_s`` after it was spawned, is killed and restarted (at most
+  ``max_restarts`` times, each with a log line); plans fall back meanwhile, and no iteration
+  waits for a restarted worker's start-up.
+
+A plan crosses each boundary once as its JSON dict: ``Plan.to_dict()`` in the worker, one
+``Plan.from_dict`` on rank 0; the same dict is broadcast once and each other rank builds its
+Plan once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
 import queue
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.planner.plan import Plan, PlanError
 
-__all__ = ["PlanInfo", "PlannerHook", "plan_inline", "broadcast_plan"]
+__all__ = ["PlanInfo", "PlannerHook", "plan_inline", "broadcast_plan", "as_planner_config"]
 
 log = logging.getLogger("flexsp.planner_hook")
 
 LengthsFn = Callable[[int], Sequence[int]]
+PlanFn = Callable[..., Plan]
 
 
 @dataclass
@@ -42,24 +60,27 @@ class PlanInfo:
     error: str | None = None
 
 
-def _planner_config(cfg_dict: dict[str, Any]):
-    from megatron.flexsp.planner.api import PlannerConfig
+def as_planner_config(cfg: PlannerConfig | dict[str, Any]) -> PlannerConfig:
+    """The PlannerConfig itself; a dict of its fields is still accepted for one release (deprecated)."""
+    if isinstance(cfg, PlannerConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return PlannerConfig(**cfg)
+    raise TypeError(f"planner config must be a PlannerConfig, got {type(cfg).__name__}")
 
-    return PlannerConfig(**cfg_dict)
 
-
-def plan_inline(lengths: Sequence[int], cost: CostModel, cfg_dict: dict[str, Any], *, fallback: bool = False) -> Plan:
+def plan_inline(lengths: Sequence[int], cost: CostModel, cfg: PlannerConfig, *, fallback: bool = False) -> Plan:
     """Plan one global batch in this process (the planner proper, or its fast fallback)."""
     from megatron.flexsp.planner import api
 
-    cfg = _planner_config(cfg_dict)
+    cfg = as_planner_config(cfg)
     lengths = [int(x) for x in lengths]
     if fallback:
         return api.fallback_plan(lengths, cost, cfg)
     return api.plan_global_batch(lengths, cost, cfg)
 
 
-def _resolve(planner_fn: str | None) -> Callable[..., Plan]:
+def _resolve(planner_fn: str | None) -> PlanFn:
     """``module:function`` with plan_inline's signature (a custom planner), default plan_inline."""
     if not planner_fn:
         return plan_inline
@@ -69,7 +90,7 @@ def _resolve(planner_fn: str | None) -> Callable[..., Plan]:
     return getattr(importlib.import_module(mod), name)
 
 
-def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg_dict: dict[str, Any], needed_from,
+def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg: PlannerConfig, needed_from,
                  planner_fn: str | None = None) -> None:
     """Background planner: (k, lengths) in, (k, plan dict | None, solve s, error) out; skips stale k."""
     try:
@@ -91,10 +112,11 @@ def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg_dict: dict[str, An
             return
         k, lengths = item
         if k < needed_from.value:  # the trainer already moved past it (fallback used)
+            res_q.put((k, None, 0.0, "skipped"))  # still a sign of life for the hang detector
             continue
         t0 = time.perf_counter()
         try:
-            plan = plan_fn(lengths, cost, cfg_dict)
+            plan = plan_fn(lengths, cost, cfg)
             res_q.put((k, plan.to_dict(), time.perf_counter() - t0, None))
         except BaseException as e:  # noqa: BLE001 - reported to the trainer, which falls back
             res_q.put((k, None, time.perf_counter() - t0, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -111,6 +133,13 @@ def broadcast_plan(payload: Any, src: int = 0, group=None) -> Any:
     return box[0]
 
 
+def _write_plan_json(path: Path, plan_d: dict[str, Any]) -> None:
+    """Plan.save's format (indented JSON, atomic) from the dict already at hand."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan_d, indent=1) + "\n")
+    tmp.replace(path)
+
+
 @dataclass
 class _Counters:
     planner: int = 0
@@ -118,25 +147,69 @@ class _Counters:
     fallback_late: int = 0
     fallback_error: int = 0
     solve_time_s: float = 0.0
+    restarts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Worker:
+    """One spawned planner process with its queues; knows when it was started and last heard from."""
+
+    def __init__(self, cost_dict: dict[str, Any], cfg: PlannerConfig, planner_fn: str | None) -> None:
+        ctx = mp.get_context("spawn")
+        self.req_q = ctx.Queue()
+        self.res_q = ctx.Queue()
+        self.needed_from = ctx.Value("q", 0, lock=False)
+        self.proc = ctx.Process(target=_worker_main, name="flexsp-planner", daemon=True,
+                                args=(self.req_q, self.res_q, cost_dict, cfg, self.needed_from, planner_fn))
+        self.started = time.monotonic()
+        self.last_heard = self.started
+        self.ready = False
+        # k -> when sent, until answered: the worker answers every request (a plan, an error, or "skipped"
+        # for a stale k), so an entry that stays here while the worker is silent is work it hangs on
+        self.sent: dict[int, float] = {}
+        self.proc.start()
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self, grace_s: float = 2.0, *, graceful: bool = True) -> None:
+        """Ask to exit (``graceful``), then kill; never blocks the caller longer than ~2 * grace_s.
+
+        A hung or never-ready worker cannot read the request: it is killed at once."""
+        if graceful and self.proc.is_alive():
+            try:
+                self.req_q.put(None)
+            except (OSError, ValueError):
+                pass
+            self.proc.join(timeout=grace_s)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=grace_s)
+        for q in (self.req_q, self.res_q):
+            q.cancel_join_thread()  # a dead reader must not make interpreter exit wait on the feeder thread
+            q.close()
 
 
 class PlannerHook:
     """Gives every rank the plan of iteration k (``get_plan(k)``); plans ahead on rank 0.
 
+    ``planner_cfg``: the planner's PlannerConfig (a dict of its fields is still accepted, deprecated).
     lengths_fn(k) gives the lengths of global batch k (only called on rank 0). ``plan_ahead=0``
     plans inline (synchronously) on rank 0. ``wait_s`` bounds the wait for a late plan
     (default: the planner time limit). ``startup_wait_s`` bounds the wait for the background
-    process to start (spawn imports numpy/scipy), counted once. ``planner_fn`` ("module:function",
-    same signature as ``plan_inline``) replaces the planner proper (not the fallback).
+    process to start, paid at most once per run. ``hang_s`` (default max(20, 5 * wait_s)): a worker
+    silent that long with work outstanding is restarted; ``max_restarts`` bounds restarts.
+    ``planner_fn`` ("module:function", same signature as ``plan_inline``) replaces the planner
+    proper (not the fallback).
     """
 
-    def __init__(self, cost: CostModel, planner_cfg: dict[str, Any], lengths_fn: LengthsFn | None, *,
+    def __init__(self, cost: CostModel, planner_cfg: PlannerConfig, lengths_fn: LengthsFn | None, *,
                  plan_ahead: int = 2, rank: int = 0, dump_dir: str | os.PathLike | None = None,
                  wait_s: float | None = None, startup_wait_s: float = 60.0, group=None, broadcast: bool = True,
-                 max_iterations: int | None = None, planner_fn: str | None = None) -> None:
+                 max_iterations: int | None = None, planner_fn: str | None = None, max_restarts: int = 3,
+                 hang_s: float | None = None) -> None:
         self.cost = cost
-        self.cfg = dict(planner_cfg)
+        self.cfg = as_planner_config(planner_cfg)
         self.lengths_fn = lengths_fn
         self.plan_ahead = int(plan_ahead)
         self.rank = rank
@@ -144,32 +217,30 @@ class PlannerHook:
         self.broadcast = broadcast
         self.max_iterations = max_iterations
         self.planner_fn = planner_fn
-        self.wait_s = float(self.cfg.get("time_limit_s", 2.0) if wait_s is None else wait_s)
-        self.startup_wait_s = startup_wait_s
+        self.wait_s = float(self.cfg.time_limit_s if wait_s is None else wait_s)
+        self.startup_wait_s = float(startup_wait_s)
+        self.hang_s = float(max(20.0, 5.0 * self.wait_s) if hang_s is None else hang_s)
+        self.max_restarts = int(max_restarts)
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.counters = _Counters()
-        self._proc = None
-        self._ready = False
+        self._worker: _Worker | None = None
+        self._startup_deadline: float | None = None  # the one start-up wait of the run
         self._lengths_cache: dict[int, list[int]] = {}
-        self._sent: set[int] = set()
         self._results: dict[int, tuple[dict | None, float, str | None]] = {}
-        self._dead_logged = False
+        self._gave_up = False
+        self._cost_dict = cost.to_dict() if rank == 0 else {}
         if rank == 0:
             if self.dump_dir:
                 self.dump_dir.mkdir(parents=True, exist_ok=True)
             if self.plan_ahead > 0:
-                self._start_worker()
+                self._worker = _Worker(self._cost_dict, self.cfg, self.planner_fn)
+                self._startup_deadline = self._worker.started + self.startup_wait_s
 
     # ------------------------------------------------------------------ worker
-    def _start_worker(self) -> None:
-        ctx = mp.get_context("spawn")
-        self._req_q = ctx.Queue()
-        self._res_q = ctx.Queue()
-        self._needed_from = ctx.Value("q", 0, lock=False)
-        self._proc = ctx.Process(target=_worker_main, name="flexsp-planner", daemon=True,
-                                 args=(self._req_q, self._res_q, self.cost.to_dict(), self.cfg, self._needed_from,
-                                       self.planner_fn))
-        self._proc.start()
+    @property
+    def _proc(self):
+        """The current worker process (None when there is none): for tests and diagnostics."""
+        return self._worker.proc if self._worker is not None else None
 
     def _lengths(self, k: int) -> list[int]:
         if k not in self._lengths_cache:
@@ -177,78 +248,117 @@ class PlannerHook:
         return self._lengths_cache[k]
 
     def _submit_ahead(self, k: int) -> None:
+        w = self._worker
         last = k + self.plan_ahead
         if self.max_iterations is not None:
             last = min(last, self.max_iterations - 1)
         for j in range(k, last + 1):
-            if j not in self._sent:
-                self._req_q.put((j, self._lengths(j)))
-                self._sent.add(j)
+            if j not in w.sent and j not in self._results:
+                w.req_q.put((j, self._lengths(j)))
+                w.sent[j] = time.monotonic()
 
-    def _drain(self, block_until: float | None, want: int) -> None:
-        """Collect results; with ``block_until``, block until ``want`` arrives or the deadline."""
-        while True:
-            if want in self._results:
-                return
-            timeout = None if block_until is None else block_until - time.monotonic()
-            try:
-                if timeout is None:
-                    item = self._res_q.get_nowait()
-                else:
-                    if timeout <= 0:
-                        return
-                    item = self._res_q.get(timeout=min(timeout, 0.5))
-            except queue.Empty:
-                if block_until is None:
-                    return
-                if self._proc is not None and not self._proc.is_alive():
-                    return
-                continue
-            k, plan_d, solve_s, err = item
-            if k == "ready":
-                self._ready = True
-                continue
+    def _take(self, item: tuple) -> None:
+        w = self._worker
+        w.last_heard = time.monotonic()
+        k, plan_d, solve_s, err = item
+        if k == "ready":
+            w.ready = True
+            return
+        w.sent.pop(k, None)
+        if err != "skipped":
             self._results[k] = (plan_d, solve_s, err)
 
-    def _worker_alive(self) -> bool:
-        alive = self._proc is not None and self._proc.is_alive()
-        if not alive and self._proc is not None and not self._dead_logged:
-            log.error("planner process died (exit code %s); using the fallback plan from now on", self._proc.exitcode)
-            self._dead_logged = True
-        return alive
+    def _drain(self, block_until: float | None, want: int) -> None:
+        """Collect results; with ``block_until``, block until ``want`` arrives, the deadline, or a dead worker."""
+        w = self._worker
+        while want not in self._results:
+            try:
+                if block_until is None:
+                    item = w.res_q.get_nowait()
+                else:
+                    timeout = block_until - time.monotonic()
+                    if timeout <= 0:
+                        return
+                    item = w.res_q.get(timeout=min(timeout, 0.25))
+            except queue.Empty:
+                if block_until is None or not w.alive():
+                    return
+                continue
+            self._take(item)
+
+    def _health(self) -> str | None:
+        """Why the worker must be replaced now (dead, hung, never ready), or None."""
+        w = self._worker
+        now = time.monotonic()
+        if not w.alive():
+            return f"planner process died (exit code {w.proc.exitcode})"
+        if not w.ready:
+            if now - w.started > self.startup_wait_s:
+                return f"planner process not ready {now - w.started:.1f} s after start (limit {self.startup_wait_s} s)"
+            return None
+        if w.sent and now - max(w.last_heard, min(w.sent.values())) > self.hang_s:
+            return f"planner process silent for {now - w.last_heard:.1f} s with work outstanding (limit {self.hang_s} s)"
+        return None
+
+    def _check_worker(self) -> None:
+        """Restart a dead, hung or never-ready worker (bounded); give up on it after max_restarts."""
+        if self._worker is None:
+            return
+        self._drain(None, -1)  # answers already queued are signs of life
+        why = self._health()
+        if why is None:
+            return
+        self._worker.stop(grace_s=1.0, graceful=False)
+        self._worker = None
+        if self.counters.restarts >= self.max_restarts:
+            log.error("%s; restarted %d times already (max): using the fallback plan from now on", why,
+                      self.counters.restarts)
+            self._gave_up = True
+            return
+        self.counters.restarts += 1
+        log.warning("%s; restarting it (%d of at most %d), fallback plans meanwhile", why, self.counters.restarts,
+                    self.max_restarts)
+        self._worker = _Worker(self._cost_dict, self.cfg, self.planner_fn)
 
     # -------------------------------------------------------------- rank 0 plan
-    def _plan_on_rank0(self, k: int) -> tuple[Plan, PlanInfo]:
+    def _plan_on_rank0(self, k: int) -> tuple[Plan, dict[str, Any] | None, PlanInfo]:
+        """(plan, its dict if already at hand, info)."""
         if self.plan_ahead == 0:
             lengths = [int(x) for x in self.lengths_fn(k)]
             t0 = time.perf_counter()
             try:
                 plan = _resolve(self.planner_fn)(lengths, self.cost, self.cfg)
-                return plan, PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0)
+                return plan, None, PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - never stop training for a planner error
                 log.error("planner failed on iteration %d (%s); using the fallback plan", k, e)
                 return self._fallback(k, lengths, "fallback-error", 0.0, f"{type(e).__name__}: {e}")
         lengths = self._lengths(k)
-        self._needed_from.value = k
         t_wait = time.perf_counter()
-        if self._worker_alive():
+        self._check_worker()
+        w = self._worker
+        if w is not None:
+            w.needed_from.value = k
             self._submit_ahead(k)
             now = time.monotonic()
-            deadline = now + self.wait_s
-            if not self._ready:
-                deadline += self.startup_wait_s
-            self._drain(deadline, k)
-        else:
-            self._drain(None, k)
+            if w.ready or w.alive() and self._startup_deadline is not None and now < self._startup_deadline:
+                # waits at most wait_s; the first worker's start-up extends the first wait only
+                deadline = now + self.wait_s
+                if not w.ready and self._startup_deadline is not None:
+                    deadline = max(deadline, self._startup_deadline)
+                self._drain(deadline, k)
+            else:
+                self._drain(None, k)  # a (re)starting worker: take what is there, never wait for start-up
+            if self._startup_deadline is not None and (w.ready or time.monotonic() >= self._startup_deadline):
+                self._startup_deadline = None  # paid (or not needed): never again
         wait_ms = (time.perf_counter() - t_wait) * 1e3
         res = self._results.pop(k, None)
         for old in [j for j in self._results if j < k]:
             del self._results[old]
         for old in [j for j in self._lengths_cache if j <= k]:
             del self._lengths_cache[old]
-        self._sent = {j for j in self._sent if j > k}
         if res is None:
-            log.warning("plan of iteration %d not ready after %.0f ms; using the fallback plan", k, wait_ms)
+            if not self._gave_up:
+                log.warning("plan of iteration %d not ready after %.0f ms; using the fallback plan", k, wait_ms)
             return self._fallback(k, lengths, "fallback-late", wait_ms, None)
         plan_d, solve_s, err = res
         if err is not None:
@@ -261,53 +371,52 @@ class PlannerHook:
         except PlanError as e:
             log.error("planner returned an unusable plan for iteration %d (%s); using the fallback plan", k, e)
             return self._fallback(k, lengths, "fallback-error", wait_ms, str(e))
-        return plan, PlanInfo(k, "planner", solve_time_s=solve_s, wait_ms=wait_ms)
+        return plan, plan_d, PlanInfo(k, "planner", solve_time_s=solve_s, wait_ms=wait_ms)
 
     def _fallback(self, k: int, lengths: list[int], source: str, wait_ms: float, error: str | None):
         t0 = time.perf_counter()
         plan = plan_inline(lengths, self.cost, self.cfg, fallback=True)
-        return plan, PlanInfo(k, source, solve_time_s=time.perf_counter() - t0, wait_ms=wait_ms, error=error)
+        return plan, None, PlanInfo(k, source, solve_time_s=time.perf_counter() - t0, wait_ms=wait_ms, error=error)
 
     # ------------------------------------------------------------------ public
     def get_plan(self, k: int) -> tuple[Plan, PlanInfo]:
         """The plan of global batch ``k`` on every rank (collective when broadcasting)."""
+        plan: Plan | None = None
         payload = None
         if self.rank == 0:
-            plan, info = self._plan_on_rank0(k)
+            plan, plan_d, info = self._plan_on_rank0(k)
             key = info.source.replace("-", "_")
             setattr(self.counters, key, getattr(self.counters, key) + 1)
             self.counters.solve_time_s += info.solve_time_s
+            if plan_d is None and (self.broadcast or self.dump_dir):
+                plan_d = plan.to_dict()
             if self.dump_dir:
-                plan.save(self.dump_dir / f"plan_{k:07d}.json")
-            payload = (plan.to_dict(), asdict(info))
+                _write_plan_json(self.dump_dir / f"plan_{k:07d}.json", plan_d)
+            payload = (plan_d, asdict(info))
         if self.broadcast:
             payload = broadcast_plan(payload, 0, self.group)
         plan_d, info_d = payload
-        return Plan.from_dict(plan_d), PlanInfo(**info_d)
+        if plan is None:
+            plan = Plan.from_dict(plan_d)
+        return plan, PlanInfo(**info_d)
 
     def state_dict(self) -> dict[str, Any]:
         """Planner state for checkpoints: its configuration and counters (plans are a function of lengths)."""
-        return {"config": dict(self.cfg), "cost_model": self.cost.to_dict(), "counters": asdict(self.counters)}
+        return {"config": asdict(self.cfg), "cost_model": self.cost.to_dict(), "counters": asdict(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         c = state.get("counters") or {}
-        self.counters = _Counters(**c)
+        known = set(_Counters.__dataclass_fields__)
+        self.counters = _Counters(**{k: v for k, v in c.items() if k in known})
 
     def close(self) -> None:
-        """Stop the background process (bounded wait, then terminate)."""
-        if self._proc is None:
+        """Stop the background process (bounded wait, then kill)."""
+        if self._worker is None:
             return
-        try:
-            self._req_q.put(None)
-        except (OSError, ValueError):
-            pass
-        self._proc.join(timeout=5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=5)
-        self._proc = None
+        w, self._worker = self._worker, None
+        w.stop()
 
-    def __enter__(self) -> "PlannerHook":
+    def __enter__(self) -> PlannerHook:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,24 +4,29 @@ Used by the trainer's planner hook (background process on rank 0), by ``flexsp-p
 the benchmarks. Every plan returned here has passed ``validate_plan`` against the cost model,
 so the runtime can trust it.
 
-``flexsp`` returns the best of the FlexSP solver's plan, the best homogeneous plan
-(batch-adaptive) and the hybrid-CP rule's plan of the same batch (both take milliseconds):
-they use the same candidate groups, so they lie in FlexSP's search space, and keeping the best
-guarantees FlexSP is never estimated slower than any baseline (the solver can miss them under a
-time limit). ``solver.extra["chosen"]`` says which one was kept ("solver", "homogeneous" or
-"megatron-hybrid-cp"; then ``solver_estimate_ms`` is the solver's own estimate).
+``flexsp`` plans under ONE deadline (``time_limit_s`` from the call): first the best
+homogeneous plan (batch-adaptive) and the hybrid-CP rule's plan of the same batch (milliseconds;
+each skipped when its predicted cost would take more than half the time left), then the FlexSP
+solver, which gets the rest of the time and starts from those plans as seeds (they use the same
+candidate groups, so they lie in FlexSP's search space) and improves on them until the deadline
+or until its plan is within ``gap`` of the lower bound. The best plan is returned, so FlexSP is
+never estimated slower than a baseline it ran. ``solver.extra["chosen"]`` says which one was
+kept: "solver" when the solver's plan is strictly better than every baseline, else the
+baseline's name ("homogeneous" or "megatron-hybrid-cp"; then ``solver_estimate_ms`` is the
+solver's own estimate, equal when the solver could not improve on it).
 """
 
 from __future__ import annotations
 
 import numbers
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
+from . import flexsp as _flexsp_module  # imported here: a first call's import must not eat its time limit
 from .baselines import batch_adaptive_plan, static_plan
 from .bounds import lower_bound_ms
 from .costmodel import CostModel
+from .deadline import Deadline
 from .hybrid_cp import hybrid_cp_plan
 from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 
@@ -33,7 +38,9 @@ METHODS = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
 @dataclass
 class PlannerConfig:
     """How to plan: ``static_degree`` forces the static degree (the trainer's --context-parallel-size);
-    ``max_seq_len`` is the longest length the run is configured for (static sizes its degree for it)."""
+    ``max_seq_len`` is the longest length the run is configured for (static sizes its degree for it);
+    ``time_limit_s`` bounds the whole flexsp solve; ``gap``: stop improving once the plan is within
+    this fraction of the lower bound."""
 
     world_size: int
     method: str = "flexsp"
@@ -41,6 +48,7 @@ class PlannerConfig:
     max_seq_len: int | None = None
     static_degree: int | None = None
     seed: int = 0
+    gap: float = 0.01
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +63,8 @@ class PlannerConfig:
             raise ValueError(f"planner world_size must be a positive integer, got {self.world_size!r}")
         if not self.time_limit_s > 0:
             raise ValueError(f"planner time_limit_s must be > 0, got {self.time_limit_s!r}")
+        if isinstance(self.gap, bool) or not isinstance(self.gap, numbers.Real) or not 0 <= self.gap < 1:
+            raise ValueError(f"planner gap must be a number in [0, 1), got {self.gap!r}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ValueError(f"planner max_seq_len must be >= 1, got {self.max_seq_len!r}")
         if self.static_degree is not None and self.static_degree < 1:
@@ -76,25 +86,40 @@ def _check_lengths(lengths: Sequence[int], config: PlannerConfig) -> list[int]:
     return out
 
 
-def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float) -> Plan:
-    from .flexsp import plan_flexsp
+# Predicted seconds of the baselines (measured on the 2-core development machine, x2 slack), so
+# that a tight deadline skips a baseline instead of overrunning: hybrid-CP scans groups per
+# sequence, the homogeneous packer sorts and packs per degree.
+def _predicted_s(name: str, n: int, world_size: int) -> float:
+    if name == "megatron-hybrid-cp":
+        return 1e-3 + 1.6e-7 * n * world_size
+    return 1e-3 + 2e-5 * n
 
-    t0 = time.perf_counter()
-    plan = plan_flexsp(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, seed=config.seed)
-    solver = plan.solver
-    chosen, solver_ms = "solver", plan.estimated_time_ms
+
+def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float, deadline: Deadline) -> Plan:
+    baselines: list[tuple[str, Plan]] = []
+    skipped = []
     for name, build in (("homogeneous", batch_adaptive_plan), ("megatron-hybrid-cp", hybrid_cp_plan)):
+        if _predicted_s(name, len(lengths), config.world_size) > 0.5 * deadline.left():
+            skipped.append(name)
+            continue
         try:
-            other = build(lengths, cost, config.world_size, lower_bound_ms=lb)
+            baselines.append((name, build(lengths, cost, config.world_size, lower_bound_ms=lb)))
         except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: no homogeneous plan
             continue
-        if other.estimated_time_ms < plan.estimated_time_ms:
+    plan = _flexsp_module.plan_flexsp(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, seed=config.seed,
+                       gap=config.gap, deadline=deadline, seeds=baselines)
+    solver = plan.solver
+    chosen, solver_ms = "solver", plan.estimated_time_ms
+    for name, other in baselines:
+        if other.estimated_time_ms <= plan.estimated_time_ms * (1 + 1e-12):
             plan, chosen = other, name
     plan.solver = solver
     solver.extra = {**solver.extra, "chosen": chosen}
+    if skipped:
+        solver.extra["baselines_skipped"] = skipped
     if chosen != "solver":
         solver.extra["solver_estimate_ms"] = solver_ms
-    solver.solve_time_s = time.perf_counter() - t0
+    solver.solve_time_s = deadline.elapsed()
     if solver.lower_bound_ms is None:
         solver.lower_bound_ms = lb
     return plan
@@ -102,11 +127,12 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
 
 def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerConfig) -> Plan:
     """Plan one global batch with ``config.method``; the result is validated against ``cost``."""
+    deadline = Deadline.after(config.time_limit_s)
     lengths = _check_lengths(lengths, config)
     ws = config.world_size
     lb = lower_bound_ms(lengths, cost, ws)  # also raises NoFeasiblePlanError naming impossible lengths
     if config.method == "flexsp":
-        plan = _flexsp(lengths, cost, config, lb)
+        plan = _flexsp(lengths, cost, config, lb, deadline)
     elif config.method == "static":
         plan = static_plan(lengths, cost, ws, max_seq_len=config.max_seq_len, degree=config.static_degree,
                            lower_bound_ms=lb)
@@ -122,9 +148,7 @@ def fallback_plan(lengths: Sequence[int], cost: CostModel, config: PlannerConfig
     """A fast plan that is always valid when any plan exists (greedy for flexsp, else the baseline itself)."""
     if config.method != "flexsp":
         return plan_global_batch(lengths, cost, config)
-    from .flexsp import greedy_plan
-
     lengths = _check_lengths(lengths, config)
-    plan = greedy_plan(lengths, cost, config.world_size)
+    plan = _flexsp_module.greedy_plan(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, gap=config.gap)
     validate_plan(plan, cost, world_size=config.world_size, num_sequences=len(lengths))
     return plan

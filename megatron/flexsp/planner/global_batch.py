@@ -1,0 +1,584 @@
+"""FlexSP planning of one global batch: micro-batches, then groups per micro-batch, then ranks.
+
+Why it is anytime: the planner runs beside training on the same CPUs, so it must hand over a
+good plan when its time is up, not a perfect one later. One ``Deadline`` bounds every phase;
+each phase only ever replaces the incumbent with something better, and the search stops early
+when the incumbent is within ``gap`` of the lower bound (``bounds.lower_bound_ms``).
+
+1. Constructive (milliseconds; at most 40 % of the time limit, but always one complete plan):
+   sort the sequences longest first and cut them into consecutive chunks, one micro-batch each
+   (``blaster``: a DP over cut points on estimated micro-batch times under memory budgets of
+   100/96/92/86 %, and the paper's min-max token cut for M = M_min .. M_min+2). Each cut is
+   scored by solving its micro-batches (``micro_batch.solve_micro_batch``, quick mode; exact on
+   small clusters); a chunk that cannot be packed is split in two, not dropped. Plans given as
+   ``seeds`` (the api passes the baselines' plans, which take milliseconds) compete as well, so
+   the solver's own plan never loses to a baseline rule.
+2. Improvement, until the deadline or the gap (in order of value per millisecond):
+   a. re-solve the incumbent's micro-batches with the full local search, slowest first;
+   b. fill: a micro-batch whose time is set by a few long sequences has groups with spare time
+      and memory; they take sequences from faster micro-batches (makespan unchanged), which are
+      re-solved, possibly vanishing (one micro-batch less);
+   c. polish: moves and swaps of the longest sequences between micro-batches with few sequences;
+   d. moves: any sequence to any other micro-batch when the sum of both re-solved times drops
+      (pruned by per-micro-batch lower bounds; this is where small clusters gain most);
+   e. MILP (``milp.py``) per micro-batch in short shots (``plan_flexsp`` only), then the other
+      cuts re-solved, filled and compared.
+3. Degrees become ranks with ``placement.place_groups``; the plan is validated before it is
+   returned.
+
+Never fails when a plan exists: if no cut can be solved, the last resort is one sequence per
+group at its smallest degree, groups packed first-fit into micro-batches, which is always
+valid (left-over ranks are degree-1 groups, so there are more groups than sequences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .blaster import ChunkEstimator, cut_points, min_max_chunks, segment
+from .bounds import check_feasible, lower_bound_ms, min_micro_batches, seq_tau_table
+from .costmodel import CostModel
+from .deadline import Deadline
+from .micro_batch import MBSolution, PlannerContext, mb_lower_bound, milp_shots, solve_micro_batch
+from .placement import place_groups
+from .plan import Group, MicroBatch, Plan, PlanError, SolverInfo, estimate_plan_ms, validate_plan
+
+__all__ = ["plan_flexsp", "greedy_plan", "DEFAULT_GAP"]
+
+_EPS = 1e-9
+DEFAULT_GAP = 0.01
+Solver = Callable[[np.ndarray], "MBSolution | None"]
+
+
+class _Solve:
+    """Micro-batch solves of positions in the sorted batch, cached by the set of positions.
+
+    Callers pass positions in any order and get members indexing *their* order. ``full``
+    switches from quick to full local search; a cached quick result is then re-solved once.
+    """
+
+    def __init__(self, ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, deadline: Deadline):
+        self.ctx, self.Ls, self.taus, self.deadline = ctx, Ls, taus, deadline
+        self.full = False
+        self.cache: dict[bytes, tuple[bool, np.ndarray, MBSolution | None]] = {}
+        self.calls = 0
+
+    def __call__(self, idx: np.ndarray) -> MBSolution | None:
+        key = np.sort(idx)
+        kb = key.tobytes()
+        hit = self.cache.get(kb)
+        if hit is None or (self.full and not hit[0] and not self.ctx.exact):
+            self.calls += 1
+            sol = solve_micro_batch(self.ctx, self.Ls[key], self.taus[key], quick=not self.full,
+                                    deadline=self.deadline)
+            if hit is not None and hit[2] is not None and (sol is None or hit[2].time_ms <= sol.time_ms):
+                sol = hit[2]
+            hit = (self.full, key, sol)
+            self.cache[kb] = hit
+        _, k, sol = hit
+        if sol is None or np.array_equal(k, idx):
+            return sol
+        where = {int(v): i for i, v in enumerate(idx.tolist())}
+        kl = k.tolist()
+        return MBSolution(list(sol.degrees), [[where[kl[j]] for j in m] for m in sol.members], sol.time_ms,
+                          sol.method, dict(sol.extra))
+
+    def put(self, idx: np.ndarray, sol: MBSolution) -> None:
+        """Remember a better solution found elsewhere (MILP, seeds) for this set of positions."""
+        key = np.sort(idx)
+        kb = key.tobytes()
+        hit = self.cache.get(kb)
+        if hit is not None and hit[2] is not None and hit[2].time_ms <= sol.time_ms:
+            return
+        if not np.array_equal(key, idx):
+            pos = {int(v): i for i, v in enumerate(key.tolist())}
+            il = idx.tolist()
+            sol = MBSolution(list(sol.degrees), [[pos[il[j]] for j in m] for m in sol.members], sol.time_ms,
+                             sol.method, dict(sol.extra))
+        self.cache[kb] = (hit[0] if hit is not None else False, key, sol)
+
+
+def _safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[tuple[np.ndarray, MBSolution]]:
+    """Always-valid last resort: one sequence per group at its smallest degree, first-fit into micro-batches."""
+    kmin = np.argmax(np.isfinite(tau), axis=1)
+    order = np.argsort(-L, kind="stable")
+    mbs: list[list[int]] = []
+    used: list[int] = []
+    for s in order.tolist():
+        d = ctx.degrees[kmin[s]]
+        for m in range(len(mbs)):
+            if used[m] + d <= ctx.world_size:
+                mbs[m].append(s)
+                used[m] += d
+                break
+        else:
+            mbs.append([s])
+            used.append(d)
+    out = []
+    for m, seqs in enumerate(mbs):
+        degs = [ctx.degrees[kmin[s]] for s in seqs] + [1] * (ctx.world_size - used[m])
+        members = [[j] for j in range(len(seqs))] + [[] for _ in range(ctx.world_size - used[m])]
+        idx = np.asarray(seqs, dtype=np.int64)
+        t = max(ctx.beta1 + tau[s, kmin[s]] for s in seqs)
+        out.append((idx, MBSolution(degs, members, float(t), "safe")))
+    return out
+
+
+def _group_arrays(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolution):
+    """Per-group degree index, load (sum tau), tokens of a micro-batch solution."""
+    kidx = {d: k for k, d in enumerate(ctx.degrees)}
+    gk = np.array([kidx[d] for d in sol.degrees], dtype=np.int64)
+    load = np.array([tau[m, k].sum() if m else 0.0 for m, k in zip(sol.members, gk)])
+    tok = np.array([L[m].sum() if m else 0.0 for m in sol.members], dtype=np.float64)
+    return gk, load, tok
+
+
+def _fill_pass(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
+               deadline: Deadline) -> int:
+    """Pull sequences into the idle room of slower micro-batches; re-solve the micro-batches they left.
+
+    ``mbs`` is a list of [idx (positions in the sorted batch), MBSolution], changed in place.
+    A micro-batch whose makespan is set by a few long sequences has groups with spare time
+    and memory; filling them with sequences of faster micro-batches leaves its makespan
+    unchanged and shortens the donors (or empties them: one micro-batch less). Kept only when
+    the total improves. Returns the number of accepted pulls.
+    """
+    accepted = 0
+    beta1 = ctx.beta1
+    a = 0
+    while a < len(mbs):
+        if deadline.passed():
+            break
+        mbs.sort(key=lambda x: -x[1].time_ms)
+        idx_a, sol_a = mbs[a]
+        T = sol_a.time_ms
+        gk, load, tok = _group_arrays(ctx, Ls[idx_a], taus[idx_a], sol_a)
+        cap = ctx.caps[gk]
+        tslack = T - beta1 - load
+        mslack = cap - tok
+        donors = list(range(a + 1, len(mbs)))
+        if not donors:
+            break
+        pool = np.concatenate([mbs[b][0] for b in donors])
+        owner = np.concatenate([np.full(mbs[b][0].size, b) for b in donors])
+        order = np.argsort(-Ls[pool], kind="stable")
+        pulled: list[tuple[int, int]] = []      # (position in sorted batch, group of a)
+        min_need = np.inf
+        for q in order.tolist():
+            s = int(pool[q])
+            if Ls[s] < min_need and not (mslack >= Ls[s]).any():
+                break
+            tt = taus[s, gk]
+            ok = (mslack >= Ls[s] - _EPS) & (tslack >= tt - _EPS)
+            if not ok.any():
+                continue
+            g = int(np.argmin(np.where(ok, tslack - tt, np.inf)))   # best fit in time
+            tslack[g] -= tt[g]
+            mslack[g] -= Ls[s]
+            pulled.append((q, g))
+        if not pulled:
+            a += 1
+            continue
+        # tentative: new a (same makespan) and re-solved donors
+        take = {int(pool[q]) for q, _ in pulled}
+        new_members = [list(m) for m in sol_a.members]
+        new_idx = list(idx_a.tolist())
+        for q, g in pulled:
+            new_members[g].append(len(new_idx))
+            new_idx.append(int(pool[q]))
+        touched = sorted({int(owner[q]) for q, _ in pulled})
+        old_total = T + sum(mbs[b][1].time_ms for b in touched)
+        new_total = T
+        new_donors = {}
+        fail = False
+        for b in touched:
+            rest = np.array([s for s in mbs[b][0].tolist() if s not in take], dtype=np.int64)
+            if rest.size == 0:
+                new_donors[b] = None
+                continue
+            sol = solve(rest)
+            if sol is None:
+                fail = True
+                break
+            new_donors[b] = (rest, sol)
+            new_total += sol.time_ms
+        if fail or new_total >= old_total - 1e-6:
+            a += 1
+            continue
+        sol_new = MBSolution(list(sol_a.degrees), new_members, T, sol_a.method, dict(sol_a.extra))
+        mbs[a] = [np.asarray(new_idx, dtype=np.int64), sol_new]
+        for b in sorted(touched, reverse=True):
+            if new_donors[b] is None:
+                del mbs[b]
+            else:
+                mbs[b] = list(new_donors[b])
+        accepted += 1
+        # same a again: its room may be used by what remains
+    return accepted
+
+
+def _polish(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
+            deadline: Deadline, max_evals: int = 120, small: int = 48, top: int = 6) -> int:
+    """Move or swap long sequences between micro-batches with few sequences (the head of the batch).
+
+    Consecutive cuts of the sorted batch put the longest sequences together; which of them
+    share a micro-batch decides how well their groups balance, so the planner tries moving each
+    of the ``top`` longest sequences of a small micro-batch to another small one (and swapping
+    pairs), re-solving both, and keeps changes that lower the sum. Bounded by ``max_evals``
+    re-solved pairs and by the deadline.
+    """
+    evals = 0
+    accepted = 0
+    improved = True
+    while improved and evals < max_evals and not deadline.passed():
+        improved = False
+        heads = [m for m in range(len(mbs)) if mbs[m][0].size <= small]
+        heads.sort(key=lambda m: -mbs[m][1].time_ms)
+        for a in heads:
+            ia = mbs[a][0]
+            longest = ia[np.argsort(-Ls[ia], kind="stable")][:top]
+            for b in heads:
+                if b == a or evals >= max_evals or deadline.passed():
+                    continue
+                ib = mbs[b][0]
+                old = mbs[a][1].time_ms + mbs[b][1].time_ms
+                best = None
+                for s_ in longest.tolist():
+                    # move s to b
+                    na = ia[ia != s_]
+                    nb = np.append(ib, s_)
+                    evals += 1
+                    sa = solve(na) if na.size else None
+                    sb = solve(nb)
+                    if sb is not None and (sa is not None or na.size == 0):
+                        t = (sa.time_ms if sa is not None else 0.0) + sb.time_ms
+                        if t < old - 1e-6 and (best is None or t < best[0]):
+                            best = (t, na, sa, nb, sb)
+                    # swap s with the longest of b shorter than s
+                    cand = ib[Ls[ib] < Ls[s_]]
+                    if cand.size:
+                        t_ = int(cand[np.argmax(Ls[cand])])
+                        na2 = np.append(ia[ia != s_], t_)
+                        nb2 = np.append(ib[ib != t_], s_)
+                        evals += 1
+                        sa2, sb2 = solve(na2), solve(nb2)
+                        if sa2 is not None and sb2 is not None:
+                            t = sa2.time_ms + sb2.time_ms
+                            if t < old - 1e-6 and (best is None or t < best[0]):
+                                best = (t, na2, sa2, nb2, sb2)
+                if best is not None:
+                    _, na, sa, nb, sb = best
+                    mbs[b] = [nb, sb]
+                    if na.size:
+                        mbs[a] = [na, sa]
+                    else:
+                        del mbs[a]
+                    accepted += 1
+                    improved = True
+                    break
+            if improved:
+                break
+    return accepted
+
+
+def _candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> list[tuple[str, list[np.ndarray]]]:
+    """Candidate splits of the sorted batch (positions 0..n-1) into micro-batches.
+
+    Consecutive cuts of the sorted batch (``blaster``). (Dealing the longest sequences one per
+    micro-batch among short ones was tried and lost on long-tail batches: memory then forces
+    the long sequence into a group too small to keep pace with the rest.)
+    """
+    n = Ls.size
+    out: list[tuple[str, list[np.ndarray]]] = []
+    seen: set[tuple[int, ...]] = set()
+    mmin = min_micro_batches(Ls, ctx.cost, ctx.world_size)
+    pts = cut_points(Ls)
+    est = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees)
+    cuts: list[tuple[str, list[int]]] = []
+    for frac in (1.0, 0.96, 0.92, 0.86):
+        b, _ = segment(pts, lambda i, j, f=frac: est.cost(i, j, f))
+        if b:
+            cuts.append((f"dp{frac:g}", b))
+    for m in range(mmin, mmin + 3):
+        if m <= n:
+            b, _ = min_max_chunks(Ls, m)
+            cuts.append((f"minmax{m}", b))
+    for name, b in cuts:
+        if tuple(b) not in seen:
+            seen.add(tuple(b))
+            out.append((name, [np.arange(x, y) for x, y in zip(b[:-1], b[1:])]))
+    return out
+
+
+def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
+                 deadline: Deadline, target: float) -> int:
+    """Move single sequences between micro-batches while the sum of the two re-solved times drops.
+
+    For each sequence of a slow micro-batch (longest first), its removal's gain is compared with
+    the least possible cost of adding it elsewhere (``mb_lower_bound`` of the receiver, memory),
+    so most receivers are dismissed without a solve; the best improving move is applied and the
+    scan restarts. Stops at the deadline, at ``target`` (lower bound times 1 + gap), or when no
+    move helps.
+    """
+    moves = 0
+    budget = float(ctx.cost.tokens_per_gpu * ctx.world_size)
+    improved = True
+    while improved and not deadline.passed():
+        improved = False
+        mbs.sort(key=lambda x: -x[1].time_ms)
+        if sum(sol.time_ms for _, sol in mbs) <= target:
+            break
+        toks = [float(Ls[idx].sum()) for idx, _ in mbs]
+        for a in range(len(mbs)):
+            ia, sa = mbs[a]
+            for s in ia[np.argsort(-Ls[ia], kind="stable")].tolist():
+                if deadline.passed():
+                    return moves
+                rest = ia[ia != s]
+                sr = solve(rest) if rest.size else None
+                if rest.size and sr is None:
+                    continue
+                gain = sa.time_ms - (sr.time_ms if sr is not None else 0.0)
+                if gain <= 1e-9:
+                    continue
+                best = None
+                for b in range(len(mbs)):
+                    if b == a or toks[b] + Ls[s] > budget + 1e-9:
+                        continue
+                    ib, sb = mbs[b]
+                    nb = np.append(ib, s)
+                    if mb_lower_bound(ctx, Ls[nb], taus[nb]) - sb.time_ms >= gain - 1e-9:
+                        continue
+                    snb = solve(nb)
+                    if snb is None:
+                        continue
+                    delta = gain - (snb.time_ms - sb.time_ms)
+                    if delta > 1e-9 and (best is None or delta > best[0]):
+                        best = (delta, b, nb, snb)
+                if best is not None:
+                    _, b, nb, snb = best
+                    mbs[b] = [nb, snb]
+                    if rest.size:
+                        mbs[a] = [rest, sr]
+                    else:
+                        del mbs[a]
+                    moves += 1
+                    improved = True
+                    break
+            if improved:
+                break
+    return moves
+
+
+def _seed_chunks(ctx: PlannerContext, seed: Plan, pos: np.ndarray, taus: np.ndarray) -> list[list] | None:
+    """A plan (e.g. a baseline's) as [positions, MBSolution] micro-batches of the sorted batch."""
+    kidx = {d: k for k, d in enumerate(ctx.degrees)}
+    out = []
+    for mb in seed.micro_batches:
+        idx, members, degs = [], [], []
+        for g in mb.groups:
+            if g.degree not in kidx:
+                return None
+            degs.append(g.degree)
+            members.append(list(range(len(idx), len(idx) + len(g.sequences))))
+            idx += [int(pos[s]) for s in g.sequences]
+        if not idx:
+            continue
+        t = max(ctx.beta1 + float(taus[[idx[j] for j in m], kidx[d]].sum()) for m, d in zip(members, degs) if m)
+        out.append([np.asarray(idx, dtype=np.int64), MBSolution(degs, members, t, "seed")])
+    return out
+
+
+def _total(mbs) -> float:
+    return float(sum(sol.time_ms for _, sol in mbs))
+
+
+def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, deadline: Deadline, lb: float,
+                 gap: float, seeds: Sequence[tuple[str, Plan]] = ()) -> tuple[list[tuple[np.ndarray, MBSolution]], dict]:
+    """Micro-batches of the batch (positions into ``lengths``): constructive, then improved (module docstring)."""
+    order = np.argsort(-lengths, kind="stable")
+    pos = np.empty_like(order)
+    pos[order] = np.arange(order.size)
+    Ls = lengths[order]
+    taus = seq_tau_table(Ls, ctx.cost, ctx.degrees)
+    solve = _Solve(ctx, Ls, taus, deadline)
+    target = lb * (1.0 + gap)
+    info: dict = {}
+    phases: list[str] = []
+
+    def done(mbs) -> bool:
+        return deadline.passed() or _total(mbs) <= target
+
+    def repaired(idx: np.ndarray, depth: int = 0) -> list[np.ndarray] | None:
+        """``idx`` if it can be solved, else its two halves (by tokens), recursively."""
+        if solve(idx) is not None:
+            return [idx]
+        if idx.size < 2 or depth > 12:
+            return None
+        b, _ = min_max_chunks(Ls[idx], 2)
+        left = repaired(idx[:b[1]], depth + 1)
+        right = repaired(idx[b[1]:], depth + 1) if left is not None else None
+        return None if right is None else left + right
+
+    # ---- 1. constructive
+    construct = deadline.share(0.4)
+    scored: list[tuple[float, str, list[np.ndarray]]] = []
+    for name, parts in _candidate_splits(ctx, Ls, taus):
+        if scored and construct.passed():
+            break
+        fixed: list[np.ndarray] = []
+        for idx in parts:
+            r = repaired(idx)
+            if r is None:
+                fixed = []
+                break
+            fixed += r
+        if fixed:
+            scored.append((sum(solve(i).time_ms for i in fixed), name, fixed))
+    info["cuts_tried"] = len(scored)
+    cands: list[tuple[float, str, list[list]]] = [(t, name, [[i, solve(i)] for i in parts]) for t, name, parts in scored]
+    for name, plan in seeds:
+        sc = _seed_chunks(ctx, plan, pos, taus)
+        if sc:
+            for idx, sol in sc:
+                solve.put(idx, sol)
+            cands.append((_total(sc), "seed:" + name, sc))
+    if not cands:
+        safe = _safe_plan(ctx, Ls, taus)
+        info["cut"] = "safe"
+        return [(order[idx], sol) for idx, sol in safe], info
+    cands.sort(key=lambda x: x[0])
+    _, name, best = cands[0]
+    best = [list(x) for x in best]
+    info["cut"] = name
+    info["constructive_ms"] = round(_total(best), 3)
+    info["constructive_s"] = round(deadline.elapsed(), 4)
+
+    # ---- 2. improvement
+    solve.full = True
+    if not done(best):
+        phases.append("resolve")
+        for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
+            if deadline.passed():
+                break
+            sol = solve(best[m][0])
+            if sol is not None and sol.time_ms < best[m][1].time_ms - 1e-9:
+                best[m][1] = sol
+    if not done(best):
+        phases.append("fill")
+        info["fill_pulls"] = _fill_pass(ctx, Ls, taus, best, solve, deadline)
+    if not done(best):
+        phases.append("polish")
+        info["polish_moves"] = _polish(ctx, Ls, taus, best, solve, deadline)
+    if not done(best):
+        phases.append("moves")
+        info["moves"] = _move_search(ctx, Ls, taus, best, solve, deadline, target)
+    if use_milp and not done(best):
+        phases.append("milp")
+        for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
+            if deadline.left() < 0.01 or _total(best) <= target:
+                break
+            idx, sol = best[m]
+            if sol.extra.get("exact_proven"):
+                continue
+            new = milp_shots(ctx, Ls[idx], taus[idx], sol, deadline.share(0.5))
+            if new.time_ms < sol.time_ms - 1e-9:
+                best[m][1] = new
+                solve.put(idx, new)
+        info["milp_improved"] = sum(sol.method == "milp" for _, sol in best)
+    # other constructive candidates, re-solved in full and filled
+    for _, name2, cand in cands[1:4]:
+        if done(best):
+            break
+        phases.append("alt:" + name2)
+        cand = [[idx, solve(idx) or sol] for idx, sol in cand]
+        _fill_pass(ctx, Ls, taus, cand, solve, deadline)
+        if _total(cand) < _total(best) - 1e-9:
+            best, info["cut"] = cand, name2 + "+improved"
+    info["phases"] = phases
+    info["solves"] = solve.calls
+    info["gap_reached"] = bool(_total(best) <= target)
+    return [(order[idx], sol) for idx, sol in best], info
+
+
+def _to_plan(ctx: PlannerContext, lengths: np.ndarray, chunks: list[tuple[np.ndarray, MBSolution]]) -> Plan:
+    mbs = []
+    for idx, sol in chunks:
+        ranks = place_groups(sol.degrees, ctx.cost, ctx.world_size)
+        groups = [Group(list(r), [int(idx[j]) for j in mem]) for r, mem in zip(ranks, sol.members)]
+        groups.sort(key=lambda g: g.ranks[0])
+        mbs.append(MicroBatch(groups))
+    return Plan(ctx.world_size, [int(x) for x in lengths], mbs)
+
+
+def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: bool, time_limit_s: float,
+         method: str, gap: float, deadline: Deadline | None, seeds: Sequence[tuple[str, Plan]]) -> Plan:
+    if deadline is None:
+        deadline = Deadline.after(time_limit_s)
+    L = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if L.size == 0:
+        raise PlanError("cannot plan an empty global batch (no sequences)")
+    if (L <= 0).any():
+        bad = np.flatnonzero(L <= 0)[:8].tolist()
+        raise PlanError(f"lengths must be positive; sequences {bad} are not")
+    check_feasible(L, cost, world_size)
+    lb = lower_bound_ms(L, cost, world_size)
+    ctx = PlannerContext.build(cost, world_size)
+    ctx.milp_shots = (max(0.015 * time_limit_s, 0.01), max(0.06 * time_limit_s, 0.02))
+    chunks, info = _plan_chunks(ctx, L, use_milp=use_milp, deadline=deadline, lb=lb, gap=gap, seeds=seeds)
+    plan = _to_plan(ctx, L, chunks)
+    try:
+        validate_plan(plan, cost)
+    except PlanError:
+        if info.get("cut") == "safe":
+            raise
+        order = np.argsort(-L, kind="stable")
+        taus = seq_tau_table(L[order], cost, ctx.degrees)
+        safe = _safe_plan(ctx, L[order], taus)
+        plan = _to_plan(ctx, L, [(order[idx], sol) for idx, sol in safe])
+        validate_plan(plan, cost)
+        info["cut"] = "safe"
+    plan.estimated_time_ms = estimate_plan_ms(plan, cost)
+    statuses = [st for _, sol in chunks for st in sol.extra.get("milp_statuses", [])]
+    proven = [bool(sol.extra.get("exact_proven")) for _, sol in chunks]
+    if info.get("gap_reached"):
+        status = "gap"
+    elif ctx.exact and proven and all(proven):
+        status = "exact_micro_batches"
+    elif not use_milp:
+        status = "heuristic"
+    elif any(s == "time_limit" for s in statuses) or deadline.passed():
+        status = "time_limit"
+    elif statuses:
+        status = "optimal" if all(s == "optimal" for s in statuses) else "heuristic"
+    else:
+        status = "heuristic"
+    if statuses:
+        info["milp_statuses"] = statuses
+    info.update(num_micro_batches=plan.num_micro_batches, gap=gap)
+    plan.solver = SolverInfo(method=method, status=status, solve_time_s=deadline.elapsed(), lower_bound_ms=lb,
+                             extra=info)
+    return plan
+
+
+def greedy_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 2.0,
+                gap: float = DEFAULT_GAP, deadline: Deadline | None = None) -> Plan:
+    """Heuristic plan (no MILP) within ``time_limit_s``; always valid when any plan exists."""
+    return _run(lengths, cost, world_size, use_milp=False, time_limit_s=time_limit_s, method="flexsp-greedy",
+                gap=gap, deadline=deadline, seeds=())
+
+
+def plan_flexsp(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 2.0,
+                seed: int = 0, gap: float = DEFAULT_GAP, deadline: Deadline | None = None,
+                seeds: Sequence[tuple[str, Plan]] = ()) -> Plan:
+    """FlexSP plan within ``time_limit_s`` (or ``deadline``): constructive, then improved until the deadline or ``gap``.
+
+    ``seeds``: (name, plan) pairs that compete with the constructive cuts (the api passes the
+    baselines). ``seed`` is accepted for API stability; the search has no randomness (what it
+    reaches depends on the time it gets).
+    """
+    del seed
+    return _run(lengths, cost, world_size, use_milp=True, time_limit_s=time_limit_s, method="flexsp", gap=gap,
+                deadline=deadline, seeds=seeds)

@@ -200,3 +200,40 @@ def test_cpu_run_of_main_writes_a_complete_report(tmp_path, capsys):
     statuses = {a["backend"]: a["status"] for a in res["attention"]}
     assert rc == (0 if all(s in ("pass", "not installed") for s in statuses.values()) else 1), statuses
     assert "attention vs SDPA" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ scripts/setup_gpu.sh (issue 10 item 4)
+def _setup_gpu(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts/setup_gpu.sh"), *args], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHON=python), cwd=ROOT)
+
+
+def test_setup_gpu_installs_the_documented_way():
+    """Dry run: TE and flash-attn with --no-build-isolation (their documented procedure), every pip
+    call pinned to the installed torch, this package without its dependencies, flash-attn inside
+    the range TE 2.10-2.12 accept (>= 2.1.1, <= 2.8.3)."""
+    import torch
+
+    r = _setup_gpu("--dry-run")
+    assert r.returncode == 0, r.stderr
+    cmds = [x for x in r.stdout.splitlines() if x.startswith("+ ")]
+    assert cmds and all(" -m pip install -c " in c for c in cmds)
+    te = [c for c in cmds if "transformer_engine" in c]
+    fa = [c for c in cmds if "flash-attn" in c]
+    assert len(te) == 1 and "--no-build-isolation" in te[0] and "pytorch" in te[0]
+    assert len(fa) == 1 and "--no-build-isolation" in fa[0]
+    version = fa[0].split("flash-attn==")[1].split()[0]
+    parts = tuple(int(x) for x in version.split("."))
+    assert (2, 1, 1) <= parts <= (2, 8, 3), version
+    assert any("--no-deps -e ." in c for c in cmds)
+    if torch.version.cuda is None:
+        assert "CPU build" in r.stdout
+    skipped = _setup_gpu("--dry-run", "--no-te", "--no-flash")
+    assert skipped.returncode == 0 and "transformer_engine" not in skipped.stdout and "flash-attn" not in skipped.stdout
+
+
+def test_setup_gpu_needs_torch_first():
+    r = _setup_gpu(python="/bin/false")
+    assert r.returncode == 2 and "install a CUDA build of torch first" in r.stderr
+    bad = _setup_gpu("--frobnicate")
+    assert bad.returncode == 2 and "unknown option" in bad.stderr

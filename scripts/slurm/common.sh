@@ -16,7 +16,17 @@
 #   GPUS_PER_NODE      processes per node for torchrun (default: SLURM_GPUS_ON_NODE, else
 #                      SLURM_NTASKS_PER_NODE, else 1)
 #   MASTER_PORT        rendezvous / store port (default: 20000 + job id mod 20000)
-#   FLEXSP_RUN_DIR     where logs, metrics and plans go (default: runs/slurm-<job id>)
+#   FLEXSP_RUN_DIR     where logs, metrics, plans and checkpoints go (default: runs/slurm-<job id>;
+#                      a requeued job keeps its id, so it finds its checkpoints there)
+#   CHECKPOINT_DIR     --save/--load of a training run (default: $FLEXSP_RUN_DIR/checkpoints;
+#                      each sp-mode in its own subdirectory; "none": no checkpoints)
+#   SAVE_INTERVAL      --save-interval (default: the trainer's: at the end and on a signal)
+#   MAX_RESTARTS       torchrun --max-restarts: in-job restarts after a failed rank (default 0)
+#   FLEXSP_SHUTDOWN_TIMEOUT  seconds torchrun gives the ranks to save and exit after a
+#                      forwarded signal before SIGKILL (default 80, below the 90 s of --signal)
+#   FLEXSP_REQUEUE_ON_SIGNAL  1 (default): after the time-limit signal (SIGUSR1, see the
+#                      sbatch files' --signal=B:USR1@90) the ranks save and exit, then the job
+#                      is requeued (scontrol requeue) and resumes from its checkpoint
 #   FLEXSP_DRY_RUN=1   print the srun line instead of running it
 
 set -euo pipefail
@@ -45,6 +55,11 @@ _per_node=${SLURM_NTASKS_PER_NODE:-}
 _per_node=${_per_node%%(*}  # "4(x2)" -> "4"
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${_per_node:-1}}}
 FLEXSP_RUN_DIR=${FLEXSP_RUN_DIR:-$FLEXSP_ROOT/runs/slurm-$SLURM_JOB_ID}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || flexsp_die "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
+FLEXSP_SHUTDOWN_TIMEOUT=${FLEXSP_SHUTDOWN_TIMEOUT:-80}
+[[ $FLEXSP_SHUTDOWN_TIMEOUT =~ ^[0-9]+$ ]] \
+  || flexsp_die "FLEXSP_SHUTDOWN_TIMEOUT must be a non-negative integer (seconds), got '$FLEXSP_SHUTDOWN_TIMEOUT'"
 mkdir -p "$FLEXSP_RUN_DIR"
 export FLEXSP_ROOT FLEXSP_PYTHON MASTER_ADDR MASTER_PORT GPUS_PER_NODE FLEXSP_RUN_DIR
 export PYTHONPATH=$FLEXSP_ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -52,29 +67,74 @@ cd "$FLEXSP_ROOT"
 
 flexsp_print() { printf 'flexsp-slurm: dry run: srun'; printf ' %q' "$@"; echo; }
 
+# The job step runs in the background so the batch shell can take SLURM's time-limit signal
+# (#SBATCH --signal=B:USR1@90 signals only this shell) and forward it to srun, which forwards it
+# to every task; the trainer (--exit-signal-handler --exit-signal SIGUSR1) saves and exits. A
+# signalled job is then requeued (#SBATCH --requeue; same job id, same run directory) and resumes.
+_flexsp_step_pid=""
+_flexsp_signalled=0
+_flexsp_on_signal() {
+  _flexsp_signalled=1
+  echo "flexsp-slurm: SIGUSR1 (time limit near): asking the ranks to save a checkpoint and exit"
+  if [ -n "$_flexsp_step_pid" ]; then kill -USR1 "$_flexsp_step_pid" 2>/dev/null || true; fi
+}
+
+trap _flexsp_on_signal USR1  # for the whole job script: a signal between two steps must not kill it
+
+_flexsp_requeue_and_exit() {
+  if [ "${FLEXSP_REQUEUE_ON_SIGNAL:-1}" = 1 ]; then
+    echo "flexsp-slurm: requeueing job $SLURM_JOB_ID: it resumes from its latest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" || flexsp_die "scontrol requeue $SLURM_JOB_ID failed (submit with --requeue)"
+  fi
+  exit 0  # nothing else of this job script runs in this allocation
+}
+
+# flexsp_run_step COMMAND...: run a job step in the background, forwarding SIGUSR1; its exit status.
+flexsp_run_step() {
+  local rc=0
+  if [ "$_flexsp_signalled" = 1 ]; then _flexsp_requeue_and_exit; fi  # signalled between steps
+  "$@" &
+  _flexsp_step_pid=$!
+  while :; do
+    rc=0
+    wait "$_flexsp_step_pid" || rc=$?
+    kill -0 "$_flexsp_step_pid" 2>/dev/null || break  # still running: wait was cut short by the signal
+  done
+  _flexsp_step_pid=""
+  if [ "$_flexsp_signalled" = 1 ]; then
+    echo "flexsp-slurm: job step ended with status $rc after the time-limit signal"
+    _flexsp_requeue_and_exit
+  fi
+  return "$rc"
+}
+
 # flexsp_launch PROGRAM.py ARGS...   or   flexsp_launch -m MODULE ARGS...
 flexsp_launch() {
   [ $# -ge 1 ] || flexsp_die "flexsp_launch: no program given"
-  local srun=srun
+  local srun=(flexsp_run_step srun)
   if [ "${FLEXSP_DRY_RUN:-0}" = 1 ]; then  # print the launch line instead of running it
-    srun=flexsp_print
+    srun=(flexsp_print)
   fi
   case "$FLEXSP_LAUNCHER" in
     torchrun)
       echo "flexsp-slurm: torchrun on $FLEXSP_NNODES node(s) x $GPUS_PER_NODE process(es), rendezvous c10d at $MASTER_ADDR:$MASTER_PORT"
       # The per-task SLURM rank variables are dropped so torchrun's RANK/WORLD_SIZE are the only ones.
-      $srun --nodes="$FLEXSP_NNODES" --ntasks="$FLEXSP_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+      # torchrun forwards SIGUSR1 to its workers (PET_SIGNALS_TO_HANDLE, torch >= 2.9; older ones die on
+      # it: use FLEXSP_LAUNCHER=srun there) and gives them FLEXSP_SHUTDOWN_TIMEOUT s to save and exit.
+      "${srun[@]}" --nodes="$FLEXSP_NNODES" --ntasks="$FLEXSP_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         env -u SLURM_PROCID -u SLURM_LOCALID -u SLURM_NTASKS -u SLURM_NPROCS \
+        PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$FLEXSP_SHUTDOWN_TIMEOUT" \
         "$FLEXSP_PYTHON" -m torch.distributed.run \
           --nnodes="$FLEXSP_NNODES" --nproc-per-node="$GPUS_PER_NODE" \
           --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-          --max-restarts=0 "$@"
+          --max-restarts="$MAX_RESTARTS" "$@"
       ;;
     srun)
       local ntasks=${SLURM_NTASKS:-$((FLEXSP_NNODES * GPUS_PER_NODE))}
       echo "flexsp-slurm: srun with $ntasks task(s), one per rank, store at $MASTER_ADDR:$MASTER_PORT"
       # shellcheck disable=SC2016  # expanded by each task, not here
-      $srun --ntasks="$ntasks" --kill-on-bad-exit=1 bash -c '
+      "${srun[@]}" --ntasks="$ntasks" --kill-on-bad-exit=1 bash -c '
         export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
         _n=${SLURM_NTASKS_PER_NODE:-$SLURM_NTASKS}; export LOCAL_WORLD_SIZE=${_n%%(*}
         exec "$@"' flexsp-rank "$FLEXSP_PYTHON" "$@"
@@ -131,10 +191,20 @@ flexsp_train() {
   # static = vanilla Megatron CP / Ulysses: its degree from CONTEXT_PARALLEL_SIZE, else the planner
   # picks the smallest degree that holds --seq-length.
   if [ "$mode" = static ] && [ -n "${CONTEXT_PARALLEL_SIZE:-}" ]; then cp=(--context-parallel-size "$CONTEXT_PARALLEL_SIZE"); fi
-  echo "flexsp-slurm: sp-mode $mode, run directory $FLEXSP_RUN_DIR"
+  # Checkpoints in the run directory (Megatron's auto-resume: --save X --load X), so a requeued or
+  # restarted job resumes; SIGUSR1 (the sbatch files' time-limit signal) makes the ranks save and exit.
+  local ckpt=() where=""
+  local ckpt_dir=${CHECKPOINT_DIR:-$FLEXSP_RUN_DIR/checkpoints}
+  if [ "$ckpt_dir" != none ]; then
+    ckpt=(--save "$ckpt_dir/$mode" --load "$ckpt_dir/$mode" --exit-signal-handler --exit-signal SIGUSR1)
+    if [ -n "${SAVE_INTERVAL:-}" ]; then ckpt+=(--save-interval "$SAVE_INTERVAL"); fi
+    where=", checkpoints $ckpt_dir/$mode"
+  fi
+  echo "flexsp-slurm: sp-mode $mode, run directory $FLEXSP_RUN_DIR$where"
   flexsp_launch "$FLEXSP_ROOT/pretrain_gpt_flexsp.py" \
     "${FLEXSP_MODEL_ARGS[@]}" "${FLEXSP_DATA_ARGS[@]}" "${FLEXSP_TRAIN_ARGS[@]}" \
-    --flexsp-cost-model "$cost" --sp-mode "$mode" "${cp[@]}" --metrics-file "$FLEXSP_RUN_DIR/metrics-$mode.jsonl" "$@"
+    --flexsp-cost-model "$cost" --sp-mode "$mode" "${cp[@]}" "${ckpt[@]}" \
+    --metrics-file "$FLEXSP_RUN_DIR/metrics-$mode.jsonl" "$@"
 }
 
 # flexsp_profile [EXTRA PROFILER FLAGS...]: flexsp-profile on every rank of the allocation with the

@@ -157,6 +157,12 @@ def test_gpu_job_scripts_launch_lines(cluster):
         assert args.sp_mode == mode and args.train_iters == 5 and args.flexsp_cost_model == "/x/cost.json"
         assert args.bf16 and args.transformer_impl == "transformer_engine" and args.distributed_backend == "nccl"
         assert args.num_layers == 32 and args.seq_length == 65536 and i > 0
+        # checkpoints in the run directory (a requeued job resumes), save-and-exit on the time-limit signal
+        ckpt = str(cluster / "dry" / "checkpoints" / mode)
+        assert args.save == ckpt and args.load == ckpt and args.exit_signal_handler and args.exit_signal == "SIGUSR1"
+        assert "--max-restarts=0" in argv and "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in argv
+        head = (ROOT / "scripts/slurm" / script).read_text()
+        assert "#SBATCH --signal=B:USR1@90\n" in head and "#SBATCH --requeue\n" in head
     # a Megatron blend in DATA_PATH reaches the trainer as separate weight/prefix arguments
     r = _dry_run(cluster, "train_static.sbatch", COST_MODEL="/x/cost.json", DATA_PATH="0.3 /d/a 0.7 /d/b",
                  TOKENIZER_MODEL="/tok", CONTEXT_PARALLEL_SIZE="8")
@@ -190,3 +196,121 @@ def test_cpu_compare_job(cluster):
         losses[mode] = [r["loss"] for r in rows]
     # same data, same weights, exact loss: the schedule differs, the losses do not
     assert losses["static"] == pytest.approx(losses["megatron-hybrid-cp"], rel=1e-4), losses
+
+
+# --------------------------------------------------------------------------- no SLURM needed
+# These run the job scripts with stand-ins for srun (runs the step's command on this host, as one
+# task) and scontrol (records requeue requests), so the shell logic is tested without a cluster.
+
+_FAKE_SRUN = """#!/bin/bash
+while [[ ${1:-} == --* ]]; do shift; done   # srun's own options
+exec "$@"
+"""
+_FAKE_SCONTROL = """#!/bin/bash
+case "$1 ${2:-}" in
+  "show hostnames") echo localhost ;;
+  "requeue "*) echo "requeue $2" >> "$FAKE_SCONTROL_LOG" ;;
+esac
+"""
+# Stands in for the trainer: saves (writes a marker) and exits 0 on SIGUSR1.
+_ENTRY = """import os, signal, sys, time
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+print("entry: ready rank", os.environ.get("RANK"), flush=True)
+end = time.monotonic() + 60
+while not got and time.monotonic() < end:
+    time.sleep(0.05)
+open(sys.argv[1], "w").write("saved" if got else "timeout")
+sys.exit(0 if got else 3)
+"""
+
+
+def _fake_slurm(tmp_path: Path, **env: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLEXSP_", "PET_"))}
+    e.update(PATH=f"{bin_dir}:{e['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost",
+             SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
+             SLURM_PROCID="0", SLURM_LOCALID="0", FLEXSP_PYTHON=sys.executable, FLEXSP_RUN_DIR=str(tmp_path / "run"),
+             FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+             GPUS_PER_NODE="1")
+    e.update(env)
+    return e
+
+
+def _launch_argv(stdout: str) -> list[str]:
+    line = [x for x in stdout.splitlines() if x.startswith("flexsp-slurm: dry run: srun")]
+    assert len(line) == 1, stdout
+    return shlex.split(line[0].split(": dry run: ", 1)[1])
+
+
+def test_launch_lines_checkpoints_restarts_and_signal(tmp_path):
+    from megatron.flexsp.training.arguments import parse_args
+
+    def dry(name: str, **env: str) -> subprocess.CompletedProcess:
+        (tmp_path / name).mkdir()
+        return subprocess.run(["bash", str(ROOT / "scripts/slurm/cpu_train.sbatch")], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT, env=_fake_slurm(tmp_path / name, FLEXSP_DRY_RUN="1", **env))
+
+    r = dry("0")
+    assert r.returncode == 0, r.stderr
+    argv = _launch_argv(r.stdout)
+    assert "--max-restarts=0" in argv and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=80" in argv
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    ckpt = str(tmp_path / "0" / "run" / "checkpoints" / "flexsp")
+    assert (args.save, args.load, args.exit_signal_handler, args.exit_signal) == (ckpt, ckpt, True, "SIGUSR1")
+    assert args.save_interval is None
+    r = dry("3", MAX_RESTARTS="2", SAVE_INTERVAL="50", CHECKPOINT_DIR="/ck")
+    argv = _launch_argv(r.stdout)
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    assert "--max-restarts=2" in argv and (args.save, args.load, args.save_interval) == ("/ck/flexsp", "/ck/flexsp", 50)
+    r = dry("2", CHECKPOINT_DIR="none", SP_MODE="static")
+    argv = _launch_argv(r.stdout)
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    assert args.save is None and args.load is None and "--exit-signal" not in argv
+    r = dry("1", MAX_RESTARTS="x")
+    assert r.returncode == 2 and "MAX_RESTARTS must be a non-negative integer" in r.stderr
+    # FLEXSP_ENTRY is one quoted word: a path with a space survives
+    r = dry("4", FLEXSP_ENTRY="/a dir/prog.py", FLEXSP_LAUNCHER="srun")
+    assert r.returncode == 0 and _launch_argv(r.stdout)[-1] == "/a dir/prog.py", r.stdout
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_time_limit_signal_is_forwarded_then_the_job_requeued(tmp_path, launcher):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@90 sends) reaches the ranks (through srun, and
+    torchrun's agent), which save and exit; the job asks to be requeued and the script exits 0."""
+    import signal
+    import time
+
+    entry = tmp_path / "entry.py"
+    entry.write_text(_ENTRY)
+    marker = tmp_path / "marker"
+    env = _fake_slurm(tmp_path, FLEXSP_ENTRY=str(entry), FLEXSP_LAUNCHER=launcher)
+    p = subprocess.Popen(["bash", str(ROOT / "scripts/slurm/cpu_train.sbatch"), str(marker)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("entry: ready"):
+                break
+        assert lines and lines[-1].startswith("entry: ready"), "".join(lines)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGUSR1)  # the batch shell only
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    log = "".join(lines) + out
+    assert p.returncode == 0, log
+    assert marker.read_text() == "saved", log
+    assert "asking the ranks to save a checkpoint and exit" in log and "requeueing job 4242" in log, log
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"

@@ -136,7 +136,10 @@ def _patch_rng_tracker() -> None:
 
     initialize_rng_tracker._flexsp_cpu = True  # type: ignore[attr-defined]
     mrandom.initialize_rng_tracker = initialize_rng_tracker
-    if mrandom._CUDA_RNG_STATE_TRACKER is not None and type(mrandom._CUDA_RNG_STATE_TRACKER) is mrandom.CudaRNGStatesTracker:
+    if (
+        mrandom._CUDA_RNG_STATE_TRACKER is not None
+        and type(mrandom._CUDA_RNG_STATE_TRACKER) is mrandom.CudaRNGStatesTracker
+    ):
         mrandom._CUDA_RNG_STATE_TRACKER.__class__ = CPURNGStatesTracker
 
 
@@ -250,15 +253,19 @@ def init_model_parallel(seed: int = 1234, *, device_type: str | None = None) -> 
 
     apply(force_cpu=device_type == "cpu")
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("init_model_parallel: torch.distributed is not initialised; call "
-                           "torch.distributed.init_process_group first")
+        raise RuntimeError(
+            "init_model_parallel: torch.distributed is not initialised; call torch.distributed.init_process_group first"
+        )
     if ps.model_parallel_is_initialized():
         tp = ps.get_tensor_model_parallel_world_size()
         pp = ps.get_pipeline_model_parallel_world_size()
         if tp != 1 or pp != 1:
-            raise RuntimeError(f"init_model_parallel: megatron parallel_state already initialised with "
-                               f"tp={tp}, pp={pp}; FlexSP needs tp = pp = 1")
+            raise RuntimeError(
+                f"init_model_parallel: megatron parallel_state already initialised with "
+                f"tp={tp}, pp={pp}; FlexSP needs tp = pp = 1"
+            )
     else:
-        ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                     context_parallel_size=1)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1
+        )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

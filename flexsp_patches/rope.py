@@ -30,7 +30,8 @@ Mechanism (two narrow hooks, both inert unless a model was attached with ``attac
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,8 +43,13 @@ class PerTokenRotaryFreqs(torch.Tensor):
     """Marker type: rotary frequencies of explicit per-token positions, [s, b, 1, d]."""
 
 
-def per_token_freqs(inv_freq: Tensor, position_ids: Tensor, *, rotary_interleaved: bool = False,
-                    seq_len_interpolation_factor: float | None = None) -> Tensor:
+def per_token_freqs(
+    inv_freq: Tensor,
+    position_ids: Tensor,
+    *,
+    rotary_interleaved: bool = False,
+    seq_len_interpolation_factor: float | None = None,
+) -> Tensor:
     """Rotary frequencies for explicit positions: [b, s] ids -> [s, b, 1, rot_dim]."""
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must be [batch, seq], got shape {tuple(position_ids.shape)}")
@@ -85,8 +91,12 @@ class PositionIdsRotaryEmbedding(_base_rotary_cls()):  # type: ignore[misc]
         if inv_freq.device != pos.device:
             inv_freq = inv_freq.to(pos.device)
             self.inv_freq = inv_freq
-        return per_token_freqs(inv_freq, pos, rotary_interleaved=self.rotary_interleaved,
-                               seq_len_interpolation_factor=self.seq_len_interpolation_factor)
+        return per_token_freqs(
+            inv_freq,
+            pos,
+            rotary_interleaved=self.rotary_interleaved,
+            seq_len_interpolation_factor=self.seq_len_interpolation_factor,
+        )
 
 
 def _record_position_ids(module, args, kwargs):
@@ -116,8 +126,10 @@ def attach(model: torch.nn.Module) -> torch.nn.Module:
         return model
     base = _base_rotary_cls()
     if type(rot) is not base:
-        raise TypeError(f"flexsp RoPE: model.rotary_pos_emb is {type(rot).__name__}; only megatron's plain "
-                        f"RotaryEmbedding (position_embedding_type='rope') is supported")
+        raise TypeError(
+            f"flexsp RoPE: model.rotary_pos_emb is {type(rot).__name__}; only megatron's plain "
+            f"RotaryEmbedding (position_embedding_type='rope') is supported"
+        )
     rot.__class__ = PositionIdsRotaryEmbedding
     model.register_forward_pre_hook(_record_position_ids, with_kwargs=True)
     model.register_forward_hook(_clear_position_ids, with_kwargs=True, always_call=True)
@@ -149,8 +161,10 @@ def install() -> None:
 
     orig = getattr(mattn, "apply_rotary_pos_emb", None)
     if orig is None:
-        raise RuntimeError("flexsp RoPE: megatron.core.transformer.attention has no apply_rotary_pos_emb; "
-                           "this megatron-core version is not supported by flexsp_patches.rope")
+        raise RuntimeError(
+            "flexsp RoPE: megatron.core.transformer.attention has no apply_rotary_pos_emb; "
+            "this megatron-core version is not supported by flexsp_patches.rope"
+        )
     if getattr(orig, "_flexsp_rope", False):
         return
     bshd = bshd_caller(rope_utils._apply_rotary_pos_emb_bshd)
@@ -165,8 +179,9 @@ def install() -> None:
         mla = kw.get("mla_rotary_interleaved")
         mla = bool(config.multi_latent_attention if mla is None else mla)
         if t.dim() == 3:  # THD: [t, h, d] -> [t, 1, h, d]
-            return bshd(t.unsqueeze(1), freqs, rotary_interleaved=config.rotary_interleaved, mla=mla,
-                        mscale=mscale).squeeze(1)
+            return bshd(
+                t.unsqueeze(1), freqs, rotary_interleaved=config.rotary_interleaved, mla=mla, mscale=mscale
+            ).squeeze(1)
         return bshd(t, freqs, rotary_interleaved=config.rotary_interleaved, mla=mla, mscale=mscale)
 
     apply_rotary_pos_emb._flexsp_rope = True  # type: ignore[attr-defined]

@@ -30,9 +30,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT = 3
@@ -93,22 +94,38 @@ def attention_run(backend: str, q, k, v, cu, max_len: int, grad_out):
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
 
     total, heads, dim = q.shape
-    cfg = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
-                            num_query_groups=k.shape[1], kv_channels=dim, attention_dropout=0.0,
-                            bf16=q.dtype == torch.bfloat16, params_dtype=q.dtype)
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * dim,
+        num_attention_heads=heads,
+        num_query_groups=k.shape[1],
+        kv_channels=dim,
+        attention_dropout=0.0,
+        bf16=q.dtype == torch.bfloat16,
+        params_dtype=q.dtype,
+    )
     mod = FlexSPCoreAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, backend=backend)
     qq, kk, vv = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-                          max_seqlen_kv=max_len)
+    psp = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+    )
     out = mod(qq.unsqueeze(1), kk.unsqueeze(1), vv.unsqueeze(1), None, packed_seq_params=psp)
     out = out.view(total, heads, dim)
     out.backward(grad_out)
     return out.detach(), qq.grad, kk.grad, vv.grad
 
 
-def attention_check(backend: str, *, device: str = "cuda", doc_lengths: Sequence[int] = (1, 17, 300, 1024, 2048, 77),
-                    heads: int = 16, kv_heads: int = 4, dim: int = 128, dtype_name: str = "bfloat16",
-                    seed: int = 0) -> AttentionResult:
+def attention_check(
+    backend: str,
+    *,
+    device: str = "cuda",
+    doc_lengths: Sequence[int] = (1, 17, 300, 1024, 2048, 77),
+    heads: int = 16,
+    kv_heads: int = 4,
+    dim: int = 128,
+    dtype_name: str = "bfloat16",
+    seed: int = 0,
+) -> AttentionResult:
     """One backend against SDPA (fp32 reference; SDPA in the same dtype gives the error budget)."""
     import torch
 
@@ -185,7 +202,7 @@ def descendants(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])  # fields after "(comm)": state, ppid
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # fields after "(comm)": state, ppid
         children.setdefault(ppid, []).append(int(name))
     out, todo = [], [pid]
     while todo:
@@ -226,13 +243,38 @@ def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
     return rc, "\n".join(tail[-12:])
 
 
-MODEL = ["--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16", "--group-query-attention",
-         "--num-query-groups", "4", "--swiglu", "--seq-length", "8192", "--seed", "1234"]
+MODEL = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "1024",
+    "--num-attention-heads",
+    "16",
+    "--group-query-attention",
+    "--num-query-groups",
+    "4",
+    "--swiglu",
+    "--seq-length",
+    "8192",
+    "--seed",
+    "1234",
+]
 
 
 def profile_stage(out: Path, timeout: float) -> tuple[str, str]:
-    cmd = [sys.executable, "-m", "megatron.flexsp.training.profiler", *MODEL, "--bf16",
-           "--profile-repeats", "3", "--profile-warmup", "1", "--output", str(out / "cost_model.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron.flexsp.training.profiler",
+        *MODEL,
+        "--bf16",
+        "--profile-repeats",
+        "3",
+        "--profile-warmup",
+        "1",
+        "--output",
+        str(out / "cost_model.json"),
+    ]
     rc, tail = _run(cmd, out / "profile.log", timeout)
     text = (out / "profile.log").read_text()
     summary = "\n".join(x for x in text.splitlines() if x.startswith(("compute fit", "  ", "memory (", "[flexsp")))
@@ -246,10 +288,29 @@ def train_stage(backend: str, out: Path, cost_model: str, timeout: float, iters:
     metrics = out / f"train-{backend}.jsonl"
     metrics.unlink(missing_ok=True)
     impl = ["--transformer-impl", "transformer_engine"] if backend == "te" else []
-    cmd = [sys.executable, str(ROOT / "pretrain_gpt_flexsp.py"), *MODEL, "--bf16", "--mock-data",
-           "--global-batch-size", "16", "--train-iters", str(iters), "--lr", "3e-4", "--log-interval", "1",
-           "--no-progress-bar", "--attention-backend", backend, *impl, "--flexsp-cost-model", cost_model,
-           "--metrics-file", str(metrics)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "pretrain_gpt_flexsp.py"),
+        *MODEL,
+        "--bf16",
+        "--mock-data",
+        "--global-batch-size",
+        "16",
+        "--train-iters",
+        str(iters),
+        "--lr",
+        "3e-4",
+        "--log-interval",
+        "1",
+        "--no-progress-bar",
+        "--attention-backend",
+        backend,
+        *impl,
+        "--flexsp-cost-model",
+        cost_model,
+        "--metrics-file",
+        str(metrics),
+    ]
     rc, tail = _run(cmd, out / f"train-{backend}.log", timeout)
     if rc != 0 or not metrics.exists():
         return TrainResult(backend, "FAIL", detail=tail)
@@ -259,28 +320,36 @@ def train_stage(backend: str, out: Path, cost_model: str, timeout: float, iters:
     ms = sum(r["iter_ms"] for r in use)
     tps = sum(r["tokens"] for r in use) / (ms / 1e3)
     ok = len(losses) == iters and all(math.isfinite(x) for x in losses)
-    return TrainResult(backend, "pass" if ok else "FAIL", losses, tps, ms / len(use),
-                       "" if ok else f"losses {losses}")
+    return TrainResult(backend, "pass" if ok else "FAIL", losses, tps, ms / len(use), "" if ok else f"losses {losses}")
 
 
-def format_report(attn: list[AttentionResult], prof: tuple[str, str] | None, train: list[TrainResult],
-                  gpu: str) -> str:
-    lines = [f"device check on {gpu}", "", "attention vs SDPA (fp32 reference; bf16; max error relative to max |ref|)",
-             f"  {'backend':<8}{'status':<15}{'fwd err':>10}{'sdpa bf16':>11}{'grad err':>10}{'sdpa bf16':>11}"
-             f"{'ms':>9}"]
+def format_report(attn: list[AttentionResult], prof: tuple[str, str] | None, train: list[TrainResult], gpu: str) -> str:
+    lines = [
+        f"device check on {gpu}",
+        "",
+        "attention vs SDPA (fp32 reference; bf16; max error relative to max |ref|)",
+        f"  {'backend':<8}{'status':<15}{'fwd err':>10}{'sdpa bf16':>11}{'grad err':>10}{'sdpa bf16':>11}{'ms':>9}",
+    ]
     for a in attn:
-        lines.append(f"  {a.backend:<8}{a.status:<15}{a.fwd_err:>10.2e}{a.fwd_ref_err:>11.2e}{a.grad_err:>10.2e}"
-                     f"{a.grad_ref_err:>11.2e}{a.ms:>9.1f}" + (f"  {a.detail}" if a.detail else ""))
+        lines.append(
+            f"  {a.backend:<8}{a.status:<15}{a.fwd_err:>10.2e}{a.fwd_ref_err:>11.2e}{a.grad_err:>10.2e}"
+            f"{a.grad_ref_err:>11.2e}{a.ms:>9.1f}" + (f"  {a.detail}" if a.detail else "")
+        )
     if prof is not None:
         lines += ["", f"profiler: {prof[0]}", *("  " + x for x in prof[1].splitlines())]
     if train:
-        lines += ["", "training (4 layers, hidden 1024, bf16, mock long-tail data, 1 GPU)",
-                  f"  {'backend':<8}{'status':<15}{'first loss':>11}{'last loss':>11}{'ms/iter':>10}{'tokens/s':>11}"]
+        lines += [
+            "",
+            "training (4 layers, hidden 1024, bf16, mock long-tail data, 1 GPU)",
+            f"  {'backend':<8}{'status':<15}{'first loss':>11}{'last loss':>11}{'ms/iter':>10}{'tokens/s':>11}",
+        ]
         for t in train:
             first = f"{t.losses[0]:.4f}" if t.losses else "-"
             last = f"{t.losses[-1]:.4f}" if t.losses else "-"
-            lines.append(f"  {t.backend:<8}{t.status:<15}{first:>11}{last:>11}{t.iter_ms:>10.1f}{t.tokens_per_s:>11.0f}"
-                         + (f"  {t.detail.splitlines()[-1] if t.detail else ''}" if t.status != "pass" else ""))
+            lines.append(
+                f"  {t.backend:<8}{t.status:<15}{first:>11}{last:>11}{t.iter_ms:>10.1f}{t.tokens_per_s:>11.0f}"
+                + (f"  {t.detail.splitlines()[-1] if t.detail else ''}" if t.status != "pass" else "")
+            )
     return "\n".join(lines)
 
 
@@ -304,8 +373,11 @@ class Report:
         return time.perf_counter() - self.t0
 
     def stage_done(self, stage: str, result: Any) -> None:
-        rec = {"stage": stage, "seconds": round(self.elapsed(), 1),
-               "result": asdict(result) if hasattr(result, "__dataclass_fields__") else result}
+        rec = {
+            "stage": stage,
+            "seconds": round(self.elapsed(), 1),
+            "result": asdict(result) if hasattr(result, "__dataclass_fields__") else result,
+        }
         with open(self.out / "stages.jsonl", "a") as f:
             f.write(json.dumps(rec, default=str) + "\n")
         status = result.status if hasattr(result, "status") else result[0]
@@ -313,9 +385,11 @@ class Report:
         self.write(complete=False)
 
     def failed(self) -> list[str]:
-        return [x.backend for x in self.attn if x.status in ("FAIL", "error")] + \
-               [f"train-{x.backend}" for x in self.train if x.status == "FAIL"] + \
-               (["profiler"] if self.prof and self.prof[0] == "FAIL" else [])
+        return (
+            [x.backend for x in self.attn if x.status in ("FAIL", "error")]
+            + [f"train-{x.backend}" for x in self.train if x.status == "FAIL"]
+            + (["profiler"] if self.prof and self.prof[0] == "FAIL" else [])
+        )
 
     def write(self, complete: bool) -> str:
         text = format_report(self.attn, self.prof, self.train, self.gpu)
@@ -324,16 +398,31 @@ class Report:
         if not complete:
             text += f"\n\n(incomplete: {self.elapsed():.0f}s so far)"
         (self.out / "device_check.txt").write_text(text + "\n")
-        (self.out / "device_check.json").write_text(json.dumps(
-            {"gpu": self.gpu, "complete": complete, "attention": [asdict(x) for x in self.attn],
-             "profile": self.prof, "train": [asdict(x) for x in self.train], "notes": self.notes,
-             "seconds": self.elapsed()}, indent=2, default=str))
+        (self.out / "device_check.json").write_text(
+            json.dumps(
+                {
+                    "gpu": self.gpu,
+                    "complete": complete,
+                    "attention": [asdict(x) for x in self.attn],
+                    "profile": self.prof,
+                    "train": [asdict(x) for x in self.train],
+                    "notes": self.notes,
+                    "seconds": self.elapsed(),
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return text
 
 
 FALLBACK_COST_MODEL = {
-    "name": "device-check fallback", "num_layers": 4, "hidden_size": 1024, "num_attention_heads": 16,
-    "num_query_groups": 4, "gpus_per_node": 1,
+    "name": "device-check fallback",
+    "num_layers": 4,
+    "hidden_size": 1024,
+    "num_attention_heads": 16,
+    "num_query_groups": 4,
+    "gpus_per_node": 1,
     "compute": {"alpha1_ms_per_token2": 1e-7, "alpha2_ms_per_token": 1e-3, "beta1_ms": 5.0},
     "alltoall": {"bytes_per_token": 65536, "bandwidth_gbs": {"2": 100.0}},
     "memory": {"limit_gb": 60, "model_states_mb": 2000, "activation_mb_per_token": 1.0},
@@ -388,24 +477,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-profile", action="store_true")
     p.add_argument("--stage-timeout-s", type=float, default=100, help="cap of one subprocess stage")
-    p.add_argument("--budget-s", type=float, default=float(os.environ.get("DEVICE_CHECK_BUDGET_S", 270)),
-                   help="whole run; later stages get what is left (device_check.sh's timeout is the backstop)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=float(os.environ.get("DEVICE_CHECK_BUDGET_S", 270)),
+        help="whole run; later stages get what is left (device_check.sh's timeout is the backstop)",
+    )
     p.add_argument("--doc-lengths", default="1,17,300,1024,2048,77", help="packed documents of the attention stage")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="cpu: the attention stage on the CPU, for testing this script without a GPU")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: the attention stage on the CPU, for testing this script without a GPU",
+    )
     a = p.parse_args(argv)
     deadline = time.monotonic() + a.budget_s
 
     import torch
 
     if a.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() == 0):
-        print("device_check: no NVIDIA GPU here (torch.cuda.is_available() is False): nothing was checked. Run "
-              "scripts/device_check.sh on a machine with a CUDA GPU and a CUDA build of torch.", file=sys.stderr)
+        print(
+            "device_check: no NVIDIA GPU here (torch.cuda.is_available() is False): nothing was checked. Run "
+            "scripts/device_check.sh on a machine with a CUDA GPU and a CUDA build of torch.",
+            file=sys.stderr,
+        )
         return NO_GPU_EXIT
     out = Path(a.out or ROOT / "outputs" / f"device-check-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    gpu = (f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-           if a.device == "cuda" else f"cpu (torch {torch.__version__})")
+    gpu = (
+        f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+        if a.device == "cuda"
+        else f"cpu (torch {torch.__version__})"
+    )
     rep = Report(out, gpu)
     rep.write(complete=False)
     saved = {sig: signal.signal(sig, _raise_interrupted) for sig in _STOP_SIGNALS}
@@ -427,8 +530,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = rep.write(complete=rc == 0)
     print(text)
     failed = rep.failed()
-    print(f"[device_check] {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed' if rc == 0 else 'stopped'}"
-          f" in {rep.elapsed():.0f}s; outputs in {out}")
+    print(
+        f"[device_check] {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed' if rc == 0 else 'stopped'}"
+        f" in {rep.elapsed():.0f}s; outputs in {out}"
+    )
     return rc or (1 if failed else 0)
 
 

@@ -46,7 +46,8 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["DistRunError", "FORKSERVER_PRELOAD", "context_for", "free_port", "run_distributed"]
 
@@ -205,7 +206,19 @@ def _run_once(fn, world_size, args, kwargs, timeout, backend, pg_timeout, thread
         for rank in range(world_size):
             p = ctx.Process(
                 target=_child,
-                args=(fn, rank, world_size, args, kwargs, port, backend, pg_timeout_s, threads, dict(env or {}), result_q),
+                args=(
+                    fn,
+                    rank,
+                    world_size,
+                    args,
+                    kwargs,
+                    port,
+                    backend,
+                    pg_timeout_s,
+                    threads,
+                    dict(env or {}),
+                    result_q,
+                ),
                 daemon=False,  # ranks may start processes of their own (e.g. the planner hook); we kill them below
                 name=f"dist-rank{rank}",
             )
@@ -234,7 +247,7 @@ def _run_once(fn, world_size, args, kwargs, timeout, backend, pg_timeout, thread
                             raise DistRunError(
                                 f"run_distributed({getattr(fn, '__name__', fn)}): rank {r} exited with code "
                                 f"{p.exitcode} without reporting a result"
-                            )
+                            ) from None
                 continue
             if not ok:
                 raise DistRunError(_failure_text(fn, rank, payload, result_q))

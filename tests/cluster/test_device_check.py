@@ -24,8 +24,14 @@ import device_check  # noqa: E402
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the no-GPU path does not apply")
 def test_no_gpu_is_a_clear_stop(tmp_path):
-    r = subprocess.run(["bash", str(ROOT / "scripts/device_check.sh")], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out")), cwd=ROOT)
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts/device_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out")),
+        cwd=ROOT,
+    )
     assert r.returncode == device_check.NO_GPU_EXIT == 3
     assert "no NVIDIA GPU" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing was run or written
@@ -73,8 +79,12 @@ def test_attention_check_statuses_and_report():
         assert "flash-attn" in missing.detail
     assert device_check.passes(0.01, 0.006) and not device_check.passes(0.02, 0.006)
     assert not device_check.passes(float("nan"), 0.006)
-    text = device_check.format_report([r, missing], ("pass", "compute fit ..."),
-                                      [device_check.TrainResult("sdpa", "pass", [5.6, 5.1], 1000.0, 12.0)], "cpu")
+    text = device_check.format_report(
+        [r, missing],
+        ("pass", "compute fit ..."),
+        [device_check.TrainResult("sdpa", "pass", [5.6, 5.1], 1000.0, 12.0)],
+        "cpu",
+    )
     assert "sdpa" in text and "5.6000" in text and "profiler: pass" in text
 
 
@@ -123,10 +133,12 @@ def test_report_is_written_after_every_stage(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_stage_past_its_limit_is_killed_with_its_children(tmp_path):
     info = tmp_path / "info"
-    child = ("import os, subprocess, sys\n"
-             "p = subprocess.Popen(['sleep', '300'])\n"
-             "open(sys.argv[1], 'w').write(f'{os.getpid()} {os.getsid(0)} {os.getpgid(0)} {p.pid}')\n"
-             "p.wait()\n")
+    child = (
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen(['sleep', '300'])\n"
+        "open(sys.argv[1], 'w').write(f'{os.getpid()} {os.getsid(0)} {os.getpgid(0)} {p.pid}')\n"
+        "p.wait()\n"
+    )
     t0 = time.monotonic()
     rc, tail = device_check._run([sys.executable, "-c", child, str(info)], tmp_path / "stage.log", timeout=3)
     pid, sid, pgid, grandchild = (int(x) for x in info.read_text().split())
@@ -155,8 +167,14 @@ def _fake_run(tmp_path, limit_s: str):
     fake.chmod(0o755)
     pids = tmp_path / "pids"
     env = dict(os.environ, PYTHON=str(fake), FAKE_PIDS=str(pids), DEVICE_CHECK_TIMEOUT_S=limit_s)
-    p = subprocess.Popen(["bash", str(ROOT / "scripts/device_check.sh")], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        ["bash", str(ROOT / "scripts/device_check.sh")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     end = time.monotonic() + 30
     while not (pids.exists() and len(pids.read_text().split()) == 2) and time.monotonic() < end:
         time.sleep(0.05)
@@ -191,8 +209,9 @@ def test_terminating_the_script_ends_every_stage_process(tmp_path):
 
 
 def test_cpu_run_of_main_writes_a_complete_report(tmp_path, capsys):
-    rc = device_check.main(["--device", "cpu", "--skip-profile", "--skip-train", "--out", str(tmp_path),
-                            "--doc-lengths", "3,40,7"])
+    rc = device_check.main(
+        ["--device", "cpu", "--skip-profile", "--skip-train", "--out", str(tmp_path), "--doc-lengths", "3,40,7"]
+    )
     res = json.loads((tmp_path / "device_check.json").read_text())
     stages = [json.loads(x)["stage"] for x in (tmp_path / "stages.jsonl").read_text().splitlines()]
     assert stages == ["attention-sdpa", "attention-flash", "attention-te"]
@@ -204,8 +223,14 @@ def test_cpu_run_of_main_writes_a_complete_report(tmp_path, capsys):
 
 # ------------------------------------------------------------ scripts/setup_gpu.sh (issue 10 item 4)
 def _setup_gpu(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "scripts/setup_gpu.sh"), *args], capture_output=True, text=True,
-                          timeout=60, env=dict(os.environ, PYTHON=python), cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts/setup_gpu.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHON=python),
+        cwd=ROOT,
+    )
 
 
 def test_setup_gpu_installs_the_documented_way():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
 from megatron.flexsp.runtime.alltoall import check_heads, kv_replication
+from tests.dist_utils import run_distributed
 
 GROUPS = [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
 
@@ -27,12 +27,14 @@ def _exchange_body(rank, ws):
         shapes = [(T, 4, 5), (T, 8, 2), (T, 4, 3)]
         full = [_full(sh, 10 * i + ranks[0]) for i, sh in enumerate(shapes)]
         w = [_full((T, sh[1] // degree, sh[2]), 100 + 10 * i + rank) for i, sh in enumerate(shapes)]
-        local = [f[me * s:(me + 1) * s].clone().requires_grad_(True) for f in full]
+        local = [f[me * s : (me + 1) * s].clone().requires_grad_(True) for f in full]
         stats = AllToAllStats()
         heads = seq_to_head(local, group, stats)
         # rank `me` holds head chunk `me` of the whole sequence, tokens in packed order
-        fwd_err = max((h - f[:, me * (f.shape[1] // degree):(me + 1) * (f.shape[1] // degree)]).abs().max().item()
-                      for h, f in zip(heads, full))
+        fwd_err = max(
+            (h - f[:, me * (f.shape[1] // degree) : (me + 1) * (f.shape[1] // degree)]).abs().max().item()
+            for h, f in zip(heads, full)
+        )
         back = head_to_seq(heads, group, stats)
         round_err = max((b - x).abs().max().item() for b, x in zip(back, local))
         calls_fwd, bytes_fwd = stats.calls, stats.bytes
@@ -44,7 +46,7 @@ def _exchange_body(rank, ws):
         for i, (x, sh) in enumerate(zip(local, shapes)):
             hp = sh[1] // degree
             expect = torch.cat([_full((T, hp, sh[2]), 100 + 10 * i + ranks[j]) for j in range(degree)], dim=1)
-            grad_err = max(grad_err, (x.grad - expect[me * s:(me + 1) * s]).abs().max().item())
+            grad_err = max(grad_err, (x.grad - expect[me * s : (me + 1) * s]).abs().max().item())
         # and head_to_seq's backward is seq_to_head
         y = [_full((T, sh[1] // degree, sh[2]), 7 + ranks[0] * 10 + me).requires_grad_(True) for sh in shapes]
         z = head_to_seq(y, group, stats)
@@ -52,10 +54,21 @@ def _exchange_body(rank, ws):
         torch.autograd.backward(z, gz)
         expect_gy = seq_to_head(gz, group)
         gy_err = max((a.grad - b).abs().max().item() for a, b in zip(y, expect_gy))
-        out.append(dict(degree=degree, fwd=fwd_err, round=round_err, grad=grad_err, gy=gy_err,
-                        calls_fwd=calls_fwd, bytes_fwd=bytes_fwd, calls=stats.calls,
-                        expect_bytes_fwd=0 if degree == 1 else 2 * s * sum(sh[1] * sh[2] for sh in shapes) * 8,
-                        bytes_remote=stats.bytes_remote, bytes=stats.bytes))
+        out.append(
+            dict(
+                degree=degree,
+                fwd=fwd_err,
+                round=round_err,
+                grad=grad_err,
+                gy=gy_err,
+                calls_fwd=calls_fwd,
+                bytes_fwd=bytes_fwd,
+                calls=stats.calls,
+                expect_bytes_fwd=0 if degree == 1 else 2 * s * sum(sh[1] * sh[2] for sh in shapes) * 8,
+                bytes_remote=stats.bytes_remote,
+                bytes=stats.bytes,
+            )
+        )
     return out
 
 
@@ -75,8 +88,22 @@ def test_exchanges_match_slicing_and_are_each_others_backward():
                 assert c["bytes_remote"] == c["bytes"] * (d - 1) // d
 
 
-@pytest.mark.parametrize("heads,kv,degree", [(8, 8, 4), (8, 2, 2), (8, 2, 4), (8, 2, 8), (8, 1, 8), (12, 4, 6),
-                                             (12, 3, 4), (12, 3, 6), (16, 4, 16), (6, 6, 3), (32, 8, 16)])
+@pytest.mark.parametrize(
+    "heads,kv,degree",
+    [
+        (8, 8, 4),
+        (8, 2, 2),
+        (8, 2, 4),
+        (8, 2, 8),
+        (8, 1, 8),
+        (12, 4, 6),
+        (12, 3, 4),
+        (12, 3, 6),
+        (16, 4, 16),
+        (6, 6, 3),
+        (32, 8, 16),
+    ],
+)
 def test_kv_replication_gives_each_rank_its_queries_kv_heads(heads, kv, degree):
     e = kv_replication(heads, kv, degree)
     g = heads // kv

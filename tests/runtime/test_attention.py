@@ -23,8 +23,15 @@ LENGTHS = [1, 57, 3, 203, 11, 2]
 def _config(hq, hkv, d):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(num_layers=1, hidden_size=hq * d, num_attention_heads=hq, num_query_groups=hkv,
-                             kv_channels=d, attention_dropout=0.0, hidden_dropout=0.0)
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=hq * d,
+        num_attention_heads=hq,
+        num_query_groups=hkv,
+        kv_channels=d,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
 
 
 def _reference(q, k, v, bounds, scale):
@@ -49,8 +56,9 @@ def _lengths_for(group_id, case_id):
 
 
 def _attention_body(rank, ws):
-    from flexsp_patches.parallel_state import sp_group
     from megatron.core.transformer.enums import AttnMaskType
+
+    from flexsp_patches.parallel_state import sp_group
     from megatron.flexsp.runtime.alltoall import AllToAllStats, kv_replication
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
     from megatron.flexsp.runtime.group_pool import GroupPool
@@ -80,26 +88,33 @@ def _attention_body(rank, ws):
             inputs = (ql, kl, vl) if thd else tuple(x.unsqueeze(1) for x in (ql, kl, vl))
             stats.reset()
             with sp_group(pool, ranks):
-                out = attn(*inputs, None, attn_mask_type=AttnMaskType.causal,
-                           packed_seq_params=packed.packed_seq_params())
+                out = attn(
+                    *inputs, None, attn_mask_type=AttnMaskType.causal, packed_seq_params=packed.packed_seq_params()
+                )
                 out.reshape(s, -1).backward(gout[sl].unsqueeze(1).reshape(s, -1))
             calls, nbytes = stats.calls, stats.bytes
 
             qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
-            ref = _reference(qr, kr, vr, packed.cu_seqlens.tolist(), 1.0 / d ** 0.5).reshape(Tp, hq * d)
+            ref = _reference(qr, kr, vr, packed.cu_seqlens.tolist(), 1.0 / d**0.5).reshape(Tp, hq * d)
             ref.backward(gout)
             e = kv_replication(hq, hkv, degree) if degree > 1 else 1
             per_pass = s * (hq + 2 * hkv * e) * d * 8 + s * hq * d * 8  # qkv exchange + output exchange
-            results.append(dict(
-                case=(hq, hkv, d, degree, "thd" if thd else "sbhd"), shape=tuple(out.shape),
-                out=(out.reshape(s, -1) - ref[sl]).abs().max().item(),
-                dq=(ql.grad - qr.grad[sl]).abs().max().item(),
-                dk=(kl.grad - kr.grad[sl]).abs().max().item(),
-                dv=(vl.grad - vr.grad[sl]).abs().max().item(),
-                calls=calls, expect_calls=0 if degree == 1 else 4,
-                bytes=nbytes, expect_bytes=0 if degree == 1 else 2 * per_pass,
-                s=s, pad=packed.num_padded,
-            ))
+            results.append(
+                dict(
+                    case=(hq, hkv, d, degree, "thd" if thd else "sbhd"),
+                    shape=tuple(out.shape),
+                    out=(out.reshape(s, -1) - ref[sl]).abs().max().item(),
+                    dq=(ql.grad - qr.grad[sl]).abs().max().item(),
+                    dk=(kl.grad - kr.grad[sl]).abs().max().item(),
+                    dv=(vl.grad - vr.grad[sl]).abs().max().item(),
+                    calls=calls,
+                    expect_calls=0 if degree == 1 else 4,
+                    bytes=nbytes,
+                    expect_bytes=0 if degree == 1 else 2 * per_pass,
+                    s=s,
+                    pad=packed.num_padded,
+                )
+            )
     return results
 
 
@@ -120,8 +135,9 @@ def test_alltoall_attention_matches_single_process():
 
 
 def _bad_degree_body(rank, ws):
-    from flexsp_patches.parallel_state import sp_group
     from megatron.core.transformer.enums import AttnMaskType
+
+    from flexsp_patches.parallel_state import sp_group
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
     from megatron.flexsp.runtime.group_pool import GroupPool
 
@@ -153,6 +169,7 @@ def test_degree_not_dividing_heads_fails_on_every_rank():
 
 def test_backend_errors_are_clear():
     from megatron.core.transformer.enums import AttnMaskType
+
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
 
     cfg = _config(4, 2, 8)
@@ -176,6 +193,7 @@ def test_single_process_kernel_matches_reference_without_group():
     """Degree 1 outside any group (no torch.distributed): sdpa per document equals the dense reference."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
+
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
 
     g = torch.Generator().manual_seed(3)
@@ -185,8 +203,13 @@ def test_single_process_kernel_matches_reference_without_group():
     v = torch.randn(120, 2, 4, generator=g, dtype=torch.float64)
     cu = torch.tensor(bounds, dtype=torch.int32)
     attn = FlexSPCoreAttention(_config(8, 2, 4), 1, AttnMaskType.causal, "self", softmax_scale=0.3)
-    out = attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), None,
-               packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
+    out = attn(
+        q.unsqueeze(1),
+        k.unsqueeze(1),
+        v.unsqueeze(1),
+        None,
+        packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu),
+    )
     ref = _reference(q, k, v, bounds, 0.3).reshape(120, 1, 32)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     # no packed_seq_params: the whole row is one causal document
@@ -199,6 +222,7 @@ def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
     compute the dense reference, so wrong boundaries, scale, dtype or output shape fail here."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
+
     from megatron.flexsp.runtime import attention as A
 
     bounds = [0, 5, 6, 30]
@@ -229,7 +253,9 @@ def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
         DotProductAttention = FakeTEDotProductAttention
 
     real_require = A._require
-    monkeypatch.setattr(A, "_require", lambda b: fake_flash if b == "flash" else FakeTE if b == "te" else real_require(b))
+    monkeypatch.setattr(
+        A, "_require", lambda b: fake_flash if b == "flash" else FakeTE if b == "te" else real_require(b)
+    )
     g = torch.Generator().manual_seed(5)
     # bf16 like a real run (the kernels reject fp32); the fakes compute in fp64 and round once.
     q = torch.randn(30, 1, 4, 8, generator=g, dtype=torch.float64).bfloat16()
@@ -239,8 +265,9 @@ def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=24, max_seqlen_kv=24)
     ref = _reference(*(x.squeeze(1).double() for x in (q, k, v)), bounds, 0.25).bfloat16().reshape(30, 1, 32)
     for backend in ("flash", "te"):
-        attn = A.FlexSPCoreAttention(_config(4, 2, 8), 1, AttnMaskType.causal, "self", backend=backend,
-                                     softmax_scale=0.25)
+        attn = A.FlexSPCoreAttention(
+            _config(4, 2, 8), 1, AttnMaskType.causal, "self", backend=backend, softmax_scale=0.25
+        )
         out = attn(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, packed_seq_params=psp)  # thd input
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         # fp32 (or fp64) tensors stop with a clear error before reaching the kernel
@@ -255,8 +282,9 @@ def _group_with_data_body(rank, ws):
     active in parallel_state (the data's group must win)."""
     import dataclasses
 
-    from flexsp_patches.parallel_state import sp_group
     from megatron.core.transformer.enums import AttnMaskType
+
+    from flexsp_patches.parallel_state import sp_group
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
     from megatron.flexsp.runtime.group_pool import GroupPool
     from megatron.flexsp.runtime.packing import pack_group
@@ -288,12 +316,14 @@ def _group_with_data_body(rank, ws):
     with sp_group(pool, (rank,)):  # parallel_state says degree 1; the data says degree 2
         via_data_inside_other = run(carried)
     qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
-    ref = _reference(qr, kr, vr, packed.cu_seqlens.tolist(), 1.0 / d ** 0.5).reshape(Tp, hq * d)
+    ref = _reference(qr, kr, vr, packed.cu_seqlens.tolist(), 1.0 / d**0.5).reshape(Tp, hq * d)
     ref.backward(gout)
     reference = [ref.detach()[sl], qr.grad[sl], kr.grad[sl], vr.grad[sl]]
     errors = {}
-    for name, psp in {"size_mismatch": dataclasses.replace(base, cp_group=pool.get(ranks), local_cp_size=4),
-                      "degree_without_group": dataclasses.replace(base, local_cp_size=2)}.items():
+    for name, psp in {
+        "size_mismatch": dataclasses.replace(base, cp_group=pool.get(ranks), local_cp_size=4),
+        "degree_without_group": dataclasses.replace(base, local_cp_size=2),
+    }.items():
         try:
             run(psp)
             errors[name] = None

@@ -52,16 +52,22 @@ def _write(root: Path, files: dict[str, str]) -> None:
     importlib.invalidate_caches()
 
 
-BROKEN_FLASH = {"flash_attn/__init__.py": """
+BROKEN_FLASH = {
+    "flash_attn/__init__.py": """
     raise ImportError("flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: _ZN3c104cuda9SetDevice")
-"""}
-FLASH_NO_CUDA_LIB = {"flash_attn/__init__.py": """
+"""
+}
+FLASH_NO_CUDA_LIB = {
+    "flash_attn/__init__.py": """
     raise OSError("libcudart.so.12: cannot open shared object file: No such file or directory")
-"""}
+"""
+}
 CORE_ONLY_TE = {"transformer_engine/__init__.py": "KIND = 'core only'\n"}
 WORKING_FLASH = {"flash_attn/__init__.py": "def flash_attn_varlen_func(*a, **k):\n    return 'flash kernel'\n"}
-WORKING_TE = {"transformer_engine/__init__.py": "",
-              "transformer_engine/pytorch/__init__.py": "class DotProductAttention:\n    pass\n"}
+WORKING_TE = {
+    "transformer_engine/__init__.py": "",
+    "transformer_engine/pytorch/__init__.py": "class DotProductAttention:\n    pass\n",
+}
 
 
 def _warnings(caplog) -> list[str]:
@@ -158,8 +164,16 @@ def test_te_module_follows_train_and_eval(monkeypatch):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     monkeypatch.setattr(A, "_require", lambda b: _FakeTE if b == "te" else None)
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
-                            attention_dropout=0.1, hidden_dropout=0.0, bf16=True)
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=8,
+        attention_dropout=0.1,
+        hidden_dropout=0.0,
+        bf16=True,
+    )
     q, kv = torch.zeros(6, 1, 4, 8, dtype=torch.bfloat16), torch.zeros(6, 1, 2, 8, dtype=torch.bfloat16)
     parent = torch.nn.Sequential(A.FlexSPCoreAttention(cfg, 1, AttnMaskType.causal, "self", backend="te"))
     attn = parent[0]

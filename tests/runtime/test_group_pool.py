@@ -13,8 +13,11 @@ GROUPS = [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
 def _getters():
     from megatron.core import parallel_state as ps
 
-    return (ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(),
-            list(ps.get_context_parallel_global_ranks()))
+    return (
+        ps.get_context_parallel_world_size(),
+        ps.get_context_parallel_rank(),
+        list(ps.get_context_parallel_global_ranks()),
+    )
 
 
 def _pool_and_getters(rank, ws):
@@ -104,8 +107,11 @@ def _bad_groups(rank, ws):
     except ValueError as e:
         errors["not_member"] = str(e)
     # A micro-batch whose groups do not partition the ranks.
-    for name, groups in {"overlap": [(0, 1), (1,), (2, 3)], "missing": [(0, 1), (2,)],
-                         "absent_in_partition": [(0,), (1, 2), (3,)]}.items():
+    for name, groups in {
+        "overlap": [(0, 1), (1,), (2, 3)],
+        "missing": [(0, 1), (2,)],
+        "absent_in_partition": [(0,), (1, 2), (3,)],
+    }.items():
         try:
             pool.check_partition(groups)
             errors[name] = None

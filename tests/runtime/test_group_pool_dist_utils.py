@@ -105,8 +105,12 @@ def _inherited_state(rank, ws):
     import multiprocessing as mp
     import sys
 
-    return (mp.get_start_method(allow_none=True), "megatron.core" in sys.modules,
-            "transformer_engine" in sys.modules, torch.cuda.is_initialized())
+    return (
+        mp.get_start_method(allow_none=True),
+        "megatron.core" in sys.modules,
+        "transformer_engine" in sys.modules,
+        torch.cuda.is_initialized(),
+    )
 
 
 def test_nccl_ranks_are_spawned_and_the_fork_server_preloads_torch_only(monkeypatch):
@@ -123,4 +127,4 @@ def test_nccl_ranks_are_spawned_and_the_fork_server_preloads_torch_only(monkeypa
     spawn = du.context_for("nccl")
     monkeypatch.setattr(du, "context_for", lambda backend: spawn)
     for start, megatron_loaded, te_loaded, cuda_initialised in run_distributed(_inherited_state, 2, timeout=90):
-        assert start == "spawn" and not megatron_loaded and not cuda_initialised
+        assert start == "spawn" and not megatron_loaded and not te_loaded and not cuda_initialised

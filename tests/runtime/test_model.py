@@ -19,8 +19,9 @@ def _rope_module(dim: int, interleaved: bool = False):
     cpu_compat.apply(force_cpu=True)
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    return RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, rotary_interleaved=interleaved,
-                           use_cpu_initialization=True)
+    return RotaryEmbedding(
+        kv_channels=dim, rotary_percent=1.0, rotary_interleaved=interleaved, use_cpu_initialization=True
+    )
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -41,15 +42,17 @@ def test_per_token_freqs_match_megatron_positions(interleaved):
 
 def test_patched_rope_apply_follows_positions_in_thd():
     """THD tensors with tagged per-token freqs rotate each document from position 0 (cu_seqlens ignored)."""
-    from flexsp_patches import rope
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
     from megatron.core.transformer import attention as mattn
+
+    from flexsp_patches import rope
 
     rope.install()
     rope.install()  # idempotent
     rot = _rope_module(8)
-    cfg = types.SimpleNamespace(rotary_interleaved=False, multi_latent_attention=False, apply_rope_fusion=False,
-                                mrope_section=None)
+    cfg = types.SimpleNamespace(
+        rotary_interleaved=False, multi_latent_attention=False, apply_rope_fusion=False, mrope_section=None
+    )
     lens = [3, 5, 2]
     torch.manual_seed(0)
     t = torch.randn(sum(lens), 4, 8)
@@ -63,7 +66,7 @@ def test_patched_rope_apply_follows_positions_in_thd():
         got = mattn.apply_rotary_pos_emb(t[2:7], freqs, config=cfg, cu_seqlens=cu)
     ref_parts, start = [], 0
     for n in lens:  # megatron's own rotation of every document separately, positions 0..n-1
-        ref_parts.append(_apply_rotary_pos_emb_bshd(t[start:start + n].unsqueeze(1), rot.get_emb(n)).squeeze(1))
+        ref_parts.append(_apply_rotary_pos_emb_bshd(t[start : start + n].unsqueeze(1), rot.get_emb(n)).squeeze(1))
         start += n
     ref = torch.cat(ref_parts)[2:7]
     assert torch.equal(got, ref)
@@ -86,10 +89,11 @@ def test_rope_passes_the_mla_flag_under_the_name_megatron_takes():
         seen.append(("old", rotary_interleaved, multi_latent_attention, mscale))
         return t
 
-    def new_bshd(t, freqs, rotary_interleaved=False, mla_rotary_interleaved=False, mscale=1.0,
-                 multi_latent_attention=None):
+    def new_bshd(
+        t, freqs, rotary_interleaved=False, mla_rotary_interleaved=False, mscale=1.0, multi_latent_attention=None
+    ):
         if multi_latent_attention is not None:
-            warnings.warn("multi_latent_attention is deprecated", DeprecationWarning)
+            warnings.warn("multi_latent_attention is deprecated", DeprecationWarning, stacklevel=2)
         seen.append(("new", rotary_interleaved, mla_rotary_interleaved, mscale))
         return t
 
@@ -100,8 +104,12 @@ def test_rope_passes_the_mla_flag_under_the_name_megatron_takes():
             call = bshd_caller(fn)
             call(t, t, rotary_interleaved=True, mla=True, mscale=0.5)
             call(t, t, rotary_interleaved=False, mla=False, mscale=1.0)
-    assert seen == [("old", True, True, 0.5), ("old", False, False, 1.0),
-                    ("new", True, True, 0.5), ("new", False, False, 1.0)]
+    assert seen == [
+        ("old", True, True, 0.5),
+        ("old", False, False, 1.0),
+        ("new", True, True, 0.5),
+        ("new", False, False, 1.0),
+    ]
     assert bshd_caller(old_bshd).mla_name == "multi_latent_attention"
     assert bshd_caller(new_bshd).mla_name == "mla_rotary_interleaved"
 
@@ -133,16 +141,24 @@ def test_cpu_rng_tracker_forks_and_restores():
 def test_gpt_config_validation():
     from megatron.flexsp.runtime.model import GPTConfig
 
-    ok = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
-              max_position_embeddings=64)
+    ok = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     GPTConfig(**ok).validate()
-    for bad, match in [(dict(position_embedding_type="alibi"), "position_embedding_type"),
-                       (dict(num_query_groups=3), "num_query_groups"),
-                       (dict(hidden_size=30), "hidden_size"),
-                       (dict(vocab_size=0), "vocab_size"),
-                       (dict(normalization="Batch"), "normalization"),
-                       (dict(attention_backend="magic"), "attention_backend"),
-                       (dict(transformer_impl="jax"), "transformer_impl")]:
+    for bad, match in [
+        (dict(position_embedding_type="alibi"), "position_embedding_type"),
+        (dict(num_query_groups=3), "num_query_groups"),
+        (dict(hidden_size=30), "hidden_size"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(normalization="Batch"), "normalization"),
+        (dict(attention_backend="magic"), "attention_backend"),
+        (dict(transformer_impl="jax"), "transformer_impl"),
+    ]:
         with pytest.raises(ValueError, match=match):
             GPTConfig(**{**ok, **bad}).validate()
 
@@ -151,8 +167,17 @@ def test_gpt_config_validation():
 def _tiny(pos: str, seed: int = 1234):
     from megatron.flexsp.runtime.model import GPTConfig
 
-    return GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
-                     vocab_size=50, max_position_embeddings=40, position_embedding_type=pos, seed=seed)
+    return GPTConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        vocab_size=50,
+        max_position_embeddings=40,
+        position_embedding_type=pos,
+        seed=seed,
+    )
 
 
 def _build_body(rank, world_size):
@@ -185,8 +210,9 @@ def _build_body(rank, world_size):
         c = build_gpt_model(_tiny(pos, seed=1), flexsp_attention=False)
         sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
         out[f"{pos}_same_seed_equal"] = all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
-        out[f"{pos}_other_seed_differs"] = any(not torch.equal(sa[k], sc[k]) for k in sa
-                                               if torch.is_tensor(sa[k]) and sa[k].numel() > 1)
+        out[f"{pos}_other_seed_differs"] = any(
+            not torch.equal(sa[k], sc[k]) for k in sa if torch.is_tensor(sa[k]) and sa[k].numel() > 1
+        )
         names = [n for n, _ in a.named_parameters()]
         out[f"{pos}_has_pos_emb"] = any("position_embeddings" in n for n in names)
         out[f"{pos}_gqa"] = tuple(a.decoder.layers[0].self_attention.linear_qkv.weight.shape)
@@ -224,8 +250,10 @@ def test_flexsp_layer_spec_swaps_only_core_attention():
     assert core.module is FlexSPCoreAttention and core.params == {"backend": "sdpa"}
     assert stock.submodules.self_attention.submodules.core_attention is not core  # stock spec not mutated
     for name in ("linear_qkv", "linear_proj", "q_layernorm", "k_layernorm"):
-        assert _same_spec(getattr(flex.submodules.self_attention.submodules, name),
-                          getattr(stock.submodules.self_attention.submodules, name)), name
+        assert _same_spec(
+            getattr(flex.submodules.self_attention.submodules, name),
+            getattr(stock.submodules.self_attention.submodules, name),
+        ), name
     for name in ("input_layernorm", "pre_mlp_layernorm", "mlp", "self_attn_bda", "mlp_bda"):
         assert _same_spec(getattr(flex.submodules, name), getattr(stock.submodules, name)), name
     # the comparison is not vacuous: a different partial or module differs
@@ -237,13 +265,17 @@ def _same_spec(a, b) -> bool:
     """Structural equality of layer-spec entries. megatron-core 0.19 builds some entries as fresh
     ``functools.partial`` objects per spec call, and partials compare by identity."""
     if isinstance(a, functools.partial) and isinstance(b, functools.partial):
-        return (_same_spec(a.func, b.func) and len(a.args) == len(b.args)
-                and all(_same_spec(x, y) for x, y in zip(a.args, b.args))
-                and a.keywords.keys() == b.keywords.keys()
-                and all(_same_spec(a.keywords[k], b.keywords[k]) for k in a.keywords))
+        return (
+            _same_spec(a.func, b.func)
+            and len(a.args) == len(b.args)
+            and all(_same_spec(x, y) for x, y in zip(a.args, b.args))
+            and a.keywords.keys() == b.keywords.keys()
+            and all(_same_spec(a.keywords[k], b.keywords[k]) for k in a.keywords)
+        )
     if dataclasses.is_dataclass(a) and not isinstance(a, type):
-        return type(a) is type(b) and all(_same_spec(getattr(a, f.name), getattr(b, f.name))
-                                          for f in dataclasses.fields(a))
+        return type(a) is type(b) and all(
+            _same_spec(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+        )
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same_spec(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):

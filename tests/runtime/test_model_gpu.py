@@ -43,9 +43,20 @@ def _gpu_body(rank, world_size, impl, backend, bf16):
 
     dev = torch.device("cuda", 0)
     cpu_compat.init_model_parallel(seed=3)
-    cfg = GPTConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
-                    vocab_size=211, max_position_embeddings=256, position_embedding_type="rope", seed=7,
-                    transformer_impl=impl, attention_backend=backend, bf16=bf16)
+    cfg = GPTConfig(
+        num_layers=2,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=256,
+        vocab_size=211,
+        max_position_embeddings=256,
+        position_embedding_type="rope",
+        seed=7,
+        transformer_impl=impl,
+        attention_backend=backend,
+        bf16=bf16,
+    )
     g = torch.Generator().manual_seed(1)
     lengths = [37, 120, 5, 64]
     docs = [torch.randint(0, 211, (L + 1,), generator=g) for L in lengths]

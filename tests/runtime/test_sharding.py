@@ -24,7 +24,9 @@ def test_scaled_losses_over_any_split_sum_to_the_global_token_mean():
     parts = [[0, 2], [1], [3]]
     acc = torch.zeros((), dtype=torch.float64)
     for part in parts:
-        tok = torch.cat([F.cross_entropy(logits[i], labels[i], reduction="none") for i in part] + [torch.full((2,), 99.0)])
+        tok = torch.cat(
+            [F.cross_entropy(logits[i], labels[i], reduction="none") for i in part] + [torch.full((2,), 99.0)]
+        )
         mask = torch.cat([torch.ones(sum(lengths[i] for i in part)), torch.zeros(2)])
         acc += scaled_loss(tok[None], mask[None], total).double()
         assert masked_loss_sum(tok, mask) <= tok[:-2].sum() + 1e-5
@@ -39,8 +41,17 @@ def test_scaled_losses_over_any_split_sum_to_the_global_token_mean():
 def _cfg():
     from megatron.flexsp.runtime.model import GPTConfig
 
-    return GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
-                     vocab_size=40, max_position_embeddings=32, position_embedding_type="rope", seed=21)
+    return GPTConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        vocab_size=40,
+        max_position_embeddings=32,
+        position_embedding_type="rope",
+        seed=21,
+    )
 
 
 def _docs():

@@ -22,8 +22,8 @@ the executor reads and resets per step.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -76,8 +76,12 @@ class AllToAllStats:
         self._pending.clear()
 
     def snapshot(self) -> dict[str, float]:
-        return {"a2a_calls": self.calls, "a2a_bytes": self.bytes, "a2a_bytes_remote": self.bytes_remote,
-                "a2a_ms": self.ms}
+        return {
+            "a2a_calls": self.calls,
+            "a2a_bytes": self.bytes,
+            "a2a_bytes_remote": self.bytes_remote,
+            "a2a_ms": self.ms,
+        }
 
 
 _STATS = AllToAllStats()
@@ -121,6 +125,7 @@ def kv_replication(num_heads: int, num_kv_heads: int, degree: int) -> int:
 
 # --------------------------------------------------------------------------- the exchange
 
+
 def _exchange(send: torch.Tensor, group, stats: AllToAllStats) -> torch.Tensor:
     """One equal-split all_to_all_single of a contiguous [P, ...] buffer, timed and counted."""
     recv = torch.empty_like(send)
@@ -146,7 +151,9 @@ def _s2h(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -
     s = tensors[0].shape[0]
     for t in tensors:
         if t.dim() != 3 or t.shape[0] != s:
-            raise ValueError(f"seq_to_head expects [s, heads, dim] tensors with one s, got {[tuple(x.shape) for x in tensors]}")
+            raise ValueError(
+                f"seq_to_head expects [s, heads, dim] tensors with one s, got {[tuple(x.shape) for x in tensors]}"
+            )
         if t.shape[1] % p:
             raise ValueError(f"seq_to_head: {t.shape[1]} heads are not divisible by the SP degree {p}")
     # [s, H_i, d_i] -> [P, s, H_i/P * d_i] per tensor, concatenated per destination: one buffer.
@@ -160,7 +167,9 @@ def _h2s(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -
     total = tensors[0].shape[0]
     for t in tensors:
         if t.dim() != 3 or t.shape[0] != total:
-            raise ValueError(f"head_to_seq expects [T, heads, dim] tensors with one T, got {[tuple(x.shape) for x in tensors]}")
+            raise ValueError(
+                f"head_to_seq expects [T, heads, dim] tensors with one T, got {[tuple(x.shape) for x in tensors]}"
+            )
     if total % p:
         raise ValueError(f"head_to_seq: {total} tokens are not divisible by the SP degree {p}")
     s = total // p
@@ -169,8 +178,9 @@ def _h2s(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -
     send = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=2)
     recv = _exchange(send, group, stats)  # [P(head chunk), s, N]
     widths = [t.shape[1] * t.shape[2] for t in tensors]
-    return [x.transpose(0, 1).reshape(s, t.shape[1] * p, t.shape[2])
-            for x, t in zip(recv.split(widths, dim=2), tensors)]
+    return [
+        x.transpose(0, 1).reshape(s, t.shape[1] * p, t.shape[2]) for x, t in zip(recv.split(widths, dim=2), tensors)
+    ]
 
 
 class _SeqToHead(torch.autograd.Function):
@@ -211,8 +221,9 @@ def head_to_seq(tensors: Sequence[torch.Tensor], group, stats: AllToAllStats | N
     return _HeadToSeq.apply(group, _STATS if stats is None else stats, *tensors)
 
 
-def qkv_seq_to_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
-                    stats: AllToAllStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_seq_to_head(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, stats: AllToAllStats | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ulysses input exchange of attention: q [s, H, d], k/v [s, K, d] -> [T, H/P, d], [T, K e/P, d].
 
     kv heads are repeated (e = ``kv_replication``) before the exchange when the degree exceeds

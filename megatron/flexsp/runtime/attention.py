@@ -37,11 +37,10 @@ import importlib.util
 import logging
 import math
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -121,8 +120,10 @@ def _require(backend: str):
     kernel, error = _try_import(backend)
     if kernel is None:
         pip = _KERNEL_MODULES[backend][2]
-        raise ImportError(f"FlexSP attention backend '{backend}' needs the '{pip.split('[')[0]}' package "
-                          f"(see docs/gpu.md: pip install --no-build-isolation {pip}); import failed: {error}")
+        raise ImportError(
+            f"FlexSP attention backend '{backend}' needs the '{pip.split('[')[0]}' package "
+            f"(see docs/gpu.md: pip install --no-build-isolation {pip}); import failed: {error}"
+        )
     return kernel
 
 
@@ -132,8 +133,11 @@ def _note_skipped(skipped: tuple[str, ...], chosen: str) -> None:
     _WARNED.update(new)  # examined once: find_spec is not repeated per layer and call
     broken = [b for b in new if _installed(b)]
     if broken:
-        log.warning("FlexSP attention 'auto': installed but not importable, so using %s: %s", chosen,
-                    "; ".join(f"{_KERNEL_MODULES[b][1]} ({_try_import(b)[1]})" for b in broken))
+        log.warning(
+            "FlexSP attention 'auto': installed but not importable, so using %s: %s",
+            chosen,
+            "; ".join(f"{_KERNEL_MODULES[b][1]} ({_try_import(b)[1]})" for b in broken),
+        )
 
 
 def resolve_backend(backend: str | None, device: torch.device | None = None, *, bf16: bool = False) -> str:
@@ -153,10 +157,15 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, *, 
     if name == "sdpa":
         return name
     if name in _KERNEL_MODULES and not bf16:
-        why = "flash-attn rejects fp32" if name == "flash" else \
-            "Transformer Engine has no fp32 path for packed (THD) sequences"
-        raise ValueError(f"attention backend '{name}' needs bf16 ({why}): add --bf16, or use "
-                         f"--attention-backend sdpa (or auto, which picks sdpa without bf16)")
+        why = (
+            "flash-attn rejects fp32"
+            if name == "flash"
+            else "Transformer Engine has no fp32 path for packed (THD) sequences"
+        )
+        raise ValueError(
+            f"attention backend '{name}' needs bf16 ({why}): add --bf16, or use "
+            f"--attention-backend sdpa (or auto, which picks sdpa without bf16)"
+        )
     if name != "auto":
         _require(name)
         return name
@@ -169,7 +178,7 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, *, 
         if backend_importable(candidate):
             chosen = candidate
             break
-    _note_skipped(("te", "flash")[:("te", "flash", "sdpa").index(chosen)], chosen)
+    _note_skipped(("te", "flash")[: ("te", "flash", "sdpa").index(chosen)], chosen)
     return chosen
 
 
@@ -210,15 +219,17 @@ def _sdpa(q, k, v, scale, dropout_p):
             except TypeError:  # torch < 2.5
                 _SDPA_HAS_GQA = False
         if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p,
-                                                  enable_gqa=True)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=True
+            )
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
 
 
-def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float,
-                dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Causal attention within each document [bounds[i], bounds[i+1]) of packed [T, h, d] tensors."""
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, T, d] views
     outs = []
@@ -229,9 +240,18 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[
     return out.squeeze(0).transpose(0, 1)  # [T, h, d]
 
 
-def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, *, backend: str = "sdpa", softmax_scale: float | None = None,
-                            dropout_p: float = 0.0, te_module: Any = None) -> torch.Tensor:
+def varlen_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    backend: str = "sdpa",
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    te_module: Any = None,
+) -> torch.Tensor:
     """Causal attention per packed document: q [T, h, d], k/v [T, hk, d] (h % hk == 0) -> [T, h, d].
 
     ``cu_seqlens``: document boundaries [0, ..., T] (int, CPU or device). Used directly by the
@@ -240,8 +260,10 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     total = q.shape[0]
     bounds = _bounds(cu_seqlens)
     if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to the {total} packed tokens, got "
-                         f"{bounds if len(bounds) <= 10 else bounds[:5] + ['...'] + bounds[-3:]}")
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to the {total} packed tokens, got "
+            f"{bounds if len(bounds) <= 10 else bounds[:5] + ['...'] + bounds[-3:]}"
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -255,9 +277,17 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         if te_module is None:
             raise ValueError("backend 'te' needs the TE DotProductAttention module (FlexSPCoreAttention builds it)")
         cu = _cu_on(cu_seqlens, q.device)
-        out = te_module(q.contiguous(), k.contiguous(), v.contiguous(), qkv_format="thd",
-                        cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
-                        attn_mask_type="padding_causal")
+        out = te_module(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=max_seqlen,
+            max_seqlen_kv=max_seqlen,
+            attn_mask_type="padding_causal",
+        )
         return out.view(total, q.shape[1], q.shape[2])
     raise ValueError(f"unknown backend '{backend}'")
 
@@ -270,10 +300,20 @@ class FlexSPCoreAttention(MegatronModule):
     Run backward inside the same ``sp_group`` as forward when activation recomputation is on.
     """
 
-    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection: Any = None, backend: Optional[str] = None,
-                 a2a_stats: Optional[AllToAllStats] = None, **kwargs: Any):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+        backend: str | None = None,
+        a2a_stats: AllToAllStats | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(config=config)
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -283,9 +323,13 @@ class FlexSPCoreAttention(MegatronModule):
         if attn_mask_type not in _CAUSAL_TYPES:
             raise NotImplementedError(f"FlexSPCoreAttention is causal-only; got attn_mask_type {attn_mask_type}")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            raise NotImplementedError(f"FlexSPCoreAttention supports softmax_type 'vanilla' only, got {config.softmax_type}")
+            raise NotImplementedError(
+                f"FlexSPCoreAttention supports softmax_type 'vanilla' only, got {config.softmax_type}"
+            )
         if getattr(config, "window_size", None) is not None:
-            raise NotImplementedError("FlexSPCoreAttention does not support sliding-window attention (config.window_size)")
+            raise NotImplementedError(
+                "FlexSPCoreAttention does not support sliding-window attention (config.window_size)"
+            )
         tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
         tp = tp_group.size() if tp_group is not None else 1
         heads, groups = config.num_attention_heads, (config.num_query_groups or config.num_attention_heads)
@@ -310,7 +354,7 @@ class FlexSPCoreAttention(MegatronModule):
         # mode to them: TE reads ``self.training`` for dropout and for its backend choice.
         self.__dict__["_te_modules"] = {}
 
-    def train(self, mode: bool = True) -> "FlexSPCoreAttention":
+    def train(self, mode: bool = True) -> FlexSPCoreAttention:
         """nn.Module.train, also for the TE modules outside the module tree (eval: no dropout)."""
         super().train(mode)
         for m in self.__dict__["_te_modules"].values():
@@ -324,9 +368,17 @@ class FlexSPCoreAttention(MegatronModule):
         mods = self.__dict__["_te_modules"]
         if key not in mods:
             te = _require("te")
-            kwargs = dict(num_attention_heads=heads, kv_channels=self.head_dim, num_gqa_groups=kv_heads,
-                          attention_dropout=self.dropout_p, qkv_format="thd", attn_mask_type="padding_causal",
-                          layer_number=self.layer_number, attention_type="self", softmax_scale=self.softmax_scale)
+            kwargs = dict(
+                num_attention_heads=heads,
+                kv_channels=self.head_dim,
+                num_gqa_groups=kv_heads,
+                attention_dropout=self.dropout_p,
+                qkv_format="thd",
+                attn_mask_type="padding_causal",
+                layer_number=self.layer_number,
+                attention_type="self",
+                softmax_scale=self.softmax_scale,
+            )
             if self.dropout_p > 0:
                 from megatron.core import tensor_parallel
 
@@ -344,14 +396,17 @@ class FlexSPCoreAttention(MegatronModule):
         local = getattr(packed_seq_params, "local_cp_size", None) if packed_seq_params is not None else None
         if group is None:
             if local is not None and local != 1:
-                raise ValueError(f"packed_seq_params.local_cp_size is {local} but cp_group is not set: "
-                                 f"a group of degree > 1 must travel with its process group")
+                raise ValueError(
+                    f"packed_seq_params.local_cp_size is {local} but cp_group is not set: "
+                    f"a group of degree > 1 must travel with its process group"
+                )
             if local == 1:
                 return None  # degree 1 stated by the data itself
             return parallel_state.get_context_parallel_group(check_initialized=False)
         if local is not None and local != group_size(group):
-            raise ValueError(f"packed_seq_params.local_cp_size {local} differs from the size "
-                             f"{group_size(group)} of its cp_group")
+            raise ValueError(
+                f"packed_seq_params.local_cp_size {local} differs from the size {group_size(group)} of its cp_group"
+            )
         return group
 
     @staticmethod
@@ -364,8 +419,11 @@ class FlexSPCoreAttention(MegatronModule):
             cu = packed_seq_params.cu_seqlens_q
         if cu is None:
             raise ValueError("packed_seq_params has no cu_seqlens_q: FlexSP attention needs document boundaries")
-        kv = packed_seq_params.cu_seqlens_kv_padded if packed_seq_params.cu_seqlens_kv_padded is not None \
+        kv = (
+            packed_seq_params.cu_seqlens_kv_padded
+            if packed_seq_params.cu_seqlens_kv_padded is not None
             else packed_seq_params.cu_seqlens_kv
+        )
         if kv is not None and kv is not cu and not torch.equal(kv.cpu(), cu.cpu()):
             raise ValueError("FlexSP self-attention needs cu_seqlens_kv equal to cu_seqlens_q")
         max_len = packed_seq_params.max_seqlen_q
@@ -375,9 +433,17 @@ class FlexSPCoreAttention(MegatronModule):
         return cu, int(max_len)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None, attn_mask_type: Optional[AttnMaskType] = None,
-                attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if attention_bias is not None:
             raise NotImplementedError("FlexSPCoreAttention does not support attention_bias")
         if attn_mask_type is not None and attn_mask_type not in _CAUSAL_TYPES:
@@ -398,12 +464,20 @@ class FlexSPCoreAttention(MegatronModule):
         if backend == "auto":
             backend = resolve_backend("auto", query.device, bf16=low)
         elif backend in _KERNEL_MODULES and not low:
-            raise ValueError(f"attention backend '{backend}' needs bf16/fp16 tensors, got {query.dtype}: "
-                             f"run with --bf16, or use --attention-backend sdpa")
+            raise ValueError(
+                f"attention backend '{backend}' needs bf16/fp16 tensors, got {query.dtype}: "
+                f"run with --bf16, or use --attention-backend sdpa"
+            )
 
         q, k, v = qkv_seq_to_head(query, key, value, group, self.a2a_stats)  # checks heads vs degree
         out = varlen_causal_attention(
-            q, k, v, cu, max_len, backend=backend, softmax_scale=self.softmax_scale,
+            q,
+            k,
+            v,
+            cu,
+            max_len,
+            backend=backend,
+            softmax_scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             te_module=self._te_module(q.shape[1], k.shape[1]) if backend == "te" else None,
         )

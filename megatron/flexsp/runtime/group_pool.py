@@ -8,7 +8,8 @@ in the same order on every rank, and a micro-batch only looks groups up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -33,9 +34,11 @@ def _key(ranks: Iterable[int]) -> tuple[int, ...]:
 def _check_sorted(key: tuple[int, ...]) -> None:
     """Rank-in-group must be the position in the tuple; process groups number ranks ascending."""
     if list(key) != sorted(key):
-        raise GroupPoolError(f"group {list(key)} is not in ascending rank order: torch.distributed numbers a "
-                             f"group's ranks ascending ({sorted(key)}), so position in this list would not be "
-                             f"the rank in the group and tokens would be exchanged in the wrong order")
+        raise GroupPoolError(
+            f"group {list(key)} is not in ascending rank order: torch.distributed numbers a "
+            f"group's ranks ascending ({sorted(key)}), so position in this list would not be "
+            f"the rank in the group and tokens would be exchanged in the wrong order"
+        )
 
 
 class GroupPool:
@@ -77,8 +80,9 @@ class GroupPool:
             self._groups[key] = dist.new_group(list(key), backend=backend, **kwargs)
 
     @classmethod
-    def from_cost_model(cls, cost: "CostModel", world_size: int | None = None, backend: str | None = None,
-                        **kwargs) -> "GroupPool":
+    def from_cost_model(
+        cls, cost: CostModel, world_size: int | None = None, backend: str | None = None, **kwargs
+    ) -> GroupPool:
         """All candidate groups of the planner (aligned blocks of every allowed degree)."""
         from megatron.flexsp.planner.placement import candidate_groups
 
@@ -88,8 +92,9 @@ class GroupPool:
         return cls(candidate_groups(cost, ws), backend=backend, **kwargs)
 
     @classmethod
-    def aligned(cls, degrees: Sequence[int], world_size: int | None = None, backend: str | None = None,
-                **kwargs) -> "GroupPool":
+    def aligned(
+        cls, degrees: Sequence[int], world_size: int | None = None, backend: str | None = None, **kwargs
+    ) -> GroupPool:
         """Aligned blocks [k*d, (k+1)*d) of every degree d in ``degrees`` (tests, fixed-degree runs)."""
         ws = dist.get_world_size() if world_size is None else world_size
         bad = [d for d in degrees if d < 1 or ws % d]
@@ -133,11 +138,15 @@ class GroupPool:
             self.get(key)
             for r in key:
                 if r in seen:
-                    raise GroupPoolError(f"rank {r} is in two groups of one micro-batch: {list(seen[r])} and {list(key)}")
+                    raise GroupPoolError(
+                        f"rank {r} is in two groups of one micro-batch: {list(seen[r])} and {list(key)}"
+                    )
                 seen[r] = key
         missing = sorted(set(range(self.world_size)) - set(seen))
         if missing:
-            raise GroupPoolError(f"ranks {missing} are in no group of the micro-batch (groups: {[list(_key(g)) for g in groups]})")
+            raise GroupPoolError(
+                f"ranks {missing} are in no group of the micro-batch (groups: {[list(_key(g)) for g in groups]})"
+            )
 
     def _describe(self, limit: int = 12) -> str:
         keys = [list(k) for k in self._groups]

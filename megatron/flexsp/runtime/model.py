@@ -61,8 +61,9 @@ class GPTConfig:
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}")
         if self.position_embedding_type not in _POS_TYPES:
-            raise ValueError(f"GPTConfig.position_embedding_type must be one of {_POS_TYPES}, "
-                             f"got {self.position_embedding_type!r}")
+            raise ValueError(
+                f"GPTConfig.position_embedding_type must be one of {_POS_TYPES}, got {self.position_embedding_type!r}"
+            )
         if self.normalization not in _NORMS:
             raise ValueError(f"GPTConfig.normalization must be one of {_NORMS}, got {self.normalization!r}")
         if self.transformer_impl not in _IMPLS:
@@ -70,12 +71,15 @@ class GPTConfig:
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"GPTConfig.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"GPTConfig.hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"GPTConfig.hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         g = self.num_query_groups
         if g is not None and (g <= 0 or self.num_attention_heads % g):
-            raise ValueError(f"GPTConfig.num_query_groups {g} must divide num_attention_heads "
-                             f"{self.num_attention_heads}")
+            raise ValueError(
+                f"GPTConfig.num_query_groups {g} must divide num_attention_heads {self.num_attention_heads}"
+            )
         if self.bf16 and self.params_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"GPTConfig.bf16 with params_dtype {self.params_dtype} is not supported")
 
@@ -137,8 +141,7 @@ def to_transformer_config(cfg: GPTConfig):
     return TransformerConfig(**kw)
 
 
-def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
-                    flexsp_attention: bool = True):
+def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None, flexsp_attention: bool = True):
     """megatron.core GPTModel with FlexSP attention; identical weights for the same seed anywhere.
 
     ``flexsp_attention=False`` builds megatron's stock layer spec and stock RoPE (a reference
@@ -155,11 +158,16 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
     cpu_compat.apply(force_cpu=device is not None and torch.device(device).type == "cpu")
     tcfg = to_transformer_config(cfg)
     if flexsp_attention:
-        spec = layer_specs.get_flexsp_layer_spec(cfg.transformer_impl, normalization=cfg.normalization,
-                                                 qk_layernorm=cfg.qk_layernorm, attention_backend=cfg.attention_backend)
+        spec = layer_specs.get_flexsp_layer_spec(
+            cfg.transformer_impl,
+            normalization=cfg.normalization,
+            qk_layernorm=cfg.qk_layernorm,
+            attention_backend=cfg.attention_backend,
+        )
     else:
-        spec = layer_specs.get_stock_layer_spec(cfg.transformer_impl, normalization=cfg.normalization,
-                                                qk_layernorm=cfg.qk_layernorm)
+        spec = layer_specs.get_stock_layer_spec(
+            cfg.transformer_impl, normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm
+        )
     # Seed and restore the CPU generator only: torch.manual_seed would also reseed every CUDA
     # generator, which fork_rng(devices=[]) does not restore (megatron's CUDA RNG tracker and the
     # caller's CUDA stream of random numbers must stay as they were).
@@ -178,8 +186,10 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
             rotary_base=cfg.rotary_base,
         )
     if getattr(model, "position_embedding_type", cfg.position_embedding_type) != cfg.position_embedding_type:
-        raise RuntimeError(f"megatron GPTModel built with position embedding {model.position_embedding_type!r}, "
-                           f"not the requested {cfg.position_embedding_type!r}")
+        raise RuntimeError(
+            f"megatron GPTModel built with position embedding {model.position_embedding_type!r}, "
+            f"not the requested {cfg.position_embedding_type!r}"
+        )
     if flexsp_attention and cfg.position_embedding_type == "rope":
         rope.attach(model)
     model._flexsp_cfg = cfg  # read by shard_model / the executor (bf16 compute policy, heads)

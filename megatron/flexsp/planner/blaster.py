@@ -21,7 +21,7 @@ import numpy as np
 
 from .costmodel import CostModel
 
-__all__ = ["min_max_chunks", "segment", "cut_points", "ChunkEstimator"]
+__all__ = ["min_max_chunks", "segment", "segment_matrix", "cut_points", "ChunkEstimator"]
 
 
 def _greedy_chunks(w: np.ndarray, cap: int) -> list[int]:
@@ -98,6 +98,31 @@ def segment(points: Sequence[int] | np.ndarray, cost: Callable[[np.ndarray, int]
     return [int(pts[q]) for q in reversed(out)], float(f[-1])
 
 
+def segment_matrix(points: Sequence[int] | np.ndarray, cost: np.ndarray) -> tuple[list[int], float]:
+    """``segment`` with the chunk costs given as a matrix: cost[a, b] for the chunk [points[a], points[b]).
+
+    The planner computes the whole matrix in a few vectorised passes (``ChunkEstimator.matrix``)
+    and then runs the DP for several memory budgets, instead of one Python call per end point.
+    """
+    pts = np.asarray(points, dtype=np.int64)
+    m = pts.size
+    if m < 2 or cost.shape != (m, m):
+        raise ValueError(f"segment_matrix: need >= 2 points and a ({m}, {m}) cost matrix, got {cost.shape}")
+    f = np.full(m, np.inf)
+    f[0] = 0.0
+    par = np.zeros(m, dtype=np.int64)
+    for q in range(1, m):
+        tot = f[:q] + cost[:q, q]
+        k = int(np.argmin(tot))
+        f[q], par[q] = tot[k], k
+    if not np.isfinite(f[-1]):
+        return [], float("inf")
+    out = [m - 1]
+    while out[-1] > 0:
+        out.append(int(par[out[-1]]))
+    return [int(pts[q]) for q in reversed(out)], float(f[-1])
+
+
 def cut_points(lengths_desc: np.ndarray, head: int = 384, max_points: int = 768) -> np.ndarray:
     """Allowed cut positions: every position among the ``head`` longest sequences, then evenly spaced.
 
@@ -151,3 +176,20 @@ class ChunkEstimator:
         budget = self.budget if mem_frac is None else mem_frac * self.full_budget
         est = self.estimate(i, j)
         return np.where(self.T[j] - self.T[i] <= budget + 1e-9, est, np.inf)
+
+    def matrix(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(estimate, tokens) of every chunk [points[a], points[b]), a < b, as [m, m] matrices (inf below the diagonal).
+
+        Same formula as ``estimate``, one vectorised pass per degree.
+        """
+        pts = np.asarray(points, dtype=np.int64)
+        i = pts[:-1]
+        best = np.full((pts.size, pts.size), np.inf)
+        rest = (self.G[pts][None, :] - self.G[i][:, None] - self.g[i][:, None])          # [m-1, m]
+        for k in range(self.tau.shape[1]):
+            v = np.maximum(self.tau[i, k][:, None], (rest + self.dtau[i, k][:, None]) / self.ws)
+            np.minimum(best[:-1], v, out=best[:-1])
+        upper = np.triu(np.ones((pts.size, pts.size), dtype=bool), 1)
+        est = np.where(upper, self.beta1 + best, np.inf)
+        tok = (self.T[pts][None, :] - self.T[pts][:, None]).astype(np.float64)
+        return est, tok

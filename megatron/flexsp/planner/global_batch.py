@@ -33,15 +33,15 @@ valid (left-over ranks are degree-1 groups, so there are more groups than sequen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .blaster import ChunkEstimator, cut_points, min_max_chunks, segment
+from .blaster import ChunkEstimator, cut_points, min_max_chunks, segment_matrix
 from .bounds import check_feasible, lower_bound_ms, min_micro_batches, seq_tau_table
 from .costmodel import CostModel
 from .deadline import Deadline
-from .micro_batch import MBSolution, PlannerContext, mb_lower_bound, milp_shots, solve_micro_batch
+from .micro_batch import MBSolution, PlannerContext, milp_shots, solve_micro_batch
 from .placement import place_groups
 from .plan import Group, MicroBatch, Plan, PlanError, SolverInfo, estimate_plan_ms, validate_plan
 
@@ -283,54 +283,102 @@ def _polish(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[lis
     return accepted
 
 
-def _candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> list[tuple[str, list[np.ndarray]]]:
-    """Candidate splits of the sorted batch (positions 0..n-1) into micro-batches.
+def _candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> Iterator[tuple[str, list[np.ndarray]]]:
+    """Candidate splits of the sorted batch (positions 0..n-1) into micro-batches, most promising first.
 
-    Consecutive cuts of the sorted batch (``blaster``). (Dealing the longest sequences one per
-    micro-batch among short ones was tried and lost on long-tail batches: memory then forces
-    the long sequence into a group too small to keep pace with the rest.)
+    Consecutive cuts of the sorted batch (``blaster``), generated lazily so that a tight
+    deadline pays only for the first. (Dealing the longest sequences one per micro-batch among
+    short ones was tried and lost on long-tail batches: memory then forces the long sequence
+    into a group too small to keep pace with the rest.)
     """
     n = Ls.size
-    out: list[tuple[str, list[np.ndarray]]] = []
     seen: set[tuple[int, ...]] = set()
     mmin = min_micro_batches(Ls, ctx.cost, ctx.world_size)
     pts = cut_points(Ls)
-    est = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees)
-    cuts: list[tuple[str, list[int]]] = []
-    for frac in (1.0, 0.96, 0.92, 0.86):
-        b, _ = segment(pts, lambda i, j, f=frac: est.cost(i, j, f))
-        if b:
-            cuts.append((f"dp{frac:g}", b))
-    for m in range(mmin, mmin + 3):
-        if m <= n:
-            b, _ = min_max_chunks(Ls, m)
-            cuts.append((f"minmax{m}", b))
-    for name, b in cuts:
-        if tuple(b) not in seen:
+    est, tok = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees).matrix(pts)
+    budget = float(ctx.cost.tokens_per_gpu * ctx.world_size)
+
+    def new(name: str, b: list[int]):
+        if b and tuple(b) not in seen:
             seen.add(tuple(b))
-            out.append((name, [np.arange(x, y) for x, y in zip(b[:-1], b[1:])]))
-    return out
+            return name, [np.arange(x, y) for x, y in zip(b[:-1], b[1:])]
+        return None
+
+    def dp(frac: float):
+        return new(f"dp{frac:g}", segment_matrix(pts, np.where(tok <= frac * budget + 1e-9, est, np.inf))[0])
+
+    def minmax(m: int):
+        return new(f"minmax{m}", min_max_chunks(Ls, m)[0]) if m <= n else None
+
+    for make in (lambda: dp(1.0), lambda: minmax(mmin), lambda: dp(0.92), lambda: minmax(mmin + 1),
+                 lambda: dp(0.96), lambda: dp(0.86), lambda: minmax(mmin + 2)):
+        c = make()
+        if c is not None:
+            yield c
+
+
+class _MBBounds:
+    """Cheap per-micro-batch lower bounds (``micro_batch.mb_lower_bound``) after moving sequences in or out.
+
+    Kept as Python floats per micro-batch: the sum of cheapest GPU-ms and the two largest
+    least-taus, so a candidate move or swap is dismissed in a few operations, without a solve.
+    """
+
+    def __init__(self, ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray):
+        d = np.asarray(ctx.degrees, dtype=np.float64)
+        self.g = (taus * d[None, :]).min(axis=1).tolist()      # cheapest GPU-ms per position
+        self.tm = taus.min(axis=1).tolist()                     # least tau per position
+        self.L = Ls.tolist()
+        self.beta1, self.ws = ctx.beta1, ctx.world_size
+
+    def summary(self, idx: np.ndarray) -> tuple[float, float, float, int, int]:
+        """(GPU-ms, largest tau, second largest tau, position of the largest, tokens)."""
+        G, t1, t2, p1, tok = 0.0, 0.0, 0.0, -1, 0
+        for i in idx.tolist():
+            G += self.g[i]
+            tok += self.L[i]
+            t = self.tm[i]
+            if t > t1:
+                t1, t2, p1 = t, t1, i
+            elif t > t2:
+                t2 = t
+        return G, t1, t2, p1, tok
+
+    def after(self, sm: tuple[float, float, float, int, int], out: int | None, into: int | None) -> float:
+        """Lower bound of the micro-batch summarised by ``sm`` without ``out`` and with ``into``."""
+        G, t1, t2, p1, _ = sm
+        top = t2 if out is not None and out == p1 else t1
+        if out is not None:
+            G -= self.g[out]
+        if into is not None:
+            G += self.g[into]
+            top = max(top, self.tm[into])
+        return self.beta1 + max(top, G / self.ws)
 
 
 def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
                  deadline: Deadline, target: float) -> int:
-    """Move single sequences between micro-batches while the sum of the two re-solved times drops.
+    """Move single sequences between micro-batches, or swap two, while the sum of the re-solved times drops.
 
     For each sequence of a slow micro-batch (longest first), its removal's gain is compared with
-    the least possible cost of adding it elsewhere (``mb_lower_bound`` of the receiver, memory),
-    so most receivers are dismissed without a solve; the best improving move is applied and the
-    scan restarts. Stops at the deadline, at ``target`` (lower bound times 1 + gap), or when no
-    move helps.
+    the least possible cost of adding it elsewhere (``_MBBounds``, memory), so most receivers are
+    dismissed without a solve; the best improving move is applied and the scan restarts. When
+    no single move helps, swaps of two sequences of different micro-batches are tried the same
+    way (a long sequence for a shorter one: this rebalances pairs that no single move can).
+    Stops at the deadline, at ``target`` (lower bound times 1 + gap), or at a local optimum.
     """
     moves = 0
-    budget = float(ctx.cost.tokens_per_gpu * ctx.world_size)
+    budget = float(ctx.cost.tokens_per_gpu * ctx.world_size) + 1e-9
+    bnd = _MBBounds(ctx, Ls, taus)
+    Lf = bnd.L
     improved = True
     while improved and not deadline.passed():
         improved = False
         mbs.sort(key=lambda x: -x[1].time_ms)
-        if sum(sol.time_ms for _, sol in mbs) <= target:
+        if _total(mbs) <= target:
             break
-        toks = [float(Ls[idx].sum()) for idx, _ in mbs]
+        sms = [bnd.summary(idx) for idx, _ in mbs]
+        # ---- single moves
         for a in range(len(mbs)):
             ia, sa = mbs[a]
             for s in ia[np.argsort(-Ls[ia], kind="stable")].tolist():
@@ -345,12 +393,12 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                     continue
                 best = None
                 for b in range(len(mbs)):
-                    if b == a or toks[b] + Ls[s] > budget + 1e-9:
+                    if b == a or sms[b][4] + Lf[s] > budget:
                         continue
                     ib, sb = mbs[b]
-                    nb = np.append(ib, s)
-                    if mb_lower_bound(ctx, Ls[nb], taus[nb]) - sb.time_ms >= gain - 1e-9:
+                    if bnd.after(sms[b], None, s) - sb.time_ms >= gain - 1e-9:
                         continue
+                    nb = np.append(ib, s)
                     snb = solve(nb)
                     if snb is None:
                         continue
@@ -366,6 +414,41 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                         del mbs[a]
                     moves += 1
                     improved = True
+                    break
+            if improved:
+                break
+        if improved:
+            continue
+        # ---- swaps
+        for a in range(len(mbs)):
+            ia, sa = mbs[a]
+            for b in range(a + 1, len(mbs)):
+                ib, sb = mbs[b]
+                old = sa.time_ms + sb.time_ms
+                for s in ia.tolist():
+                    if deadline.passed():
+                        return moves
+                    for t in ib.tolist():
+                        if Lf[s] == Lf[t]:
+                            continue
+                        if (sms[a][4] - Lf[s] + Lf[t] > budget or sms[b][4] - Lf[t] + Lf[s] > budget
+                                or bnd.after(sms[a], s, t) + bnd.after(sms[b], t, s) >= old - 1e-9):
+                            continue
+                        na = np.append(ia[ia != s], t)
+                        nb = np.append(ib[ib != t], s)
+                        sna = solve(na)
+                        if sna is None or sna.time_ms + bnd.after(sms[b], t, s) >= old - 1e-9:
+                            continue
+                        snb = solve(nb)
+                        if snb is not None and sna.time_ms + snb.time_ms < old - 1e-9:
+                            mbs[a] = [na, sna]
+                            mbs[b] = [nb, snb]
+                            moves += 1
+                            improved = True
+                            break
+                    if improved:
+                        break
+                if improved:
                     break
             if improved:
                 break
@@ -458,14 +541,18 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
 
     # ---- 2. improvement
     solve.full = True
-    if not done(best):
-        phases.append("resolve")
-        for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
+
+    def resolve(mbs) -> None:
+        for m in sorted(range(len(mbs)), key=lambda m: -mbs[m][1].time_ms):
             if deadline.passed():
                 break
-            sol = solve(best[m][0])
-            if sol is not None and sol.time_ms < best[m][1].time_ms - 1e-9:
-                best[m][1] = sol
+            sol = solve(mbs[m][0])
+            if sol is not None and sol.time_ms < mbs[m][1].time_ms - 1e-9:
+                mbs[m][1] = sol
+
+    if not done(best):
+        phases.append("resolve")
+        resolve(best)
     if not done(best):
         phases.append("fill")
         info["fill_pulls"] = _fill_pass(ctx, Ls, taus, best, solve, deadline)
@@ -475,7 +562,12 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
     if not done(best):
         phases.append("moves")
         info["moves"] = _move_search(ctx, Ls, taus, best, solve, deadline, target)
-    if use_milp and not done(best):
+    if ctx.exact and not done(best):
+        # small clusters: the exact solver is the tool for one micro-batch (the fill pass builds
+        # the receiving micro-batch by hand), not the bucketed MILP
+        phases.append("exact")
+        resolve(best)
+    elif use_milp and not done(best):
         phases.append("milp")
         for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
             if deadline.left() < 0.01 or _total(best) <= target:

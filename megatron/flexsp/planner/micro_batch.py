@@ -29,6 +29,7 @@ Every function takes an optional ``Deadline`` and returns the best it has when i
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -164,21 +165,46 @@ class _Groups:
 def _assign_lpt(gr: _Groups, order: np.ndarray, cls: np.ndarray | None) -> bool:
     """Deal sequences (in ``order``) onto the group of least finish time with memory room.
 
-    With ``cls`` a sequence first tries the groups of its class; then any group.
+    With ``cls`` a sequence first tries the groups of its class (a heap per class: within a
+    class every group adds the same tau, so the least loaded one with room wins); then any group.
     """
     tau, L = gr.tau, gr.L
+    heaps: dict[int, list[tuple[float, int]]] = {}
+    if cls is not None:
+        for g, k in enumerate(gr.gk.tolist()):
+            heaps.setdefault(k, []).append((float(gr.load[g]), g))
+        for h in heaps.values():
+            heapq.heapify(h)
+    Ll = L.tolist()
+    cap = gr.cap.tolist()
     for s in order.tolist():
-        fin = gr.load + tau[s, gr.gk]
-        room = gr.tok + L[s] <= gr.cap + _EPS
-        ok = room & np.isfinite(fin)
         if cls is not None:
-            mine = ok & (gr.gk == cls[s])
-            if mine.any():
-                ok = mine
+            k = int(cls[s])
+            h = heaps.get(k)
+            placed = False
+            if h and math.isfinite(tau[s, k]):
+                skipped = []
+                while h:
+                    ld, g = heapq.heappop(h)
+                    cur = float(gr.load[g])
+                    if ld != cur:                  # the group took a sequence of another class
+                        heapq.heappush(h, (cur, g))
+                        continue
+                    if gr.tok[g] + Ll[s] <= cap[g] + _EPS:
+                        gr.put(s, g)
+                        heapq.heappush(h, (float(gr.load[g]), g))
+                        placed = True
+                        break
+                    skipped.append((ld, g))
+                for item in skipped:
+                    heapq.heappush(h, item)
+            if placed:
+                continue
+        fin = gr.load + tau[s, gr.gk]
+        ok = (gr.tok + L[s] <= gr.cap + _EPS) & np.isfinite(fin)
         if not ok.any():
             return False
-        g = int(np.argmin(np.where(ok, fin, np.inf)))
-        gr.put(s, g)
+        gr.put(s, int(np.argmin(np.where(ok, fin, np.inf))))
     return True
 
 
@@ -215,33 +241,34 @@ def _rebalance(gr: _Groups, max_iter: int, deadline: Deadline | None = None) -> 
         k0 = gr.gk[g0]
         best = (T0 - 1e-7, None, None)
         mem0 = gr.members[g0]
-        if len(mem0) >= 1:
-            for s in mem0:
-                rest = T0 - tau[s, k0] if len(mem0) > 1 else 0.0
-                newg = gr.load + tau[s, gr.gk] + beta1
-                ok = (gr.tok + L[s] <= gr.cap + _EPS) & np.isfinite(newg)
-                ok[g0] = False
-                if not ok.any():
-                    continue
-                cand = np.where(ok, np.maximum(newg, rest), np.inf)
-                g = int(np.argmin(cand))
-                if cand[g] < best[0]:
-                    best = (float(cand[g]), ("move", s, g), None)
-        if best[1] is None and len(mem0) >= 1:
+        if not mem0:
+            return
+        # all moves of g0's members at once: [member, group] (first best in member order, as a loop would)
+        m0 = np.asarray(mem0, dtype=np.int64)
+        rest = T0 - tau[m0, k0] if m0.size > 1 else np.zeros(m0.size)
+        newg = gr.load[None, :] + tau[m0][:, gr.gk] + beta1
+        ok = (gr.tok[None, :] + L[m0][:, None] <= gr.cap[None, :] + _EPS) & np.isfinite(newg)
+        ok[:, g0] = False
+        cand = np.where(ok, np.maximum(newg, rest[:, None]), np.inf)
+        j = int(np.argmin(cand))
+        if cand.flat[j] < best[0]:
+            G = gr.gk.size
+            best = (float(cand.flat[j]), ("move", int(m0[j // G]), j % G), None)
+        if best[1] is None:
             others = np.flatnonzero((gr.where >= 0) & (gr.where != g0))
             if others.size:
                 og = gr.where[others]
                 ok_t = gr.gk[og]
-                for s in mem0:
-                    # g0 loses s, gains t; t's group loses t, gains s
-                    new0 = T0 - tau[s, k0] + tau[others, k0]
-                    newo = gr.load[og] + beta1 - tau[others, ok_t] + tau[s, ok_t]
-                    mem_ok = ((gr.tok[g0] - L[s] + L[others] <= gr.cap[g0] + _EPS)
-                              & (gr.tok[og] - L[others] + L[s] <= gr.cap[og] + _EPS))
-                    cand = np.where(mem_ok & np.isfinite(new0) & np.isfinite(newo), np.maximum(new0, newo), np.inf)
-                    j = int(np.argmin(cand))
-                    if cand[j] < best[0]:
-                        best = (float(cand[j]), ("swap", s, int(others[j])), None)
+                # g0 loses s, gains t; t's group loses t, gains s: [member s, other t]
+                new0 = T0 - tau[m0, k0][:, None] + tau[others, k0][None, :]
+                newo = (gr.load[og] + beta1 - tau[others, ok_t])[None, :] + tau[m0[:, None], ok_t[None, :]]
+                mem_ok = ((gr.tok[g0] - L[m0][:, None] + L[others][None, :] <= gr.cap[g0] + _EPS)
+                          & ((gr.tok[og] - L[others])[None, :] + L[m0][:, None] <= gr.cap[og][None, :] + _EPS))
+                cand = np.where(mem_ok & np.isfinite(new0) & np.isfinite(newo), np.maximum(new0, newo), np.inf)
+                j = int(np.argmin(cand))
+                if cand.flat[j] < best[0]:
+                    n_o = others.size
+                    best = (float(cand.flat[j]), ("swap", int(m0[j // n_o]), int(others[j % n_o])), None)
         if best[1] is None:
             return
         kind, s, x = best[1]
@@ -458,9 +485,9 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
             exact = ctx.exact
         if exact:
             best = exact_micro_batch(ctx, L, tau, deadline=deadline)
-            if best is not None and not best.extra.get("exact_proven"):
+            if best is None or not best.extra.get("exact_proven"):   # stopped early: the greedy may do better
                 alt = _greedy(ctx, L, tau, iters, True, deadline)
-                if alt is not None and alt.time_ms < best.time_ms - 1e-9:
+                if alt is not None and (best is None or alt.time_ms < best.time_ms - 1e-9):
                     best = alt
         else:
             best = _greedy(ctx, L, tau, iters, quick, deadline)
@@ -581,23 +608,28 @@ def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, de
     if structs is None or n == 0:
         return upper
     beta1, ws = ctx.beta1, ctx.world_size
-    dvec = np.asarray(ctx.degrees, dtype=np.float64)
-    # hardest sequences first: the incumbent is found, and the tree pruned, early
-    order = np.argsort(-tau.min(axis=1), kind="stable")
-    bb = _BranchAndBound(ctx, L[order], tau[order], upper.time_ms if upper is not None else math.inf,
+    # hardest sequences first: the incumbent is found, and the tree pruned, early (Python lists:
+    # a micro-batch of a small cluster holds a handful of sequences, where numpy only adds overhead)
+    rows = tau.tolist()
+    order = sorted(range(n), key=lambda i: -min(rows[i]))
+    rows = [rows[i] for i in order]
+    bb = _BranchAndBound(ctx, [int(L[i]) for i in order], rows, upper.time_ms if upper is not None else math.inf,
                          deadline, node_limit)
     best: tuple[tuple[int, ...], list[int]] | None = None
     cands = []
+    degs = ctx.degrees
     for st in structs:
         ks = sorted(set(st))
-        sub = tau[:, ks]
-        tmin = sub.min(axis=1)
-        if not np.isfinite(tmin).all():
+        tmax = gpu = 0.0
+        for row in rows:
+            t = min(row[k] for k in ks)
+            tmax = t if t > tmax else tmax
+            gpu += min(row[k] * degs[k] for k in ks)
+        if tmax == math.inf:
             continue
-        if n >= len(st) and any(np.isinf(tau[:, k]).all() for k in ks):
+        if n >= len(st) and any(all(row[k] == math.inf for row in rows) for k in ks):
             continue                         # a group no sequence fits would stay empty
-        lb = beta1 + max(float(tmin.max()), float((sub * dvec[ks][None, :]).min(axis=1).sum()) / ws)
-        cands.append((lb, st))
+        cands.append((beta1 + max(tmax, gpu / ws), st))
     cands.sort(key=lambda x: x[0])
     stopped = False
     for lb, st in cands:
@@ -621,7 +653,7 @@ def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, de
     st, asg = best
     members: list[list[int]] = [[] for _ in st]
     for i, g in enumerate(asg):
-        members[g].append(int(order[i]))
+        members[g].append(order[i])
     return MBSolution([ctx.degrees[k] for k in st], members, float(best_t), "exact",
                       {"exact_proven": not stopped, "exact_nodes": nodes})
 
@@ -629,12 +661,12 @@ def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, de
 class _BranchAndBound:
     """Depth-first search over sequence -> group assignments of one structure (see ``exact_micro_batch``)."""
 
-    def __init__(self, ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, best_t: float,
+    def __init__(self, ctx: PlannerContext, L: list[int], rows: list[list[float]], best_t: float,
                  deadline: Deadline | None, node_limit: int):
         self.ctx, self.deadline, self.node_limit = ctx, deadline, node_limit
-        self.n = int(L.size)
-        self.L = [int(x) for x in L]
-        self.tau = tau
+        self.n = len(L)
+        self.L = L
+        self.rows = rows
         self.best_t = best_t
         self.nodes = 0
         self.found: list[int] | None = None
@@ -643,7 +675,7 @@ class _BranchAndBound:
         """Best assignment (group index per sequence) beating ``best_t``, or None; raises _Stop when out of budget."""
         ctx, n = self.ctx, self.n
         self.found = None
-        self.t_l = [[float(self.tau[s, k]) for k in st] for s in range(n)]
+        self.t_l = [[row[k] for k in st] for row in self.rows]
         self.dg = [ctx.degrees[k] for k in st]
         mingpu = [min(t * d for t, d in zip(row, self.dg)) for row in self.t_l]
         mint = [min(row) for row in self.t_l]

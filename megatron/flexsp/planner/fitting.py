@@ -172,8 +172,9 @@ def robust_nonneg_fit(x: np.ndarray, y: np.ndarray, *, prior: Sequence[float] | 
     h = np.ones(n)
     coef = np.maximum(pr, 0.0) if prior is not None else np.zeros(p)
     sigma = min_scale
-    it = 0
-    for it in range(1, iters + 1):
+    done_iters = 0
+    for _ in range(iters):
+        done_iters += 1
         w = np.sqrt(h) / yhat
         A = x / cs * w[:, None]
         b = y * w
@@ -197,4 +198,4 @@ def robust_nonneg_fit(x: np.ndarray, y: np.ndarray, *, prior: Sequence[float] | 
     r = (pred - y) / np.where(pred > 0, pred, y)
     full = h >= 0.5
     rms = float(np.sqrt(np.mean(r[full] ** 2))) if full.any() else float("nan")
-    return RobustFit(coef, sigma, rms, int((~full).sum()), it)
+    return RobustFit(coef, sigma, rms, int((~full).sum()), done_iters)

@@ -24,6 +24,7 @@ case "${1:-}" in
 esac
 
 VENV=${FLEXSP_PY312_VENV:-.venv312}
+case $VENV in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 TORCH_VERSION=${FLEXSP_PY312_TORCH:-2.9.1}
 MCORE_SPEC=${FLEXSP_PY312_MCORE:-megatron-core>=0.19,<0.20}
 
@@ -68,5 +69,5 @@ if [ ! -x "$VENV/bin/python" ]; then echo "py312_suite: $VENV missing; run witho
 versions
 [ "$mode" = setup ] && exit 0
 # Scripts the tests start pick their interpreter from PYTHON (else .venv): point them here.
-export PYTHON="$PWD/$VENV/bin/python"
+export PYTHON="$VENV/bin/python"
 exec nice -n "${NICE:-10}" "$VENV/bin/python" -m pytest -q "$@"

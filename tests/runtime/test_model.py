@@ -157,10 +157,14 @@ def test_gpt_config_validation():
         (dict(vocab_size=0), "vocab_size"),
         (dict(normalization="Batch"), "normalization"),
         (dict(attention_backend="magic"), "attention_backend"),
+        (dict(attention_backend="flash"), "'flash' needs bf16"),
+        (dict(attention_backend="te"), "'te' needs bf16"),
         (dict(transformer_impl="jax"), "transformer_impl"),
     ]:
         with pytest.raises(ValueError, match=match):
             GPTConfig(**{**ok, **bad}).validate()
+    for backend in ("flash", "te", "auto", "sdpa"):
+        GPTConfig(**ok, attention_backend=backend, bf16=True).validate()
 
 
 # ----------------------------------------------------------------- model building (1 process)

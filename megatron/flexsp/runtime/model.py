@@ -70,6 +70,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.transformer_impl must be one of {_IMPLS}, got {self.transformer_impl!r}")
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"GPTConfig.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend in ("flash", "te") and not self.bf16:
+            # flash-attn rejects fp32; TE has no fp32 path for packed (THD) sequences.
+            raise ValueError(f"GPTConfig.attention_backend {self.attention_backend!r} needs bf16=True")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"GPTConfig.hidden_size {self.hidden_size} is not divisible by "

@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5, help="global batches to plan")
     p.add_argument("--seed", type=int, default=0, help="seed of batch sampling, synthetic lengths and the solver")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--time-limit", type=float, default=2.0, help="FlexSP solver time limit per global batch (s)")
+    p.add_argument("--time-limit", type=float, default=2.0, help="FlexSP time limit per global batch (s): bounds "
+                                                                 "the whole solve, baseline comparison included")
+    p.add_argument("--gap", type=float, default=0.01, help="FlexSP stops improving once its plan is within this "
+                                                           "fraction of the lower bound")
     p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
     p.add_argument("--output", type=Path, default=None, help="directory for plans and summary.json/.csv")
     p.add_argument("--plot", action="store_true", help="draw every plan as a PNG under --output/plots")
@@ -89,7 +92,7 @@ class MethodStats:
 
 def run_methods(batches: Sequence[Sequence[int]], cost: CostModel, methods: Sequence[str], *, world_size: int,
                 max_seq_len: int | None, time_limit_s: float, seed: int, static_degree: int | None = None,
-                on_plan=None, progress: bool = False) -> dict[str, list[Plan]]:
+                on_plan=None, progress: bool = False, gap: float = 0.01) -> dict[str, list[Plan]]:
     """Plan every batch with every method; ``on_plan(k, method, plan)`` is called for each plan."""
     out: dict[str, list[Plan]] = {m: [] for m in methods}
     it = enumerate(batches)
@@ -100,7 +103,7 @@ def run_methods(batches: Sequence[Sequence[int]], cost: CostModel, methods: Sequ
     for k, lengths in it:
         for m in methods:
             cfg = PlannerConfig(world_size=world_size, method=m, time_limit_s=time_limit_s, max_seq_len=max_seq_len,
-                                static_degree=static_degree, seed=seed + k)
+                                static_degree=static_degree, seed=seed + k, gap=gap)
             t0 = time.perf_counter()
             plan = plan_global_batch(lengths, cost, cfg)
             plan.solver.extra.setdefault("wall_s", time.perf_counter() - t0)
@@ -183,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
     if args.time_limit <= 0:
         parser.error(f"--time-limit must be > 0, got {args.time_limit}")
+    if not 0 <= args.gap < 1:
+        parser.error(f"--gap must be in [0, 1), got {args.gap}")
     if args.plot and args.output is None:
         parser.error("--plot needs --output DIR")
     try:
@@ -217,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run_methods(batches, cost, methods, world_size=args.world_size, max_seq_len=max_len,
                               time_limit_s=args.time_limit, seed=args.seed, static_degree=args.static_degree,
-                              on_plan=on_plan, progress=not args.quiet)
+                              on_plan=on_plan, progress=not args.quiet, gap=args.gap)
     except PlanError as e:
         print(f"flexsp-plan: error: {e}", file=sys.stderr)
         return 1

@@ -62,6 +62,7 @@ class _Solve:
     def __init__(self, ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, deadline: Deadline):
         self.ctx, self.Ls, self.taus, self.deadline = ctx, Ls, taus, deadline
         self.full = False
+        self.budget = ctx.cost.tokens_per_gpu * ctx.world_size
         self.cache: dict[bytes, tuple[bool, np.ndarray, MBSolution | None]] = {}
         self.calls = 0
 
@@ -71,8 +72,11 @@ class _Solve:
         hit = self.cache.get(kb)
         if hit is None or (self.full and not hit[0] and not self.ctx.exact):
             self.calls += 1
-            sol = solve_micro_batch(self.ctx, self.Ls[key], self.taus[key], quick=not self.full,
-                                    deadline=self.deadline)
+            if int(self.Ls[key].sum()) > self.budget:     # more tokens than all ranks hold: no solve needed
+                sol = None
+            else:
+                sol = solve_micro_batch(self.ctx, self.Ls[key], self.taus[key], quick=not self.full,
+                                        deadline=self.deadline)
             if hit is not None and hit[2] is not None and (sol is None or hit[2].time_ms <= sol.time_ms):
                 sol = hit[2]
             hit = (self.full, key, sol)

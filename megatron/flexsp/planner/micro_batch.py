@@ -605,7 +605,7 @@ def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, de
     """
     structs = ctx.structures()
     n = int(L.size)
-    if structs is None or n == 0:
+    if structs is None or n == 0 or (deadline is not None and deadline.passed()):
         return upper
     beta1, ws = ctx.beta1, ctx.world_size
     # hardest sequences first: the incumbent is found, and the tree pruned, early (Python lists:
@@ -696,7 +696,7 @@ class _BranchAndBound:
 
     def _rec(self, i: int, cur_max: float, used_gpu: float, empties: int) -> None:
         self.nodes += 1
-        if self.nodes & 1023 == 0 and ((self.deadline is not None and self.deadline.passed())
+        if self.nodes & 255 == 0 and ((self.deadline is not None and self.deadline.passed())
                                         or self.nodes > self.node_limit):
             raise _Stop
         beta1 = self.ctx.beta1

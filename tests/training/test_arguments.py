@@ -8,6 +8,7 @@ from megatron.flexsp.data.tokenizer import BYTE_VOCAB_SIZE
 from megatron.flexsp.planner.api import METHODS
 from megatron.flexsp.training import arguments as A
 from megatron.flexsp.training.configs import configs_from_args
+from megatron.flexsp.training.cost_setup import resolve_cost_model
 from megatron.flexsp.training.distributed import LaunchEnv, LaunchError, device_for_backend, launch_env
 from megatron.flexsp.training.loop import main
 
@@ -17,6 +18,11 @@ GQA = ["--num-query-groups", "2", "--group-query-attention"]
 def check(argv, ws=4, cuda=False):
     args = A.parse_args(argv)
     A.validate_args(args, ws, has_cuda=cuda)
+    if cuda and args.flexsp_cost_model is None:
+        args.flexsp_cost_model = "cpu-tiny"  # no GPU here to measure an analytic prior on
+    start = resolve_cost_model(args, world_size=ws, local_ranks=min(ws, 2), cuda=cuda,
+                               vocab_size=A.resolve_vocab_size(args))
+    A.validate_against_cost(args, ws, start.cost)
     return args
 
 
@@ -83,7 +89,6 @@ def test_unknown_flag_stops_argparse(capsys):
      "--num-attention-heads 4 is not divisible by --context-parallel-size 3"),
     (["--seq-length", "4096"], 4, False, "--seq-length 4096 does not fit any SP group: the largest (4 ranks) holds 2048"),
     (["--context-parallel-size", "2"], 4, False, "--context-parallel-size 2 applies to --sp-mode static only"),
-    (["--num-attention-heads", "8"], 4, False, "made for 4 attention heads"),
     (["--mock-data", "--data-path", "x"], 4, False, "--mock-data and --data-path are exclusive"),
     (["--data-path", "0.3", "a", "b"], 4, False, "weights and prefixes must come in pairs"),
     (["--data-path", "a", "0.5", "b"], 4, False, "mix of weighted and unweighted"),
@@ -96,12 +101,40 @@ def test_unknown_flag_stops_argparse(capsys):
     (["--tokenizer-type", "GPT2BPETokenizer"], 4, False, "is not supported"),
     (["--flexsp-cost-model", "gpt-1t"], 4, False, "unknown cost-model preset 'gpt-1t'"),
     (["--flexsp-cost-model", "/nonexistent/cost.json"], 4, False, "cost model file not found"),
-    ([], 4, True, "--flexsp-cost-model is required on GPU"),
 ])
 def test_bad_settings_give_clear_errors(argv, ws, cuda, message):
     with pytest.raises(A.ArgumentError) as e:
         check(GQA + argv if "--num-query-groups" not in argv else argv, ws, cuda)
     assert message in str(e.value)
+
+
+def test_a_cost_model_that_does_not_fit_the_model_gives_way_to_the_analytic_prior():
+    """A preset made for another shape no longer stops the run: it starts from the prior and calibrates."""
+    fits = A.parse_args(GQA)
+    start = resolve_cost_model(fits, world_size=4, local_ranks=2, cuda=False, vocab_size=257)
+    assert start.source == "preset" and start.cost.name == "cpu-tiny" or "cpu-tiny" in start.note
+    other = A.parse_args(["--num-attention-heads", "8", "--hidden-size", "64", "--num-layers", "3"])
+    start = resolve_cost_model(other, world_size=4, local_ranks=2, cuda=False, vocab_size=257)
+    assert start.source == "prior" and "does not fit" in start.note and "analytic prior" in start.note
+    c = start.cost
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.gpus_per_node) == (3, 64, 8, 2)
+    assert c.compute.alpha2_ms_per_token > 0 and c.compute.alpha1_ms_per_token2 > 0
+    A.validate_against_cost(other, 4, c)  # the prior is a valid starting point for this model
+    with pytest.raises(A.ArgumentError, match="unknown cost-model preset"):
+        resolve_cost_model(A.parse_args(["--flexsp-cost-model", "nope"]), world_size=4, local_ranks=2, cuda=False,
+                           vocab_size=257)
+
+
+def test_time_limit_auto_and_gap():
+    assert A.parse_args([]).flexsp_time_limit is None  # auto is the default
+    assert A.parse_args(["--flexsp-time-limit", "0.3"]).flexsp_time_limit == 0.3
+    from megatron.flexsp.training.configs import FlexSPConfig
+
+    assert FlexSPConfig.auto_time_limit(1500.0) == pytest.approx(0.15)
+    assert FlexSPConfig.auto_time_limit(1e6) == A.AUTO_TIME_LIMIT_CAP_S
+    assert FlexSPConfig.auto_time_limit(10.0) == A.AUTO_TIME_LIMIT_MIN_S
+    with pytest.raises(A.ArgumentError, match="--flexsp-gap must be below 1"):
+        check(GQA + ["--flexsp-gap", "1.5"])
 
 
 def test_missing_optional_backends(monkeypatch):

@@ -62,7 +62,8 @@ def _train_with_bad_grads(rank, world_size, out_dir, bad_steps, max_skipped):
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _all_finite(path: Path) -> bool:

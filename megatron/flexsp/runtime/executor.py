@@ -208,6 +208,8 @@ class FlexSPExecutor:
         position_ids = sl.position_ids.to(dev)
 
         self._sync()
+        if dev.type == "cuda":  # the peak of this micro-batch alone: evidence for the memory model
+            torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         with self._autocast(), (torch.no_grad() if forward_only else contextlib.nullcontext()):
             token_losses = self.model(input_ids, position_ids, None, labels=labels, packed_seq_params=psp)
@@ -219,8 +221,9 @@ class FlexSPExecutor:
             self._sync()
         t2 = time.perf_counter()
         tokens = int(sl.local_tokens)
-        return {"loss_sum": local_sum.detach(), "tokens": tokens,
-                "slice_tokens": int(input_ids.numel()), "fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3}
+        peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+        return {"loss_sum": local_sum.detach(), "tokens": tokens, "slice_tokens": int(input_ids.numel()),
+                "fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3, "peak_mb": peak_mb}
 
     def run(self, plan: Plan, sequences: Sequence[Tensor], *, gather_stats: bool = False,
             forward_only: bool = False) -> StepResult:

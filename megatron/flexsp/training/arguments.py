@@ -17,16 +17,19 @@ from typing import Sequence
 from megatron.flexsp.data.blend import parse_data_path as parse_blend
 from megatron.flexsp.data.tokenizer import BYTE_VOCAB_SIZE, TOKENIZER_TYPES, build_tokenizer
 from megatron.flexsp.planner.api import METHODS as SP_MODES
-from megatron.flexsp.planner.costmodel import CostModel, CostModelError, load_cost_model
+from megatron.flexsp.planner.costmodel import CostModel, CostModelError
 from megatron.flexsp.runtime.attention import backend_importable
 
 __all__ = [
     "ArgumentError",
+    "AUTO_TIME_LIMIT_FRACTION",
+    "AUTO_TIME_LIMIT_MIN_S",
+    "AUTO_TIME_LIMIT_CAP_S",
     "SP_MODES",
     "build_parser",
     "parse_args",
     "validate_args",
-    "resolve_cost_model",
+    "validate_against_cost",
     "resolve_vocab_size",
     "parse_data_path",
 ]
@@ -66,6 +69,17 @@ def _positive_float(s: str) -> float:
     if not math.isfinite(v) or v <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
     return v
+
+
+# --flexsp-time-limit auto: this share of the measured iteration time, within [min, cap] seconds
+AUTO_TIME_LIMIT_FRACTION = 0.1
+AUTO_TIME_LIMIT_MIN_S = 0.02
+AUTO_TIME_LIMIT_CAP_S = 2.0
+
+
+def _time_limit(s: str) -> float | None:
+    """'auto' (None: set from the measured iteration time) or seconds > 0."""
+    return None if s == "auto" else _positive_float(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,9 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("flexsp")
     f.add_argument("--sp-mode", choices=list(SP_MODES), default="flexsp")
     f.add_argument("--flexsp-cost-model", default=None,
-                   help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU, required on GPU")
-    f.add_argument("--flexsp-time-limit", type=_positive_float, default=2.0,
-                   help="planner time limit per global batch (s); also the longest wait for a late plan")
+                   help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU. Without one that "
+                        "fits the model (layers, hidden, heads), the run starts from an analytic prior built from the "
+                        "model shape and a quick measurement of the device, and calibrates it online")
+    f.add_argument("--flexsp-time-limit", type=_time_limit, default=None, metavar="auto|SECONDS",
+                   help="planner time limit per global batch (s), which bounds the whole solve; also the longest "
+                        "wait for a late plan. auto (default): 10%% of the measured iteration time, at most "
+                        f"{AUTO_TIME_LIMIT_CAP_S:g} s")
+    f.add_argument("--flexsp-gap", type=_nonneg_float, default=0.01,
+                   help="the planner stops improving once its plan is within this fraction of the lower bound")
+    f.add_argument("--flexsp-calibrate", choices=["on", "off"], default="on",
+                   help="refit the cost model from the measured time of every SP group while training; later "
+                        "plans use the refitted model")
+    f.add_argument("--flexsp-save-calibrated", default=None, metavar="FILE",
+                   help="write the calibrated cost model here at the end (and at every checkpoint); "
+                        "--flexsp-cost-model and flexsp-plan accept it")
     f.add_argument("--flexsp-plan-ahead", type=_nonneg_int, default=2,
                    help="global batches planned ahead in a background process on rank 0 (0: plan inline)")
     f.add_argument("--flexsp-dump-plans", default=None, metavar="DIR", help="write every plan as JSON here")
@@ -262,20 +288,6 @@ def _installed(module: str) -> bool:
         return False
 
 
-def resolve_cost_model(args: argparse.Namespace, world_size: int, has_cuda: bool) -> CostModel:
-    """The cost model the planner uses (file or preset), with a clear error when it cannot be loaded."""
-    spec = args.flexsp_cost_model
-    if spec is None:
-        if has_cuda:
-            raise ArgumentError("--flexsp-cost-model is required on GPU: profile the cluster with `flexsp-profile` "
-                                "or pass a preset (gpt-7b, gpt-13b, gpt-30b)")
-        spec = "cpu-tiny"
-    try:
-        return load_cost_model(spec, world_size)
-    except CostModelError as e:
-        raise ArgumentError(f"--flexsp-cost-model {spec}: {e}") from None
-
-
 def resolve_vocab_size(args: argparse.Namespace) -> int:
     """--vocab-size, else the tokenizer's; the byte-level tokenizer for the built-in corpus and mock data."""
     tok_vocab = None
@@ -293,10 +305,11 @@ def resolve_vocab_size(args: argparse.Namespace) -> int:
     return int(args.vocab_size)
 
 
-def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, cost=None) -> None:
+def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool) -> None:
     """Stop with a clear message on any conflicting or impossible setting (before any work).
 
-    ``cost`` is the resolved cost model (loaded here when not given). Pure: no process group needed.
+    Pure: no process group needed. ``validate_against_cost`` then checks what depends on the
+    starting cost model (``cost_setup.resolve_cost_model``, which needs a valid model shape).
     """
     def err(msg: str) -> None:
         raise ArgumentError(msg)
@@ -374,9 +387,18 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
         err("--save-interval needs --save DIR")
     if args.eval_interval and args.split and _parse_split(args.split)[1] <= 0:
         err(f"--eval-interval {args.eval_interval} needs a validation share in --split (got {args.split!r})")
-    # ---- parallelism and the planner
-    if cost is None:
-        cost = resolve_cost_model(args, world_size, has_cuda)
+    if args.flexsp_gap >= 1:
+        err(f"--flexsp-gap must be below 1 (a fraction of the lower bound), got {args.flexsp_gap}")
+    if args.flexsp_compare_with is not None and args.flexsp_compare_with == args.sp_mode:
+        err(f"--flexsp-compare-with {args.flexsp_compare_with} is the --sp-mode itself; pick another mode")
+
+
+def validate_against_cost(args: argparse.Namespace, world_size: int, cost: CostModel) -> None:
+    """The settings that depend on the starting cost model: SP degrees, capacity, the static degree."""
+    def err(msg: str) -> None:
+        raise ArgumentError(msg)
+
+    heads = args.num_attention_heads
     try:
         cost.check_world_size(world_size)
     except CostModelError as e:
@@ -386,16 +408,11 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool, 
     if bad:
         err(f"--num-attention-heads {heads} is not divisible by SP degree(s) {bad} that cost model "
             f"'{cost.name}' allows on {world_size} ranks (degrees {allowed})")
-    if cost.num_attention_heads != heads:
-        err(f"cost model '{cost.name}' was made for {cost.num_attention_heads} attention heads, the model has "
-            f"--num-attention-heads {heads}: profile this model (flexsp-profile) or pick a matching cost model")
     holding = [d for d in allowed if cost.fits(args.seq_length, d)]
     if not holding:
         biggest = max(allowed)
         err(f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
             f"{cost.capacity(biggest)} tokens under cost model '{cost.name}'; lower --seq-length or add ranks")
-    if args.flexsp_compare_with is not None and args.flexsp_compare_with == args.sp_mode:
-        err(f"--flexsp-compare-with {args.flexsp_compare_with} is the --sp-mode itself; pick another mode")
     cp = args.context_parallel_size
     if cp is not None:
         if args.sp_mode != "static" and args.flexsp_compare_with != "static" and cp != 1:

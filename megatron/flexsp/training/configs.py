@@ -25,6 +25,7 @@ from megatron.flexsp.runtime.attention import resolve_backend
 from megatron.flexsp.runtime.model import GPTConfig
 
 from . import arguments as A
+from .cost_setup import resolve_cost_model
 from .distributed import LaunchEnv, device_for_backend
 
 __all__ = [
@@ -93,8 +94,11 @@ class FlexSPConfig:
     """How every global batch is planned (the sp-mode, the planner's budget) and run."""
 
     sp_mode: str
-    time_limit_s: float
+    time_limit_s: float | None  # None: automatic, a share of the measured iteration time
     seq_length: int
+    gap: float = 0.01
+    calibrate: bool = True
+    save_calibrated: str | None = None
     plan_ahead: int = 2
     dump_plans: str | None = None
     sharding: str = "fsdp2"
@@ -108,11 +112,20 @@ class FlexSPConfig:
         return PlannerConfig(
             world_size=world_size,
             method=method,
-            time_limit_s=self.time_limit_s,
+            time_limit_s=self.time_limit_s or self.auto_time_limit(None),
+            gap=self.gap,
             max_seq_len=self.seq_length,
             static_degree=self.context_parallel_size if method == "static" else None,
             seed=self.seed,
         )
+
+    @staticmethod
+    def auto_time_limit(iteration_ms: float | None) -> float:
+        """--flexsp-time-limit auto: a share of the measured iteration time (before any: the cap's tenth)."""
+        if iteration_ms is None:
+            return A.AUTO_TIME_LIMIT_CAP_S / 10
+        limit = A.AUTO_TIME_LIMIT_FRACTION * iteration_ms / 1e3
+        return min(A.AUTO_TIME_LIMIT_CAP_S, max(A.AUTO_TIME_LIMIT_MIN_S, limit))
 
 
 @dataclass
@@ -160,10 +173,11 @@ class TrainerConfigs:
     data: DataConfig
     distributed: DistributedConfig
     cost: CostModel
+    cost_note: str = ""  # where the starting cost model came from (logged at start-up)
     run_record: dict[str, Any] = field(default_factory=dict)
 
 
-def model_config_from_args(args: argparse.Namespace, *, cuda: bool) -> GPTConfig:
+def model_config_from_args(args: argparse.Namespace, *, cuda: bool, vocab_size: int | None = None) -> GPTConfig:
     """The runtime's GPTConfig for these flags: vocabulary resolved, attention backend chosen for the device."""
     device = torch.device("cuda" if cuda else "cpu")
     try:
@@ -173,7 +187,7 @@ def model_config_from_args(args: argparse.Namespace, *, cuda: bool) -> GPTConfig
     return fill_from_args(
         GPTConfig,
         args,
-        vocab_size=A.resolve_vocab_size(args),
+        vocab_size=vocab_size or A.resolve_vocab_size(args),
         attention_backend=backend,
         params_dtype=torch.float32,
         extra={},
@@ -184,9 +198,12 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
     """Validate the flags for this launch and split them into the Trainer's configs (no process group needed)."""
     _, device = device_for_backend(args.distributed_backend)
     cuda = device is None
-    cost = A.resolve_cost_model(args, env.world_size, cuda)
-    A.validate_args(args, env.world_size, has_cuda=cuda, cost=cost)
-    model = model_config_from_args(args, cuda=cuda)
+    A.validate_args(args, env.world_size, has_cuda=cuda)
+    vocab = A.resolve_vocab_size(args)
+    start = resolve_cost_model(args, world_size=env.world_size, local_ranks=env.local_world_size, cuda=cuda,
+                               vocab_size=vocab)
+    A.validate_against_cost(args, env.world_size, start.cost)
+    model = model_config_from_args(args, cuda=cuda, vocab_size=vocab)
     data = DataConfig.from_args(args, vocab_size=model.vocab_size)
     try:
         data.validate()
@@ -200,7 +217,9 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
             FlexSPConfig,
             args,
             {"time_limit_s": "flexsp_time_limit", "plan_ahead": "flexsp_plan_ahead", "dump_plans": "flexsp_dump_plans",
-             "sharding": "flexsp_sharding", "compare_with": "flexsp_compare_with"},
+             "sharding": "flexsp_sharding", "compare_with": "flexsp_compare_with", "gap": "flexsp_gap",
+             "save_calibrated": "flexsp_save_calibrated"},
+            calibrate=args.flexsp_calibrate == "on",
         ),
         logging=fill_from_args(LoggingConfig, args, progress_bar=not args.no_progress_bar),
         checkpoint=fill_from_args(CheckpointConfig, args, save_final=not args.no_save_final,
@@ -208,6 +227,7 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
         data=data,
         distributed=fill_from_args(DistributedConfig, args, {"backend": "distributed_backend",
                                                              "timeout_minutes": "distributed_timeout_minutes"}),
-        cost=cost,
+        cost=start.cost,
+        cost_note=start.note,
         run_record={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool, list))},
     )

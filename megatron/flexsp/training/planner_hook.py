@@ -25,6 +25,7 @@ Plan once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -58,6 +59,7 @@ class PlanInfo:
     solve_time_s: float = 0.0
     wait_ms: float = 0.0
     error: str | None = None
+    cpu_s: float = 0.0  # CPU seconds the planner spent on this plan (background process or inline)
 
 
 def as_planner_config(cfg: PlannerConfig | dict[str, Any]) -> PlannerConfig:
@@ -90,11 +92,20 @@ def _resolve(planner_fn: str | None) -> PlanFn:
     return getattr(importlib.import_module(mod), name)
 
 
+# The worker runs beside the trainer's ranks on their cores: the lowest CPU priority and one
+# thread for every numerical library, so it only ever takes time the ranks leave idle.
+_ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
+
+
 def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg: PlannerConfig, needed_from,
                  planner_fn: str | None = None) -> None:
-    """Background planner: (k, lengths) in, (k, plan dict | None, solve s, error) out; skips stale k."""
+    """Background planner: (k, lengths) in, (k, plan dict | None, (wall s, cpu s), error) out; skips stale k.
+
+    ("update", cost dict | None, PlannerConfig | None) replaces the cost model and/or the settings
+    for every later request (the trainer's online calibration and automatic time limit).
+    """
     try:
-        os.nice(10)  # the planner must not steal the trainer's CPU time on shared hosts
+        os.nice(19)  # the planner must not steal the trainer's CPU time on shared hosts
     except (OSError, AttributeError):
         pass
     cost = CostModel.from_dict(cost_dict)
@@ -110,16 +121,22 @@ def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg: PlannerConfig, ne
             continue
         if item is None:
             return
+        if item[0] == "update":
+            _, new_cost, new_cfg = item
+            cost = CostModel.from_dict(new_cost) if new_cost is not None else cost
+            cfg = new_cfg if new_cfg is not None else cfg
+            continue
         k, lengths = item
         if k < needed_from.value:  # the trainer already moved past it (fallback used)
-            res_q.put((k, None, 0.0, "skipped"))  # still a sign of life for the hang detector
+            res_q.put((k, None, (0.0, 0.0), "skipped"))  # still a sign of life for the hang detector
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             plan = plan_fn(lengths, cost, cfg)
-            res_q.put((k, plan.to_dict(), time.perf_counter() - t0, None))
+            res_q.put((k, plan.to_dict(), (time.perf_counter() - t0, time.process_time() - c0), None))
         except BaseException as e:  # noqa: BLE001 - reported to the trainer, which falls back
-            res_q.put((k, None, time.perf_counter() - t0, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            res_q.put((k, None, (time.perf_counter() - t0, time.process_time() - c0),
+                       f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
 def broadcast_plan(payload: Any, src: int = 0, group=None) -> Any:
@@ -167,7 +184,16 @@ class _Worker:
         # k -> when sent, until answered: the worker answers every request (a plan, an error, or "skipped"
         # for a stale k), so an entry that stays here while the worker is silent is work it hangs on
         self.sent: dict[int, float] = {}
-        self.proc.start()
+        saved = {k: os.environ.get(k) for k in _ONE_THREAD}
+        os.environ.update(_ONE_THREAD)  # the spawned interpreter reads them before numpy loads
+        try:
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def alive(self) -> bool:
         return self.proc.is_alive()
@@ -260,13 +286,13 @@ class PlannerHook:
     def _take(self, item: tuple) -> None:
         w = self._worker
         w.last_heard = time.monotonic()
-        k, plan_d, solve_s, err = item
+        k, plan_d, times, err = item
         if k == "ready":
             w.ready = True
             return
         w.sent.pop(k, None)
         if err != "skipped":
-            self._results[k] = (plan_d, solve_s, err)
+            self._results[k] = (plan_d, times, err)
 
     def _drain(self, block_until: float | None, want: int) -> None:
         """Collect results; with ``block_until``, block until ``want`` arrives, the deadline, or a dead worker."""
@@ -325,10 +351,11 @@ class PlannerHook:
         """(plan, its dict if already at hand, info)."""
         if self.plan_ahead == 0:
             lengths = [int(x) for x in self.lengths_fn(k)]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 plan = _resolve(self.planner_fn)(lengths, self.cost, self.cfg)
-                return plan, None, PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0)
+                return plan, None, PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0,
+                                            cpu_s=time.process_time() - c0)
             except Exception as e:  # noqa: BLE001 - never stop training for a planner error
                 log.error("planner failed on iteration %d (%s); using the fallback plan", k, e)
                 return self._fallback(k, lengths, "fallback-error", 0.0, f"{type(e).__name__}: {e}")
@@ -360,7 +387,7 @@ class PlannerHook:
             if not self._gave_up:
                 log.warning("plan of iteration %d not ready after %.0f ms; using the fallback plan", k, wait_ms)
             return self._fallback(k, lengths, "fallback-late", wait_ms, None)
-        plan_d, solve_s, err = res
+        plan_d, (solve_s, cpu_s), err = res
         if err is not None:
             log.error("planner failed on iteration %d; using the fallback plan:\n%s", k, err)
             return self._fallback(k, lengths, "fallback-error", wait_ms, err.splitlines()[0])
@@ -371,12 +398,13 @@ class PlannerHook:
         except PlanError as e:
             log.error("planner returned an unusable plan for iteration %d (%s); using the fallback plan", k, e)
             return self._fallback(k, lengths, "fallback-error", wait_ms, str(e))
-        return plan, plan_d, PlanInfo(k, "planner", solve_time_s=solve_s, wait_ms=wait_ms)
+        return plan, plan_d, PlanInfo(k, "planner", solve_time_s=solve_s, wait_ms=wait_ms, cpu_s=cpu_s)
 
     def _fallback(self, k: int, lengths: list[int], source: str, wait_ms: float, error: str | None):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         plan = plan_inline(lengths, self.cost, self.cfg, fallback=True)
-        return plan, None, PlanInfo(k, source, solve_time_s=time.perf_counter() - t0, wait_ms=wait_ms, error=error)
+        return plan, None, PlanInfo(k, source, solve_time_s=time.perf_counter() - t0, wait_ms=wait_ms, error=error,
+                                    cpu_s=time.process_time() - c0)
 
     # ------------------------------------------------------------------ public
     def get_plan(self, k: int) -> tuple[Plan, PlanInfo]:
@@ -399,6 +427,23 @@ class PlannerHook:
         if plan is None:
             plan = Plan.from_dict(plan_d)
         return plan, PlanInfo(**info_d)
+
+    def update(self, *, cost: CostModel | None = None, time_limit_s: float | None = None) -> None:
+        """Plan later batches with a new cost model (calibration) and/or time limit (--flexsp-time-limit auto).
+
+        Rank 0 only; the background process gets the change before any request sent after it."""
+        if self.rank != 0:
+            return
+        new_cfg = None
+        if time_limit_s is not None and time_limit_s != self.cfg.time_limit_s:
+            new_cfg = self.cfg = dataclasses.replace(self.cfg, time_limit_s=float(time_limit_s))
+            self.wait_s = float(time_limit_s)
+        cost_d = None
+        if cost is not None:
+            self.cost = cost
+            cost_d = self._cost_dict = cost.to_dict()
+        if self._worker is not None and (cost_d is not None or new_cfg is not None):
+            self._worker.req_q.put(("update", cost_d, new_cfg))
 
     def state_dict(self) -> dict[str, Any]:
         """Planner state for checkpoints: its configuration and counters (plans are a function of lengths)."""

@@ -39,6 +39,7 @@ from .checkpointer import Checkpointer
 from .configs import TrainerConfigs
 from .distributed import LaunchEnv, init_distributed
 from .logging_utils import IterationRecord, MetricsLogger, setup_logging
+from .online_calibration import OnlineCalibration
 from .optimizer import build_optimizer, clip_grad_norm
 from .planner_hook import PlannerHook, broadcast_plan, plan_inline
 from .resilience import ExitMonitor, NonFiniteGuard, ProgressWatchdog
@@ -127,8 +128,8 @@ class Trainer:
         setup_logging(env.rank)
         seed_everything(cfg.train.seed)
         fx = cfg.flexsp
-        log.info("FlexSP-Megatron: %d ranks (%s, %s), sp-mode %s, cost model '%s'", env.world_size,
-                 dist.get_backend(), self.device.type, fx.sp_mode, cfg.cost.name)
+        log.info("FlexSP-Megatron: %d ranks (%s, %s), sp-mode %s; %s", env.world_size, dist.get_backend(),
+                 self.device.type, fx.sp_mode, cfg.cost_note or f"cost model '{cfg.cost.name}'")
         if cfg.train.micro_batch_size is not None:
             log.warning("--micro-batch-size %d is ignored: the planner chooses the micro-batches of every global "
                         "batch", cfg.train.micro_batch_size)
@@ -145,10 +146,12 @@ class Trainer:
             self.hook.close()
             raise
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
+        self.calibration = OnlineCalibration(cfg.cost, enabled=fx.calibrate, rank=env.rank, world_size=env.world_size)
+        self.iter_ms: list[float] = []  # recent iteration times: --flexsp-time-limit auto follows them
         self.checkpointer = Checkpointer(cfg.checkpoint, self.model, self.optimizer, self.scheduler,
                                          state_fns={"sampler": self.data.sampler.state_dict,
                                                     "planner": self.hook.state_dict,
-                                                    "extra": lambda: {"nonfinite": self.guard.state_dict()}},
+                                                    "extra": self._extra_state},
                                          run_record=cfg.run_record, train_iters=cfg.train.train_iters)
         self.exit = ExitMonitor(signal_name=cfg.checkpoint.exit_signal,
                                 duration_mins=cfg.checkpoint.exit_duration_in_mins, start_time=self.started)
@@ -180,15 +183,45 @@ class Trainer:
                 self.data.sampler.load_state_dict(loaded.sampler)
             if loaded.planner is not None:
                 self.hook.load_state_dict(loaded.planner)
-            self.guard.load_state_dict((loaded.extra or {}).get("nonfinite") or {})
+            extra = loaded.extra or {}
+            self.guard.load_state_dict(extra.get("nonfinite") or {})
+            calibrated = self.calibration.load_state_dict(extra.get("calibration"))
+            if calibrated is not None:
+                self.hook.update(cost=calibrated)
+            self.iter_ms = list(extra.get("iter_ms") or [])
+            self._update_time_limit()
             start = loaded.iteration
         self.data.sampler.next_batch = start
         return start
 
+    def _extra_state(self) -> dict[str, Any]:
+        """Small states saved with every checkpoint, so a resumed run plans as an uninterrupted one would."""
+        return {"nonfinite": self.guard.state_dict(), "calibration": self.calibration.state_dict(),
+                "iter_ms": list(self.iter_ms)}
+
     # -------------------------------------------------------------- planning
+    def _update_time_limit(self) -> None:
+        """--flexsp-time-limit auto: the planner's budget follows the measured iteration time."""
+        if self.cfg.flexsp.time_limit_s is not None or not self.iter_ms:
+            return
+        limit = self.cfg.flexsp.auto_time_limit(float(np.median(self.iter_ms)))
+        if abs(limit - self.hook.cfg.time_limit_s) > 0.1 * self.hook.cfg.time_limit_s:
+            self.hook.update(time_limit_s=limit)
+
+    def _after_step(self, plan: Plan, record: IterationRecord, gathered: list[float]) -> None:
+        """Feed the planner what this step measured: calibration samples, the iteration time."""
+        self.iter_ms = (self.iter_ms + [record.iter_ms])[-5:]
+        self._update_time_limit()
+        if gathered:
+            calibrated = self.calibration.ingest(plan, gathered)
+            if calibrated is not None:
+                self.hook.update(cost=calibrated)
+        if self.env.rank == 0:
+            record.extra.update(self.calibration.coefficients(), planner_time_limit_s=self.hook.cfg.time_limit_s)
+
     def plan_now(self, lengths: list[int], cfg: PlannerConfig, *, fallback: bool = False) -> Plan:
         """Plan ``lengths`` on rank 0 right now and give every rank the same Plan (one JSON crossing)."""
-        plan = plan_inline(lengths, self.cfg.cost, cfg, fallback=fallback) if self.env.rank == 0 else None
+        plan = plan_inline(lengths, self.hook.cost, cfg, fallback=fallback) if self.env.rank == 0 else None
         payload = broadcast_plan(plan.to_dict() if plan is not None else None)
         return plan if plan is not None else Plan.from_dict(payload)
 
@@ -241,10 +274,11 @@ class Trainer:
             extra = self.paired_baseline(lengths, seqs, first=False)
         gnorm = clip_grad_norm(self.model.parameters(), self.cfg.optimizer.clip_grad)
         loss = float(result.loss)
-        # one MAX all-reduce carries the timings, the non-finite verdict and the exit vote
-        compute_ms, a2a_ms, bad, stop = self._max_over_ranks(
+        slots = self.calibration.local_slots(plan, result) if self.calibration.wants(it, plan) else []
+        # one MAX all-reduce carries the timings, the non-finite verdict, the exit vote and calibration samples
+        compute_ms, a2a_ms, bad, stop, *gathered = self._max_over_ranks(
             _stat(result.stats, "fwd_ms", "bwd_ms"), _stat(result.stats, "a2a_ms"),
-            NonFiniteGuard.local_flag(loss, gnorm), self.exit.flag())
+            NonFiniteGuard.local_flag(loss, gnorm), self.exit.flag(), *slots)
         if self.guard.check(bad > 0, it, loss, gnorm):
             self.optimizer.step()
             self.scheduler.step()
@@ -255,13 +289,16 @@ class Trainer:
         self.exit_voted = stop > 0
         # the paired baseline's step (--flexsp-compare-with) is not part of this mode's iteration
         iter_ms = (time.perf_counter() - t0) * 1e3 - float(extra.get("baseline_exec_ms", 0.0))
-        return IterationRecord(
+        extra.update(exec_ms=exec_ms, planner_cpu_s=info.cpu_s)
+        record = IterationRecord(
             iteration=it, loss=loss, lr=lr, grad_norm=gnorm, tokens=sum(lengths), iter_ms=iter_ms,
             estimated_ms=plan.estimated_time_ms, micro_batches=plan.num_micro_batches, sp_mode=self.cfg.flexsp.sp_mode,
             groups_by_degree=plan.degree_histogram(), compute_ms=compute_ms, a2a_ms=a2a_ms,
             plan_source=info.source, plan_wait_ms=info.wait_ms, solve_time_s=info.solve_time_s,
-            num_sequences=len(lengths), extra=dict(extra, exec_ms=exec_ms),
+            num_sequences=len(lengths), extra=extra,
         )
+        self._after_step(plan, record, gathered)
+        return record
 
     # ------------------------------------------------------------ validation
     def should_validate(self, iteration: int) -> bool:
@@ -322,6 +359,9 @@ class Trainer:
                 break
         if not stopped:
             self.checkpointer.finish(iters)
+        if self.cfg.flexsp.save_calibrated and self.env.rank == 0:
+            self.calibration.save(self.cfg.flexsp.save_calibrated)
+            log.info("wrote the calibrated cost model to %s", self.cfg.flexsp.save_calibrated)
         self.metrics.close()
         self._log_summary(self.metrics.records)
         return self.metrics.records

@@ -1,0 +1,134 @@
+"""The cost model a run starts from: the user's profile or preset when it fits the model, else an analytic prior.
+
+Why: the planner needs a cost model from the first batch, but a profile is made for one model
+shape on one cluster. A model whose shape differs from the given (or default) cost model used to
+stop with "cost model ... was made for 4 attention heads"; now it starts from the planner's
+analytic prior (``planner.prior``: FLOPs and all-to-all bytes from the shape) scaled by this
+device's measured matmul throughput, says so in one log line, and the online calibration refits
+the coefficients from the executor's measurements within a few iterations.
+
+Everything that decides *validity* (allowed degrees, memory capacity) is deterministic here, so
+every rank reaches the same verdict before any process group exists; only the compute speed is
+measured (a second of matmuls), and only rank 0's model is ever used for planning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron.flexsp.planner.costmodel import CostModel, CostModelError, load_cost_model
+from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model
+
+from .arguments import ArgumentError
+
+__all__ = ["ResolvedCostModel", "resolve_cost_model", "measure_matmul_flops", "shape_mismatch", "DEFAULT_CPU_PRESET"]
+
+log = logging.getLogger("flexsp.train")
+
+DEFAULT_CPU_PRESET = "cpu-tiny"
+# Link guesses for the prior (GB/s per rank); calibration replaces them with measured effective values.
+_LINKS = {"cuda": (150.0, 20.0), "cpu": (1.0, 0.05)}
+# Share of a large matmul's throughput that a small model's kernels reach (the prior's efficiency).
+_EFFICIENCY = {"cuda": 0.5, "cpu": 0.3}
+
+
+@dataclass(frozen=True)
+class ResolvedCostModel:
+    """The starting cost model and where it came from (``note`` is logged once at start-up)."""
+
+    cost: CostModel
+    source: str  # "file", "preset" or "prior"
+    note: str
+
+
+def shape_mismatch(cost: CostModel, args: argparse.Namespace) -> str | None:
+    """Why ``cost`` was not made for this model (layers, hidden size, heads, query groups), or None."""
+    for field, flag in (("num_layers", "num_layers"), ("hidden_size", "hidden_size"),
+                        ("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_query_groups")):
+        want, have = getattr(args, flag), getattr(cost, field)
+        if have is not None and want != have:
+            return f"it was made for {field.replace('_', ' ')} {have}, the model has {want}"
+    return None
+
+
+def measure_matmul_flops(device: torch.device, seconds: float = 0.5, size: int = 512) -> float:
+    """FLOP/s of repeated square matmuls on ``device`` (bf16 on CUDA, fp32 on the CPU), about ``seconds`` long."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            a @ b
+        n += 4
+        sync()
+    return 2.0 * size**3 * n / (time.perf_counter() - t0)
+
+
+def _memory_limit_gb(device: torch.device, local_ranks: int) -> float:
+    """Usable memory per rank: 90% of the GPU, or on the CPU half of the node's RAM split over its ranks.
+
+    MemTotal, not MemAvailable: every rank must compute the same capacity.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory * 0.9 / 2**30
+    with open("/proc/meminfo") as f:
+        total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return total_kb / 2**20 / 2 / max(1, local_ranks)
+
+
+def _prior(args: argparse.Namespace, vocab_size: int, world_size: int, local_ranks: int,
+           device: torch.device) -> CostModel:
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    flops = measure_matmul_flops(device, seconds=0.5 if kind == "cpu" else 0.2,
+                                 size=max(256, min(4096, args.hidden_size * 4)))
+    intra, inter = _LINKS[kind]
+    shape = ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                       num_attention_heads=args.num_attention_heads, vocab_size=vocab_size,
+                       num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
+                       swiglu=bool(args.swiglu))
+    return analytic_cost_model(shape, device_flops=flops, efficiency=_EFFICIENCY[kind], intra_node_gbs=intra,
+                               inter_node_gbs=inter, limit_gb=_memory_limit_gb(device, local_ranks),
+                               gpus_per_node=min(local_ranks, world_size), world_size=world_size,
+                               bytes_per_element=2 if args.bf16 else 4,
+                               sharding="ddp" if args.flexsp_sharding == "ddp" else "zero3")
+
+
+def resolve_cost_model(args: argparse.Namespace, *, world_size: int, local_ranks: int, cuda: bool,
+                       vocab_size: int) -> ResolvedCostModel:
+    """The run's starting cost model: --flexsp-cost-model (file or preset) if it fits the model, else the prior.
+
+    Without --flexsp-cost-model the CPU default preset is used when it fits; on GPU there is no
+    default profile, so the prior starts the run. A file or preset that cannot be read is an error.
+    """
+    spec = args.flexsp_cost_model or (None if cuda else DEFAULT_CPU_PRESET)
+    why = "no --flexsp-cost-model given"
+    if spec is not None:
+        try:
+            cost = load_cost_model(spec, world_size)
+        except CostModelError as e:
+            raise ArgumentError(f"--flexsp-cost-model {spec}: {e}") from None
+        mismatch = shape_mismatch(cost, args)
+        if mismatch is None:
+            source = "file" if os.path.exists(spec) else "preset"
+            return ResolvedCostModel(cost, source, f"cost model '{cost.name}' ({source} {spec})")
+        why = f"cost model '{cost.name}' does not fit: {mismatch}"
+        if args.flexsp_cost_model is None:
+            why = f"the default CPU preset '{spec}' does not fit: {mismatch}"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())) \
+        if cuda else torch.device("cpu")
+    try:
+        cost = _prior(args, vocab_size, world_size, local_ranks, device)
+    except CostModelError as e:
+        raise ArgumentError(f"analytic cost model: {e}") from None
+    return ResolvedCostModel(cost, "prior", f"{why}; starting from an analytic prior ({cost.name}), "
+                                            "calibrated online from the measured micro-batches")

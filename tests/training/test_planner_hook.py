@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import numpy as np
 
@@ -118,7 +119,7 @@ def test_dict_config_is_still_accepted():
     assert hook.cfg == _cfg("static")
     got, want = hook.get_plan(0)[0].to_dict(), api.plan_global_batch(batches[0], COST, _cfg("static")).to_dict()
     assert got["micro_batches"] == want["micro_batches"]
-    assert hook.state_dict()["config"] == d
+    assert hook.state_dict()["config"] == asdict(_cfg("static"))
 
 
 def _timed(hook, k):
@@ -131,11 +132,10 @@ def test_startup_wait_is_paid_once(monkeypatch):
     """A worker alive but never ready (its planner sleeps at import): only iteration 1 waits for it."""
     batches = _batches(6)
     wait_s, startup_s = 0.3, 1.5
-    monkeypatch.setenv("FLEXSP_TEST_PLANNER_IMPORT_SLEEP", "60")
+    monkeypatch.setenv("FLEXSP_TEST_PLANNER_IMPORT_SLEEP", "60")  # every (re)started worker sleeps at import
     hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=wait_s,
                        startup_wait_s=startup_s, max_iterations=6, max_restarts=2,
                        planner_fn="tests.training.planner_faults:faulty_plan")
-    monkeypatch.delenv("FLEXSP_TEST_PLANNER_IMPORT_SLEEP")
     try:
         waits = []
         for k in range(6):

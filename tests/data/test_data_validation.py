@@ -22,7 +22,10 @@ def _patch(path: str, offset: int, data: bytes) -> None:
         f.write(data)
 
 
-def test_good_files_pass_and_match_megatron(write_prefix):
+@pytest.mark.parametrize("chunk", [None, 2, 3])
+def test_good_files_pass_and_match_megatron(write_prefix, monkeypatch, chunk):
+    if chunk:
+        monkeypatch.setattr(indexed, "_CHUNK", chunk)
     prefix = write_prefix("good", DOCS, multi={1: [4, 5]})
     indexed.validate_indexed(prefix)
     ds = indexed.open_indexed(prefix)
@@ -40,7 +43,10 @@ def test_good_files_pass_and_match_megatron(write_prefix):
     ("bin-truncated", r"good\.bin: \d+ bytes, but .*good\.idx needs 108: the \.bin is truncated "
                       r"\(document 6 onwards is missing\)"),
 ])
-def test_bad_files_are_one_line_value_errors(write_prefix, case, match):
+@pytest.mark.parametrize("chunk", [None, 2], ids=["one-chunk", "chunks-of-2"])
+def test_bad_files_are_one_line_value_errors(write_prefix, monkeypatch, case, match, chunk):
+    if chunk:  # the index is checked in chunks (bounded memory): the same answers across chunk borders
+        monkeypatch.setattr(indexed, "_CHUNK", chunk)
     prefix = write_prefix("good", DOCS, multi={1: [4, 5]})  # 8 documents, 9 sequences, uint16
     ip, bp = prefix + ".idx", prefix + ".bin"
     if case == "magic":

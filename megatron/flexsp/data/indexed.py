@@ -54,6 +54,7 @@ _IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 _DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                 8: np.uint16}
 _validated: dict[tuple, None] = {}
+_CHUNK = 1 << 22  # index entries checked at a time (bounded memory for huge corpora)
 
 
 def validate_indexed(prefix: str) -> None:
@@ -94,19 +95,29 @@ def validate_indexed(prefix: str) -> None:
         lengths = np.frombuffer(mm, dtype=np.int32, count=n_seq, offset=off)
         pointers = np.frombuffer(mm, dtype=np.int64, count=n_seq, offset=off + 4 * n_seq)
         docs = np.frombuffer(mm, dtype=np.int64, count=n_doc, offset=off + 12 * n_seq)
-        if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or (n_doc > 1 and bool(np.any(np.diff(docs) < 0))):
+        ok = n_doc >= 1 and docs[0] == 0 and docs[-1] == n_seq
+        # in chunks: a corpus index can have billions of entries, the check must not copy them all
+        for a in range(0, max(n_doc - 1, 0), _CHUNK):
+            if not ok:
+                break
+            seg = docs[a:a + _CHUNK + 1]
+            ok = not bool(np.any(seg[1:] < seg[:-1]))
+        if not ok:
             raise ValueError(f"{ip}: document indices are not a non-decreasing list from 0 to the {n_seq} sequences "
                              "(a damaged index)")
-        if n_seq:
-            if bool(np.any(lengths < 0)) or bool(np.any(pointers < 0)):
+        needed, first = 0, None
+        for a in range(0, n_seq, _CHUNK):
+            ln, pt = lengths[a:a + _CHUNK], pointers[a:a + _CHUNK]
+            if bool(np.any(ln < 0)) or bool(np.any(pt < 0)):
                 raise ValueError(f"{ip}: negative sequence length or pointer (a damaged index)")
-            end = pointers + lengths.astype(np.int64) * itemsize
-            needed = int(end.max())
-            if bst.st_size < needed:
-                first = int(np.argmax(end > bst.st_size))
-                doc = int(np.searchsorted(docs, first, side="right")) - 1
-                raise ValueError(f"{bp}: {bst.st_size} bytes, but {ip} needs {needed}: the .bin is truncated "
-                                 f"(document {doc} onwards is missing)")
+            end = pt + ln.astype(np.int64) * itemsize
+            needed = max(needed, int(end.max()))
+            if first is None and bool(np.any(end > bst.st_size)):
+                first = a + int(np.argmax(end > bst.st_size))
+        if first is not None:
+            doc = int(np.searchsorted(docs, first, side="right")) - 1
+            raise ValueError(f"{bp}: {bst.st_size} bytes, but {ip} needs {needed}: the .bin is truncated "
+                             f"(document {doc} onwards is missing)")
     finally:
         del mm
     _validated[key] = None

@@ -1,0 +1,79 @@
+"""Online calibration inside the trainer: samples reach rank 0, refits reach the planner, resume is exact.
+
+On 2 gloo ranks in-process (planning inline, so plan k+1 is made with the model in force after
+step k): a run that starts from a deliberately wrong cost model ends with coefficients moved toward
+the measurements, and a run resumed from its checkpoint restores the identical calibrated model,
+so its first plan equals the uninterrupted run's plan of that iteration, and its losses match.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import run_distributed
+
+ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--group-query-attention", "--swiglu", "--seq-length", "512", "--global-batch-size", "16", "--lr", "2e-3",
+        "--seed", "5", "--mock-data", "--mock-data-num-docs", "600", "--flexsp-time-limit", "0.2",
+        "--no-progress-bar", "--flexsp-plan-ahead", "0", "--flexsp-sharding", "ddp"]
+
+
+def _distorted_cost_model(path: Path) -> None:
+    """cpu-tiny with compute x0.3 and bandwidth x3: a model the measurements must correct."""
+    from megatron.flexsp.planner.costmodel import preset
+
+    d = preset("cpu-tiny").to_dict()
+    d["name"] = "cpu-tiny distorted"
+    d["compute"] = {k: v * 0.3 for k, v in d["compute"].items()}
+    d["alltoall"]["bandwidth_gbs"] = {k: v * 3 for k, v in d["alltoall"]["bandwidth_gbs"].items()}
+    path.write_text(json.dumps(d))
+
+
+def _train(rank, world_size, out_dir, iters, extra):
+    from megatron.flexsp.training import arguments as A
+    from megatron.flexsp.training.configs import configs_from_args
+    from megatron.flexsp.training.distributed import launch_env
+    from megatron.flexsp.training.loop import train
+
+    args = A.parse_args(ARGS + ["--train-iters", str(iters), "--flexsp-cost-model", f"{out_dir}/cost.json"] + extra)
+    env = launch_env()
+    return [(r.iteration, r.loss, r.extra.get("cost_alpha2")) for r in train(configs_from_args(args, env), env)]
+
+
+def test_calibration_moves_the_model_and_a_resumed_run_plans_as_the_uninterrupted_one(tmp_path):
+    _distorted_cost_model(tmp_path / "cost.json")
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    shutil.copy(tmp_path / "cost.json", straight / "cost.json")
+    recs = run_distributed(_train, 2, str(straight), 16,
+                           ["--save", str(straight / "ckpt"), "--save-interval", "12",
+                            "--flexsp-dump-plans", str(straight / "plans"),
+                            "--flexsp-save-calibrated", str(straight / "calibrated.json")], timeout=300)[0]
+    assert [r[0] for r in recs] == list(range(1, 17))
+    start_alpha2 = json.loads((tmp_path / "cost.json").read_text())["compute"]["alpha2_ms_per_token"]
+    final = json.loads((straight / "calibrated.json").read_text())
+    assert final["calibration"]["compute_applied"]
+    assert final["compute"]["alpha2_ms_per_token"] != pytest.approx(start_alpha2, rel=1e-3)
+    assert recs[-1][2] == pytest.approx(final["compute"]["alpha2_ms_per_token"])
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "cost.json", resumed / "cost.json")
+    shutil.copytree(straight / "ckpt", resumed / "ckpt")
+    (resumed / "ckpt" / "latest").write_text("iter_0000012")
+    shutil.rmtree(resumed / "ckpt" / "iter_0000016")
+    again = run_distributed(_train, 2, str(resumed), 16,
+                            ["--load", str(resumed / "ckpt"), "--flexsp-dump-plans", str(resumed / "plans")],
+                            timeout=300)[0]
+    assert [r[0] for r in again] == list(range(13, 17))
+    # the first plan after the resume is made with the restored calibrated model: the same plan
+    first = "plan_0000012.json"
+    a, b = (json.loads((d / "plans" / first).read_text()) for d in (resumed, straight))
+    assert a["micro_batches"] == b["micro_batches"]
+    assert a["estimated_time_ms"] == b["estimated_time_ms"]  # same model: the same estimate to the last digit
+    for (it, loss, _), (it2, loss2, _) in zip(recs[12:], again):
+        assert it == it2 and loss == pytest.approx(loss2, rel=2e-5)

@@ -42,9 +42,11 @@ def test_reference_scenario_plans_validate(seed):
     check(p, L, cost, 64)
     check(g, L, cost, 64)
     assert p.solver.method == "flexsp" and g.solver.method == "flexsp-greedy"
-    # both are anytime searches under their own time limits (the MILP variant is no longer
-    # guaranteed to end below the greedy's clock-independent plan); same quality band
-    assert p.estimated_time_ms <= 1.02 * g.estimated_time_ms
+    # both are anytime searches under their own time limits, so the MILP variant is no longer
+    # guaranteed to end below the greedy's (once clock-independent) plan: same quality band
+    lb = lower_bound_ms(L, cost, 64)
+    assert p.estimated_time_ms <= 1.3 * lb and g.estimated_time_ms <= 1.3 * lb
+    assert p.estimated_time_ms <= 1.05 * g.estimated_time_ms
     assert p.degree_histogram().get(1, 0) > 0        # short sequences run without all-to-all
 
 

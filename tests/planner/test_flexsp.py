@@ -9,7 +9,6 @@ from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.flexsp import greedy_plan, plan_flexsp
 from megatron.flexsp.planner.placement import candidate_groups
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
-
 from tests.planner._p1_util import brute_plan, tiny_cost
 
 

@@ -49,10 +49,11 @@ class RunSummary:
 
 
 def warmup_count(n: int) -> int:
-    """Iterations left out of throughput averages: 1 for short runs, about 10% for long ones."""
+    """Iterations left out of throughput averages: 1 for short runs, 2 from 8 on (the first plan-ahead
+    batches wait for the background planner's start-up), about 10% for long ones."""
     if n <= 2:
         return 0
-    return max(1, n // 10)
+    return max(2 if n >= 8 else 1, n // 10)
 
 
 def summarize(records: Sequence[Mapping[str, Any]], name: str = "run") -> RunSummary:

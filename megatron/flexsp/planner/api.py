@@ -30,9 +30,10 @@ from .deadline import Deadline
 from .hybrid_cp import hybrid_cp_plan
 from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 
-__all__ = ["METHODS", "PlannerConfig", "plan_global_batch", "fallback_plan"]
+__all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig", "plan_global_batch", "fallback_plan"]
 
 METHODS = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
+FALLBACK_TIME_S = 0.05     # fallback_plan's budget for flexsp
 
 
 @dataclass
@@ -145,10 +146,16 @@ def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerCo
 
 
 def fallback_plan(lengths: Sequence[int], cost: CostModel, config: PlannerConfig) -> Plan:
-    """A fast plan that is always valid when any plan exists (greedy for flexsp, else the baseline itself)."""
+    """A fast plan that is always valid when any plan exists (greedy for flexsp, else the baseline itself).
+
+    For flexsp: the greedy planner with ``FALLBACK_TIME_S`` (or the config's limit if smaller),
+    i.e. essentially its constructive plan: the trainer needs it *now*, when the background
+    planner is late.
+    """
     if config.method != "flexsp":
         return plan_global_batch(lengths, cost, config)
     lengths = _check_lengths(lengths, config)
-    plan = _flexsp_module.greedy_plan(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, gap=config.gap)
+    plan = _flexsp_module.greedy_plan(lengths, cost, config.world_size,
+                                      time_limit_s=min(FALLBACK_TIME_S, config.time_limit_s), gap=config.gap)
     validate_plan(plan, cost, world_size=config.world_size, num_sequences=len(lengths))
     return plan

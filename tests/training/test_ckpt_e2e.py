@@ -1,0 +1,88 @@
+"""Checkpoint faults through the real entry point (torchrun, 2 gloo ranks): a flipped byte in the
+newest model.pt makes the relaunch resume from the previous checkpoint with a warning, with the
+same losses as the first run; a damaged dataset index stops start-up with one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.dist_utils import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "256",
+        "--global-batch-size", "4", "--lr", "2e-3", "--lr-warmup-iters", "1", "--lr-decay-iters", "6", "--seed", "3",
+        "--mock-data", "--flexsp-plan-ahead", "0", "--no-progress-bar", "--log-interval", "1"]
+
+
+def _run(args: list[str], log: Path, timeout: float = 240) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(ROOT / "pretrain_gpt_flexsp.py")] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return p.wait(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait(10)
+
+
+def _losses(path: Path) -> dict[int, float]:
+    return {x["iteration"]: x["loss"] for x in map(json.loads, path.read_text().splitlines()) if "loss" in x}
+
+
+def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
+    ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common = BASE + ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "2"]
+    rc = _run(common + ["--train-iters", "4", "--metrics-file", str(m1)], tmp_path / "a.log")
+    assert rc == 0, (tmp_path / "a.log").read_text()[-3000:]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    f = ckpt / "iter_0000004" / "model.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    rc = _run(common + ["--train-iters", "6", "--metrics-file", str(m2)], tmp_path / "b.log")
+    log = (tmp_path / "b.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert f"checkpoint {ckpt / 'iter_0000004'} failed verification" in log, log[-3000:]
+    assert f"falling back to {ckpt / 'iter_0000002'}" in log
+    assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in log
+    first, second = _losses(m1), _losses(m2)
+    assert sorted(second) == [3, 4, 5, 6]
+    for it in (3, 4):  # iterations 3-4 retrained from the good checkpoint: the same losses
+        assert abs(second[it] - first[it]) <= 2e-5 * abs(first[it]) + 1e-6, (it, first, second)
+    assert (ckpt / "latest").read_text().strip() == "iter_0000006"
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated-bin"])
+def test_damaged_dataset_is_one_line_on_every_rank(tmp_path, damage):
+    from megatron.flexsp.data.indexed import write_documents
+
+    prefix = str(tmp_path / "corpus")
+    rng = np.random.default_rng(0)
+    write_documents(prefix, [rng.integers(1, 250, size=int(n)) for n in rng.integers(20, 200, size=64)], np.uint16)
+    if damage == "magic":
+        with open(prefix + ".idx", "r+b") as fh:
+            fh.write(b"NOTMEGAT")
+        want = "corpus.idx: bad magic"
+    else:
+        os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 100)
+        want = "corpus.bin: "
+    args = [a for a in BASE if a != "--mock-data"] + ["--data-path", prefix, "--tokenizer-type", "ByteTokenizer",
+                                                      "--train-iters", "2"]
+    rc = _run(args, tmp_path / "c.log", timeout=120)
+    log = (tmp_path / "c.log").read_text()
+    assert rc != 0, log[-3000:]
+    errors = [x for x in log.splitlines() if x.startswith("pretrain_gpt_flexsp.py: error: data: ")]
+    assert len(errors) == 2 and all(want in x for x in errors), log[-3000:]  # one line from each rank
+    if damage == "truncated-bin":
+        assert "the .bin is truncated (document 63 onwards is missing)" in errors[0]
+    assert "AssertionError" not in log and "bad header, cannot read" not in log, log[-3000:]

@@ -82,13 +82,7 @@ def _time_limit(s: str) -> float | None:
     return None if s == "auto" else _positive_float(s)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pretrain_gpt_flexsp.py",
-        description="GPT pre-training with FlexSP heterogeneous sequence parallelism (Megatron-style flags).",
-        allow_abbrev=False,
-    )
-    m = p.add_argument_group("model")
+def _model_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument("--num-layers", type=_positive_int, default=2)
     m.add_argument("--hidden-size", type=_positive_int, default=64)
     m.add_argument("--ffn-hidden-size", type=_positive_int, default=None, help="default 4*hidden (or the SwiGLU size)")
@@ -114,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default 0 (Megatron: 0.1): with dropout, sp-modes no longer give bit-comparable losses")
     m.add_argument("--attention-dropout", type=_nonneg_float, default=0.0, help="default 0 (Megatron: 0.1)")
 
-    t = p.add_argument_group("training")
+
+def _training_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--global-batch-size", type=_positive_int, default=32, help="documents per global batch")
     t.add_argument("--micro-batch-size", type=_positive_int, default=None,
                    help="accepted for Megatron compatibility and ignored: the planner chooses micro-batches")
@@ -139,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a step whose loss or gradient norm is not finite is skipped (no update); this many in a "
                         "row stop the run with exit code 3")
 
-    d = p.add_argument_group("data")
+
+def _data_flags(d: argparse._ArgumentGroup) -> None:
     d.add_argument("--data-path", nargs="+", default=None,
                    help="Megatron .bin/.idx prefixes, optionally with weights: [W1] PREFIX1 [W2] PREFIX2 ...; "
                         "default (without --mock-data): a corpus built from the Python standard library sources")
@@ -159,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="documents of the default corpus: one per top-level def/class block (long-tailed, "
                         "median ~500 tokens) or one per stdlib file")
 
-    c = p.add_argument_group("checkpointing")
+
+def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
     c.add_argument("--save", default=None, help="checkpoint directory to write")
     c.add_argument("--load", default=None, help="checkpoint directory to resume from")
     c.add_argument("--save-interval", type=_positive_int, default=None)
@@ -178,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exit-duration-in-mins", type=_positive_float, default=None,
                    help="save (if --save) and exit 0 at the first iteration boundary after this many minutes")
 
-    lg = p.add_argument_group("logging")
+
+def _logging_flags(lg: argparse._ArgumentGroup) -> None:
     lg.add_argument("--log-interval", type=_positive_int, default=1)
     lg.add_argument("--tensorboard-dir", default=None)
     lg.add_argument("--wandb-project", default=None)
@@ -186,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--metrics-file", default=None, help="append one JSON object per logged iteration")
     lg.add_argument("--no-progress-bar", action="store_true")
 
-    par = p.add_argument_group("parallelism")
+
+def _parallelism_flags(par: argparse._ArgumentGroup) -> None:
     par.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                      help="default: nccl with CUDA, gloo otherwise")
     par.add_argument("--distributed-timeout-minutes", type=_positive_float, default=10.0,
@@ -202,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
     par.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
 
-    f = p.add_argument_group("flexsp")
+
+def _flexsp_flags(f: argparse._ArgumentGroup) -> None:
     f.add_argument("--sp-mode", choices=list(SP_MODES), default="flexsp")
     f.add_argument("--flexsp-cost-model", default=None,
                    help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU. Without one that "
@@ -232,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the same run conditions, immune to load drift on shared machines")
     f.add_argument("--flexsp-sharding", choices=["fsdp2", "ddp"], default="fsdp2",
                    help="model-state sharding: fsdp2 (ZeRO-3) or ddp (replicated, for debugging)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt_flexsp.py",
+        description="GPT pre-training with FlexSP heterogeneous sequence parallelism (Megatron-style flags).",
+        allow_abbrev=False,
+    )
+    _model_flags(p.add_argument_group("model"))
+    _training_flags(p.add_argument_group("training"))
+    _data_flags(p.add_argument_group("data"))
+    _checkpoint_flags(p.add_argument_group("checkpointing"))
+    _logging_flags(p.add_argument_group("logging"))
+    _parallelism_flags(p.add_argument_group("parallelism"))
+    _flexsp_flags(p.add_argument_group("flexsp"))
     return p
 
 
@@ -305,127 +320,145 @@ def resolve_vocab_size(args: argparse.Namespace) -> int:
     return int(args.vocab_size)
 
 
+def _err(msg: str) -> None:
+    raise ArgumentError(msg)
+
+
+def _validate_model(args: argparse.Namespace) -> None:
+    """Model shape: heads, query groups, positions, dropout, no TP/PP."""
+    heads, groups = args.num_attention_heads, args.num_query_groups
+    if args.hidden_size % heads:
+        _err(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
+    if heads % groups:
+        _err(f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
+    if groups != heads and not args.group_query_attention:
+        _err(f"--num-query-groups {groups} differs from --num-attention-heads {heads}: add --group-query-attention")
+    if args.seq_length > args.max_position_embeddings:
+        _err(f"--seq-length {args.seq_length} is above --max-position-embeddings {args.max_position_embeddings}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if getattr(args, name) >= 1.0:
+            _err(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")
+    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+        _err("--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: FlexSP shards model states "
+            "with ZeRO-3 over all ranks and uses every rank for sequence parallelism")
+
+
+def _validate_training(args: argparse.Namespace) -> None:
+    """Optimizer and schedule."""
+    if args.min_lr > args.lr:
+        _err(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.lr_decay_style != "constant" and args.lr_warmup_iters > args.lr_decay_iters:
+        _err(f"--lr-warmup-iters {args.lr_warmup_iters} is above --lr-decay-iters {args.lr_decay_iters}")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(args, name)
+        if not 0.0 <= v < 1.0:
+            _err(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    if args.adam_eps <= 0:
+        _err(f"--adam-eps must be > 0, got {args.adam_eps}")
+    if args.global_batch_size < 1:
+        _err("--global-batch-size must be >= 1")
+
+
+def _validate_devices(args: argparse.Namespace, has_cuda: bool) -> None:
+    """Devices, kernels and optional packages."""
+    if args.bf16 and not has_cuda:
+        _err("--bf16 needs a GPU: this machine has no CUDA device (the CPU runs train in fp32)")
+    if args.distributed_backend == "nccl" and not has_cuda:
+        _err("--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
+    if args.attention_backend in ("flash", "te"):
+        if not has_cuda:
+            _err(f"--attention-backend {args.attention_backend} needs a GPU (nccl); use sdpa on CPU")
+        if not args.bf16:
+            _err(f"--attention-backend {args.attention_backend} needs --bf16: flash-attn rejects fp32 and Transformer "
+                "Engine has no fp32 kernel for packed documents (use sdpa for fp32)")
+    if args.attention_backend == "flash" and not backend_importable("flash"):
+        _err("--attention-backend flash: flash_attn does not import here (pip install flash-attn, see docs/gpu.md)")
+    if args.attention_backend == "te" and not backend_importable("te"):
+        _err("--attention-backend te: transformer_engine.pytorch does not import here (see docs/gpu.md)")
+    if args.transformer_impl == "transformer_engine":
+        if not has_cuda:
+            _err("--transformer-impl transformer_engine needs a GPU; use local on CPU")
+        if not backend_importable("te"):
+            _err("--transformer-impl transformer_engine: transformer_engine.pytorch does not import here")
+    if args.tensorboard_dir and not (_installed("tensorboard") or _installed("tensorboardX")):
+        _err("--tensorboard-dir: the tensorboard package is not installed (pip install tensorboard, or "
+            "pip install -e .[tensorboard])")
+    if args.wandb_project and not _installed("wandb"):
+        _err("--wandb-project: the wandb package is not installed (pip install wandb)")
+
+
+def _validate_data(args: argparse.Namespace) -> None:
+    """Data sources, split and tokenizer."""
+    if args.mock_data and args.data_path:
+        _err("--mock-data and --data-path are exclusive: choose one data source")
+    parse_data_path(args.data_path)
+    _parse_split(args.split)
+    if args.tokenizer_type is not None:
+        if args.tokenizer_type not in TOKENIZER_TYPES:
+            _err(f"--tokenizer-type {args.tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})")
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        _err("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH")
+    if args.mock_data and args.mock_data_min_len > args.seq_length:
+        _err(f"--mock-data-min-len {args.mock_data_min_len} is above --seq-length {args.seq_length}")
+
+
+def _validate_run(args: argparse.Namespace) -> None:
+    """Checkpoints, evaluation and the planner's flags."""
+    if args.save_interval and not args.save:
+        _err("--save-interval needs --save DIR")
+    if args.eval_interval and args.split and _parse_split(args.split)[1] <= 0:
+        _err(f"--eval-interval {args.eval_interval} needs a validation share in --split (got {args.split!r})")
+    if args.flexsp_gap >= 1:
+        _err(f"--flexsp-gap must be below 1 (a fraction of the lower bound), got {args.flexsp_gap}")
+    if args.flexsp_compare_with is not None and args.flexsp_compare_with == args.sp_mode:
+        _err(f"--flexsp-compare-with {args.flexsp_compare_with} is the --sp-mode itself; pick another mode")
+
+
 def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool) -> None:
     """Stop with a clear message on any conflicting or impossible setting (before any work).
 
     Pure: no process group needed. ``validate_against_cost`` then checks what depends on the
     starting cost model (``cost_setup.resolve_cost_model``, which needs a valid model shape).
     """
-    def err(msg: str) -> None:
-        raise ArgumentError(msg)
-
     if world_size <= 0:
-        err(f"world size must be positive, got {world_size}")
-    # ---- model shape
-    heads, groups = args.num_attention_heads, args.num_query_groups
-    if args.hidden_size % heads:
-        err(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
-    if heads % groups:
-        err(f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
-    if groups != heads and not args.group_query_attention:
-        err(f"--num-query-groups {groups} differs from --num-attention-heads {heads}: add --group-query-attention")
-    if args.seq_length > args.max_position_embeddings:
-        err(f"--seq-length {args.seq_length} is above --max-position-embeddings {args.max_position_embeddings}")
-    for name in ("hidden_dropout", "attention_dropout"):
-        if getattr(args, name) >= 1.0:
-            err(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        err("--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: FlexSP shards model states "
-            "with ZeRO-3 over all ranks and uses every rank for sequence parallelism")
-    # ---- training
-    if args.min_lr > args.lr:
-        err(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.lr_decay_style != "constant" and args.lr_warmup_iters > args.lr_decay_iters:
-        err(f"--lr-warmup-iters {args.lr_warmup_iters} is above --lr-decay-iters {args.lr_decay_iters}")
-    for name in ("adam_beta1", "adam_beta2"):
-        v = getattr(args, name)
-        if not 0.0 <= v < 1.0:
-            err(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
-    if args.adam_eps <= 0:
-        err(f"--adam-eps must be > 0, got {args.adam_eps}")
-    if args.global_batch_size < 1:
-        err("--global-batch-size must be >= 1")
-    # ---- devices and backends
-    if args.bf16 and not has_cuda:
-        err("--bf16 needs a GPU: this machine has no CUDA device (the CPU runs train in fp32)")
-    if args.distributed_backend == "nccl" and not has_cuda:
-        err("--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
-    if args.attention_backend in ("flash", "te"):
-        if not has_cuda:
-            err(f"--attention-backend {args.attention_backend} needs a GPU (nccl); use sdpa on CPU")
-        if not args.bf16:
-            err(f"--attention-backend {args.attention_backend} needs --bf16: flash-attn rejects fp32 and Transformer "
-                "Engine has no fp32 kernel for packed documents (use sdpa for fp32)")
-    if args.attention_backend == "flash" and not backend_importable("flash"):
-        err("--attention-backend flash: flash_attn does not import here (pip install flash-attn, see docs/gpu.md)")
-    if args.attention_backend == "te" and not backend_importable("te"):
-        err("--attention-backend te: transformer_engine.pytorch does not import here (see docs/gpu.md)")
-    if args.transformer_impl == "transformer_engine":
-        if not has_cuda:
-            err("--transformer-impl transformer_engine needs a GPU; use local on CPU")
-        if not backend_importable("te"):
-            err("--transformer-impl transformer_engine: transformer_engine.pytorch does not import here")
-    if args.tensorboard_dir and not (_installed("tensorboard") or _installed("tensorboardX")):
-        err("--tensorboard-dir: the tensorboard package is not installed (pip install tensorboard, or "
-            "pip install -e .[tensorboard])")
-    if args.wandb_project and not _installed("wandb"):
-        err("--wandb-project: the wandb package is not installed (pip install wandb)")
-    # ---- data
-    if args.mock_data and args.data_path:
-        err("--mock-data and --data-path are exclusive: choose one data source")
-    parse_data_path(args.data_path)
-    _parse_split(args.split)
-    if args.tokenizer_type is not None:
-        if args.tokenizer_type not in TOKENIZER_TYPES:
-            err(f"--tokenizer-type {args.tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})")
-    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
-        err("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH")
-    if args.mock_data and args.mock_data_min_len > args.seq_length:
-        err(f"--mock-data-min-len {args.mock_data_min_len} is above --seq-length {args.seq_length}")
-    # ---- checkpoints and logging
-    if args.save_interval and not args.save:
-        err("--save-interval needs --save DIR")
-    if args.eval_interval and args.split and _parse_split(args.split)[1] <= 0:
-        err(f"--eval-interval {args.eval_interval} needs a validation share in --split (got {args.split!r})")
-    if args.flexsp_gap >= 1:
-        err(f"--flexsp-gap must be below 1 (a fraction of the lower bound), got {args.flexsp_gap}")
-    if args.flexsp_compare_with is not None and args.flexsp_compare_with == args.sp_mode:
-        err(f"--flexsp-compare-with {args.flexsp_compare_with} is the --sp-mode itself; pick another mode")
+        _err(f"world size must be positive, got {world_size}")
+    _validate_model(args)
+    _validate_training(args)
+    _validate_devices(args, has_cuda)
+    _validate_data(args)
+    _validate_run(args)
 
 
 def validate_against_cost(args: argparse.Namespace, world_size: int, cost: CostModel) -> None:
     """The settings that depend on the starting cost model: SP degrees, capacity, the static degree."""
-    def err(msg: str) -> None:
-        raise ArgumentError(msg)
-
     heads = args.num_attention_heads
     try:
         cost.check_world_size(world_size)
     except CostModelError as e:
-        err(f"{e}: launch a multiple of gpus_per_node ranks (or use a cost model for this cluster)")
+        _err(f"{e}: launch a multiple of gpus_per_node ranks (or use a cost model for this cluster)")
     allowed = cost.allowed_degrees(world_size)
     bad = [d for d in allowed if heads % d]
     if bad:
-        err(f"--num-attention-heads {heads} is not divisible by SP degree(s) {bad} that cost model "
+        _err(f"--num-attention-heads {heads} is not divisible by SP degree(s) {bad} that cost model "
             f"'{cost.name}' allows on {world_size} ranks (degrees {allowed})")
     holding = [d for d in allowed if cost.fits(args.seq_length, d)]
     if not holding:
         biggest = max(allowed)
-        err(f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
+        _err(f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
             f"{cost.capacity(biggest)} tokens under cost model '{cost.name}'; lower --seq-length or add ranks")
     cp = args.context_parallel_size
     if cp is not None:
         if args.sp_mode != "static" and args.flexsp_compare_with != "static" and cp != 1:
-            err(f"--context-parallel-size {cp} applies to --sp-mode static only (--sp-mode {args.sp_mode} "
+            _err(f"--context-parallel-size {cp} applies to --sp-mode static only (--sp-mode {args.sp_mode} "
                 "chooses its degrees per micro-batch)")
         if "static" in (args.sp_mode, args.flexsp_compare_with):
             if heads % cp:
-                err(f"--num-attention-heads {heads} is not divisible by --context-parallel-size {cp}")
+                _err(f"--num-attention-heads {heads} is not divisible by --context-parallel-size {cp}")
             if world_size % cp:
-                err(f"world size {world_size} is not divisible by --context-parallel-size {cp}")
+                _err(f"world size {world_size} is not divisible by --context-parallel-size {cp}")
             if cp not in allowed:
-                err(f"--context-parallel-size {cp} is not a degree cost model '{cost.name}' allows on "
+                _err(f"--context-parallel-size {cp} is not a degree cost model '{cost.name}' allows on "
                     f"{world_size} ranks (allowed: {allowed})")
             if not cost.fits(args.seq_length, cp):
-                err(f"--context-parallel-size {cp} cannot hold --seq-length {args.seq_length}: a group of {cp} "
+                _err(f"--context-parallel-size {cp} cannot hold --seq-length {args.seq_length}: a group of {cp} "
                     f"ranks holds {cost.capacity(cp)} tokens; use at least {holding[0]}")

@@ -184,3 +184,23 @@ def test_64_ranks_512_sequences_within_the_budget():
         if walls[-1] <= 0.15:
             break
     assert min(walls) <= 0.15, walls
+
+
+@pytest.mark.parametrize("ws,n", [(4, 32), (64, 256)])
+def test_work_budget_gives_reproducible_plans(ws, n):
+    """With ``work_limit`` the clock is not consulted: the same batch gets the same plan, however busy the CPU."""
+    if ws == 4:
+        cost, batches = _tiny_batches(1)
+        L = batches[0]
+    else:
+        cost = preset("gpt-7b", ws)
+        L = longtail_lengths(n, max_len=196608, seed=5).tolist()
+    cfg = PlannerConfig(world_size=ws, work_limit=60, time_limit_s=1e-6)   # the tiny time limit must not matter
+    a = plan_global_batch(L, cost, cfg)
+    b = plan_global_batch(L, cost, cfg)
+    validate_plan(a, cost, world_size=ws, num_sequences=len(L))
+    assert a.to_dict()["micro_batches"] == b.to_dict()["micro_batches"]
+    assert a.estimated_time_ms == b.estimated_time_ms
+    assert a.solver.extra["solves"] <= 60 + 1
+    with pytest.raises(ValueError, match="work_limit"):
+        PlannerConfig(world_size=ws, work_limit=0)

@@ -41,7 +41,8 @@ class PlannerConfig:
     """How to plan: ``static_degree`` forces the static degree (the trainer's --context-parallel-size);
     ``max_seq_len`` is the longest length the run is configured for (static sizes its degree for it);
     ``time_limit_s`` bounds the whole flexsp solve; ``gap``: stop improving once the plan is within
-    this fraction of the lower bound."""
+    this fraction of the lower bound; ``work_limit``: instead of the clock, a budget of micro-batch
+    solves, so that the same batch always gets the same plan (resumed runs, any machine)."""
 
     world_size: int
     method: str = "flexsp"
@@ -50,6 +51,7 @@ class PlannerConfig:
     static_degree: int | None = None
     seed: int = 0
     gap: float = 0.01
+    work_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,6 +66,9 @@ class PlannerConfig:
             raise ValueError(f"planner world_size must be a positive integer, got {self.world_size!r}")
         if not self.time_limit_s > 0:
             raise ValueError(f"planner time_limit_s must be > 0, got {self.time_limit_s!r}")
+        if self.work_limit is not None and (isinstance(self.work_limit, bool) or not isinstance(self.work_limit, numbers.Integral)
+                                            or self.work_limit < 1):
+            raise ValueError(f"planner work_limit must be a positive integer, got {self.work_limit!r}")
         if isinstance(self.gap, bool) or not isinstance(self.gap, numbers.Real) or not 0 <= self.gap < 1:
             raise ValueError(f"planner gap must be a number in [0, 1), got {self.gap!r}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
@@ -100,7 +105,7 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
     baselines: list[tuple[str, Plan]] = []
     skipped = []
     for name, build in (("homogeneous", batch_adaptive_plan), ("megatron-hybrid-cp", hybrid_cp_plan)):
-        if _predicted_s(name, len(lengths), config.world_size) > 0.5 * deadline.left():
+        if not deadline.deterministic and _predicted_s(name, len(lengths), config.world_size) > 0.5 * deadline.left():
             skipped.append(name)
             continue
         try:
@@ -128,7 +133,7 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
 
 def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerConfig) -> Plan:
     """Plan one global batch with ``config.method``; the result is validated against ``cost``."""
-    deadline = Deadline.after(config.time_limit_s)
+    deadline = Deadline.after(config.time_limit_s, work_limit=config.work_limit)
     lengths = _check_lengths(lengths, config)
     ws = config.world_size
     lb = lower_bound_ms(lengths, cost, ws)  # also raises NoFeasiblePlanError naming impossible lengths
@@ -155,7 +160,9 @@ def fallback_plan(lengths: Sequence[int], cost: CostModel, config: PlannerConfig
     if config.method != "flexsp":
         return plan_global_batch(lengths, cost, config)
     lengths = _check_lengths(lengths, config)
+    # with a work budget (reproducible plans) the fallback is the constructive plan alone, also reproducible
     plan = _flexsp_module.greedy_plan(lengths, cost, config.world_size,
-                                      time_limit_s=min(FALLBACK_TIME_S, config.time_limit_s), gap=config.gap)
+                                      time_limit_s=min(FALLBACK_TIME_S, config.time_limit_s), gap=config.gap,
+                                      work_limit=1 if config.work_limit is not None else None)
     validate_plan(plan, cost, world_size=config.world_size, num_sequences=len(lengths))
     return plan

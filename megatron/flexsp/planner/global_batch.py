@@ -72,6 +72,7 @@ class _Solve:
         hit = self.cache.get(kb)
         if hit is None or (self.full and not hit[0] and not self.ctx.exact):
             self.calls += 1
+            self.deadline.tick()
             if int(self.Ls[key].sum()) > self.budget:     # more tokens than all ranks hold: no solve needed
                 sol = None
             else:
@@ -589,7 +590,7 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
         # the receiving micro-batch by hand), not the bucketed MILP
         phases.append("exact")
         resolve(best)
-    elif use_milp and not done(best):
+    elif use_milp and not done(best) and not deadline.deterministic:   # HiGHS under a time limit is not
         phases.append("milp")
         for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
             if deadline.left() < 0.01 or _total(best) <= target:
@@ -628,9 +629,10 @@ def _to_plan(ctx: PlannerContext, lengths: np.ndarray, chunks: list[tuple[np.nda
 
 
 def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: bool, time_limit_s: float,
-         method: str, gap: float, deadline: Deadline | None, seeds: Sequence[tuple[str, Plan]]) -> Plan:
+         method: str, gap: float, deadline: Deadline | None, seeds: Sequence[tuple[str, Plan]],
+         work_limit: int | None = None) -> Plan:
     if deadline is None:
-        deadline = Deadline.after(time_limit_s)
+        deadline = Deadline.after(time_limit_s, work_limit=work_limit)
     L = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if L.size == 0:
         raise PlanError("cannot plan an empty global batch (no sequences)")
@@ -678,21 +680,23 @@ def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: 
 
 
 def greedy_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 2.0,
-                gap: float = DEFAULT_GAP, deadline: Deadline | None = None) -> Plan:
-    """Heuristic plan (no MILP) within ``time_limit_s``; always valid when any plan exists."""
+                gap: float = DEFAULT_GAP, deadline: Deadline | None = None, work_limit: int | None = None) -> Plan:
+    """Heuristic plan (no MILP) within ``time_limit_s`` (or ``work_limit`` solves); always valid when any plan exists."""
     return _run(lengths, cost, world_size, use_milp=False, time_limit_s=time_limit_s, method="flexsp-greedy",
-                gap=gap, deadline=deadline, seeds=())
+                gap=gap, deadline=deadline, seeds=(), work_limit=work_limit)
 
 
 def plan_flexsp(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 2.0,
                 seed: int = 0, gap: float = DEFAULT_GAP, deadline: Deadline | None = None,
-                seeds: Sequence[tuple[str, Plan]] = ()) -> Plan:
+                seeds: Sequence[tuple[str, Plan]] = (), work_limit: int | None = None) -> Plan:
     """FlexSP plan within ``time_limit_s`` (or ``deadline``): constructive, then improved until the deadline or ``gap``.
 
     ``seeds``: (name, plan) pairs that compete with the constructive cuts (the api passes the
-    baselines). ``seed`` is accepted for API stability; the search has no randomness (what it
-    reaches depends on the time it gets).
+    baselines). ``work_limit``: a budget of micro-batch solves instead of the clock (the same
+    batch then always gets the same plan; no MILP, whose time limits are clock-bound). ``seed``
+    is accepted for API stability; the search has no randomness (what it reaches depends on the
+    budget it gets).
     """
     del seed
     return _run(lengths, cost, world_size, use_milp=True, time_limit_s=time_limit_s, method="flexsp", gap=gap,
-                deadline=deadline, seeds=seeds)
+                deadline=deadline, seeds=seeds, work_limit=work_limit)

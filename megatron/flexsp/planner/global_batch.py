@@ -498,6 +498,11 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
     target = lb * (1.0 + gap)
     info: dict = {}
     phases: list[str] = []
+    marks: list[float] = []
+
+    def enter(name: str) -> None:
+        phases.append(name)
+        marks.append(deadline.elapsed())
 
     def done(mbs) -> bool:
         return deadline.passed() or _total(mbs) <= target
@@ -562,7 +567,7 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
     if not done(best):
         # the best cut and the runners-up within 5 % in full: which cut wins changes once the
         # micro-batches are searched, and on large clusters the cut matters more than any later move
-        phases.append("resolve")
+        enter("resolve")
         resolve(best)
         first = cands[0][0]
         for t, name2, cand in cands[1:3]:
@@ -577,21 +582,21 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
                 others.append((name2, cand))
     others += [(name2, [list(x) for x in cand]) for _, name2, cand in cands[1 + len(others):4]]
     if not done(best):
-        phases.append("fill")
+        enter("fill")
         info["fill_pulls"] = _fill_pass(ctx, Ls, taus, best, solve, deadline)
     if not done(best):
-        phases.append("polish")
+        enter("polish")
         info["polish_moves"] = _polish(ctx, Ls, taus, best, solve, deadline)
     if not done(best):
-        phases.append("moves")
+        enter("moves")
         info["moves"] = _move_search(ctx, Ls, taus, best, solve, deadline, target)
     if ctx.exact and not done(best):
         # small clusters: the exact solver is the tool for one micro-batch (the fill pass builds
         # the receiving micro-batch by hand), not the bucketed MILP
-        phases.append("exact")
+        enter("exact")
         resolve(best)
     elif use_milp and not done(best) and not deadline.deterministic:   # HiGHS under a time limit is not
-        phases.append("milp")
+        enter("milp")
         for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
             if deadline.left() < 0.01 or _total(best) <= target:
                 break
@@ -607,12 +612,14 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
     for name2, cand in others:
         if done(best):
             break
-        phases.append("alt:" + name2)
+        enter("alt:" + name2)
         cand = [[idx, solve(idx) or sol] for idx, sol in cand]
         _fill_pass(ctx, Ls, taus, cand, solve, deadline)
         if _total(cand) < _total(best) - 1e-9:
             best, info["cut"] = cand, name2 + "+improved"
     info["phases"] = phases
+    ends = marks[1:] + [deadline.elapsed()]
+    info["phase_s"] = {name: round(e - b, 5) for name, b, e in zip(phases, marks, ends)}
     info["solves"] = solve.calls
     info["gap_reached"] = bool(_total(best) <= target)
     return [(order[idx], sol) for idx, sol in best], info

@@ -236,9 +236,11 @@ def _rebalance(gr: _Groups, max_iter: int, deadline: Deadline | None = None) -> 
         g0 = int(np.argmax(T))
         T0 = float(T[g0])
         if it % 25 == 0:  # stalled: many groups share the makespan and each step gains little
-            if T0 > mark * (1 - 1e-4) or (it and deadline is not None and deadline.passed()):
+            if T0 > mark * (1 - 1e-4):
                 return
             mark = T0
+        if it % 8 == 7 and deadline is not None and deadline.passed():
+            return
         k0 = gr.gk[g0]
         best = (T0 - 1e-7, None, None)
         mem0 = gr.members[g0]

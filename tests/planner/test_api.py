@@ -123,6 +123,7 @@ def test_planner_never_imports_torch():
 
     code = ("import sys\n"
             "from megatron.flexsp.planner import api, baselines, hybrid_cp, cli, lengths_io, plotting, costmodel\n"
+            "from megatron.flexsp.planner import calibration, fitting, prior, global_batch, micro_batch, deadline\n"
             "from megatron.flexsp.data import synthetic\n"
             "cost = costmodel.preset('cpu-tiny')\n"
             "for m in api.METHODS:\n"

@@ -191,3 +191,23 @@ def test_prior_is_the_right_order_for_the_paper_7b():
     paper = preset("gpt-7b", 64)
     assert 0.5 < m.compute.alpha2_ms_per_token / paper.compute.alpha2_ms_per_token < 2.0
     assert 0.5 < m.memory.activation_mb_per_token / paper.memory.activation_mb_per_token < 2.0
+
+
+def test_samples_from_an_executed_plan():
+    from megatron.flexsp.planner.calibration import coefficients, samples_from_plan
+    from megatron.flexsp.planner.plan import Group, MicroBatch, Plan, PlanError
+
+    plan = Plan(4, [300, 100, 50, 700], [
+        MicroBatch([Group([0, 1], [0, 1]), Group([2], [2]), Group([3], [])]),
+        MicroBatch([Group([0, 1, 2, 3], [3])]),
+    ])
+    meas = [[{"compute_ms": 10.0, "a2a_ms": 2.0, "peak_mb": 900.0}, {"compute_ms": 4.0}, None],
+            [{"compute_ms": 30.0, "a2a_ms": 9.0, "a2a_bytes": 1e6}]]
+    got = samples_from_plan(plan, meas)
+    assert got == [GroupSample(2, 400, 100000.0, 10.0, 2.0, 0.0, 900.0, 200.0),
+                   GroupSample(1, 50, 2500.0, 4.0, 0.0, 0.0, None, 50.0),
+                   GroupSample(4, 700, 490000.0, 30.0, 9.0, 1e6, None, 175.0)]
+    with pytest.raises(PlanError):
+        samples_from_plan(plan, meas[:1])
+    co = coefficients(preset("cpu-tiny-ddp"))
+    assert co["beta1_ms"] == 16.2 and co["bandwidth_gbs_4"] == 0.019 and json.dumps(co)

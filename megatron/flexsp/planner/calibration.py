@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -37,8 +37,9 @@ import numpy as np
 
 from .costmodel import CostModel
 from .fitting import FitError, robust_nonneg_fit
+from .plan import Plan, PlanError
 
-__all__ = ["CalibrationConfig", "CostCalibrator", "GroupSample"]
+__all__ = ["CalibrationConfig", "CostCalibrator", "GroupSample", "coefficients", "samples_from_plan"]
 
 _STATE_VERSION = 1
 
@@ -255,3 +256,37 @@ class CostCalibrator:
         cal = cls(CostModel.from_dict(state["base"]))
         cal.load_state_dict(state)
         return cal
+
+
+def samples_from_plan(plan: Plan, measured: Sequence[Sequence[Mapping[str, float] | None]]) -> list[GroupSample]:
+    """GroupSamples of one executed plan: degree, tokens and sum of squares from the plan, times from ``measured``.
+
+    ``measured[m][g]`` belongs to ``plan.micro_batches[m].groups[g]`` and has ``compute_ms`` and
+    optionally ``a2a_ms``, ``a2a_bytes``, ``peak_mb`` (None for a group that was not measured).
+    Empty groups are skipped; tokens per rank is the packed share ceil(T / d).
+    """
+    if len(measured) != len(plan.micro_batches):
+        raise PlanError(f"measurements for {len(measured)} micro-batches, the plan has {len(plan.micro_batches)}")
+    out = []
+    for m, (mb, meas) in enumerate(zip(plan.micro_batches, measured)):
+        if len(meas) != len(mb.groups):
+            raise PlanError(f"micro-batch {m}: measurements for {len(meas)} groups, the plan has {len(mb.groups)}")
+        for g, x in zip(mb.groups, meas):
+            if x is None or not g.sequences:
+                continue
+            lens = [plan.lengths[s] for s in g.sequences]
+            T = sum(lens)
+            peak = x.get("peak_mb")
+            out.append(GroupSample(g.degree, T, float(sum(s * s for s in lens)), float(x["compute_ms"]),
+                                   float(x.get("a2a_ms", 0.0)), float(x.get("a2a_bytes", 0.0)),
+                                   None if peak is None else float(peak), float(math.ceil(T / g.degree))))
+    return out
+
+
+def coefficients(cost: CostModel) -> dict[str, float]:
+    """The coefficients in force as one flat JSON-able dict (for a metrics record)."""
+    c, m = cost.compute, cost.memory
+    out = {"alpha1_ms_per_token2": c.alpha1_ms_per_token2, "alpha2_ms_per_token": c.alpha2_ms_per_token,
+           "beta1_ms": c.beta1_ms, "activation_mb_per_token": m.activation_mb_per_token}
+    out.update({f"bandwidth_gbs_{d}": bw for d, bw in cost.alltoall.bandwidth_gbs.items()})
+    return out

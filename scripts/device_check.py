@@ -168,8 +168,10 @@ def attention_check(
 _LIVE: set[int] = set()
 
 
-class Interrupted(Exception):
-    """A termination signal arrived (the outer timeout, Ctrl-C, a job killer)."""
+class Interrupted(BaseException):
+    """A termination signal arrived (the outer timeout, Ctrl-C, a job killer). A BaseException,
+    like KeyboardInterrupt, so the stages' ``except Exception`` (a failing kernel is reported, not
+    fatal) cannot swallow it."""
 
     def __init__(self, signum: int):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")

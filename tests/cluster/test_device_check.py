@@ -262,3 +262,32 @@ def test_setup_gpu_needs_torch_first():
     assert r.returncode == 2 and "install a CUDA build of torch first" in r.stderr
     bad = _setup_gpu("--frobnicate")
     assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+def test_a_signal_during_an_in_process_stage_stops_the_run(tmp_path, monkeypatch):
+    """The attention stage catches kernel errors (Exception); a TERM must still end the run,
+    with the stages finished so far in the report."""
+    real = device_check.attention_check
+    calls = []
+
+    def check(backend, **kw):
+        calls.append(backend)
+        if backend == "flash":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the stage, like the outer timeout's
+            time.sleep(5)  # interrupted by the handler long before this ends
+        return real(backend, **kw)
+
+    monkeypatch.setattr(device_check, "attention_check", check)
+    saved = {sig: signal.getsignal(sig) for sig in device_check._STOP_SIGNALS}  # main leaves them ignored
+    try:
+        rc = device_check.main(
+            ["--device", "cpu", "--skip-profile", "--skip-train", "--out", str(tmp_path), "--doc-lengths", "3,9"]
+        )
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert rc == 128 + signal.SIGTERM
+    assert calls == ["sdpa", "flash"]  # te never started
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    assert res["complete"] is False and [a["backend"] for a in res["attention"]] == ["sdpa"]
+    assert "interrupted by SIGTERM" in res["notes"][0]

@@ -60,22 +60,25 @@ Solver = Callable[[np.ndarray], "MBSolution | None"]
 class _Solve:
     """Micro-batch solves of positions in the sorted batch, cached by the set of positions.
 
-    Callers pass positions in any order and get members indexing *their* order. ``full``
-    switches from quick to full local search; a cached quick result is then re-solved once.
+    Callers pass positions in any order and get members indexing *their* order. Each entry
+    records how it was solved (0: given from outside, e.g. a seed or the MILP; 1: quick; 2: full
+    or exact); ``full`` switches from quick to full, and an entry below the level asked for is
+    re-solved once (the better of both is kept).
     """
 
     def __init__(self, ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, deadline: Deadline):
         self.ctx, self.Ls, self.taus, self.deadline = ctx, Ls, taus, deadline
         self.full = False
         self.budget = ctx.cost.tokens_per_gpu * ctx.world_size
-        self.cache: dict[bytes, tuple[bool, np.ndarray, MBSolution | None]] = {}
+        self.cache: dict[bytes, tuple[int, np.ndarray, MBSolution | None]] = {}
         self.calls = 0
 
     def __call__(self, idx: np.ndarray) -> MBSolution | None:
         key = np.sort(idx)
         kb = key.tobytes()
         hit = self.cache.get(kb)
-        if hit is None or (self.full and not hit[0] and not self.ctx.exact):
+        level = 2 if (self.full or self.ctx.exact) else 1
+        if hit is None or hit[0] < level:
             self.calls += 1
             self.deadline.tick()
             if int(self.Ls[key].sum()) > self.budget:     # more tokens than all ranks hold: no solve needed
@@ -85,7 +88,7 @@ class _Solve:
                                         deadline=self.deadline)
             if hit is not None and hit[2] is not None and (sol is None or hit[2].time_ms <= sol.time_ms):
                 sol = hit[2]
-            hit = (self.full, key, sol)
+            hit = (level, key, sol)
             self.cache[kb] = hit
         _, k, sol = hit
         if sol is None or np.array_equal(k, idx):
@@ -107,7 +110,7 @@ class _Solve:
             il = idx.tolist()
             sol = MBSolution(list(sol.degrees), [[pos[il[j]] for j in m] for m in sol.members], sol.time_ms,
                              sol.method, dict(sol.extra))
-        self.cache[kb] = (hit[0] if hit is not None else False, key, sol)
+        self.cache[kb] = (hit[0] if hit is not None else 0, key, sol)
 
 
 def _safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[tuple[np.ndarray, MBSolution]]:

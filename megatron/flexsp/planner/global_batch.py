@@ -471,6 +471,63 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
     return moves
 
 
+def _pair_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
+                 deadline: Deadline, target: float) -> int:
+    """Re-split pairs of micro-batches: their union as one micro-batch, or cut in two at any point of its sorted order.
+
+    What single moves cannot do: merging two micro-batches saves a beta1 but takes several
+    uphill moves to get there, and trading several sequences at once rebalances a pair whose
+    every single move is uphill. Candidates are dismissed by ``_MBBounds`` before any solve.
+    """
+    changes = 0
+    budget = float(ctx.cost.tokens_per_gpu * ctx.world_size) + 1e-9
+    bnd = _MBBounds(ctx, Ls, taus)
+    improved = True
+    while improved and not deadline.passed() and _total(mbs) > target:
+        improved = False
+        mbs.sort(key=lambda x: -x[1].time_ms)
+        for a in range(len(mbs)):
+            for b in range(a + 1, len(mbs)):
+                if deadline.passed():
+                    return changes
+                (ia, sa), (ib, sb) = mbs[a], mbs[b]
+                old = sa.time_ms + sb.time_ms
+                u = np.sort(np.concatenate([ia, ib]))         # positions: longest first
+                tok = np.cumsum(Ls[u])
+                best = None
+                if tok[-1] <= budget and bnd.after(bnd.summary(u), None, None) < old - 1e-9:
+                    su = solve(u)
+                    if su is not None and su.time_ms < old - 1e-9:
+                        best = (su.time_ms, [[u, su]])
+                for i in range(1, u.size):
+                    if tok[i - 1] > budget:
+                        break
+                    if tok[-1] - tok[i - 1] > budget:
+                        continue
+                    left, right = u[:i], u[i:]
+                    if np.array_equal(np.sort(ia), left) or np.array_equal(np.sort(ib), left):
+                        continue
+                    lim = best[0] if best is not None else old
+                    if bnd.after(bnd.summary(left), None, None) + bnd.after(bnd.summary(right), None, None) >= lim - 1e-9:
+                        continue
+                    sl = solve(left)
+                    if sl is None:
+                        continue
+                    sr = solve(right)
+                    if sr is not None and sl.time_ms + sr.time_ms < lim - 1e-9:
+                        best = (sl.time_ms + sr.time_ms, [[left, sl], [right, sr]])
+                if best is not None:
+                    del mbs[b]
+                    del mbs[a]
+                    mbs.extend(best[1])
+                    changes += 1
+                    improved = True
+                    break
+            if improved:
+                break
+    return changes
+
+
 def _seed_chunks(ctx: PlannerContext, seed: Plan, pos: np.ndarray, taus: np.ndarray) -> list[list] | None:
     """A plan (e.g. a baseline's) as [positions, MBSolution] micro-batches of the sorted batch."""
     kidx = {d: k for k, d in enumerate(ctx.degrees)}
@@ -598,6 +655,12 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
     if not done(best) and Ls.size <= _MOVES_MAX_PER_MB * len(best):
         enter("moves")
         info["moves"] = _move_search(ctx, Ls, taus, best, solve, deadline, target)
+    if not done(best) and Ls.size <= _MOVES_MAX_PER_MB * len(best):
+        enter("pairs")
+        info["pair_changes"] = _pair_search(ctx, Ls, taus, best, solve, deadline, target)
+        if info["pair_changes"] and not done(best):
+            enter("moves2")
+            info["moves"] = info.get("moves", 0) + _move_search(ctx, Ls, taus, best, solve, deadline, target)
     if ctx.exact and not done(best):
         # small clusters: the exact solver is the tool for one micro-batch (the fill pass builds
         # the receiving micro-batch by hand), not the bucketed MILP

@@ -3,27 +3,33 @@
 Why it is anytime: the planner runs beside training on the same CPUs, so it must hand over a
 good plan when its time is up, not a perfect one later. One ``Deadline`` bounds every phase;
 each phase only ever replaces the incumbent with something better, and the search stops early
-when the incumbent is within ``gap`` of the lower bound (``bounds.lower_bound_ms``).
+when the incumbent is within ``gap`` of the lower bound (``bounds.lower_bound_ms``). The budget
+is wall-clock time, or a number of micro-batch solves where plans must be reproducible
+(``deadline.Deadline``).
 
 1. Constructive (milliseconds; at most 40 % of the time limit, but always one complete plan):
    sort the sequences longest first and cut them into consecutive chunks, one micro-batch each
    (``blaster``: a DP over cut points on estimated micro-batch times under memory budgets of
-   100/96/92/86 %, and the paper's min-max token cut for M = M_min .. M_min+2). Each cut is
-   scored by solving its micro-batches (``micro_batch.solve_micro_batch``, quick mode; exact on
-   small clusters); a chunk that cannot be packed is split in two, not dropped. Plans given as
+   92/86/96/100 %, and the paper's min-max token cut for M = M_min .. M_min+2; generated lazily,
+   best-on-average first). Each cut is scored by solving its micro-batches
+   (``micro_batch.solve_micro_batch``: dealing only; exact on small clusters); a chunk that
+   cannot be packed is split in two, not dropped. Plans given as
    ``seeds`` (the api passes the baselines' plans, which take milliseconds) compete as well, so
    the solver's own plan never loses to a baseline rule.
 2. Improvement, until the deadline or the gap (in order of value per millisecond):
-   a. re-solve the incumbent's micro-batches with the full local search, slowest first;
+   a. re-solve the best cut's micro-batches with the full local search, slowest first, and the
+      runners-up within 5 % (the cut matters most on large clusters);
    b. fill: a micro-batch whose time is set by a few long sequences has groups with spare time
       and memory; they take sequences from faster micro-batches (makespan unchanged), which are
       re-solved, possibly vanishing (one micro-batch less);
    c. polish: moves and swaps of the longest sequences between micro-batches with few sequences;
    d. moves: any sequence to any other micro-batch, or swaps of two, when the sum of the re-solved
       times drops (pruned by per-micro-batch lower bounds; this is where small clusters gain most;
-      skipped for micro-batches of more than ``_MOVES_MAX_PER_MB`` sequences);
-   e. MILP (``milp.py``) per micro-batch in short shots (``plan_flexsp`` only), then the other
-      cuts re-solved, filled and compared.
+      skipped for micro-batches of more than ``_MOVES_MAX_PER_MB`` sequences), then pairs: two
+      micro-batches merged into one, or their union cut anew (``_pair_search``), and moves again;
+   e. MILP (``milp.py``) per micro-batch in short shots (``plan_flexsp`` with a time budget
+      only; on small clusters an exact re-solve instead), then the other cuts re-solved, filled
+      and compared.
 3. Degrees become ranks with ``placement.place_groups``; the plan is validated before it is
    returned.
 

@@ -76,17 +76,19 @@ class _Solve:
         self.ctx, self.Ls, self.taus, self.deadline = ctx, Ls, taus, deadline
         self.full = False
         self.budget = ctx.cost.tokens_per_gpu * ctx.world_size
-        self.cache: dict[bytes, tuple[int, np.ndarray, MBSolution | None]] = {}
+        self.cache: dict[tuple[int, ...], tuple[int, list[int], MBSolution | None]] = {}
         self.calls = 0
 
     def __call__(self, idx: np.ndarray) -> MBSolution | None:
-        key = np.sort(idx)
-        kb = key.tobytes()
-        hit = self.cache.get(kb)
+        il = idx.tolist()
+        kl = sorted(il)                   # plain lists: micro-batches are small, numpy calls cost more
+        kt = tuple(kl)
+        hit = self.cache.get(kt)
         level = 2 if (self.full or self.ctx.exact) else 1
         if hit is None or hit[0] < level:
             self.calls += 1
             self.deadline.tick()
+            key = np.asarray(kl, dtype=np.int64)
             if int(self.Ls[key].sum()) > self.budget:     # more tokens than all ranks hold: no solve needed
                 sol = None
             else:
@@ -94,29 +96,28 @@ class _Solve:
                                         deadline=self.deadline)
             if hit is not None and hit[2] is not None and (sol is None or hit[2].time_ms <= sol.time_ms):
                 sol = hit[2]
-            hit = (level, key, sol)
-            self.cache[kb] = hit
-        _, k, sol = hit
-        if sol is None or np.array_equal(k, idx):
+            hit = (level, kl, sol)
+            self.cache[kt] = hit
+        _, kl, sol = hit
+        if sol is None or il == kl:
             return sol
-        where = {int(v): i for i, v in enumerate(idx.tolist())}
-        kl = k.tolist()
+        where = {v: i for i, v in enumerate(il)}
         return MBSolution(list(sol.degrees), [[where[kl[j]] for j in m] for m in sol.members], sol.time_ms,
                           sol.method, dict(sol.extra))
 
     def put(self, idx: np.ndarray, sol: MBSolution) -> None:
         """Remember a better solution found elsewhere (MILP, seeds) for this set of positions."""
-        key = np.sort(idx)
-        kb = key.tobytes()
-        hit = self.cache.get(kb)
+        il = idx.tolist()
+        kl = sorted(il)
+        kt = tuple(kl)
+        hit = self.cache.get(kt)
         if hit is not None and hit[2] is not None and hit[2].time_ms <= sol.time_ms:
             return
-        if not np.array_equal(key, idx):
-            pos = {int(v): i for i, v in enumerate(key.tolist())}
-            il = idx.tolist()
+        if il != kl:
+            pos = {v: i for i, v in enumerate(kl)}
             sol = MBSolution(list(sol.degrees), [[pos[il[j]] for j in m] for m in sol.members], sol.time_ms,
                              sol.method, dict(sol.extra))
-        self.cache[kb] = (hit[0] if hit is not None else 0, key, sol)
+        self.cache[kt] = (hit[0] if hit is not None else 0, kl, sol)
 
 
 def _safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[tuple[np.ndarray, MBSolution]]:
@@ -407,6 +408,12 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                 if deadline.passed():
                     return moves
                 rest = ia[ia != s]
+                # bounds first: the most removing s can gain, the least adding it elsewhere costs
+                top = sa.time_ms - (bnd.after(sms[a], s, None) if rest.size else 0.0)
+                recv = [b for b in range(len(mbs)) if b != a and sms[b][4] + Lf[s] <= budget
+                        and bnd.after(sms[b], None, s) - mbs[b][1].time_ms < top - 1e-9]
+                if not recv:
+                    continue
                 sr = solve(rest) if rest.size else None
                 if rest.size and sr is None:
                     continue
@@ -414,9 +421,7 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                 if gain <= 1e-9:
                     continue
                 best = None
-                for b in range(len(mbs)):
-                    if b == a or sms[b][4] + Lf[s] > budget:
-                        continue
+                for b in recv:
                     ib, sb = mbs[b]
                     if bnd.after(sms[b], None, s) - sb.time_ms >= gain - 1e-9:
                         continue

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10, help="batches of the 64-GPU scenario")
     p.add_argument("--iters-small", type=int, default=20, help="batches of the 4-rank scenario")
     p.add_argument("--iters-large", type=int, default=2, help="batches of the 1024-GPU scenario")
-    p.add_argument("--time-limit-small", type=float, default=0.05, help="planner limit per batch, 4 ranks (s)")
+    p.add_argument("--time-limit-small", default="0.02,0.05",
+                   help="planner limit(s) per batch, 4 ranks (s; comma-separated: one table each)")
     p.add_argument("--time-limit", type=float, default=0.3, help="planner limit per batch, 64 GPUs (s)")
     p.add_argument("--time-limit-large", type=float, default=4.5, help="planner limit per batch, 1024 GPUs (s)")
     p.add_argument("--gap", type=float, default=0.01, help="stop once within this fraction of the lower bound")
@@ -91,8 +92,9 @@ def main(argv=None) -> int:
     methods = ("flexsp", "megatron-hybrid-cp", "batch-adaptive") if args.baselines else ("flexsp",)
     print(f"load average before: {_load()}")
     t0 = time.perf_counter()
-    scenario("small", model="cpu-tiny-ddp", world_size=4, gbs=32, max_len=2048, pool_size=5000,
-             iters=args.iters_small, time_limit=args.time_limit_small, gap=args.gap, seed=args.seed, methods=methods)
+    for tl in (float(x) for x in args.time_limit_small.split(",") if x):
+        scenario("small", model="cpu-tiny-ddp", world_size=4, gbs=32, max_len=2048, pool_size=5000,
+                 iters=args.iters_small, time_limit=tl, gap=args.gap, seed=args.seed, methods=methods)
     scenario("reference", model="gpt-7b", world_size=64, gbs=512, max_len=196608, pool_size=200_000,
              iters=args.iters, time_limit=args.time_limit, gap=args.gap, seed=args.seed, methods=methods)
     if not args.skip_large:

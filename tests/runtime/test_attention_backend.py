@@ -136,6 +136,8 @@ def test_explicit_kernels_need_bf16(fake_site):
         with pytest.raises(ValueError, match=f"attention backend '{name}' needs bf16"):
             A.resolve_backend(name, CUDA, bf16=False)
         assert A.resolve_backend(name, CUDA, bf16=True) == name
+        with pytest.raises(ValueError, match=f"attention backend '{name}' runs on CUDA only"):
+            A.resolve_backend(name, CPU, bf16=True)  # e.g. a gloo run on a GPU node
     with pytest.raises(ValueError, match="unknown FlexSP attention backend 'xla'"):
         A.resolve_backend("xla")
     with pytest.raises(ValueError, match="unknown FlexSP attention backend"):

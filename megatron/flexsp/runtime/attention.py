@@ -147,8 +147,8 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, *, 
     else SDPA; on the CPU or without bf16, SDPA (flash-attn rejects fp32, and TE has no fp32
     packed (THD) path: its unfused fallback pads to [documents, max length] and runs out of
     memory). An installed package that fails to import is skipped with one warning line per
-    process. Explicit 'flash' / 'te' need ``bf16`` (ValueError otherwise) and a working import
-    (ImportError naming the package otherwise). ``device`` None means this process's default:
+    process. Explicit 'flash' / 'te' need ``bf16`` and a CUDA device (ValueError otherwise) and
+    a working import (ImportError naming the package otherwise). ``device`` None means this process's default:
     CUDA when available.
     """
     name = (backend or "sdpa").lower()
@@ -166,12 +166,18 @@ def resolve_backend(backend: str | None, device: torch.device | None = None, *, 
             f"attention backend '{name}' needs bf16 ({why}): add --bf16, or use "
             f"--attention-backend sdpa (or auto, which picks sdpa without bf16)"
         )
-    if name != "auto":
-        _require(name)
-        return name
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type != "cuda" or not bf16:
+    on_cuda = torch.device(device).type == "cuda"
+    if name != "auto":
+        if not on_cuda:
+            raise ValueError(
+                f"attention backend '{name}' runs on CUDA only, this run computes on {device}: "
+                f"use --attention-backend sdpa (or auto)"
+            )
+        _require(name)
+        return name
+    if not on_cuda or not bf16:
         return "sdpa"
     chosen = "sdpa"
     for candidate in ("te", "flash"):

@@ -291,3 +291,13 @@ def test_a_signal_during_an_in_process_stage_stops_the_run(tmp_path, monkeypatch
     res = json.loads((tmp_path / "device_check.json").read_text())
     assert res["complete"] is False and [a["backend"] for a in res["attention"]] == ["sdpa"]
     assert "interrupted by SIGTERM" in res["notes"][0]
+
+
+def test_stages_without_time_left_are_skipped_not_started(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(device_check, "_run", lambda cmd, log, timeout: started.append(cmd) or (0, ""))
+    rc = device_check.main(["--device", "cpu", "--budget-s", "1", "--out", str(tmp_path), "--doc-lengths", "3,9"])
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    assert rc == 0 and res["complete"] is True and not started
+    assert res["profile"][0] == "skipped" and [t["status"] for t in res["train"]] == ["skipped"] * 3
+    assert "skipped" in (tmp_path / "device_check.txt").read_text()

@@ -190,7 +190,8 @@ def _parallelism_flags(par: argparse._ArgumentGroup) -> None:
                      help="default: nccl with CUDA, gloo otherwise")
     par.add_argument("--distributed-timeout-minutes", type=_positive_float, default=10.0,
                      help="collectives (process groups, SP groups) fail after this long; a rank that makes no "
-                          "iteration progress for this long dumps its stacks and exits (exit code 4)")
+                          "iteration progress for 80%% of it dumps its stacks, names the ranks that went silent and "
+                          "exits (exit code 4)")
     par.add_argument("--context-parallel-size", type=_positive_int, default=None,
                      help="the SP degree of --sp-mode static (vanilla Megatron CP / Ulysses); default: the smallest "
                           "degree that holds --seq-length")

@@ -34,6 +34,7 @@ __all__ = [
     "EXIT_USER_ERROR",
     "EXIT_NONFINITE",
     "EXIT_HUNG",
+    "WATCHDOG_SHARE_OF_TIMEOUT",
     "ExitMonitor",
     "NonFiniteGuard",
     "ProgressWatchdog",
@@ -45,6 +46,9 @@ log = logging.getLogger("flexsp.train")
 EXIT_USER_ERROR = 2  # bad settings, inputs or checkpoints: one line on every rank
 EXIT_NONFINITE = 3  # --max-skipped-steps consecutive non-finite steps
 EXIT_HUNG = 4  # the progress watchdog fired
+# The watchdog's limit as a share of --distributed-timeout-minutes: it must fire before a blocked
+# collective times out on its own (a gloo/NCCL timeout names no culprit).
+WATCHDOG_SHARE_OF_TIMEOUT = 0.8
 
 
 class TooManySkippedSteps(RuntimeError):

@@ -42,7 +42,7 @@ from .logging_utils import IterationRecord, MetricsLogger, setup_logging
 from .online_calibration import OnlineCalibration
 from .optimizer import build_optimizer, clip_grad_norm
 from .planner_hook import PlannerHook, broadcast_plan, plan_inline
-from .resilience import ExitMonitor, NonFiniteGuard, ProgressWatchdog
+from .resilience import WATCHDOG_SHARE_OF_TIMEOUT, ExitMonitor, NonFiniteGuard, ProgressWatchdog
 from .summary import format_summary, summarize
 
 __all__ = ["Trainer", "TrainData", "build_train_data", "seed_everything"]
@@ -335,8 +335,9 @@ class Trainer:
             store = dist.PrefixStore("watchdog", dist.distributed_c10d._get_default_store())
         except (AttributeError, RuntimeError, ValueError):
             store = None
-        return ProgressWatchdog(60.0 * self.cfg.distributed.timeout_minutes, rank=self.env.rank,
-                                world_size=self.env.world_size, store=store)
+        # it fires before a blocked collective's own timeout, so the report names the silent ranks
+        limit = WATCHDOG_SHARE_OF_TIMEOUT * 60.0 * self.cfg.distributed.timeout_minutes
+        return ProgressWatchdog(limit, rank=self.env.rank, world_size=self.env.world_size, store=store)
 
     def train(self) -> list[IterationRecord]:
         """Resume, then step until --train-iters or an exit condition; save as the checkpointer decides."""

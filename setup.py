@@ -11,7 +11,9 @@ setup(
     version="0.1.0",
     description="FlexSP: heterogeneous sequence parallelism for long-context LLM training on megatron.core",
     python_requires=">=3.10",
-    packages=find_namespace_packages(include=["megatron.flexsp", "megatron.flexsp.*", "flexsp_patches", "flexsp_patches.*"]),
+    packages=find_namespace_packages(
+        include=["megatron.flexsp", "megatron.flexsp.*", "flexsp_patches", "flexsp_patches.*"]
+    ),
     package_data={"megatron.flexsp.planner": ["presets/*.json"]},
     py_modules=["pretrain_gpt_flexsp"],
     install_requires=[

@@ -19,8 +19,9 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_bench as E  # noqa: E402  (the sibling benchmark's launchers, so both run jobs the same way)
@@ -61,8 +62,10 @@ def _table(name: str, records: Sequence[dict[str, Any]]) -> str:
         est, fb = r.get("estimated_ms") or 0.0, r.get("compute_ms") or 0.0
         err = f"{100 * abs(est - fb) / fb:7.1f}%" if fb else "      -"
         a2 = r.get("cost_alpha2")
-        lines.append(f"  {r['iteration']:>3} {est:>9.1f} {fb:>9.1f} {r['iter_ms']:>9.1f} {err} "
-                     f"{'-' if a2 is None else f'{a2:.4g}':>10}")
+        lines.append(
+            f"  {r['iteration']:>3} {est:>9.1f} {fb:>9.1f} {r['iter_ms']:>9.1f} {err} "
+            f"{'-' if a2 is None else f'{a2:.4g}':>10}"
+        )
     return "\n".join(lines)
 
 
@@ -88,16 +91,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "cost.json").write_text(json.dumps(cost, indent=2))
     results: dict[str, Any] = {}
     for calibrate in ("on", "off"):
-        cfg = E.BenchConfig(pairs=1, nodes=nodes, ranks_per_node=per_node, data=args.data, iters=args.iters,
-                            link_mbit=args.link_mbit, cluster=args.cluster, cost_model=str(out / "cost.json"),
-                            extra=["--flexsp-calibrate", calibrate])
+        cfg = E.BenchConfig(
+            pairs=1,
+            nodes=nodes,
+            ranks_per_node=per_node,
+            data=args.data,
+            iters=args.iters,
+            link_mbit=args.link_mbit,
+            cluster=args.cluster,
+            cost_model=str(out / "cost.json"),
+            extra=["--flexsp-calibrate", calibrate],
+        )
         kind, why = E.choose_cluster(cfg, python)
         if calibrate == "on":
             print("\n".join(E.cluster_description(cfg, kind, why)))
             print(f"starting cost model: {cost['name']}; load average before: {E.read_loadavg()}")
         metrics = out / f"calibrate-{calibrate}.jsonl"
-        rc = E.launch(E.run_command(cfg, kind, python, "flexsp", str(metrics), E.free_port()),
-                      out / f"calibrate-{calibrate}.log", python, cfg.run_timeout_s)
+        rc = E.launch(
+            E.run_command(cfg, kind, python, "flexsp", str(metrics), E.free_port()),
+            out / f"calibrate-{calibrate}.log",
+            python,
+            cfg.run_timeout_s,
+        )
         if rc != 0:
             print(f"calibrate {calibrate}: run failed (rc {rc}); log {out / f'calibrate-{calibrate}.log'}")
             return 1
@@ -108,8 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"median relative error of the plan's estimate over iterations {first}-{last}:")
     for k, v in results.items():
         fb, it = v["vs_fwd_bwd"], v["vs_iteration"]
-        print(f"  calibrate {k:<3}: vs forward+backward {'-' if fb is None else f'{100 * fb:.1f}%'}, "
-              f"vs whole iteration {'-' if it is None else f'{100 * it:.1f}%'} ({v['iterations']} iterations)")
+        print(
+            f"  calibrate {k:<3}: vs forward+backward {'-' if fb is None else f'{100 * fb:.1f}%'}, "
+            f"vs whole iteration {'-' if it is None else f'{100 * it:.1f}%'} ({v['iterations']} iterations)"
+        )
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     print(f"logs and metrics: {out}")
     return 0

@@ -41,17 +41,33 @@ def _load() -> str:
     return f"{a:.2f} {b:.2f} {c:.2f} (1/5/15 min, {os.cpu_count()} CPUs)"
 
 
-def scenario(title: str, *, model: str, world_size: int, gbs: int, max_len: int, pool_size: int, iters: int,
-             time_limit: float, gap: float, seed: int, methods: tuple[str, ...]) -> dict:
+def scenario(
+    title: str,
+    *,
+    model: str,
+    world_size: int,
+    gbs: int,
+    max_len: int,
+    pool_size: int,
+    iters: int,
+    time_limit: float,
+    gap: float,
+    seed: int,
+    methods: tuple[str, ...],
+) -> dict:
     cost = load_cost_model(model, world_size)
     pool = longtail_lengths(pool_size, max_len=max_len, seed=seed)
     batches = [pool[idx].tolist() for idx in iter_batches(pool.size, gbs, iters, seed)]
-    print(f"\n== {title}: {model}, {world_size} ranks x {gbs} sequences (max {max_len}), {iters} batches, "
-          f"time limit {time_limit:g} s, gap {gap:g}")
+    print(
+        f"\n== {title}: {model}, {world_size} ranks x {gbs} sequences (max {max_len}), {iters} batches, "
+        f"time limit {time_limit:g} s, gap {gap:g}"
+    )
     # warm-up: the first call of a process pays numpy/scipy start-up, which a running trainer has paid
     plan_global_batch(batches[0][: max(1, gbs // 8)], cost, PlannerConfig(world_size=world_size, time_limit_s=0.05))
-    head = (f"{'method':<20} {'wall ms med':>11} {'wall ms max':>11} {'est. ms/iter':>13} {'/LB mean':>9} "
-            f"{'/LB max':>8}  kept")
+    head = (
+        f"{'method':<20} {'wall ms med':>11} {'wall ms max':>11} {'est. ms/iter':>13} {'/LB mean':>9} "
+        f"{'/LB max':>8}  kept"
+    )
     print(head)
     print("-" * (len(head) + 30))
     out = {}
@@ -66,12 +82,20 @@ def scenario(title: str, *, model: str, world_size: int, gbs: int, max_len: int,
             ratios.append(p.estimated_time_ms / lower_bound_ms(L, cost, world_size))
             c = str(p.solver.extra.get("chosen", "-"))
             kept[c] = kept.get(c, 0) + 1
-        row = dict(wall_med_ms=1e3 * statistics.median(walls), wall_max_ms=1e3 * max(walls),
-                   est_ms=statistics.fmean(est), ratio_mean=statistics.fmean(ratios), ratio_max=max(ratios), kept=kept)
+        row = dict(
+            wall_med_ms=1e3 * statistics.median(walls),
+            wall_max_ms=1e3 * max(walls),
+            est_ms=statistics.fmean(est),
+            ratio_mean=statistics.fmean(ratios),
+            ratio_max=max(ratios),
+            kept=kept,
+        )
         out[m] = row
         kept_s = ", ".join(f"{k} {v}" for k, v in sorted(kept.items())) if m == "flexsp" else ""
-        print(f"{m:<20} {row['wall_med_ms']:>11.1f} {row['wall_max_ms']:>11.1f} {row['est_ms']:>13.1f} "
-              f"{row['ratio_mean']:>8.4f}x {row['ratio_max']:>7.4f}x  {kept_s}")
+        print(
+            f"{m:<20} {row['wall_med_ms']:>11.1f} {row['wall_max_ms']:>11.1f} {row['est_ms']:>13.1f} "
+            f"{row['ratio_mean']:>8.4f}x {row['ratio_max']:>7.4f}x  {kept_s}"
+        )
     return out
 
 
@@ -80,8 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10, help="batches of the 64-GPU scenario")
     p.add_argument("--iters-small", type=int, default=20, help="batches of the 4-rank scenario")
     p.add_argument("--iters-large", type=int, default=2, help="batches of the 1024-GPU scenario")
-    p.add_argument("--time-limit-small", default="0.02,0.05",
-                   help="planner limit(s) per batch, 4 ranks (s; comma-separated: one table each)")
+    p.add_argument(
+        "--time-limit-small",
+        default="0.02,0.05",
+        help="planner limit(s) per batch, 4 ranks (s; comma-separated: one table each)",
+    )
     p.add_argument("--time-limit", type=float, default=0.3, help="planner limit per batch, 64 GPUs (s)")
     p.add_argument("--time-limit-large", type=float, default=4.5, help="planner limit per batch, 1024 GPUs (s)")
     p.add_argument("--gap", type=float, default=0.01, help="stop once within this fraction of the lower bound")
@@ -93,14 +120,46 @@ def main(argv=None) -> int:
     print(f"load average before: {_load()}")
     t0 = time.perf_counter()
     for tl in (float(x) for x in args.time_limit_small.split(",") if x):
-        scenario("small", model="cpu-tiny-ddp", world_size=4, gbs=32, max_len=2048, pool_size=5000,
-                 iters=args.iters_small, time_limit=tl, gap=args.gap, seed=args.seed, methods=methods)
-    scenario("reference", model="gpt-7b", world_size=64, gbs=512, max_len=196608, pool_size=200_000,
-             iters=args.iters, time_limit=args.time_limit, gap=args.gap, seed=args.seed, methods=methods)
+        scenario(
+            "small",
+            model="cpu-tiny-ddp",
+            world_size=4,
+            gbs=32,
+            max_len=2048,
+            pool_size=5000,
+            iters=args.iters_small,
+            time_limit=tl,
+            gap=args.gap,
+            seed=args.seed,
+            methods=methods,
+        )
+    scenario(
+        "reference",
+        model="gpt-7b",
+        world_size=64,
+        gbs=512,
+        max_len=196608,
+        pool_size=200_000,
+        iters=args.iters,
+        time_limit=args.time_limit,
+        gap=args.gap,
+        seed=args.seed,
+        methods=methods,
+    )
     if not args.skip_large:
-        scenario("scale", model="gpt-7b", world_size=1024, gbs=8192, max_len=196608, pool_size=200_000,
-                 iters=args.iters_large, time_limit=args.time_limit_large, gap=args.gap, seed=args.seed,
-                 methods=methods)
+        scenario(
+            "scale",
+            model="gpt-7b",
+            world_size=1024,
+            gbs=8192,
+            max_len=196608,
+            pool_size=200_000,
+            iters=args.iters_large,
+            time_limit=args.time_limit_large,
+            gap=args.gap,
+            seed=args.seed,
+            methods=methods,
+        )
     print(f"\n({time.perf_counter() - t0:.1f} s wall)  load average after: {_load()}")
     return 0
 

@@ -56,9 +56,15 @@ def _build_layer(cfg: BenchConfig, device, dtype):
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
 
     d = cfg.hidden // cfg.heads
-    tcfg = TransformerConfig(num_layers=1, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
-                             num_query_groups=cfg.kv_heads, kv_channels=d, attention_dropout=0.0,
-                             hidden_dropout=0.0)
+    tcfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=cfg.hidden,
+        num_attention_heads=cfg.heads,
+        num_query_groups=cfg.kv_heads,
+        kv_channels=d,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
 
     class Layer(torch.nn.Module):
         """Pre-norm block: RMSNorm, QKV (GQA), FlexSP attention, proj; RMSNorm, SwiGLU MLP."""
@@ -132,8 +138,19 @@ def _rank_body(rank: int, world_size: int, cfg_dict: dict) -> list[dict]:
                     fwd.append((t1 - t0) * 1e3)
                     bwd.append((t2 - t1) * 1e3)
                     a2a.append(stats.ms)
-            rows.append(dict(degree=d, tokens=tokens, tokens_per_rank=packed.n_local, fwd=fwd, bwd=bwd, a2a=a2a,
-                             a2a_bytes=stats.bytes, a2a_calls=stats.calls, padded=packed.num_padded))
+            rows.append(
+                dict(
+                    degree=d,
+                    tokens=tokens,
+                    tokens_per_rank=packed.n_local,
+                    fwd=fwd,
+                    bwd=bwd,
+                    a2a=a2a,
+                    a2a_bytes=stats.bytes,
+                    a2a_calls=stats.calls,
+                    padded=packed.num_padded,
+                )
+            )
     return rows
 
 
@@ -152,30 +169,69 @@ def _summarise(cfg: BenchConfig, per_rank: list[list[dict]]) -> list[dict]:
         a2a = statistics.median(statistics.mean(r["a2a"][k] for r in rows) for k in range(n))
         d, T = row["degree"], row["tokens"] + row["padded"]
         bpt = row["a2a_bytes"] * d / T if d > 1 else 0.0  # per token of the group, fwd + bwd
-        out.append(dict(degree=d, tokens=row["tokens"], tokens_per_rank=row["tokens_per_rank"], fwd_ms=fwd,
-                        bwd_ms=bwd, fwd_bwd_ms=total, a2a_ms=a2a, a2a_share=a2a / total if total else 0.0,
-                        a2a_calls=row["a2a_calls"], a2a_mb_per_rank=row["a2a_bytes"] / 2**20,
-                        bytes_per_token=bpt, formula_bytes_per_token=formula if d > 1 else 0.0,
-                        eff_bandwidth_gbs=(row["a2a_bytes"] / 2**20 / a2a) if d > 1 and a2a > 0 else None))
+        out.append(
+            dict(
+                degree=d,
+                tokens=row["tokens"],
+                tokens_per_rank=row["tokens_per_rank"],
+                fwd_ms=fwd,
+                bwd_ms=bwd,
+                fwd_bwd_ms=total,
+                a2a_ms=a2a,
+                a2a_share=a2a / total if total else 0.0,
+                a2a_calls=row["a2a_calls"],
+                a2a_mb_per_rank=row["a2a_bytes"] / 2**20,
+                bytes_per_token=bpt,
+                formula_bytes_per_token=formula if d > 1 else 0.0,
+                eff_bandwidth_gbs=(row["a2a_bytes"] / 2**20 / a2a) if d > 1 and a2a > 0 else None,
+            )
+        )
     return out
 
 
 def _table(rows: list[dict], cfg: BenchConfig) -> str:
-    head = (f"FlexSP runtime bench: {cfg.world_size} ranks ({cfg.backend}), layer hidden={cfg.hidden} "
-            f"heads={cfg.heads} kv_heads={cfg.kv_heads} ffn={cfg.ffn} {cfg.dtype}, attention={cfg.attn_backend}, "
-            f"{cfg.docs} doc(s)/group, median of {cfg.repeats}")
-    cols = ["degree", "tokens", "tok/rank", "fwd ms", "bwd ms", "fwd+bwd ms", "a2a ms", "a2a %", "a2a calls",
-            "B/token", "model B/token", "eff GB/s"]
+    head = (
+        f"FlexSP runtime bench: {cfg.world_size} ranks ({cfg.backend}), layer hidden={cfg.hidden} "
+        f"heads={cfg.heads} kv_heads={cfg.kv_heads} ffn={cfg.ffn} {cfg.dtype}, attention={cfg.attn_backend}, "
+        f"{cfg.docs} doc(s)/group, median of {cfg.repeats}"
+    )
+    cols = [
+        "degree",
+        "tokens",
+        "tok/rank",
+        "fwd ms",
+        "bwd ms",
+        "fwd+bwd ms",
+        "a2a ms",
+        "a2a %",
+        "a2a calls",
+        "B/token",
+        "model B/token",
+        "eff GB/s",
+    ]
     lines = [head, " | ".join(f"{c:>10}" for c in cols)]
     for r in rows:
         bw = "-" if r["eff_bandwidth_gbs"] is None else f"{r['eff_bandwidth_gbs']:.3f}"
-        vals = [r["degree"], r["tokens"], r["tokens_per_rank"], f"{r['fwd_ms']:.1f}", f"{r['bwd_ms']:.1f}",
-                f"{r['fwd_bwd_ms']:.1f}", f"{r['a2a_ms']:.1f}", f"{100 * r['a2a_share']:.1f}", r["a2a_calls"],
-                f"{r['bytes_per_token']:.0f}", f"{r['formula_bytes_per_token']:.0f}", bw]
+        vals = [
+            r["degree"],
+            r["tokens"],
+            r["tokens_per_rank"],
+            f"{r['fwd_ms']:.1f}",
+            f"{r['bwd_ms']:.1f}",
+            f"{r['fwd_bwd_ms']:.1f}",
+            f"{r['a2a_ms']:.1f}",
+            f"{100 * r['a2a_share']:.1f}",
+            r["a2a_calls"],
+            f"{r['bytes_per_token']:.0f}",
+            f"{r['formula_bytes_per_token']:.0f}",
+            bw,
+        ]
         lines.append(" | ".join(f"{v:>10}" for v in vals))
-    lines.append("B/token: all-to-all bytes per token of the group through this layer, forward + backward; "
-                 "model B/token: costmodel.alltoall_bytes_per_token for one layer (differs when kv heads are "
-                 "replicated because the degree exceeds them).")
+    lines.append(
+        "B/token: all-to-all bytes per token of the group through this layer, forward + backward; "
+        "model B/token: costmodel.alltoall_bytes_per_token for one layer (differs when kv heads are "
+        "replicated because the degree exceeds them)."
+    )
     return "\n".join(lines)
 
 
@@ -206,9 +262,15 @@ def check_backends(device: str | None = None, dtype_name: str | None = None, len
         te_mod = None
         if backend == "te":
             te = A._require("te")
-            te_mod = te.DotProductAttention(num_attention_heads=h, kv_channels=d, num_gqa_groups=hk,
-                                            attention_dropout=0.0, qkv_format="thd",
-                                            attn_mask_type="padding_causal", softmax_scale=d ** -0.5)
+            te_mod = te.DotProductAttention(
+                num_attention_heads=h,
+                kv_channels=d,
+                num_gqa_groups=hk,
+                attention_dropout=0.0,
+                qkv_format="thd",
+                attn_mask_type="padding_causal",
+                softmax_scale=d**-0.5,
+            )
         t0 = time.perf_counter()
         out = A.varlen_causal_attention(q, k, v, cu, max(lengths), backend=backend, te_module=te_mod)
         out.backward(gout.to(device_, dt))
@@ -219,8 +281,10 @@ def check_backends(device: str | None = None, dtype_name: str | None = None, len
 
     ref, _ = run("sdpa", torch.float64, torch.device("cpu"))
     failures = 0
-    print(f"attention backend parity on {dev} in {dtype} vs fp64 sdpa; documents {list(lengths)}; "
-          f"heads {h}/{hk} kv, dim {d}; tolerance {tol} (relative to max |ref|)")
+    print(
+        f"attention backend parity on {dev} in {dtype} vs fp64 sdpa; documents {list(lengths)}; "
+        f"heads {h}/{hk} kv, dim {d}; tolerance {tol} (relative to max |ref|)"
+    )
     for backend in ("sdpa", "flash", "te"):
         try:
             if backend != "sdpa":
@@ -240,8 +304,10 @@ def check_backends(device: str | None = None, dtype_name: str | None = None, len
         errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)]
         ok = all(e <= tol for e in errs)
         failures += not ok
-        print(f"{backend:>6}: {'ok  ' if ok else 'FAIL'} rel err out {errs[0]:.2e} dq {errs[1]:.2e} "
-              f"dk {errs[2]:.2e} dv {errs[3]:.2e}; fwd+bwd {ms:.1f} ms")
+        print(
+            f"{backend:>6}: {'ok  ' if ok else 'FAIL'} rel err out {errs[0]:.2e} dq {errs[1]:.2e} "
+            f"dk {errs[2]:.2e} dv {errs[3]:.2e}; fwd+bwd {ms:.1f} ms"
+        )
     return failures
 
 
@@ -264,15 +330,31 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=c.threads, help="torch threads per rank")
     p.add_argument("--timeout-s", type=float, default=c.timeout_s)
     p.add_argument("--json", help="also write the rows as JSON here")
-    p.add_argument("--check-backends", action="store_true",
-                   help="instead: single-process parity of the sdpa/flash/te attention backends on this device")
+    p.add_argument(
+        "--check-backends",
+        action="store_true",
+        help="instead: single-process parity of the sdpa/flash/te attention backends on this device",
+    )
     a = p.parse_args(argv)
     if a.check_backends:
         return min(1, check_backends(dtype_name=None if a.dtype == "float32" else a.dtype))
-    cfg = BenchConfig(world_size=a.world_size, degrees=a.degrees, tokens=a.tokens, docs=a.docs, hidden=a.hidden,
-                      heads=a.heads, kv_heads=a.kv_heads, ffn=a.ffn, repeats=a.repeats, warmup=a.warmup,
-                      backend=a.backend, attn_backend=a.attn_backend, dtype=a.dtype, threads=a.threads,
-                      timeout_s=a.timeout_s)
+    cfg = BenchConfig(
+        world_size=a.world_size,
+        degrees=a.degrees,
+        tokens=a.tokens,
+        docs=a.docs,
+        hidden=a.hidden,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+        ffn=a.ffn,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        backend=a.backend,
+        attn_backend=a.attn_backend,
+        dtype=a.dtype,
+        threads=a.threads,
+        timeout_s=a.timeout_s,
+    )
     bad = [d for d in cfg.degrees if cfg.world_size % d or cfg.heads % d]
     if bad:
         p.error(f"degrees {bad} must divide the world size {cfg.world_size} and the heads {cfg.heads}")
@@ -281,8 +363,9 @@ def main(argv=None) -> int:
 
     from tests.dist_utils import run_distributed
 
-    per_rank = run_distributed(_rank_body, cfg.world_size, asdict(cfg), timeout=cfg.timeout_s,
-                               backend=cfg.backend, threads=cfg.threads)
+    per_rank = run_distributed(
+        _rank_body, cfg.world_size, asdict(cfg), timeout=cfg.timeout_s, backend=cfg.backend, threads=cfg.threads
+    )
     rows = _summarise(cfg, per_rank)
     print(_table(rows, cfg))
     if a.json:

@@ -25,8 +25,9 @@ def have_te() -> bool:
         return False
 
 
-def get_stock_layer_spec(transformer_impl: str = "local", *, normalization: str = "RMSNorm",
-                         qk_layernorm: bool = False):
+def get_stock_layer_spec(
+    transformer_impl: str = "local", *, normalization: str = "RMSNorm", qk_layernorm: bool = False
+):
     """megatron.core's own GPT layer spec (no FlexSP), for ``transformer_impl`` local or transformer_engine."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -34,8 +35,10 @@ def get_stock_layer_spec(transformer_impl: str = "local", *, normalization: str 
         return specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     if transformer_impl == "transformer_engine":
         if not have_te():
-            raise RuntimeError("transformer_impl='transformer_engine' needs Transformer Engine "
-                               "(pip install transformer_engine[pytorch]); use transformer_impl='local' without it")
+            raise RuntimeError(
+                "transformer_impl='transformer_engine' needs Transformer Engine "
+                "(pip install transformer_engine[pytorch]); use transformer_impl='local' without it"
+            )
         # The TE spec reads the norm type from TransformerConfig.normalization.
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
@@ -53,8 +56,13 @@ def replace_core_attention(spec, core_attention: Any):
     return spec
 
 
-def get_flexsp_layer_spec(transformer_impl: str = "local", *, normalization: str = "RMSNorm",
-                          qk_layernorm: bool = False, attention_backend: str = "sdpa"):
+def get_flexsp_layer_spec(
+    transformer_impl: str = "local",
+    *,
+    normalization: str = "RMSNorm",
+    qk_layernorm: bool = False,
+    attention_backend: str = "sdpa",
+):
     """megatron's GPT layer spec with FlexSPCoreAttention as core attention.
 
     ``attention_backend`` ("sdpa", "flash", "te") is handed to FlexSPCoreAttention as a spec

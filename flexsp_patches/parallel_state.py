@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -92,7 +93,9 @@ def install() -> None:
     for name in _GETTERS:
         current = getattr(ps, name, None)
         if current is None:
-            raise RuntimeError(f"megatron.core.parallel_state has no '{name}'; this megatron-core version is unsupported")
+            raise RuntimeError(
+                f"megatron.core.parallel_state has no '{name}'; this megatron-core version is unsupported"
+            )
         if getattr(current, _PATCH_MARK, False):
             continue
         _ORIGINALS[name] = current

@@ -22,31 +22,79 @@ import json
 import re
 import shlex
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # Same name and meaning in both trainers: copied with their value.
 SAME_VALUE = (
-    "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups",
-    "--position-embedding-type", "--normalization", "--max-position-embeddings", "--seq-length",
-    "--tokenizer-model", "--train-iters", "--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-iters",
-    "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1", "--adam-beta2", "--adam-eps", "--seed",
-    "--split", "--log-interval", "--init-method-std", "--save", "--load", "--save-interval", "--tensorboard-dir",
-    "--wandb-project", "--wandb-exp-name", "--eval-interval", "--eval-iters", "--exit-interval",
+    "--num-layers",
+    "--hidden-size",
+    "--ffn-hidden-size",
+    "--num-attention-heads",
+    "--num-query-groups",
+    "--position-embedding-type",
+    "--normalization",
+    "--max-position-embeddings",
+    "--seq-length",
+    "--tokenizer-model",
+    "--train-iters",
+    "--lr",
+    "--min-lr",
+    "--lr-warmup-iters",
+    "--lr-decay-iters",
+    "--lr-decay-style",
+    "--weight-decay",
+    "--clip-grad",
+    "--adam-beta1",
+    "--adam-beta2",
+    "--adam-eps",
+    "--seed",
+    "--split",
+    "--log-interval",
+    "--init-method-std",
+    "--save",
+    "--load",
+    "--save-interval",
+    "--tensorboard-dir",
+    "--wandb-project",
+    "--wandb-exp-name",
+    "--eval-interval",
+    "--eval-iters",
+    "--exit-interval",
 )
 SAME_SWITCH = ("--group-query-attention", "--swiglu", "--bf16", "--mock-data")
 # FlexSP-only: no Megatron counterpart; dropped from the vanilla command (value-taking ones).
 FLEXSP_ONLY_VALUE = (
-    "--sp-mode", "--flexsp-cost-model", "--flexsp-time-limit", "--flexsp-plan-ahead", "--flexsp-dump-plans",
-    "--flexsp-sharding", "--metrics-file", "--overlong", "--stdlib-granularity", "--mock-data-num-docs",
-    "--mock-data-median", "--mock-data-sigma", "--mock-data-tail-frac", "--mock-data-pareto-alpha",
-    "--mock-data-min-len", "--mock-data-max-len", "--micro-batch-size",
+    "--sp-mode",
+    "--flexsp-cost-model",
+    "--flexsp-time-limit",
+    "--flexsp-plan-ahead",
+    "--flexsp-dump-plans",
+    "--flexsp-sharding",
+    "--metrics-file",
+    "--overlong",
+    "--stdlib-granularity",
+    "--mock-data-num-docs",
+    "--mock-data-median",
+    "--mock-data-sigma",
+    "--mock-data-tail-frac",
+    "--mock-data-pareto-alpha",
+    "--mock-data-min-len",
+    "--mock-data-max-len",
+    "--micro-batch-size",
 )
 FLEXSP_ONLY_SWITCH = ("--no-progress-bar", "--no-save-final")
 # Translated (handled below): --global-batch-size, --context-parallel-size, --data-path (nargs),
 # --tokenizer-type, --vocab-size, --transformer-impl, --attention-backend, --distributed-backend,
 # --tensor-model-parallel-size, --pipeline-model-parallel-size.
-_ATTN = {"te": "fused", "fused": "fused", "flash": "flash", "auto": "auto", "sdpa": "auto", "unfused": "unfused",
-         "local": "auto"}
+_ATTN = {
+    "te": "fused",
+    "fused": "fused",
+    "flash": "flash",
+    "auto": "auto",
+    "sdpa": "auto",
+    "unfused": "unfused",
+    "local": "auto",
+}
 
 
 class FlagError(ValueError):
@@ -64,7 +112,7 @@ def _parse(argv: Sequence[str]) -> dict[str, object]:
             raise FlagError(f"unexpected argument {a!r} (flags only)")
         if "=" in a:
             a, v = a.split("=", 1)
-            argv[i + 1:i + 1] = [v]
+            argv[i + 1 : i + 1] = [v]
         if a in SAME_SWITCH or a in FLEXSP_ONLY_SWITCH:
             out[a] = True
             i += 1
@@ -78,10 +126,21 @@ def _parse(argv: Sequence[str]) -> dict[str, object]:
                 raise FlagError("--data-path needs at least one prefix")
             out[a] = vals
         else:
-            known = SAME_VALUE + FLEXSP_ONLY_VALUE + (
-                "--global-batch-size", "--context-parallel-size", "--tokenizer-type", "--vocab-size",
-                "--transformer-impl", "--attention-backend", "--distributed-backend", "--tensor-model-parallel-size",
-                "--pipeline-model-parallel-size")
+            known = (
+                SAME_VALUE
+                + FLEXSP_ONLY_VALUE
+                + (
+                    "--global-batch-size",
+                    "--context-parallel-size",
+                    "--tokenizer-type",
+                    "--vocab-size",
+                    "--transformer-impl",
+                    "--attention-backend",
+                    "--distributed-backend",
+                    "--tensor-model-parallel-size",
+                    "--pipeline-model-parallel-size",
+                )
+            )
             if a not in known:
                 raise FlagError(f"{a}: no known Megatron-LM equivalent (see docs/compare_with_megatron.md)")
             if i + 1 >= len(argv):
@@ -93,10 +152,27 @@ def _parse(argv: Sequence[str]) -> dict[str, object]:
 
 # Model and optimisation flags whose FlexSP default is passed explicitly to Megatron-LM.
 _WRITE_DEFAULT = (
-    "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--position-embedding-type",
-    "--normalization", "--max-position-embeddings", "--seq-length", "--train-iters", "--lr", "--min-lr",
-    "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1", "--adam-beta2",
-    "--adam-eps", "--seed", "--log-interval", "--init-method-std",
+    "--num-layers",
+    "--hidden-size",
+    "--ffn-hidden-size",
+    "--num-attention-heads",
+    "--position-embedding-type",
+    "--normalization",
+    "--max-position-embeddings",
+    "--seq-length",
+    "--train-iters",
+    "--lr",
+    "--min-lr",
+    "--lr-warmup-iters",
+    "--lr-decay-style",
+    "--weight-decay",
+    "--clip-grad",
+    "--adam-beta1",
+    "--adam-beta2",
+    "--adam-eps",
+    "--seed",
+    "--log-interval",
+    "--init-method-std",
 )
 
 
@@ -121,8 +197,14 @@ def _smallest_cp(flags: dict[str, object], world_size: int) -> int:
     return d
 
 
-def translate(flexsp_argv: Sequence[str], *, world_size: int, cp: int | None = None,
-              megatron_gbs: int | None = None, fsdp: bool = False) -> dict[str, object]:
+def translate(
+    flexsp_argv: Sequence[str],
+    *,
+    world_size: int,
+    cp: int | None = None,
+    megatron_gbs: int | None = None,
+    fsdp: bool = False,
+) -> dict[str, object]:
     """{'flexsp': argv, 'megatron': argv, 'cp': D, 'dp': world/D, 'notes': [...]} for one comparison."""
     if world_size < 1:
         raise FlagError(f"world size must be >= 1, got {world_size}")
@@ -172,9 +254,11 @@ def translate(flexsp_argv: Sequence[str], *, world_size: int, cp: int | None = N
         notes.append("ByteTokenizer -> NullTokenizer with the same --vocab-size (identical model shapes)")
         if "--data-path" not in flags and "--mock-data" not in flags:
             m.append("--mock-data")
-            notes.append("FlexSP's default stdlib corpus has no Megatron .bin/.idx: the vanilla run uses --mock-data "
-                         "(preprocess a corpus with scripts/preprocess_data.py and pass --data-path to compare on "
-                         "the same documents)")
+            notes.append(
+                "FlexSP's default stdlib corpus has no Megatron .bin/.idx: the vanilla run uses --mock-data "
+                "(preprocess a corpus with scripts/preprocess_data.py and pass --data-path to compare on "
+                "the same documents)"
+            )
     else:
         m += ["--tokenizer-type", str(tok)]
         if vocab is not None:
@@ -182,23 +266,48 @@ def translate(flexsp_argv: Sequence[str], *, world_size: int, cp: int | None = N
     gbs = megatron_gbs
     if gbs is None:
         gbs = int(str(flags.get("--global-batch-size", 32)))
-        notes.append("--global-batch-size: FlexSP counts documents, Megatron windows of --seq-length tokens; the "
-                     "runner sets it from FlexSP's measured tokens per iteration (tokens/s is compared)")
+        notes.append(
+            "--global-batch-size: FlexSP counts documents, Megatron windows of --seq-length tokens; the "
+            "runner sets it from FlexSP's measured tokens per iteration (tokens/s is compared)"
+        )
     gbs = max(dp, -(-gbs // dp) * dp)  # a multiple of the data-parallel size (micro-batch size 1)
     m += ["--global-batch-size", str(gbs), "--micro-batch-size", "1"]
     # parallelism: one CP degree for every sequence, Ulysses all-to-all, ZeRO for the model states
-    m += ["--context-parallel-size", str(cp), "--cp-comm-type", "a2a", "--tensor-model-parallel-size", "1",
-          "--pipeline-model-parallel-size", "1", "--transformer-impl", "transformer_engine",
-          "--attention-backend", _ATTN.get(str(flags.get("--attention-backend", "auto")), "auto"),
-          "--distributed-backend", str(flags.get("--distributed-backend", "nccl"))]
+    m += [
+        "--context-parallel-size",
+        str(cp),
+        "--cp-comm-type",
+        "a2a",
+        "--tensor-model-parallel-size",
+        "1",
+        "--pipeline-model-parallel-size",
+        "1",
+        "--transformer-impl",
+        "transformer_engine",
+        "--attention-backend",
+        _ATTN.get(str(flags.get("--attention-backend", "auto")), "auto"),
+        "--distributed-backend",
+        str(flags.get("--distributed-backend", "nccl")),
+    ]
     if str(flags.get("--transformer-impl", "local")) != "transformer_engine":
-        notes.append("--transformer-impl transformer_engine on the Megatron side: its a2a context parallelism "
-                     "lives in Transformer Engine")
+        notes.append(
+            "--transformer-impl transformer_engine on the Megatron side: its a2a context parallelism "
+            "lives in Transformer Engine"
+        )
     m += ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"] if fsdp else ["--use-distributed-optimizer"]
     # packed documents that never attend across boundaries, FlexSP's model defaults
-    m += ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss", "--disable-bias-linear",
-          "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0",
-          "--log-throughput"]
+    m += [
+        "--reset-position-ids",
+        "--reset-attention-mask",
+        "--eod-mask-loss",
+        "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights",
+        "--attention-dropout",
+        "0",
+        "--hidden-dropout",
+        "0",
+        "--log-throughput",
+    ]
     if "--eval-interval" not in flags:
         m += ["--eval-interval", str(10**9), "--eval-iters", "0"]
 
@@ -236,8 +345,10 @@ def table(flexsp_metrics: str, megatron_log: str, *, gbs: int, seq_length: int, 
     g_tok = [gbs * seq_length] * len(g)
     ft, gt = tokens_per_s(f_ms, f_tok), tokens_per_s(g_ms, g_tok)
     mode = recs[-1].get("sp_mode", "flexsp")
-    rows = [(f"FlexSP ({mode})", "per batch", sum(f_ms) / len(f_ms), sum(f_tok) / len(f_tok), ft),
-            (f"Megatron-LM (CP {cp}, a2a)", str(cp), sum(g_ms) / len(g_ms), float(gbs * seq_length), gt)]
+    rows = [
+        (f"FlexSP ({mode})", "per batch", sum(f_ms) / len(f_ms), sum(f_tok) / len(f_tok), ft),
+        (f"Megatron-LM (CP {cp}, a2a)", str(cp), sum(g_ms) / len(g_ms), float(gbs * seq_length), gt),
+    ]
     out = [f"{'run':<28}{'CP':>10}{'ms/iter':>11}{'tokens/iter':>13}{'tokens/s':>12}{'speedup':>9}"]
     for name, c, ms, tok, tps in rows:
         out.append(f"{name:<28}{c:>10}{ms:>11.1f}{tok:>13.0f}{tps:>12.1f}{tps / gt:>8.2f}x")
@@ -256,8 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--skip", type=int, default=2)
         ta = t.parse_args(argv[1:])
         try:
-            print(table(ta.flexsp_metrics, ta.megatron_log, gbs=ta.gbs, seq_length=ta.seq_length, cp=ta.cp,
-                        skip=ta.skip))
+            print(
+                table(ta.flexsp_metrics, ta.megatron_log, gbs=ta.gbs, seq_length=ta.seq_length, cp=ta.cp, skip=ta.skip)
+            )
         except (FlagError, OSError, KeyError, ValueError) as e:
             print(f"compare_with_megatron: error: {e}", file=sys.stderr)
             return 2
@@ -272,8 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
     try:
-        r = translate(flags, world_size=a.world_size, cp=a.cp, megatron_gbs=a.megatron_global_batch_size,
-                      fsdp=a.megatron_fsdp)
+        r = translate(
+            flags, world_size=a.world_size, cp=a.cp, megatron_gbs=a.megatron_global_batch_size, fsdp=a.megatron_fsdp
+        )
     except (FlagError, ValueError) as e:
         print(f"compare_with_megatron: error: {e}", file=sys.stderr)
         return 2

@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     seen = [None] * world
     dist.all_gather_object(seen, rank)
     ok = t.item() == expected and sorted(seen) == list(range(world))
-    line = (f"dist_check: rank {rank}/{world} local_rank {local_rank} host {socket.gethostname()} "
-            f"backend {backend} sum {t.item():.0f} (expected {expected:.0f}) {'OK' if ok else 'MISMATCH'}\n")
+    line = (
+        f"dist_check: rank {rank}/{world} local_rank {local_rank} host {socket.gethostname()} "
+        f"backend {backend} sum {t.item():.0f} (expected {expected:.0f}) {'OK' if ok else 'MISMATCH'}\n"
+    )
     sys.stdout.write(line)  # one write per line: ranks share the job's log
     sys.stdout.flush()
     dist.barrier()

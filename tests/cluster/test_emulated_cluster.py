@@ -21,11 +21,40 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "emulated_cluster.sh"
-TRAIN = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-         "--group-query-attention", "--swiglu", "--seq-length", "2048", "--global-batch-size", "8",
-         "--train-iters", "2", "--lr", "2e-3", "--lr-warmup-iters", "1", "--seed", "7", "--mock-data",
-         "--mock-data-num-docs", "200", "--no-progress-bar", "--log-interval", "1", "--sp-mode", "flexsp",
-         "--flexsp-plan-ahead", "0"]
+TRAIN = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--group-query-attention",
+    "--swiglu",
+    "--seq-length",
+    "2048",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "2",
+    "--lr",
+    "2e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--seed",
+    "7",
+    "--mock-data",
+    "--mock-data-num-docs",
+    "200",
+    "--no-progress-bar",
+    "--log-interval",
+    "1",
+    "--sp-mode",
+    "flexsp",
+    "--flexsp-plan-ahead",
+    "0",
+]
 
 
 def _free_port() -> int:
@@ -51,11 +80,14 @@ def _emulation_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--nodes", "0"], "--nodes must be a positive integer, got '0'"),
-    (["--link-mbit", "fast"], "--link-mbit must be a positive integer, got 'fast'"),
-    (["--latency-ms", "-1"], "--latency-ms must be a number >= 0, got '-1'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nodes", "0"], "--nodes must be a positive integer, got '0'"),
+        (["--link-mbit", "fast"], "--link-mbit must be a positive integer, got 'fast'"),
+        (["--latency-ms", "-1"], "--latency-ms must be a number >= 0, got '-1'"),
+    ],
+)
 def test_bad_options_are_named(argv, message):
     r = subprocess.run(["bash", str(SCRIPT), *argv], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
@@ -69,9 +101,29 @@ def test_two_nodes_match_one_host(tmp_path):
         pytest.skip(f"cannot emulate nodes here: {why}")
     env = dict(os.environ, PYTHON=sys.executable)
     emu_metrics = tmp_path / "emulated.jsonl"
-    r = subprocess.run(["bash", str(SCRIPT), "--nodes", "2", "--gpus-per-node", "2", "--link-mbit", "200",
-                        "--timeout", "400", "--", *TRAIN, "--metrics-file", str(emu_metrics)],
-                       capture_output=True, text=True, timeout=480, env=env, cwd=ROOT)
+    r = subprocess.run(
+        [
+            "bash",
+            str(SCRIPT),
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--link-mbit",
+            "200",
+            "--timeout",
+            "400",
+            "--",
+            *TRAIN,
+            "--metrics-file",
+            str(emu_metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        env=env,
+        cwd=ROOT,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "[node0]" in out and "[node1]" in out, out[-4000:]
@@ -82,10 +134,27 @@ def test_two_nodes_match_one_host(tmp_path):
     assert not [line for line in left.splitlines() if line.startswith(prefix)], left
 
     host_metrics = tmp_path / "host.jsonl"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr",
-                        "127.0.0.1", "--master-port", str(_free_port()), "pretrain_gpt_flexsp.py", *TRAIN,
-                        "--metrics-file", str(host_metrics)],
-                       capture_output=True, text=True, timeout=400, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "4",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "pretrain_gpt_flexsp.py",
+            *TRAIN,
+            "--metrics-file",
+            str(host_metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     emu, host = _losses(emu_metrics), _losses(host_metrics)
     assert len(emu) == len(host) == 2

@@ -17,8 +17,13 @@ import pytest
 
 from megatron.flexsp.planner.costmodel import CostModel, alltoall_bytes_per_token
 from megatron.flexsp.planner.fitting import fit_bandwidth, fit_compute, fit_linear
-from megatron.flexsp.training.profiler import (GPU_MEMORY_PROBE_CAP, ProfileConfig, ProfileError, memory_probe_lengths,
-                                               profile_config_from_args)
+from megatron.flexsp.training.profiler import (
+    GPU_MEMORY_PROBE_CAP,
+    ProfileConfig,
+    ProfileError,
+    memory_probe_lengths,
+    profile_config_from_args,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,11 +136,44 @@ def _param_count(layers, h, heads, groups, ffn, vocab):
 
 def test_profiler_end_to_end_on_two_gloo_ranks(tmp_path):
     out = tmp_path / "cost.json"
-    model = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
-             "--num-query-groups", "2", "--swiglu", "--ffn-hidden-size", "64", "--seq-length", "256"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "megatron.flexsp.training.profiler", *model, "--capacity-tokens", "200",
-           "--profile-repeats", "1", "--profile-warmup", "1", "--profile-a2a-repeats", "1", "--output", str(out)]
+    model = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--group-query-attention",
+        "--num-query-groups",
+        "2",
+        "--swiglu",
+        "--ffn-hidden-size",
+        "64",
+        "--seq-length",
+        "256",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "megatron.flexsp.training.profiler",
+        *model,
+        "--capacity-tokens",
+        "200",
+        "--profile-repeats",
+        "1",
+        "--profile-warmup",
+        "1",
+        "--profile-a2a-repeats",
+        "1",
+        "--output",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     r = _run_bounded(cmd, 240, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -160,8 +198,19 @@ def test_profiler_end_to_end_on_two_gloo_ranks(tmp_path):
 
 
 def test_profiler_bad_flags_exit_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "megatron.flexsp.training.profiler", "--seq-length", "128",
-           "--memory-limit-gb", "1", "--capacity-tokens", "5", "--output", str(tmp_path / "x.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron.flexsp.training.profiler",
+        "--seq-length",
+        "128",
+        "--memory-limit-gb",
+        "1",
+        "--capacity-tokens",
+        "5",
+        "--output",
+        str(tmp_path / "x.json"),
+    ]
     r = _run_bounded(cmd, 120, cwd=ROOT)
     assert r.returncode == 2 and "--memory-limit-gb or --capacity-tokens" in r.stderr
     assert not (tmp_path / "x.json").exists()
@@ -169,9 +218,27 @@ def test_profiler_bad_flags_exit_cleanly(tmp_path):
 
 def test_single_process_profile_has_no_usable_fake_bandwidth(tmp_path):
     out = tmp_path / "one.json"
-    cmd = [sys.executable, "-m", "megatron.flexsp.training.profiler", "--num-layers", "1", "--hidden-size", "32",
-           "--num-attention-heads", "4", "--seq-length", "128", "--capacity-tokens", "64", "--profile-repeats", "1",
-           "--profile-warmup", "0", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron.flexsp.training.profiler",
+        "--num-layers",
+        "1",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "128",
+        "--capacity-tokens",
+        "64",
+        "--profile-repeats",
+        "1",
+        "--profile-warmup",
+        "0",
+        "--output",
+        str(out),
+    ]
     r = _run_bounded(cmd, 180, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "no all-to-all measured" in r.stdout
@@ -185,9 +252,27 @@ def test_trainer_flexsp_profile_flag_profiles_instead_of_training(tmp_path):
     """pretrain_gpt_flexsp.py --flexsp-profile FILE writes a cost model and trains nothing."""
     out = tmp_path / "trainer_cost.json"
     metrics = tmp_path / "metrics.jsonl"
-    cmd = [sys.executable, "pretrain_gpt_flexsp.py", "--flexsp-profile", str(out), "--num-layers", "1",
-           "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "128", "--max-position-embeddings",
-           "128", "--mock-data", "--train-iters", "5", "--metrics-file", str(metrics)]
+    cmd = [
+        sys.executable,
+        "pretrain_gpt_flexsp.py",
+        "--flexsp-profile",
+        str(out),
+        "--num-layers",
+        "1",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "128",
+        "--max-position-embeddings",
+        "128",
+        "--mock-data",
+        "--train-iters",
+        "5",
+        "--metrics-file",
+        str(metrics),
+    ]
     r = _run_bounded(cmd, 180, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     cost = CostModel.from_dict(json.loads(out.read_text()))

@@ -59,11 +59,22 @@ def cluster(tmp_path_factory):
 
 def submit(cluster: Path, script: Path, *sbatch_args: str, env: dict | None = None, wait_s: int = 300):
     """sbatch + bounded wait through local_cluster.sh; returns (rc, final state line, log text)."""
-    e = dict(os.environ, FLEXSP_PYTHON=sys.executable, FLEXSP_SLURM_WAIT_S=str(wait_s),
-             MASTER_PORT=str(_free_port()), FLEXSP_RUN_DIR=str(cluster / "runs"))
+    e = dict(
+        os.environ,
+        FLEXSP_PYTHON=sys.executable,
+        FLEXSP_SLURM_WAIT_S=str(wait_s),
+        MASTER_PORT=str(_free_port()),
+        FLEXSP_RUN_DIR=str(cluster / "runs"),
+    )
     e.update(env or {})
-    r = subprocess.run(["bash", str(LC), "run", str(cluster), str(script), *sbatch_args],
-                       capture_output=True, text=True, timeout=wait_s + 60, env=e, cwd=ROOT)
+    r = subprocess.run(
+        ["bash", str(LC), "run", str(cluster), str(script), *sbatch_args],
+        capture_output=True,
+        text=True,
+        timeout=wait_s + 60,
+        env=e,
+        cwd=ROOT,
+    )
     state = re.search(r"^JobId=(\d+) JobState=(\S+) ExitCode=(\S+)$", r.stdout, re.M)
     assert state, f"no final job state in:\n{r.stdout}\n{r.stderr}"
     return r.returncode, (state.group(2), state.group(3)), r.stdout
@@ -71,8 +82,9 @@ def submit(cluster: Path, script: Path, *sbatch_args: str, env: dict | None = No
 
 def test_job_exit_states_are_reported(cluster, tmp_path):
     ok = tmp_path / "ok.sbatch"
-    ok.write_text("#!/bin/bash\n#SBATCH --ntasks=2 --time=00:02:00\n"
-                  "srun bash -c 'echo task=$SLURM_PROCID/$SLURM_NTASKS'\n")
+    ok.write_text(
+        "#!/bin/bash\n#SBATCH --ntasks=2 --time=00:02:00\nsrun bash -c 'echo task=$SLURM_PROCID/$SLURM_NTASKS'\n"
+    )
     rc, state, log = submit(cluster, ok, wait_s=120)
     assert (rc, state) == (0, ("COMPLETED", "0:0")), log
     assert sorted(re.findall(r"task=(\d)/2", log)) == ["0", "1"]
@@ -85,28 +97,43 @@ def test_job_exit_states_are_reported(cluster, tmp_path):
 
 
 def test_job_outside_allocation_is_refused():
-    r = subprocess.run(["bash", str(ROOT / "scripts/slurm/train_flexsp.sbatch")], capture_output=True, text=True, cwd=ROOT,
-                       timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts/slurm/train_flexsp.sbatch")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+    )
     assert r.returncode == 2 and "not inside a SLURM allocation" in r.stderr
 
 
 @pytest.mark.parametrize("launcher,args", [("torchrun", ()), ("srun", ("--ntasks-per-node=4", "--cpus-per-task=1"))])
 def test_cpu_job_launches_four_ranks(cluster, launcher, args):
-    rc, state, log = submit(cluster, ROOT / "scripts/slurm/cpu_train.sbatch", *args,
-                            env={"FLEXSP_LAUNCHER": launcher, "FLEXSP_ENTRY": "scripts/slurm/dist_check.py"})
+    rc, state, log = submit(
+        cluster,
+        ROOT / "scripts/slurm/cpu_train.sbatch",
+        *args,
+        env={"FLEXSP_LAUNCHER": launcher, "FLEXSP_ENTRY": "scripts/slurm/dist_check.py"},
+    )
     assert (rc, state) == (0, ("COMPLETED", "0:0")), log
     ranks = sorted(int(m) for m in re.findall(r"dist_check: rank (\d+)/4 .*? OK", log))
     assert ranks == [0, 1, 2, 3], log
 
 
-@pytest.mark.parametrize("mode,launcher,args", [("flexsp", "torchrun", ()),
-                                                 ("batch-adaptive", "srun", ("--ntasks-per-node=4",
-                                                                             "--cpus-per-task=1"))])
+@pytest.mark.parametrize(
+    "mode,launcher,args",
+    [("flexsp", "torchrun", ()), ("batch-adaptive", "srun", ("--ntasks-per-node=4", "--cpus-per-task=1"))],
+)
 def test_cpu_training_job(cluster, mode, launcher, args):
     run_dir = cluster / f"train-{mode}"
-    rc, state, log = submit(cluster, ROOT / "scripts/slurm/cpu_train.sbatch", *args, wait_s=600,
-                            env={"SP_MODE": mode, "FLEXSP_RUN_DIR": str(run_dir), "TRAIN_ITERS": "2",
-                                 "FLEXSP_LAUNCHER": launcher})
+    rc, state, log = submit(
+        cluster,
+        ROOT / "scripts/slurm/cpu_train.sbatch",
+        *args,
+        wait_s=600,
+        env={"SP_MODE": mode, "FLEXSP_RUN_DIR": str(run_dir), "TRAIN_ITERS": "2", "FLEXSP_LAUNCHER": launcher},
+    )
     assert (rc, state) == (0, ("COMPLETED", "0:0")), log
     rows = [json.loads(x) for x in (run_dir / f"metrics-{mode}.jsonl").read_text().splitlines() if x.strip()]
     assert [r["iteration"] for r in rows] == [1, 2], rows
@@ -117,9 +144,19 @@ def test_cpu_profile_job(cluster):
     from megatron.flexsp.planner.costmodel import CostModel
 
     run_dir = cluster / "profile"
-    rc, state, log = submit(cluster, ROOT / "scripts/slurm/cpu_profile.sbatch", "--", "--profile-repeats", "1",
-                            "--profile-warmup", "1", "--profile-a2a-repeats", "1", wait_s=600,
-                            env={"FLEXSP_RUN_DIR": str(run_dir), "SEQ_LENGTH": "512", "CAPACITY_TOKENS": "128"})
+    rc, state, log = submit(
+        cluster,
+        ROOT / "scripts/slurm/cpu_profile.sbatch",
+        "--",
+        "--profile-repeats",
+        "1",
+        "--profile-warmup",
+        "1",
+        "--profile-a2a-repeats",
+        "1",
+        wait_s=600,
+        env={"FLEXSP_RUN_DIR": str(run_dir), "SEQ_LENGTH": "512", "CAPACITY_TOKENS": "128"},
+    )
     assert (rc, state) == (0, ("COMPLETED", "0:0")), log
     assert "fit error rms" in log
     cost = CostModel.from_dict(json.loads((run_dir / "cost_model.json").read_text()))
@@ -129,21 +166,38 @@ def test_cpu_profile_job(cluster):
 
 def _dry_run(cluster, script, *args, **env):
     e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    e.update(SLURM_CONF=str(cluster / "slurm.conf"), SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu[01-02]",
-             SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(ROOT), FLEXSP_DRY_RUN="1",
-             FLEXSP_PYTHON=sys.executable, FLEXSP_RUN_DIR=str(cluster / "dry"))
+    e.update(
+        SLURM_CONF=str(cluster / "slurm.conf"),
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="gpu[01-02]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_GPUS_ON_NODE="8",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        FLEXSP_DRY_RUN="1",
+        FLEXSP_PYTHON=sys.executable,
+        FLEXSP_RUN_DIR=str(cluster / "dry"),
+    )
     e.update(env)
-    return subprocess.run(["bash", str(ROOT / "scripts/slurm" / script), *args], capture_output=True, text=True,
-                          timeout=60, env=e, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts/slurm" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=e,
+        cwd=ROOT,
+    )
 
 
 def test_gpu_job_scripts_launch_lines(cluster):
     """The multi-node GPU scripts' launch lines (printed, not run: no GPUs here) and their trainer flags."""
     from megatron.flexsp.training.arguments import parse_args
 
-    for script, mode in [("train_flexsp.sbatch", "flexsp"), ("train_static.sbatch", "static"),
-                         ("train_batch_adaptive.sbatch", "batch-adaptive"),
-                         ("train_megatron_hybrid_cp.sbatch", "megatron-hybrid-cp")]:
+    for script, mode in [
+        ("train_flexsp.sbatch", "flexsp"),
+        ("train_static.sbatch", "static"),
+        ("train_batch_adaptive.sbatch", "batch-adaptive"),
+        ("train_megatron_hybrid_cp.sbatch", "megatron-hybrid-cp"),
+    ]:
         r = _dry_run(cluster, script, "--train-iters", "5", COST_MODEL="/x/cost.json")
         assert r.returncode == 0, r.stderr
         line = [x for x in r.stdout.splitlines() if x.startswith("flexsp-slurm: dry run: srun")]
@@ -153,7 +207,7 @@ def test_gpu_job_scripts_launch_lines(cluster):
         assert argv[:4] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
         assert "--nnodes=2" in argv and "--nproc-per-node=8" in argv and "--rdzv-backend=c10d" in argv
         assert "--rdzv-endpoint=gpu01:20077" in argv and "--rdzv-id=77" in argv
-        args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+        args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1 :])
         assert args.sp_mode == mode and args.train_iters == 5 and args.flexsp_cost_model == "/x/cost.json"
         assert args.bf16 and args.transformer_impl == "transformer_engine" and args.distributed_backend == "nccl"
         assert args.num_layers == 32 and args.seq_length == 65536 and i > 0
@@ -164,16 +218,28 @@ def test_gpu_job_scripts_launch_lines(cluster):
         head = (ROOT / "scripts/slurm" / script).read_text()
         assert "#SBATCH --signal=B:USR1@90\n" in head and "#SBATCH --requeue\n" in head
     # a Megatron blend in DATA_PATH reaches the trainer as separate weight/prefix arguments
-    r = _dry_run(cluster, "train_static.sbatch", COST_MODEL="/x/cost.json", DATA_PATH="0.3 /d/a 0.7 /d/b",
-                 TOKENIZER_MODEL="/tok", CONTEXT_PARALLEL_SIZE="8")
+    r = _dry_run(
+        cluster,
+        "train_static.sbatch",
+        COST_MODEL="/x/cost.json",
+        DATA_PATH="0.3 /d/a 0.7 /d/b",
+        TOKENIZER_MODEL="/tok",
+        CONTEXT_PARALLEL_SIZE="8",
+    )
     line = [x for x in r.stdout.splitlines() if x.startswith("flexsp-slurm: dry run: srun")][0]
     argv = shlex.split(line.split(": dry run: ", 1)[1])
-    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1 :])
     assert args.data_path == ["0.3", "/d/a", "0.7", "/d/b"] and args.tokenizer_model == "/tok"
     assert args.split == "99,1,0" and args.context_parallel_size == 8 and not args.mock_data
     # one task per GPU: 16 ranks, the trainer sees torchrun's variables
-    r = _dry_run(cluster, "train_flexsp.sbatch", COST_MODEL="/x/cost.json", FLEXSP_LAUNCHER="srun",
-                 SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8")
+    r = _dry_run(
+        cluster,
+        "train_flexsp.sbatch",
+        COST_MODEL="/x/cost.json",
+        FLEXSP_LAUNCHER="srun",
+        SLURM_NTASKS="16",
+        SLURM_NTASKS_PER_NODE="8",
+    )
     assert r.returncode == 0 and "srun --ntasks=16 --kill-on-bad-exit=1 bash -c" in r.stdout, r.stdout + r.stderr
     assert "RANK=$SLURM_PROCID" in r.stdout
     # the GPU preset has no default cost model: a clear error, nothing launched
@@ -183,9 +249,12 @@ def test_gpu_job_scripts_launch_lines(cluster):
 
 def test_cpu_compare_job(cluster):
     run_dir = cluster / "compare"
-    rc, state, log = submit(cluster, ROOT / "scripts/slurm/cpu_compare.sbatch", wait_s=900,
-                            env={"FLEXSP_COMPARE_MODES": "static megatron-hybrid-cp", "FLEXSP_RUN_DIR": str(run_dir),
-                                 "TRAIN_ITERS": "2"})
+    rc, state, log = submit(
+        cluster,
+        ROOT / "scripts/slurm/cpu_compare.sbatch",
+        wait_s=900,
+        env={"FLEXSP_COMPARE_MODES": "static megatron-hybrid-cp", "FLEXSP_RUN_DIR": str(run_dir), "TRAIN_ITERS": "2"},
+    )
     assert (rc, state) == (0, ("COMPLETED", "0:0")), log
     table = (run_dir / "compare_table.txt").read_text()
     assert "static" in table and "megatron-hybrid-cp" in table, table
@@ -232,11 +301,23 @@ def _fake_slurm(tmp_path: Path, **env: str) -> dict[str, str]:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLEXSP_", "PET_"))}
-    e.update(PATH=f"{bin_dir}:{e['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost",
-             SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
-             SLURM_PROCID="0", SLURM_LOCALID="0", FLEXSP_PYTHON=sys.executable, FLEXSP_RUN_DIR=str(tmp_path / "run"),
-             FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-             GPUS_PER_NODE="1")
+    e.update(
+        PATH=f"{bin_dir}:{e['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        FLEXSP_PYTHON=sys.executable,
+        FLEXSP_RUN_DIR=str(tmp_path / "run"),
+        FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        GPUS_PER_NODE="1",
+    )
     e.update(env)
     return e
 
@@ -252,24 +333,30 @@ def test_launch_lines_checkpoints_restarts_and_signal(tmp_path):
 
     def dry(name: str, **env: str) -> subprocess.CompletedProcess:
         (tmp_path / name).mkdir()
-        return subprocess.run(["bash", str(ROOT / "scripts/slurm/cpu_train.sbatch")], capture_output=True, text=True,
-                              timeout=60, cwd=ROOT, env=_fake_slurm(tmp_path / name, FLEXSP_DRY_RUN="1", **env))
+        return subprocess.run(
+            ["bash", str(ROOT / "scripts/slurm/cpu_train.sbatch")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=_fake_slurm(tmp_path / name, FLEXSP_DRY_RUN="1", **env),
+        )
 
     r = dry("0")
     assert r.returncode == 0, r.stderr
     argv = _launch_argv(r.stdout)
     assert "--max-restarts=0" in argv and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=80" in argv
-    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1 :])
     ckpt = str(tmp_path / "0" / "run" / "checkpoints" / "flexsp")
     assert (args.save, args.load, args.exit_signal_handler, args.exit_signal) == (ckpt, ckpt, True, "SIGUSR1")
     assert args.save_interval is None
     r = dry("3", MAX_RESTARTS="2", SAVE_INTERVAL="50", CHECKPOINT_DIR="/ck")
     argv = _launch_argv(r.stdout)
-    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1 :])
     assert "--max-restarts=2" in argv and (args.save, args.load, args.save_interval) == ("/ck/flexsp", "/ck/flexsp", 50)
     r = dry("2", CHECKPOINT_DIR="none", SP_MODE="static")
     argv = _launch_argv(r.stdout)
-    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1:])
+    args = parse_args(argv[argv.index(str(ROOT / "pretrain_gpt_flexsp.py")) + 1 :])
     assert args.save is None and args.load is None and "--exit-signal" not in argv
     r = dry("1", MAX_RESTARTS="x")
     assert r.returncode == 2 and "MAX_RESTARTS must be a non-negative integer" in r.stderr
@@ -289,8 +376,15 @@ def test_time_limit_signal_is_forwarded_then_the_job_requeued(tmp_path, launcher
     entry.write_text(_ENTRY)
     marker = tmp_path / "marker"
     env = _fake_slurm(tmp_path, FLEXSP_ENTRY=str(entry), FLEXSP_LAUNCHER=launcher)
-    p = subprocess.Popen(["bash", str(ROOT / "scripts/slurm/cpu_train.sbatch"), str(marker)], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        ["bash", str(ROOT / "scripts/slurm/cpu_train.sbatch"), str(marker)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         lines = []
         end = time.monotonic() + 90

@@ -75,9 +75,9 @@ def test_upsampling_repeats_evenly_and_lengths_match():
     assert blend.lengths.tolist() == [len(r) - 1 for r in reads]
     small_ids = [int(r[1]) for r in reads if r[0] == 0]
     assert np.bincount(small_ids, minlength=5).tolist() == [10] * 5  # 50 draws, 5 docs: each 10x
-    passes = [sorted(small_ids[i:i + 5]) for i in range(0, 50, 5)]
+    passes = [sorted(small_ids[i : i + 5]) for i in range(0, 50, 5)]
     assert passes == [list(range(5))] * 10  # every pass is a permutation of the component
-    assert len({tuple(small_ids[i:i + 5]) for i in range(0, 50, 5)}) > 1  # reshuffled between passes
+    assert len({tuple(small_ids[i : i + 5]) for i in range(0, 50, 5)}) > 1  # reshuffled between passes
     big_ids = [int(r[1]) for r in reads if r[0] == 1]
     assert len(set(big_ids)) == 50  # subsampled without repeats within a pass
 

@@ -30,8 +30,10 @@ def test_split_ranges_match_reference(split, n):
     assert got[0][0] == 0 and got[-1][1] == n and all(got[i][1] == got[i + 1][0] for i in range(2))
 
 
-@pytest.mark.parametrize("split, match", [("a,b", "expected up to 3"), ("1,2,3,4", "1 to 3 numbers"),
-                                          ("0,0,0", "positive sum"), ("-1,2", ">= 0")])
+@pytest.mark.parametrize(
+    "split, match",
+    [("a,b", "expected up to 3"), ("1,2,3,4", "1 to 3 numbers"), ("0,0,0", "positive sum"), ("-1,2", ">= 0")],
+)
 def test_bad_split(split, match):
     with pytest.raises(ValueError, match=match):
         parse_split(split)
@@ -79,7 +81,9 @@ def test_source_errors(tmp_path, write_prefix):
     with pytest.raises(ValueError, match="exactly one data source"):
         build_datasets(DataConfig(seq_length=8, mock=True, data_path=["x"]))
     with pytest.raises(FileNotFoundError, match="nope"):
-        build_datasets(DataConfig(seq_length=8, data_path=["0.5", str(tmp_path / "nope"), "0.5", str(tmp_path / "nope2")]))
+        build_datasets(
+            DataConfig(seq_length=8, data_path=["0.5", str(tmp_path / "nope"), "0.5", str(tmp_path / "nope2")])
+        )
     with pytest.raises(ValueError, match="odd number"):
         build_datasets(DataConfig(seq_length=8, data_path=["0.5", "a", "0.5"]))
     tiny = write_prefix("short", [np.arange(50)] * 20)
@@ -88,7 +92,9 @@ def test_source_errors(tmp_path, write_prefix):
 
 
 def test_mock_determinism_and_lengths():
-    cfg = dict(seq_length=512, mock=True, seed=11, mock_config=MockConfig(num_documents=400, max_len=2048, median=200.0))
+    cfg = dict(
+        seq_length=512, mock=True, seed=11, mock_config=MockConfig(num_documents=400, max_len=2048, median=200.0)
+    )
     t1, v1 = build_datasets(DataConfig(**cfg))
     t2, v2 = build_datasets(DataConfig(**cfg))
     assert np.array_equal(t1.lengths, t2.lengths) and len(t1) + len(v1) <= 400
@@ -109,13 +115,30 @@ def test_mock_determinism_and_lengths():
 def test_from_args_namespace_equals_dataclass():
     import argparse
 
-    ns = argparse.Namespace(seq_length=300, data_path=None, split="90,10,0", mock_data=True, mock_data_num_docs=200,
-                            mock_data_median=50, mock_data_max_len=600, overlong="drop", seed=3)
+    ns = argparse.Namespace(
+        seq_length=300,
+        data_path=None,
+        split="90,10,0",
+        mock_data=True,
+        mock_data_num_docs=200,
+        mock_data_median=50,
+        mock_data_max_len=600,
+        overlong="drop",
+        seed=3,
+    )
     cfg = DataConfig.from_args(ns)
     assert cfg.mock and not cfg.stdlib_corpus and cfg.overlong == "drop" and cfg.mock_config.num_documents == 200
     a, _ = build_datasets(ns)
-    b, _ = build_datasets(DataConfig(seq_length=300, split="90,10,0", mock=True, overlong="drop", seed=3,
-                                     mock_config=MockConfig(num_documents=200, median=50, max_len=600)))
+    b, _ = build_datasets(
+        DataConfig(
+            seq_length=300,
+            split="90,10,0",
+            mock=True,
+            overlong="drop",
+            seed=3,
+            mock_config=MockConfig(num_documents=200, median=50, max_len=600),
+        )
+    )
     assert np.array_equal(a.lengths, b.lengths) and np.array_equal(a[7], b[7])
     default = DataConfig.from_args(argparse.Namespace(seq_length=64, stdlib_max_docs=5))
     assert default.stdlib_corpus and not default.mock and default.stdlib_max_files == 5

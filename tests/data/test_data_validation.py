@@ -33,16 +33,22 @@ def test_good_files_pass_and_match_megatron(write_prefix, monkeypatch, chunk):
     assert indexed.document_token_counts(ds).tolist() == [len(d) for d in DOCS]
 
 
-@pytest.mark.parametrize("case, match", [
-    ("magic", r"good\.idx: bad magic b'XXIDIDX\\x00\\x00', not a Megatron \.idx index"),
-    ("version", r"\.idx: index format version 2, this reader supports version 1"),
-    ("dtype", r"\.idx: unknown token dtype code 99"),
-    ("idx-truncated", r"\.idx: \d+ bytes, but its header announces 9 sequences and 9 document indices"),
-    ("header-only", r"\.idx: 20 bytes, too short"),
-    ("doc-index", r"\.idx: document indices are not a non-decreasing list"),
-    ("bin-truncated", r"good\.bin: \d+ bytes, but .*good\.idx needs 108: the \.bin is truncated "
-                      r"\(document 6 onwards is missing\)"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("magic", r"good\.idx: bad magic b'XXIDIDX\\x00\\x00', not a Megatron \.idx index"),
+        ("version", r"\.idx: index format version 2, this reader supports version 1"),
+        ("dtype", r"\.idx: unknown token dtype code 99"),
+        ("idx-truncated", r"\.idx: \d+ bytes, but its header announces 9 sequences and 9 document indices"),
+        ("header-only", r"\.idx: 20 bytes, too short"),
+        ("doc-index", r"\.idx: document indices are not a non-decreasing list"),
+        (
+            "bin-truncated",
+            r"good\.bin: \d+ bytes, but .*good\.idx needs 108: the \.bin is truncated "
+            r"\(document 6 onwards is missing\)",
+        ),
+    ],
+)
 @pytest.mark.parametrize("chunk", [None, 2], ids=["one-chunk", "chunks-of-2"])
 def test_bad_files_are_one_line_value_errors(write_prefix, monkeypatch, case, match, chunk):
     if chunk:  # the index is checked in chunks (bounded memory): the same answers across chunk borders

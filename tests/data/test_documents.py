@@ -41,7 +41,11 @@ def test_filter_counts_and_tokens_match_brute_force(write_prefix, overlong, seq_
         assert ds[k].tolist() == kept[k][1]
         assert ds[k].dtype == np.int64
     s = ds.stats
-    assert (s.truncated, s.dropped_overlong, s.skipped_short) == (stats["truncated"], stats["dropped_overlong"], stats["skipped_short"])
+    assert (s.truncated, s.dropped_overlong, s.skipped_short) == (
+        stats["truncated"],
+        stats["dropped_overlong"],
+        stats["skipped_short"],
+    )
     assert s.documents == len(docs) and s.kept == len(kept)
     assert s.raw_tokens == sum(map(len, docs)) and s.kept_tokens == sum(len(t) for _, t in kept)
     assert s.truncated + s.dropped_overlong > 0 or seq_length == 200

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _corpus(n=200, seed=0):
     rng = np.random.default_rng(seed)
-    alphabet = list("abcdefghij ✓é日\n\t\"\\")
+    alphabet = list('abcdefghij ✓é日\n\t"\\')
     texts = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 300)))) for _ in range(n)]
     texts[3] = ""  # an empty document stays a (skipped-at-read) document: line i is document i
     return texts
@@ -74,7 +74,7 @@ def test_bad_input_errors(tmp_path, content, kwargs, match):
     src.write_text(content)
     with pytest.raises(ValueError, match=match):
         preprocess([str(src)], str(tmp_path / "o"), quiet=True, **kwargs)
-    assert not indexed.idx_path(str(tmp_path / "o_text_document")) in map(str, tmp_path.iterdir())
+    assert indexed.idx_path(str(tmp_path / "o_text_document")) not in map(str, tmp_path.iterdir())
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
@@ -87,9 +87,19 @@ def test_cli_script(tmp_path):
     texts = ["first document", "second ✓", "x"]
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, texts)
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "preprocess_data.py"), "--input", str(src),
-           "--output-prefix", str(tmp_path / "cli"), "--tokenizer-type", "ByteTokenizer", "--append-eod",
-           "--log-interval", "1"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "preprocess_data.py"),
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "cli"),
+        "--tokenizer-type",
+        "ByteTokenizer",
+        "--append-eod",
+        "--log-interval",
+        "1",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "processed 3 documents" in r.stderr
@@ -102,7 +112,10 @@ def test_main_reports_errors(tmp_path, capsys):
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "a"}\n')
-    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "HuggingFaceTokenizer"]) == 2
+    assert (
+        main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "HuggingFaceTokenizer"])
+        == 2
+    )
     assert "needs --tokenizer-model" in capsys.readouterr().err
     assert main(["--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "o")]) == 2
     assert "none.jsonl' does not exist" in capsys.readouterr().err

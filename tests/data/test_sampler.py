@@ -57,8 +57,11 @@ def test_resume_from_state_dict_is_exact():
 def test_resume_mismatch_is_an_error(change, match):
     lengths = np.arange(57)
     state = GlobalBatchSampler(lengths, 8, seed=1).state_dict()
-    kw = dict(dataset_lengths=change.get("lengths", lengths), global_batch_size=change.get("global_batch_size", 8),
-              seed=change.get("seed", 1))
+    kw = dict(
+        dataset_lengths=change.get("lengths", lengths),
+        global_batch_size=change.get("global_batch_size", 8),
+        seed=change.get("seed", 1),
+    )
     with pytest.raises(ValueError, match=match):
         GlobalBatchSampler(**kw).load_state_dict(state)
     with pytest.raises(ValueError, match="lacks"):

@@ -15,8 +15,18 @@ def _all_docs(prefix):
 
 
 def test_file_order_and_exclusions(tmp_path):
-    for rel in ["b.py", "a.py", "pkg/z.py", "pkg/__init__.py", "site-packages/x.py", "test/t.py",
-                "pkg/tests/t.py", "config-3.11-x/c.py", "_sysconfigdata__linux.py", "notes.txt"]:
+    for rel in [
+        "b.py",
+        "a.py",
+        "pkg/z.py",
+        "pkg/__init__.py",
+        "site-packages/x.py",
+        "test/t.py",
+        "pkg/tests/t.py",
+        "config-3.11-x/c.py",
+        "_sysconfigdata__linux.py",
+        "notes.txt",
+    ]:
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(f"# {rel}\n")
@@ -38,7 +48,11 @@ def test_build_small_subset_equals_file_bytes_and_is_cached(tmp_path):
         with open(os.path.join(root, rel), "rb") as f:
             expected.append(list(f.read()) + [BYTE_EOD])
     assert [d.tolist() for d in docs] == expected
-    assert (corpus.num_files, corpus.num_documents, corpus.num_tokens) == (len(files), len(files), sum(map(len, expected)))
+    assert (corpus.num_files, corpus.num_documents, corpus.num_tokens) == (
+        len(files),
+        len(files),
+        sum(map(len, expected)),
+    )
     mtime = os.stat(corpus.prefix + ".bin").st_mtime_ns
     again = build_stdlib_corpus(str(tmp_path), root=root, granularity="file")
     assert again == corpus and os.stat(corpus.prefix + ".bin").st_mtime_ns == mtime  # reused, not rebuilt
@@ -69,8 +83,11 @@ def test_build_datasets_with_stdlib_corpus(tmp_path, monkeypatch):
     import megatron.flexsp.data.stdlib_corpus as sc
 
     monkeypatch.setattr(sc, "stdlib_root", lambda: root)  # keep the test small
-    train, valid = build_datasets(DataConfig(seq_length=256, stdlib_corpus=True, cache_dir=str(tmp_path), split="80,20,0",
-                                             stdlib_granularity="file"))
+    train, valid = build_datasets(
+        DataConfig(
+            seq_length=256, stdlib_corpus=True, cache_dir=str(tmp_path), split="80,20,0", stdlib_granularity="file"
+        )
+    )
     assert len(train) > 0 and len(valid) > 0 and train.lengths.max() == 256
     assert train.stats.truncated > 0
     doc = train[0]

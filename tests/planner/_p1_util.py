@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron.flexsp.planner.costmodel import CostModel, build_cost_model
 
 
 def tiny_cost(gpus_per_node: int = 4, heads: int = 8, beta1: float = 2.0) -> CostModel:
     """8-head model, 1000 tokens per GPU, all-to-all slower across nodes (degree 8)."""
-    return build_cost_model(name="tiny", num_layers=2, hidden_size=64, num_attention_heads=heads,
-                            num_query_groups=heads, gpus_per_node=gpus_per_node, alpha1_ms_per_token2=1e-4,
-                            alpha2_ms_per_token=0.01, beta1_ms=beta1,
-                            bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1, 16: 0.05}, limit_gb=1.0, model_states_mb=24.0,
-                            activation_mb_per_token=1.0)
+    return build_cost_model(
+        name="tiny",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        gpus_per_node=gpus_per_node,
+        alpha1_ms_per_token2=1e-4,
+        alpha2_ms_per_token=0.01,
+        beta1_ms=beta1,
+        bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1, 16: 0.05},
+        limit_gb=1.0,
+        model_states_mb=24.0,
+        activation_mb_per_token=1.0,
+    )
 
 
 def degree_multisets(allowed: Sequence[int], total: int) -> list[list[int]]:
@@ -67,7 +77,7 @@ def set_partitions(items: list[int]):
     for p in set_partitions(rest):
         yield [[first]] + p
         for i in range(len(p)):
-            yield p[:i] + [[first] + p[i]] + p[i + 1:]
+            yield p[:i] + [[first] + p[i]] + p[i + 1 :]
 
 
 def brute_plan(lengths: Sequence[int], cost: CostModel, world_size: int) -> float:

@@ -24,9 +24,21 @@ from megatron.flexsp.planner.plan import validate_plan
 
 
 def _cost(heads: int, gpn: int, bw: dict[int, float], beta1: float = 3.0):
-    return build_cost_model(name="t", num_layers=2, hidden_size=64, num_attention_heads=heads, num_query_groups=heads,
-                            gpus_per_node=gpn, alpha1_ms_per_token2=1e-4, alpha2_ms_per_token=0.01, beta1_ms=beta1,
-                            bandwidth_gbs=bw, limit_gb=1.0, model_states_mb=24.0, activation_mb_per_token=1.0)
+    return build_cost_model(
+        name="t",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        gpus_per_node=gpn,
+        alpha1_ms_per_token2=1e-4,
+        alpha2_ms_per_token=0.01,
+        beta1_ms=beta1,
+        bandwidth_gbs=bw,
+        limit_gb=1.0,
+        model_states_mb=24.0,
+        activation_mb_per_token=1.0,
+    )
 
 
 COSTS = {
@@ -41,8 +53,13 @@ COSTS = {
 def brute_force_micro_batch(lengths, cost, ws):
     """Least micro-batch time over every placeable degree multiset and every assignment."""
     heads, gpn = cost.num_attention_heads, cost.gpus_per_node
-    degs = [d for d in range(1, ws + 1) if heads % d == 0 and (d == 1 or d in cost.alltoall.bandwidth_gbs)
-            and ((d <= gpn and gpn % d == 0) or (d > gpn and d % gpn == 0))]
+    degs = [
+        d
+        for d in range(1, ws + 1)
+        if heads % d == 0
+        and (d == 1 or d in cost.alltoall.bandwidth_gbs)
+        and ((d <= gpn and gpn % d == 0) or (d > gpn and d % gpn == 0))
+    ]
 
     def multisets(rest, maxd):
         if rest == 0:
@@ -63,6 +80,7 @@ def brute_force_micro_batch(lengths, cost, ws):
                 if blk <= free and rec(i + 1, free - blk):
                     return True
             return False
+
         return rec(0, set(range(ws)))
 
     cap = cost.tokens_per_gpu
@@ -77,10 +95,17 @@ def brute_force_micro_batch(lengths, cost, ws):
                 continue
             if any(sum(g) > cap * d for g, d in zip(groups, ms)):
                 continue
-            t = max(cost.compute.beta1_ms
-                    + sum(cost.compute.alpha1_ms_per_token2 * s * s + cost.compute.alpha2_ms_per_token * s for s in g) / d
-                    + (0.0 if d == 1 else cost.alltoall.bytes_per_token * sum(g) / d / 2**20 / cost.alltoall.bandwidth_gbs[d])
-                    for g, d in zip(groups, ms) if g)
+            t = max(
+                cost.compute.beta1_ms
+                + sum(cost.compute.alpha1_ms_per_token2 * s * s + cost.compute.alpha2_ms_per_token * s for s in g) / d
+                + (
+                    0.0
+                    if d == 1
+                    else cost.alltoall.bytes_per_token * sum(g) / d / 2**20 / cost.alltoall.bandwidth_gbs[d]
+                )
+                for g, d in zip(groups, ms)
+                if g
+            )
             best = min(best, t)
     return best
 
@@ -99,7 +124,7 @@ def test_exact_micro_batch_matches_brute_force(name):
         L = np.minimum(rng.lognormal(np.log(cost.tokens_per_gpu / 2), 1.0, size=n).astype(np.int64) + 1, top)
         ref = brute_force_micro_batch(L.tolist(), cost, ws)
         sol = exact_micro_batch(ctx, L, seq_tau_table(L, cost, ctx.degrees))
-        if ref == float("inf"):                    # too many tokens for one micro-batch
+        if ref == float("inf"):  # too many tokens for one micro-batch
             assert sol is None
             continue
         assert sol is not None and sol.extra["exact_proven"]
@@ -115,9 +140,10 @@ def test_exact_micro_batch_matches_brute_force(name):
 def test_exact_solver_stops_at_the_deadline_with_a_valid_answer():
     cost = _cost(16, 8, {2: 1.0, 4: 0.8, 8: 0.5, 16: 0.05})
     ctx = PlannerContext.build(cost, 16)
-    L = longtail_lengths(40, max_len=2 * cost.tokens_per_gpu, median=cost.tokens_per_gpu / 5,
-                         tail_min=cost.tokens_per_gpu, seed=1)
-    assert L.sum() <= 0.8 * cost.capacity(16)          # one micro-batch can hold them
+    L = longtail_lengths(
+        40, max_len=2 * cost.tokens_per_gpu, median=cost.tokens_per_gpu / 5, tail_min=cost.tokens_per_gpu, seed=1
+    )
+    assert L.sum() <= 0.8 * cost.capacity(16)  # one micro-batch can hold them
     tau = seq_tau_table(L, cost, ctx.degrees)
     sol = exact_micro_batch(ctx, L, tau, deadline=Deadline.after(0.0), node_limit=10**9)
     # a passed deadline stops the search before it starts (the caller falls back on the greedy)
@@ -173,7 +199,7 @@ def test_64_ranks_512_sequences_within_the_budget():
     cost = preset("gpt-7b", 64)
     L = longtail_lengths(512, max_len=196608, seed=3).tolist()
     cfg = PlannerConfig(world_size=64, time_limit_s=0.05, max_seq_len=196608)
-    plan_global_batch(L[:64], cost, cfg)                       # warm caches (first numpy/scipy calls)
+    plan_global_batch(L[:64], cost, cfg)  # warm caches (first numpy/scipy calls)
     walls = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -195,7 +221,7 @@ def test_work_budget_gives_reproducible_plans(ws, n):
     else:
         cost = preset("gpt-7b", ws)
         L = longtail_lengths(n, max_len=196608, seed=5).tolist()
-    cfg = PlannerConfig(world_size=ws, work_limit=60, time_limit_s=1e-6)   # the tiny time limit must not matter
+    cfg = PlannerConfig(world_size=ws, work_limit=60, time_limit_s=1e-6)  # the tiny time limit must not matter
     a = plan_global_batch(L, cost, cfg)
     b = plan_global_batch(L, cost, cfg)
     validate_plan(a, cost, world_size=ws, num_sequences=len(L))

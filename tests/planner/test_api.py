@@ -6,16 +6,27 @@ from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import METHODS, PlannerConfig, fallback_plan, plan_global_batch
 from megatron.flexsp.planner.baselines import batch_adaptive_plan, static_plan
 from megatron.flexsp.planner.bounds import lower_bound_ms
-from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.costmodel import build_cost_model, preset
+from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
 
 
 def small_cost():
-    return build_cost_model(name="small", num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2,
-                            gpus_per_node=4, alpha1_ms_per_token2=2e-5, alpha2_ms_per_token=0.05, beta1_ms=5.0,
-                            bandwidth_gbs={2: 0.5, 4: 0.4, 8: 0.05}, limit_gb=1.0, model_states_mb=24.0,
-                            activation_mb_per_token=1.0)
+    return build_cost_model(
+        name="small",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=8,
+        num_query_groups=2,
+        gpus_per_node=4,
+        alpha1_ms_per_token2=2e-5,
+        alpha2_ms_per_token=0.05,
+        beta1_ms=5.0,
+        bandwidth_gbs={2: 0.5, 4: 0.4, 8: 0.05},
+        limit_gb=1.0,
+        model_states_mb=24.0,
+        activation_mb_per_token=1.0,
+    )
 
 
 SCENARIOS = [
@@ -69,7 +80,9 @@ def test_flexsp_keeps_the_best_baseline_plan_when_it_is_better(monkeypatch):
 
     monkeypatch.setattr(fx, "plan_flexsp", worse)
     p = plan_global_batch(lengths, cost, PlannerConfig(world_size=8, method="flexsp"))
-    ref = min(batch_adaptive_plan(lengths, cost, 8).estimated_time_ms, hybrid_cp_plan(lengths, cost, 8).estimated_time_ms)
+    ref = min(
+        batch_adaptive_plan(lengths, cost, 8).estimated_time_ms, hybrid_cp_plan(lengths, cost, 8).estimated_time_ms
+    )
     assert p.estimated_time_ms == pytest.approx(ref)
     assert p.estimated_time_ms < static_plan(lengths, cost, 8, degree=8).estimated_time_ms
     assert p.solver.method == "flexsp" and p.solver.extra["chosen"] in ("homogeneous", "megatron-hybrid-cp")
@@ -82,15 +95,18 @@ def test_static_degree_is_forced():
     assert {g.degree for mb in p.micro_batches for g in mb.groups} == {2}
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(method="ulysses"), "planner method must be one of flexsp, static, batch-adaptive, megatron-hybrid-cp"),
-    (dict(world_size=0), "world_size must be a positive integer"),
-    (dict(world_size=2.0), "world_size must be an integer, got 2.0"),
-    (dict(max_seq_len=100.5), "max_seq_len must be an integer"),
-    (dict(time_limit_s=0), "time_limit_s must be > 0"),
-    (dict(max_seq_len=0), "max_seq_len must be >= 1"),
-    (dict(static_degree=0), "static_degree must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="ulysses"), "planner method must be one of flexsp, static, batch-adaptive, megatron-hybrid-cp"),
+        (dict(world_size=0), "world_size must be a positive integer"),
+        (dict(world_size=2.0), "world_size must be an integer, got 2.0"),
+        (dict(max_seq_len=100.5), "max_seq_len must be an integer"),
+        (dict(time_limit_s=0), "time_limit_s must be > 0"),
+        (dict(max_seq_len=0), "max_seq_len must be >= 1"),
+        (dict(static_degree=0), "static_degree must be >= 1"),
+    ],
+)
 def test_config_errors(kwargs, match):
     args = dict(world_size=8)
     args.update(kwargs)
@@ -121,14 +137,16 @@ def test_planner_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "from megatron.flexsp.planner import api, baselines, hybrid_cp, cli, lengths_io, plotting, costmodel\n"
-            "from megatron.flexsp.planner import calibration, fitting, prior, global_batch, micro_batch, deadline\n"
-            "from megatron.flexsp.data import synthetic\n"
-            "cost = costmodel.preset('cpu-tiny')\n"
-            "for m in api.METHODS:\n"
-            "    api.plan_global_batch([100, 700, 30, 1500], cost, api.PlannerConfig(4, method=m, time_limit_s=0.2))\n"
-            "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.') or k == 'megatron.core')\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys\n"
+        "from megatron.flexsp.planner import api, baselines, hybrid_cp, cli, lengths_io, plotting, costmodel\n"
+        "from megatron.flexsp.planner import calibration, fitting, prior, global_batch, micro_batch, deadline\n"
+        "from megatron.flexsp.data import synthetic\n"
+        "cost = costmodel.preset('cpu-tiny')\n"
+        "for m in api.METHODS:\n"
+        "    api.plan_global_batch([100, 700, 30, 1500], cost, api.PlannerConfig(4, method=m, time_limit_s=0.2))\n"
+        "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.') or k == 'megatron.core')\n"
+        "assert not bad, bad\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -6,21 +6,47 @@ import numpy as np
 import pytest
 
 from megatron.flexsp.data.synthetic import longtail_lengths
-from megatron.flexsp.planner.baselines import (batch_adaptive_plan, fill_empty_groups, homogeneous_degrees,
-                                               homogeneous_plan, static_plan)
+from megatron.flexsp.planner.baselines import (
+    batch_adaptive_plan,
+    fill_empty_groups,
+    homogeneous_degrees,
+    homogeneous_plan,
+    static_plan,
+)
 from megatron.flexsp.planner.costmodel import build_cost_model, preset
-from megatron.flexsp.planner.hybrid_cp import (balanced_cp_rounds, hybrid_cp_plan, megatron_gpus_needed,
-                                               rounds_to_rank_lists)
+from megatron.flexsp.planner.hybrid_cp import (
+    balanced_cp_rounds,
+    hybrid_cp_plan,
+    megatron_gpus_needed,
+    rounds_to_rank_lists,
+)
 from megatron.flexsp.planner.placement import candidate_groups
-from megatron.flexsp.planner.plan import (Group, MicroBatch, NoFeasiblePlanError, PlanError, estimate_plan_ms,
-                                          validate_plan)
+from megatron.flexsp.planner.plan import (
+    Group,
+    MicroBatch,
+    NoFeasiblePlanError,
+    PlanError,
+    estimate_plan_ms,
+    validate_plan,
+)
 
 
 def small_cost(gpn=4, heads=8, bw=None):
-    return build_cost_model(name="small", num_layers=2, hidden_size=64, num_attention_heads=heads, num_query_groups=2,
-                            gpus_per_node=gpn, alpha1_ms_per_token2=2e-5, alpha2_ms_per_token=0.05, beta1_ms=5.0,
-                            bandwidth_gbs=bw or {2: 0.5, 4: 0.4, 8: 0.05}, limit_gb=1.0, model_states_mb=24.0,
-                            activation_mb_per_token=1.0)  # 1000 tokens per GPU
+    return build_cost_model(
+        name="small",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=heads,
+        num_query_groups=2,
+        gpus_per_node=gpn,
+        alpha1_ms_per_token2=2e-5,
+        alpha2_ms_per_token=0.05,
+        beta1_ms=5.0,
+        bandwidth_gbs=bw or {2: 0.5, 4: 0.4, 8: 0.05},
+        limit_gb=1.0,
+        model_states_mb=24.0,
+        activation_mb_per_token=1.0,
+    )  # 1000 tokens per GPU
 
 
 SCENARIOS = [
@@ -42,8 +68,11 @@ def _groups_ok(plan, cost, ws):
 def test_every_baseline_validates_on_random_batches(name, cost, ws, n, max_len):
     for seed in range(4):
         lengths = longtail_lengths(n, max_len=max_len, seed=seed, min_len=1).tolist()
-        plans = [static_plan(lengths, cost, ws, max_seq_len=max_len), batch_adaptive_plan(lengths, cost, ws),
-                 hybrid_cp_plan(lengths, cost, ws)]
+        plans = [
+            static_plan(lengths, cost, ws, max_seq_len=max_len),
+            batch_adaptive_plan(lengths, cost, ws),
+            hybrid_cp_plan(lengths, cost, ws),
+        ]
         for p in plans:
             validate_plan(p, cost, world_size=ws, num_sequences=n)
             _groups_ok(p, cost, ws)
@@ -145,6 +174,7 @@ def test_homogeneous_degrees_tile_the_world():
 
 # --------------------------------------------------------------------------- hybrid CP
 
+
 class _FakeGroup:
     def __init__(self, n):
         self.n = n
@@ -167,7 +197,9 @@ def test_balanced_cp_rule_matches_megatron_core_class():
         lengths = np.minimum(rng.lognormal(np.log(per * 0.5), 1.5, size=n).astype(int) + 1, per * ws).tolist()
         sched = BalancedCPScheduler(per, _FakeGroup(ws))
         _, ref = sched.get_groups_and_subsamples([(i, L) for i, L in enumerate(lengths)], None)
-        mine = rounds_to_rank_lists(balanced_cp_rounds(lengths, ws, need=lambda L: megatron_gpus_needed(L, per)), ws)
+        mine = rounds_to_rank_lists(
+            balanced_cp_rounds(lengths, ws, need=lambda L, per=per: megatron_gpus_needed(L, per)), ws
+        )
         assert mine == [[list(x) for x in r] for r in ref], (trial, ws, per, lengths)
         checked += 1
     assert checked == 120
@@ -179,10 +211,13 @@ def test_hybrid_cp_degrees_follow_the_rule():
     lengths = longtail_lengths(512, max_len=196608, seed=5).tolist()
     plan = hybrid_cp_plan(lengths, cost, 64)
     validate_plan(plan, cost)
-    rounds = balanced_cp_rounds(lengths, 64, need=lambda L: megatron_gpus_needed(L, per),
-                                fits=lambda t, d: cost.fits(t, d),
-                                grow=lambda s, idle: next((d for d in (1, 2, 4, 8, 16, 32, 64) if s < d <= s + idle),
-                                                          None))
+    rounds = balanced_cp_rounds(
+        lengths,
+        64,
+        need=lambda L: megatron_gpus_needed(L, per),
+        fits=lambda t, d: cost.fits(t, d),
+        grow=lambda s, idle: next((d for d in (1, 2, 4, 8, 16, 32, 64) if s < d <= s + idle), None),
+    )
     assert plan.num_micro_batches == len(rounds)
     for mb, groups in zip(plan.micro_batches, rounds):
         got = sorted((g.degree, tuple(sorted(g.sequences))) for g in mb.groups if g.sequences)
@@ -207,15 +242,30 @@ def test_hybrid_cp_infeasible_and_empty():
 
 def test_hybrid_cp_defers_a_sequence_when_idle_ranks_cannot_take_one():
     # degrees {1, 4} on 6 ranks (2 per node): a degree-4 group cannot grow, so ranks stay idle
-    cost = build_cost_model(name="c6", num_layers=2, hidden_size=64, num_attention_heads=4, gpus_per_node=2,
-                            alpha1_ms_per_token2=1e-6, alpha2_ms_per_token=0.01, beta1_ms=1.0,
-                            bandwidth_gbs={4: 1.0}, limit_gb=1.0, model_states_mb=24.0,
-                            activation_mb_per_token=1000 / 2200)  # 2200 tokens per GPU
+    cost = build_cost_model(
+        name="c6",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        gpus_per_node=2,
+        alpha1_ms_per_token2=1e-6,
+        alpha2_ms_per_token=0.01,
+        beta1_ms=1.0,
+        bandwidth_gbs={4: 1.0},
+        limit_gb=1.0,
+        model_states_mb=24.0,
+        activation_mb_per_token=1000 / 2200,
+    )  # 2200 tokens per GPU
     assert cost.tokens_per_gpu == 2200 and cost.allowed_degrees(6) == [1, 4]
     # the rule puts 4000 + 4000 in one degree-4 group and 100 on one rank; the sixth rank is idle,
     # and neither 4000 fits it: one 4000 is deferred to its own micro-batch
-    rule = balanced_cp_rounds([4000, 4000, 100], 6, need=lambda L: 4 if L > 2200 else 1,
-                              grow=lambda s, idle: 4 if s < 4 <= s + idle else None, fits=cost.fits)
+    rule = balanced_cp_rounds(
+        [4000, 4000, 100],
+        6,
+        need=lambda L: 4 if L > 2200 else 1,
+        grow=lambda s, idle: 4 if s < 4 <= s + idle else None,
+        fits=cost.fits,
+    )
     assert [[(g.size, len(g.items)) for g in r] for r in rule] == [[(4, 2), (1, 1)]]  # the rule: one round
     plan = hybrid_cp_plan([4000, 4000, 100], cost, 6)
     validate_plan(plan, cost, world_size=6, num_sequences=3)

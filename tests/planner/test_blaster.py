@@ -23,7 +23,7 @@ def test_min_max_chunks_matches_brute_force(seed):
     m = int(rng.integers(1, n + 1))
     bounds, best = min_max_chunks(w, m)
     assert len(bounds) == m + 1 and bounds[0] == 0 and bounds[-1] == n
-    assert all(a < b for a, b in zip(bounds[:-1], bounds[1:]))          # m non-empty chunks
+    assert all(a < b for a, b in zip(bounds[:-1], bounds[1:]))  # m non-empty chunks
     assert best == max(int(w[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
     ref = min(max(int(w[a:b].sum()) for a, b in zip(c[:-1], c[1:])) for c in all_cuts(n, m))
     assert best == ref
@@ -46,7 +46,7 @@ def test_segment_matches_brute_force(seed):
         return C[i, j]
 
     bounds, total = segment(pts, cost)
-    ref, ref_b = np.inf, None
+    ref = np.inf
     allowed = set(pts.tolist())
     for m in range(1, n + 1):
         for c in all_cuts(n, m):
@@ -54,7 +54,7 @@ def test_segment_matches_brute_force(seed):
                 continue
             t = sum(C[a, b] for a, b in zip(c[:-1], c[1:]))
             if t < ref:
-                ref, ref_b = t, c
+                ref = t
     if not np.isfinite(ref):
         assert bounds == [] and total == np.inf
     else:
@@ -83,11 +83,18 @@ def test_chunk_estimator_formula_and_memory_budget():
         if toks > cost.tokens_per_gpu * 64:
             assert got[i] == np.inf
             continue
-        gpu = [min(d * (cost.group_time_ms([x], d) - cost.compute.beta1_ms) for d in degs if cost.fits(x, d))
-               for x in L[i:]]
-        ref = min(max(cost.group_time_ms([L[i]], d) - cost.compute.beta1_ms,
-                      (sum(gpu[1:]) + d * (cost.group_time_ms([L[i]], d) - cost.compute.beta1_ms)) / 64)
-                  for d in degs if cost.fits(L[i], d))
+        gpu = [
+            min(d * (cost.group_time_ms([x], d) - cost.compute.beta1_ms) for d in degs if cost.fits(x, d))
+            for x in L[i:]
+        ]
+        ref = min(
+            max(
+                cost.group_time_ms([L[i]], d) - cost.compute.beta1_ms,
+                (sum(gpu[1:]) + d * (cost.group_time_ms([L[i]], d) - cost.compute.beta1_ms)) / 64,
+            )
+            for d in degs
+            if cost.fits(L[i], d)
+        )
         assert got[i] == pytest.approx(cost.compute.beta1_ms + ref)
     tight = ChunkEstimator(L, cost, 64, tau, degs, mem_frac=0.3).cost(np.arange(6), 6)
     assert tight[0] == np.inf and np.isfinite(tight[-1])

@@ -8,7 +8,6 @@ import pytest
 from megatron.flexsp.planner.bounds import check_feasible, lower_bound_ms, min_micro_batches
 from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, PlanError
-
 from tests.planner._p1_util import brute_plan, tiny_cost
 
 
@@ -19,7 +18,9 @@ def reference_lb(lengths, cost, ws):
     per = []
     fastest = []
     for L in lengths:
-        opts = [(d * (cost.group_time_ms([L], d) - b1), cost.group_time_ms([L], d) - b1) for d in degs if cost.fits(L, d)]
+        opts = [
+            (d * (cost.group_time_ms([L], d) - b1), cost.group_time_ms([L], d) - b1) for d in degs if cost.fits(L, d)
+        ]
         per.append(min(o[0] for o in opts))
         fastest.append(min(o[1] for o in opts))
     m = math.ceil(sum(lengths) / (cost.tokens_per_gpu * ws))
@@ -44,6 +45,7 @@ def test_lower_bound_matches_reference_formula(seed):
 
 def test_memory_aware_bound_is_tighter_when_the_longest_sequence_cannot_share():
     from megatron.flexsp.planner.bounds import simple_lower_bound_ms
+
     cost = preset("gpt-7b", 1024)
     L = [196608] * 4 + [2000] * 4000
     lb, simple = lower_bound_ms(L, cost, 1024), simple_lower_bound_ms(L, cost, 1024)

@@ -53,7 +53,7 @@ def test_robust_fit_ignores_gross_outliers():
     rng = np.random.default_rng(0)
     x = np.stack([rng.uniform(1, 100, 200), np.ones(200)], axis=1)
     y = x @ np.array([2.0, 30.0]) * (1 + 0.02 * rng.standard_normal(200))
-    y[:10] *= 4.0                                   # measured while something else ran
+    y[:10] *= 4.0  # measured while something else ran
     fit = robust_nonneg_fit(x, y)
     assert fit.coef == pytest.approx([2.0, 30.0], rel=0.02)
     assert fit.outliers >= 10
@@ -70,7 +70,7 @@ def _samples(truth: CostModel, n: int, noise: float, seed: int) -> list[GroupSam
     out = []
     for i in range(n):
         d = int(rng.choice([1, 2, 4]))
-        lens = pool[8 * i:8 * i + int(rng.integers(1, 9))]
+        lens = pool[8 * i : 8 * i + int(rng.integers(1, 9))]
         T, sq = int(lens.sum()), float((lens.astype(np.float64) ** 2).sum())
         comp = truth.compute_ms(lens.tolist(), d) * (1 + noise * rng.standard_normal())
         a2a = truth.alltoall_ms(T, d) * (1 + noise * rng.standard_normal()) if d > 1 else 0.0
@@ -105,7 +105,7 @@ def test_calibration_waits_for_enough_samples_and_window_follows_drift():
     cal = CostCalibrator(truth, CalibrationConfig(window=200, min_samples=24, min_degree_samples=6))
     cal.extend(_samples(truth, 10, 0.0, 1))
     m = cal.refit()
-    assert m.compute == truth.compute                     # too few samples: unchanged
+    assert m.compute == truth.compute  # too few samples: unchanged
     # the machine got 2x slower: after a full window of new samples the fit follows
     d = truth.to_dict()
     d["compute"] = {k: 2 * v for k, v in d["compute"].items()}
@@ -123,11 +123,11 @@ def test_memory_only_grows():
     cal = CostCalibrator(base)
     tpg = base.tokens_per_gpu
     ms = base.memory.model_states_mb
-    cal.add(2, 2 * tpg, 2.0 * tpg * tpg, 100.0, 5.0, peak_mb=ms + 0.5 * act * tpg, tokens_per_rank=tpg)   # below
+    cal.add(2, 2 * tpg, 2.0 * tpg * tpg, 100.0, 5.0, peak_mb=ms + 0.5 * act * tpg, tokens_per_rank=tpg)  # below
     assert cal.refit().memory.activation_mb_per_token == act
-    cal.add(2, tpg, 1.0 * tpg * tpg, 100.0, 5.0, peak_mb=ms + 1.3 * act * tpg / 2)                     # above
+    cal.add(2, tpg, 1.0 * tpg * tpg, 100.0, 5.0, peak_mb=ms + 1.3 * act * tpg / 2)  # above
     assert cal.refit().memory.activation_mb_per_token == pytest.approx(1.3 * act)
-    cal.add(2, 4, 8.0, 10.0, 1.0, peak_mb=ms + 500.0)      # 2 tokens per rank: workspace, not per-token memory
+    cal.add(2, 4, 8.0, 10.0, 1.0, peak_mb=ms + 500.0)  # 2 tokens per rank: workspace, not per-token memory
     cal.add(2, tpg, 1.0 * tpg * tpg, 100.0, 5.0, peak_mb=ms + 0.1 * act * tpg / 2)
     m = cal.refit()
     assert m.memory.activation_mb_per_token == pytest.approx(1.3 * act)
@@ -140,7 +140,7 @@ def test_state_round_trip_gives_identical_models():
     a = CostCalibrator(truth, CalibrationConfig(window=150))
     a.extend(samples[:200])
     a.refit()
-    state = json.loads(json.dumps(a.state_dict()))            # through JSON, as in a checkpoint
+    state = json.loads(json.dumps(a.state_dict()))  # through JSON, as in a checkpoint
     b = CostCalibrator.from_state_dict(state)
     assert b.current.to_dict() == a.current.to_dict()
     a.extend(samples[200:])
@@ -155,39 +155,73 @@ def test_state_round_trip_gives_identical_models():
 
 
 def test_analytic_prior_matches_hand_computation():
-    shape = ModelShape(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1000, num_query_groups=2,
-                       ffn_hidden_size=256, swiglu=True)
+    shape = ModelShape(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=1000,
+        num_query_groups=2,
+        ffn_hidden_size=256,
+        swiglu=True,
+    )
     # parameters by hand: qkv 64*(64+2*64*2/4)=64*128=8192, out 4096, mlp 3*64*256=49152, norms 128
     per_layer = 8192 + 4096 + 49152
     P = 2 * (per_layer + 128) + 2 * 1000 * 64 + 64
     assert num_parameters(shape) == P
-    m = analytic_cost_model(shape, device_flops=2e11, efficiency=0.5, intra_node_gbs=10.0, inter_node_gbs=1.0,
-                            limit_gb=2.0, gpus_per_node=2, world_size=4, sharding="zero3")
+    m = analytic_cost_model(
+        shape,
+        device_flops=2e11,
+        efficiency=0.5,
+        intra_node_gbs=10.0,
+        inter_node_gbs=1.0,
+        limit_gb=2.0,
+        gpus_per_node=2,
+        world_size=4,
+        sharding="zero3",
+    )
     fpm = 2e11 * 0.5 / 1000
     assert m.compute.alpha2_ms_per_token == pytest.approx(6 * (2 * per_layer + 64000) / fpm)
     assert m.compute.alpha1_ms_per_token2 == pytest.approx(12 * 64 * 2 * 0.5 / fpm)
-    assert m.compute.beta1_ms == pytest.approx(3 * P * 2 * 3 / 4 / 1e9 * 1000)       # inter-node link, 1 GB/s
+    assert m.compute.beta1_ms == pytest.approx(3 * P * 2 * 3 / 4 / 1e9 * 1000)  # inter-node link, 1 GB/s
     assert m.alltoall.bytes_per_token == alltoall_bytes_per_token(2, 64, 4, 2, 2) == 2 * 2 * (128 + 64) * 2
     unit = 1e9 / 1000 / 2**20
-    assert m.bandwidth(2) == pytest.approx(10 * unit * 2)                            # d/(d-1) = 2
-    assert m.bandwidth(4) == pytest.approx(1 * unit * 4 / 2)                         # d/(d-g) = 2
+    assert m.bandwidth(2) == pytest.approx(10 * unit * 2)  # d/(d-1) = 2
+    assert m.bandwidth(4) == pytest.approx(1 * unit * 4 / 2)  # d/(d-g) = 2
     assert set(m.alltoall.bandwidth_gbs) == {2, 4}
     assert m.memory.model_states_mb == pytest.approx(16 * P / 4 / 2**20)
     act = 2 * 2 * (7 * 64 + 2 * 64 * 2 / 4 + 3 * 256) + 4 * 1000
     assert m.memory.activation_mb_per_token == pytest.approx(act / 2**20)
     assert m.allowed_degrees(4) == [1, 2, 4]
-    ddp = analytic_cost_model(shape, device_flops=2e11, intra_node_gbs=10.0, inter_node_gbs=1.0, limit_gb=2.0,
-                              gpus_per_node=2, world_size=4, sharding="ddp", overhead_ms=3.0)
+    ddp = analytic_cost_model(
+        shape,
+        device_flops=2e11,
+        intra_node_gbs=10.0,
+        inter_node_gbs=1.0,
+        limit_gb=2.0,
+        gpus_per_node=2,
+        world_size=4,
+        sharding="ddp",
+        overhead_ms=3.0,
+    )
     assert ddp.compute.beta1_ms == 3.0 and ddp.memory.model_states_mb == pytest.approx(16 * P / 2**20)
     assert math.isclose(ddp.compute.alpha2_ms_per_token, 0.5 * m.compute.alpha2_ms_per_token)
 
 
 def test_prior_is_the_right_order_for_the_paper_7b():
     # Llama-7B-like shape on A100 (312 TFLOP/s bf16 peak, ~45 % achieved): within 2x of the paper's fit
-    shape = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, vocab_size=32000,
-                       ffn_hidden_size=11008, swiglu=True)
-    m = analytic_cost_model(shape, device_flops=312e12, efficiency=0.45, intra_node_gbs=150.0, inter_node_gbs=12.5,
-                            limit_gb=30.0, gpus_per_node=8, world_size=64)
+    shape = ModelShape(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, vocab_size=32000, ffn_hidden_size=11008, swiglu=True
+    )
+    m = analytic_cost_model(
+        shape,
+        device_flops=312e12,
+        efficiency=0.45,
+        intra_node_gbs=150.0,
+        inter_node_gbs=12.5,
+        limit_gb=30.0,
+        gpus_per_node=8,
+        world_size=64,
+    )
     paper = preset("gpt-7b", 64)
     assert 0.5 < m.compute.alpha2_ms_per_token / paper.compute.alpha2_ms_per_token < 2.0
     assert 0.5 < m.memory.activation_mb_per_token / paper.memory.activation_mb_per_token < 2.0
@@ -197,16 +231,24 @@ def test_samples_from_an_executed_plan():
     from megatron.flexsp.planner.calibration import coefficients, samples_from_plan
     from megatron.flexsp.planner.plan import Group, MicroBatch, Plan, PlanError
 
-    plan = Plan(4, [300, 100, 50, 700], [
-        MicroBatch([Group([0, 1], [0, 1]), Group([2], [2]), Group([3], [])]),
-        MicroBatch([Group([0, 1, 2, 3], [3])]),
-    ])
-    meas = [[{"compute_ms": 10.0, "a2a_ms": 2.0, "peak_mb": 900.0}, {"compute_ms": 4.0}, None],
-            [{"compute_ms": 30.0, "a2a_ms": 9.0, "a2a_bytes": 1e6}]]
+    plan = Plan(
+        4,
+        [300, 100, 50, 700],
+        [
+            MicroBatch([Group([0, 1], [0, 1]), Group([2], [2]), Group([3], [])]),
+            MicroBatch([Group([0, 1, 2, 3], [3])]),
+        ],
+    )
+    meas = [
+        [{"compute_ms": 10.0, "a2a_ms": 2.0, "peak_mb": 900.0}, {"compute_ms": 4.0}, None],
+        [{"compute_ms": 30.0, "a2a_ms": 9.0, "a2a_bytes": 1e6}],
+    ]
     got = samples_from_plan(plan, meas)
-    assert got == [GroupSample(2, 400, 100000.0, 10.0, 2.0, 0.0, 900.0, 200.0),
-                   GroupSample(1, 50, 2500.0, 4.0, 0.0, 0.0, None, 50.0),
-                   GroupSample(4, 700, 490000.0, 30.0, 9.0, 1e6, None, 175.0)]
+    assert got == [
+        GroupSample(2, 400, 100000.0, 10.0, 2.0, 0.0, 900.0, 200.0),
+        GroupSample(1, 50, 2500.0, 4.0, 0.0, 0.0, None, 50.0),
+        GroupSample(4, 700, 490000.0, 30.0, 9.0, 1e6, None, 175.0),
+    ]
     with pytest.raises(PlanError):
         samples_from_plan(plan, meas[:1])
     co = coefficients(preset("cpu-tiny-ddp"))

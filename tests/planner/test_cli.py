@@ -13,8 +13,7 @@ from megatron.flexsp.planner.cli import iter_batches, main
 from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.plan import Plan, estimate_plan_ms, validate_plan
 
-FAST = ["--cost-model", "cpu-tiny", "--world-size", "4", "--global-batch-size", "12", "--time-limit", "0.2",
-        "--quiet"]
+FAST = ["--cost-model", "cpu-tiny", "--world-size", "4", "--global-batch-size", "12", "--time-limit", "0.2", "--quiet"]
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
@@ -28,8 +27,9 @@ def _table_rows(out: str) -> dict[str, list[str]]:
 
 def test_synthetic_run_writes_valid_plans_summary_and_plots(tmp_path, capsys):
     out_dir = tmp_path / "out"
-    rc = main(["--synthetic", "400", "--max-seq-len", "1500", "--iters", "3", "--output", str(out_dir), "--plot",
-               *FAST])
+    rc = main(
+        ["--synthetic", "400", "--max-seq-len", "1500", "--iters", "3", "--output", str(out_dir), "--plot", *FAST]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     cost = preset("cpu-tiny")
@@ -72,8 +72,7 @@ def test_batches_come_from_the_file_in_seeded_order(tmp_path, capsys):
     path = tmp_path / "l.npy"
     np.save(path, lengths)
     out_dir = tmp_path / "o"
-    assert main([str(path), "--iters", "4", "--methods", "static", "--output", str(out_dir), "--seed", "7",
-                 *FAST]) == 0
+    assert main([str(path), "--iters", "4", "--methods", "static", "--output", str(out_dir), "--seed", "7", *FAST]) == 0
     idx = list(iter_batches(30, 12, 4, 7))
     for k in range(4):
         p = Plan.load(out_dir / "plans" / "static" / f"iter_{k:04d}.json")
@@ -86,28 +85,36 @@ def test_batches_come_from_the_file_in_seeded_order(tmp_path, capsys):
 def test_overlong_counted_and_reported(tmp_path, capsys, mode, expect):
     path = tmp_path / "l.txt"
     path.write_text("\n".join(str(x) for x in [100, 5000, 200, 300, 9000, 400, 700, 1600]) + "\n")
-    assert main([str(path), "--max-seq-len", "1500", "--overlong", mode, "--iters", "1", "--methods", "static",
-                 *FAST]) == 0
+    assert (
+        main([str(path), "--max-seq-len", "1500", "--overlong", mode, "--iters", "1", "--methods", "static", *FAST])
+        == 0
+    )
     assert expect in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--iters", "1"], "give exactly one length source"),
-    (["--synthetic", "10", "LENGTHS.txt"], "give exactly one length source"),
-    (["--synthetic", "10", "--methods", "flexsp,ulysses"], r"--methods: unknown \['ulysses'\]"),
-    (["--synthetic", "10", "--plot"], "--plot needs --output DIR"),
-    (["--synthetic", "10", "--cost-model", "gpt-99b"], "unknown cost-model preset 'gpt-99b'"),
-    (["--synthetic", "10", "--cost-model", "gpt-7b", "--world-size", "12"], "world size 12 is not a multiple of "
-                                                                           "gpus_per_node 8"),
-    (["/nonexistent/lengths.txt"], "lengths file not found: /nonexistent/lengths.txt"),
-    (["--synthetic", "10", "--global-batch-size", "0"], "--global-batch-size must be >= 1"),
-    (["--synthetic", "10", "--time-limit", "0"], "--time-limit must be > 0"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--iters", "1"], "give exactly one length source"),
+        (["--synthetic", "10", "LENGTHS.txt"], "give exactly one length source"),
+        (["--synthetic", "10", "--methods", "flexsp,ulysses"], r"--methods: unknown \['ulysses'\]"),
+        (["--synthetic", "10", "--plot"], "--plot needs --output DIR"),
+        (["--synthetic", "10", "--cost-model", "gpt-99b"], "unknown cost-model preset 'gpt-99b'"),
+        (
+            ["--synthetic", "10", "--cost-model", "gpt-7b", "--world-size", "12"],
+            "world size 12 is not a multiple of gpus_per_node 8",
+        ),
+        (["/nonexistent/lengths.txt"], "lengths file not found: /nonexistent/lengths.txt"),
+        (["--synthetic", "10", "--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+        (["--synthetic", "10", "--time-limit", "0"], "--time-limit must be > 0"),
+    ],
+)
 def test_bad_input_is_a_clear_error(args, match, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
     import re
+
     assert re.search(match, capsys.readouterr().err)
 
 
@@ -124,7 +131,22 @@ def test_overlong_error_mode_and_infeasible_lengths(tmp_path, capsys):
 
 def test_console_script_runs(tmp_path):
     exe = [sys.executable, "-m", "megatron.flexsp.planner.cli"]
-    r = subprocess.run([*exe, "--synthetic", "100", "--max-seq-len", "1500", "--iters", "2", "--methods",
-                        "static,batch-adaptive", *FAST], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            *exe,
+            "--synthetic",
+            "100",
+            "--max-seq-len",
+            "1500",
+            "--iters",
+            "2",
+            "--methods",
+            "static,batch-adaptive",
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "batch-adaptive" in r.stdout and "vs static" in r.stdout

@@ -5,16 +5,28 @@ import json
 
 import pytest
 
-from megatron.flexsp.planner.costmodel import (PRESET_NAMES, CostModel, CostModelError, alltoall_bytes_per_token,
-                                               build_cost_model, load_cost_model, preset)
+from megatron.flexsp.planner.costmodel import (
+    PRESET_NAMES,
+    CostModel,
+    CostModelError,
+    alltoall_bytes_per_token,
+    build_cost_model,
+    load_cost_model,
+    preset,
+)
 
 DESIGN_EXAMPLE = {
     "name": "free text",
-    "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_query_groups": 8,
+    "num_layers": 32,
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_query_groups": 8,
     "gpus_per_node": 8,
     "compute": {"alpha1_ms_per_token2": 5.1e-6, "alpha2_ms_per_token": 0.18, "beta1_ms": 630.0},
-    "alltoall": {"bytes_per_token": 2097152,
-                 "bandwidth_gbs": {"2": 119.5, "4": 104.1, "8": 96.5, "16": 10.3, "32": 5.9, "64": 4.9}},
+    "alltoall": {
+        "bytes_per_token": 2097152,
+        "bandwidth_gbs": {"2": 119.5, "4": 104.1, "8": 96.5, "16": 10.3, "32": 5.9, "64": 4.9},
+    },
     "memory": {"limit_gb": 30, "model_states_mb": 1823.0, "activation_mb_per_token": 4.48},
 }
 
@@ -51,27 +63,34 @@ def _bad(path, value):
     return d
 
 
-@pytest.mark.parametrize("path,value,match", [
-    ("num_layers", KeyError, r"missing field 'num_layers'"),
-    ("hidden_size", 0, r"'hidden_size' must be a positive integer, got 0"),
-    ("gpus_per_node", 2.5, r"'gpus_per_node' must be a positive integer"),
-    ("num_attention_heads", True, r"'num_attention_heads' must be a positive integer"),
-    ("num_query_groups", 5, r"'num_attention_heads' \(32\) must be a multiple of 'num_query_groups' \(5\)"),
-    ("compute", KeyError, r"section 'compute'"),
-    ("memory", [1, 2], r"section 'memory'"),
-    ("compute.alpha1_ms_per_token2", KeyError, r"missing field 'compute.alpha1_ms_per_token2'"),
-    ("compute.alpha2_ms_per_token", "fast", r"'compute.alpha2_ms_per_token' must be a finite number, got 'fast'"),
-    ("compute.beta1_ms", -1.0, r"'compute.beta1_ms' must be >= 0, got -1.0"),
-    ("compute.beta1_ms", float("nan"), r"'compute.beta1_ms' must be a finite number"),
-    ("alltoall.bytes_per_token", None, r"'alltoall.bytes_per_token' must be a finite number, got None"),
-    ("alltoall.bandwidth_gbs", {}, r"'alltoall.bandwidth_gbs' must be a non-empty object"),
-    ("alltoall.bandwidth_gbs.8", 0, r"'alltoall.bandwidth_gbs.8' must be > 0, got 0"),
-    ("alltoall.bandwidth_gbs.x", 1.0, r"'alltoall.bandwidth_gbs' key 'x' is not an integer degree"),
-    ("alltoall.bandwidth_gbs.1", 1.0, r"'alltoall.bandwidth_gbs' key '1': degrees start at 2"),
-    ("memory.limit_gb", 0, r"'memory.limit_gb' must be > 0, got 0"),
-    ("memory.activation_mb_per_token", 0.0, r"'memory.activation_mb_per_token' must be > 0"),
-    ("memory.model_states_mb", 40000.0, r"'memory.model_states_mb' \(40000.0\) leaves no room under 'memory.limit_gb'"),
-])
+@pytest.mark.parametrize(
+    "path,value,match",
+    [
+        ("num_layers", KeyError, r"missing field 'num_layers'"),
+        ("hidden_size", 0, r"'hidden_size' must be a positive integer, got 0"),
+        ("gpus_per_node", 2.5, r"'gpus_per_node' must be a positive integer"),
+        ("num_attention_heads", True, r"'num_attention_heads' must be a positive integer"),
+        ("num_query_groups", 5, r"'num_attention_heads' \(32\) must be a multiple of 'num_query_groups' \(5\)"),
+        ("compute", KeyError, r"section 'compute'"),
+        ("memory", [1, 2], r"section 'memory'"),
+        ("compute.alpha1_ms_per_token2", KeyError, r"missing field 'compute.alpha1_ms_per_token2'"),
+        ("compute.alpha2_ms_per_token", "fast", r"'compute.alpha2_ms_per_token' must be a finite number, got 'fast'"),
+        ("compute.beta1_ms", -1.0, r"'compute.beta1_ms' must be >= 0, got -1.0"),
+        ("compute.beta1_ms", float("nan"), r"'compute.beta1_ms' must be a finite number"),
+        ("alltoall.bytes_per_token", None, r"'alltoall.bytes_per_token' must be a finite number, got None"),
+        ("alltoall.bandwidth_gbs", {}, r"'alltoall.bandwidth_gbs' must be a non-empty object"),
+        ("alltoall.bandwidth_gbs.8", 0, r"'alltoall.bandwidth_gbs.8' must be > 0, got 0"),
+        ("alltoall.bandwidth_gbs.x", 1.0, r"'alltoall.bandwidth_gbs' key 'x' is not an integer degree"),
+        ("alltoall.bandwidth_gbs.1", 1.0, r"'alltoall.bandwidth_gbs' key '1': degrees start at 2"),
+        ("memory.limit_gb", 0, r"'memory.limit_gb' must be > 0, got 0"),
+        ("memory.activation_mb_per_token", 0.0, r"'memory.activation_mb_per_token' must be > 0"),
+        (
+            "memory.model_states_mb",
+            40000.0,
+            r"'memory.model_states_mb' \(40000.0\) leaves no room under 'memory.limit_gb'",
+        ),
+    ],
+)
 def test_each_bad_field_is_named(path, value, match):
     with pytest.raises(CostModelError, match=match):
         CostModel.from_dict(_bad(path, value))
@@ -105,17 +124,39 @@ def test_builder_bytes_per_token_mha_and_gqa():
     gqa = alltoall_bytes_per_token(32, 4096, 32, 8)
     assert gqa == 2 * 32 * (4096 + 4096 + 2 * 4096 / 4) * 2
     assert gqa < alltoall_bytes_per_token(32, 4096, 32)
-    cm = build_cost_model(name="m", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
-                          gpus_per_node=4, alpha1_ms_per_token2=1e-6, alpha2_ms_per_token=0.01, beta1_ms=3.0,
-                          bandwidth_gbs={2: 50.0, 4: 40.0}, limit_gb=8.0, activation_mb_per_token=0.5,
-                          num_parameters=1e9, world_size=8)
+    cm = build_cost_model(
+        name="m",
+        num_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_query_groups=2,
+        gpus_per_node=4,
+        alpha1_ms_per_token2=1e-6,
+        alpha2_ms_per_token=0.01,
+        beta1_ms=3.0,
+        bandwidth_gbs={2: 50.0, 4: 40.0},
+        limit_gb=8.0,
+        activation_mb_per_token=0.5,
+        num_parameters=1e9,
+        world_size=8,
+    )
     assert cm.alltoall.bytes_per_token == 2 * 4 * (256 + 256 + 2 * 256 * 2 / 8) * 2
     assert cm.memory.model_states_mb == pytest.approx(1e9 * 16 / 8 / 2**20)  # ZeRO-3: 16 bytes/param over ranks
     assert cm.num_query_groups == 2
     with pytest.raises(CostModelError, match="model_states_mb, or num_parameters and world_size"):
-        build_cost_model(name="m", num_layers=4, hidden_size=256, num_attention_heads=8, gpus_per_node=4,
-                         alpha1_ms_per_token2=1e-6, alpha2_ms_per_token=0.01, beta1_ms=3.0, bandwidth_gbs={2: 1.0},
-                         limit_gb=8.0, activation_mb_per_token=0.5)
+        build_cost_model(
+            name="m",
+            num_layers=4,
+            hidden_size=256,
+            num_attention_heads=8,
+            gpus_per_node=4,
+            alpha1_ms_per_token2=1e-6,
+            alpha2_ms_per_token=0.01,
+            beta1_ms=3.0,
+            bandwidth_gbs={2: 1.0},
+            limit_gb=8.0,
+            activation_mb_per_token=0.5,
+        )
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
@@ -130,8 +171,11 @@ def test_presets_by_name_load_and_round_trip(name, tmp_path):
 def test_paper_preset_values():
     cm = preset("gpt-7b", 64)
     assert (cm.num_layers, cm.hidden_size, cm.num_attention_heads, cm.gpus_per_node) == (32, 4096, 64, 8)
-    assert (cm.compute.alpha1_ms_per_token2, cm.compute.alpha2_ms_per_token, cm.compute.beta1_ms) == \
-        (5.128e-6, 0.18396, 629.36)
+    assert (cm.compute.alpha1_ms_per_token2, cm.compute.alpha2_ms_per_token, cm.compute.beta1_ms) == (
+        5.128e-6,
+        0.18396,
+        629.36,
+    )
     assert cm.memory.limit_gb == 30 and cm.memory.activation_mb_per_token == 4.48
     assert cm.memory.model_states_mb == pytest.approx(7e9 * 16 / 64 / 2**20)
     assert cm.alltoall.bytes_per_token == 4 * 2 * 32 * 4096 * 2

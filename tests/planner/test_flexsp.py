@@ -20,8 +20,10 @@ def check(plan: Plan, lengths, cost, ws):
         for g in mb.groups:
             assert tuple(g.ranks) in cands
     # the estimate is the cost model's, recomputed group by group
-    ref = sum(max(cost.group_time_ms([lengths[s] for s in g.sequences], g.degree) for g in mb.groups if g.sequences)
-              for mb in plan.micro_batches)
+    ref = sum(
+        max(cost.group_time_ms([lengths[s] for s in g.sequences], g.degree) for g in mb.groups if g.sequences)
+        for mb in plan.micro_batches
+    )
     assert plan.estimated_time_ms == pytest.approx(ref)
     assert plan.estimated_time_ms == pytest.approx(estimate_plan_ms(plan, cost))
     lb = lower_bound_ms(lengths, cost, ws)
@@ -46,13 +48,21 @@ def test_reference_scenario_plans_validate(seed):
     lb = lower_bound_ms(L, cost, 64)
     assert p.estimated_time_ms <= 1.3 * lb and g.estimated_time_ms <= 1.3 * lb
     assert p.estimated_time_ms <= 1.05 * g.estimated_time_ms
-    assert p.degree_histogram().get(1, 0) > 0        # short sequences run without all-to-all
+    assert p.degree_histogram().get(1, 0) > 0  # short sequences run without all-to-all
 
 
-@pytest.mark.parametrize("name,ws,n,max_len,seed", [
-    ("gpt-7b", 16, 96, 90_000, 0), ("gpt-7b", 8, 40, 40_000, 1), ("gpt-7b", 24, 96, 100_000, 6), ("gpt-13b", 32, 128, 150_000, 2),
-    ("cpu-tiny", 4, 30, 2048, 3), ("cpu-tiny", 2, 12, 1024, 4), ("cpu-tiny", 1, 5, 512, 5),
-])
+@pytest.mark.parametrize(
+    "name,ws,n,max_len,seed",
+    [
+        ("gpt-7b", 16, 96, 90_000, 0),
+        ("gpt-7b", 8, 40, 40_000, 1),
+        ("gpt-7b", 24, 96, 100_000, 6),
+        ("gpt-13b", 32, 128, 150_000, 2),
+        ("cpu-tiny", 4, 30, 2048, 3),
+        ("cpu-tiny", 2, 12, 1024, 4),
+        ("cpu-tiny", 1, 5, 512, 5),
+    ],
+)
 def test_random_batches_validate(name, ws, n, max_len, seed):
     cost = preset(name, ws)
     L = longtail_lengths(n, max_len=max_len, median=max_len / 40, tail_min=max_len / 8, min_len=2, seed=seed)
@@ -105,17 +115,27 @@ def test_random_cost_models_and_worlds(seed):
         ws = gpn * int(rng.choice([1, 2, 3, 4, 6]))
         try:
             cost = build_cost_model(
-                name="fuzz", num_layers=4, hidden_size=256, num_attention_heads=int(rng.choice([4, 12, 24, 48, 64])),
-                gpus_per_node=gpn, alpha1_ms_per_token2=float(rng.uniform(1e-7, 1e-4)),
-                alpha2_ms_per_token=float(rng.uniform(1e-3, 0.5)), beta1_ms=float(rng.uniform(0, 100)),
+                name="fuzz",
+                num_layers=4,
+                hidden_size=256,
+                num_attention_heads=int(rng.choice([4, 12, 24, 48, 64])),
+                gpus_per_node=gpn,
+                alpha1_ms_per_token2=float(rng.uniform(1e-7, 1e-4)),
+                alpha2_ms_per_token=float(rng.uniform(1e-3, 0.5)),
+                beta1_ms=float(rng.uniform(0, 100)),
                 bandwidth_gbs={d: float(rng.uniform(0.5, 200)) for d in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)},
-                limit_gb=1.0, model_states_mb=float(rng.uniform(0, 900)),
-                activation_mb_per_token=float(rng.uniform(0.05, 2)))
+                limit_gb=1.0,
+                model_states_mb=float(rng.uniform(0, 900)),
+                activation_mb_per_token=float(rng.uniform(0.05, 2)),
+            )
         except CostModelError:
             continue
         cap = cost.capacity(max(cost.allowed_degrees(ws)))
-        L = np.minimum(rng.lognormal(np.log(max(2, cost.tokens_per_gpu / 3)), 1.0, size=int(rng.integers(1, 60)))
-                       .astype(np.int64) + 1, cap)
+        L = np.minimum(
+            rng.lognormal(np.log(max(2, cost.tokens_per_gpu / 3)), 1.0, size=int(rng.integers(1, 60))).astype(np.int64)
+            + 1,
+            cap,
+        )
         check(plan_flexsp(L, cost, ws, time_limit_s=0.2), L, cost, ws)
         done += 1
 

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from megatron.flexsp.planner.lengths_io import (LengthsError, apply_max_len, read_lengths,
-                                                read_megatron_document_sizes)
+from megatron.flexsp.planner.lengths_io import LengthsError, apply_max_len, read_lengths, read_megatron_document_sizes
 
 
 def test_text_file_with_comments_and_blank_lines(tmp_path):
@@ -13,8 +12,10 @@ def test_text_file_with_comments_and_blank_lines(tmp_path):
     assert read_lengths(p).tolist() == [100, 7, 300]
 
 
-@pytest.mark.parametrize("content,match", [("100\nabc\n", r"l.txt:2: 'abc' is not an integer"),
-                                           ("5\n0\n", r"l.txt:2: length 0"), ("# only\n", "no lengths")])
+@pytest.mark.parametrize(
+    "content,match",
+    [("100\nabc\n", r"l.txt:2: 'abc' is not an integer"), ("5\n0\n", r"l.txt:2: length 0"), ("# only\n", "no lengths")],
+)
 def test_text_file_errors_name_the_line(tmp_path, content, match):
     p = tmp_path / "l.txt"
     p.write_text(content)
@@ -67,8 +68,10 @@ def test_megatron_indexed_dataset_written_by_megatron_core(tmp_path):
     sizes = read_megatron_document_sizes(prefix)
     # reference: megatron.core's own reader
     ds = IndexedDataset(prefix)
-    ref = [int(sum(ds.sequence_lengths[ds.document_indices[i]:ds.document_indices[i + 1]]))
-           for i in range(len(ds.document_indices) - 1)]
+    ref = [
+        int(sum(ds.sequence_lengths[ds.document_indices[i] : ds.document_indices[i + 1]]))
+        for i in range(len(ds.document_indices) - 1)
+    ]
     assert sizes.tolist() == ref == token_counts
     expected = [n - 1 for n in token_counts if n >= 2]  # L = ids - 1, 1-token documents skipped
     assert read_lengths(prefix).tolist() == expected
@@ -80,8 +83,13 @@ def test_bad_idx(tmp_path):
     (tmp_path / "x.idx").write_bytes(b"NOTANIDX" + b"\0" * 40)
     with pytest.raises(LengthsError, match="bad magic"):
         read_megatron_document_sizes(tmp_path / "x")
-    (tmp_path / "y.idx").write_bytes(b"MMIDIDX\x00\x00" + (1).to_bytes(8, "little") + b"\x04"
-                                     + (10).to_bytes(8, "little") + (11).to_bytes(8, "little"))
+    (tmp_path / "y.idx").write_bytes(
+        b"MMIDIDX\x00\x00"
+        + (1).to_bytes(8, "little")
+        + b"\x04"
+        + (10).to_bytes(8, "little")
+        + (11).to_bytes(8, "little")
+    )
     with pytest.raises(LengthsError, match="truncated"):
         read_lengths(tmp_path / "y")
 

@@ -14,7 +14,6 @@ import pytest
 from megatron.flexsp.planner.bounds import seq_tau_table
 from megatron.flexsp.planner.flexsp import PlannerContext, solve_micro_batch
 from megatron.flexsp.planner.milp import ClassProblem, class_objective, solve_class_milp
-
 from tests.planner._p1_util import brute_micro_batch, tiny_cost
 
 
@@ -88,8 +87,9 @@ def test_micro_batch_milp_bound_and_plan_bracket_brute_force(seed):
     tau = seq_tau_table(L, cost, ctx.degrees)
     opt = brute_micro_batch(L.tolist(), cost, ws)
     greedy = solve_micro_batch(ctx, L, tau)
-    sol = solve_micro_batch(ctx, L, tau, use_milp=True, time_limit_s=10.0, bucket_error=0.0, max_buckets=None,
-                             milp_span=None)
+    sol = solve_micro_batch(
+        ctx, L, tau, use_milp=True, time_limit_s=10.0, bucket_error=0.0, max_buckets=None, milp_span=None
+    )
     if not np.isfinite(opt):
         assert greedy is None and sol is None
         return

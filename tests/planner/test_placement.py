@@ -7,7 +7,6 @@ import pytest
 from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.placement import can_place, candidate_groups, place_groups
 from megatron.flexsp.planner.plan import PlanError
-
 from tests.planner._p1_util import degree_multisets, tiny_cost
 
 
@@ -45,7 +44,7 @@ def test_place_groups_every_multiset_of_64_partitions_ranks():
     for degs in rng.sample(multisets, 300) + [[64], [1] * 64, [32, 16, 8, 4, 2, 1, 1]]:
         rng.shuffle(degs)
         groups = place_groups(degs, cost, 64)
-        assert [len(g) for g in groups] == degs          # input order kept
+        assert [len(g) for g in groups] == degs  # input order kept
         assert sorted(r for g in groups for r in g) == list(range(64))
         assert all(tuple(g) in cands for g in groups)
 
@@ -53,8 +52,15 @@ def test_place_groups_every_multiset_of_64_partitions_ranks():
 def test_place_groups_non_chain_degrees_uses_search():
     # 48 heads, 8 per node: degrees 16 and 24 are both allowed but neither divides the other
     cost = tiny_cost(gpus_per_node=8, heads=48)
-    cost = cost.from_dict({**cost.to_dict(), "alltoall": {"bytes_per_token": 1.0, "bandwidth_gbs": {
-        "2": 1.0, "4": 1.0, "8": 1.0, "16": 1.0, "24": 1.0, "48": 1.0}}})
+    cost = cost.from_dict(
+        {
+            **cost.to_dict(),
+            "alltoall": {
+                "bytes_per_token": 1.0,
+                "bandwidth_gbs": {"2": 1.0, "4": 1.0, "8": 1.0, "16": 1.0, "24": 1.0, "48": 1.0},
+            },
+        }
+    )
     assert 24 in cost.allowed_degrees(48) and 16 in cost.allowed_degrees(48)
     cands = set(candidate_groups(cost, 48))
     for degs in ([24, 16, 8], [16, 16, 16], [24, 24], [16, 24, 8], [8, 16, 24]):

@@ -20,8 +20,9 @@ def check(argv, ws=4, cuda=False):
     A.validate_args(args, ws, has_cuda=cuda)
     if cuda and args.flexsp_cost_model is None:
         args.flexsp_cost_model = "cpu-tiny"  # no GPU here to measure an analytic prior on
-    start = resolve_cost_model(args, world_size=ws, local_ranks=min(ws, 2), cuda=cuda,
-                               vocab_size=A.resolve_vocab_size(args))
+    start = resolve_cost_model(
+        args, world_size=ws, local_ranks=min(ws, 2), cuda=cuda, vocab_size=A.resolve_vocab_size(args)
+    )
     A.validate_against_cost(args, ws, start.cost)
     return args
 
@@ -34,9 +35,28 @@ def test_defaults_follow_megatron_meanings():
     assert a.sp_mode == "flexsp" and a.attention_backend == "auto" and a.flexsp_sharding == "fsdp2"
     assert A.parse_args(["--attention-backend", "fused"]).attention_backend == "te"
     assert A.parse_args(["--attention-backend", "unfused"]).attention_backend == "sdpa"
-    args = A.parse_args(["--lr", "3e-4", "--min-lr", "1e-5", "--lr-decay-style", "linear", "--sp-mode", "static",
-                         "--context-parallel-size", "4", "--metrics-file", "m.jsonl", "--hidden-size", "32",
-                         "--flexsp-time-limit", "0.5", "--no-progress-bar", "--mock-data"])
+    args = A.parse_args(
+        [
+            "--lr",
+            "3e-4",
+            "--min-lr",
+            "1e-5",
+            "--lr-decay-style",
+            "linear",
+            "--sp-mode",
+            "static",
+            "--context-parallel-size",
+            "4",
+            "--metrics-file",
+            "m.jsonl",
+            "--hidden-size",
+            "32",
+            "--flexsp-time-limit",
+            "0.5",
+            "--no-progress-bar",
+            "--mock-data",
+        ]
+    )
     c = configs_from_args(args, LaunchEnv(0, 4, 0, 4, "127.0.0.1", 1))
     assert (c.optimizer.lr, c.optimizer.min_lr, c.optimizer.lr_decay_style) == (3e-4, 1e-5, "linear")
     assert (c.flexsp.sp_mode, c.flexsp.context_parallel_size, c.flexsp.time_limit_s) == ("static", 4, 0.5)
@@ -68,40 +88,78 @@ def test_unknown_flag_stops_argparse(capsys):
     assert "must be a positive integer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, ws, cuda, message", [
-    (["--hidden-size", "66"], 4, False, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
-    (["--num-query-groups", "3", "--group-query-attention"], 4, False,
-     "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
-    (["--num-query-groups", "2"], 4, False, "add --group-query-attention"),
-    (["--seq-length", "2048", "--max-position-embeddings", "1024"], 4, False,
-     "--seq-length 2048 is above --max-position-embeddings 1024"),
-    ([], 3, False, "world size 3 is not a multiple of gpus_per_node 2"),
-    (["--bf16"], 4, False, "--bf16 needs a GPU"),
-    (["--distributed-backend", "nccl"], 4, False, "nccl needs CUDA"),
-    (["--attention-backend", "flash"], 4, False, "--attention-backend flash needs a GPU"),
-    (["--attention-backend", "flash", "--flexsp-cost-model", "cpu-tiny"], 4, True,
-     "--attention-backend flash needs --bf16"),
-    (["--attention-backend", "te", "--flexsp-cost-model", "cpu-tiny"], 4, True, "--attention-backend te needs --bf16"),
-    (["--transformer-impl", "transformer_engine"], 4, False, "needs a GPU"),
-    (["--sp-mode", "static", "--context-parallel-size", "2", "--seq-length", "2048"], 4, False,
-     "--context-parallel-size 2 cannot hold --seq-length 2048: a group of 2 ranks holds 1024 tokens; use at least 4"),
-    (["--sp-mode", "static", "--context-parallel-size", "3"], 4, False,
-     "--num-attention-heads 4 is not divisible by --context-parallel-size 3"),
-    (["--seq-length", "4096"], 4, False, "--seq-length 4096 does not fit any SP group: the largest (4 ranks) holds 2048"),
-    (["--context-parallel-size", "2"], 4, False, "--context-parallel-size 2 applies to --sp-mode static only"),
-    (["--mock-data", "--data-path", "x"], 4, False, "--mock-data and --data-path are exclusive"),
-    (["--data-path", "0.3", "a", "b"], 4, False, "weights and prefixes must come in pairs"),
-    (["--data-path", "a", "0.5", "b"], 4, False, "mix of weighted and unweighted"),
-    (["--save-interval", "5"], 4, False, "--save-interval needs --save"),
-    (["--lr", "1e-4", "--min-lr", "1e-3"], 4, False, "--min-lr 0.001 is above --lr 0.0001"),
-    (["--lr-warmup-iters", "30", "--train-iters", "20"], 4, False, "--lr-warmup-iters 30 is above --lr-decay-iters 20"),
-    (["--tensor-model-parallel-size", "2"], 4, False, "must be 1"),
-    (["--hidden-dropout", "1.0"], 4, False, "--hidden-dropout must be below 1"),
-    (["--split", "0,1,0"], 4, False, "the training share must be positive"),
-    (["--tokenizer-type", "GPT2BPETokenizer"], 4, False, "is not supported"),
-    (["--flexsp-cost-model", "gpt-1t"], 4, False, "unknown cost-model preset 'gpt-1t'"),
-    (["--flexsp-cost-model", "/nonexistent/cost.json"], 4, False, "cost model file not found"),
-])
+@pytest.mark.parametrize(
+    "argv, ws, cuda, message",
+    [
+        (["--hidden-size", "66"], 4, False, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
+        (
+            ["--num-query-groups", "3", "--group-query-attention"],
+            4,
+            False,
+            "--num-attention-heads 4 is not divisible by --num-query-groups 3",
+        ),
+        (["--num-query-groups", "2"], 4, False, "add --group-query-attention"),
+        (
+            ["--seq-length", "2048", "--max-position-embeddings", "1024"],
+            4,
+            False,
+            "--seq-length 2048 is above --max-position-embeddings 1024",
+        ),
+        ([], 3, False, "world size 3 is not a multiple of gpus_per_node 2"),
+        (["--bf16"], 4, False, "--bf16 needs a GPU"),
+        (["--distributed-backend", "nccl"], 4, False, "nccl needs CUDA"),
+        (["--attention-backend", "flash"], 4, False, "--attention-backend flash needs a GPU"),
+        (
+            ["--attention-backend", "flash", "--flexsp-cost-model", "cpu-tiny"],
+            4,
+            True,
+            "--attention-backend flash needs --bf16",
+        ),
+        (
+            ["--attention-backend", "te", "--flexsp-cost-model", "cpu-tiny"],
+            4,
+            True,
+            "--attention-backend te needs --bf16",
+        ),
+        (["--transformer-impl", "transformer_engine"], 4, False, "needs a GPU"),
+        (
+            ["--sp-mode", "static", "--context-parallel-size", "2", "--seq-length", "2048"],
+            4,
+            False,
+            "--context-parallel-size 2 cannot hold --seq-length 2048: a group of 2 ranks holds 1024 tokens; use at least 4",
+        ),
+        (
+            ["--sp-mode", "static", "--context-parallel-size", "3"],
+            4,
+            False,
+            "--num-attention-heads 4 is not divisible by --context-parallel-size 3",
+        ),
+        (
+            ["--seq-length", "4096"],
+            4,
+            False,
+            "--seq-length 4096 does not fit any SP group: the largest (4 ranks) holds 2048",
+        ),
+        (["--context-parallel-size", "2"], 4, False, "--context-parallel-size 2 applies to --sp-mode static only"),
+        (["--mock-data", "--data-path", "x"], 4, False, "--mock-data and --data-path are exclusive"),
+        (["--data-path", "0.3", "a", "b"], 4, False, "weights and prefixes must come in pairs"),
+        (["--data-path", "a", "0.5", "b"], 4, False, "mix of weighted and unweighted"),
+        (["--save-interval", "5"], 4, False, "--save-interval needs --save"),
+        (["--lr", "1e-4", "--min-lr", "1e-3"], 4, False, "--min-lr 0.001 is above --lr 0.0001"),
+        (
+            ["--lr-warmup-iters", "30", "--train-iters", "20"],
+            4,
+            False,
+            "--lr-warmup-iters 30 is above --lr-decay-iters 20",
+        ),
+        (["--tensor-model-parallel-size", "2"], 4, False, "must be 1"),
+        (["--hidden-dropout", "1.0"], 4, False, "--hidden-dropout must be below 1"),
+        (["--split", "0,1,0"], 4, False, "the training share must be positive"),
+        (["--tokenizer-type", "GPT2BPETokenizer"], 4, False, "is not supported"),
+        (["--flexsp-cost-model", "gpt-1t"], 4, False, "unknown cost-model preset 'gpt-1t'"),
+        (["--flexsp-cost-model", "/nonexistent/cost.json"], 4, False, "cost model file not found"),
+    ],
+)
 def test_bad_settings_give_clear_errors(argv, ws, cuda, message):
     with pytest.raises(A.ArgumentError) as e:
         check(GQA + argv if "--num-query-groups" not in argv else argv, ws, cuda)
@@ -121,8 +179,9 @@ def test_a_cost_model_that_does_not_fit_the_model_gives_way_to_the_analytic_prio
     assert c.compute.alpha2_ms_per_token > 0 and c.compute.alpha1_ms_per_token2 > 0
     A.validate_against_cost(other, 4, c)  # the prior is a valid starting point for this model
     with pytest.raises(A.ArgumentError, match="unknown cost-model preset"):
-        resolve_cost_model(A.parse_args(["--flexsp-cost-model", "nope"]), world_size=4, local_ranks=2, cuda=False,
-                           vocab_size=257)
+        resolve_cost_model(
+            A.parse_args(["--flexsp-cost-model", "nope"]), world_size=4, local_ranks=2, cuda=False, vocab_size=257
+        )
 
 
 def test_time_limit_auto_and_gap():
@@ -159,12 +218,34 @@ def test_valid_static_and_gpu_settings_pass():
 
 
 def test_launch_env_torchrun_slurm_single():
-    e = launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                    "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
-    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_addr, e.master_port) == \
-        (3, 4, 1, 2, "h0", 1234)
-    e = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
-                    "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
+    e = launch_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "h0",
+            "MASTER_PORT": "1234",
+        }
+    )
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_addr, e.master_port) == (
+        3,
+        4,
+        1,
+        2,
+        "h0",
+        1234,
+    )
+    e = launch_env(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_NNODES": "2",
+            "MASTER_ADDR": "n1",
+            "MASTER_PORT": "29500",
+        }
+    )
     assert (e.rank, e.world_size, e.local_rank, e.local_world_size) == (5, 8, 1, 4)
     e = launch_env({})
     assert (e.rank, e.world_size, e.master_addr) == (0, 1, "127.0.0.1") and e.master_port > 0

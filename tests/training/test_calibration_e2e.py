@@ -16,10 +16,36 @@ import pytest
 
 from tests.dist_utils import run_distributed
 
-ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
-        "--group-query-attention", "--swiglu", "--seq-length", "512", "--global-batch-size", "16", "--lr", "2e-3",
-        "--seed", "5", "--mock-data", "--mock-data-num-docs", "600", "--flexsp-time-limit", "0.2",
-        "--no-progress-bar", "--flexsp-plan-ahead", "0", "--flexsp-sharding", "ddp"]
+ARGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--group-query-attention",
+    "--swiglu",
+    "--seq-length",
+    "512",
+    "--global-batch-size",
+    "16",
+    "--lr",
+    "2e-3",
+    "--seed",
+    "5",
+    "--mock-data",
+    "--mock-data-num-docs",
+    "600",
+    "--flexsp-time-limit",
+    "0.2",
+    "--no-progress-bar",
+    "--flexsp-plan-ahead",
+    "0",
+    "--flexsp-sharding",
+    "ddp",
+]
 
 
 def _distorted_cost_model(path: Path) -> None:
@@ -49,10 +75,23 @@ def test_calibration_moves_the_model_and_a_resumed_run_plans_as_the_uninterrupte
     straight = tmp_path / "straight"
     straight.mkdir()
     shutil.copy(tmp_path / "cost.json", straight / "cost.json")
-    recs = run_distributed(_train, 2, str(straight), 16,
-                           ["--save", str(straight / "ckpt"), "--save-interval", "12",
-                            "--flexsp-dump-plans", str(straight / "plans"),
-                            "--flexsp-save-calibrated", str(straight / "calibrated.json")], timeout=300)[0]
+    recs = run_distributed(
+        _train,
+        2,
+        str(straight),
+        16,
+        [
+            "--save",
+            str(straight / "ckpt"),
+            "--save-interval",
+            "12",
+            "--flexsp-dump-plans",
+            str(straight / "plans"),
+            "--flexsp-save-calibrated",
+            str(straight / "calibrated.json"),
+        ],
+        timeout=300,
+    )[0]
     assert [r[0] for r in recs] == list(range(1, 17))
     start_alpha2 = json.loads((tmp_path / "cost.json").read_text())["compute"]["alpha2_ms_per_token"]
     final = json.loads((straight / "calibrated.json").read_text())
@@ -66,9 +105,14 @@ def test_calibration_moves_the_model_and_a_resumed_run_plans_as_the_uninterrupte
     shutil.copytree(straight / "ckpt", resumed / "ckpt")
     (resumed / "ckpt" / "latest").write_text("iter_0000012")
     shutil.rmtree(resumed / "ckpt" / "iter_0000016")
-    again = run_distributed(_train, 2, str(resumed), 16,
-                            ["--load", str(resumed / "ckpt"), "--flexsp-dump-plans", str(resumed / "plans")],
-                            timeout=300)[0]
+    again = run_distributed(
+        _train,
+        2,
+        str(resumed),
+        16,
+        ["--load", str(resumed / "ckpt"), "--flexsp-dump-plans", str(resumed / "plans")],
+        timeout=300,
+    )[0]
     assert [r[0] for r in again] == list(range(13, 17))
     # the first plan after the resume is made with the restored calibrated model: the same plan
     first = "plan_0000012.json"

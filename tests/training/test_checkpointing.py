@@ -20,8 +20,18 @@ except ImportError:  # pragma: no cover - before the move
 from megatron.flexsp.training.optimizer import build_optimizer, clip_grad_norm
 from tests.dist_utils import run_distributed
 
-CFG = OptimizerConfig(lr=0.05, min_lr=0.0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
-                      clip_grad=1.0, lr_warmup_iters=1, lr_decay_iters=6, lr_decay_style="cosine")
+CFG = OptimizerConfig(
+    lr=0.05,
+    min_lr=0.0,
+    weight_decay=0.1,
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    adam_eps=1e-8,
+    clip_grad=1.0,
+    lr_warmup_iters=1,
+    lr_decay_iters=6,
+    lr_decay_style="cosine",
+)
 
 
 def _model(seed: int, hidden: int = 10) -> torch.nn.Module:
@@ -36,8 +46,10 @@ def _shard(m, world_size, fsdp=True):
     if world_size == 1:
         return m
     if not fsdp:  # replicated parameters, gradients all-reduced (the runtime's ddp mode)
+
         def hook(p):
             torch.distributed.all_reduce(p.grad)
+
         for p in m.parameters():
             p.register_post_accumulate_grad_hook(hook)
         return m
@@ -155,6 +167,7 @@ def test_missing_checkpoint_errors(tmp_path):
 
 # ------------------------------------------------------------------ verification, safety, retention
 
+
 def _full_state(m) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -207,9 +220,15 @@ def _faults_body(rank, world_size, tmp):
     opt2, sched2 = build_optimizer(m2, CFG)
     loaded = ckpt.load_checkpoint(a, m2, opt2, sched2)
     got = _full_state(m2)
-    out["fallback"] = (loaded.iteration, loaded.path.name, loaded.fallback_from and loaded.fallback_from.name,
-                       loaded.warnings, loaded.sampler, sched2.num_steps,
-                       rank != 0 or all(torch.equal(got[k], v) for k, v in ref[2].items()))
+    out["fallback"] = (
+        loaded.iteration,
+        loaded.path.name,
+        loaded.fallback_from and loaded.fallback_from.name,
+        loaded.warnings,
+        loaded.sampler,
+        sched2.num_steps,
+        rank != 0 or all(torch.equal(got[k], v) for k, v in ref[2].items()),
+    )
 
     # 2. trainer.pt with an os.system reducer (checksums made to match): refused, nothing runs
     b = tmp / "b"
@@ -251,8 +270,7 @@ def test_bitflip_fallback_unsafe_pickle_retention_nonfinite(tmp_path):
     out = run_distributed(_faults_body, 2, str(tmp_path), timeout=180)
     for r in out:
         it, name, bad, warns, sampler, steps, equal = r["fallback"]
-        assert (it, name, bad, sampler, steps, equal) == (2, "iter_0000002", "iter_0000003", {"next_batch": 2}, 2,
-                                                          True)
+        assert (it, name, bad, sampler, steps, equal) == (2, "iter_0000002", "iter_0000003", {"next_batch": 2}, 2, True)
         assert len(warns) == 1 and "iter_0000003" in warns[0] and "iter_0000002" in warns[0] and "sha256" in warns[0]
         assert r["unsafe"] is not None and "refused" in r["unsafe"] and "system" in r["unsafe"]
         assert "trainer.pt" in r["unsafe"]
@@ -295,6 +313,7 @@ def test_resave_killed_at_every_step_never_leaves_latest_dangling(tmp_path, monk
                 if calls[0] == n:
                     raise _Killed()
                 return fn(*a, **kw)
+
             return wrapped
 
         for (mod, name), fn in real.items():
@@ -335,8 +354,11 @@ def test_load_step_fallback_chain_and_old_format(tmp_path):
         ckpt.save_checkpoint(tmp_path, it, m, opt, sched, sampler_state={"next_batch": it})
     m2, opt2, sched2 = _one(5)
     assert ckpt.load_checkpoint(tmp_path, m2, opt2, sched2, load_step=2).sampler == {"next_batch": 2}
-    with pytest.raises(ckpt.CheckpointError, match=r"--load-step 7: no complete checkpoint iter_0000007 "
-                                                   r"\(available iterations: \[1, 2, 3\]\)"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"--load-step 7: no complete checkpoint iter_0000007 "
+        r"\(available iterations: \[1, 2, 3\]\)",
+    ):
         ckpt.load_checkpoint(tmp_path, m2, opt2, sched2, load_step=7)
     # load_step names exactly one checkpoint: no fallback when it is damaged
     (tmp_path / "iter_0000002" / "optim.pt").write_bytes(b"garbage")
@@ -377,23 +399,41 @@ def test_nonfinite_optimizer_state_is_refused(tmp_path):
         ckpt.save_checkpoint(tmp_path, 2, m, opt, sched)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]
     # the helper itself, against a hand-made reference
-    assert ckpt.nonfinite_tensors({"a": torch.ones(3), "b": {"c": torch.tensor([1.0, float("-inf")])},
-                                   "d": [torch.zeros(2), torch.tensor([float("nan")])],
-                                   "e": torch.tensor([1, 2])}) == ["b.c", "d[1]"]
+    assert ckpt.nonfinite_tensors(
+        {
+            "a": torch.ones(3),
+            "b": {"c": torch.tensor([1.0, float("-inf")])},
+            "d": [torch.zeros(2), torch.tensor([float("nan")])],
+            "e": torch.tensor([1, 2]),
+        }
+    ) == ["b.c", "d[1]"]
 
 
 def test_resume_compatibility():
-    saved = {"global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-5, "lr_warmup_iters": 10, "lr_decay_iters": 100,
-             "lr_decay_style": "cosine", "seed": 1}
+    saved = {
+        "global_batch_size": 8,
+        "lr": 1e-3,
+        "min_lr": 1e-5,
+        "lr_warmup_iters": 10,
+        "lr_decay_iters": 100,
+        "lr_decay_style": "cosine",
+        "seed": 1,
+    }
     ckpt.check_resume_compatible(saved, dict(saved, seed=2, train_iters=5))  # other args may change
     ckpt.check_resume_compatible({}, saved)  # an old checkpoint without an args record
-    with pytest.raises(ckpt.ResumeMismatchError, match=r"^the checkpoint was saved with --global-batch-size 8, "
-                                                       r"this run has 16: .*not supported") as e:
+    with pytest.raises(
+        ckpt.ResumeMismatchError,
+        match=r"^the checkpoint was saved with --global-batch-size 8, "
+        r"this run has 16: .*not supported",
+    ) as e:
         ckpt.check_resume_compatible(saved, dict(saved, global_batch_size=16), override_opt_param_scheduler=True)
     assert "\n" not in str(e.value) and isinstance(e.value, ckpt.CheckpointError)
     changed = dict(saved, lr=2e-3, lr_decay_iters=200)
-    with pytest.raises(ckpt.ResumeMismatchError, match=r"--lr 0.001 -> 0.002, --lr-decay-iters 100 -> 200.*"
-                                                       r"--override-opt-param-scheduler"):
+    with pytest.raises(
+        ckpt.ResumeMismatchError,
+        match=r"--lr 0.001 -> 0.002, --lr-decay-iters 100 -> 200.*"
+        r"--override-opt-param-scheduler",
+    ):
         ckpt.check_resume_compatible(saved, changed)
     ckpt.check_resume_compatible(saved, changed, override_opt_param_scheduler=True)
     import argparse
@@ -410,6 +450,7 @@ def test_load_checks_resume_args_before_loading(tmp_path):
     with pytest.raises(ckpt.ResumeMismatchError, match="--lr-decay-style cosine -> linear"):
         ckpt.load_checkpoint(tmp_path, m2, opt2, sched2, args=dict(args, lr_decay_style="linear"))
     assert all(torch.equal(m2.state_dict()[k], v) for k, v in before.items())  # nothing was loaded
-    loaded = ckpt.load_checkpoint(tmp_path, m2, opt2, sched2, args=dict(args, lr_decay_style="linear"),
-                                  override_opt_param_scheduler=True)
+    loaded = ckpt.load_checkpoint(
+        tmp_path, m2, opt2, sched2, args=dict(args, lr_decay_style="linear"), override_opt_param_scheduler=True
+    )
     assert loaded.args == args and loaded.fallback_from is None and loaded.warnings == []

@@ -16,14 +16,47 @@ import pytest
 from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "256",
-        "--global-batch-size", "4", "--lr", "2e-3", "--lr-warmup-iters", "1", "--lr-decay-iters", "6", "--seed", "3",
-        "--mock-data", "--flexsp-plan-ahead", "0", "--no-progress-bar", "--log-interval", "1"]
+BASE = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "256",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "2e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--lr-decay-iters",
+    "6",
+    "--seed",
+    "3",
+    "--mock-data",
+    "--flexsp-plan-ahead",
+    "0",
+    "--no-progress-bar",
+    "--log-interval",
+    "1",
+]
 
 
 def _run(args: list[str], log: Path, timeout: float = 240) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(ROOT / "pretrain_gpt_flexsp.py")] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(ROOT / "pretrain_gpt_flexsp.py"),
+    ] + args
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -76,8 +109,14 @@ def test_damaged_dataset_is_one_line_on_every_rank(tmp_path, damage):
     else:
         os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 100)
         want = "corpus.bin: "
-    args = [a for a in BASE if a != "--mock-data"] + ["--data-path", prefix, "--tokenizer-type", "ByteTokenizer",
-                                                      "--train-iters", "2"]
+    args = [a for a in BASE if a != "--mock-data"] + [
+        "--data-path",
+        prefix,
+        "--tokenizer-type",
+        "ByteTokenizer",
+        "--train-iters",
+        "2",
+    ]
     rc = _run(args, tmp_path / "c.log", timeout=120)
     log = (tmp_path / "c.log").read_text()
     assert rc != 0, log[-3000:]

@@ -21,13 +21,38 @@ import torch
 from tests.dist_utils import free_port, run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
-         "--group-query-attention", "--swiglu", "--seq-length", "512", "--global-batch-size", "4", "--lr", "2e-3",
-         "--seed", "11", "--mock-data", "--mock-data-num-docs", "600", "--flexsp-time-limit", "0.5",
-         "--no-progress-bar", "--flexsp-cost-model", "cpu-tiny"]
+SMALL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--group-query-attention",
+    "--swiglu",
+    "--seq-length",
+    "512",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "2e-3",
+    "--seed",
+    "11",
+    "--mock-data",
+    "--mock-data-num-docs",
+    "600",
+    "--flexsp-time-limit",
+    "0.5",
+    "--no-progress-bar",
+    "--flexsp-cost-model",
+    "cpu-tiny",
+]
 
 
 # ------------------------------------------------------------------ non-finite steps
+
 
 def _train_with_bad_grads(rank, world_size, out_dir, bad_steps, max_skipped):
     from megatron.flexsp.training import arguments as A
@@ -36,9 +61,25 @@ def _train_with_bad_grads(rank, world_size, out_dir, bad_steps, max_skipped):
     from megatron.flexsp.training.resilience import TooManySkippedSteps
     from megatron.flexsp.training.trainer import Trainer
 
-    args = A.parse_args(SMALL + ["--train-iters", "5", "--flexsp-plan-ahead", "0", "--flexsp-sharding", "ddp",
-                                 "--save", f"{out_dir}/ckpt", "--save-interval", "1", "--max-skipped-steps",
-                                 str(max_skipped), "--metrics-file", f"{out_dir}/m.jsonl"])
+    args = A.parse_args(
+        SMALL
+        + [
+            "--train-iters",
+            "5",
+            "--flexsp-plan-ahead",
+            "0",
+            "--flexsp-sharding",
+            "ddp",
+            "--save",
+            f"{out_dir}/ckpt",
+            "--save-interval",
+            "1",
+            "--max-skipped-steps",
+            str(max_skipped),
+            "--metrics-file",
+            f"{out_dir}/m.jsonl",
+        ]
+    )
     env = launch_env()
     trainer = Trainer(configs_from_args(args, env), env)
     real_run, steps = trainer.executor.run, []
@@ -53,8 +94,10 @@ def _train_with_bad_grads(rank, world_size, out_dir, bad_steps, max_skipped):
 
     trainer.executor.run = run
     try:
-        return {"records": [(r.iteration, r.loss, r.extra.get("skipped_step", False)) for r in trainer.train()],
-                "stopped": None}
+        return {
+            "records": [(r.iteration, r.loss, r.extra.get("skipped_step", False)) for r in trainer.train()],
+            "stopped": None,
+        }
     except TooManySkippedSteps as e:
         return {"records": None, "stopped": str(e)}
     finally:
@@ -76,7 +119,9 @@ def _all_finite(path: Path) -> bool:
             return all(walk(v) for v in x)
         return True
 
-    return all(walk(torch.load(f, map_location="cpu", weights_only=True)) for f in (path / "model.pt", path / "optim.pt"))
+    return all(
+        walk(torch.load(f, map_location="cpu", weights_only=True)) for f in (path / "model.pt", path / "optim.pt")
+    )
 
 
 def test_an_inf_gradient_is_skipped_and_never_saved(tmp_path):
@@ -105,14 +150,27 @@ def test_consecutive_non_finite_steps_stop_the_run_with_finite_checkpoints(tmp_p
 
 # ------------------------------------------------------------------ torchrun helpers
 
+
 def _torchrun(args, log_path, *, nproc=2, extra_launcher=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), *extra_launcher, str(ROOT / "pretrain_gpt_flexsp.py"),
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *extra_launcher,
+        str(ROOT / "pretrain_gpt_flexsp.py"),
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     env.pop("SLURM_JOB_ID", None)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -120,8 +178,11 @@ def _descendants(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         try:
-            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
-                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+            kids = [
+                int(c)
+                for t in os.listdir(f"/proc/{p}/task")
+                for c in open(f"/proc/{p}/task/{t}/children").read().split()
+            ]
         except OSError:
             kids = []
         out += kids
@@ -189,10 +250,20 @@ def straight(tmp_path_factory):
 
 # ------------------------------------------------------------------ signal and deadline
 
+
 def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_path, straight):
     ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    common = SMALL + ["--train-iters", "14", "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000",
-                      "--exit-signal-handler"]
+    common = SMALL + [
+        "--train-iters",
+        "14",
+        "--save",
+        str(ckpt),
+        "--load",
+        str(ckpt),
+        "--save-interval",
+        "1000",
+        "--exit-signal-handler",
+    ]
     p = _torchrun(common + ["--metrics-file", str(m1)], tmp_path / "a.log")
     _wait_for_iteration(p, m1, 7, tmp_path / "a.log")
     t0 = time.monotonic()
@@ -219,8 +290,11 @@ def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_p
 
 def test_exit_duration_saves_and_exits_zero(tmp_path):
     ckpt, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    p = _torchrun(SMALL + ["--train-iters", "100000", "--save", str(ckpt), "--exit-duration-in-mins", "0.1",
-                           "--metrics-file", str(m)], tmp_path / "log")
+    p = _torchrun(
+        SMALL
+        + ["--train-iters", "100000", "--save", str(ckpt), "--exit-duration-in-mins", "0.1", "--metrics-file", str(m)],
+        tmp_path / "log",
+    )
     rc = _finish(p, 240)
     log = (tmp_path / "log").read_text()
     assert rc == 0, log[-3000:]
@@ -231,12 +305,28 @@ def test_exit_duration_saves_and_exits_zero(tmp_path):
 
 # ------------------------------------------------------------------ kill and restart, hang
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(5))
 def test_a_killed_rank_is_restarted_in_job_and_resumes(tmp_path, straight, attempt):
     ckpt, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    p = _torchrun(SMALL + ["--train-iters", "14", "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "5",
-                           "--metrics-file", str(m)], tmp_path / "log", extra_launcher=("--max-restarts", "1"))
+    p = _torchrun(
+        SMALL
+        + [
+            "--train-iters",
+            "14",
+            "--save",
+            str(ckpt),
+            "--load",
+            str(ckpt),
+            "--save-interval",
+            "5",
+            "--metrics-file",
+            str(m),
+        ],
+        tmp_path / "log",
+        extra_launcher=("--max-restarts", "1"),
+    )
     _wait_for_iteration(p, m, 7, tmp_path / "log")
     os.kill(_rank_pids(p)[1], signal.SIGKILL)
     rc = _finish(p, 300)
@@ -255,8 +345,10 @@ def test_a_killed_rank_is_restarted_in_job_and_resumes(tmp_path, straight, attem
 @pytest.mark.slow
 def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
     m = tmp_path / "m.jsonl"
-    p = _torchrun(SMALL + ["--train-iters", "100000", "--distributed-timeout-minutes", "1",
-                           "--metrics-file", str(m)], tmp_path / "log")
+    p = _torchrun(
+        SMALL + ["--train-iters", "100000", "--distributed-timeout-minutes", "1", "--metrics-file", str(m)],
+        tmp_path / "log",
+    )
     _wait_for_iteration(p, m, 5, tmp_path / "log")
     pids = _rank_pids(p)
     os.kill(pids[1], signal.SIGSTOP)

@@ -11,9 +11,19 @@ from megatron.flexsp.training.logging_utils import IterationRecord, MetricsLogge
 
 
 def _rec(it: int) -> IterationRecord:
-    return IterationRecord(iteration=it, loss=5.0 - it, lr=1e-3, grad_norm=0.5, tokens=4000, iter_ms=500.0,
-                           estimated_ms=400.0, micro_batches=3, sp_mode="flexsp", groups_by_degree={1: 8, 4: 1},
-                           a2a_ms=50.0)
+    return IterationRecord(
+        iteration=it,
+        loss=5.0 - it,
+        lr=1e-3,
+        grad_norm=0.5,
+        tokens=4000,
+        iter_ms=500.0,
+        estimated_ms=400.0,
+        micro_batches=3,
+        sp_mode="flexsp",
+        groups_by_degree={1: 8, 4: 1},
+        a2a_ms=50.0,
+    )
 
 
 def test_metrics_file_tensorboard_and_interval(tmp_path, monkeypatch):
@@ -35,8 +45,14 @@ def test_metrics_file_tensorboard_and_interval(tmp_path, monkeypatch):
     fake = types.ModuleType("torch.utils.tensorboard")
     fake.SummaryWriter = FakeWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
-    cfg = LoggingConfig(log_interval=2, tensorboard_dir=str(tmp_path / "tb"), wandb_project=None,
-                        wandb_exp_name=None, metrics_file=str(tmp_path / "m" / "metrics.jsonl"), progress_bar=True)
+    cfg = LoggingConfig(
+        log_interval=2,
+        tensorboard_dir=str(tmp_path / "tb"),
+        wandb_project=None,
+        wandb_exp_name=None,
+        metrics_file=str(tmp_path / "m" / "metrics.jsonl"),
+        progress_bar=True,
+    )
     lg = MetricsLogger(cfg, rank=0, train_iters=5)
     for it in range(1, 6):
         lg.log(_rec(it))
@@ -54,8 +70,14 @@ def test_metrics_file_tensorboard_and_interval(tmp_path, monkeypatch):
 
 
 def test_only_rank0_writes(tmp_path):
-    cfg = LoggingConfig(log_interval=1, tensorboard_dir=None, wandb_project=None, wandb_exp_name=None,
-                        metrics_file=str(tmp_path / "m.jsonl"), progress_bar=False)
+    cfg = LoggingConfig(
+        log_interval=1,
+        tensorboard_dir=None,
+        wandb_project=None,
+        wandb_exp_name=None,
+        metrics_file=str(tmp_path / "m.jsonl"),
+        progress_bar=False,
+    )
     lg = MetricsLogger(cfg, rank=1, train_iters=2)
     lg.log(_rec(1))
     assert not (tmp_path / "m.jsonl").exists() and lg.records == []
@@ -63,6 +85,14 @@ def test_only_rank0_writes(tmp_path):
 
 def test_console_line():
     line = format_line(_rec(3), 10)
-    for part in ("iteration      3/10", "loss 2.00000", "tokens/s 8,000", "ms/iter 500.0", "est ms 400.0",
-                 "micro-batches 3", "groups d1x8 d4x1", "a2a 10.0%"):
+    for part in (
+        "iteration      3/10",
+        "loss 2.00000",
+        "tokens/s 8,000",
+        "ms/iter 500.0",
+        "est ms 400.0",
+        "micro-batches 3",
+        "groups d1x8 d4x1",
+        "a2a 10.0%",
+    ):
         assert part in line, part

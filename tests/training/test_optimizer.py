@@ -13,8 +13,18 @@ from tests.dist_utils import run_distributed
 
 
 def _cfg(**kw) -> OptimizerConfig:
-    base = dict(lr=1.0, min_lr=0.1, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
-                clip_grad=1.0, lr_warmup_iters=4, lr_decay_iters=14, lr_decay_style="cosine")
+    base = dict(
+        lr=1.0,
+        min_lr=0.1,
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        clip_grad=1.0,
+        lr_warmup_iters=4,
+        lr_decay_iters=14,
+        lr_decay_style="cosine",
+    )
     base.update(kw)
     return OptimizerConfig(**base)
 
@@ -32,8 +42,11 @@ def test_lr_schedule_matches_megatron_formulas(style):
     for step in range(5, 21):
         got = seen[step - 1]
         frac = min(1.0, (step - 4) / 10)
-        want = {"constant": 1.0, "linear": 0.1 + 0.9 * (1 - frac),
-                "cosine": 0.1 + 0.9 * (1 + math.cos(math.pi * frac)) / 2}[style]
+        want = {
+            "constant": 1.0,
+            "linear": 0.1 + 0.9 * (1 - frac),
+            "cosine": 0.1 + 0.9 * (1 + math.cos(math.pi * frac)) / 2,
+        }[style]
         assert got == pytest.approx(want), (style, step)
     assert opt.param_groups[0]["lr"] == pytest.approx(seen[-1])
     # decay ends exactly at min_lr and stays there (constant stays at lr)
@@ -119,7 +132,9 @@ def _fsdp_body(rank: int, world_size: int, steps: int, clip: float):
         opt.zero_grad()
         sched.step()
         sched.set_for_next_step()
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in m.state_dict().items()}
+    full = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in m.state_dict().items()
+    }
     return norms, full
 
 

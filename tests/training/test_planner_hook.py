@@ -26,15 +26,17 @@ def _batches(n: int, first: dict[int, int] | None = None) -> list[list[int]]:
 
 
 def _cfg(method: str = "static") -> api.PlannerConfig:
-    return api.PlannerConfig(world_size=WS, method=method, time_limit_s=1.0, max_seq_len=2048, static_degree=None,
-                             seed=0)
+    return api.PlannerConfig(
+        world_size=WS, method=method, time_limit_s=1.0, max_seq_len=2048, static_degree=None, seed=0
+    )
 
 
 def test_background_plans_equal_inline_plans(tmp_path):
     batches = _batches(5)
     cfg = _cfg("batch-adaptive")
-    with PlannerHook(COST, cfg, lambda k: batches[k], plan_ahead=2, broadcast=False, dump_dir=tmp_path,
-                     max_iterations=5) as hook:
+    with PlannerHook(
+        COST, cfg, lambda k: batches[k], plan_ahead=2, broadcast=False, dump_dir=tmp_path, max_iterations=5
+    ) as hook:
         for k in range(5):
             plan, info = hook.get_plan(k)
             want = api.plan_global_batch(batches[k], COST, cfg)
@@ -48,8 +50,16 @@ def test_background_plans_equal_inline_plans(tmp_path):
 def test_late_and_failing_plans_fall_back_and_training_goes_on():
     batches = _batches(4, first={1: 17, 2: 13})
     cfg = _cfg("static")
-    hook = PlannerHook(COST, cfg, lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=0.3,
-                       max_iterations=4, planner_fn="tests.training.planner_faults:faulty_plan")
+    hook = PlannerHook(
+        COST,
+        cfg,
+        lambda k: batches[k],
+        plan_ahead=1,
+        broadcast=False,
+        wait_s=0.3,
+        max_iterations=4,
+        planner_fn="tests.training.planner_faults:faulty_plan",
+    )
     try:
         sources = []
         for k in range(4):
@@ -70,8 +80,14 @@ def test_late_and_failing_plans_fall_back_and_training_goes_on():
 
 def test_inline_planner_error_falls_back():
     batches = _batches(2, first={0: 13})
-    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=0, broadcast=False,
-                       planner_fn="tests.training.planner_faults:faulty_plan")
+    hook = PlannerHook(
+        COST,
+        _cfg("static"),
+        lambda k: batches[k],
+        plan_ahead=0,
+        broadcast=False,
+        planner_fn="tests.training.planner_faults:faulty_plan",
+    )
     plan, info = hook.get_plan(0)
     assert info.source == "fallback-error" and "injected" in info.error
     validate_plan(plan, COST, world_size=WS, num_sequences=12)
@@ -81,8 +97,16 @@ def test_inline_planner_error_falls_back():
 
 def test_dead_planner_process_falls_back_without_restarts():
     batches = _batches(3)
-    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=0.5,
-                       max_iterations=3, max_restarts=0)
+    hook = PlannerHook(
+        COST,
+        _cfg("static"),
+        lambda k: batches[k],
+        plan_ahead=1,
+        broadcast=False,
+        wait_s=0.5,
+        max_iterations=3,
+        max_restarts=0,
+    )
     try:
         plan, info = hook.get_plan(0)
         hook._proc.kill()
@@ -99,8 +123,7 @@ def test_dead_planner_process_falls_back_without_restarts():
 
 
 def _bcast_body(rank, world_size, batches):
-    hook = PlannerHook(COST, _cfg("static"), (lambda k: batches[k]) if rank == 0 else None, plan_ahead=0,
-                       rank=rank)
+    hook = PlannerHook(COST, _cfg("static"), (lambda k: batches[k]) if rank == 0 else None, plan_ahead=0, rank=rank)
     return [hook.get_plan(k)[0].to_dict() for k in range(len(batches))]
 
 
@@ -133,9 +156,18 @@ def test_startup_wait_is_paid_once(monkeypatch):
     batches = _batches(6)
     wait_s, startup_s = 0.3, 1.5
     monkeypatch.setenv("FLEXSP_TEST_PLANNER_IMPORT_SLEEP", "60")  # every (re)started worker sleeps at import
-    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=wait_s,
-                       startup_wait_s=startup_s, max_iterations=6, max_restarts=2,
-                       planner_fn="tests.training.planner_faults:faulty_plan")
+    hook = PlannerHook(
+        COST,
+        _cfg("static"),
+        lambda k: batches[k],
+        plan_ahead=1,
+        broadcast=False,
+        wait_s=wait_s,
+        startup_wait_s=startup_s,
+        max_iterations=6,
+        max_restarts=2,
+        planner_fn="tests.training.planner_faults:faulty_plan",
+    )
     try:
         waits = []
         for k in range(6):
@@ -155,8 +187,17 @@ def test_hung_worker_is_restarted_and_plans_fall_back_meanwhile(tmp_path, monkey
     batches = _batches(40, first={2: 19})
     wait_s = 0.3
     monkeypatch.setenv("FLEXSP_TEST_PLANNER_HANG_MARKER", str(tmp_path / "hung"))
-    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=wait_s,
-                       hang_s=1.0, max_iterations=40, planner_fn="tests.training.planner_faults:faulty_plan")
+    hook = PlannerHook(
+        COST,
+        _cfg("static"),
+        lambda k: batches[k],
+        plan_ahead=1,
+        broadcast=False,
+        wait_s=wait_s,
+        hang_s=1.0,
+        max_iterations=40,
+        planner_fn="tests.training.planner_faults:faulty_plan",
+    )
     try:
         first_pid = hook._proc.pid
         sources = []
@@ -181,8 +222,9 @@ def test_hung_worker_is_restarted_and_plans_fall_back_meanwhile(tmp_path, monkey
 
 def test_killed_worker_is_restarted(caplog):
     batches = _batches(40)
-    hook = PlannerHook(COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=0.3,
-                       max_iterations=40)
+    hook = PlannerHook(
+        COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=0.3, max_iterations=40
+    )
     try:
         assert hook.get_plan(0)[1].source == "planner"
         first_pid = hook._proc.pid
@@ -221,8 +263,15 @@ def _crossings_body(rank, world_size, batches):
 
     Plan.from_dict, Plan.to_dict = classmethod(from_dict), to_dict
     try:
-        hook = PlannerHook(COST, _cfg("static"), (lambda k: batches[k]) if rank == 0 else None, plan_ahead=1,
-                           rank=rank, wait_s=30.0, max_iterations=len(batches))
+        hook = PlannerHook(
+            COST,
+            _cfg("static"),
+            (lambda k: batches[k]) if rank == 0 else None,
+            plan_ahead=1,
+            rank=rank,
+            wait_s=30.0,
+            max_iterations=len(batches),
+        )
         try:
             plans = []
             for k in range(len(batches)):
@@ -245,5 +294,8 @@ def test_a_plan_crosses_each_boundary_once_as_a_dict():
     assert c0 == {"from_dict": 3, "to_dict": 0}
     assert c1 == {"from_dict": 3, "to_dict": 0}
     want = [api.plan_global_batch(b, COST, _cfg("static")).to_dict() for b in batches]
-    assert [p["micro_batches"] for p in plans0] == [p["micro_batches"] for p in plans1] == \
-        [w["micro_batches"] for w in want]
+    assert (
+        [p["micro_batches"] for p in plans0]
+        == [p["micro_batches"] for p in plans1]
+        == [w["micro_batches"] for w in want]
+    )

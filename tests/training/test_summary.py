@@ -10,14 +10,27 @@ from megatron.flexsp.training.summary import compare_table, main, read_metrics, 
 
 
 def _rec(it, tokens, ms, loss, mode, mb=2, a2a=0.0):
-    return {"iteration": it, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens": tokens,
-            "tokens_per_s": tokens / (ms / 1e3), "iter_ms": ms, "estimated_ms": ms / 2, "micro_batches": mb,
-            "sp_mode": mode, "groups_by_degree": {"1": 4, "4": 1}, "a2a_ms": a2a, "plan_source": "planner"}
+    return {
+        "iteration": it,
+        "loss": loss,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens": tokens,
+        "tokens_per_s": tokens / (ms / 1e3),
+        "iter_ms": ms,
+        "estimated_ms": ms / 2,
+        "micro_batches": mb,
+        "sp_mode": mode,
+        "groups_by_degree": {"1": 4, "4": 1},
+        "a2a_ms": a2a,
+        "plan_source": "planner",
+    }
 
 
 def test_summary_skips_warmup_and_weights_by_time():
-    recs = [_rec(1, 1000, 5000, 9.0, "flexsp")] + [_rec(i, 1000 * i, 100 * i + 100, 5.0 - i * 0.1, "flexsp",
-                                                        a2a=10.0) for i in range(2, 5)]
+    recs = [_rec(1, 1000, 5000, 9.0, "flexsp")] + [
+        _rec(i, 1000 * i, 100 * i + 100, 5.0 - i * 0.1, "flexsp", a2a=10.0) for i in range(2, 5)
+    ]
     s = summarize(recs, "x")
     # iteration 1 (the slow warm-up) is left out: tokens 9000 over 1200 ms
     assert s.measured_iterations == 3
@@ -31,8 +44,11 @@ def test_summary_skips_warmup_and_weights_by_time():
 def test_compare_table_speedup_over_static(tmp_path, capsys):
     a, b = tmp_path / "static.jsonl", tmp_path / "flexsp.jsonl"
     a.write_text("".join(json.dumps(_rec(i, 1000, 200, 4.0, "static")) + "\n" for i in range(1, 6)))
-    b.write_text("".join(json.dumps(_rec(i, 1000, 125, 4.0, "flexsp")) + "\n" for i in range(1, 6))
-                 + json.dumps({"iteration": 5, "valid_loss": 3.0}) + "\n")
+    b.write_text(
+        "".join(json.dumps(_rec(i, 1000, 125, 4.0, "flexsp")) + "\n" for i in range(1, 6))
+        + json.dumps({"iteration": 5, "valid_loss": 3.0})
+        + "\n"
+    )
     assert len(read_metrics(b)) == 5  # the validation line is not a training record
     table = compare_table([summarize(read_metrics(a), "static"), summarize(read_metrics(b), "flexsp")])
     assert "1.60x" in table and "1.00x" in table

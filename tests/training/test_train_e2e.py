@@ -22,10 +22,33 @@ from tests.dist_utils import free_port, run_distributed
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
 ITERS = 6
-BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-        "--group-query-attention", "--swiglu", "--seq-length", "1024", "--global-batch-size", "8",
-        "--train-iters", str(ITERS), "--lr", "2e-3", "--lr-warmup-iters", "1", "--seed", "7",
-        "--flexsp-time-limit", "1", "--no-progress-bar"]
+BASE = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--group-query-attention",
+    "--swiglu",
+    "--seq-length",
+    "1024",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    str(ITERS),
+    "--lr",
+    "2e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--seed",
+    "7",
+    "--flexsp-time-limit",
+    "1",
+    "--no-progress-bar",
+]
 
 
 def _train_modes(rank, world_size, out_dir):
@@ -37,11 +60,25 @@ def _train_modes(rank, world_size, out_dir):
     res = {}
     for mode in MODES:
         metrics = os.path.join(out_dir, f"{mode}.jsonl")
-        extra = {"batch-adaptive": ["--eval-interval", "3", "--eval-iters", "1"],
-                 # paired baseline steps run before or after the real one; their gradients must not leak
-                 "flexsp": ["--flexsp-compare-with", "static"]}.get(mode, [])
-        args = A.parse_args(BASE + extra + ["--sp-mode", mode, "--metrics-file", metrics, "--flexsp-plan-ahead",
-                                            "0", "--flexsp-dump-plans", os.path.join(out_dir, f"plans-{mode}")])
+        extra = {
+            "batch-adaptive": ["--eval-interval", "3", "--eval-iters", "1"],
+            # paired baseline steps run before or after the real one; their gradients must not leak
+            "flexsp": ["--flexsp-compare-with", "static"],
+        }.get(mode, [])
+        args = A.parse_args(
+            BASE
+            + extra
+            + [
+                "--sp-mode",
+                mode,
+                "--metrics-file",
+                metrics,
+                "--flexsp-plan-ahead",
+                "0",
+                "--flexsp-dump-plans",
+                os.path.join(out_dir, f"plans-{mode}"),
+            ]
+        )
         env = launch_env()
         records = train(configs_from_args(args, env), env)
         res[mode] = [(r.iteration, r.loss, r.grad_norm, r.lr) for r in records]
@@ -89,8 +126,17 @@ def test_every_mode_trains_with_the_same_losses(mode_runs):
             assert valid == []
         assert [x["iteration"] for x in lines] == list(range(1, ITERS + 1))
         for x in lines:
-            for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "iter_ms", "estimated_ms",
-                        "micro_batches", "sp_mode"):
+            for key in (
+                "iteration",
+                "loss",
+                "lr",
+                "grad_norm",
+                "tokens_per_s",
+                "iter_ms",
+                "estimated_ms",
+                "micro_batches",
+                "sp_mode",
+            ):
                 assert key in x, (mode, key)
             assert x["sp_mode"] == mode and x["tokens_per_s"] > 0 and x["micro_batches"] >= 1
         plans = sorted((out / f"plans-{mode}").glob("plan_*.json"))
@@ -109,11 +155,22 @@ def test_every_mode_trains_with_the_same_losses(mode_runs):
 
 
 def _torchrun(args, log_path, port):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), str(ROOT / "pretrain_gpt_flexsp.py")] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "4",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        str(ROOT / "pretrain_gpt_flexsp.py"),
+    ] + args
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -122,8 +179,11 @@ def _descendants(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         try:
-            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
-                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+            kids = [
+                int(c)
+                for t in os.listdir(f"/proc/{p}/task")
+                for c in open(f"/proc/{p}/task/{t}/children").read().split()
+            ]
         except OSError:
             kids = []
         out += kids
@@ -142,8 +202,7 @@ def _kill_tree(proc) -> None:
 
 
 def _losses(path):
-    return {x["iteration"]: x["loss"] for x in map(json.loads, Path(path).read_text().splitlines())
-            if "loss" in x}
+    return {x["iteration"]: x["loss"] for x in map(json.loads, Path(path).read_text().splitlines()) if "loss" in x}
 
 
 def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
@@ -152,8 +211,12 @@ def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
     ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     common = BASE + ["--sp-mode", "flexsp", "--flexsp-plan-ahead", "2", "--save", str(ckpt), "--save-interval", "2"]
     # --load = --save with no checkpoint yet: the auto-resume pattern starts from scratch
-    p = _torchrun(common + ["--train-iters", "40", "--lr-decay-iters", str(ITERS), "--metrics-file", str(m1),
-                            "--load", str(ckpt)], tmp_path / "a.log", free_port())
+    p = _torchrun(
+        common
+        + ["--train-iters", "40", "--lr-decay-iters", str(ITERS), "--metrics-file", str(m1), "--load", str(ckpt)],
+        tmp_path / "a.log",
+        free_port(),
+    )
     # the lr schedule above keeps --lr-decay-iters of the reference run, so only the kill differs
     deadline = time.monotonic() + 300
     try:
@@ -170,8 +233,11 @@ def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
     assert "starting from scratch" in (tmp_path / "a.log").read_text()
     saved = int((ckpt / "latest").read_text().strip().split("_")[1])
     assert saved >= 2 and saved % 2 == 0
-    q = _torchrun(common + ["--train-iters", str(ITERS), "--load", str(ckpt), "--metrics-file", str(m2)],
-                  tmp_path / "b.log", free_port())
+    q = _torchrun(
+        common + ["--train-iters", str(ITERS), "--load", str(ckpt), "--metrics-file", str(m2)],
+        tmp_path / "b.log",
+        free_port(),
+    )
     try:
         rc = q.wait(timeout=300)
     finally:

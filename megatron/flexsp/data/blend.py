@@ -12,7 +12,7 @@ contributes close to w_d of the tokens, which is what fixed-window Megatron blen
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -42,8 +42,10 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[float] | None, list[
             )
         return None, items
     if len(items) % 2:
-        raise ValueError(f"bad --data-path {items}: weights and prefixes must come in pairs "
-                         "(W1 PREFIX1 W2 PREFIX2 ...), got an odd number of items")
+        raise ValueError(
+            f"bad --data-path {items}: weights and prefixes must come in pairs "
+            "(W1 PREFIX1 W2 PREFIX2 ...), got an odd number of items"
+        )
     weights, prefixes = [], []
     for w, p in zip(items[0::2], items[1::2]):
         wf = as_weight(w)

@@ -42,7 +42,7 @@ class DataConfig:
     blend_size: int | None = None  # documents in a weighted blend (default: sum of components)
 
     @classmethod
-    def from_args(cls, args, vocab_size: int | None = None) -> "DataConfig":
+    def from_args(cls, args, vocab_size: int | None = None) -> DataConfig:
         """From a Megatron-style namespace (--data-path --split --seq-length --mock-data --seed ...).
 
         Missing attributes take the defaults; with neither --data-path nor --mock-data the
@@ -50,26 +50,47 @@ class DataConfig:
         """
         g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         mock = MockConfig(
-            num_documents=g("mock_data_num_docs", MockConfig.num_documents), max_len=g("mock_data_max_len"),
-            median=g("mock_data_median"), sigma=g("mock_data_sigma"), tail_frac=g("mock_data_tail_frac"),
-            pareto_alpha=g("mock_data_pareto_alpha"), tail_min=g("mock_data_tail_min"), min_len=g("mock_data_min_len"),
+            num_documents=g("mock_data_num_docs", MockConfig.num_documents),
+            max_len=g("mock_data_max_len"),
+            median=g("mock_data_median"),
+            sigma=g("mock_data_sigma"),
+            tail_frac=g("mock_data_tail_frac"),
+            pareto_alpha=g("mock_data_pareto_alpha"),
+            tail_min=g("mock_data_tail_min"),
+            min_len=g("mock_data_min_len"),
         )
         data_path = list(g("data_path") or [])
         is_mock = bool(g("mock_data", False))
         return cls(
-            seq_length=int(args.seq_length), data_path=data_path, split=g("split") or "969,30,1",
-            overlong=g("overlong") or "truncate", mock=is_mock, mock_config=mock,
+            seq_length=int(args.seq_length),
+            data_path=data_path,
+            split=g("split") or "969,30,1",
+            overlong=g("overlong") or "truncate",
+            mock=is_mock,
+            mock_config=mock,
             stdlib_corpus=bool(g("stdlib_corpus", not is_mock and not data_path)),
-            stdlib_granularity=g("stdlib_granularity") or "toplevel", stdlib_max_files=g("stdlib_max_docs", g("stdlib_max_files")),
-            vocab_size=int(vocab_size or g("vocab_size") or BYTE_VOCAB_SIZE), seed=int(g("seed", 1234)),
-            cache_dir=g("data_cache_dir", g("cache_dir")), blend_by=g("blend_by") or "documents", blend_size=g("blend_size"),
+            stdlib_granularity=g("stdlib_granularity") or "toplevel",
+            stdlib_max_files=g("stdlib_max_docs", g("stdlib_max_files")),
+            vocab_size=int(vocab_size or g("vocab_size") or BYTE_VOCAB_SIZE),
+            seed=int(g("seed", 1234)),
+            cache_dir=g("data_cache_dir", g("cache_dir")),
+            blend_by=g("blend_by") or "documents",
+            blend_size=g("blend_size"),
         )
 
     def validate(self) -> None:
         if int(self.seq_length) < 1:
             raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
         check_overlong(self.overlong)
-        sources = [n for n, on in (("--data-path", bool(self.data_path)), ("--mock-data", self.mock), ("stdlib corpus", self.stdlib_corpus)) if on]
+        sources = [
+            n
+            for n, on in (
+                ("--data-path", bool(self.data_path)),
+                ("--mock-data", self.mock),
+                ("stdlib corpus", self.stdlib_corpus),
+            )
+            if on
+        ]
         if len(sources) != 1:
             raise ValueError(
                 f"choose exactly one data source (--data-path, --mock-data or the stdlib corpus); got {sources or 'none'}"
@@ -125,9 +146,16 @@ def build_split_datasets(config) -> dict[str, DocumentDataset | None]:
         n = config.mock_config.num_documents
         return {
             name: MockDocuments(
-                config.seq_length, config.vocab_size, config.seed, config.mock_config, config.overlong,
-                name=f"mock:{name}", doc_range=(start, stop),
-            ) if stop > start else None
+                config.seq_length,
+                config.vocab_size,
+                config.seed,
+                config.mock_config,
+                config.overlong,
+                name=f"mock:{name}",
+                doc_range=(start, stop),
+            )
+            if stop > start
+            else None
             for name, (start, stop) in zip(SPLIT_NAMES, split_ranges(config.split, n))
         }
 
@@ -173,8 +201,12 @@ def build_split_datasets(config) -> dict[str, DocumentDataset | None]:
             out[name] = comps[0][0]
         else:
             out[name] = BlendedDocuments(
-                [c[0] for c in comps], [c[1] for c in comps], size=size, seed=config.seed + k,
-                by=config.blend_by, name=name,
+                [c[0] for c in comps],
+                [c[1] for c in comps],
+                size=size,
+                seed=config.seed + k,
+                by=config.blend_by,
+                name=name,
             )
     return out
 

@@ -30,7 +30,7 @@ class DocumentStats:
     raw_tokens: int = 0  # tokens of all documents looked at
     kept_tokens: int = 0  # tokens returned for kept documents (sum of L_i + 1)
 
-    def __add__(self, other: "DocumentStats") -> "DocumentStats":
+    def __add__(self, other: DocumentStats) -> DocumentStats:
         return DocumentStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def to_dict(self) -> dict:

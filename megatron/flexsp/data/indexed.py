@@ -51,8 +51,16 @@ IDX_MAGIC = b"MMIDIDX\x00\x00"
 IDX_VERSION = 1
 _IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 # dtype codes of megatron.core's DType enum
-_DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-                8: np.uint16}
+_DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 _validated: dict[tuple, None] = {}
 _CHUNK = 1 << 22  # index entries checked at a time (bounded memory for huge corpora)
 
@@ -87,8 +95,10 @@ def validate_indexed(prefix: str) -> None:
     n_doc = int.from_bytes(header[26:34], "little")
     need = _IDX_HEADER_BYTES + n_seq * (4 + 8) + n_doc * 8
     if ist.st_size < need:
-        raise ValueError(f"{ip}: {ist.st_size} bytes, but its header announces {n_seq} sequences and {n_doc} "
-                         f"document indices ({need} bytes): the index is truncated")
+        raise ValueError(
+            f"{ip}: {ist.st_size} bytes, but its header announces {n_seq} sequences and {n_doc} "
+            f"document indices ({need} bytes): the index is truncated"
+        )
     mm = np.memmap(ip, mode="r", dtype=np.uint8)
     try:
         off = _IDX_HEADER_BYTES
@@ -100,14 +110,16 @@ def validate_indexed(prefix: str) -> None:
         for a in range(0, max(n_doc - 1, 0), _CHUNK):
             if not ok:
                 break
-            seg = docs[a:a + _CHUNK + 1]
+            seg = docs[a : a + _CHUNK + 1]
             ok = not bool(np.any(seg[1:] < seg[:-1]))
         if not ok:
-            raise ValueError(f"{ip}: document indices are not a non-decreasing list from 0 to the {n_seq} sequences "
-                             "(a damaged index)")
+            raise ValueError(
+                f"{ip}: document indices are not a non-decreasing list from 0 to the {n_seq} sequences "
+                "(a damaged index)"
+            )
         needed, first = 0, None
         for a in range(0, n_seq, _CHUNK):
-            ln, pt = lengths[a:a + _CHUNK], pointers[a:a + _CHUNK]
+            ln, pt = lengths[a : a + _CHUNK], pointers[a : a + _CHUNK]
             if bool(np.any(ln < 0)) or bool(np.any(pt < 0)):
                 raise ValueError(f"{ip}: negative sequence length or pointer (a damaged index)")
             end = pt + ln.astype(np.int64) * itemsize
@@ -116,8 +128,10 @@ def validate_indexed(prefix: str) -> None:
                 first = a + int(np.argmax(end > bst.st_size))
         if first is not None:
             doc = int(np.searchsorted(docs, first, side="right")) - 1
-            raise ValueError(f"{bp}: {bst.st_size} bytes, but {ip} needs {needed}: the .bin is truncated "
-                             f"(document {doc} onwards is missing)")
+            raise ValueError(
+                f"{bp}: {bst.st_size} bytes, but {ip} needs {needed}: the .bin is truncated "
+                f"(document {doc} onwards is missing)"
+            )
     finally:
         del mm
     _validated[key] = None

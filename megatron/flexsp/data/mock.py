@@ -61,7 +61,9 @@ class MockDocuments(DocumentDataset):
         self.seed = int(seed)
         max_len = config.max_len if config.max_len is not None else seq_length
         raw = np.asarray(
-            longtail_lengths(config.num_documents, max_len=int(max_len), seed=self.seed, **config.distribution_kwargs()),
+            longtail_lengths(
+                config.num_documents, max_len=int(max_len), seed=self.seed, **config.distribution_kwargs()
+            ),
             dtype=np.int64,
         )
         start, stop = doc_range if doc_range is not None else (0, raw.size)

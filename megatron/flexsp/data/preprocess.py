@@ -14,7 +14,7 @@ import json
 import multiprocessing
 import sys
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -125,7 +125,11 @@ def preprocess(
             n_bytes += size
             if not quiet and log_interval > 0 and n_docs % log_interval == 0:
                 dt = max(time.time() - start, 1e-9)
-                print(f"processed {n_docs} documents ({n_docs / dt:.0f} docs/s, {n_bytes / dt / 2**20:.2f} MB/s)", file=sys.stderr, flush=True)
+                print(
+                    f"processed {n_docs} documents ({n_docs / dt:.0f} docs/s, {n_bytes / dt / 2**20:.2f} MB/s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except BaseException as exc:
         for w in writers.values():
             w.__exit__(type(exc), exc, None)
@@ -139,7 +143,10 @@ def preprocess(
         w.__exit__(None, None, None)
         result[key] = {"prefix": w.prefix, "documents": w.documents, "tokens": w.tokens}
         if not quiet:
-            print(f"wrote {w.prefix}.bin/.idx: {w.documents} documents, {w.tokens} tokens ({dtype.__name__})", file=sys.stderr)
+            print(
+                f"wrote {w.prefix}.bin/.idx: {w.documents} documents, {w.tokens} tokens ({dtype.__name__})",
+                file=sys.stderr,
+            )
     return result
 
 
@@ -161,9 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         result = preprocess(
-            a.input, a.output_prefix, json_keys=a.json_keys, tokenizer_type=a.tokenizer_type,
-            tokenizer_model=a.tokenizer_model, append_eod=a.append_eod, workers=a.workers,
-            log_interval=a.log_interval, quiet=a.quiet,
+            a.input,
+            a.output_prefix,
+            json_keys=a.json_keys,
+            tokenizer_type=a.tokenizer_type,
+            tokenizer_model=a.tokenizer_model,
+            append_eod=a.append_eod,
+            workers=a.workers,
+            log_interval=a.log_interval,
+            quiet=a.quiet,
         )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"preprocess_data.py: error: {exc}", file=sys.stderr)

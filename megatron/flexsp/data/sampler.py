@@ -70,7 +70,7 @@ class GlobalBatchSampler:
             raise IndexError(f"global batch index must be >= 0, got {k}")
         epoch, b = divmod(k, self.batches_per_epoch)
         g = self.global_batch_size
-        return self._epoch_order(epoch)[b * g:(b + 1) * g].copy()
+        return self._epoch_order(epoch)[b * g : (b + 1) * g].copy()
 
     def batch_lengths(self, k: int) -> np.ndarray:
         """L of each document of global batch k, from the index only (no token reads)."""

@@ -73,9 +73,7 @@ def list_source_files(root: str, max_files: int | None = None) -> list[str]:
         raise FileNotFoundError(f"stdlib corpus root {root!r} is not a directory")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [
-            d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith(EXCLUDED_DIR_PREFIXES)
-        ]
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith(EXCLUDED_DIR_PREFIXES)]
         for f in filenames:
             if f.endswith(".py") and not f.startswith(EXCLUDED_FILE_PREFIXES):
                 found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
@@ -209,7 +207,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-files", type=int, default=None)
     p.add_argument("--rebuild", action="store_true")
     a = p.parse_args(argv)
-    c = build_stdlib_corpus(a.cache_dir, granularity=a.granularity, max_files=a.max_files, rebuild=a.rebuild, verbose=True)
+    c = build_stdlib_corpus(
+        a.cache_dir, granularity=a.granularity, max_files=a.max_files, rebuild=a.rebuild, verbose=True
+    )
     counts = indexed.document_token_counts(indexed.open_indexed(c.prefix))
     pct = np.percentile(counts, [50, 90, 99, 100]).astype(int)
     print(json.dumps(c.to_dict(), indent=1))

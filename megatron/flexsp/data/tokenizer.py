@@ -10,7 +10,8 @@ optional dependency; a clear error says how to install it when it is missing).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 BYTE_VOCAB = 256
 BYTE_EOD = 256
@@ -75,7 +76,9 @@ class HuggingFaceTokenizer:
         import os
 
         if not os.path.exists(model_path):
-            raise FileNotFoundError(f"--tokenizer-model {model_path!r} does not exist (a local tokenizer directory is required)")
+            raise FileNotFoundError(
+                f"--tokenizer-model {model_path!r} does not exist (a local tokenizer directory is required)"
+            )
         self.model_path = model_path
         self._tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.vocab_size = len(self._tok)

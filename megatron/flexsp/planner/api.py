@@ -33,7 +33,7 @@ from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 __all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig", "plan_global_batch", "fallback_plan"]
 
 METHODS = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
-FALLBACK_TIME_S = 0.05     # fallback_plan's budget for flexsp
+FALLBACK_TIME_S = 0.05  # fallback_plan's budget for flexsp
 
 
 @dataclass
@@ -66,8 +66,11 @@ class PlannerConfig:
             raise ValueError(f"planner world_size must be a positive integer, got {self.world_size!r}")
         if not self.time_limit_s > 0:
             raise ValueError(f"planner time_limit_s must be > 0, got {self.time_limit_s!r}")
-        if self.work_limit is not None and (isinstance(self.work_limit, bool) or not isinstance(self.work_limit, numbers.Integral)
-                                            or self.work_limit < 1):
+        if self.work_limit is not None and (
+            isinstance(self.work_limit, bool)
+            or not isinstance(self.work_limit, numbers.Integral)
+            or self.work_limit < 1
+        ):
             raise ValueError(f"planner work_limit must be a positive integer, got {self.work_limit!r}")
         if isinstance(self.gap, bool) or not isinstance(self.gap, numbers.Real) or not 0 <= self.gap < 1:
             raise ValueError(f"planner gap must be a number in [0, 1), got {self.gap!r}")
@@ -87,8 +90,10 @@ def _check_lengths(lengths: Sequence[int], config: PlannerConfig) -> list[int]:
     if config.max_seq_len is not None:
         over = [i for i, L in enumerate(out) if L > config.max_seq_len]
         if over:
-            raise PlanError(f"{len(over)} sequence(s) longer than max_seq_len {config.max_seq_len}: first is "
-                            f"lengths[{over[0]}] = {out[over[0]]} (truncate or drop them before planning)")
+            raise PlanError(
+                f"{len(over)} sequence(s) longer than max_seq_len {config.max_seq_len}: first is "
+                f"lengths[{over[0]}] = {out[over[0]]} (truncate or drop them before planning)"
+            )
     return out
 
 
@@ -112,8 +117,16 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
             baselines.append((name, build(lengths, cost, config.world_size, lower_bound_ms=lb)))
         except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: no homogeneous plan
             continue
-    plan = _flexsp_module.plan_flexsp(lengths, cost, config.world_size, time_limit_s=config.time_limit_s, seed=config.seed,
-                       gap=config.gap, deadline=deadline, seeds=baselines)
+    plan = _flexsp_module.plan_flexsp(
+        lengths,
+        cost,
+        config.world_size,
+        time_limit_s=config.time_limit_s,
+        seed=config.seed,
+        gap=config.gap,
+        deadline=deadline,
+        seeds=baselines,
+    )
     solver = plan.solver
     chosen, solver_ms = "solver", plan.estimated_time_ms
     for name, other in baselines:
@@ -140,8 +153,9 @@ def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerCo
     if config.method == "flexsp":
         plan = _flexsp(lengths, cost, config, lb, deadline)
     elif config.method == "static":
-        plan = static_plan(lengths, cost, ws, max_seq_len=config.max_seq_len, degree=config.static_degree,
-                           lower_bound_ms=lb)
+        plan = static_plan(
+            lengths, cost, ws, max_seq_len=config.max_seq_len, degree=config.static_degree, lower_bound_ms=lb
+        )
     elif config.method == "batch-adaptive":
         plan = batch_adaptive_plan(lengths, cost, ws, lower_bound_ms=lb)
     else:
@@ -161,8 +175,13 @@ def fallback_plan(lengths: Sequence[int], cost: CostModel, config: PlannerConfig
         return plan_global_batch(lengths, cost, config)
     lengths = _check_lengths(lengths, config)
     # with a work budget (reproducible plans) the fallback is the constructive plan alone, also reproducible
-    plan = _flexsp_module.greedy_plan(lengths, cost, config.world_size,
-                                      time_limit_s=min(FALLBACK_TIME_S, config.time_limit_s), gap=config.gap,
-                                      work_limit=1 if config.work_limit is not None else None)
+    plan = _flexsp_module.greedy_plan(
+        lengths,
+        cost,
+        config.world_size,
+        time_limit_s=min(FALLBACK_TIME_S, config.time_limit_s),
+        gap=config.gap,
+        work_limit=1 if config.work_limit is not None else None,
+    )
     validate_plan(plan, cost, world_size=config.world_size, num_sequences=len(lengths))
     return plan

@@ -27,7 +27,7 @@ import bisect
 import heapq
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from .costmodel import CostModel
 from .placement import candidate_groups
@@ -66,8 +66,9 @@ def _bfd_bins(order: Sequence[int], lengths: Sequence[int], cap: int) -> list[li
     return bins
 
 
-def _lpt_slots(order: Sequence[int], lengths: Sequence[int], cap: int, slots: int,
-               weight: Sequence[float]) -> list[list[int]] | None:
+def _lpt_slots(
+    order: Sequence[int], lengths: Sequence[int], cap: int, slots: int, weight: Sequence[float]
+) -> list[list[int]] | None:
     """Longest first onto the least loaded slot with memory left; None if some sequence fits nowhere."""
     heap = [(0.0, s) for s in range(slots)]
     tokens = [0] * slots
@@ -130,15 +131,16 @@ def fill_empty_groups(mb: MicroBatch, lengths: Sequence[int], cost: CostModel) -
             raise PlanError(f"cannot fill an empty group of degree {target.degree}: no movable sequence fits it")
 
 
-def _slots_to_plan(slots: list[list[int]], lengths: Sequence[int], cost: CostModel, world_size: int,
-                   groups: list[tuple[int, ...]]) -> Plan:
+def _slots_to_plan(
+    slots: list[list[int]], lengths: Sequence[int], cost: CostModel, world_size: int, groups: list[tuple[int, ...]]
+) -> Plan:
     d = len(groups[0])
     per_mb = len(groups)
     times = [cost.group_time_ms([lengths[i] for i in s], d) if s else 0.0 for s in slots]
     order = sorted(range(len(slots)), key=lambda k: -times[k])
     mbs = []
     for m in range(math.ceil(len(slots) / per_mb)):
-        chunk = order[m * per_mb:(m + 1) * per_mb]
+        chunk = order[m * per_mb : (m + 1) * per_mb]
         chunk_slots = [sorted(slots[k]) for k in chunk] + [[] for _ in range(per_mb - len(chunk))]
         if not any(chunk_slots):
             continue
@@ -152,16 +154,19 @@ def homogeneous_plan(lengths: Sequence[int], cost: CostModel, world_size: int, d
     """The best plan this module finds with every group of one degree (solver info not filled)."""
     degrees = homogeneous_degrees(cost, world_size)
     if degree not in degrees:
-        raise PlanError(f"degree {degree} cannot tile {world_size} ranks with candidate groups "
-                        f"(possible degrees: {sorted(degrees)})")
+        raise PlanError(
+            f"degree {degree} cannot tile {world_size} ranks with candidate groups "
+            f"(possible degrees: {sorted(degrees)})"
+        )
     lengths = [int(x) for x in lengths]
     if not lengths:
         raise PlanError("cannot plan an empty global batch")
     cap = cost.capacity(degree)
     too_long = [L for L in lengths if L > cap]
     if too_long:
-        raise NoFeasiblePlanError(sorted(too_long, reverse=True), cap, degree, world_size,
-                                  f"homogeneous degree {degree} is too small")
+        raise NoFeasiblePlanError(
+            sorted(too_long, reverse=True), cap, degree, world_size, f"homogeneous degree {degree} is too small"
+        )
     groups = degrees[degree]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins = _bfd_bins(order, lengths, cap)
@@ -184,21 +189,35 @@ def homogeneous_plan(lengths: Sequence[int], cost: CostModel, world_size: int, d
     return best
 
 
-def _best_homogeneous(lengths: Sequence[int], cost: CostModel, world_size: int, hold_len: int,
-                      method: str, forced: int | None, lower_bound_ms: float | None) -> Plan:
+def _best_homogeneous(
+    lengths: Sequence[int],
+    cost: CostModel,
+    world_size: int,
+    hold_len: int,
+    method: str,
+    forced: int | None,
+    lower_bound_ms: float | None,
+) -> Plan:
     t0 = time.perf_counter()
     degrees = homogeneous_degrees(cost, world_size)
     if forced is not None:
         if forced not in degrees:
-            raise PlanError(f"{method}: degree {forced} is not usable on {world_size} ranks with cost model "
-                            f"'{cost.name}' (usable homogeneous degrees: {sorted(degrees)})")
+            raise PlanError(
+                f"{method}: degree {forced} is not usable on {world_size} ranks with cost model "
+                f"'{cost.name}' (usable homogeneous degrees: {sorted(degrees)})"
+            )
         cands = [forced]
     else:
         cands = [d for d in degrees if cost.fits(hold_len, d)]
         if not cands:
             big = max(degrees)
-            raise NoFeasiblePlanError([hold_len], cost.capacity(big), big, world_size,
-                                      f"{method}: no homogeneous degree holds length {hold_len}")
+            raise NoFeasiblePlanError(
+                [hold_len],
+                cost.capacity(big),
+                big,
+                world_size,
+                f"{method}: no homogeneous degree holds length {hold_len}",
+            )
     best: Plan | None = None
     for d in cands:
         p = homogeneous_plan(lengths, cost, world_size, d)
@@ -206,24 +225,39 @@ def _best_homogeneous(lengths: Sequence[int], cost: CostModel, world_size: int, 
             best = p
     assert best is not None
     degree = best.micro_batches[0].groups[0].degree
-    best.solver = SolverInfo(method=method, status="heuristic", solve_time_s=time.perf_counter() - t0,
-                             lower_bound_ms=lower_bound_ms, extra={"degree": degree})
+    best.solver = SolverInfo(
+        method=method,
+        status="heuristic",
+        solve_time_s=time.perf_counter() - t0,
+        lower_bound_ms=lower_bound_ms,
+        extra={"degree": degree},
+    )
     return best
 
 
-def static_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *, max_seq_len: int | None = None,
-                degree: int | None = None, lower_bound_ms: float | None = None) -> Plan:
+def static_plan(
+    lengths: Sequence[int],
+    cost: CostModel,
+    world_size: int,
+    *,
+    max_seq_len: int | None = None,
+    degree: int | None = None,
+    lower_bound_ms: float | None = None,
+) -> Plan:
     """One degree for every sequence: ``degree`` if given, else the best degree holding ``max_seq_len``."""
     lengths = [int(x) for x in lengths]
     hold = max(lengths) if max_seq_len is None else int(max_seq_len)
     if lengths and max(lengths) > hold:
-        raise PlanError(f"static: a sequence of {max(lengths)} tokens is longer than max_seq_len {hold} "
-                        f"(truncate or drop overlong sequences first)")
+        raise PlanError(
+            f"static: a sequence of {max(lengths)} tokens is longer than max_seq_len {hold} "
+            f"(truncate or drop overlong sequences first)"
+        )
     return _best_homogeneous(lengths, cost, world_size, hold, "static", degree, lower_bound_ms)
 
 
-def batch_adaptive_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
-                        lower_bound_ms: float | None = None) -> Plan:
+def batch_adaptive_plan(
+    lengths: Sequence[int], cost: CostModel, world_size: int, *, lower_bound_ms: float | None = None
+) -> Plan:
     """The best homogeneous degree for this global batch."""
     lengths = [int(x) for x in lengths]
     if not lengths:

@@ -15,7 +15,7 @@ The planner evaluates the candidate cuts with its per-micro-batch solver and kee
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -68,7 +68,9 @@ def min_max_chunks(weights: Sequence[int] | np.ndarray, m: int) -> tuple[list[in
     return bounds, best
 
 
-def segment(points: Sequence[int] | np.ndarray, cost: Callable[[np.ndarray, int], np.ndarray]) -> tuple[list[int], float]:
+def segment(
+    points: Sequence[int] | np.ndarray, cost: Callable[[np.ndarray, int], np.ndarray]
+) -> tuple[list[int], float]:
     """Cut items 0..n-1 into consecutive chunks, cutting only at ``points``, minimising the sum of chunk costs.
 
     ``points`` are the allowed cut positions, increasing, from 0 to n (both included).
@@ -145,16 +147,23 @@ class ChunkEstimator:
     GPU-ms g of the chunk; inf when the chunk holds more than ``mem_frac`` of all ranks' tokens.
     """
 
-    def __init__(self, lengths_desc: np.ndarray, cost: CostModel, world_size: int, tau: np.ndarray,
-                 degrees: Sequence[int], mem_frac: float = 1.0):
+    def __init__(
+        self,
+        lengths_desc: np.ndarray,
+        cost: CostModel,
+        world_size: int,
+        tau: np.ndarray,
+        degrees: Sequence[int],
+        mem_frac: float = 1.0,
+    ):
         L = np.asarray(lengths_desc, dtype=np.int64)
         self.n = int(L.size)
         self.ws = world_size
         self.beta1 = cost.compute.beta1_ms
         d = np.asarray(degrees, dtype=np.float64)
         self.tau = tau
-        self.dtau = tau * d[None, :]                     # GPU-ms of i at each degree (inf if infeasible)
-        self.g = self.dtau.min(axis=1)                   # cheapest GPU-ms
+        self.dtau = tau * d[None, :]  # GPU-ms of i at each degree (inf if infeasible)
+        self.g = self.dtau.min(axis=1)  # cheapest GPU-ms
         self.G = np.concatenate([[0.0], np.cumsum(self.g)])
         self.T = np.concatenate([[0], np.cumsum(L)])
         self.full_budget = float(cost.tokens_per_gpu * world_size)
@@ -185,7 +194,7 @@ class ChunkEstimator:
         pts = np.asarray(points, dtype=np.int64)
         i = pts[:-1]
         best = np.full((pts.size, pts.size), np.inf)
-        rest = (self.G[pts][None, :] - self.G[i][:, None] - self.g[i][:, None])          # [m-1, m]
+        rest = self.G[pts][None, :] - self.G[i][:, None] - self.g[i][:, None]  # [m-1, m]
         for k in range(self.tau.shape[1]):
             v = np.maximum(self.tau[i, k][:, None], (rest + self.dtau[i, k][:, None]) / self.ws)
             np.minimum(best[:-1], v, out=best[:-1])

@@ -32,15 +32,21 @@ is LB1 alone (the form the project's targets are stated in).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .costmodel import CostModel
 from .plan import NoFeasiblePlanError
 
-__all__ = ["seq_tau_table", "cheapest_gpu_ms", "min_micro_batches", "lower_bound_ms", "simple_lower_bound_ms",
-           "check_feasible"]
+__all__ = [
+    "seq_tau_table",
+    "cheapest_gpu_ms",
+    "min_micro_batches",
+    "lower_bound_ms",
+    "simple_lower_bound_ms",
+    "check_feasible",
+]
 
 
 def seq_tau_table(lengths: Sequence[int] | np.ndarray, cost: CostModel, degrees: Sequence[int]) -> np.ndarray:

@@ -18,8 +18,8 @@ the planner passes the group capacities, so all lengths of a bucket share their 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -30,10 +30,10 @@ _MATRIX_LIMIT = 2500  # distinct lengths up to which the DP uses one dense (u+1)
 
 @dataclass
 class Bucketing:
-    uppers: np.ndarray        # int64 [K], increasing: the largest length of each bucket
-    bucket_of: np.ndarray     # int64 [n]: bucket index of each input sequence (input order)
-    counts: np.ndarray        # int64 [K]: sequences per bucket
-    error: float              # padding error E (see module docstring)
+    uppers: np.ndarray  # int64 [K], increasing: the largest length of each bucket
+    bucket_of: np.ndarray  # int64 [n]: bucket index of each input sequence (input order)
+    counts: np.ndarray  # int64 [K]: sequences per bucket
+    error: float  # padding error E (see module docstring)
 
     @property
     def num_buckets(self) -> int:
@@ -56,8 +56,11 @@ def _prep(lengths: Sequence[int] | np.ndarray, breaks: Sequence[int], max_atoms:
     tok = c * v
     if max_atoms is not None and v.size > max_atoms:
         u = v.size
-        edges = np.unique(np.concatenate([np.linspace(0, u, max_atoms + 1).round().astype(np.int64),
-                                          np.flatnonzero(np.diff(seg)) + 1, [0, u]]))
+        edges = np.unique(
+            np.concatenate(
+                [np.linspace(0, u, max_atoms + 1).round().astype(np.int64), np.flatnonzero(np.diff(seg)) + 1, [0, u]]
+            )
+        )
         starts = edges[:-1]
         v = v[edges[1:] - 1]
         c = np.add.reduceat(c, starts)
@@ -143,8 +146,13 @@ def optimal_buckets(lengths: Sequence[int] | np.ndarray, k: int, breaks: Sequenc
     return _finish(L, dp.uppers(), float(pt[-1]), pad)
 
 
-def bucketize(lengths: Sequence[int] | np.ndarray, max_error: float = 0.02, breaks: Sequence[int] = (),
-              max_buckets: int | None = None, max_atoms: int | None = None) -> Bucketing:
+def bucketize(
+    lengths: Sequence[int] | np.ndarray,
+    max_error: float = 0.02,
+    breaks: Sequence[int] = (),
+    max_buckets: int | None = None,
+    max_atoms: int | None = None,
+) -> Bucketing:
     """Fewest buckets whose padding error is at most ``max_error`` (capped at ``max_buckets``).
 
     ``max_atoms`` bounds the DP's size on huge batches: the distinct lengths are first merged

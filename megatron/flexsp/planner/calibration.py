@@ -64,24 +64,40 @@ class GroupSample:
     tokens_per_rank: float | None = None
 
     def to_list(self) -> list:
-        return [self.degree, self.tokens, self.sum_sq, self.compute_ms, self.a2a_ms, self.a2a_bytes, self.peak_mb,
-                self.tokens_per_rank]
+        return [
+            self.degree,
+            self.tokens,
+            self.sum_sq,
+            self.compute_ms,
+            self.a2a_ms,
+            self.a2a_bytes,
+            self.peak_mb,
+            self.tokens_per_rank,
+        ]
 
     @classmethod
     def from_list(cls, v: list) -> GroupSample:
-        return cls(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]), float(v[5]),
-                   None if v[6] is None else float(v[6]), None if v[7] is None else float(v[7]))
+        return cls(
+            int(v[0]),
+            int(v[1]),
+            float(v[2]),
+            float(v[3]),
+            float(v[4]),
+            float(v[5]),
+            None if v[6] is None else float(v[6]),
+            None if v[7] is None else float(v[7]),
+        )
 
 
 @dataclass
 class CalibrationConfig:
-    window: int = 1024               # most recent samples kept and fitted
-    min_samples: int = 24            # compute samples in the window before compute coefficients change
-    min_degree_samples: int = 6      # all-to-all samples of a degree before its bandwidth changes
-    prior_weight: float = 3.0        # the starting model counts as this many samples
+    window: int = 1024  # most recent samples kept and fitted
+    min_samples: int = 24  # compute samples in the window before compute coefficients change
+    min_degree_samples: int = 6  # all-to-all samples of a degree before its bandwidth changes
+    prior_weight: float = 3.0  # the starting model counts as this many samples
     huber_k: float = 1.345
-    memory_min_fill: float = 0.25    # memory samples below this share of a GPU's token capacity are ignored
-    memory_margin: float = 1.0       # raise activation_mb_per_token to margin * (what the sample needs)
+    memory_min_fill: float = 0.25  # memory samples below this share of a GPU's token capacity are ignored
+    memory_margin: float = 1.0  # raise activation_mb_per_token to margin * (what the sample needs)
 
     def __post_init__(self) -> None:
         if self.window < 3 or self.min_samples < 3 or self.min_degree_samples < 1:
@@ -112,18 +128,41 @@ class CostCalibrator:
         self._report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ input
-    def add(self, degree: int, tokens: int, sum_sq: float, compute_ms: float, a2a_ms: float = 0.0,
-            a2a_bytes: float = 0.0, peak_mb: float | None = None, tokens_per_rank: float | None = None) -> None:
+    def add(
+        self,
+        degree: int,
+        tokens: int,
+        sum_sq: float,
+        compute_ms: float,
+        a2a_ms: float = 0.0,
+        a2a_bytes: float = 0.0,
+        peak_mb: float | None = None,
+        tokens_per_rank: float | None = None,
+    ) -> None:
         """Record one group of one micro-batch (see ``GroupSample``)."""
-        self.add_sample(GroupSample(int(degree), int(tokens), float(sum_sq), float(compute_ms), float(a2a_ms),
-                                    float(a2a_bytes), None if peak_mb is None else float(peak_mb),
-                                    None if tokens_per_rank is None else float(tokens_per_rank)))
+        self.add_sample(
+            GroupSample(
+                int(degree),
+                int(tokens),
+                float(sum_sq),
+                float(compute_ms),
+                float(a2a_ms),
+                float(a2a_bytes),
+                None if peak_mb is None else float(peak_mb),
+                None if tokens_per_rank is None else float(tokens_per_rank),
+            )
+        )
 
     def add_sample(self, s: GroupSample) -> None:
         vals = [s.sum_sq, s.compute_ms, s.a2a_ms, s.a2a_bytes]
-        if (s.degree < 1 or s.tokens < 1 or not all(math.isfinite(v) for v in vals) or s.compute_ms <= 0
-                or s.sum_sq < s.tokens):
-            self._rejected += 1          # empty group, failed timer or inconsistent lengths: not evidence
+        if (
+            s.degree < 1
+            or s.tokens < 1
+            or not all(math.isfinite(v) for v in vals)
+            or s.compute_ms <= 0
+            or s.sum_sq < s.tokens
+        ):
+            self._rejected += 1  # empty group, failed timer or inconsistent lengths: not evidence
             return
         self._samples.append(s)
         self._seen += 1
@@ -164,21 +203,28 @@ class CostCalibrator:
     def refit(self) -> CostModel:
         """Refit from the window; the new model is also ``current``. Parts without enough samples keep their values."""
         base, cfg = self.base, self.config
-        c0 = base.compute                # prior: the starting model, not the last fit (no drift by feedback)
+        c0 = base.compute  # prior: the starting model, not the last fit (no drift by feedback)
         comp = list(self._samples)
         report: dict[str, Any] = {"samples": len(comp), "seen": self._seen, "rejected": self._rejected}
         alpha1, alpha2, beta1 = c0.alpha1_ms_per_token2, c0.alpha2_ms_per_token, c0.beta1_ms
         if len(comp) >= cfg.min_samples:
             d = np.array([s.degree for s in comp], dtype=np.float64)
-            x = np.stack([np.array([s.sum_sq for s in comp]) / d, np.array([s.tokens for s in comp]) / d,
-                          np.ones(len(comp))], axis=1)
+            x = np.stack(
+                [np.array([s.sum_sq for s in comp]) / d, np.array([s.tokens for s in comp]) / d, np.ones(len(comp))],
+                axis=1,
+            )
             y = np.array([s.compute_ms for s in comp])
             try:
-                fit = robust_nonneg_fit(x, y, prior=[alpha1, alpha2, beta1], prior_weight=cfg.prior_weight,
-                                        huber_k=cfg.huber_k)
+                fit = robust_nonneg_fit(
+                    x, y, prior=[alpha1, alpha2, beta1], prior_weight=cfg.prior_weight, huber_k=cfg.huber_k
+                )
                 alpha1, alpha2, beta1 = (float(v) for v in fit.coef)
-                report["compute"] = {"applied": True, "rms_rel_err": fit.rms_rel_err, "rel_scale": fit.rel_scale,
-                                     "outliers": fit.outliers}
+                report["compute"] = {
+                    "applied": True,
+                    "rms_rel_err": fit.rms_rel_err,
+                    "rel_scale": fit.rel_scale,
+                    "outliers": fit.outliers,
+                }
             except FitError as e:
                 report["compute"] = {"applied": False, "error": str(e)}
         else:
@@ -200,12 +246,12 @@ class CostCalibrator:
             if len(ss) >= cfg.min_degree_samples:
                 y = np.array([s.a2a_ms for s in ss])
                 prior = [1.0 / bw[deg]] if deg in bw else None
-                fit = robust_nonneg_fit(mb[:, None], y, prior=prior, prior_weight=cfg.prior_weight if prior else 0.0,
-                                        huber_k=cfg.huber_k)
+                fit = robust_nonneg_fit(
+                    mb[:, None], y, prior=prior, prior_weight=cfg.prior_weight if prior else 0.0, huber_k=cfg.huber_k
+                )
                 if fit.coef[0] > 0:
                     bw[deg] = float(1.0 / fit.coef[0])
-                    rep.update(applied=True, bandwidth_gbs=bw[deg], rms_rel_err=fit.rms_rel_err,
-                               outliers=fit.outliers)
+                    rep.update(applied=True, bandwidth_gbs=bw[deg], rms_rel_err=fit.rms_rel_err, outliers=fit.outliers)
                 else:
                     rep["applied"] = False
             else:
@@ -216,9 +262,12 @@ class CostCalibrator:
         d["compute"] = {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1}
         d["alltoall"] = {"bytes_per_token": bpt, "bandwidth_gbs": {str(k): v for k, v in sorted(bw.items())}}
         d["memory"] = dict(d["memory"], activation_mb_per_token=self._act)
-        d["calibration"] = {"samples": len(comp), "seen": self._seen,
-                            "compute_applied": bool(report["compute"].get("applied")),
-                            "bandwidth_applied": sorted(int(k) for k, r in report["alltoall"].items() if r["applied"])}
+        d["calibration"] = {
+            "samples": len(comp),
+            "seen": self._seen,
+            "compute_applied": bool(report["compute"].get("applied")),
+            "bandwidth_applied": sorted(int(k) for k, r in report["alltoall"].items() if r["applied"]),
+        }
         self._current = CostModel.from_dict(d)
         self._report = report
         return self._current
@@ -277,16 +326,29 @@ def samples_from_plan(plan: Plan, measured: Sequence[Sequence[Mapping[str, float
             lens = [plan.lengths[s] for s in g.sequences]
             T = sum(lens)
             peak = x.get("peak_mb")
-            out.append(GroupSample(g.degree, T, float(sum(s * s for s in lens)), float(x["compute_ms"]),
-                                   float(x.get("a2a_ms", 0.0)), float(x.get("a2a_bytes", 0.0)),
-                                   None if peak is None else float(peak), float(math.ceil(T / g.degree))))
+            out.append(
+                GroupSample(
+                    g.degree,
+                    T,
+                    float(sum(s * s for s in lens)),
+                    float(x["compute_ms"]),
+                    float(x.get("a2a_ms", 0.0)),
+                    float(x.get("a2a_bytes", 0.0)),
+                    None if peak is None else float(peak),
+                    float(math.ceil(T / g.degree)),
+                )
+            )
     return out
 
 
 def coefficients(cost: CostModel) -> dict[str, float]:
     """The coefficients in force as one flat JSON-able dict (for a metrics record)."""
     c, m = cost.compute, cost.memory
-    out = {"alpha1_ms_per_token2": c.alpha1_ms_per_token2, "alpha2_ms_per_token": c.alpha2_ms_per_token,
-           "beta1_ms": c.beta1_ms, "activation_mb_per_token": m.activation_mb_per_token}
+    out = {
+        "alpha1_ms_per_token2": c.alpha1_ms_per_token2,
+        "alpha2_ms_per_token": c.alpha2_ms_per_token,
+        "beta1_ms": c.beta1_ms,
+        "activation_mb_per_token": m.activation_mb_per_token,
+    }
     out.update({f"bandwidth_gbs_{d}": bw for d, bw in cost.alltoall.bandwidth_gbs.items()})
     return out

@@ -20,9 +20,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -31,34 +31,71 @@ from .costmodel import CostModel, CostModelError, load_cost_model
 from .lengths_io import OVERLONG_MODES, LengthsError, OverlongReport, apply_max_len, read_lengths
 from .plan import Plan, PlanError
 
-__all__ = ["main", "build_parser", "iter_batches", "run_methods", "MethodStats", "summarize", "format_table",
-           "flexsp_choice_note"]
+__all__ = [
+    "main",
+    "build_parser",
+    "iter_batches",
+    "run_methods",
+    "MethodStats",
+    "summarize",
+    "format_table",
+    "flexsp_choice_note",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flexsp-plan", description=__doc__.split("\n\n")[0].replace("``", ""),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="flexsp-plan",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = p.add_argument_group("lengths (give exactly one)")
-    src.add_argument("lengths", nargs="?", help="text file (one length per line), .npy, or Megatron dataset prefix "
-                                                "(PREFIX.bin/.idx; a document of n ids has length n - 1)")
-    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic long-tail lengths (log-normal body, "
-                                                               "Pareto tail up to --max-seq-len)")
-    p.add_argument("--cost-model", default="gpt-7b", help="cost model JSON file or preset name "
-                                                          "(gpt-7b, gpt-13b, gpt-30b, cpu-tiny)")
+    src.add_argument(
+        "lengths",
+        nargs="?",
+        help="text file (one length per line), .npy, or Megatron dataset prefix "
+        "(PREFIX.bin/.idx; a document of n ids has length n - 1)",
+    )
+    src.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        help="N synthetic long-tail lengths (log-normal body, Pareto tail up to --max-seq-len)",
+    )
+    p.add_argument(
+        "--cost-model",
+        default="gpt-7b",
+        help="cost model JSON file or preset name (gpt-7b, gpt-13b, gpt-30b, cpu-tiny)",
+    )
     p.add_argument("--world-size", type=int, default=64, help="number of GPUs (ranks)")
     p.add_argument("--global-batch-size", type=int, default=512, help="sequences per global batch")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="longest planned length (static is sized for it); default: the longest in the data "
-                        "(synthetic: 196608)")
-    p.add_argument("--overlong", choices=OVERLONG_MODES, default="truncate",
-                   help="what to do with sequences longer than --max-seq-len")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="longest planned length (static is sized for it); default: the longest in the data (synthetic: 196608)",
+    )
+    p.add_argument(
+        "--overlong",
+        choices=OVERLONG_MODES,
+        default="truncate",
+        help="what to do with sequences longer than --max-seq-len",
+    )
     p.add_argument("--iters", type=int, default=5, help="global batches to plan")
     p.add_argument("--seed", type=int, default=0, help="seed of batch sampling, synthetic lengths and the solver")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--time-limit", type=float, default=2.0, help="FlexSP time limit per global batch (s): bounds "
-                                                                 "the whole solve, baseline comparison included")
-    p.add_argument("--gap", type=float, default=0.01, help="FlexSP stops improving once its plan is within this "
-                                                           "fraction of the lower bound")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=2.0,
+        help="FlexSP time limit per global batch (s): bounds the whole solve, baseline comparison included",
+    )
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=0.01,
+        help="FlexSP stops improving once its plan is within this fraction of the lower bound",
+    )
     p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
     p.add_argument("--output", type=Path, default=None, help="directory for plans and summary.json/.csv")
     p.add_argument("--plot", action="store_true", help="draw every plan as a PNG under --output/plots")
@@ -90,9 +127,20 @@ class MethodStats:
     iters: int
 
 
-def run_methods(batches: Sequence[Sequence[int]], cost: CostModel, methods: Sequence[str], *, world_size: int,
-                max_seq_len: int | None, time_limit_s: float, seed: int, static_degree: int | None = None,
-                on_plan=None, progress: bool = False, gap: float = 0.01) -> dict[str, list[Plan]]:
+def run_methods(
+    batches: Sequence[Sequence[int]],
+    cost: CostModel,
+    methods: Sequence[str],
+    *,
+    world_size: int,
+    max_seq_len: int | None,
+    time_limit_s: float,
+    seed: int,
+    static_degree: int | None = None,
+    on_plan=None,
+    progress: bool = False,
+    gap: float = 0.01,
+) -> dict[str, list[Plan]]:
     """Plan every batch with every method; ``on_plan(k, method, plan)`` is called for each plan."""
     out: dict[str, list[Plan]] = {m: [] for m in methods}
     it = enumerate(batches)
@@ -102,8 +150,15 @@ def run_methods(batches: Sequence[Sequence[int]], cost: CostModel, methods: Sequ
         it = tqdm(it, total=len(batches), desc="planning", unit="batch", file=sys.stderr)
     for k, lengths in it:
         for m in methods:
-            cfg = PlannerConfig(world_size=world_size, method=m, time_limit_s=time_limit_s, max_seq_len=max_seq_len,
-                                static_degree=static_degree, seed=seed + k, gap=gap)
+            cfg = PlannerConfig(
+                world_size=world_size,
+                method=m,
+                time_limit_s=time_limit_s,
+                max_seq_len=max_seq_len,
+                static_degree=static_degree,
+                seed=seed + k,
+                gap=gap,
+            )
             t0 = time.perf_counter()
             plan = plan_global_batch(lengths, cost, cfg)
             plan.solver.extra.setdefault("wall_s", time.perf_counter() - t0)
@@ -125,20 +180,32 @@ def summarize(results: dict[str, list[Plan]]) -> list[MethodStats]:
         mean = statistics.fmean(p.estimated_time_ms for p in plans)
         ratios = [p.estimated_time_ms / p.solver.lower_bound_ms for p in plans if p.solver.lower_bound_ms]
         walls = [_wall(p) for p in plans]
-        rows.append(MethodStats(m, mean, static_mean / mean if static_mean else None,
-                                statistics.fmean(ratios) if ratios else float("nan"),
-                                statistics.median(walls), max(walls), len(plans)))
+        rows.append(
+            MethodStats(
+                m,
+                mean,
+                static_mean / mean if static_mean else None,
+                statistics.fmean(ratios) if ratios else float("nan"),
+                statistics.median(walls),
+                max(walls),
+                len(plans),
+            )
+        )
     return rows
 
 
 def format_table(rows: Sequence[MethodStats]) -> str:
-    head = f"{'method':<20} {'est. ms/iter':>13} {'vs static':>10} {'/ lower bound':>14} {'plan s (median)':>16} " \
-           f"{'plan s (max)':>13}"
+    head = (
+        f"{'method':<20} {'est. ms/iter':>13} {'vs static':>10} {'/ lower bound':>14} {'plan s (median)':>16} "
+        f"{'plan s (max)':>13}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         sp = f"{r.speedup_vs_static:.2f}x" if r.speedup_vs_static is not None else "n/a"
-        lines.append(f"{r.method:<20} {r.mean_ms:>13.1f} {sp:>10} {r.mean_ratio_to_lb:>13.3f}x "
-                     f"{r.plan_s_median:>16.3f} {r.plan_s_max:>13.3f}")
+        lines.append(
+            f"{r.method:<20} {r.mean_ms:>13.1f} {sp:>10} {r.mean_ratio_to_lb:>13.3f}x "
+            f"{r.plan_s_median:>16.3f} {r.plan_s_max:>13.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -152,8 +219,9 @@ def flexsp_choice_note(results: dict[str, list[Plan]]) -> str | None:
         c = str(p.solver.extra.get("chosen", "solver"))
         counts[c] = counts.get(c, 0) + 1
     others = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "solver")
-    return (f"flexsp: the solver's plan was kept in {counts.get('solver', 0)}/{len(plans)} batches"
-            + (f" (a better baseline plan in the others: {others})" if others else ""))
+    return f"flexsp: the solver's plan was kept in {counts.get('solver', 0)}/{len(plans)} batches" + (
+        f" (a better baseline plan in the others: {others})" if others else ""
+    )
 
 
 def _load_lengths(args, parser) -> tuple[np.ndarray, OverlongReport, int]:
@@ -197,11 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CostModelError, LengthsError) as e:
         parser.error(str(e))
 
-    print(f"flexsp-plan: {lengths.size} sequences (median {int(np.median(lengths))}, max {int(lengths.max())}), "
-          f"max length {max_len}: {report.truncated} truncated, {report.dropped} dropped; cost model "
-          f"'{cost.name}', {args.world_size} ranks, global batch {args.global_batch_size}, {args.iters} iteration(s)")
-    batches = [lengths[idx].tolist() for idx in iter_batches(lengths.size, args.global_batch_size, args.iters,
-                                                               args.seed)]
+    print(
+        f"flexsp-plan: {lengths.size} sequences (median {int(np.median(lengths))}, max {int(lengths.max())}), "
+        f"max length {max_len}: {report.truncated} truncated, {report.dropped} dropped; cost model "
+        f"'{cost.name}', {args.world_size} ranks, global batch {args.global_batch_size}, {args.iters} iteration(s)"
+    )
+    batches = [
+        lengths[idx].tolist() for idx in iter_batches(lengths.size, args.global_batch_size, args.iters, args.seed)
+    ]
     out = args.output
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -220,9 +291,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_plan(plan, cost, out / "plots" / f"{m}_iter_{k:04d}.png")
 
     try:
-        results = run_methods(batches, cost, methods, world_size=args.world_size, max_seq_len=max_len,
-                              time_limit_s=args.time_limit, seed=args.seed, static_degree=args.static_degree,
-                              on_plan=on_plan, progress=not args.quiet, gap=args.gap)
+        results = run_methods(
+            batches,
+            cost,
+            methods,
+            world_size=args.world_size,
+            max_seq_len=max_len,
+            time_limit_s=args.time_limit,
+            seed=args.seed,
+            static_degree=args.static_degree,
+            on_plan=on_plan,
+            progress=not args.quiet,
+            gap=args.gap,
+        )
     except PlanError as e:
         print(f"flexsp-plan: error: {e}", file=sys.stderr)
         return 1
@@ -233,9 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(note)
     if out is not None:
         summary = {
-            "cost_model": cost.to_dict(), "world_size": args.world_size, "global_batch_size": args.global_batch_size,
-            "max_seq_len": max_len, "overlong": args.overlong, "truncated": report.truncated,
-            "dropped": report.dropped, "num_sequences": int(lengths.size), "iters": args.iters, "seed": args.seed,
+            "cost_model": cost.to_dict(),
+            "world_size": args.world_size,
+            "global_batch_size": args.global_batch_size,
+            "max_seq_len": max_len,
+            "overlong": args.overlong,
+            "truncated": report.truncated,
+            "dropped": report.dropped,
+            "num_sequences": int(lengths.size),
+            "iters": args.iters,
+            "seed": args.seed,
             "methods": [asdict(r) for r in rows],
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -244,8 +332,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             w.writerow(["iter", "method", "estimated_ms", "lower_bound_ms", "plan_s", "micro_batches", "status"])
             for m, plans in results.items():
                 for k, p in enumerate(plans):
-                    w.writerow([k, m, f"{p.estimated_time_ms:.3f}", f"{p.solver.lower_bound_ms:.3f}",
-                                f"{_wall(p):.4f}", p.num_micro_batches, p.solver.status])
+                    w.writerow(
+                        [
+                            k,
+                            m,
+                            f"{p.estimated_time_ms:.3f}",
+                            f"{p.solver.lower_bound_ms:.3f}",
+                            f"{_wall(p):.4f}",
+                            p.num_micro_batches,
+                            p.solver.status,
+                        ]
+                    )
         print(f"flexsp-plan: wrote {sum(len(v) for v in results.values())} plans and summary.json/.csv to {out}")
     return 0
 

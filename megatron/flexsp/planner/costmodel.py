@@ -15,9 +15,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "CostModelError",
@@ -97,7 +98,7 @@ class CostModel:
 
     # ------------------------------------------------------------------ JSON
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CostModel":
+    def from_dict(cls, d: Mapping[str, Any]) -> CostModel:
         if not isinstance(d, Mapping):
             raise CostModelError(f"cost model: expected a JSON object, got {type(d).__name__}")
         for sec in ("compute", "alltoall", "memory"):
@@ -114,16 +115,27 @@ class CostModel:
         if not isinstance(bw_raw, Mapping) or not bw_raw:
             raise CostModelError("cost model: 'alltoall.bandwidth_gbs' must be a non-empty object {degree: GB/s}")
         bw: dict[int, float] = {}
-        for k, v in bw_raw.items():
+        for k in bw_raw:
             try:
                 deg = int(k)
             except (TypeError, ValueError):
-                raise CostModelError(f"cost model: 'alltoall.bandwidth_gbs' key {k!r} is not an integer degree") from None
+                raise CostModelError(
+                    f"cost model: 'alltoall.bandwidth_gbs' key {k!r} is not an integer degree"
+                ) from None
             if deg < 2:
                 raise CostModelError(f"cost model: 'alltoall.bandwidth_gbs' key {k!r}: degrees start at 2")
             bw[deg] = _num(bw_raw, k, "alltoall.bandwidth_gbs.", positive=True)
-        known = {"name", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "gpus_per_node",
-                 "compute", "alltoall", "memory"}
+        known = {
+            "name",
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "gpus_per_node",
+            "compute",
+            "alltoall",
+            "memory",
+        }
         model = cls(
             name=str(d.get("name", "")),
             num_layers=_int(d, "num_layers"),
@@ -215,7 +227,9 @@ class CostModel:
     @functools.cached_property
     def tokens_per_gpu(self) -> int:
         """Activation tokens one GPU can hold next to its model states."""
-        return int(math.floor((self.limit_mb - self.memory.model_states_mb) / self.memory.activation_mb_per_token + 1e-9))
+        return int(
+            math.floor((self.limit_mb - self.memory.model_states_mb) / self.memory.activation_mb_per_token + 1e-9)
+        )
 
     def capacity(self, degree: int) -> int:
         """Most tokens a group of this degree can hold in one micro-batch."""
@@ -268,8 +282,14 @@ class CostModel:
 
 # --------------------------------------------------------------------------- builders
 
-def alltoall_bytes_per_token(num_layers: int, hidden_size: int, num_attention_heads: int,
-                             num_query_groups: int | None = None, bytes_per_element: int = 2) -> float:
+
+def alltoall_bytes_per_token(
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int | None = None,
+    bytes_per_element: int = 2,
+) -> float:
     """All-to-all volume of one token through the whole model, forward and backward.
 
     Per layer and pass, Ulysses exchanges q, k, v before attention and the output after it:
@@ -310,21 +330,32 @@ def build_cost_model(
             raise CostModelError("give model_states_mb, or num_parameters and world_size for ZeRO-3 model states")
         model_states_mb = num_parameters * 16 / world_size / 2**20
     groups = num_query_groups or num_attention_heads
-    return CostModel.from_dict({
-        "name": name,
-        "num_layers": num_layers,
-        "hidden_size": hidden_size,
-        "num_attention_heads": num_attention_heads,
-        "num_query_groups": groups,
-        "gpus_per_node": gpus_per_node,
-        "compute": {"alpha1_ms_per_token2": alpha1_ms_per_token2, "alpha2_ms_per_token": alpha2_ms_per_token,
-                    "beta1_ms": beta1_ms},
-        "alltoall": {"bytes_per_token": alltoall_bytes_per_token(num_layers, hidden_size, num_attention_heads, groups,
-                                                                 bytes_per_element),
-                     "bandwidth_gbs": {str(k): v for k, v in bandwidth_gbs.items()}},
-        "memory": {"limit_gb": limit_gb, "model_states_mb": model_states_mb,
-                   "activation_mb_per_token": activation_mb_per_token},
-    })
+    return CostModel.from_dict(
+        {
+            "name": name,
+            "num_layers": num_layers,
+            "hidden_size": hidden_size,
+            "num_attention_heads": num_attention_heads,
+            "num_query_groups": groups,
+            "gpus_per_node": gpus_per_node,
+            "compute": {
+                "alpha1_ms_per_token2": alpha1_ms_per_token2,
+                "alpha2_ms_per_token": alpha2_ms_per_token,
+                "beta1_ms": beta1_ms,
+            },
+            "alltoall": {
+                "bytes_per_token": alltoall_bytes_per_token(
+                    num_layers, hidden_size, num_attention_heads, groups, bytes_per_element
+                ),
+                "bandwidth_gbs": {str(k): v for k, v in bandwidth_gbs.items()},
+            },
+            "memory": {
+                "limit_gb": limit_gb,
+                "model_states_mb": model_states_mb,
+                "activation_mb_per_token": activation_mb_per_token,
+            },
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- presets
@@ -333,9 +364,15 @@ def build_cost_model(
 # FlexSP solver. The solver's models use 64 attention heads, so degrees up to 64 divide them.
 _PAPER_BANDWIDTH = {2: 119.54, 4: 104.07, 8: 96.5, 16: 10.33, 32: 5.94, 64: 4.87}
 _PAPER_MODELS = {
-    "gpt-7b": dict(num_layers=32, hidden_size=4096, alpha1=5.128e-6, alpha2=0.18396, beta1=629.36, act=4.48, params=7e9),
-    "gpt-13b": dict(num_layers=40, hidden_size=5120, alpha1=9.2852e-6, alpha2=0.30602, beta1=1132.56, act=4.22, params=13e9),
-    "gpt-30b": dict(num_layers=60, hidden_size=6656, alpha1=15.4262e-6, alpha2=0.80357, beta1=2789.36, act=3.42, params=30e9),
+    "gpt-7b": dict(
+        num_layers=32, hidden_size=4096, alpha1=5.128e-6, alpha2=0.18396, beta1=629.36, act=4.48, params=7e9
+    ),
+    "gpt-13b": dict(
+        num_layers=40, hidden_size=5120, alpha1=9.2852e-6, alpha2=0.30602, beta1=1132.56, act=4.22, params=13e9
+    ),
+    "gpt-30b": dict(
+        num_layers=60, hidden_size=6656, alpha1=15.4262e-6, alpha2=0.80357, beta1=2789.36, act=3.42, params=30e9
+    ),
 }
 # The CPU test cluster: 4 gloo ranks in one "node" running the small GPT of the quickstart.
 # Coefficients are what `flexsp-profile` measured on the 2-core development machine; the
@@ -350,10 +387,16 @@ _PAPER_MODELS = {
 # holds 512 tokens, so documents of the 2048-token default need groups of 2-4 ranks.
 _CPU_PRESET = {
     "name": "cpu-tiny: small GPT on 2 emulated nodes x 2 gloo ranks (scripts/emulated_cluster.sh, 200 Mbit/s)",
-    "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "gpus_per_node": 2,
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "gpus_per_node": 2,
     "compute": {"alpha1_ms_per_token2": 5.52e-5, "alpha2_ms_per_token": 0.0562, "beta1_ms": 78.0},
-    "alltoall": {"bytes_per_token": alltoall_bytes_per_token(2, 64, 4, 2, 4),
-                 "bandwidth_gbs": {"2": 0.127, "4": 0.0178}},
+    "alltoall": {
+        "bytes_per_token": alltoall_bytes_per_token(2, 64, 4, 2, 4),
+        "bandwidth_gbs": {"2": 0.127, "4": 0.0178},
+    },
     "memory": {"limit_gb": 1.0, "model_states_mb": 512.0, "activation_mb_per_token": 1.0},
 }
 
@@ -376,10 +419,19 @@ def preset(name: str, world_size: int = 64) -> CostModel:
         p = _PAPER_MODELS[key]
         return build_cost_model(
             name=f"{key} on A100-40G x {world_size} (FlexSP paper cluster)",
-            num_layers=p["num_layers"], hidden_size=p["hidden_size"], num_attention_heads=64, num_query_groups=64,
-            gpus_per_node=8, alpha1_ms_per_token2=p["alpha1"], alpha2_ms_per_token=p["alpha2"], beta1_ms=p["beta1"],
-            bandwidth_gbs=_PAPER_BANDWIDTH, limit_gb=30.0, activation_mb_per_token=p["act"],
-            num_parameters=p["params"], world_size=world_size,
+            num_layers=p["num_layers"],
+            hidden_size=p["hidden_size"],
+            num_attention_heads=64,
+            num_query_groups=64,
+            gpus_per_node=8,
+            alpha1_ms_per_token2=p["alpha1"],
+            alpha2_ms_per_token=p["alpha2"],
+            beta1_ms=p["beta1"],
+            bandwidth_gbs=_PAPER_BANDWIDTH,
+            limit_gb=30.0,
+            activation_mb_per_token=p["act"],
+            num_parameters=p["params"],
+            world_size=world_size,
         )
     if key == "cpu-tiny":
         return CostModel.from_dict(_CPU_PRESET)

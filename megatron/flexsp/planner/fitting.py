@@ -44,6 +44,7 @@ class FitError(ValueError):
 
 # ------------------------------------------------------------------ profiler fitters
 
+
 @dataclass
 class ComputeFit:
     alpha1_ms_per_token2: float
@@ -71,16 +72,23 @@ def fit_compute(samples: Sequence[tuple[Sequence[int], float]]) -> ComputeFit:
     if np.any(y <= 0) or not np.all(np.isfinite(y)):
         raise FitError(f"compute timings must be positive and finite, got {y.tolist()}")
     if np.linalg.matrix_rank(a) < 3:
-        raise FitError("compute fit: the samples do not separate s^2, s and the constant (use at least three "
-                       "different lengths)")
+        raise FitError(
+            "compute fit: the samples do not separate s^2, s and the constant (use at least three different lengths)"
+        )
     scale = a.max(axis=0)  # column scaling keeps nnls well conditioned (s^2 is ~1e9 at 32K tokens)
     w = 1.0 / y
     coef, _ = nnls(a / scale * w[:, None], y * w)
     coef = coef / scale
     pred = a @ coef
     rel = (pred - y) / y
-    return ComputeFit(float(coef[0]), float(coef[1]), float(coef[2]), float(np.sqrt(np.mean(rel ** 2))),
-                      float(np.max(np.abs(rel))), len(samples))
+    return ComputeFit(
+        float(coef[0]),
+        float(coef[1]),
+        float(coef[2]),
+        float(np.sqrt(np.mean(rel**2))),
+        float(np.max(np.abs(rel))),
+        len(samples),
+    )
 
 
 def fit_bandwidth(samples: Sequence[tuple[float, float]]) -> float:
@@ -119,20 +127,28 @@ def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
 
 # ------------------------------------------------------------------ robust fitter
 
+
 @dataclass
 class RobustFit:
     """Coefficients of ``robust_nonneg_fit`` and how well they explain the samples."""
 
-    coef: np.ndarray          # [P], all >= 0
-    rel_scale: float          # robust scale (1.4826 * MAD) of the relative residuals
-    rms_rel_err: float        # of the samples with full weight (outliers excluded)
-    outliers: int             # samples whose Huber weight fell below 0.5
+    coef: np.ndarray  # [P], all >= 0
+    rel_scale: float  # robust scale (1.4826 * MAD) of the relative residuals
+    rms_rel_err: float  # of the samples with full weight (outliers excluded)
+    outliers: int  # samples whose Huber weight fell below 0.5
     iterations: int
 
 
-def robust_nonneg_fit(x: np.ndarray, y: np.ndarray, *, prior: Sequence[float] | None = None,
-                      prior_weight: float = 0.0, huber_k: float = 1.345, iters: int = 20,
-                      min_scale: float = 0.01) -> RobustFit:
+def robust_nonneg_fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    prior: Sequence[float] | None = None,
+    prior_weight: float = 0.0,
+    huber_k: float = 1.345,
+    iters: int = 20,
+    min_scale: float = 0.01,
+) -> RobustFit:
     """Non-negative c minimising sum_i h_i ((x_i . c - y_i) / yhat_i)^2 + prior_weight * sum_j (m_j (c_j - p_j))^2.
 
     * relative residuals, scaled by the previous iteration's prediction ``yhat`` (unbiased under

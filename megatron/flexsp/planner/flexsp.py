@@ -11,5 +11,14 @@ from __future__ import annotations
 from .global_batch import DEFAULT_GAP, _safe_plan, _to_plan, greedy_plan, plan_flexsp
 from .micro_batch import MBSolution, PlannerContext, exact_micro_batch, solve_micro_batch
 
-__all__ = ["plan_flexsp", "greedy_plan", "MBSolution", "solve_micro_batch", "exact_micro_batch", "PlannerContext",
-           "DEFAULT_GAP", "_safe_plan", "_to_plan"]
+__all__ = [
+    "plan_flexsp",
+    "greedy_plan",
+    "MBSolution",
+    "solve_micro_batch",
+    "exact_micro_batch",
+    "PlannerContext",
+    "DEFAULT_GAP",
+    "_safe_plan",
+    "_to_plan",
+]

@@ -81,7 +81,7 @@ class _Solve:
 
     def __call__(self, idx: np.ndarray) -> MBSolution | None:
         il = idx.tolist()
-        kl = sorted(il)                   # plain lists: micro-batches are small, numpy calls cost more
+        kl = sorted(il)  # plain lists: micro-batches are small, numpy calls cost more
         kt = tuple(kl)
         hit = self.cache.get(kt)
         level = 2 if (self.full or self.ctx.exact) else 1
@@ -89,11 +89,12 @@ class _Solve:
             self.calls += 1
             self.deadline.tick()
             key = np.asarray(kl, dtype=np.int64)
-            if int(self.Ls[key].sum()) > self.budget:     # more tokens than all ranks hold: no solve needed
+            if int(self.Ls[key].sum()) > self.budget:  # more tokens than all ranks hold: no solve needed
                 sol = None
             else:
-                sol = solve_micro_batch(self.ctx, self.Ls[key], self.taus[key], quick=not self.full,
-                                        deadline=self.deadline)
+                sol = solve_micro_batch(
+                    self.ctx, self.Ls[key], self.taus[key], quick=not self.full, deadline=self.deadline
+                )
             if hit is not None and hit[2] is not None and (sol is None or hit[2].time_ms <= sol.time_ms):
                 sol = hit[2]
             hit = (level, kl, sol)
@@ -102,8 +103,13 @@ class _Solve:
         if sol is None or il == kl:
             return sol
         where = {v: i for i, v in enumerate(il)}
-        return MBSolution(list(sol.degrees), [[where[kl[j]] for j in m] for m in sol.members], sol.time_ms,
-                          sol.method, dict(sol.extra))
+        return MBSolution(
+            list(sol.degrees),
+            [[where[kl[j]] for j in m] for m in sol.members],
+            sol.time_ms,
+            sol.method,
+            dict(sol.extra),
+        )
 
     def put(self, idx: np.ndarray, sol: MBSolution) -> None:
         """Remember a better solution found elsewhere (MILP, seeds) for this set of positions."""
@@ -115,8 +121,13 @@ class _Solve:
             return
         if il != kl:
             pos = {v: i for i, v in enumerate(kl)}
-            sol = MBSolution(list(sol.degrees), [[pos[il[j]] for j in m] for m in sol.members], sol.time_ms,
-                             sol.method, dict(sol.extra))
+            sol = MBSolution(
+                list(sol.degrees),
+                [[pos[il[j]] for j in m] for m in sol.members],
+                sol.time_ms,
+                sol.method,
+                dict(sol.extra),
+            )
         self.cache[kt] = (hit[0] if hit is not None else 0, kl, sol)
 
 
@@ -155,8 +166,9 @@ def _group_arrays(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSo
     return gk, load, tok
 
 
-def _fill_pass(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
-               deadline: Deadline) -> int:
+def _fill_pass(
+    ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver, deadline: Deadline
+) -> int:
     """Pull sequences into the idle room of slower micro-batches; re-solve the micro-batches they left.
 
     ``mbs`` is a list of [idx (positions in the sorted batch), MBSolution], changed in place.
@@ -184,7 +196,7 @@ def _fill_pass(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[
         pool = np.concatenate([mbs[b][0] for b in donors])
         owner = np.concatenate([np.full(mbs[b][0].size, b) for b in donors])
         order = np.argsort(-Ls[pool], kind="stable")
-        pulled: list[tuple[int, int]] = []      # (position in sorted batch, group of a)
+        pulled: list[tuple[int, int]] = []  # (position in sorted batch, group of a)
         min_need = np.inf
         for q in order.tolist():
             s = int(pool[q])
@@ -194,7 +206,7 @@ def _fill_pass(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[
             ok = (mslack >= Ls[s] - _EPS) & (tslack >= tt - _EPS)
             if not ok.any():
                 continue
-            g = int(np.argmin(np.where(ok, tslack - tt, np.inf)))   # best fit in time
+            g = int(np.argmin(np.where(ok, tslack - tt, np.inf)))  # best fit in time
             tslack[g] -= tt[g]
             mslack[g] -= Ls[s]
             pulled.append((q, g))
@@ -239,8 +251,17 @@ def _fill_pass(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[
     return accepted
 
 
-def _polish(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
-            deadline: Deadline, max_evals: int = 120, small: int = 48, top: int = 6) -> int:
+def _polish(
+    ctx: PlannerContext,
+    Ls: np.ndarray,
+    taus: np.ndarray,
+    mbs: list[list],
+    solve: Solver,
+    deadline: Deadline,
+    max_evals: int = 120,
+    small: int = 48,
+    top: int = 6,
+) -> int:
     """Move or swap long sequences between micro-batches with few sequences (the head of the batch).
 
     Consecutive cuts of the sorted batch put the longest sequences together; which of them
@@ -333,8 +354,15 @@ def _candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> 
     # order: measured on long-tail batches (64 GPUs, gpt-7b), the 92 % memory budget is best on
     # average and within 4 % of the best cut in every batch; the full budget packs micro-batches
     # so tightly that the greedy sometimes cannot, min-max cuts ignore time altogether
-    for make in (lambda: dp(0.92), lambda: dp(0.86), lambda: dp(0.96), lambda: dp(1.0), lambda: minmax(mmin),
-                 lambda: minmax(mmin + 1), lambda: minmax(mmin + 2)):
+    for make in (
+        lambda: dp(0.92),
+        lambda: dp(0.86),
+        lambda: dp(0.96),
+        lambda: dp(1.0),
+        lambda: minmax(mmin),
+        lambda: minmax(mmin + 1),
+        lambda: minmax(mmin + 2),
+    ):
         c = make()
         if c is not None:
             yield c
@@ -349,8 +377,8 @@ class _MBBounds:
 
     def __init__(self, ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray):
         d = np.asarray(ctx.degrees, dtype=np.float64)
-        self.g = (taus * d[None, :]).min(axis=1).tolist()      # cheapest GPU-ms per position
-        self.tm = taus.min(axis=1).tolist()                     # least tau per position
+        self.g = (taus * d[None, :]).min(axis=1).tolist()  # cheapest GPU-ms per position
+        self.tm = taus.min(axis=1).tolist()  # least tau per position
         self.L = Ls.tolist()
         self.beta1, self.ws = ctx.beta1, ctx.world_size
 
@@ -379,8 +407,15 @@ class _MBBounds:
         return self.beta1 + max(top, G / self.ws)
 
 
-def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
-                 deadline: Deadline, target: float) -> int:
+def _move_search(
+    ctx: PlannerContext,
+    Ls: np.ndarray,
+    taus: np.ndarray,
+    mbs: list[list],
+    solve: Solver,
+    deadline: Deadline,
+    target: float,
+) -> int:
     """Move single sequences between micro-batches, or swap two, while the sum of the re-solved times drops.
 
     For each sequence of a slow micro-batch (longest first), its removal's gain is compared with
@@ -410,8 +445,13 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                 rest = ia[ia != s]
                 # bounds first: the most removing s can gain, the least adding it elsewhere costs
                 top = sa.time_ms - (bnd.after(sms[a], s, None) if rest.size else 0.0)
-                recv = [b for b in range(len(mbs)) if b != a and sms[b][4] + Lf[s] <= budget
-                        and bnd.after(sms[b], None, s) - mbs[b][1].time_ms < top - 1e-9]
+                recv = [
+                    b
+                    for b in range(len(mbs))
+                    if b != a
+                    and sms[b][4] + Lf[s] <= budget
+                    and bnd.after(sms[b], None, s) - mbs[b][1].time_ms < top - 1e-9
+                ]
                 if not recv:
                     continue
                 sr = solve(rest) if rest.size else None
@@ -458,8 +498,11 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                     for t in ib.tolist():
                         if Lf[s] == Lf[t]:
                             continue
-                        if (sms[a][4] - Lf[s] + Lf[t] > budget or sms[b][4] - Lf[t] + Lf[s] > budget
-                                or bnd.after(sms[a], s, t) + bnd.after(sms[b], t, s) >= old - 1e-9):
+                        if (
+                            sms[a][4] - Lf[s] + Lf[t] > budget
+                            or sms[b][4] - Lf[t] + Lf[s] > budget
+                            or bnd.after(sms[a], s, t) + bnd.after(sms[b], t, s) >= old - 1e-9
+                        ):
                             continue
                         na = np.append(ia[ia != s], t)
                         nb = np.append(ib[ib != t], s)
@@ -482,8 +525,15 @@ def _move_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
     return moves
 
 
-def _pair_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: list[list], solve: Solver,
-                 deadline: Deadline, target: float) -> int:
+def _pair_search(
+    ctx: PlannerContext,
+    Ls: np.ndarray,
+    taus: np.ndarray,
+    mbs: list[list],
+    solve: Solver,
+    deadline: Deadline,
+    target: float,
+) -> int:
     """Re-split pairs of micro-batches: their union as one micro-batch, or cut in two at any point of its sorted order.
 
     What single moves cannot do: merging two micro-batches saves a beta1 but takes several
@@ -503,7 +553,7 @@ def _pair_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                     return changes
                 (ia, sa), (ib, sb) = mbs[a], mbs[b]
                 old = sa.time_ms + sb.time_ms
-                u = np.sort(np.concatenate([ia, ib]))         # positions: longest first
+                u = np.sort(np.concatenate([ia, ib]))  # positions: longest first
                 tok = np.cumsum(Ls[u])
                 best = None
                 if tok[-1] <= budget and bnd.after(bnd.summary(u), None, None) < old - 1e-9:
@@ -519,7 +569,10 @@ def _pair_search(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray, mbs: lis
                     if np.array_equal(np.sort(ia), left) or np.array_equal(np.sort(ib), left):
                         continue
                     lim = best[0] if best is not None else old
-                    if bnd.after(bnd.summary(left), None, None) + bnd.after(bnd.summary(right), None, None) >= lim - 1e-9:
+                    if (
+                        bnd.after(bnd.summary(left), None, None) + bnd.after(bnd.summary(right), None, None)
+                        >= lim - 1e-9
+                    ):
                         continue
                     sl = solve(left)
                     if sl is None:
@@ -562,8 +615,16 @@ def _total(mbs) -> float:
     return float(sum(sol.time_ms for _, sol in mbs))
 
 
-def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, deadline: Deadline, lb: float,
-                 gap: float, seeds: Sequence[tuple[str, Plan]] = ()) -> tuple[list[tuple[np.ndarray, MBSolution]], dict]:
+def _plan_chunks(
+    ctx: PlannerContext,
+    lengths: np.ndarray,
+    *,
+    use_milp: bool,
+    deadline: Deadline,
+    lb: float,
+    gap: float,
+    seeds: Sequence[tuple[str, Plan]] = (),
+) -> tuple[list[tuple[np.ndarray, MBSolution]], dict]:
     """Micro-batches of the batch (positions into ``lengths``): constructive, then improved (module docstring)."""
     order = np.argsort(-lengths, kind="stable")
     pos = np.empty_like(order)
@@ -590,8 +651,8 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
         if idx.size < 2 or depth > 12:
             return None
         b, _ = min_max_chunks(Ls[idx], 2)
-        left = repaired(idx[:b[1]], depth + 1)
-        right = repaired(idx[b[1]:], depth + 1) if left is not None else None
+        left = repaired(idx[: b[1]], depth + 1)
+        right = repaired(idx[b[1] :], depth + 1) if left is not None else None
         return None if right is None else left + right
 
     # ---- 1. constructive
@@ -610,7 +671,9 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
         if fixed:
             scored.append((sum(solve(i).time_ms for i in fixed), name, fixed))
     info["cuts_tried"] = len(scored)
-    cands: list[tuple[float, str, list[list]]] = [(t, name, [[i, solve(i)] for i in parts]) for t, name, parts in scored]
+    cands: list[tuple[float, str, list[list]]] = [
+        (t, name, [[i, solve(i)] for i in parts]) for t, name, parts in scored
+    ]
     for name, plan in seeds:
         sc = _seed_chunks(ctx, plan, pos, taus)
         if sc:
@@ -656,7 +719,7 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
                 best, info["cut"] = cand, name2
             else:
                 others.append((name2, cand))
-    others += [(name2, [list(x) for x in cand]) for _, name2, cand in cands[1 + len(others):4]]
+    others += [(name2, [list(x) for x in cand]) for _, name2, cand in cands[1 + len(others) : 4]]
     if not done(best):
         enter("fill")
         info["fill_pulls"] = _fill_pass(ctx, Ls, taus, best, solve, deadline)
@@ -677,7 +740,7 @@ def _plan_chunks(ctx: PlannerContext, lengths: np.ndarray, *, use_milp: bool, de
         # the receiving micro-batch by hand), not the bucketed MILP
         enter("exact")
         resolve(best)
-    elif use_milp and not done(best) and not deadline.deterministic:   # HiGHS under a time limit is not
+    elif use_milp and not done(best) and not deadline.deterministic:  # HiGHS under a time limit is not
         enter("milp")
         for m in sorted(range(len(best)), key=lambda m: -best[m][1].time_ms):
             if deadline.left() < 0.01 or _total(best) <= target:
@@ -717,9 +780,19 @@ def _to_plan(ctx: PlannerContext, lengths: np.ndarray, chunks: list[tuple[np.nda
     return Plan(ctx.world_size, [int(x) for x in lengths], mbs)
 
 
-def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: bool, time_limit_s: float,
-         method: str, gap: float, deadline: Deadline | None, seeds: Sequence[tuple[str, Plan]],
-         work_limit: int | None = None) -> Plan:
+def _run(
+    lengths: Sequence[int],
+    cost: CostModel,
+    world_size: int,
+    *,
+    use_milp: bool,
+    time_limit_s: float,
+    method: str,
+    gap: float,
+    deadline: Deadline | None,
+    seeds: Sequence[tuple[str, Plan]],
+    work_limit: int | None = None,
+) -> Plan:
     if deadline is None:
         deadline = Deadline.after(time_limit_s, work_limit=work_limit)
     L = np.asarray(lengths, dtype=np.int64).reshape(-1)
@@ -763,21 +836,49 @@ def _run(lengths: Sequence[int], cost: CostModel, world_size: int, *, use_milp: 
     if statuses:
         info["milp_statuses"] = statuses
     info.update(num_micro_batches=plan.num_micro_batches, gap=gap)
-    plan.solver = SolverInfo(method=method, status=status, solve_time_s=deadline.elapsed(), lower_bound_ms=lb,
-                             extra=info)
+    plan.solver = SolverInfo(
+        method=method, status=status, solve_time_s=deadline.elapsed(), lower_bound_ms=lb, extra=info
+    )
     return plan
 
 
-def greedy_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 2.0,
-                gap: float = DEFAULT_GAP, deadline: Deadline | None = None, work_limit: int | None = None) -> Plan:
+def greedy_plan(
+    lengths: Sequence[int],
+    cost: CostModel,
+    world_size: int,
+    *,
+    time_limit_s: float = 2.0,
+    gap: float = DEFAULT_GAP,
+    deadline: Deadline | None = None,
+    work_limit: int | None = None,
+) -> Plan:
     """Heuristic plan (no MILP) within ``time_limit_s`` (or ``work_limit`` solves); always valid when any plan exists."""
-    return _run(lengths, cost, world_size, use_milp=False, time_limit_s=time_limit_s, method="flexsp-greedy",
-                gap=gap, deadline=deadline, seeds=(), work_limit=work_limit)
+    return _run(
+        lengths,
+        cost,
+        world_size,
+        use_milp=False,
+        time_limit_s=time_limit_s,
+        method="flexsp-greedy",
+        gap=gap,
+        deadline=deadline,
+        seeds=(),
+        work_limit=work_limit,
+    )
 
 
-def plan_flexsp(lengths: Sequence[int], cost: CostModel, world_size: int, *, time_limit_s: float = 2.0,
-                seed: int = 0, gap: float = DEFAULT_GAP, deadline: Deadline | None = None,
-                seeds: Sequence[tuple[str, Plan]] = (), work_limit: int | None = None) -> Plan:
+def plan_flexsp(
+    lengths: Sequence[int],
+    cost: CostModel,
+    world_size: int,
+    *,
+    time_limit_s: float = 2.0,
+    seed: int = 0,
+    gap: float = DEFAULT_GAP,
+    deadline: Deadline | None = None,
+    seeds: Sequence[tuple[str, Plan]] = (),
+    work_limit: int | None = None,
+) -> Plan:
     """FlexSP plan within ``time_limit_s`` (or ``deadline``): constructive, then improved until the deadline or ``gap``.
 
     ``seeds``: (name, plan) pairs that compete with the constructive cuts (the api passes the
@@ -787,5 +888,15 @@ def plan_flexsp(lengths: Sequence[int], cost: CostModel, world_size: int, *, tim
     budget it gets).
     """
     del seed
-    return _run(lengths, cost, world_size, use_milp=True, time_limit_s=time_limit_s, method="flexsp", gap=gap,
-                deadline=deadline, seeds=seeds, work_limit=work_limit)
+    return _run(
+        lengths,
+        cost,
+        world_size,
+        use_milp=True,
+        time_limit_s=time_limit_s,
+        method="flexsp",
+        gap=gap,
+        deadline=deadline,
+        seeds=seeds,
+        work_limit=work_limit,
+    )

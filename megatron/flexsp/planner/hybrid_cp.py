@@ -36,8 +36,8 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .baselines import fill_empty_groups
 from .costmodel import CostModel
@@ -62,8 +62,9 @@ def megatron_gpus_needed(length: int, max_seqlen_per_rank: int) -> int:
     return max(1, 2 ** math.ceil(math.log2(length / max_seqlen_per_rank)))
 
 
-def _buckets(pending: list[tuple[int, int]], need: Callable[[int], int],
-             work: Callable[[int], float]) -> list[list[tuple[int, int]]]:
+def _buckets(
+    pending: list[tuple[int, int]], need: Callable[[int], int], work: Callable[[int], float]
+) -> list[list[tuple[int, int]]]:
     """Consecutive buckets of about equal workload, one per distinct CP size (Megatron's make_buckets_equal)."""
     k = len({need(L) for _, L in pending})
     target = sum(work(L) for _, L in pending) / k
@@ -84,9 +85,15 @@ def _buckets(pending: list[tuple[int, int]], need: Callable[[int], int],
     return buckets
 
 
-def _one_round(pending: list[tuple[int, int]], total: int, need: Callable[[int], int],
-               work: Callable[[int], float], grow: Callable[[int, int], int | None],
-               fits: Callable[[int, int], bool] | None, delta: float) -> tuple[list[CPGroup], list[tuple[int, int]]]:
+def _one_round(
+    pending: list[tuple[int, int]],
+    total: int,
+    need: Callable[[int], int],
+    work: Callable[[int], float],
+    grow: Callable[[int, int], int | None],
+    fits: Callable[[int, int], bool] | None,
+    delta: float,
+) -> tuple[list[CPGroup], list[tuple[int, int]]]:
     buckets = [list(reversed(b)) for b in _buckets(pending, need, work)]  # pop() takes the head
     groups: list[CPGroup] = []
     used = 0
@@ -199,10 +206,15 @@ def _one_round(pending: list[tuple[int, int]], total: int, need: Callable[[int],
     return groups, leftovers
 
 
-def balanced_cp_rounds(lengths: Sequence[int], total_gpus: int, *, need: Callable[[int], int],
-                       grow: Callable[[int, int], int | None] | None = None,
-                       fits: Callable[[int, int], bool] | None = None,
-                       delta: float = 0.05) -> list[list[CPGroup]]:
+def balanced_cp_rounds(
+    lengths: Sequence[int],
+    total_gpus: int,
+    *,
+    need: Callable[[int], int],
+    grow: Callable[[int, int], int | None] | None = None,
+    fits: Callable[[int, int], bool] | None = None,
+    delta: float = 0.05,
+) -> list[list[CPGroup]]:
     """Megatron's BalancedCPScheduler rule over a whole global batch: rounds of CP groups.
 
     ``need(L)`` is the CP size of a sample, ``grow(size, idle)`` the size a group grows to when
@@ -239,8 +251,14 @@ def rounds_to_rank_lists(rounds: list[list[CPGroup]], total_gpus: int) -> list[l
     return out
 
 
-def hybrid_cp_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
-                   lower_bound_ms: float | None = None, delta: float = 0.05) -> Plan:
+def hybrid_cp_plan(
+    lengths: Sequence[int],
+    cost: CostModel,
+    world_size: int,
+    *,
+    lower_bound_ms: float | None = None,
+    delta: float = 0.05,
+) -> Plan:
     """A plan by Megatron's hybrid-CP rule (adapted as the module docstring says)."""
     t0 = time.perf_counter()
     lengths = [int(x) for x in lengths]
@@ -251,8 +269,13 @@ def hybrid_cp_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
     sizes_of = {L: _cp_size(L, degrees, per_rank, cost) for L in set(lengths)}
     bad = sorted((L for L, d in sizes_of.items() if d is None), reverse=True)
     if bad:
-        raise NoFeasiblePlanError(bad, cost.capacity(degrees[-1]), degrees[-1], world_size,
-                                  "megatron-hybrid-cp: no allowed CP size holds them")
+        raise NoFeasiblePlanError(
+            bad,
+            cost.capacity(degrees[-1]),
+            degrees[-1],
+            world_size,
+            "megatron-hybrid-cp: no allowed CP size holds them",
+        )
 
     def need(L: int) -> int:
         return sizes_of[L]  # type: ignore[return-value]
@@ -266,8 +289,14 @@ def hybrid_cp_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
     todo = list(range(len(lengths)))
     n_rounds = 0
     while todo:  # one pass, plus a pass for sequences a round could not keep (see _to_micro_batch)
-        rounds = balanced_cp_rounds([lengths[i] for i in todo], world_size, need=need, grow=grow,
-                                    fits=lambda tokens, d: tokens <= caps[d], delta=delta)
+        rounds = balanced_cp_rounds(
+            [lengths[i] for i in todo],
+            world_size,
+            need=need,
+            grow=grow,
+            fits=lambda tokens, d: tokens <= caps[d],
+            delta=delta,
+        )
         n_rounds += len(rounds)
         deferred: list[int] = []
         for groups in rounds:
@@ -277,14 +306,24 @@ def hybrid_cp_plan(lengths: Sequence[int], cost: CostModel, world_size: int, *,
         todo = sorted(deferred)
     plan = Plan(world_size=world_size, lengths=lengths, micro_batches=mbs)
     plan.estimated_time_ms = estimate_plan_ms(plan, cost)
-    plan.solver = SolverInfo(method="megatron-hybrid-cp", status="heuristic", solve_time_s=time.perf_counter() - t0,
-                             lower_bound_ms=lower_bound_ms, extra={"rounds": n_rounds})
+    plan.solver = SolverInfo(
+        method="megatron-hybrid-cp",
+        status="heuristic",
+        solve_time_s=time.perf_counter() - t0,
+        lower_bound_ms=lower_bound_ms,
+        extra={"rounds": n_rounds},
+    )
     return plan
 
 
-
-def _to_micro_batch(groups: list[CPGroup], lengths: Sequence[int], cost: CostModel, world_size: int,
-                    degrees: Sequence[int], deferred: list[int]) -> MicroBatch:
+def _to_micro_batch(
+    groups: list[CPGroup],
+    lengths: Sequence[int],
+    cost: CostModel,
+    world_size: int,
+    degrees: Sequence[int],
+    deferred: list[int],
+) -> MicroBatch:
     """Place a round's groups on candidate groups; idle ranks (groups that could not grow) form
     extra groups, which get a sequence moved to them. If none fits them, the round's most recent
     sequences are deferred to a later micro-batch until the round has fewer sequences than groups."""

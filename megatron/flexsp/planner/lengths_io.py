@@ -23,8 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LengthsError", "OverlongReport", "read_lengths", "read_megatron_document_sizes", "apply_max_len",
-           "OVERLONG_MODES"]
+__all__ = [
+    "LengthsError",
+    "OverlongReport",
+    "read_lengths",
+    "read_megatron_document_sizes",
+    "apply_max_len",
+    "OVERLONG_MODES",
+]
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 OVERLONG_MODES = ("truncate", "drop", "error")
@@ -54,8 +60,10 @@ def read_megatron_document_sizes(prefix: str | Path) -> np.ndarray:
     seq_count, doc_count = struct.unpack_from("<QQ", data, 18)
     need = 34 + 4 * seq_count + 8 * seq_count + 8 * doc_count
     if len(data) < need:
-        raise LengthsError(f"{idx}: truncated: {len(data)} bytes, the header announces {seq_count} sequences and "
-                           f"{doc_count} document boundaries ({need} bytes)")
+        raise LengthsError(
+            f"{idx}: truncated: {len(data)} bytes, the header announces {seq_count} sequences and "
+            f"{doc_count} document boundaries ({need} bytes)"
+        )
     seq_lens = np.frombuffer(data, dtype=np.int32, count=seq_count, offset=34).astype(np.int64)
     doc_idx = np.frombuffer(data, dtype=np.int64, count=doc_count, offset=34 + 12 * seq_count)
     if doc_count == 0 or doc_idx[0] != 0 or doc_idx[-1] != seq_count or np.any(np.diff(doc_idx) < 0):
@@ -131,7 +139,9 @@ class OverlongReport:
     dropped: int = 0
 
 
-def apply_max_len(lengths: np.ndarray, max_len: int | None, mode: str = "truncate") -> tuple[np.ndarray, OverlongReport]:
+def apply_max_len(
+    lengths: np.ndarray, max_len: int | None, mode: str = "truncate"
+) -> tuple[np.ndarray, OverlongReport]:
     """Enforce the largest planned length: truncate to ``max_len``, drop, or raise (naming the first one)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if mode not in OVERLONG_MODES:
@@ -144,8 +154,10 @@ def apply_max_len(lengths: np.ndarray, max_len: int | None, mode: str = "truncat
     if over.size == 0:
         return lengths, OverlongReport()
     if mode == "error":
-        raise LengthsError(f"{over.size} sequence(s) longer than the max length {max_len}: first is #{over[0]} with "
-                           f"{lengths[over[0]]} tokens (use --overlong truncate or drop)")
+        raise LengthsError(
+            f"{over.size} sequence(s) longer than the max length {max_len}: first is #{over[0]} with "
+            f"{lengths[over[0]]} tokens (use --overlong truncate or drop)"
+        )
     if mode == "truncate":
         return np.minimum(lengths, max_len), OverlongReport(truncated=int(over.size))
     kept = lengths[lengths <= max_len]

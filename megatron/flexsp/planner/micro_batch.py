@@ -44,11 +44,18 @@ from .milp import ClassProblem, solve_class_milp
 from .placement import can_place, place_groups
 from .plan import PlanError
 
-__all__ = ["PlannerContext", "MBSolution", "solve_micro_batch", "exact_micro_batch", "milp_shots",
-           "EXACT_MAX_WORLD", "mb_lower_bound"]
+__all__ = [
+    "PlannerContext",
+    "MBSolution",
+    "solve_micro_batch",
+    "exact_micro_batch",
+    "milp_shots",
+    "EXACT_MAX_WORLD",
+    "mb_lower_bound",
+]
 
-EXACT_MAX_WORLD = 16          # world sizes up to this get the exact per-micro-batch solver
-EXACT_MAX_STRUCTURES = 400    # ... as long as the structures are this few
+EXACT_MAX_WORLD = 16  # world sizes up to this get the exact per-micro-batch solver
+EXACT_MAX_STRUCTURES = 400  # ... as long as the structures are this few
 
 _EPS = 1e-9
 
@@ -60,17 +67,18 @@ class PlannerContext:
     cost: CostModel
     world_size: int
     degrees: list[int]
-    caps: np.ndarray       # [D] tokens per group of each degree
+    caps: np.ndarray  # [D] tokens per group of each degree
     beta1: float
-    milp_shots: tuple[float, ...] = (0.03, 0.12)   # MILP time limits tried per micro-batch
+    milp_shots: tuple[float, ...] = (0.03, 0.12)  # MILP time limits tried per micro-batch
     _structures: list[tuple[int, ...]] | None = field(default=None, repr=False)
     _structures_done: bool = field(default=False, repr=False)
 
     @classmethod
     def build(cls, cost: CostModel, world_size: int) -> PlannerContext:
         degs = cost.allowed_degrees(world_size)
-        return cls(cost, world_size, degs, np.array([cost.capacity(d) for d in degs], dtype=np.float64),
-                   cost.compute.beta1_ms)
+        return cls(
+            cost, world_size, degs, np.array([cost.capacity(d) for d in degs], dtype=np.float64), cost.compute.beta1_ms
+        )
 
     def structures(self) -> list[tuple[int, ...]] | None:
         """Placeable group structures (degree indices, largest degree first), or None where too many to enumerate."""
@@ -124,12 +132,13 @@ class MBSolution:
 
 # ----------------------------------------------------------------------------- concrete groups
 
+
 class _Groups:
     """Mutable groups of one micro-batch with per-group load (sum tau) and tokens."""
 
     def __init__(self, ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, gk: Sequence[int]):
         self.ctx, self.L, self.tau = ctx, L, tau
-        self.gk = np.asarray(gk, dtype=np.int64)             # degree index per group
+        self.gk = np.asarray(gk, dtype=np.int64)  # degree index per group
         G = self.gk.size
         self.load = np.zeros(G)
         self.tok = np.zeros(G)
@@ -188,7 +197,7 @@ def _assign_lpt(gr: _Groups, order: np.ndarray, cls: np.ndarray | None) -> bool:
                 while h:
                     ld, g = heapq.heappop(h)
                     cur = float(gr.load[g])
-                    if ld != cur:                  # the group took a sequence of another class
+                    if ld != cur:  # the group took a sequence of another class
                         heapq.heappush(h, (cur, g))
                         continue
                     if gr.tok[g] + Ll[s] <= cap[g] + _EPS:
@@ -265,8 +274,9 @@ def _rebalance(gr: _Groups, max_iter: int, deadline: Deadline | None = None) -> 
                 # g0 loses s, gains t; t's group loses t, gains s: [member s, other t]
                 new0 = T0 - tau[m0, k0][:, None] + tau[others, k0][None, :]
                 newo = (gr.load[og] + beta1 - tau[others, ok_t])[None, :] + tau[m0[:, None], ok_t[None, :]]
-                mem_ok = ((gr.tok[g0] - L[m0][:, None] + L[others][None, :] <= gr.cap[g0] + _EPS)
-                          & ((gr.tok[og] - L[others])[None, :] + L[m0][:, None] <= gr.cap[og][None, :] + _EPS))
+                mem_ok = (gr.tok[g0] - L[m0][:, None] + L[others][None, :] <= gr.cap[g0] + _EPS) & (
+                    (gr.tok[og] - L[others])[None, :] + L[m0][:, None] <= gr.cap[og][None, :] + _EPS
+                )
                 cand = np.where(mem_ok & np.isfinite(new0) & np.isfinite(newo), np.maximum(new0, newo), np.inf)
                 j = int(np.argmin(cand))
                 if cand.flat[j] < best[0]:
@@ -315,8 +325,16 @@ def _fix_empty(gr: _Groups) -> bool:
     return True
 
 
-def _finish(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, gk: list[int], cls: np.ndarray | None,
-            method: str, rebalance_iters: int, deadline: Deadline | None = None) -> MBSolution | None:
+def _finish(
+    ctx: PlannerContext,
+    L: np.ndarray,
+    tau: np.ndarray,
+    gk: list[int],
+    cls: np.ndarray | None,
+    method: str,
+    rebalance_iters: int,
+    deadline: Deadline | None = None,
+) -> MBSolution | None:
     """Groups of the given degree indices -> concrete members -> rebalanced solution (None: failed)."""
     degs = [ctx.degrees[k] for k in gk]
     if sum(degs) != ctx.world_size:
@@ -347,8 +365,9 @@ def _small_k(L: np.ndarray, tau: np.ndarray) -> int:
     return int(np.argmax(np.isfinite(tau[int(np.argmin(L))])))
 
 
-def _fill_left_over(ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, counts: np.ndarray,
-                    small_k: int = 0) -> list[int]:
+def _fill_left_over(
+    ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, counts: np.ndarray, small_k: int = 0
+) -> list[int]:
     """Degree indices of all groups: n_per[k] of each degree plus groups on the left-over ranks."""
     degs = ctx.degrees
     n_per = n_per.copy()
@@ -373,13 +392,14 @@ def _fill_left_over(ctx: PlannerContext, n_per: np.ndarray, load: np.ndarray, co
     return gk
 
 
-def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray,
-                      pack_big: bool = False) -> tuple[list[int], np.ndarray] | None:
+def _greedy_structure(
+    ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, pack_big: bool = False
+) -> tuple[list[int], np.ndarray] | None:
     """Degree classes by bisection on the target time (see module docstring); (group degree indices, class)."""
     D = len(ctx.degrees)
     dvec = np.asarray(ctx.degrees, dtype=np.float64)
     gpu = tau * dvec[None, :]
-    pref = np.argmin(gpu, axis=1)                       # least GPU-ms degree (inf-safe: some degree fits)
+    pref = np.argmin(gpu, axis=1)  # least GPU-ms degree (inf-safe: some degree fits)
     n = L.size
     rows = np.arange(n)
     half = ctx.caps / 2.0
@@ -418,7 +438,7 @@ def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray,
     else:
         return None
     for _ in range(40):
-        if hi - lo <= 2e-3 * hi:     # the local search absorbs what a finer target would change
+        if hi - lo <= 2e-3 * hi:  # the local search absorbs what a finer target would change
             break
         mid = math.sqrt(lo * hi)
         r = structure(mid)
@@ -430,8 +450,9 @@ def _greedy_structure(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray,
     return _fill_left_over(ctx, need, load, cnt, _small_k(L, tau)), cls
 
 
-def _greedy(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, iters: int, quick: bool,
-            deadline: Deadline | None) -> MBSolution | None:
+def _greedy(
+    ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, iters: int, quick: bool, deadline: Deadline | None
+) -> MBSolution | None:
     """The greedy's candidate structures, all dealt, the two best locally searched (``quick``: none)."""
     cands: list[tuple[list[int], np.ndarray | None]] = []
     # two structures: memory by volume only, or also one group per sequence over half a
@@ -476,11 +497,22 @@ def _greedy(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, iters: int, qui
     return best
 
 
-def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, use_milp: bool = False,
-                      time_limit_s: float = 0.5, upper: MBSolution | None = None,
-                      rebalance_iters: int | None = None, bucket_error: float = 0.02,
-                      max_buckets: int | None = 14, milp_span: int | None = 2, quick: bool = False,
-                      exact: bool | None = None, deadline: Deadline | None = None) -> MBSolution | None:
+def solve_micro_batch(
+    ctx: PlannerContext,
+    L: np.ndarray,
+    tau: np.ndarray,
+    *,
+    use_milp: bool = False,
+    time_limit_s: float = 0.5,
+    upper: MBSolution | None = None,
+    rebalance_iters: int | None = None,
+    bucket_error: float = 0.02,
+    max_buckets: int | None = 14,
+    milp_span: int | None = 2,
+    quick: bool = False,
+    exact: bool | None = None,
+    deadline: Deadline | None = None,
+) -> MBSolution | None:
     """Best groups for one micro-batch (``L`` lengths, ``tau`` their tau table); None if the heuristics fail.
 
     ``exact`` (default: on small clusters) solves by structure enumeration + branch and bound;
@@ -494,7 +526,7 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
             exact = ctx.exact
         if exact:
             best = exact_micro_batch(ctx, L, tau, deadline=deadline)
-            if best is None or not best.extra.get("exact_proven"):   # stopped early: the greedy may do better
+            if best is None or not best.extra.get("exact_proven"):  # stopped early: the greedy may do better
                 alt = _greedy(ctx, L, tau, iters, True, deadline)
                 if alt is not None and (best is None or alt.time_ms < best.time_ms - 1e-9):
                     best = alt
@@ -503,8 +535,7 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
     if not use_milp or L.size == 0:
         return best
     # ---- MILP on buckets
-    bk = bucketize(L, max_error=bucket_error, breaks=[int(c) for c in ctx.caps], max_buckets=max_buckets,
-                   max_atoms=400)
+    bk = bucketize(L, max_error=bucket_error, breaks=[int(c) for c in ctx.caps], max_buckets=max_buckets, max_atoms=400)
     B, D = bk.num_buckets, len(ctx.degrees)
     tmean = np.zeros((B, D))
     tmax = np.zeros((B, D))
@@ -541,7 +572,7 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
         pos = 0
         for k in range(D - 1, -1, -1):
             c = int(sol.y[b, k])
-            cls[mem[pos:pos + c]] = k
+            cls[mem[pos : pos + c]] = k
             pos += c
     load = np.array([(np.where(sol.y[:, k] > 0, tmean[:, k], 0.0) * sol.y[:, k]).sum() for k in range(D)])
     cnt = sol.y.sum(axis=0)
@@ -557,9 +588,14 @@ def solve_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, us
     return best
 
 
-
-def milp_shots(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolution, deadline: Deadline,
-               shots: Sequence[float] | None = None) -> MBSolution:
+def milp_shots(
+    ctx: PlannerContext,
+    L: np.ndarray,
+    tau: np.ndarray,
+    sol: MBSolution,
+    deadline: Deadline,
+    shots: Sequence[float] | None = None,
+) -> MBSolution:
     """Improve a micro-batch with short MILP solves (the MILP's incumbents are concretised and kept when better).
 
     Short limits are enough: the aggregate model's optimum is not always the best concrete
@@ -576,8 +612,7 @@ def milp_shots(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolut
         if left < 0.01:
             statuses.append("skipped")
             break
-        new = solve_micro_batch(ctx, L, tau, use_milp=True, time_limit_s=min(tl, left), upper=best,
-                                deadline=deadline)
+        new = solve_micro_batch(ctx, L, tau, use_milp=True, time_limit_s=min(tl, left), upper=best, deadline=deadline)
         st = new.extra.get("milp_status", "none")
         statuses.append(st)
         if new.time_ms < best.time_ms - 1e-9:
@@ -591,6 +626,7 @@ def milp_shots(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolut
 
 # ------------------------------------------------------------------------- exact (small clusters)
 
+
 def mb_lower_bound(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> float:
     """No micro-batch holding these sequences is faster: beta1 + max(slowest sequence at its best degree, GPU-ms / ranks)."""
     if L.size == 0:
@@ -603,8 +639,15 @@ class _Stop(Exception):
     """Raised inside the branch and bound when the deadline or the node budget is spent."""
 
 
-def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, deadline: Deadline | None = None,
-                      upper: MBSolution | None = None, node_limit: int = 60_000) -> MBSolution | None:
+def exact_micro_batch(
+    ctx: PlannerContext,
+    L: np.ndarray,
+    tau: np.ndarray,
+    *,
+    deadline: Deadline | None = None,
+    upper: MBSolution | None = None,
+    node_limit: int = 60_000,
+) -> MBSolution | None:
     """Optimal groups for one micro-batch by enumerating group structures (small clusters; see module docstring).
 
     Returns the best solution found (``upper`` if nothing beats it, None if there is none);
@@ -622,8 +665,9 @@ def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, de
     rows = tau.tolist()
     order = sorted(range(n), key=lambda i: -min(rows[i]))
     rows = [rows[i] for i in order]
-    bb = _BranchAndBound(ctx, [int(L[i]) for i in order], rows, upper.time_ms if upper is not None else math.inf,
-                         deadline, node_limit)
+    bb = _BranchAndBound(
+        ctx, [int(L[i]) for i in order], rows, upper.time_ms if upper is not None else math.inf, deadline, node_limit
+    )
     best: tuple[tuple[int, ...], list[int]] | None = None
     cands = []
     degs = ctx.degrees
@@ -637,7 +681,7 @@ def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, de
         if tmax == math.inf:
             continue
         if n >= len(st) and any(all(row[k] == math.inf for row in rows) for k in ks):
-            continue                         # a group no sequence fits would stay empty
+            continue  # a group no sequence fits would stay empty
         cands.append((beta1 + max(tmax, gpu / ws), st))
     cands.sort(key=lambda x: x[0])
     stopped = False
@@ -657,21 +701,38 @@ def exact_micro_batch(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, *, de
     if best is None:
         if upper is None:
             return None
-        return MBSolution(list(upper.degrees), [list(m) for m in upper.members], upper.time_ms, upper.method,
-                          {**upper.extra, "exact_proven": not stopped})
+        return MBSolution(
+            list(upper.degrees),
+            [list(m) for m in upper.members],
+            upper.time_ms,
+            upper.method,
+            {**upper.extra, "exact_proven": not stopped},
+        )
     st, asg = best
     members: list[list[int]] = [[] for _ in st]
     for i, g in enumerate(asg):
         members[g].append(order[i])
-    return MBSolution([ctx.degrees[k] for k in st], members, float(best_t), "exact",
-                      {"exact_proven": not stopped, "exact_nodes": nodes})
+    return MBSolution(
+        [ctx.degrees[k] for k in st],
+        members,
+        float(best_t),
+        "exact",
+        {"exact_proven": not stopped, "exact_nodes": nodes},
+    )
 
 
 class _BranchAndBound:
     """Depth-first search over sequence -> group assignments of one structure (see ``exact_micro_batch``)."""
 
-    def __init__(self, ctx: PlannerContext, L: list[int], rows: list[list[float]], best_t: float,
-                 deadline: Deadline | None, node_limit: int):
+    def __init__(
+        self,
+        ctx: PlannerContext,
+        L: list[int],
+        rows: list[list[float]],
+        best_t: float,
+        deadline: Deadline | None,
+        node_limit: int,
+    ):
         self.ctx, self.deadline, self.node_limit = ctx, deadline, node_limit
         self.n = len(L)
         self.L = L
@@ -705,8 +766,9 @@ class _BranchAndBound:
 
     def _rec(self, i: int, cur_max: float, used_gpu: float, empties: int) -> None:
         self.nodes += 1
-        if self.nodes & 255 == 0 and ((self.deadline is not None and self.deadline.passed())
-                                        or self.nodes > self.node_limit):
+        if self.nodes & 255 == 0 and (
+            (self.deadline is not None and self.deadline.passed()) or self.nodes > self.node_limit
+        ):
             raise _Stop
         beta1 = self.ctx.beta1
         cut = self.best_t * (1 - 1e-12) - 1e-12
@@ -729,7 +791,7 @@ class _BranchAndBound:
             if t == math.inf or tok[g] + li > self.cap[g]:
                 continue
             if cnt[g] == 0:
-                if dg[g] in tried:      # empty groups of one degree are interchangeable
+                if dg[g] in tried:  # empty groups of one degree are interchangeable
                     continue
                 tried.add(dg[g])
             nl = load[g] + t
@@ -744,8 +806,9 @@ class _BranchAndBound:
             tok[g] += li
             cnt[g] += 1
             self.assign[i] = g
-            self._rec(i + 1, cur_max if cur_max >= nl else nl, used_gpu + dg[g] * row[g],
-                      empties - (1 if cnt[g] == 1 else 0))
+            self._rec(
+                i + 1, cur_max if cur_max >= nl else nl, used_gpu + dg[g] * row[g], empties - (1 if cnt[g] == 1 else 0)
+            )
             load[g] = old
             tok[g] -= li
             cnt[g] -= 1

@@ -37,8 +37,8 @@ micro-batch problem (its value never exceeds the true optimum; tested against br
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -49,12 +49,12 @@ __all__ = ["ClassProblem", "ClassSolution", "solve_class_milp", "class_objective
 
 @dataclass
 class ClassProblem:
-    counts: np.ndarray        # int [B] sequences per bucket
-    tmean: np.ndarray         # [B, D] mean tau per sequence of the bucket at degree d (inf: not allowed)
-    tmax: np.ndarray          # [B, D] largest tau in the bucket at degree d (inf: does not fit)
-    lmean: np.ndarray         # [B] mean length
-    degrees: Sequence[int]    # [D]
-    caps: np.ndarray          # [D] tokens a group of each degree holds
+    counts: np.ndarray  # int [B] sequences per bucket
+    tmean: np.ndarray  # [B, D] mean tau per sequence of the bucket at degree d (inf: not allowed)
+    tmax: np.ndarray  # [B, D] largest tau in the bucket at degree d (inf: does not fit)
+    lmean: np.ndarray  # [B] mean length
+    degrees: Sequence[int]  # [D]
+    caps: np.ndarray  # [D] tokens a group of each degree holds
     world_size: int
     lmin: np.ndarray | None = None  # [B] shortest length (sequences over half a group's capacity cannot share it)
 
@@ -67,10 +67,10 @@ class ClassProblem:
 
 @dataclass
 class ClassSolution:
-    n: np.ndarray             # int [D] groups per degree
-    y: np.ndarray             # int [B, D]
-    cprime: float             # objective: slowest group time minus beta1 (aggregate model)
-    status: str               # "optimal" | "time_limit" | "infeasible" | "error: ..."
+    n: np.ndarray  # int [D] groups per degree
+    y: np.ndarray  # int [B, D]
+    cprime: float  # objective: slowest group time minus beta1 (aggregate model)
+    status: str  # "optimal" | "time_limit" | "infeasible" | "error: ..."
     solve_time_s: float
 
 
@@ -99,8 +99,9 @@ def class_objective(p: ClassProblem, n: np.ndarray, y: np.ndarray) -> float:
     return best
 
 
-def solve_class_milp(p: ClassProblem, *, upper: float | None = None, time_limit_s: float = 1.0,
-                     mip_rel_gap: float = 1e-4) -> ClassSolution:
+def solve_class_milp(
+    p: ClassProblem, *, upper: float | None = None, time_limit_s: float = 1.0, mip_rel_gap: float = 1e-4
+) -> ClassSolution:
     t0 = time.perf_counter()
     B, D = p.tmax.shape
     degs = [int(d) for d in p.degrees]
@@ -108,20 +109,26 @@ def solve_class_milp(p: ClassProblem, *, upper: float | None = None, time_limit_
     counts = np.asarray(p.counts, dtype=np.int64)
     ok = np.isfinite(p.tmax)
     big = p.big()
-    U = float(upper) if upper is not None and np.isfinite(upper) else float(
-        np.where(ok, p.tmax, 0).max() + (np.where(ok, p.tmean, 0) * counts[:, None]).sum())
+    U = (
+        float(upper)
+        if upper is not None and np.isfinite(upper)
+        else float(np.where(ok, p.tmax, 0).max() + (np.where(ok, p.tmean, 0) * counts[:, None]).sum())
+    )
     U = max(U, 1e-9)
 
     # ---- variable layout
     col = 0
-    iC = col; col += 1
+    iC = col
+    col += 1
     iy: dict[tuple[int, int], int] = {}
     iu: dict[tuple[int, int], int] = {}
     for b in range(B):
         for k in range(D):
             if ok[b, k] and counts[b] > 0:
-                iy[b, k] = col; col += 1
-                iu[b, k] = col; col += 1
+                iy[b, k] = col
+                col += 1
+                iu[b, k] = col
+                col += 1
     iz: dict[tuple[int, int], int] = {}
     iw: dict[tuple[int, int], int] = {}
     for k, d in enumerate(degs):
@@ -130,45 +137,55 @@ def solve_class_milp(p: ClassProblem, *, upper: float | None = None, time_limit_
         while (1 << bits) - 1 < nmax:
             bits += 1
         for j in range(bits):
-            iz[k, j] = col; col += 1
-            iw[k, j] = col; col += 1
+            iz[k, j] = col
+            col += 1
+            iw[k, j] = col
+            col += 1
     nvar = col
     lb = np.zeros(nvar)
     ub = np.zeros(nvar)
     integ = np.zeros(nvar)
     ub[iC] = U
     for (b, k), c in iy.items():
-        ub[c] = counts[b]; integ[c] = 1
-        ub[iu[b, k]] = 1; integ[iu[b, k]] = 1
+        ub[c] = counts[b]
+        integ[c] = 1
+        ub[iu[b, k]] = 1
+        integ[iu[b, k]] = 1
     for key, c in iz.items():
-        ub[c] = 1; integ[c] = 1
+        ub[c] = 1
+        integ[c] = 1
         ub[iw[key]] = U
 
     rows, cols, vals, lo, hi = [], [], [], [], []
     r = 0
 
-    def add(entries, l, h):
+    def add(entries, low, high):
         nonlocal r
         for c, v in entries:
-            rows.append(r); cols.append(c); vals.append(v)
-        lo.append(l); hi.append(h)
+            rows.append(r)
+            cols.append(c)
+            vals.append(v)
+        lo.append(low)
+        hi.append(high)
         r += 1
 
     for b in range(B):
         ent = [(iy[b, k], 1.0) for k in range(D) if (b, k) in iy]
         if counts[b] > 0:
             if not ent:
-                return ClassSolution(np.zeros(D, int), np.zeros((B, D), int), float("inf"), "infeasible",
-                                     time.perf_counter() - t0)
+                return ClassSolution(
+                    np.zeros(D, int), np.zeros((B, D), int), float("inf"), "infeasible", time.perf_counter() - t0
+                )
             add(ent, counts[b], counts[b])
-    for k, d in enumerate(degs):
+    for k in range(len(degs)):
         zs = [(j, iz[k, j]) for (kk, j) in iz if kk == k]
         ys = [(b, iy[b, k]) for b in range(B) if (b, k) in iy]
         # time: sum tmean y - sum 2^j w <= 0
         add([(c, float(p.tmean[b, k])) for b, c in ys] + [(iw[k, j], -float(1 << j)) for j, _ in zs], -np.inf, 0.0)
         # memory: sum lmean y - cap sum 2^j z <= 0
-        add([(c, float(p.lmean[b])) for b, c in ys] + [(cz, -float(p.caps[k]) * (1 << j)) for j, cz in zs],
-            -np.inf, 0.0)
+        add(
+            [(c, float(p.lmean[b])) for b, c in ys] + [(cz, -float(p.caps[k]) * (1 << j)) for j, cz in zs], -np.inf, 0.0
+        )
         # no empty group: sum 2^j z - sum y <= 0
         add([(cz, float(1 << j)) for j, cz in zs] + [(c, -1.0) for _, c in ys], -np.inf, 0.0)
         # sequences over half the capacity need a group each: sum_{big b} y - n <= 0
@@ -187,11 +204,17 @@ def solve_class_milp(p: ClassProblem, *, upper: float | None = None, time_limit_
     cvec = np.zeros(nvar)
     cvec[iC] = 1.0
     try:
-        res = milp(cvec, integrality=integ, bounds=Bounds(lb, ub), constraints=LinearConstraint(A, lo, hi),
-                   options={"time_limit": max(0.01, float(time_limit_s)), "disp": False, "mip_rel_gap": mip_rel_gap})
+        res = milp(
+            cvec,
+            integrality=integ,
+            bounds=Bounds(lb, ub),
+            constraints=LinearConstraint(A, lo, hi),
+            options={"time_limit": max(0.01, float(time_limit_s)), "disp": False, "mip_rel_gap": mip_rel_gap},
+        )
     except Exception as e:  # noqa: BLE001 - HiGHS failures fall back to the greedy plan
-        return ClassSolution(np.zeros(D, int), np.zeros((B, D), int), float("inf"), f"error: {e}",
-                             time.perf_counter() - t0)
+        return ClassSolution(
+            np.zeros(D, int), np.zeros((B, D), int), float("inf"), f"error: {e}", time.perf_counter() - t0
+        )
     dt = time.perf_counter() - t0
     if res.x is None:
         status = "infeasible" if res.status == 2 else ("time_limit" if res.status == 1 else f"error: {res.message}")

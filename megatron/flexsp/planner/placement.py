@@ -9,7 +9,7 @@ nodes), so every candidate group satisfies the topology invariant of DESIGN.md b
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .costmodel import CostModel
 from .plan import PlanError
@@ -35,8 +35,9 @@ def _check_degrees(degrees: Sequence[int], cost: CostModel, world_size: int) -> 
     if bad:
         raise PlanError(f"degrees {bad} are not allowed on {world_size} ranks (allowed: {sorted(allowed)})")
     if sum(degs) != world_size:
-        raise PlanError(f"group degrees {sorted(degs, reverse=True)[:16]} sum to {sum(degs)}, not the world size "
-                        f"{world_size}")
+        raise PlanError(
+            f"group degrees {sorted(degs, reverse=True)[:16]} sum to {sum(degs)}, not the world size {world_size}"
+        )
     return degs
 
 
@@ -104,8 +105,10 @@ def place_groups(degrees: Sequence[int], cost: CostModel, world_size: int) -> li
     if start is None and len(degs) <= 256:
         start = _search(order, degs, world_size)
     if start is None:
-        raise PlanError(f"group degrees {sorted(degs, reverse=True)[:16]} cannot be placed on aligned blocks of "
-                        f"{world_size} ranks ({cost.gpus_per_node} per node)")
+        raise PlanError(
+            f"group degrees {sorted(degs, reverse=True)[:16]} cannot be placed on aligned blocks of "
+            f"{world_size} ranks ({cost.gpus_per_node} per node)"
+        )
     return [list(range(s, s + d)) for s, d in zip(start, degs)]
 
 

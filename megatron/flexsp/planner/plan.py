@@ -8,13 +8,23 @@ that group processes.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .costmodel import CostModel
 
-__all__ = ["PlanError", "NoFeasiblePlanError", "Group", "MicroBatch", "SolverInfo", "Plan", "estimate_plan_ms", "validate_plan"]
+__all__ = [
+    "PlanError",
+    "NoFeasiblePlanError",
+    "Group",
+    "MicroBatch",
+    "SolverInfo",
+    "Plan",
+    "estimate_plan_ms",
+    "validate_plan",
+]
 
 
 class PlanError(ValueError):
@@ -28,16 +38,19 @@ class NoFeasiblePlanError(PlanError):
     allowed group (``max_degree``).
     """
 
-    def __init__(self, lengths: Sequence[int], max_capacity: int, max_degree: int, world_size: int,
-                 detail: str = "") -> None:
+    def __init__(
+        self, lengths: Sequence[int], max_capacity: int, max_degree: int, world_size: int, detail: str = ""
+    ) -> None:
         self.lengths = [int(x) for x in lengths]
         self.max_capacity = int(max_capacity)
         self.max_degree = int(max_degree)
         self.world_size = int(world_size)
         self.detail = detail
         shown = ", ".join(str(x) for x in self.lengths[:16]) + (" ..." if len(self.lengths) > 16 else "")
-        msg = (f"no feasible plan on {world_size} ranks: {len(self.lengths)} sequence(s) of length(s) [{shown}] "
-               f"exceed the largest group capacity {self.max_capacity} tokens (degree {self.max_degree})")
+        msg = (
+            f"no feasible plan on {world_size} ranks: {len(self.lengths)} sequence(s) of length(s) [{shown}] "
+            f"exceed the largest group capacity {self.max_capacity} tokens (degree {self.max_degree})"
+        )
         if detail:
             msg += f"; {detail}"
         super().__init__(msg)
@@ -83,8 +96,12 @@ class SolverInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"method": self.method, "status": self.status, "solve_time_s": self.solve_time_s,
-                             "lower_bound_ms": self.lower_bound_ms}
+        d: dict[str, Any] = {
+            "method": self.method,
+            "status": self.status,
+            "solve_time_s": self.solve_time_s,
+            "lower_bound_ms": self.lower_bound_ms,
+        }
         d.update(self.extra)
         return d
 
@@ -118,7 +135,7 @@ class Plan:
         tmp.replace(path)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         if not isinstance(d, Mapping):
             raise PlanError(f"plan JSON: expected an object, got {type(d).__name__}")
         try:
@@ -127,8 +144,12 @@ class Plan:
                 groups = []
                 for gi, g in enumerate(_as_list(mb["groups"], f"micro_batches[{m}].groups")):
                     where = f"micro_batches[{m}].groups[{gi}]"
-                    groups.append(Group(_int_list(g["ranks"], where + ".ranks"),
-                                        _int_list(g.get("sequences", []), where + ".sequences")))
+                    groups.append(
+                        Group(
+                            _int_list(g["ranks"], where + ".ranks"),
+                            _int_list(g.get("sequences", []), where + ".sequences"),
+                        )
+                    )
                 mbs.append(MicroBatch(groups))
             s = dict(d.get("solver") or {"method": "manual"})
             solver = SolverInfo(
@@ -146,14 +167,14 @@ class Plan:
             raise PlanError(f"plan JSON: malformed: {e}") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise PlanError(f"plan JSON: not valid JSON: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         return cls.from_json(Path(path).read_text())
 
     # ---------------------------------------------------------------- views
@@ -197,8 +218,9 @@ def estimate_plan_ms(plan: Plan, cost: CostModel) -> float:
     return sum(micro_batch_ms(mb, plan.lengths, cost) for mb in plan.micro_batches)
 
 
-def validate_plan(plan: Plan, cost: CostModel | None = None, *, world_size: int | None = None,
-                  num_sequences: int | None = None) -> None:
+def validate_plan(
+    plan: Plan, cost: CostModel | None = None, *, world_size: int | None = None, num_sequences: int | None = None
+) -> None:
     """Check every invariant of DESIGN.md; raise PlanError naming the first broken one.
 
     Without a cost model only the structural invariants are checked (partition of ranks,
@@ -237,16 +259,20 @@ def validate_plan(plan: Plan, cost: CostModel | None = None, *, world_size: int 
                 if not 0 <= s < n:
                     raise PlanError(f"micro-batch {m} group {gi}: sequence index {s} is outside 0..{n - 1}")
                 if s in seen:
-                    raise PlanError(f"sequence {s} is assigned twice (micro-batch {seen[s][0]} group {seen[s][1]} "
-                                    f"and micro-batch {m} group {gi})")
+                    raise PlanError(
+                        f"sequence {s} is assigned twice (micro-batch {seen[s][0]} group {seen[s][1]} "
+                        f"and micro-batch {m} group {gi})"
+                    )
                 seen[s] = (m, gi)
         missing = sorted(set(range(ws)) - set(owner))
         if missing:
             raise PlanError(f"micro-batch {m}: groups do not partition the ranks; ranks {missing[:8]} are in no group")
         empty = [gi for gi, g in enumerate(mb.groups) if not g.sequences]
         if empty and sum(len(g.sequences) for g in mb.groups) >= len(mb.groups):
-            raise PlanError(f"micro-batch {m}: group {empty[0]} holds no sequence although the micro-batch has "
-                            f"at least as many sequences as groups")
+            raise PlanError(
+                f"micro-batch {m}: group {empty[0]} holds no sequence although the micro-batch has "
+                f"at least as many sequences as groups"
+            )
     unassigned = sorted(set(range(n)) - set(seen))
     if unassigned:
         raise PlanError(f"sequences {unassigned[:8]} (of {len(unassigned)}) are in no group")
@@ -265,14 +291,18 @@ def validate_plan(plan: Plan, cost: CostModel | None = None, *, world_size: int 
             nodes = sorted({r // gpn for r in g.ranks})
             if d <= gpn:
                 if len(nodes) != 1:
-                    raise PlanError(f"{where}: a group of degree <= gpus_per_node ({gpn}) must lie in one node, "
-                                    f"spans nodes {nodes}")
+                    raise PlanError(
+                        f"{where}: a group of degree <= gpus_per_node ({gpn}) must lie in one node, spans nodes {nodes}"
+                    )
             else:
                 if d % gpn or len(nodes) != d // gpn:
-                    raise PlanError(f"{where}: a group larger than a node must span exactly {d}/{gpn} whole nodes, "
-                                    f"spans nodes {nodes}")
+                    raise PlanError(
+                        f"{where}: a group larger than a node must span exactly {d}/{gpn} whole nodes, "
+                        f"spans nodes {nodes}"
+                    )
             tokens = sum(plan.lengths[s] for s in g.sequences)
             mem = cost.memory_mb(tokens, d)
             if mem > cost.limit_mb + 1e-6:
-                raise PlanError(f"{where}: {tokens} tokens need {mem:.1f} MB per GPU, over the limit "
-                                f"{cost.limit_mb:.1f} MB")
+                raise PlanError(
+                    f"{where}: {tokens} tokens need {mem:.1f} MB per GPU, over the limit {cost.limit_mb:.1f} MB"
+                )

@@ -31,17 +31,32 @@ def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None =
     ws = plan.world_size
     fig, ax = plt.subplots(figsize=(11, max(3.0, min(12.0, 0.12 * ws + 2))))
     t0 = 0.0
-    for m, mb in enumerate(plan.micro_batches):
+    for mb in plan.micro_batches:
         for g in mb.groups:
             if not g.sequences:
                 continue
             t = cost.group_time_ms([plan.lengths[s] for s in g.sequences], g.degree)
             lo, hi = min(g.ranks), max(g.ranks) + 1
-            ax.barh(lo, t / 1000.0, height=hi - lo, left=t0 / 1000.0, align="edge", color=colour[g.degree],
-                    edgecolor="black", linewidth=0.3)
+            ax.barh(
+                lo,
+                t / 1000.0,
+                height=hi - lo,
+                left=t0 / 1000.0,
+                align="edge",
+                color=colour[g.degree],
+                edgecolor="black",
+                linewidth=0.3,
+            )
             if ws <= 64 and hi - lo >= 2:
-                ax.text((t0 + t / 2) / 1000.0, (lo + hi) / 2, str(len(g.sequences)), ha="center", va="center",
-                        fontsize=6, color="white")
+                ax.text(
+                    (t0 + t / 2) / 1000.0,
+                    (lo + hi) / 2,
+                    str(len(g.sequences)),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white",
+                )
         t0 += micro_batch_ms(mb, plan.lengths, cost)
         ax.axvline(t0 / 1000.0, color="red", linewidth=0.6)
     ax.set_xlim(0, max(t0, 1e-9) / 1000.0)
@@ -49,8 +64,10 @@ def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None =
     ax.set_xlabel("estimated time (s); red lines end micro-batches")
     ax.set_ylabel("rank")
     ax.legend(handles=[Patch(color=colour[d], label=f"degree {d}") for d in degrees], loc="lower right", fontsize=7)
-    ax.set_title(title or f"{plan.solver.method}: {len(plan.lengths)} sequences, {plan.num_micro_batches} "
-                          f"micro-batches, {t0:.0f} ms")
+    ax.set_title(
+        title
+        or f"{plan.solver.method}: {len(plan.lengths)} sequences, {plan.num_micro_batches} micro-batches, {t0:.0f} ms"
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -41,7 +41,7 @@ from .costmodel import CostModel, CostModelError, alltoall_bytes_per_token
 
 __all__ = ["ModelShape", "analytic_cost_model", "num_parameters", "prior_bandwidths"]
 
-_GBS_TO_MODEL = 1e9 / 1000.0 / 2**20   # 1 GB/s in the cost model's units (2^20 bytes per ms)
+_GBS_TO_MODEL = 1e9 / 1000.0 / 2**20  # 1 GB/s in the cost model's units (2^20 bytes per ms)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ModelShape:
     num_attention_heads: int
     vocab_size: int
     num_query_groups: int | None = None
-    ffn_hidden_size: int | None = None      # default 4 * hidden
+    ffn_hidden_size: int | None = None  # default 4 * hidden
     swiglu: bool = False
 
     @property
@@ -79,7 +79,9 @@ def num_parameters(shape: ModelShape) -> float:
     return L * (shape.linear_params_per_layer() + 2 * h) + 2 * V * h + h
 
 
-def prior_bandwidths(world_size: int, gpus_per_node: int, intra_node_gbs: float, inter_node_gbs: float) -> dict[int, float]:
+def prior_bandwidths(
+    world_size: int, gpus_per_node: int, intra_node_gbs: float, inter_node_gbs: float
+) -> dict[int, float]:
     """Effective all-to-all bandwidth (model units) per degree >= 2 whose groups tile nodes or lie in one."""
     g = gpus_per_node
     out: dict[int, float] = {}
@@ -88,16 +90,28 @@ def prior_bandwidths(world_size: int, gpus_per_node: int, intra_node_gbs: float,
             out[d] = intra_node_gbs * _GBS_TO_MODEL * d / (d - 1)
         elif d > g and d % g == 0:
             out[d] = inter_node_gbs * _GBS_TO_MODEL * d / (d - g)
-    if not out:   # one GPU per node and a world of one: the JSON form still needs a bandwidth
+    if not out:  # one GPU per node and a world of one: the JSON form still needs a bandwidth
         out[2] = inter_node_gbs * _GBS_TO_MODEL * 2
     return out
 
 
-def analytic_cost_model(shape: ModelShape, *, device_flops: float, intra_node_gbs: float, inter_node_gbs: float,
-                        limit_gb: float, gpus_per_node: int, world_size: int, bytes_per_element: int = 2,
-                        efficiency: float = 1.0, causal: bool = True, sharding: str = "zero3",
-                        overhead_ms: float = 0.0, activation_factor: float = 1.0,
-                        name: str | None = None) -> CostModel:
+def analytic_cost_model(
+    shape: ModelShape,
+    *,
+    device_flops: float,
+    intra_node_gbs: float,
+    inter_node_gbs: float,
+    limit_gb: float,
+    gpus_per_node: int,
+    world_size: int,
+    bytes_per_element: int = 2,
+    efficiency: float = 1.0,
+    causal: bool = True,
+    sharding: str = "zero3",
+    overhead_ms: float = 0.0,
+    activation_factor: float = 1.0,
+    name: str | None = None,
+) -> CostModel:
     """The prior cost model (formulas in the module docstring).
 
     ``device_flops``: FLOP/s of one device (measured, or the peak; ``efficiency`` scales it).
@@ -111,7 +125,7 @@ def analytic_cost_model(shape: ModelShape, *, device_flops: float, intra_node_gb
         raise CostModelError(f"analytic prior: sharding must be 'zero3' or 'ddp', got {sharding!r}")
     h, L, V, e = shape.hidden_size, shape.num_layers, shape.vocab_size, bytes_per_element
     flops_per_ms = device_flops * efficiency / 1000.0
-    lin_params = L * shape.linear_params_per_layer() + V * h      # output layer is a matmul too
+    lin_params = L * shape.linear_params_per_layer() + V * h  # output layer is a matmul too
     alpha2 = 3.0 * 2.0 * lin_params / flops_per_ms
     alpha1 = 3.0 * 4.0 * h * L * (0.5 if causal else 1.0) / flops_per_ms
     P = num_parameters(shape)
@@ -124,17 +138,34 @@ def analytic_cost_model(shape: ModelShape, *, device_flops: float, intra_node_gb
         states_mb = 16.0 * P / 2**20
     act_bytes = e * L * (7 * h + 2 * h * shape.groups / shape.num_attention_heads + shape.mlp_mats * shape.ffn) + 4 * V
     act_mb = act_bytes / 2**20 * activation_factor
-    return CostModel.from_dict({
-        "name": name or (f"analytic prior: {L} layers, hidden {h}, {shape.num_attention_heads} heads, "
-                         f"{device_flops * efficiency / 1e12:.3g} TFLOP/s, {intra_node_gbs:g}/{inter_node_gbs:g} GB/s"),
-        "num_layers": L, "hidden_size": h, "num_attention_heads": shape.num_attention_heads,
-        "num_query_groups": shape.groups, "gpus_per_node": gpus_per_node,
-        "compute": {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1},
-        "alltoall": {"bytes_per_token": alltoall_bytes_per_token(L, h, shape.num_attention_heads, shape.groups, e),
-                     "bandwidth_gbs": {str(k): v for k, v in
-                                       prior_bandwidths(world_size, gpus_per_node, intra_node_gbs,
-                                                        inter_node_gbs).items()}},
-        "memory": {"limit_gb": limit_gb, "model_states_mb": states_mb, "activation_mb_per_token": act_mb},
-        "prior": {"device_flops": device_flops, "efficiency": efficiency, "intra_node_gbs": intra_node_gbs,
-                  "inter_node_gbs": inter_node_gbs, "num_parameters": P, "sharding": sharding},
-    })
+    return CostModel.from_dict(
+        {
+            "name": name
+            or (
+                f"analytic prior: {L} layers, hidden {h}, {shape.num_attention_heads} heads, "
+                f"{device_flops * efficiency / 1e12:.3g} TFLOP/s, {intra_node_gbs:g}/{inter_node_gbs:g} GB/s"
+            ),
+            "num_layers": L,
+            "hidden_size": h,
+            "num_attention_heads": shape.num_attention_heads,
+            "num_query_groups": shape.groups,
+            "gpus_per_node": gpus_per_node,
+            "compute": {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1},
+            "alltoall": {
+                "bytes_per_token": alltoall_bytes_per_token(L, h, shape.num_attention_heads, shape.groups, e),
+                "bandwidth_gbs": {
+                    str(k): v
+                    for k, v in prior_bandwidths(world_size, gpus_per_node, intra_node_gbs, inter_node_gbs).items()
+                },
+            },
+            "memory": {"limit_gb": limit_gb, "model_states_mb": states_mb, "activation_mb_per_token": act_mb},
+            "prior": {
+                "device_flops": device_flops,
+                "efficiency": efficiency,
+                "intra_node_gbs": intra_node_gbs,
+                "inter_node_gbs": inter_node_gbs,
+                "num_parameters": P,
+                "sharding": sharding,
+            },
+        }
+    )

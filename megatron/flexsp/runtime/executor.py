@@ -18,15 +18,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor, nn
 
 from flexsp_patches.parallel_state import ActiveSPGroup, sp_group
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.flexsp.planner.plan import Plan, PlanError, validate_plan
 
 from . import loss as loss_mod
@@ -60,8 +61,11 @@ class StepResult:
 
 def _plan_fingerprint(plan: Plan) -> int:
     """A 62-bit hash of the plan's structure (what every rank must agree on)."""
-    d = {"world_size": plan.world_size, "lengths": list(plan.lengths),
-         "micro_batches": [mb.to_dict() for mb in plan.micro_batches]}
+    d = {
+        "world_size": plan.world_size,
+        "lengths": list(plan.lengths),
+        "micro_batches": [mb.to_dict() for mb in plan.micro_batches],
+    }
     h = hashlib.sha256(repr(d).encode()).digest()
     return int.from_bytes(h[:8], "little") >> 2
 
@@ -90,8 +94,17 @@ class FlexSPExecutor:
     ``check_consistency`` compares the plan across ranks (one tiny all-reduce per step).
     """
 
-    def __init__(self, model: nn.Module, pool, *, sharding_mode: str = "fsdp2", pad_multiple: int = 1,
-                 sync_grads: bool = True, time_cuda: bool = True, check_consistency: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        pool,
+        *,
+        sharding_mode: str = "fsdp2",
+        pad_multiple: int = 1,
+        sync_grads: bool = True,
+        time_cuda: bool = True,
+        check_consistency: bool = True,
+    ):
         actual = sharding_mode_of(model)
         if actual is None:
             raise ValueError("FlexSPExecutor: the model was not prepared with shard_model(model, mode)")
@@ -108,16 +121,19 @@ class FlexSPExecutor:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         cfg = getattr(model, "_flexsp_cfg", None)
-        self.num_heads = getattr(cfg, "num_attention_heads", None) or getattr(getattr(model, "config", None),
-                                                                              "num_attention_heads", None)
+        self.num_heads = getattr(cfg, "num_attention_heads", None) or getattr(
+            getattr(model, "config", None), "num_attention_heads", None
+        )
         self.bf16 = bool(getattr(cfg, "bf16", False))
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
         learned = getattr(cfg, "position_embedding_type", None) == "learned_absolute"
         self.max_positions = int(cfg.max_position_embeddings) if learned else 0
         self.device = next(model.parameters()).device
         if self.bf16 and sharding_mode == "ddp" and self.device.type != "cuda":
-            raise ValueError("bf16 with sharding_mode='ddp' needs CUDA (megatron's linear layers restore autocast "
-                             "in backward only on CUDA); use sharding_mode='fsdp2' (bf16 mixed precision) on CPU")
+            raise ValueError(
+                "bf16 with sharding_mode='ddp' needs CUDA (megatron's linear layers restore autocast "
+                "in backward only on CUDA); use sharding_mode='fsdp2' (bf16 mixed precision) on CPU"
+            )
         self.time_cuda = time_cuda and self.device.type == "cuda"
         self._a2a_reset, self._a2a_read = _a2a_stats_reader()
 
@@ -133,24 +149,34 @@ class FlexSPExecutor:
                     raise PlanError(f"micro-batch {m}: {e}") from None
                 for gi, g in enumerate(mb.groups):
                     if self.num_heads is not None and self.num_heads % g.degree:
-                        raise PlanError(f"micro-batch {m} group {gi} (ranks {g.ranks}): degree {g.degree} does not "
-                                        f"divide num_attention_heads {self.num_heads}")
+                        raise PlanError(
+                            f"micro-batch {m} group {gi} (ranks {g.ranks}): degree {g.degree} does not "
+                            f"divide num_attention_heads {self.num_heads}"
+                        )
             for i, s in enumerate(sequences):
                 if not isinstance(s, Tensor) or s.dim() != 1:
-                    raise PlanError(f"sequence {i} must be a 1-D token tensor, got "
-                                    f"{type(s).__name__} {tuple(getattr(s, 'shape', ()))}")
+                    raise PlanError(
+                        f"sequence {i} must be a 1-D token tensor, got "
+                        f"{type(s).__name__} {tuple(getattr(s, 'shape', ()))}"
+                    )
                 if s.dtype not in (torch.int64, torch.int32):
                     raise PlanError(f"sequence {i} must hold integer token ids, got dtype {s.dtype}")
                 if s.numel() != plan.lengths[i] + 1:
-                    raise PlanError(f"sequence {i} has {s.numel()} ids but the plan says length {plan.lengths[i]} "
-                                    f"(a sequence of length L has L + 1 ids)")
+                    raise PlanError(
+                        f"sequence {i} has {s.numel()} ids but the plan says length {plan.lengths[i]} "
+                        f"(a sequence of length L has L + 1 ids)"
+                    )
                 if self.vocab_size and s.numel() and (int(s.min()) < 0 or int(s.max()) >= self.vocab_size):
-                    raise PlanError(f"sequence {i} has token ids outside the vocabulary 0..{self.vocab_size - 1} "
-                                    f"(min {int(s.min())}, max {int(s.max())})")
+                    raise PlanError(
+                        f"sequence {i} has token ids outside the vocabulary 0..{self.vocab_size - 1} "
+                        f"(min {int(s.min())}, max {int(s.max())})"
+                    )
             if self.max_positions and plan.lengths and max(plan.lengths) > self.max_positions:
                 i = max(range(len(plan.lengths)), key=lambda j: plan.lengths[j])
-                raise PlanError(f"sequence {i} has length {plan.lengths[i]}, more than the model's learned absolute "
-                                f"position embeddings ({self.max_positions})")
+                raise PlanError(
+                    f"sequence {i} has length {plan.lengths[i]}, more than the model's learned absolute "
+                    f"position embeddings ({self.max_positions})"
+                )
         except (PlanError, ValueError) as e:
             return str(e)
         except Exception as e:  # noqa: BLE001 - any local failure must reach the agreement step, not hang peers
@@ -175,11 +201,14 @@ class FlexSPExecutor:
         if reason:
             raise PlanError(f"rank {self.rank}: plan rejected: {reason}")
         if err:
-            raise PlanMismatchError(f"rank {self.rank}: plan rejected by another rank (see its error); no "
-                                    f"micro-batch was run")
+            raise PlanMismatchError(
+                f"rank {self.rank}: plan rejected by another rank (see its error); no micro-batch was run"
+            )
         if vmax != vmin:
-            raise PlanMismatchError(f"rank {self.rank}: ranks were given different plans (fingerprints differ); "
-                                    f"the plan must be broadcast from one source")
+            raise PlanMismatchError(
+                f"rank {self.rank}: ranks were given different plans (fingerprints differ); "
+                f"the plan must be broadcast from one source"
+            )
 
     # ------------------------------------------------------------------- run
     def _sync(self):
@@ -191,17 +220,24 @@ class FlexSPExecutor:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward_backward(self, seqs: list[Tensor], active: ActiveSPGroup, global_tokens: int,
-                          forward_only: bool = False) -> dict[str, Any]:
+    def _forward_backward(
+        self, seqs: list[Tensor], active: ActiveSPGroup, global_tokens: int, forward_only: bool = False
+    ) -> dict[str, Any]:
         # An empty group packs one block of padding only (loss mask 0): same collectives, no loss.
         sl = pack_group(seqs, active.rank, active.world_size, pad_multiple=self.pad_multiple)
         dev = self.device
         cu = sl.cu_seqlens.to(device=dev, dtype=torch.int32)
         # The micro-batch's SP group travels with the packed data (megatron-core's PackedSeqParams
         # fields for per-micro-batch CP groups); attention reads it from here first.
-        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                              max_seqlen_q=int(sl.max_seqlen), max_seqlen_kv=int(sl.max_seqlen),
-                              cp_group=active.group, local_cp_size=active.world_size)
+        psp = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=int(sl.max_seqlen),
+            max_seqlen_kv=int(sl.max_seqlen),
+            cp_group=active.group,
+            local_cp_size=active.world_size,
+        )
         input_ids = sl.input_ids.to(dev)
         labels = sl.labels.to(dev)
         loss_mask = sl.loss_mask.to(dev)
@@ -211,7 +247,7 @@ class FlexSPExecutor:
         if dev.type == "cuda":  # the peak of this micro-batch alone: evidence for the memory model
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        with self._autocast(), (torch.no_grad() if forward_only else contextlib.nullcontext()):
+        with self._autocast(), torch.no_grad() if forward_only else contextlib.nullcontext():
             token_losses = self.model(input_ids, position_ids, None, labels=labels, packed_seq_params=psp)
         local_sum = loss_mod.masked_loss_sum(token_losses, loss_mask)
         self._sync()
@@ -222,11 +258,18 @@ class FlexSPExecutor:
         t2 = time.perf_counter()
         tokens = int(sl.local_tokens)
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-        return {"loss_sum": local_sum.detach(), "tokens": tokens, "slice_tokens": int(input_ids.numel()),
-                "fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3, "peak_mb": peak_mb}
+        return {
+            "loss_sum": local_sum.detach(),
+            "tokens": tokens,
+            "slice_tokens": int(input_ids.numel()),
+            "fwd_ms": (t1 - t0) * 1e3,
+            "bwd_ms": (t2 - t1) * 1e3,
+            "peak_mb": peak_mb,
+        }
 
-    def run(self, plan: Plan, sequences: Sequence[Tensor], *, gather_stats: bool = False,
-            forward_only: bool = False) -> StepResult:
+    def run(
+        self, plan: Plan, sequences: Sequence[Tensor], *, gather_stats: bool = False, forward_only: bool = False
+    ) -> StepResult:
         """Forward + backward of every micro-batch of ``plan`` on this rank (collective over all ranks).
 
         ``forward_only``: evaluation (model in eval mode, no autograd graph, gradients untouched);
@@ -241,8 +284,9 @@ class FlexSPExecutor:
         finally:
             self.model.train(was_training)
 
-    def _run(self, plan: Plan, sequences: Sequence[Tensor], global_tokens: int, gather_stats: bool,
-             forward_only: bool) -> StepResult:
+    def _run(
+        self, plan: Plan, sequences: Sequence[Tensor], global_tokens: int, gather_stats: bool, forward_only: bool
+    ) -> StepResult:
         totals = {"tokens": 0, "slice_tokens": 0, "fwd_ms": 0.0, "bwd_ms": 0.0, "a2a_ms": 0.0, "a2a_bytes": 0}
         loss_parts: list[Tensor] = []  # summed once at the end: no device sync per micro-batch
         per_mb: list[dict[str, Any]] = []
@@ -253,8 +297,9 @@ class FlexSPExecutor:
             with sp_group(self.pool, g.ranks) as active:
                 r = self._forward_backward(seqs, active, global_tokens, forward_only)
             r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()
-            r.update(micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences),
-                     empty_group=not seqs)
+            r.update(
+                micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences), empty_group=not seqs
+            )
             per_mb.append(r)
             loss_parts.append(r.pop("loss_sum"))
             for k in totals:
@@ -263,11 +308,16 @@ class FlexSPExecutor:
             finish_grad_sync(self.model)
         loss_sum = float(torch.stack(loss_parts).double().sum().item())
         loss = loss_mod.all_reduce_loss(loss_sum, global_tokens)
-        stats = dict(totals, rank=self.rank, micro_batches=len(plan.micro_batches),
-                     padded_tokens=totals["slice_tokens"] - totals["tokens"])
+        stats = dict(
+            totals,
+            rank=self.rank,
+            micro_batches=len(plan.micro_batches),
+            padded_tokens=totals["slice_tokens"] - totals["tokens"],
+        )
         all_stats = None
         if gather_stats:
             all_stats = [None] * self.world_size
             dist.all_gather_object(all_stats, stats)
-        return StepResult(loss=loss, num_tokens=global_tokens, stats=stats, all_stats=all_stats,
-                          micro_batch_stats=per_mb)
+        return StepResult(
+            loss=loss, num_tokens=global_tokens, stats=stats, all_stats=all_stats, micro_batch_stats=per_mb
+        )

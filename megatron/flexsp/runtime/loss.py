@@ -27,7 +27,9 @@ def global_batch_tokens(lengths) -> int:
 def masked_loss_sum(token_losses: Tensor, loss_mask: Tensor) -> Tensor:
     """Sum of per-token losses where ``loss_mask`` is 1 (fp32 accumulation); shapes must match."""
     if token_losses.shape != loss_mask.shape:
-        raise ValueError(f"token losses {tuple(token_losses.shape)} and loss mask {tuple(loss_mask.shape)} differ in shape")
+        raise ValueError(
+            f"token losses {tuple(token_losses.shape)} and loss mask {tuple(loss_mask.shape)} differ in shape"
+        )
     return (token_losses.float() * loss_mask.float()).sum()
 
 

@@ -13,8 +13,8 @@ is ``doc[:-1]`` and the labels are ``doc[1:]``, so a label never crosses a docum
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -56,19 +56,34 @@ class PackedSlice:
         start, end = self.local_range
         return max(0, min(end, self.total_tokens) - start)
 
-    def to(self, device) -> "PackedSlice":
+    def to(self, device) -> PackedSlice:
         """Token tensors on ``device``; cu_seqlens stays on CPU (see ``packed_seq_params``)."""
-        return PackedSlice(self.input_ids.to(device), self.labels.to(device), self.loss_mask.to(device),
-                           self.position_ids.to(device), self.cu_seqlens, self.max_seqlen, self.total_tokens,
-                           self.num_padded, list(self.seq_lengths), self.degree, self.rank_in_group)
+        return PackedSlice(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.loss_mask.to(device),
+            self.position_ids.to(device),
+            self.cu_seqlens,
+            self.max_seqlen,
+            self.total_tokens,
+            self.num_padded,
+            list(self.seq_lengths),
+            self.degree,
+            self.rank_in_group,
+        )
 
     def packed_seq_params(self, device=None, qkv_format: str = "thd"):
         """megatron.core PackedSeqParams for the whole packed group (q and kv alike)."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = self.cu_seqlens if device is None else self.cu_seqlens.to(device)
-        return PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        return PackedSeqParams(
+            qkv_format=qkv_format,
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
 
 
 def padded_length(total_tokens: int, degree: int, pad_multiple: int = 1) -> int:
@@ -77,8 +92,9 @@ def padded_length(total_tokens: int, degree: int, pad_multiple: int = 1) -> int:
     return max(m, -(-total_tokens // m) * m)
 
 
-def pack_group(seqs: Sequence[torch.Tensor], rank_in_group: int, degree: int, pad_multiple: int = 1,
-               pad_token_id: int = 0) -> PackedSlice:
+def pack_group(
+    seqs: Sequence[torch.Tensor], rank_in_group: int, degree: int, pad_multiple: int = 1, pad_token_id: int = 0
+) -> PackedSlice:
     """Concatenate the group's documents and return rank ``rank_in_group``'s contiguous slice.
 
     ``seqs``: the group's documents (1-D integer tensors of L_i + 1 ids, L_i >= 1), in the order
@@ -94,11 +110,15 @@ def pack_group(seqs: Sequence[torch.Tensor], rank_in_group: int, degree: int, pa
     inputs, labels, positions, lengths = [], [], [], []
     for i, s in enumerate(seqs):
         if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.dtype.is_floating_point or s.dtype == torch.bool:
-            raise ValueError(f"pack_group: sequence {i} must be a 1-D integer tensor, got "
-                             f"{getattr(s, 'dtype', type(s))} of shape {tuple(getattr(s, 'shape', ()))}")
+            raise ValueError(
+                f"pack_group: sequence {i} must be a 1-D integer tensor, got "
+                f"{getattr(s, 'dtype', type(s))} of shape {tuple(getattr(s, 'shape', ()))}"
+            )
         if s.numel() < 2:
-            raise ValueError(f"pack_group: sequence {i} has {s.numel()} ids; a document needs at least 2 "
-                             f"(L + 1 ids for L >= 1 input tokens)")
+            raise ValueError(
+                f"pack_group: sequence {i} has {s.numel()} ids; a document needs at least 2 "
+                f"(L + 1 ids for L >= 1 input tokens)"
+            )
         s = s.to(torch.long).cpu()
         inputs.append(s[:-1])
         labels.append(s[1:])

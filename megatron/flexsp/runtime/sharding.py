@@ -13,7 +13,7 @@ reduce-scatters per layer.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -48,8 +48,15 @@ def _device_mesh(device_type: str, group):
     return DeviceMesh.from_group(group, device_type)
 
 
-def shard_model(model: nn.Module, mode: str = "fsdp2", *, group=None, sync_params: bool = True,
-                reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+def shard_model(
+    model: nn.Module,
+    mode: str = "fsdp2",
+    *,
+    group=None,
+    sync_params: bool = True,
+    reshard_after_forward: bool = True,
+    mp_policy=None,
+) -> nn.Module:
     """Apply ``mode`` to ``model`` in place and return it.
 
     * ``fsdp2``: ``fully_shard`` each transformer layer, then the root (embeddings, final norm,
@@ -88,8 +95,9 @@ def shard_model(model: nn.Module, mode: str = "fsdp2", *, group=None, sync_param
         # cast_forward_inputs=False: the layers' float inputs include RoPE frequencies
         # (position x inv_freq), which must stay fp32 (bf16 angles are off by radians at
         # long positions); hidden states are bf16 anyway, coming from bf16 parameters.
-        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                         cast_forward_inputs=False)
+        mp_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
     for layer in _transformer_layers(model):
@@ -166,7 +174,7 @@ def finish_grad_sync(model: nn.Module, bucket_numel: int = 1 << 25) -> None:
         off = 0
         for g in gs:
             n = g.numel()
-            g.copy_(flat[off:off + n].view_as(g))
+            g.copy_(flat[off : off + n].view_as(g))
             off += n
 
 

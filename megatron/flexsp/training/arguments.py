@@ -12,7 +12,7 @@ import argparse
 import importlib.util
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron.flexsp.data.blend import parse_data_path as parse_blend
 from megatron.flexsp.data.tokenizer import BYTE_VOCAB_SIZE, TOKENIZER_TYPES, build_tokenizer
@@ -35,8 +35,15 @@ __all__ = [
 ]
 
 # Megatron's --attention-backend names map onto the FlexSP attention backends.
-_ATTN_ALIASES = {"auto": "auto", "sdpa": "sdpa", "flash": "flash", "te": "te",
-                 "fused": "te", "unfused": "sdpa", "local": "sdpa"}
+_ATTN_ALIASES = {
+    "auto": "auto",
+    "sdpa": "sdpa",
+    "flash": "flash",
+    "te": "te",
+    "fused": "te",
+    "unfused": "sdpa",
+    "local": "sdpa",
+}
 
 
 class ArgumentError(ValueError):
@@ -92,27 +99,40 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="rope")
     m.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="RMSNorm")
     m.add_argument("--swiglu", action="store_true")
-    m.add_argument("--max-position-embeddings", type=_positive_int, default=None,
-                   help="default: --seq-length")
-    m.add_argument("--seq-length", type=_positive_int, default=2048,
-                   help="longest document kept (tokens of model input); longer ones are truncated or dropped "
-                        "(--overlong)")
+    m.add_argument("--max-position-embeddings", type=_positive_int, default=None, help="default: --seq-length")
+    m.add_argument(
+        "--seq-length",
+        type=_positive_int,
+        default=2048,
+        help="longest document kept (tokens of model input); longer ones are truncated or dropped (--overlong)",
+    )
     m.add_argument("--vocab-size", type=_positive_int, default=None, help="default: the tokenizer's vocabulary")
-    m.add_argument("--tokenizer-type", default=None,
-                   help="ByteTokenizer (built in, no download; the default corpus uses it) or HuggingFaceTokenizer "
-                        "with --tokenizer-model")
+    m.add_argument(
+        "--tokenizer-type",
+        default=None,
+        help="ByteTokenizer (built in, no download; the default corpus uses it) or HuggingFaceTokenizer "
+        "with --tokenizer-model",
+    )
     m.add_argument("--tokenizer-model", default=None, help="local path of a HuggingFace tokenizer")
     m.add_argument("--init-method-std", type=float, default=0.02)
     m.add_argument("--rotary-base", type=_positive_int, default=10000)
-    m.add_argument("--hidden-dropout", type=_nonneg_float, default=0.0,
-                   help="default 0 (Megatron: 0.1): with dropout, sp-modes no longer give bit-comparable losses")
+    m.add_argument(
+        "--hidden-dropout",
+        type=_nonneg_float,
+        default=0.0,
+        help="default 0 (Megatron: 0.1): with dropout, sp-modes no longer give bit-comparable losses",
+    )
     m.add_argument("--attention-dropout", type=_nonneg_float, default=0.0, help="default 0 (Megatron: 0.1)")
 
 
 def _training_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--global-batch-size", type=_positive_int, default=32, help="documents per global batch")
-    t.add_argument("--micro-batch-size", type=_positive_int, default=None,
-                   help="accepted for Megatron compatibility and ignored: the planner chooses micro-batches")
+    t.add_argument(
+        "--micro-batch-size",
+        type=_positive_int,
+        default=None,
+        help="accepted for Megatron compatibility and ignored: the planner chooses micro-batches",
+    )
     t.add_argument("--train-iters", type=_positive_int, default=20)
     t.add_argument("--lr", type=_nonneg_float, default=1e-3)
     t.add_argument("--min-lr", type=_nonneg_float, default=0.0)
@@ -128,17 +148,29 @@ def _training_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU only)")
     t.add_argument("--eval-interval", type=_nonneg_int, default=0, help="validate every N iterations; 0 disables")
     t.add_argument("--eval-iters", type=_positive_int, default=2, help="global batches per validation")
-    t.add_argument("--exit-interval", type=_positive_int, default=None,
-                   help="save (if --save) and exit after the iteration divisible by this value")
-    t.add_argument("--max-skipped-steps", type=_positive_int, default=5,
-                   help="a step whose loss or gradient norm is not finite is skipped (no update); this many in a "
-                        "row stop the run with exit code 3")
+    t.add_argument(
+        "--exit-interval",
+        type=_positive_int,
+        default=None,
+        help="save (if --save) and exit after the iteration divisible by this value",
+    )
+    t.add_argument(
+        "--max-skipped-steps",
+        type=_positive_int,
+        default=5,
+        help="a step whose loss or gradient norm is not finite is skipped (no update); this many in a "
+        "row stop the run with exit code 3",
+    )
 
 
 def _data_flags(d: argparse._ArgumentGroup) -> None:
-    d.add_argument("--data-path", nargs="+", default=None,
-                   help="Megatron .bin/.idx prefixes, optionally with weights: [W1] PREFIX1 [W2] PREFIX2 ...; "
-                        "default (without --mock-data): a corpus built from the Python standard library sources")
+    d.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="Megatron .bin/.idx prefixes, optionally with weights: [W1] PREFIX1 [W2] PREFIX2 ...; "
+        "default (without --mock-data): a corpus built from the Python standard library sources",
+    )
     d.add_argument("--split", default="969,30,1", help="train,valid,test weights of the documents")
     d.add_argument("--mock-data", action="store_true", help="random tokens with a long-tail length distribution")
     d.add_argument("--mock-data-num-docs", type=_positive_int, default=20000)
@@ -147,13 +179,25 @@ def _data_flags(d: argparse._ArgumentGroup) -> None:
     d.add_argument("--mock-data-tail-frac", type=_nonneg_float, default=0.05)
     d.add_argument("--mock-data-pareto-alpha", type=_nonneg_float, default=1.2)
     d.add_argument("--mock-data-min-len", type=_positive_int, default=16)
-    d.add_argument("--mock-data-max-len", type=_positive_int, default=None,
-                   help="longest generated document (default: --seq-length; longer ones exercise --overlong)")
-    d.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
-                   help="what happens to documents longer than --seq-length")
-    d.add_argument("--stdlib-granularity", choices=["toplevel", "file"], default="toplevel",
-                   help="documents of the default corpus: one per top-level def/class block (long-tailed, "
-                        "median ~500 tokens) or one per stdlib file")
+    d.add_argument(
+        "--mock-data-max-len",
+        type=_positive_int,
+        default=None,
+        help="longest generated document (default: --seq-length; longer ones exercise --overlong)",
+    )
+    d.add_argument(
+        "--overlong",
+        choices=["truncate", "drop"],
+        default="truncate",
+        help="what happens to documents longer than --seq-length",
+    )
+    d.add_argument(
+        "--stdlib-granularity",
+        choices=["toplevel", "file"],
+        default="toplevel",
+        help="documents of the default corpus: one per top-level def/class block (long-tailed, "
+        "median ~500 tokens) or one per stdlib file",
+    )
 
 
 def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
@@ -161,19 +205,42 @@ def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
     c.add_argument("--load", default=None, help="checkpoint directory to resume from")
     c.add_argument("--save-interval", type=_positive_int, default=None)
     c.add_argument("--no-save-final", action="store_true", help="do not save at the end of training")
-    c.add_argument("--keep-latest-k", type=_positive_int, default=None,
-                   help="keep only the newest K checkpoints in --save (default: keep all)")
-    c.add_argument("--load-step", type=_positive_int, default=None,
-                   help="resume from this iteration's checkpoint instead of the newest one")
-    c.add_argument("--override-opt-param-scheduler", action="store_true",
-                   help="on resume, take this run's LR-schedule flags instead of refusing a changed schedule")
-    c.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=None,
-                   help="on --exit-signal, save a checkpoint (if --save) at the next iteration boundary and exit 0 "
-                        "(default: on under SLURM, off otherwise)")
-    c.add_argument("--exit-signal", default="SIGTERM", choices=["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"],
-                   help="the signal --exit-signal-handler catches (SLURM scripts send SIGUSR1 90 s before the limit)")
-    c.add_argument("--exit-duration-in-mins", type=_positive_float, default=None,
-                   help="save (if --save) and exit 0 at the first iteration boundary after this many minutes")
+    c.add_argument(
+        "--keep-latest-k",
+        type=_positive_int,
+        default=None,
+        help="keep only the newest K checkpoints in --save (default: keep all)",
+    )
+    c.add_argument(
+        "--load-step",
+        type=_positive_int,
+        default=None,
+        help="resume from this iteration's checkpoint instead of the newest one",
+    )
+    c.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="on resume, take this run's LR-schedule flags instead of refusing a changed schedule",
+    )
+    c.add_argument(
+        "--exit-signal-handler",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on --exit-signal, save a checkpoint (if --save) at the next iteration boundary and exit 0 "
+        "(default: on under SLURM, off otherwise)",
+    )
+    c.add_argument(
+        "--exit-signal",
+        default="SIGTERM",
+        choices=["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"],
+        help="the signal --exit-signal-handler catches (SLURM scripts send SIGUSR1 90 s before the limit)",
+    )
+    c.add_argument(
+        "--exit-duration-in-mins",
+        type=_positive_float,
+        default=None,
+        help="save (if --save) and exit 0 at the first iteration boundary after this many minutes",
+    )
 
 
 def _logging_flags(lg: argparse._ArgumentGroup) -> None:
@@ -186,53 +253,102 @@ def _logging_flags(lg: argparse._ArgumentGroup) -> None:
 
 
 def _parallelism_flags(par: argparse._ArgumentGroup) -> None:
-    par.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
-                     help="default: nccl with CUDA, gloo otherwise")
-    par.add_argument("--distributed-timeout-minutes", type=_positive_float, default=10.0,
-                     help="collectives (process groups, SP groups) fail after this long; a rank that makes no "
-                          "iteration progress for 80%% of it dumps its stacks, names the ranks that went silent and "
-                          "exits (exit code 4)")
-    par.add_argument("--context-parallel-size", type=_positive_int, default=None,
-                     help="the SP degree of --sp-mode static (vanilla Megatron CP / Ulysses); default: the smallest "
-                          "degree that holds --seq-length")
+    par.add_argument(
+        "--distributed-backend", choices=["nccl", "gloo"], default=None, help="default: nccl with CUDA, gloo otherwise"
+    )
+    par.add_argument(
+        "--distributed-timeout-minutes",
+        type=_positive_float,
+        default=10.0,
+        help="collectives (process groups, SP groups) fail after this long; a rank that makes no "
+        "iteration progress for 80%% of it dumps its stacks, names the ranks that went silent and "
+        "exits (exit code 4)",
+    )
+    par.add_argument(
+        "--context-parallel-size",
+        type=_positive_int,
+        default=None,
+        help="the SP degree of --sp-mode static (vanilla Megatron CP / Ulysses); default: the smallest "
+        "degree that holds --seq-length",
+    )
     par.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
-    par.add_argument("--attention-backend", default="auto", choices=sorted(_ATTN_ALIASES),
-                     help="sdpa (CPU/GPU), flash (flash-attn varlen), te (Transformer Engine); Megatron names "
-                          "fused->te, unfused/local->sdpa; auto: te or flash when installed on GPU, else sdpa")
+    par.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=sorted(_ATTN_ALIASES),
+        help="sdpa (CPU/GPU), flash (flash-attn varlen), te (Transformer Engine); Megatron names "
+        "fused->te, unfused/local->sdpa; auto: te or flash when installed on GPU, else sdpa",
+    )
     par.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
     par.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
 
 
 def _flexsp_flags(f: argparse._ArgumentGroup) -> None:
     f.add_argument("--sp-mode", choices=list(SP_MODES), default="flexsp")
-    f.add_argument("--flexsp-cost-model", default=None,
-                   help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU. Without one that "
-                        "fits the model (layers, hidden, heads), the run starts from an analytic prior built from the "
-                        "model shape and a quick measurement of the device, and calibrates it online")
-    f.add_argument("--flexsp-time-limit", type=_time_limit, default=None, metavar="auto|SECONDS",
-                   help="planner time limit per global batch (s), which bounds the whole solve; also the longest "
-                        "wait for a late plan. auto (default): 10%% of the measured iteration time, at most "
-                        f"{AUTO_TIME_LIMIT_CAP_S:g} s")
-    f.add_argument("--flexsp-gap", type=_nonneg_float, default=0.01,
-                   help="the planner stops improving once its plan is within this fraction of the lower bound")
-    f.add_argument("--flexsp-calibrate", choices=["on", "off"], default="on",
-                   help="refit the cost model from the measured time of every SP group while training; later "
-                        "plans use the refitted model")
-    f.add_argument("--flexsp-save-calibrated", default=None, metavar="FILE",
-                   help="write the calibrated cost model here at the end (and at every checkpoint); "
-                        "--flexsp-cost-model and flexsp-plan accept it")
-    f.add_argument("--flexsp-plan-ahead", type=_nonneg_int, default=2,
-                   help="global batches planned ahead in a background process on rank 0 (0: plan inline)")
+    f.add_argument(
+        "--flexsp-cost-model",
+        default=None,
+        help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU. Without one that "
+        "fits the model (layers, hidden, heads), the run starts from an analytic prior built from the "
+        "model shape and a quick measurement of the device, and calibrates it online",
+    )
+    f.add_argument(
+        "--flexsp-time-limit",
+        type=_time_limit,
+        default=None,
+        metavar="auto|SECONDS",
+        help="planner time limit per global batch (s), which bounds the whole solve; also the longest "
+        "wait for a late plan. auto (default): 10%% of the measured iteration time, at most "
+        f"{AUTO_TIME_LIMIT_CAP_S:g} s",
+    )
+    f.add_argument(
+        "--flexsp-gap",
+        type=_nonneg_float,
+        default=0.01,
+        help="the planner stops improving once its plan is within this fraction of the lower bound",
+    )
+    f.add_argument(
+        "--flexsp-calibrate",
+        choices=["on", "off"],
+        default="on",
+        help="refit the cost model from the measured time of every SP group while training; later "
+        "plans use the refitted model",
+    )
+    f.add_argument(
+        "--flexsp-save-calibrated",
+        default=None,
+        metavar="FILE",
+        help="write the calibrated cost model here at the end (and at every checkpoint); "
+        "--flexsp-cost-model and flexsp-plan accept it",
+    )
+    f.add_argument(
+        "--flexsp-plan-ahead",
+        type=_nonneg_int,
+        default=2,
+        help="global batches planned ahead in a background process on rank 0 (0: plan inline)",
+    )
     f.add_argument("--flexsp-dump-plans", default=None, metavar="DIR", help="write every plan as JSON here")
-    f.add_argument("--flexsp-profile", default=None, metavar="FILE",
-                   help="profile this model on these ranks instead of training (as flexsp-profile does) and write "
-                        "the cost-model JSON to FILE")
-    f.add_argument("--flexsp-compare-with", choices=[m for m in SP_MODES if m != "flexsp"], default=None,
-                   help="also run every global batch under this baseline's plan (same model, same batch, right "
-                        "before the real step; its gradients are dropped) and log both times: a paired comparison "
-                        "in the same run conditions, immune to load drift on shared machines")
-    f.add_argument("--flexsp-sharding", choices=["fsdp2", "ddp"], default="fsdp2",
-                   help="model-state sharding: fsdp2 (ZeRO-3) or ddp (replicated, for debugging)")
+    f.add_argument(
+        "--flexsp-profile",
+        default=None,
+        metavar="FILE",
+        help="profile this model on these ranks instead of training (as flexsp-profile does) and write "
+        "the cost-model JSON to FILE",
+    )
+    f.add_argument(
+        "--flexsp-compare-with",
+        choices=[m for m in SP_MODES if m != "flexsp"],
+        default=None,
+        help="also run every global batch under this baseline's plan (same model, same batch, right "
+        "before the real step; its gradients are dropped) and log both times: a paired comparison "
+        "in the same run conditions, immune to load drift on shared machines",
+    )
+    f.add_argument(
+        "--flexsp-sharding",
+        choices=["fsdp2", "ddp"],
+        default="fsdp2",
+        help="model-state sharding: fsdp2 (ZeRO-3) or ddp (replicated, for debugging)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,8 +429,10 @@ def resolve_vocab_size(args: argparse.Namespace) -> int:
         tok_vocab = BYTE_VOCAB_SIZE
     if args.vocab_size is None:
         if tok_vocab is None:
-            raise ArgumentError("--data-path without --tokenizer-type: give --vocab-size (or the tokenizer the "
-                                "data was preprocessed with)")
+            raise ArgumentError(
+                "--data-path without --tokenizer-type: give --vocab-size (or the tokenizer the "
+                "data was preprocessed with)"
+            )
         return tok_vocab
     if tok_vocab is not None and args.vocab_size < tok_vocab:
         raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's vocabulary {tok_vocab}")
@@ -340,8 +458,10 @@ def _validate_model(args: argparse.Namespace) -> None:
         if getattr(args, name) >= 1.0:
             _err(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")
     if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        _err("--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: FlexSP shards model states "
-            "with ZeRO-3 over all ranks and uses every rank for sequence parallelism")
+        _err(
+            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: FlexSP shards model states "
+            "with ZeRO-3 over all ranks and uses every rank for sequence parallelism"
+        )
 
 
 def _validate_training(args: argparse.Namespace) -> None:
@@ -370,8 +490,10 @@ def _validate_devices(args: argparse.Namespace, has_cuda: bool) -> None:
         if not has_cuda:
             _err(f"--attention-backend {args.attention_backend} needs a GPU (nccl); use sdpa on CPU")
         if not args.bf16:
-            _err(f"--attention-backend {args.attention_backend} needs --bf16: flash-attn rejects fp32 and Transformer "
-                "Engine has no fp32 kernel for packed documents (use sdpa for fp32)")
+            _err(
+                f"--attention-backend {args.attention_backend} needs --bf16: flash-attn rejects fp32 and Transformer "
+                "Engine has no fp32 kernel for packed documents (use sdpa for fp32)"
+            )
     if args.attention_backend == "flash" and not backend_importable("flash"):
         _err("--attention-backend flash: flash_attn does not import here (pip install flash-attn, see docs/gpu.md)")
     if args.attention_backend == "te" and not backend_importable("te"):
@@ -382,8 +504,10 @@ def _validate_devices(args: argparse.Namespace, has_cuda: bool) -> None:
         if not backend_importable("te"):
             _err("--transformer-impl transformer_engine: transformer_engine.pytorch does not import here")
     if args.tensorboard_dir and not (_installed("tensorboard") or _installed("tensorboardX")):
-        _err("--tensorboard-dir: the tensorboard package is not installed (pip install tensorboard, or "
-            "pip install -e .[tensorboard])")
+        _err(
+            "--tensorboard-dir: the tensorboard package is not installed (pip install tensorboard, or "
+            "pip install -e .[tensorboard])"
+        )
     if args.wandb_project and not _installed("wandb"):
         _err("--wandb-project: the wandb package is not installed (pip install wandb)")
 
@@ -396,7 +520,9 @@ def _validate_data(args: argparse.Namespace) -> None:
     _parse_split(args.split)
     if args.tokenizer_type is not None:
         if args.tokenizer_type not in TOKENIZER_TYPES:
-            _err(f"--tokenizer-type {args.tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})")
+            _err(
+                f"--tokenizer-type {args.tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})"
+            )
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         _err("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH")
     if args.mock_data and args.mock_data_min_len > args.seq_length:
@@ -440,26 +566,36 @@ def validate_against_cost(args: argparse.Namespace, world_size: int, cost: CostM
     allowed = cost.allowed_degrees(world_size)
     bad = [d for d in allowed if heads % d]
     if bad:
-        _err(f"--num-attention-heads {heads} is not divisible by SP degree(s) {bad} that cost model "
-            f"'{cost.name}' allows on {world_size} ranks (degrees {allowed})")
+        _err(
+            f"--num-attention-heads {heads} is not divisible by SP degree(s) {bad} that cost model "
+            f"'{cost.name}' allows on {world_size} ranks (degrees {allowed})"
+        )
     holding = [d for d in allowed if cost.fits(args.seq_length, d)]
     if not holding:
         biggest = max(allowed)
-        _err(f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
-            f"{cost.capacity(biggest)} tokens under cost model '{cost.name}'; lower --seq-length or add ranks")
+        _err(
+            f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
+            f"{cost.capacity(biggest)} tokens under cost model '{cost.name}'; lower --seq-length or add ranks"
+        )
     cp = args.context_parallel_size
     if cp is not None:
         if args.sp_mode != "static" and args.flexsp_compare_with != "static" and cp != 1:
-            _err(f"--context-parallel-size {cp} applies to --sp-mode static only (--sp-mode {args.sp_mode} "
-                "chooses its degrees per micro-batch)")
+            _err(
+                f"--context-parallel-size {cp} applies to --sp-mode static only (--sp-mode {args.sp_mode} "
+                "chooses its degrees per micro-batch)"
+            )
         if "static" in (args.sp_mode, args.flexsp_compare_with):
             if heads % cp:
                 _err(f"--num-attention-heads {heads} is not divisible by --context-parallel-size {cp}")
             if world_size % cp:
                 _err(f"world size {world_size} is not divisible by --context-parallel-size {cp}")
             if cp not in allowed:
-                _err(f"--context-parallel-size {cp} is not a degree cost model '{cost.name}' allows on "
-                    f"{world_size} ranks (allowed: {allowed})")
+                _err(
+                    f"--context-parallel-size {cp} is not a degree cost model '{cost.name}' allows on "
+                    f"{world_size} ranks (allowed: {allowed})"
+                )
             if not cost.fits(args.seq_length, cp):
-                _err(f"--context-parallel-size {cp} cannot hold --seq-length {args.seq_length}: a group of {cp} "
-                    f"ranks holds {cost.capacity(cp)} tokens; use at least {holding[0]}")
+                _err(
+                    f"--context-parallel-size {cp} cannot hold --seq-length {args.seq_length}: a group of {cp} "
+                    f"ranks holds {cost.capacity(cp)} tokens; use at least {holding[0]}"
+                )

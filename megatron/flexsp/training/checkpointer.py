@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,9 +41,17 @@ class Checkpointer:
     planner state), so what is saved is always current.
     """
 
-    def __init__(self, cfg: CheckpointConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, *, state_fns: dict[str, Callable[[], Any]], run_record: dict[str, Any],
-                 train_iters: int) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        *,
+        state_fns: dict[str, Callable[[], Any]],
+        run_record: dict[str, Any],
+        train_iters: int,
+    ) -> None:
         self.cfg = cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.state_fns = state_fns
@@ -54,8 +63,12 @@ class Checkpointer:
     def _starts_fresh(self) -> bool:
         """Megatron's auto-resume pattern (--save X --load X): the first launch has nothing to load."""
         c = self.cfg
-        return bool(c.load and c.save and os.path.realpath(c.load) == os.path.realpath(c.save)
-                    and not os.path.exists(os.path.join(c.load, "latest")))
+        return bool(
+            c.load
+            and c.save
+            and os.path.realpath(c.load) == os.path.realpath(c.save)
+            and not os.path.exists(os.path.join(c.load, "latest"))
+        )
 
     def resume(self) -> LoadedCheckpoint | None:
         """Load ``--load`` (collective) or return None when this run starts from scratch."""
@@ -64,9 +77,15 @@ class Checkpointer:
         if self._starts_fresh():
             log.info("no checkpoint in %s yet: starting from scratch", self.cfg.load)
             return None
-        loaded = load_checkpoint(self.cfg.load, self.model, self.optimizer, self.scheduler,
-                                 load_step=self.cfg.load_step, args=self.run_record,
-                                 override_opt_param_scheduler=self.cfg.override_opt_param_scheduler)
+        loaded = load_checkpoint(
+            self.cfg.load,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            load_step=self.cfg.load_step,
+            args=self.run_record,
+            override_opt_param_scheduler=self.cfg.override_opt_param_scheduler,
+        )
         self.last_saved = loaded.iteration
         log.info("resumed from %s at iteration %d", loaded.path, loaded.iteration)
         return loaded
@@ -74,10 +93,18 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, iteration: int) -> None:
         states = {name: fn() for name, fn in self.state_fns.items()}
-        path = save_checkpoint(self.cfg.save, iteration, self.model, self.optimizer, self.scheduler,
-                               sampler_state=states.get("sampler"), planner_state=states.get("planner"),
-                               extra=states.get("extra"), args=self.run_record,
-                               keep_latest_k=self.cfg.keep_latest_k)
+        path = save_checkpoint(
+            self.cfg.save,
+            iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            sampler_state=states.get("sampler"),
+            planner_state=states.get("planner"),
+            extra=states.get("extra"),
+            args=self.run_record,
+            keep_latest_k=self.cfg.keep_latest_k,
+        )
         self.last_saved = iteration
         log.info("saved checkpoint %s", path)
 
@@ -102,8 +129,12 @@ class Checkpointer:
         if self.cfg.save and self.last_saved != iteration:
             self.save(iteration)
             saved = True
-        log.info("exiting after iteration %d (%s)%s", iteration, exit_reason,
-                 "" if self.cfg.save else "; no --save, so nothing was saved")
+        log.info(
+            "exiting after iteration %d (%s)%s",
+            iteration,
+            exit_reason,
+            "" if self.cfg.save else "; no --save, so nothing was saved",
+        )
         return SaveDecision(saved, stop=True)
 
     def finish(self, iteration: int) -> None:

@@ -157,6 +157,7 @@ def model_signature(state: dict[str, Any]) -> dict[str, list[int]]:
 
 # ------------------------------------------------------------------------------ safe loading
 
+
 @functools.lru_cache(maxsize=1)
 def _safe_globals() -> tuple[Any, ...]:
     return tuple(safe_globals())
@@ -181,6 +182,7 @@ def safe_globals() -> list[Any]:
         from megatron.core.safe_globals import (
             SAFE_GLOBALS as _MCORE,  # megatron-core >= 0.13
         )
+
         out += [g for g in _MCORE if g not in out]
     except Exception as e:  # noqa: BLE001 - older megatron-core, or its imports fail on this host
         log.debug("megatron.core.safe_globals not used: %s", e)
@@ -198,10 +200,12 @@ def _torch_load(path: Path) -> Any:
         raise UnsafeCheckpointError(
             f"checkpoint file {path} refused: it references {what}, which is not on the allow-list of safe types "
             "(torch.load weights_only=True); a checkpoint must hold only tensors and plain data - do not load files "
-            "from an untrusted source") from None
+            "from an untrusted source"
+        ) from None
 
 
 # ------------------------------------------------------------------------------ finiteness
+
 
 def nonfinite_tensors(state: Any, prefix: str = "", limit: int = 4) -> list[str]:
     """Names of floating-point tensors in a (nested) state dict holding NaN or inf, at most ``limit``.
@@ -232,6 +236,7 @@ def nonfinite_tensors(state: Any, prefix: str = "", limit: int = 4) -> list[str]
 
 # ------------------------------------------------------------------------------ resume checks
 
+
 def _as_dict(args: Any) -> dict[str, Any]:
     if args is None:
         return {}
@@ -240,8 +245,9 @@ def _as_dict(args: Any) -> dict[str, Any]:
     return dict(vars(args))
 
 
-def check_resume_compatible(saved_args: Mapping[str, Any] | Any, args: Mapping[str, Any] | Any, *,
-                            override_opt_param_scheduler: bool = False) -> None:
+def check_resume_compatible(
+    saved_args: Mapping[str, Any] | Any, args: Mapping[str, Any] | Any, *, override_opt_param_scheduler: bool = False
+) -> None:
     """Refuse, with one line, a resume that cannot continue the saved run exactly.
 
     * ``global_batch_size`` changed: refused (the data order and the sampler position are per
@@ -263,16 +269,19 @@ def check_resume_compatible(saved_args: Mapping[str, Any] | Any, args: Mapping[s
         raise ResumeMismatchError(
             f"the checkpoint was saved with --global-batch-size {saved['global_batch_size']}, this run has "
             f"{now['global_batch_size']}: resuming with another global batch size is not supported (the data order "
-            "is per global batch); resume with the saved value")
+            "is per global batch); resume with the saved value"
+        )
     changed = [k for k in LR_SCHEDULE_ARGS if differs(k)]
     if changed and not override_opt_param_scheduler:
         what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
         raise ResumeMismatchError(
             f"the LR schedule differs from the checkpoint's ({what}; --lr-decay-iters defaults to --train-iters): "
-            "pass --override-opt-param-scheduler to use this run's values, or resume with the saved ones")
+            "pass --override-opt-param-scheduler to use this run's values, or resume with the saved ones"
+        )
 
 
 # ------------------------------------------------------------------------------ RNG
+
 
 def rng_state() -> dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -299,6 +308,7 @@ def _gather_rng() -> list[dict[str, Any]] | None:
 
 
 # ------------------------------------------------------------------------------ files
+
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
@@ -434,11 +444,20 @@ def _install(save_dir: Path, tmp: Path, final: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, scheduler: Any = None, *,
-                    sampler_state: dict[str, Any] | None = None, planner_state: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None, args: dict[str, Any] | None = None,
-                    keep_latest_k: int | None = None, check_finite: bool = True) -> Path:
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any = None,
+    *,
+    sampler_state: dict[str, Any] | None = None,
+    planner_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    args: dict[str, Any] | None = None,
+    keep_latest_k: int | None = None,
+    check_finite: bool = True,
+) -> Path:
     """Write the checkpoint of ``iteration`` (collective: every rank calls it). Returns its directory.
 
     ``keep_latest_k``: afterwards delete all but the newest k checkpoints (None keeps all).
@@ -459,13 +478,15 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model: torch.nn
     err, err_type, tmp = None, "CheckpointError", None
     if _rank() == 0:
         try:
-            bad = nonfinite_tensors(model_sd, "model") + nonfinite_tensors(optim_sd, "optimizer") \
-                if check_finite else []
+            bad = (
+                nonfinite_tensors(model_sd, "model") + nonfinite_tensors(optim_sd, "optimizer") if check_finite else []
+            )
             if bad:
                 err_type = "NonFiniteCheckpointError"
                 raise NonFiniteCheckpointError(
                     f"non-finite values (NaN/inf) in {', '.join(bad[:4])}: not written, `latest` still names the "
-                    "last finite checkpoint")
+                    "last finite checkpoint"
+                )
             save_dir.mkdir(parents=True, exist_ok=True)
             _clean_stale(save_dir)
             tmp = save_dir / f".tmp-{_iter_name(iteration)}-{os.getpid()}-{time.time_ns()}"
@@ -473,14 +494,17 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model: torch.nn
             torch.save(model_sd, tmp / "model.pt")
             if optim_sd is not None:
                 torch.save(optim_sd, tmp / "optim.pt")
-            torch.save({
-                "iteration": iteration,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "sampler": sampler_state,
-                "planner": planner_state,
-                "rng": rngs,
-                "extra": extra or {},
-            }, tmp / "trainer.pt")
+            torch.save(
+                {
+                    "iteration": iteration,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "sampler": sampler_state,
+                    "planner": planner_state,
+                    "rng": rngs,
+                    "extra": extra or {},
+                },
+                tmp / "trainer.pt",
+            )
             files = {}
             for f in sorted(tmp.iterdir()):
                 _fsync_file(f)
@@ -507,8 +531,11 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model: torch.nn
         except Exception as e:  # noqa: BLE001 - every rank must learn about it
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            err = str(e) if isinstance(e, NonFiniteCheckpointError) else \
-                f"saving checkpoint {final} failed: {type(e).__name__}: {e}"
+            err = (
+                str(e)
+                if isinstance(e, NonFiniteCheckpointError)
+                else f"saving checkpoint {final} failed: {type(e).__name__}: {e}"
+            )
             if isinstance(e, NonFiniteCheckpointError):
                 err = f"refusing to save checkpoint {final}: {err}"
     err, err_type = _bcast((err, err_type))
@@ -518,6 +545,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model: torch.nn
 
 
 # ------------------------------------------------------------------------------ finding and verifying
+
 
 def find_checkpoint(load_dir: str | os.PathLike, *, load_step: int | None = None) -> Path:
     """The checkpoint directory ``--load`` names: DIR/iter_<load_step> if given, else DIR/latest's target,
@@ -529,8 +557,10 @@ def find_checkpoint(load_dir: str | os.PathLike, *, load_step: int | None = None
         target = p / _iter_name(int(load_step))
         if not (target / "meta.json").exists():
             have = [i for i, _ in list_checkpoints(p)]
-            raise CheckpointError(f"--load {p} --load-step {load_step}: no complete checkpoint {target.name} "
-                                  f"(available iterations: {have or 'none'})")
+            raise CheckpointError(
+                f"--load {p} --load-step {load_step}: no complete checkpoint {target.name} "
+                f"(available iterations: {have or 'none'})"
+            )
         return target
     if (p / "meta.json").exists():
         return p
@@ -574,8 +604,9 @@ def verify_checkpoint(path: str | os.PathLike, meta: dict[str, Any] | None = Non
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         size = f.stat().st_size
         if size != rec.get("bytes"):
-            raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, meta.json says {rec.get('bytes')} "
-                                  "(truncated or replaced)")
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has {size} bytes, meta.json says {rec.get('bytes')} (truncated or replaced)"
+            )
         if _sha256(f) != rec.get("sha256"):
             raise CheckpointError(f"checkpoint {path}: {name} fails its sha256 check (corrupted on disk)")
     return []
@@ -585,14 +616,19 @@ def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path) ->
     if meta.get("format_version") not in READABLE_VERSIONS:
         return f"checkpoint {path}: format version {meta.get('format_version')} (this code reads {FORMAT_VERSION})"
     if meta.get("world_size") != _world():
-        return (f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {_world()} "
-                "(the data position, RNG and plans are per world size: resume with the same number of ranks)")
+        return (
+            f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {_world()} "
+            "(the data position, RNG and plans are per world size: resume with the same number of ranks)"
+        )
     saved = meta.get("model_signature", {})
     if saved != model_sig:
         missing = sorted(set(model_sig) - set(saved))
         unexpected = sorted(set(saved) - set(model_sig))
-        shapes = [f"{k}: checkpoint {saved[k]} vs model {model_sig[k]}" for k in sorted(set(saved) & set(model_sig))
-                  if saved[k] != model_sig[k]]
+        shapes = [
+            f"{k}: checkpoint {saved[k]} vs model {model_sig[k]}"
+            for k in sorted(set(saved) & set(model_sig))
+            if saved[k] != model_sig[k]
+        ]
         parts = []
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:4]))
@@ -600,8 +636,9 @@ def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path) ->
             parts.append(f"missing in checkpoint {missing[:4]}")
         if unexpected:
             parts.append(f"not in model {unexpected[:4]}")
-        return f"checkpoint {path} does not fit this model (different --num-layers/--hidden-size/...?): " + \
-            ", ".join(parts)
+        return f"checkpoint {path} does not fit this model (different --num-layers/--hidden-size/...?): " + ", ".join(
+            parts
+        )
     return None
 
 
@@ -623,13 +660,13 @@ def _candidates(load_dir: Path, load_step: int | None) -> tuple[Path | None, lis
     name = first.name if first is not None else (_read_latest(load_dir) or "")
     m = _ITER_PREFIX_RE.match(name)
     bound = int(m.group(1)) if m else None
-    older = [p for i, p in reversed(list_checkpoints(load_dir))
-             if p != first and (bound is None or i <= bound)]
+    older = [p for i, p in reversed(list_checkpoints(load_dir)) if p != first and (bound is None or i <= bound)]
     return first, older, why
 
 
-def _load_candidate(path: Path, sig: dict[str, list[int]], need_optim: bool, args: Any,
-                    override_opt_param_scheduler: bool) -> tuple[dict, Any, dict, dict, list[str]]:
+def _load_candidate(
+    path: Path, sig: dict[str, list[int]], need_optim: bool, args: Any, override_opt_param_scheduler: bool
+) -> tuple[dict, Any, dict, dict, list[str]]:
     """Everything of one checkpoint, verified. _Damaged: try an older one; CheckpointError: stop."""
     try:
         meta = read_meta(path)
@@ -639,8 +676,7 @@ def _load_candidate(path: Path, sig: dict[str, list[int]], need_optim: bool, arg
     if err:
         raise CheckpointError(err)
     if args is not None:
-        check_resume_compatible(meta.get("args") or {}, args,
-                                override_opt_param_scheduler=override_opt_param_scheduler)
+        check_resume_compatible(meta.get("args") or {}, args, override_opt_param_scheduler=override_opt_param_scheduler)
     try:
         notes = verify_checkpoint(path, meta)
     except CheckpointError as e:
@@ -660,10 +696,17 @@ def _load_candidate(path: Path, sig: dict[str, list[int]], need_optim: bool, arg
     return meta, trainer, model_sd, optim_sd, notes
 
 
-def load_checkpoint(load_dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any = None, *, restore_rng: bool = True, load_step: int | None = None,
-                    args: Mapping[str, Any] | Any | None = None,
-                    override_opt_param_scheduler: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(
+    load_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any = None,
+    *,
+    restore_rng: bool = True,
+    load_step: int | None = None,
+    args: Mapping[str, Any] | Any | None = None,
+    override_opt_param_scheduler: bool = False,
+) -> LoadedCheckpoint:
     """Restore everything ``save_checkpoint`` wrote (collective). Errors are raised on every rank.
 
     The checkpoint ``latest`` names is verified (sha256 of every file); if it is damaged or
@@ -689,7 +732,8 @@ def load_checkpoint(load_dir: str | os.PathLike, model: torch.nn.Module, optimiz
             for path in tried:
                 try:
                     meta, trainer, model_sd, optim_sd, notes = _load_candidate(
-                        path, sig, optimizer is not None, args, override_opt_param_scheduler)
+                        path, sig, optimizer is not None, args, override_opt_param_scheduler
+                    )
                 except _Damaged as e:
                     failures.append((path, str(e)))
                     if load_step is not None or not older:
@@ -698,14 +742,18 @@ def load_checkpoint(load_dir: str | os.PathLike, model: torch.nn.Module, optimiz
                 warns = list(notes)
                 if failures:
                     bad, reason = failures[0]
-                    warns.insert(0, f"checkpoint {bad if bad is not None else Path(load_dir) / LATEST} failed "
-                                    f"verification ({reason}); falling back to {path}, the newest checkpoint that "
-                                    "verifies")
+                    warns.insert(
+                        0,
+                        f"checkpoint {bad if bad is not None else Path(load_dir) / LATEST} failed "
+                        f"verification ({reason}); falling back to {path}, the newest checkpoint that "
+                        "verifies",
+                    )
                 info = (str(path), meta.get("args") or {}, str(failures[0][0]) if failures else None, warns)
                 break
             else:
-                raise CheckpointError(f"--load {load_dir}: no checkpoint verifies: " +
-                                      "; ".join(r for _, r in failures))
+                raise CheckpointError(
+                    f"--load {load_dir}: no checkpoint verifies: " + "; ".join(r for _, r in failures)
+                )
         except CheckpointError as e:
             err, err_type = str(e), type(e).__name__
         except Exception as e:  # noqa: BLE001 - a damaged file: tell every rank
@@ -726,6 +774,13 @@ def load_checkpoint(load_dir: str | os.PathLike, model: torch.nn.Module, optimiz
     rngs = small.get("rng") or []
     if restore_rng and len(rngs) == _world():
         set_rng_state(rngs[_rank()])
-    return LoadedCheckpoint(iteration=int(small["iteration"]), path=Path(info[0]), sampler=small.get("sampler"),
-                            planner=small.get("planner"), extra=small.get("extra") or {}, args=dict(info[1]),
-                            fallback_from=Path(info[2]) if info[2] else None, warnings=list(info[3]))
+    return LoadedCheckpoint(
+        iteration=int(small["iteration"]),
+        path=Path(info[0]),
+        sampler=small.get("sampler"),
+        planner=small.get("planner"),
+        extra=small.get("extra") or {},
+        args=dict(info[1]),
+        fallback_from=Path(info[2]) if info[2] else None,
+        warnings=list(info[3]),
+    )

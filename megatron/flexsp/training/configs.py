@@ -200,8 +200,9 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
     cuda = device is None
     A.validate_args(args, env.world_size, has_cuda=cuda)
     vocab = A.resolve_vocab_size(args)
-    start = resolve_cost_model(args, world_size=env.world_size, local_ranks=env.local_world_size, cuda=cuda,
-                               vocab_size=vocab)
+    start = resolve_cost_model(
+        args, world_size=env.world_size, local_ranks=env.local_world_size, cuda=cuda, vocab_size=vocab
+    )
     A.validate_against_cost(args, env.world_size, start.cost)
     model = model_config_from_args(args, cuda=cuda, vocab_size=vocab)
     data = DataConfig.from_args(args, vocab_size=model.vocab_size)
@@ -216,17 +217,30 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
         flexsp=fill_from_args(
             FlexSPConfig,
             args,
-            {"time_limit_s": "flexsp_time_limit", "plan_ahead": "flexsp_plan_ahead", "dump_plans": "flexsp_dump_plans",
-             "sharding": "flexsp_sharding", "compare_with": "flexsp_compare_with", "gap": "flexsp_gap",
-             "save_calibrated": "flexsp_save_calibrated"},
+            {
+                "time_limit_s": "flexsp_time_limit",
+                "plan_ahead": "flexsp_plan_ahead",
+                "dump_plans": "flexsp_dump_plans",
+                "sharding": "flexsp_sharding",
+                "compare_with": "flexsp_compare_with",
+                "gap": "flexsp_gap",
+                "save_calibrated": "flexsp_save_calibrated",
+            },
             calibrate=args.flexsp_calibrate == "on",
         ),
         logging=fill_from_args(LoggingConfig, args, progress_bar=not args.no_progress_bar),
-        checkpoint=fill_from_args(CheckpointConfig, args, save_final=not args.no_save_final,
-                                  exit_signal=args.exit_signal if args.exit_signal_handler else None),
+        checkpoint=fill_from_args(
+            CheckpointConfig,
+            args,
+            save_final=not args.no_save_final,
+            exit_signal=args.exit_signal if args.exit_signal_handler else None,
+        ),
         data=data,
-        distributed=fill_from_args(DistributedConfig, args, {"backend": "distributed_backend",
-                                                             "timeout_minutes": "distributed_timeout_minutes"}),
+        distributed=fill_from_args(
+            DistributedConfig,
+            args,
+            {"backend": "distributed_backend", "timeout_minutes": "distributed_timeout_minutes"},
+        ),
         cost=start.cost,
         cost_note=start.note,
         run_record={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool, list))},

@@ -49,8 +49,12 @@ class ResolvedCostModel:
 
 def shape_mismatch(cost: CostModel, args: argparse.Namespace) -> str | None:
     """Why ``cost`` was not made for this model (layers, hidden size, heads, query groups), or None."""
-    for field, flag in (("num_layers", "num_layers"), ("hidden_size", "hidden_size"),
-                        ("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_query_groups")):
+    for field, flag in (
+        ("num_layers", "num_layers"),
+        ("hidden_size", "hidden_size"),
+        ("num_attention_heads", "num_attention_heads"),
+        ("num_query_groups", "num_query_groups"),
+    ):
         want, have = getattr(args, flag), getattr(cost, field)
         if have is not None and want != have:
             return f"it was made for {field.replace('_', ' ')} {have}, the model has {want}"
@@ -86,25 +90,40 @@ def _memory_limit_gb(device: torch.device, local_ranks: int) -> float:
     return total_kb / 2**20 / 2 / max(1, local_ranks)
 
 
-def _prior(args: argparse.Namespace, vocab_size: int, world_size: int, local_ranks: int,
-           device: torch.device) -> CostModel:
+def _prior(
+    args: argparse.Namespace, vocab_size: int, world_size: int, local_ranks: int, device: torch.device
+) -> CostModel:
     kind = "cuda" if device.type == "cuda" else "cpu"
-    flops = measure_matmul_flops(device, seconds=0.5 if kind == "cpu" else 0.2,
-                                 size=max(256, min(4096, args.hidden_size * 4)))
+    flops = measure_matmul_flops(
+        device, seconds=0.5 if kind == "cpu" else 0.2, size=max(256, min(4096, args.hidden_size * 4))
+    )
     intra, inter = _LINKS[kind]
-    shape = ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                       num_attention_heads=args.num_attention_heads, vocab_size=vocab_size,
-                       num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
-                       swiglu=bool(args.swiglu))
-    return analytic_cost_model(shape, device_flops=flops, efficiency=_EFFICIENCY[kind], intra_node_gbs=intra,
-                               inter_node_gbs=inter, limit_gb=_memory_limit_gb(device, local_ranks),
-                               gpus_per_node=min(local_ranks, world_size), world_size=world_size,
-                               bytes_per_element=2 if args.bf16 else 4,
-                               sharding="ddp" if args.flexsp_sharding == "ddp" else "zero3")
+    shape = ModelShape(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=vocab_size,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        swiglu=bool(args.swiglu),
+    )
+    return analytic_cost_model(
+        shape,
+        device_flops=flops,
+        efficiency=_EFFICIENCY[kind],
+        intra_node_gbs=intra,
+        inter_node_gbs=inter,
+        limit_gb=_memory_limit_gb(device, local_ranks),
+        gpus_per_node=min(local_ranks, world_size),
+        world_size=world_size,
+        bytes_per_element=2 if args.bf16 else 4,
+        sharding="ddp" if args.flexsp_sharding == "ddp" else "zero3",
+    )
 
 
-def resolve_cost_model(args: argparse.Namespace, *, world_size: int, local_ranks: int, cuda: bool,
-                       vocab_size: int) -> ResolvedCostModel:
+def resolve_cost_model(
+    args: argparse.Namespace, *, world_size: int, local_ranks: int, cuda: bool, vocab_size: int
+) -> ResolvedCostModel:
     """The run's starting cost model: --flexsp-cost-model (file or preset) if it fits the model, else the prior.
 
     Without --flexsp-cost-model the CPU default preset is used when it fits; on GPU there is no
@@ -124,11 +143,17 @@ def resolve_cost_model(args: argparse.Namespace, *, world_size: int, local_ranks
         why = f"cost model '{cost.name}' does not fit: {mismatch}"
         if args.flexsp_cost_model is None:
             why = f"the default CPU preset '{spec}' does not fit: {mismatch}"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())) \
-        if cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
+        if cuda
+        else torch.device("cpu")
+    )
     try:
         cost = _prior(args, vocab_size, world_size, local_ranks, device)
     except CostModelError as e:
         raise ArgumentError(f"analytic cost model: {e}") from None
-    return ResolvedCostModel(cost, "prior", f"{why}; starting from an analytic prior ({cost.name}), "
-                                            "calibrated online from the measured micro-batches")
+    return ResolvedCostModel(
+        cost,
+        "prior",
+        f"{why}; starting from an analytic prior ({cost.name}), calibrated online from the measured micro-batches",
+    )

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import traceback
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -128,8 +129,14 @@ def _rendezvous_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store
     if env.world_size == 1:
         return dist.HashStore()
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0 and not agent_hosts,
-                         timeout=timeout, multi_tenant=not agent_hosts)
+    return dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=env.rank == 0 and not agent_hosts,
+        timeout=timeout,
+        multi_tenant=not agent_hosts,
+    )
 
 
 def init_distributed(env: LaunchEnv, backend: str | None, timeout_s: float = 600.0) -> torch.device:
@@ -165,8 +172,12 @@ def shutdown_distributed() -> None:
             pass
 
 
-def run_entrypoint(prog: str, fn: Callable[[], Any], user_errors: Sequence[type[BaseException]] = (),
-                   exit_codes: Mapping[type[BaseException], int] | None = None) -> int:
+def run_entrypoint(
+    prog: str,
+    fn: Callable[[], Any],
+    user_errors: Sequence[type[BaseException]] = (),
+    exit_codes: Mapping[type[BaseException], int] | None = None,
+) -> int:
     """Run an entry point's body: quiet known warnings, known failures as one line, always shut down.
 
     ``fn`` returns an exit code (None means 0). ``user_errors`` are the exception types that mean

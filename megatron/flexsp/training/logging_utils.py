@@ -62,12 +62,23 @@ class IterationRecord:
 
     def to_json(self) -> dict[str, Any]:
         d = {
-            "iteration": self.iteration, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
-            "tokens": self.tokens, "tokens_per_s": self.tokens_per_s, "iter_ms": self.iter_ms,
-            "estimated_ms": self.estimated_ms, "micro_batches": self.micro_batches, "sp_mode": self.sp_mode,
+            "iteration": self.iteration,
+            "loss": self.loss,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "iter_ms": self.iter_ms,
+            "estimated_ms": self.estimated_ms,
+            "micro_batches": self.micro_batches,
+            "sp_mode": self.sp_mode,
             "groups_by_degree": {str(k): v for k, v in sorted(self.groups_by_degree.items())},
-            "a2a_ms": self.a2a_ms, "a2a_share": self.a2a_share, "compute_ms": self.compute_ms,
-            "plan_source": self.plan_source, "plan_wait_ms": self.plan_wait_ms, "solve_time_s": self.solve_time_s,
+            "a2a_ms": self.a2a_ms,
+            "a2a_share": self.a2a_share,
+            "compute_ms": self.compute_ms,
+            "plan_source": self.plan_source,
+            "plan_wait_ms": self.plan_wait_ms,
+            "solve_time_s": self.solve_time_s,
             "num_sequences": self.num_sequences,
         }
         d.update(self.extra)
@@ -80,19 +91,27 @@ def format_line(r: IterationRecord, train_iters: int) -> str:
     est = f"{r.estimated_ms:.1f}" if r.estimated_ms is not None else "-"
     src = "" if r.plan_source in ("planner", "inline") else f" | plan {r.plan_source}"
     if r.extra.get("baseline_exec_ms") and r.extra.get("exec_ms"):
-        src += (f" | step {r.extra['exec_ms']:.0f} ms vs {r.extra['baseline_mode']} "
-                f"{r.extra['baseline_exec_ms']:.0f} ms")
-    return (f" iteration {r.iteration:>6}/{train_iters} | loss {r.loss:.5f} | lr {r.lr:.3E} | "
-            f"grad norm {r.grad_norm:.3f} | tokens/s {r.tokens_per_s:,.0f} | ms/iter {r.iter_ms:.1f} | "
-            f"est ms {est} | micro-batches {r.micro_batches} | groups {groups} | a2a {100 * r.a2a_share:.1f}%"
-            f"{src}")
+        src += f" | step {r.extra['exec_ms']:.0f} ms vs {r.extra['baseline_mode']} {r.extra['baseline_exec_ms']:.0f} ms"
+    return (
+        f" iteration {r.iteration:>6}/{train_iters} | loss {r.loss:.5f} | lr {r.lr:.3E} | "
+        f"grad norm {r.grad_norm:.3f} | tokens/s {r.tokens_per_s:,.0f} | ms/iter {r.iter_ms:.1f} | "
+        f"est ms {est} | micro-batches {r.micro_batches} | groups {groups} | a2a {100 * r.a2a_share:.1f}%"
+        f"{src}"
+    )
 
 
 class MetricsLogger:
     """Writes every ``log_interval``-th record to the console/progress bar, JSONL, TensorBoard, wandb."""
 
-    def __init__(self, cfg: LoggingConfig, *, rank: int, train_iters: int, start_iteration: int = 0,
-                 run_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        *,
+        rank: int,
+        train_iters: int,
+        start_iteration: int = 0,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.rank = rank
         self.train_iters = train_iters
@@ -122,8 +141,9 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise RuntimeError("--tensorboard-dir: the tensorboard package is not installed "
-                               "(pip install tensorboard)") from None
+            raise RuntimeError(
+                "--tensorboard-dir: the tensorboard package is not installed (pip install tensorboard)"
+            ) from None
         os.makedirs(path, exist_ok=True)
         return SummaryWriter(log_dir=path)
 
@@ -144,8 +164,15 @@ class MetricsLogger:
         if self.cfg.metrics_file:
             with open(self.cfg.metrics_file, "a") as f:
                 f.write(json.dumps(r.to_json()) + "\n")
-        scalars = {"loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens_per_s": r.tokens_per_s,
-                   "iter_ms": r.iter_ms, "micro_batches": r.micro_batches, "a2a_share": r.a2a_share}
+        scalars = {
+            "loss": r.loss,
+            "lr": r.lr,
+            "grad_norm": r.grad_norm,
+            "tokens_per_s": r.tokens_per_s,
+            "iter_ms": r.iter_ms,
+            "micro_batches": r.micro_batches,
+            "a2a_share": r.a2a_share,
+        }
         if r.estimated_ms is not None:
             scalars["estimated_ms"] = r.estimated_ms
         if self._tb is not None:

@@ -7,7 +7,7 @@ module only wires them in order, so the same pieces serve tests, the profiler an
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron.flexsp.planner.costmodel import CostModelError
 

@@ -72,10 +72,16 @@ class OnlineCalibration:
                 slots = [SLOTS_PER_RANK * (m * w + r) for r in g.ranks]
                 lengths = [plan.lengths[i] for i in g.sequences]
                 peak = max(gathered[s + 2] for s in slots)
-                out.append(GroupSample(degree=g.degree, tokens=sum(lengths), sum_sq=float(sum(x * x for x in lengths)),
-                                       compute_ms=max(gathered[s] for s in slots),
-                                       a2a_ms=max(gathered[s + 1] for s in slots) if g.degree > 1 else 0.0,
-                                       peak_mb=peak if peak > 0 else None))
+                out.append(
+                    GroupSample(
+                        degree=g.degree,
+                        tokens=sum(lengths),
+                        sum_sq=float(sum(x * x for x in lengths)),
+                        compute_ms=max(gathered[s] for s in slots),
+                        a2a_ms=max(gathered[s + 1] for s in slots) if g.degree > 1 else 0.0,
+                        peak_mb=peak if peak > 0 else None,
+                    )
+                )
         return out
 
     # ----------------------------------------------------------------- refit
@@ -90,9 +96,14 @@ class OnlineCalibration:
             return None
         if not self._logged_apply:
             c = new.compute
-            log.info("cost model calibrated from %d measured groups: alpha1 %.4g, alpha2 %.4g, beta1 %.4g ms; "
-                     "bandwidth %s", self.calibrator.num_samples, c.alpha1_ms_per_token2, c.alpha2_ms_per_token,
-                     c.beta1_ms, {int(k): round(v, 4) for k, v in new.alltoall.bandwidth_gbs.items()})
+            log.info(
+                "cost model calibrated from %d measured groups: alpha1 %.4g, alpha2 %.4g, beta1 %.4g ms; bandwidth %s",
+                self.calibrator.num_samples,
+                c.alpha1_ms_per_token2,
+                c.alpha2_ms_per_token,
+                c.beta1_ms,
+                {int(k): round(v, 4) for k, v in new.alltoall.bandwidth_gbs.items()},
+            )
             self._logged_apply = True
         return new
 
@@ -105,9 +116,12 @@ class OnlineCalibration:
         if self.calibrator is None:
             return {}
         c = self.calibrator.current
-        return {"cost_alpha1": c.compute.alpha1_ms_per_token2, "cost_alpha2": c.compute.alpha2_ms_per_token,
-                "cost_beta1": c.compute.beta1_ms,
-                "cost_bandwidth_gbs": {str(k): v for k, v in sorted(c.alltoall.bandwidth_gbs.items())}}
+        return {
+            "cost_alpha1": c.compute.alpha1_ms_per_token2,
+            "cost_alpha2": c.compute.alpha2_ms_per_token,
+            "cost_beta1": c.compute.beta1_ms,
+            "cost_bandwidth_gbs": {str(k): v for k, v in sorted(c.alltoall.bandwidth_gbs.items())},
+        }
 
     def save(self, path: str) -> None:
         """Write the model in force as a cost-model JSON (what --flexsp-cost-model and flexsp-plan read)."""

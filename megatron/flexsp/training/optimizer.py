@@ -9,8 +9,9 @@ already whole.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -87,8 +88,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> tuple[torch
     if not groups:
         raise ValueError("the model has no trainable parameters")
     # foreach=False: the per-tensor path works for every mix of DTensor shards and plain tensors
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                            foreach=False)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=False)
     sched = LRScheduler(opt, cfg)
     sched.set_for_next_step()
     return opt, sched

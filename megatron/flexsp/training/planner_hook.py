@@ -97,8 +97,9 @@ def _resolve(planner_fn: str | None) -> PlanFn:
 _ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
 
 
-def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg: PlannerConfig, needed_from,
-                 planner_fn: str | None = None) -> None:
+def _worker_main(
+    req_q, res_q, cost_dict: dict[str, Any], cfg: PlannerConfig, needed_from, planner_fn: str | None = None
+) -> None:
     """Background planner: (k, lengths) in, (k, plan dict | None, (wall s, cpu s), error) out; skips stale k.
 
     ("update", cost dict | None, PlannerConfig | None) replaces the cost model and/or the settings
@@ -135,8 +136,14 @@ def _worker_main(req_q, res_q, cost_dict: dict[str, Any], cfg: PlannerConfig, ne
             plan = plan_fn(lengths, cost, cfg)
             res_q.put((k, plan.to_dict(), (time.perf_counter() - t0, time.process_time() - c0), None))
         except BaseException as e:  # noqa: BLE001 - reported to the trainer, which falls back
-            res_q.put((k, None, (time.perf_counter() - t0, time.process_time() - c0),
-                       f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            res_q.put(
+                (
+                    k,
+                    None,
+                    (time.perf_counter() - t0, time.process_time() - c0),
+                    f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
+                )
+            )
 
 
 def broadcast_plan(payload: Any, src: int = 0, group=None) -> Any:
@@ -176,8 +183,12 @@ class _Worker:
         self.req_q = ctx.Queue()
         self.res_q = ctx.Queue()
         self.needed_from = ctx.Value("q", 0, lock=False)
-        self.proc = ctx.Process(target=_worker_main, name="flexsp-planner", daemon=True,
-                                args=(self.req_q, self.res_q, cost_dict, cfg, self.needed_from, planner_fn))
+        self.proc = ctx.Process(
+            target=_worker_main,
+            name="flexsp-planner",
+            daemon=True,
+            args=(self.req_q, self.res_q, cost_dict, cfg, self.needed_from, planner_fn),
+        )
         self.started = time.monotonic()
         self.last_heard = self.started
         self.ready = False
@@ -229,11 +240,24 @@ class PlannerHook:
     proper (not the fallback).
     """
 
-    def __init__(self, cost: CostModel, planner_cfg: PlannerConfig, lengths_fn: LengthsFn | None, *,
-                 plan_ahead: int = 2, rank: int = 0, dump_dir: str | os.PathLike | None = None,
-                 wait_s: float | None = None, startup_wait_s: float = 60.0, group=None, broadcast: bool = True,
-                 max_iterations: int | None = None, planner_fn: str | None = None, max_restarts: int = 3,
-                 hang_s: float | None = None) -> None:
+    def __init__(
+        self,
+        cost: CostModel,
+        planner_cfg: PlannerConfig,
+        lengths_fn: LengthsFn | None,
+        *,
+        plan_ahead: int = 2,
+        rank: int = 0,
+        dump_dir: str | os.PathLike | None = None,
+        wait_s: float | None = None,
+        startup_wait_s: float = 60.0,
+        group=None,
+        broadcast: bool = True,
+        max_iterations: int | None = None,
+        planner_fn: str | None = None,
+        max_restarts: int = 3,
+        hang_s: float | None = None,
+    ) -> None:
         self.cost = cost
         self.cfg = as_planner_config(planner_cfg)
         self.lengths_fn = lengths_fn
@@ -323,7 +347,9 @@ class PlannerHook:
                 return f"planner process not ready {now - w.started:.1f} s after start (limit {self.startup_wait_s} s)"
             return None
         if w.sent and now - max(w.last_heard, min(w.sent.values())) > self.hang_s:
-            return f"planner process silent for {now - w.last_heard:.1f} s with work outstanding (limit {self.hang_s} s)"
+            return (
+                f"planner process silent for {now - w.last_heard:.1f} s with work outstanding (limit {self.hang_s} s)"
+            )
         return None
 
     def _check_worker(self) -> None:
@@ -337,13 +363,18 @@ class PlannerHook:
         self._worker.stop(grace_s=1.0, graceful=False)
         self._worker = None
         if self.counters.restarts >= self.max_restarts:
-            log.error("%s; restarted %d times already (max): using the fallback plan from now on", why,
-                      self.counters.restarts)
+            log.error(
+                "%s; restarted %d times already (max): using the fallback plan from now on", why, self.counters.restarts
+            )
             self._gave_up = True
             return
         self.counters.restarts += 1
-        log.warning("%s; restarting it (%d of at most %d), fallback plans meanwhile", why, self.counters.restarts,
-                    self.max_restarts)
+        log.warning(
+            "%s; restarting it (%d of at most %d), fallback plans meanwhile",
+            why,
+            self.counters.restarts,
+            self.max_restarts,
+        )
         self._worker = _Worker(self._cost_dict, self.cfg, self.planner_fn)
 
     # -------------------------------------------------------------- rank 0 plan
@@ -354,8 +385,11 @@ class PlannerHook:
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 plan = _resolve(self.planner_fn)(lengths, self.cost, self.cfg)
-                return plan, None, PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0,
-                                            cpu_s=time.process_time() - c0)
+                return (
+                    plan,
+                    None,
+                    PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0),
+                )
             except Exception as e:  # noqa: BLE001 - never stop training for a planner error
                 log.error("planner failed on iteration %d (%s); using the fallback plan", k, e)
                 return self._fallback(k, lengths, "fallback-error", 0.0, f"{type(e).__name__}: {e}")
@@ -403,8 +437,18 @@ class PlannerHook:
     def _fallback(self, k: int, lengths: list[int], source: str, wait_ms: float, error: str | None):
         t0, c0 = time.perf_counter(), time.process_time()
         plan = plan_inline(lengths, self.cost, self.cfg, fallback=True)
-        return plan, None, PlanInfo(k, source, solve_time_s=time.perf_counter() - t0, wait_ms=wait_ms, error=error,
-                                    cpu_s=time.process_time() - c0)
+        return (
+            plan,
+            None,
+            PlanInfo(
+                k,
+                source,
+                solve_time_s=time.perf_counter() - t0,
+                wait_ms=wait_ms,
+                error=error,
+                cpu_s=time.process_time() - c0,
+            ),
+        )
 
     # ------------------------------------------------------------------ public
     def get_plan(self, k: int) -> tuple[Plan, PlanInfo]:

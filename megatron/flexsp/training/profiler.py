@@ -35,15 +35,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -127,18 +126,34 @@ def add_profiler_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """The profiler's own flags (the model flags are the trainer's)."""
     g = parser.add_argument_group("flexsp-profile")
     g.add_argument("--output", "-o", default="cost_model.json", help="cost-model JSON to write")
-    g.add_argument("--profile-lengths", type=_int_list, default=None,
-                   help="sequence lengths timed at degree 1 (default: 6 lengths, geometric up to --seq-length)")
+    g.add_argument(
+        "--profile-lengths",
+        type=_int_list,
+        default=None,
+        help="sequence lengths timed at degree 1 (default: 6 lengths, geometric up to --seq-length)",
+    )
     g.add_argument("--profile-repeats", type=int, default=5, help="timed repetitions per sample (median kept)")
     g.add_argument("--profile-warmup", type=int, default=2, help="untimed repetitions before each sample")
     g.add_argument("--profile-a2a-repeats", type=int, default=5)
-    g.add_argument("--profile-stat", choices=["median", "min"], default="median",
-                   help="statistic of repeated timings (min on a machine shared with other work)")
-    g.add_argument("--memory-limit-gb", type=float, default=None,
-                   help="usable memory per GPU (default: --memory-fraction of the device; on CPU half of the "
-                        "available RAM per local rank)")
-    g.add_argument("--capacity-tokens", type=int, default=None,
-                   help="instead of --memory-limit-gb: set the limit so one GPU holds this many tokens")
+    g.add_argument(
+        "--profile-stat",
+        choices=["median", "min"],
+        default="median",
+        help="statistic of repeated timings (min on a machine shared with other work)",
+    )
+    g.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=None,
+        help="usable memory per GPU (default: --memory-fraction of the device; on CPU half of the "
+        "available RAM per local rank)",
+    )
+    g.add_argument(
+        "--capacity-tokens",
+        type=int,
+        default=None,
+        help="instead of --memory-limit-gb: set the limit so one GPU holds this many tokens",
+    )
     g.add_argument("--memory-fraction", type=float, default=0.9)
     g.add_argument("--gpus-per-node", type=int, default=None, help="default: LOCAL_WORLD_SIZE (torchrun)")
     g.add_argument("--cost-model-name", default=None)
@@ -150,18 +165,26 @@ def profile_config_from_args(args: argparse.Namespace) -> ProfileConfig:
     d = ProfileConfig()
     get = lambda k, default: getattr(args, k, default) if getattr(args, k, None) is not None else default  # noqa: E731
     cfg = ProfileConfig(
-        output=get("output", None) or get("flexsp_profile", d.output), lengths=get("profile_lengths", None), max_len=int(args.seq_length),
-        repeats=get("profile_repeats", d.repeats), warmup=get("profile_warmup", d.warmup),
-        memory_limit_gb=get("memory_limit_gb", None), capacity_tokens=get("capacity_tokens", None),
-        memory_fraction=get("memory_fraction", d.memory_fraction), gpus_per_node=get("gpus_per_node", None),
-        a2a_repeats=get("profile_a2a_repeats", d.a2a_repeats), sharding=get("flexsp_sharding", d.sharding),
-        name=get("cost_model_name", None), stat=get("profile_stat", d.stat),
+        output=get("output", None) or get("flexsp_profile", d.output),
+        lengths=get("profile_lengths", None),
+        max_len=int(args.seq_length),
+        repeats=get("profile_repeats", d.repeats),
+        warmup=get("profile_warmup", d.warmup),
+        memory_limit_gb=get("memory_limit_gb", None),
+        capacity_tokens=get("capacity_tokens", None),
+        memory_fraction=get("memory_fraction", d.memory_fraction),
+        gpus_per_node=get("gpus_per_node", None),
+        a2a_repeats=get("profile_a2a_repeats", d.a2a_repeats),
+        sharding=get("flexsp_sharding", d.sharding),
+        name=get("cost_model_name", None),
+        stat=get("profile_stat", d.stat),
     )
     cfg.validate()
     return cfg
 
 
 # ------------------------------------------------------------------------ profiling
+
 
 @dataclass
 class ProfileReport:
@@ -175,25 +198,32 @@ class ProfileReport:
     def format(self) -> str:
         """Human-readable summary: samples against the fit, bandwidths, memory."""
         f = self.compute_fit
-        lines = [f"compute fit (degree 1, {f.samples} samples): alpha1 {f.alpha1_ms_per_token2:.4g} ms/token^2, "
-                 f"alpha2 {f.alpha2_ms_per_token:.4g} ms/token, beta1 {f.beta1_ms:.4g} ms; "
-                 f"fit error rms {100 * f.rms_rel_err:.1f}%, max {100 * f.max_rel_err:.1f}%",
-                 f"  {'lengths':<28}{'measured ms':>12}{'fit ms':>10}{'error':>8}"]
+        lines = [
+            f"compute fit (degree 1, {f.samples} samples): alpha1 {f.alpha1_ms_per_token2:.4g} ms/token^2, "
+            f"alpha2 {f.alpha2_ms_per_token:.4g} ms/token, beta1 {f.beta1_ms:.4g} ms; "
+            f"fit error rms {100 * f.rms_rel_err:.1f}%, max {100 * f.max_rel_err:.1f}%",
+            f"  {'lengths':<28}{'measured ms':>12}{'fit ms':>10}{'error':>8}",
+        ]
         for s in self.compute_samples:
             desc = f"{len(s['lengths'])} x {s['lengths'][0]}" if len(s["lengths"]) > 1 else str(s["lengths"][0])
             pred = f.predict(s["lengths"])
             lines.append(f"  {desc:<28}{s['ms']:>12.2f}{pred:>10.2f}{100 * (pred - s['ms']) / s['ms']:>7.1f}%")
         if self.alltoall:
-            lines.append(f"  {'all-to-all degree':<20}{'GB/s (effective)':>18}{'GB/s (collective)':>19}"
-                         f"{'tokens/rank':>14}")
+            lines.append(
+                f"  {'all-to-all degree':<20}{'GB/s (effective)':>18}{'GB/s (collective)':>19}{'tokens/rank':>14}"
+            )
             for d, a in sorted(self.alltoall.items()):
-                lines.append(f"  {d:<20}{a['bandwidth_gbs']:>18.3f}{a['collective_gbs']:>19.3f}"
-                             f"{','.join(str(x) for x in a['tokens_per_rank']):>14}")
+                lines.append(
+                    f"  {d:<20}{a['bandwidth_gbs']:>18.3f}{a['collective_gbs']:>19.3f}"
+                    f"{','.join(str(x) for x in a['tokens_per_rank']):>14}"
+                )
         m = self.memory
-        lines.append(f"memory ({m['method']}): model states {m['model_states_mb']:.2f} MB (measured "
-                     f"{m['measured_states_mb']:.2f} + fixed {m['fixed_mb']:.2f}), activation "
-                     f"{m['activation_mb_per_token']:.5f} MB/token, limit {m['limit_gb']:.4g} GB -> "
-                     f"{m['tokens_per_gpu']} tokens per GPU")
+        lines.append(
+            f"memory ({m['method']}): model states {m['model_states_mb']:.2f} MB (measured "
+            f"{m['measured_states_mb']:.2f} + fixed {m['fixed_mb']:.2f}), activation "
+            f"{m['activation_mb_per_token']:.5f} MB/token, limit {m['limit_gb']:.4g} GB -> "
+            f"{m['tokens_per_gpu']} tokens per GPU"
+        )
         return "\n".join(lines)
 
 
@@ -238,9 +268,15 @@ class _Session:
         self.bytes_per_element = 2 if model_cfg.bf16 else 4  # what the exchange carries (fp32 on CPU)
         # Degrees the trainer's pool will hold: a provisional cost model with every candidate degree
         # (bandwidth placeholders) through the planner's own rule, so the groups are exactly the trainer's.
-        self.provisional = CostModel.from_dict(self._cost_dict(
-            {"alpha1_ms_per_token2": 0.0, "alpha2_ms_per_token": 1.0, "beta1_ms": 0.0},
-            {str(d): 1.0 for d in range(2, max(self.world, 2) + 1)}, 1e9, 0.0, 1.0))
+        self.provisional = CostModel.from_dict(
+            self._cost_dict(
+                {"alpha1_ms_per_token2": 0.0, "alpha2_ms_per_token": 1.0, "beta1_ms": 0.0},
+                {str(d): 1.0 for d in range(2, max(self.world, 2) + 1)},
+                1e9,
+                0.0,
+                1.0,
+            )
+        )
         self.degrees = self.provisional.allowed_degrees(self.world)
         self.pool = GroupPool(candidate_groups(self.provisional, self.world))
         self.model = build_gpt_model(model_cfg, device=device)
@@ -254,12 +290,18 @@ class _Session:
         c = self.cfg
         return {
             "name": self.pcfg.name or "profiled",
-            "num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
-            "num_query_groups": c.num_query_groups or c.num_attention_heads, "gpus_per_node": self.gpus_per_node,
+            "num_layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "num_attention_heads": c.num_attention_heads,
+            "num_query_groups": c.num_query_groups or c.num_attention_heads,
+            "gpus_per_node": self.gpus_per_node,
             "compute": compute,
-            "alltoall": {"bytes_per_token": alltoall_bytes_per_token(
-                c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, self.bytes_per_element),
-                "bandwidth_gbs": bandwidth},
+            "alltoall": {
+                "bytes_per_token": alltoall_bytes_per_token(
+                    c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, self.bytes_per_element
+                ),
+                "bandwidth_gbs": bandwidth,
+            },
             "memory": {"limit_gb": limit_gb, "model_states_mb": states_mb, "activation_mb_per_token": act_mb},
         }
 
@@ -286,8 +328,14 @@ class _Session:
         mbs = []
         for m in range(micro_batches):
             base = m * self.world * k
-            mbs.append(MicroBatch(groups=[Group(ranks=[r], sequences=list(range(base + r * k, base + (r + 1) * k)))
-                                          for r in range(self.world)]))
+            mbs.append(
+                MicroBatch(
+                    groups=[
+                        Group(ranks=[r], sequences=list(range(base + r * k, base + (r + 1) * k)))
+                        for r in range(self.world)
+                    ]
+                )
+            )
         return Plan(world_size=self.world, lengths=lengths, micro_batches=mbs)
 
     def _step(self, plan, seqs) -> float:
@@ -384,15 +432,16 @@ class _Session:
         block = self.rank // degree
         in_group = (block + 1) * degree <= self.world
         group = self.pool.get(list(range(block * degree, (block + 1) * degree))) if in_group else None
-        bpt = alltoall_bytes_per_token(c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups,
-                                       self.bytes_per_element)
+        bpt = alltoall_bytes_per_token(
+            c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, self.bytes_per_element
+        )
         samples, coll = [], []
         for s in tokens_per_rank:
             q = torch.randn(s, self.heads, dh, device=self.device, dtype=dtype, requires_grad=True)
             k = torch.randn(s, self.groups, dh, device=self.device, dtype=dtype, requires_grad=True)
             v = torch.randn(s, self.groups, dh, device=self.device, dtype=dtype, requires_grad=True)
 
-            def one_layer(stats):
+            def one_layer(stats, q=q, k=k, v=v):
                 q2, k2, v2 = qkv_seq_to_head(q, k, v, group, stats)
                 (o,) = head_to_seq([q2 + 0.0], group, stats)  # stands in for the attention output
                 (o.sum() + k2.sum() + v2.sum()).backward()
@@ -417,9 +466,12 @@ class _Session:
             cms = self._stat([x for x, _ in colls])
             nbytes = self._max(colls[0][1])
             coll.append((nbytes / 2**20, cms))
-        return {"bandwidth_gbs": fit_bandwidth(samples), "collective_gbs": fit_bandwidth(coll) if all(
-            m > 0 for _, m in coll) else float("nan"), "tokens_per_rank": list(tokens_per_rank),
-            "samples_mb_ms": samples}
+        return {
+            "bandwidth_gbs": fit_bandwidth(samples),
+            "collective_gbs": fit_bandwidth(coll) if all(m > 0 for _, m in coll) else float("nan"),
+            "tokens_per_rank": list(tokens_per_rank),
+            "samples_mb_ms": samples,
+        }
 
 
 def _default_limit_gb(pcfg: ProfileConfig, cuda: bool, device, local_ranks: int) -> float:
@@ -452,8 +504,10 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
     act = [ses.activation_mb(s) for s in mem_lengths]
     lin = fit_linear(mem_lengths, act)
     if lin.slope <= 0:
-        raise ProfileError(f"activation memory does not grow with length ({dict(zip(mem_lengths, act))} MB): "
-                           "cannot derive a per-token cost")
+        raise ProfileError(
+            f"activation memory does not grow with length ({dict(zip(mem_lengths, act))} MB): "
+            "cannot derive a per-token cost"
+        )
     fixed = max(0.0, lin.intercept)
     states_total = states + fixed
     if pcfg.capacity_tokens is not None:
@@ -461,12 +515,16 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
     else:
         limit_gb = _default_limit_gb(pcfg, cuda, device, ses.gpus_per_node)
     if states_total >= limit_gb * 1024:
-        raise ProfileError(f"model states need {states_total:.1f} MB per GPU, above the memory limit "
-                           f"{limit_gb * 1024:.1f} MB: use more GPUs or raise --memory-limit-gb")
+        raise ProfileError(
+            f"model states need {states_total:.1f} MB per GPU, above the memory limit "
+            f"{limit_gb * 1024:.1f} MB: use more GPUs or raise --memory-limit-gb"
+        )
     tokens_per_gpu = int((limit_gb * 1024 - states_total) / lin.slope)
-    log(f"[flexsp-profile] memory: states {states:.3f} MB + fixed {fixed:.3f} MB, activation "
+    log(
+        f"[flexsp-profile] memory: states {states:.3f} MB + fixed {fixed:.3f} MB, activation "
         f"{lin.slope:.5f} MB/token, limit {limit_gb:.4g} GB -> {tokens_per_gpu} tokens per GPU "
-        f"({time.perf_counter() - t_start:.0f}s)")
+        f"({time.perf_counter() - t_start:.0f}s)"
+    )
 
     # On GPU a degree-1 sample must fit the device; on CPU the limit is a configured number, and
     # timing up to --seq-length keeps alpha1 from being extrapolated far beyond the samples.
@@ -479,8 +537,10 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
         raise ProfileError(f"need at least three profile lengths, got {lengths}")
     samples = ses.compute_samples(lengths)
     fit = fit_compute([(s["lengths"], s["ms"]) for s in samples])
-    log(f"[flexsp-profile] compute: {len(samples)} samples, fit error rms {100 * fit.rms_rel_err:.1f}% max "
-        f"{100 * fit.max_rel_err:.1f}% ({time.perf_counter() - t_start:.0f}s)")
+    log(
+        f"[flexsp-profile] compute: {len(samples)} samples, fit error rms {100 * fit.rms_rel_err:.1f}% max "
+        f"{100 * fit.max_rel_err:.1f}% ({time.perf_counter() - t_start:.0f}s)"
+    )
 
     a2a: dict[int, dict[str, Any]] = {}
     cap_rank = min(tokens_per_gpu, pcfg.max_len)
@@ -498,22 +558,53 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
         # model can never allow it, and no plan can use an unmeasured bandwidth.
         never = next(d for d in range(2, ses.heads + 2) if ses.heads % d)
         bandwidth = {str(never): 1.0}
-        log(f"[flexsp-profile] no all-to-all measured (world size {ses.world}); placeholder bandwidth on degree "
-            f"{never}, which {ses.heads} heads never allow: profile on the real node count before training on it")
-    name = pcfg.name or (f"profiled: {model_cfg.num_layers}L h{model_cfg.hidden_size} on {ses.world} x "
-                         f"{torch.cuda.get_device_name(device) if cuda else 'CPU (gloo)'}")
+        log(
+            f"[flexsp-profile] no all-to-all measured (world size {ses.world}); placeholder bandwidth on degree "
+            f"{never}, which {ses.heads} heads never allow: profile on the real node count before training on it"
+        )
+    name = pcfg.name or (
+        f"profiled: {model_cfg.num_layers}L h{model_cfg.hidden_size} on {ses.world} x "
+        f"{torch.cuda.get_device_name(device) if cuda else 'CPU (gloo)'}"
+    )
     ses.pcfg.name = name
-    cost = CostModel.from_dict(ses._cost_dict(
-        {"alpha1_ms_per_token2": fit.alpha1_ms_per_token2, "alpha2_ms_per_token": fit.alpha2_ms_per_token,
-         "beta1_ms": fit.beta1_ms}, bandwidth, limit_gb, states_total, lin.slope))
-    memory = {"method": "cuda max_memory_allocated" if cuda else "tensor bytes (saved_tensors_hooks + states)",
-              "model_states_mb": states_total, "measured_states_mb": states, "fixed_mb": fixed,
-              "activation_mb_per_token": lin.slope, "limit_gb": limit_gb, "tokens_per_gpu": tokens_per_gpu,
-              "samples": dict(zip(mem_lengths, act))}
-    env = {"world_size": ses.world, "gpus_per_node": ses.gpus_per_node, "device": str(device),
-           "backend": ses.dist.get_backend(), "seconds": time.perf_counter() - t_start}
-    return ProfileReport(cost_model=cost.to_dict(), compute_fit=fit, compute_samples=samples, alltoall=a2a,
-                         memory=memory, environment=env)
+    cost = CostModel.from_dict(
+        ses._cost_dict(
+            {
+                "alpha1_ms_per_token2": fit.alpha1_ms_per_token2,
+                "alpha2_ms_per_token": fit.alpha2_ms_per_token,
+                "beta1_ms": fit.beta1_ms,
+            },
+            bandwidth,
+            limit_gb,
+            states_total,
+            lin.slope,
+        )
+    )
+    memory = {
+        "method": "cuda max_memory_allocated" if cuda else "tensor bytes (saved_tensors_hooks + states)",
+        "model_states_mb": states_total,
+        "measured_states_mb": states,
+        "fixed_mb": fixed,
+        "activation_mb_per_token": lin.slope,
+        "limit_gb": limit_gb,
+        "tokens_per_gpu": tokens_per_gpu,
+        "samples": dict(zip(mem_lengths, act)),
+    }
+    env = {
+        "world_size": ses.world,
+        "gpus_per_node": ses.gpus_per_node,
+        "device": str(device),
+        "backend": ses.dist.get_backend(),
+        "seconds": time.perf_counter() - t_start,
+    }
+    return ProfileReport(
+        cost_model=cost.to_dict(),
+        compute_fit=fit,
+        compute_samples=samples,
+        alltoall=a2a,
+        memory=memory,
+        environment=env,
+    )
 
 
 def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
@@ -529,15 +620,18 @@ def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
     device = init_distributed(env, getattr(args, "distributed_backend", None))
     cpu_compat.init_model_parallel(getattr(args, "seed", 1234))
     model_cfg = model_config_from_args(args, cuda=device.type == "cuda")
-    report = run_profile(model_cfg, pcfg, device, model_cfg.vocab_size,
-                         log=log if env.rank == 0 else (lambda *_: None))
+    report = run_profile(model_cfg, pcfg, device, model_cfg.vocab_size, log=log if env.rank == 0 else (lambda *_: None))
     if env.rank == 0:
         out = dict(report.cost_model)
-        out["profile"] = {"compute_fit": asdict(report.compute_fit), "compute_samples": report.compute_samples,
-                          "alltoall": {str(d): {k: v for k, v in a.items()} for d, a in report.alltoall.items()},
-                          "memory": {k: (v if k != "samples" else {str(a): b for a, b in v.items()})
-                                     for k, v in report.memory.items()},
-                          "environment": report.environment}
+        out["profile"] = {
+            "compute_fit": asdict(report.compute_fit),
+            "compute_samples": report.compute_samples,
+            "alltoall": {str(d): {k: v for k, v in a.items()} for d, a in report.alltoall.items()},
+            "memory": {
+                k: (v if k != "samples" else {str(a): b for a, b in v.items()}) for k, v in report.memory.items()
+            },
+            "environment": report.environment,
+        }
         CostModel.from_dict(out)  # what the planner will read back
         os.makedirs(os.path.dirname(os.path.abspath(pcfg.output)), exist_ok=True)
         with open(pcfg.output, "w") as f:
@@ -551,8 +645,10 @@ def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
 def build_parser() -> argparse.ArgumentParser:
     p = A.build_parser()
     p.prog = "flexsp-profile"
-    p.description = ("Measure compute, all-to-all bandwidth and memory of this model on this cluster and write the "
-                     "FlexSP cost-model JSON. Launch like the trainer (torchrun/srun) with the same model flags.")
+    p.description = (
+        "Measure compute, all-to-all bandwidth and memory of this model on this cluster and write the "
+        "FlexSP cost-model JSON. Launch like the trainer (torchrun/srun) with the same model flags."
+    )
     return add_profiler_args(p)
 
 
@@ -566,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = A.parse_args(rest)
     for k, v in vars(pargs).items():
         setattr(args, k, v)
+
     def body() -> None:
         profile(args)
 

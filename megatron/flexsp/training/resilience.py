@@ -27,8 +27,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 __all__ = [
     "EXIT_USER_ERROR",
@@ -56,6 +57,7 @@ class TooManySkippedSteps(RuntimeError):
 
 
 # --------------------------------------------------------------------------- exit
+
 
 class ExitMonitor:
     """Local "please stop" state: a caught signal or a passed deadline; ``flag()`` feeds the collective vote."""
@@ -91,6 +93,7 @@ class ExitMonitor:
 
 # ---------------------------------------------------------------------- non-finite
 
+
 @dataclass
 class NonFiniteGuard:
     """Counts skipped steps; ``check`` says whether this step may update the model."""
@@ -111,13 +114,21 @@ class NonFiniteGuard:
             return True
         self.skipped_total += 1
         self.consecutive += 1
-        log.warning("iteration %d: non-finite step (loss %s, grad norm %s): skipped, no parameter, optimizer or "
-                    "scheduler change (%d in a row, %d in total)", iteration, loss, grad_norm, self.consecutive,
-                    self.skipped_total)
+        log.warning(
+            "iteration %d: non-finite step (loss %s, grad norm %s): skipped, no parameter, optimizer or "
+            "scheduler change (%d in a row, %d in total)",
+            iteration,
+            loss,
+            grad_norm,
+            self.consecutive,
+            self.skipped_total,
+        )
         if self.consecutive >= self.max_consecutive:
-            raise TooManySkippedSteps(f"{self.consecutive} consecutive non-finite steps (--max-skipped-steps "
-                                      f"{self.max_consecutive}) at iteration {iteration}: stopping; the last "
-                                      "checkpoint holds only finite values (lower --lr or check the data)")
+            raise TooManySkippedSteps(
+                f"{self.consecutive} consecutive non-finite steps (--max-skipped-steps "
+                f"{self.max_consecutive}) at iteration {iteration}: stopping; the last "
+                "checkpoint holds only finite values (lower --lr or check the data)"
+            )
         return False
 
     def state_dict(self) -> dict[str, int]:
@@ -130,6 +141,7 @@ class NonFiniteGuard:
 
 # ------------------------------------------------------------------------ watchdog
 
+
 class ProgressWatchdog:
     """A daemon thread that ends the process when ``beat()`` is not called within ``limit_s``.
 
@@ -138,8 +150,16 @@ class ProgressWatchdog:
     named. ``on_fire`` replaces ``os._exit`` (tests).
     """
 
-    def __init__(self, limit_s: float, *, rank: int, world_size: int, store: Any = None, period_s: float = 2.0,
-                 on_fire: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit_s: float,
+        *,
+        rank: int,
+        world_size: int,
+        store: Any = None,
+        period_s: float = 2.0,
+        on_fire: Callable[[int], None] | None = None,
+    ) -> None:
         self.limit_s = float(limit_s)
         self.rank, self.world_size = rank, world_size
         self.store = store
@@ -191,9 +211,12 @@ class ProgressWatchdog:
     def _fire(self, idle: float) -> None:
         silent = [r for r in self.silent_ranks() if r != self.rank]
         who = f"; ranks not responding: {silent}" if silent else ""
-        print(f"[rank {self.rank}] error: no training progress for {idle:.0f} s after iteration {self.iteration} "
-              f"(limit {self.limit_s:.0f} s, --distributed-timeout-minutes){who}; stacks of every thread follow",
-              file=sys.stderr, flush=True)
+        print(
+            f"[rank {self.rank}] error: no training progress for {idle:.0f} s after iteration {self.iteration} "
+            f"(limit {self.limit_s:.0f} s, --distributed-timeout-minutes){who}; stacks of every thread follow",
+            file=sys.stderr,
+            flush=True,
+        )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         self.on_fire(EXIT_HUNG)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["RunSummary", "summarize", "read_metrics", "format_summary", "compare_table", "main"]
 
@@ -75,16 +76,24 @@ def summarize(records: Sequence[Mapping[str, Any]], name: str = "run") -> RunSum
     paired = [r for r in body if r.get("baseline_exec_ms") is not None and r.get("exec_ms")]
     pair_kw: dict[str, Any] = {}
     if paired and len(paired) == len(body):
-        pair_kw = dict(paired_baseline=str(paired[-1].get("baseline_mode")),
-                       exec_ms=sum(r["exec_ms"] for r in paired) / len(paired),
-                       baseline_exec_ms=sum(r["baseline_exec_ms"] for r in paired) / len(paired),
-                       max_loss_diff=max(abs(r["baseline_loss"] - r["loss"]) for r in paired))
+        pair_kw = dict(
+            paired_baseline=str(paired[-1].get("baseline_mode")),
+            exec_ms=sum(r["exec_ms"] for r in paired) / len(paired),
+            baseline_exec_ms=sum(r["baseline_exec_ms"] for r in paired) / len(paired),
+            max_loss_diff=max(abs(r["baseline_loss"] - r["loss"]) for r in paired),
+        )
     return RunSummary(
-        name=name, sp_mode=str(recs[-1].get("sp_mode", "?")), iterations=int(recs[-1]["iteration"]),
-        measured_iterations=len(body), tokens_per_s=tokens / (ms / 1e3) if ms > 0 else 0.0,
-        iter_ms=ms / len(body), estimated_ms=sum(est) / len(est) if est else None,
-        final_loss=float(recs[-1]["loss"]), first_loss=float(recs[0]["loss"]),
-        micro_batches=sum(r["micro_batches"] for r in body) / len(body), a2a_share=a2a / ms if ms > 0 else 0.0,
+        name=name,
+        sp_mode=str(recs[-1].get("sp_mode", "?")),
+        iterations=int(recs[-1]["iteration"]),
+        measured_iterations=len(body),
+        tokens_per_s=tokens / (ms / 1e3) if ms > 0 else 0.0,
+        iter_ms=ms / len(body),
+        estimated_ms=sum(est) / len(est) if est else None,
+        final_loss=float(recs[-1]["loss"]),
+        first_loss=float(recs[0]["loss"]),
+        micro_batches=sum(r["micro_batches"] for r in body) / len(body),
+        a2a_share=a2a / ms if ms > 0 else 0.0,
         groups_by_degree=dict(sorted(groups.items(), key=lambda kv: int(kv[0]))),
         fallback_plans=sum(1 for r in recs if str(r.get("plan_source", "")).startswith("fallback")),
         **pair_kw,
@@ -141,21 +150,27 @@ def compare_table(summaries: Iterable[RunSummary], baseline: str | None = "stati
     runs = list(summaries)
     base = next((s for s in runs if s.sp_mode == baseline or s.name == baseline), None)
     base_tps = base.tokens_per_s if base is not None else None
-    head = f"{'run':<22} {'sp-mode':<20} {'tokens/s':>11} {'ms/iter':>10} {'est ms':>9} {'speedup':>8} " \
-           f"{'micro-b':>8} {'a2a %':>6} {'final loss':>11}"
+    head = (
+        f"{'run':<22} {'sp-mode':<20} {'tokens/s':>11} {'ms/iter':>10} {'est ms':>9} {'speedup':>8} "
+        f"{'micro-b':>8} {'a2a %':>6} {'final loss':>11}"
+    )
     lines = [head, "-" * len(head)]
     for s in runs:
         sp = f"{s.tokens_per_s / base_tps:.2f}x" if base_tps else "-"
         est = f"{s.estimated_ms:.1f}" if s.estimated_ms is not None else "-"
-        lines.append(f"{s.name:<22} {s.sp_mode:<20} {s.tokens_per_s:>11,.1f} {s.iter_ms:>10.1f} {est:>9} {sp:>8} "
-                     f"{s.micro_batches:>8.2f} {100 * s.a2a_share:>6.1f} {s.final_loss:>11.5f}")
+        lines.append(
+            f"{s.name:<22} {s.sp_mode:<20} {s.tokens_per_s:>11,.1f} {s.iter_ms:>10.1f} {est:>9} {sp:>8} "
+            f"{s.micro_batches:>8.2f} {100 * s.a2a_share:>6.1f} {s.final_loss:>11.5f}"
+        )
     if base is None and baseline:
         lines.append(f"(no '{baseline}' run: no speedup column)")
     for s in runs:
         if s.paired_speedup is not None:
-            lines.append(f"paired ({s.name}: every batch also run under {s.paired_baseline}, back to back, order "
-                         f"alternating): {s.exec_ms:.1f} vs {s.baseline_exec_ms:.1f} ms per step = "
-                         f"{s.paired_speedup:.2f}x, largest loss difference {s.max_loss_diff:.1e}")
+            lines.append(
+                f"paired ({s.name}: every batch also run under {s.paired_baseline}, back to back, order "
+                f"alternating): {s.exec_ms:.1f} vs {s.baseline_exec_ms:.1f} ms per step = "
+                f"{s.paired_speedup:.2f}x, largest loss difference {s.max_loss_diff:.1e}"
+            )
     return "\n".join(lines)
 
 

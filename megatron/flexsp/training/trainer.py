@@ -17,8 +17,9 @@ import datetime
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ log = logging.getLogger("flexsp.train")
 
 
 # ------------------------------------------------------------------------------ data
+
 
 @dataclass
 class TrainData:
@@ -90,16 +92,23 @@ def build_train_data(cfg: TrainerConfigs, rank: int) -> TrainData:
     if err:
         raise ArgumentError(err)
     stats = getattr(train_ds, "stats", None)
-    log.info("train documents: %d%s", len(train_ds),
-             f" ({stats.to_dict() if hasattr(stats, 'to_dict') else stats})" if stats is not None else "")
+    log.info(
+        "train documents: %d%s",
+        len(train_ds),
+        f" ({stats.to_dict() if hasattr(stats, 'to_dict') else stats})" if stats is not None else "",
+    )
     valid_sampler = None
     interval = cfg.train.eval_interval
     if valid_ds is not None and len(valid_ds) >= gbs and interval:
         valid_sampler = GlobalBatchSampler(valid_ds.lengths, gbs, cfg.train.seed, shuffle=False)
     elif interval:
-        log.warning("--eval-interval %d: the validation split has %d documents, fewer than one global batch of %d; "
-                    "no validation (raise the valid share of --split)", interval,
-                    0 if valid_ds is None else len(valid_ds), gbs)
+        log.warning(
+            "--eval-interval %d: the validation split has %d documents, fewer than one global batch of %d; "
+            "no validation (raise the valid share of --split)",
+            interval,
+            0 if valid_ds is None else len(valid_ds),
+            gbs,
+        )
     return TrainData(train_ds, valid_ds, sampler, valid_sampler)
 
 
@@ -117,6 +126,7 @@ def _stat(stats: dict[str, Any], *keys: str) -> float:
 
 # --------------------------------------------------------------------------- trainer
 
+
 class Trainer:
     """One training run on this rank. ``train()`` returns rank 0's records (an empty list elsewhere)."""
 
@@ -128,18 +138,31 @@ class Trainer:
         setup_logging(env.rank)
         seed_everything(cfg.train.seed)
         fx = cfg.flexsp
-        log.info("FlexSP-Megatron: %d ranks (%s, %s), sp-mode %s; %s", env.world_size, dist.get_backend(),
-                 self.device.type, fx.sp_mode, cfg.cost_note or f"cost model '{cfg.cost.name}'")
+        log.info(
+            "FlexSP-Megatron: %d ranks (%s, %s), sp-mode %s; %s",
+            env.world_size,
+            dist.get_backend(),
+            self.device.type,
+            fx.sp_mode,
+            cfg.cost_note or f"cost model '{cfg.cost.name}'",
+        )
         if cfg.train.micro_batch_size is not None:
-            log.warning("--micro-batch-size %d is ignored: the planner chooses the micro-batches of every global "
-                        "batch", cfg.train.micro_batch_size)
+            log.warning(
+                "--micro-batch-size %d is ignored: the planner chooses the micro-batches of every global batch",
+                cfg.train.micro_batch_size,
+            )
         self.data = build_train_data(cfg, env.rank)
         self.planner_cfg = fx.planner_config(env.world_size)
         self.baseline_cfg = fx.planner_config(env.world_size, fx.compare_with) if fx.compare_with else None
-        self.hook = PlannerHook(cfg.cost, self.planner_cfg,
-                                self.data.sampler.batch_lengths if env.rank == 0 else None,
-                                plan_ahead=fx.plan_ahead, rank=env.rank, dump_dir=fx.dump_plans,
-                                max_iterations=cfg.train.train_iters)
+        self.hook = PlannerHook(
+            cfg.cost,
+            self.planner_cfg,
+            self.data.sampler.batch_lengths if env.rank == 0 else None,
+            plan_ahead=fx.plan_ahead,
+            rank=env.rank,
+            dump_dir=fx.dump_plans,
+            max_iterations=cfg.train.train_iters,
+        )
         try:
             self._build_model()
         except BaseException:
@@ -148,13 +171,24 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.calibration = OnlineCalibration(cfg.cost, enabled=fx.calibrate, rank=env.rank, world_size=env.world_size)
         self.iter_ms: list[float] = []  # recent iteration times: --flexsp-time-limit auto follows them
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.model, self.optimizer, self.scheduler,
-                                         state_fns={"sampler": self.data.sampler.state_dict,
-                                                    "planner": self.hook.state_dict,
-                                                    "extra": self._extra_state},
-                                         run_record=cfg.run_record, train_iters=cfg.train.train_iters)
-        self.exit = ExitMonitor(signal_name=cfg.checkpoint.exit_signal,
-                                duration_mins=cfg.checkpoint.exit_duration_in_mins, start_time=self.started)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            state_fns={
+                "sampler": self.data.sampler.state_dict,
+                "planner": self.hook.state_dict,
+                "extra": self._extra_state,
+            },
+            run_record=cfg.run_record,
+            train_iters=cfg.train.train_iters,
+        )
+        self.exit = ExitMonitor(
+            signal_name=cfg.checkpoint.exit_signal,
+            duration_mins=cfg.checkpoint.exit_duration_in_mins,
+            start_time=self.started,
+        )
         self.exit_voted = False  # every rank's vote at the last iteration boundary
         self.metrics: MetricsLogger | None = None
         self.watchdog: ProgressWatchdog | None = None
@@ -163,15 +197,24 @@ class Trainer:
         cfg = self.cfg
         self.model = build_gpt_model(cfg.model, device=self.device)
         shard_model(self.model, cfg.flexsp.sharding)
-        self.pool = GroupPool.from_cost_model(cfg.cost, self.env.world_size,
-                                              timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes))
+        self.pool = GroupPool.from_cost_model(
+            cfg.cost, self.env.world_size, timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)
+        )
         self.executor = FlexSPExecutor(self.model, self.pool, sharding_mode=cfg.flexsp.sharding)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer)
         m = cfg.model
         nparams = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global count
-        log.info("model: %.2fM parameters, %d layers, hidden %d, heads %d/%d, vocab %d, attention %s, sharding %s",
-                 nparams / 1e6, m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups,
-                 m.vocab_size, m.attention_backend, cfg.flexsp.sharding)
+        log.info(
+            "model: %.2fM parameters, %d layers, hidden %d, heads %d/%d, vocab %d, attention %s, sharding %s",
+            nparams / 1e6,
+            m.num_layers,
+            m.hidden_size,
+            m.num_attention_heads,
+            m.num_query_groups,
+            m.vocab_size,
+            m.attention_backend,
+            cfg.flexsp.sharding,
+        )
 
     # ---------------------------------------------------------------- resume
     def resume(self) -> int:
@@ -196,8 +239,11 @@ class Trainer:
 
     def _extra_state(self) -> dict[str, Any]:
         """Small states saved with every checkpoint, so a resumed run plans as an uninterrupted one would."""
-        return {"nonfinite": self.guard.state_dict(), "calibration": self.calibration.state_dict(),
-                "iter_ms": list(self.iter_ms)}
+        return {
+            "nonfinite": self.guard.state_dict(),
+            "calibration": self.calibration.state_dict(),
+            "iter_ms": list(self.iter_ms),
+        }
 
     # -------------------------------------------------------------- planning
     def _update_time_limit(self) -> None:
@@ -246,9 +292,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in stash:
             p.grad = g
-        return {"baseline_mode": self.baseline_cfg.method, "baseline_exec_ms": ms, "baseline_loss": float(res.loss),
-                "baseline_estimated_ms": plan.estimated_time_ms, "baseline_micro_batches": plan.num_micro_batches,
-                "baseline_first": first}
+        return {
+            "baseline_mode": self.baseline_cfg.method,
+            "baseline_exec_ms": ms,
+            "baseline_loss": float(res.loss),
+            "baseline_estimated_ms": plan.estimated_time_ms,
+            "baseline_micro_batches": plan.num_micro_batches,
+            "baseline_first": first,
+        }
 
     def _max_over_ranks(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -263,8 +314,10 @@ class Trainer:
         indices = self.data.sampler.batch_indices(k)
         lengths = [int(x) for x in self.data.train.lengths[indices]]
         if plan.lengths != lengths:
-            raise RuntimeError(f"iteration {it}: the plan is for other lengths than the batch's (planner and "
-                               "sampler disagree); this is a bug")
+            raise RuntimeError(
+                f"iteration {it}: the plan is for other lengths than the batch's (planner and "
+                "sampler disagree); this is a bug"
+            )
         seqs = self.data.sequences(self.data.train, indices)
         lr = self.scheduler.set_for_next_step()
         baseline_first = self.baseline_cfg is not None and k % 2 == 0  # alternate: both orders equally often
@@ -277,8 +330,12 @@ class Trainer:
         slots = self.calibration.local_slots(plan, result) if self.calibration.wants(it, plan) else []
         # one MAX all-reduce carries the timings, the non-finite verdict, the exit vote and calibration samples
         compute_ms, a2a_ms, bad, stop, *gathered = self._max_over_ranks(
-            _stat(result.stats, "fwd_ms", "bwd_ms"), _stat(result.stats, "a2a_ms"),
-            NonFiniteGuard.local_flag(loss, gnorm), self.exit.flag(), *slots)
+            _stat(result.stats, "fwd_ms", "bwd_ms"),
+            _stat(result.stats, "a2a_ms"),
+            NonFiniteGuard.local_flag(loss, gnorm),
+            self.exit.flag(),
+            *slots,
+        )
         if self.guard.check(bad > 0, it, loss, gnorm):
             self.optimizer.step()
             self.scheduler.step()
@@ -291,11 +348,23 @@ class Trainer:
         iter_ms = (time.perf_counter() - t0) * 1e3 - float(extra.get("baseline_exec_ms", 0.0))
         extra.update(exec_ms=exec_ms, planner_cpu_s=info.cpu_s)
         record = IterationRecord(
-            iteration=it, loss=loss, lr=lr, grad_norm=gnorm, tokens=sum(lengths), iter_ms=iter_ms,
-            estimated_ms=plan.estimated_time_ms, micro_batches=plan.num_micro_batches, sp_mode=self.cfg.flexsp.sp_mode,
-            groups_by_degree=plan.degree_histogram(), compute_ms=compute_ms, a2a_ms=a2a_ms,
-            plan_source=info.source, plan_wait_ms=info.wait_ms, solve_time_s=info.solve_time_s,
-            num_sequences=len(lengths), extra=extra,
+            iteration=it,
+            loss=loss,
+            lr=lr,
+            grad_norm=gnorm,
+            tokens=sum(lengths),
+            iter_ms=iter_ms,
+            estimated_ms=plan.estimated_time_ms,
+            micro_batches=plan.num_micro_batches,
+            sp_mode=self.cfg.flexsp.sp_mode,
+            groups_by_degree=plan.degree_histogram(),
+            compute_ms=compute_ms,
+            a2a_ms=a2a_ms,
+            plan_source=info.source,
+            plan_wait_ms=info.wait_ms,
+            solve_time_s=info.solve_time_s,
+            num_sequences=len(lengths),
+            extra=extra,
         )
         self._after_step(plan, record, gathered)
         return record
@@ -319,16 +388,26 @@ class Trainer:
     # ----------------------------------------------------------------- train
     def _open_metrics(self, start: int) -> MetricsLogger:
         scalars = {k: v for k, v in self.cfg.run_record.items() if isinstance(v, (int, float, str, bool))}
-        return MetricsLogger(self.cfg.logging, rank=self.env.rank, train_iters=self.cfg.train.train_iters,
-                             start_iteration=start, run_config=scalars)
+        return MetricsLogger(
+            self.cfg.logging,
+            rank=self.env.rank,
+            train_iters=self.cfg.train.train_iters,
+            start_iteration=start,
+            run_config=scalars,
+        )
 
     def _log_summary(self, records: list[IterationRecord]) -> None:
         if self.env.rank != 0 or not records:
             return
         log.info("\n%s", format_summary(summarize([r.to_json() for r in records], self.cfg.flexsp.sp_mode)))
         c = self.hook.counters
-        log.info("plans: %d from the background planner, %d inline, %d fallback (late), %d fallback (error)",
-                 c.planner, c.inline, c.fallback_late, c.fallback_error)
+        log.info(
+            "plans: %d from the background planner, %d inline, %d fallback (late), %d fallback (error)",
+            c.planner,
+            c.inline,
+            c.fallback_late,
+            c.fallback_error,
+        )
 
     def _start_watchdog(self) -> ProgressWatchdog:
         try:  # liveness beats go to the rendezvous store, so a silent rank can be named
@@ -373,4 +452,3 @@ class Trainer:
             self.watchdog.close()
         self.exit.close()
         self.hook.close()
-

@@ -2,6 +2,8 @@
 
 ``megatron/flexsp`` is a namespace portion that sits next to the installed ``megatron.core``
 (neither ships ``megatron/__init__.py``), so packages are found with find_namespace_packages.
+There is no GPU extra: Transformer Engine and flash-attn must be built against the installed
+torch with --no-build-isolation, which an extra cannot ask for; scripts/setup_gpu.sh does it.
 """
 
 from setuptools import find_namespace_packages, setup
@@ -29,7 +31,6 @@ setup(
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         "hf": ["transformers"],  # --tokenizer-type HuggingFaceTokenizer (preprocess_data.py)
-        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     entry_points={
         "console_scripts": [

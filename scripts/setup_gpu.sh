@@ -3,7 +3,7 @@
 # NGC PyTorch container, or your cluster's torch module / venv). Why a script: Transformer Engine's
 # PyTorch extension and flash-attn compile against the installed torch, so they must be installed
 # with --no-build-isolation (their projects' documented procedure), and nothing may replace that
-# torch; `pip install -e .[gpu]` does neither.
+# torch (which is why setup.py has no GPU extra).
 #
 #   bash scripts/setup_gpu.sh [--no-te] [--no-flash] [--dev] [--check] [--dry-run]
 #

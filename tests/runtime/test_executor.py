@@ -23,17 +23,29 @@ def _plans():
     """Three global batches (lengths L_i) and their hand-written heterogeneous plans."""
     from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
 
-    p1 = Plan(WORLD, [5, 9, 7, 4, 23], [
-        MicroBatch([Group([0, 1], [0, 1]), Group([2], [2]), Group([3], [3])]),  # degrees 2, 1, 1
-        MicroBatch([Group([0, 1, 2, 3], [4])]),  # one long sequence on degree 4 (23 tokens -> 1 pad)
-    ])
-    p2 = Plan(WORLD, [3, 17, 6, 2, 11, 8], [
-        MicroBatch([Group([0, 1, 2, 3], [1, 0])]),  # documents of very different lengths in one group
-        MicroBatch([Group([0], [2, 3]), Group([1], [5]), Group([2, 3], [4])]),
-    ])
-    p3 = Plan(WORLD, [6, 10], [  # small batch: group [3] gets no sequence
-        MicroBatch([Group([0, 1], [1]), Group([2], [0]), Group([3], [])]),
-    ])
+    p1 = Plan(
+        WORLD,
+        [5, 9, 7, 4, 23],
+        [
+            MicroBatch([Group([0, 1], [0, 1]), Group([2], [2]), Group([3], [3])]),  # degrees 2, 1, 1
+            MicroBatch([Group([0, 1, 2, 3], [4])]),  # one long sequence on degree 4 (23 tokens -> 1 pad)
+        ],
+    )
+    p2 = Plan(
+        WORLD,
+        [3, 17, 6, 2, 11, 8],
+        [
+            MicroBatch([Group([0, 1, 2, 3], [1, 0])]),  # documents of very different lengths in one group
+            MicroBatch([Group([0], [2, 3]), Group([1], [5]), Group([2, 3], [4])]),
+        ],
+    )
+    p3 = Plan(
+        WORLD,
+        [6, 10],
+        [  # small batch: group [3] gets no sequence
+            MicroBatch([Group([0, 1], [1]), Group([2], [0]), Group([3], [])]),
+        ],
+    )
     return [p1, p2, p3]
 
 
@@ -49,8 +61,18 @@ def _cfg(pos: str, recompute: bool = False):
     # recompute: megatron's full activation recomputation (its CheckpointFunction re-runs the
     # layer, all-to-all included, during backward).
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
-    return GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
-                     vocab_size=61, max_position_embeddings=32, position_embedding_type=pos, seed=11, extra=extra)
+    return GPTConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        vocab_size=61,
+        max_position_embeddings=32,
+        position_embedding_type=pos,
+        seed=11,
+        extra=extra,
+    )
 
 
 def _reference(pos: str):
@@ -76,8 +98,13 @@ def _reference(pos: str):
     with torch.no_grad():  # evaluation loss of the trained model on the first batch
         docs = _batches(61)[0]
         total = sum(d.numel() - 1 for d in docs)
-        eval_loss = sum(float(model(d[None, :-1], torch.arange(d.numel() - 1)[None], None, labels=d[None, 1:]).sum())
-                        for d in docs) / total
+        eval_loss = (
+            sum(
+                float(model(d[None, :-1], torch.arange(d.numel() - 1)[None], None, labels=d[None, 1:]).sum())
+                for d in docs
+            )
+            / total
+        )
     return losses, init, {n: p.detach().clone() for n, p in model.named_parameters()}, eval_loss
 
 
@@ -111,21 +138,25 @@ def _train_body(rank, world_size, mode, positions, recompute=False):
         out[pos] = dict(losses=losses, stats=stats, eval_loss=ev.loss, no_grads=no_grads, training=model.training)
         if rank == 0:
             ref_losses, ref_init, ref_final, ref_eval = _reference(pos)
-            out[pos].update(final=final, init=init, ref_losses=ref_losses, ref_init=ref_init, ref_final=ref_final,
-                            ref_eval=ref_eval)
+            out[pos].update(
+                final=final, init=init, ref_losses=ref_losses, ref_init=ref_init, ref_final=ref_final, ref_eval=ref_eval
+            )
     return out
 
 
 # The default suite covers both sharding modes, both position embeddings, and activation
 # recomputation (with RoPE: the frequencies go through megatron's checkpoint function); the
 # other combinations run with -m slow.
-@pytest.mark.parametrize("mode,pos,recompute", [
-    ("fsdp2", "rope", True),
-    ("ddp", "learned_absolute", False),
-    pytest.param("fsdp2", "learned_absolute", False, marks=pytest.mark.slow),
-    pytest.param("ddp", "rope", True, marks=pytest.mark.slow),
-    pytest.param("fsdp2", "rope", False, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "mode,pos,recompute",
+    [
+        ("fsdp2", "rope", True),
+        ("ddp", "learned_absolute", False),
+        pytest.param("fsdp2", "learned_absolute", False, marks=pytest.mark.slow),
+        pytest.param("ddp", "rope", True, marks=pytest.mark.slow),
+        pytest.param("fsdp2", "rope", False, marks=pytest.mark.slow),
+    ],
+)
 def test_flexsp_training_matches_single_process(mode, pos, recompute):
     results = run_distributed(_train_body, WORLD, mode, (pos,), recompute, timeout=300)
     _check_against_reference(results, pos)
@@ -141,9 +172,12 @@ def _check_against_reference(results, pos):
     # Same loss on every rank, equal to the reference's, step by step.
     for r in results:
         assert r[pos]["losses"] == r0["losses"]
-    assert torch.allclose(torch.tensor(r0["losses"], dtype=torch.float64),
-                          torch.tensor(r0["ref_losses"], dtype=torch.float64), rtol=2e-7, atol=0), \
-        (pos, r0["losses"], r0["ref_losses"])
+    assert torch.allclose(
+        torch.tensor(r0["losses"], dtype=torch.float64),
+        torch.tensor(r0["ref_losses"], dtype=torch.float64),
+        rtol=2e-7,
+        atol=0,
+    ), (pos, r0["losses"], r0["ref_losses"])
     # Parameters after 3 SGD steps.
     worst = 0.0
     for n, ref in r0["ref_final"].items():
@@ -212,11 +246,15 @@ def _errors_body(rank, world_size):
 
 def test_bad_plans_fail_fast_on_every_rank():
     results = run_distributed(_errors_body, WORLD, timeout=180)
-    expect = {"not_partition": "ranks \\[3\\]|partition", "not_in_pool": "not in the group pool",
-              "heads": "does not divide num_attention_heads", "length": "sequence 1 has 7 ids",
-              "too_long": "more than the model's learned absolute position embeddings",
-              "vocab": "sequence 1 has token ids outside the vocabulary 0..60",
-              "mismatch": "different plans"}
+    expect = {
+        "not_partition": "ranks \\[3\\]|partition",
+        "not_in_pool": "not in the group pool",
+        "heads": "does not divide num_attention_heads",
+        "length": "sequence 1 has 7 ids",
+        "too_long": "more than the model's learned absolute position embeddings",
+        "vocab": "sequence 1 has token ids outside the vocabulary 0..60",
+        "mismatch": "different plans",
+    }
     import re
 
     for name, pattern in expect.items():
@@ -248,11 +286,16 @@ def _bf16_body(rank, world_size):
         model = shard_model(build_gpt_model(dataclasses.replace(_cfg("rope"), bf16=bf16)), "fsdp2")
         res = FlexSPExecutor(model, pool, sharding_mode="fsdp2").run(plan, docs)
         grads = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
-        out[bf16] = dict(loss=res.loss, grads=grads, param_dtypes={str(p.dtype) for p in model.parameters()},
-                         grad_dtypes={str(p.grad.dtype) for p in model.parameters()})
+        out[bf16] = dict(
+            loss=res.loss,
+            grads=grads,
+            param_dtypes={str(p.dtype) for p in model.parameters()},
+            grad_dtypes={str(p.grad.dtype) for p in model.parameters()},
+        )
     try:
-        FlexSPExecutor(shard_model(build_gpt_model(dataclasses.replace(_cfg("rope"), bf16=True)), "ddp"), pool,
-                       sharding_mode="ddp")
+        FlexSPExecutor(
+            shard_model(build_gpt_model(dataclasses.replace(_cfg("rope"), bf16=True)), "ddp"), pool, sharding_mode="ddp"
+        )
         out["ddp"] = "no error"
     except ValueError as e:
         out["ddp"] = str(e)

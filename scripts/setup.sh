@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv in the repository root and install FlexSP-Megatron with its test extras.
 # torch is pinned to the CPU build the development machines carry on local disk; GPU users
-# install their own torch / megatron-core / TE first and then `pip install -e .[gpu]`.
+# start from their own CUDA torch and run scripts/setup_gpu.sh (docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

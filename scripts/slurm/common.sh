@@ -165,7 +165,7 @@ flexsp_preset_args() {
       FLEXSP_TRAIN_ARGS=(--global-batch-size "${GLOBAL_BATCH_SIZE:-64}" --train-iters "${TRAIN_ITERS:-100}"
         --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 10 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
         --log-interval 1)
-      FLEXSP_DEFAULT_COST_MODEL=""  # profile the cluster first: scripts/slurm/profile.sbatch
+      FLEXSP_DEFAULT_COST_MODEL=""  # best: profile first (scripts/slurm/profile.sbatch); else the analytic prior
       ;;
     cpu-tiny)
       FLEXSP_MODEL_ARGS=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --group-query-attention
@@ -186,7 +186,12 @@ flexsp_train() {
   local mode=${1:?sp-mode}; shift
   flexsp_preset_args
   local cost=${COST_MODEL:-$FLEXSP_DEFAULT_COST_MODEL}
-  [ -n "$cost" ] || flexsp_die "set COST_MODEL to this cluster's cost-model JSON (sbatch scripts/slurm/profile.sbatch writes runs/slurm-<job>/cost_model.json) or a preset name"
+  local costarg=()
+  if [ -n "$cost" ]; then
+    costarg=(--flexsp-cost-model "$cost")
+  else  # no profile yet: the trainer starts from its analytic prior and calibrates it online
+    echo "flexsp-slurm: no COST_MODEL: the run starts from the analytic cost model and calibrates it while training (a profile is better: sbatch scripts/slurm/profile.sbatch, then COST_MODEL=runs/slurm-<job>/cost_model.json)"
+  fi
   local cp=()
   # static = vanilla Megatron CP / Ulysses: its degree from CONTEXT_PARALLEL_SIZE, else the planner
   # picks the smallest degree that holds --seq-length.
@@ -203,7 +208,7 @@ flexsp_train() {
   echo "flexsp-slurm: sp-mode $mode, run directory $FLEXSP_RUN_DIR$where"
   flexsp_launch "$FLEXSP_ROOT/pretrain_gpt_flexsp.py" \
     "${FLEXSP_MODEL_ARGS[@]}" "${FLEXSP_DATA_ARGS[@]}" "${FLEXSP_TRAIN_ARGS[@]}" \
-    --flexsp-cost-model "$cost" --sp-mode "$mode" "${cp[@]}" "${ckpt[@]}" \
+    "${costarg[@]}" --sp-mode "$mode" "${cp[@]}" "${ckpt[@]}" \
     --metrics-file "$FLEXSP_RUN_DIR/metrics-$mode.jsonl" "$@"
 }
 

@@ -444,6 +444,33 @@ def _install(save_dir: Path, tmp: Path, final: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _write_files(
+    tmp: Path, iteration: int, model_sd: dict, optim_sd: dict | None, trainer: dict, args: dict[str, Any] | None
+) -> None:
+    """The files of one checkpoint into ``tmp``, synced, with meta.json (sha256 of each) written last."""
+    torch.save(model_sd, tmp / "model.pt")
+    if optim_sd is not None:
+        torch.save(optim_sd, tmp / "optim.pt")
+    torch.save(trainer, tmp / "trainer.pt")
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync_file(f)
+        files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "world_size": _world(),
+        "model_signature": model_signature(model_sd),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "args": args or {},
+        "files": files,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")  # last: marks complete
+    _fsync_file(tmp / "meta.json")
+    _fsync_dir(tmp)
+
+
 def save_checkpoint(
     save_dir: str | os.PathLike,
     iteration: int,
@@ -491,37 +518,15 @@ def save_checkpoint(
             _clean_stale(save_dir)
             tmp = save_dir / f".tmp-{_iter_name(iteration)}-{os.getpid()}-{time.time_ns()}"
             tmp.mkdir()
-            torch.save(model_sd, tmp / "model.pt")
-            if optim_sd is not None:
-                torch.save(optim_sd, tmp / "optim.pt")
-            torch.save(
-                {
-                    "iteration": iteration,
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "sampler": sampler_state,
-                    "planner": planner_state,
-                    "rng": rngs,
-                    "extra": extra or {},
-                },
-                tmp / "trainer.pt",
-            )
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                _fsync_file(f)
-                files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-            meta = {
-                "format_version": FORMAT_VERSION,
+            trainer = {
                 "iteration": iteration,
-                "world_size": _world(),
-                "model_signature": model_signature(model_sd),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "torch": torch.__version__,
-                "args": args or {},
-                "files": files,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "sampler": sampler_state,
+                "planner": planner_state,
+                "rng": rngs,
+                "extra": extra or {},
             }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")  # last: marks complete
-            _fsync_file(tmp / "meta.json")
-            _fsync_dir(tmp)
+            _write_files(tmp, iteration, model_sd, optim_sd, trainer, args)
             _install(save_dir, tmp, final)
             tmp = None
             _clean_stale(save_dir)  # what a killed earlier save left that `latest` named until now
@@ -696,6 +701,44 @@ def _load_candidate(
     return meta, trainer, model_sd, optim_sd, notes
 
 
+def _select_and_read(
+    load_dir: Path,
+    load_step: int | None,
+    sig: dict[str, list[int]],
+    need_optim: bool,
+    args: Any,
+    override_opt_param_scheduler: bool,
+) -> tuple[tuple, dict, dict, dict]:
+    """Rank 0: the newest checkpoint that verifies (or exactly ``load_step``), read.
+
+    Returns ((path, saved args, the checkpoint that failed or None, warnings), trainer, model, optim).
+    """
+    first, older, why = _candidates(load_dir, load_step)
+    failures: list[tuple[Path | None, str]] = [] if why is None else [(first, why)]
+    tried = ([first] if first is not None and why is None else []) + older
+    for path in tried:
+        try:
+            meta, trainer, model_sd, optim_sd, notes = _load_candidate(
+                path, sig, need_optim, args, override_opt_param_scheduler
+            )
+        except _Damaged as e:
+            failures.append((path, str(e)))
+            if load_step is not None or not older:
+                raise CheckpointError(str(e)) from None
+            continue
+        warns = list(notes)
+        if failures:
+            bad, reason = failures[0]
+            warns.insert(
+                0,
+                f"checkpoint {bad if bad is not None else load_dir / LATEST} failed verification ({reason}); "
+                f"falling back to {path}, the newest checkpoint that verifies",
+            )
+        info = (str(path), meta.get("args") or {}, str(failures[0][0]) if failures else None, warns)
+        return info, trainer, model_sd, optim_sd
+    raise CheckpointError(f"--load {load_dir}: no checkpoint verifies: " + "; ".join(r for _, r in failures))
+
+
 def load_checkpoint(
     load_dir: str | os.PathLike,
     model: torch.nn.Module,
@@ -726,34 +769,9 @@ def load_checkpoint(
     err, err_type, info, trainer, model_sd, optim_sd = None, "CheckpointError", None, None, {}, {}
     if _rank() == 0:
         try:
-            first, older, why = _candidates(Path(load_dir), load_step)
-            failures: list[tuple[Path | None, str]] = [] if why is None else [(first, why)]
-            tried = ([first] if first is not None and why is None else []) + older
-            for path in tried:
-                try:
-                    meta, trainer, model_sd, optim_sd, notes = _load_candidate(
-                        path, sig, optimizer is not None, args, override_opt_param_scheduler
-                    )
-                except _Damaged as e:
-                    failures.append((path, str(e)))
-                    if load_step is not None or not older:
-                        raise CheckpointError(str(e)) from None
-                    continue
-                warns = list(notes)
-                if failures:
-                    bad, reason = failures[0]
-                    warns.insert(
-                        0,
-                        f"checkpoint {bad if bad is not None else Path(load_dir) / LATEST} failed "
-                        f"verification ({reason}); falling back to {path}, the newest checkpoint that "
-                        "verifies",
-                    )
-                info = (str(path), meta.get("args") or {}, str(failures[0][0]) if failures else None, warns)
-                break
-            else:
-                raise CheckpointError(
-                    f"--load {load_dir}: no checkpoint verifies: " + "; ".join(r for _, r in failures)
-                )
+            info, trainer, model_sd, optim_sd = _select_and_read(
+                Path(load_dir), load_step, sig, optimizer is not None, args, override_opt_param_scheduler
+            )
         except CheckpointError as e:
             err, err_type = str(e), type(e).__name__
         except Exception as e:  # noqa: BLE001 - a damaged file: tell every rank

@@ -491,16 +491,10 @@ def _default_limit_gb(pcfg: ProfileConfig, cuda: bool, device, local_ranks: int)
     return avail_kb / 2**20 / 2 / max(1, local_ranks)
 
 
-def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=print) -> ProfileReport:
-    """All measurements on the current process group (collective); returns the report on every rank."""
-    pcfg.validate()
-    t_start = time.perf_counter()
-    ses = _Session(model_cfg, pcfg, device, vocab_size)
-    cuda = ses.cuda
-
-    # memory first: it bounds the lengths that fit at degree 1 and the all-to-all sizes
+def _profile_memory(ses: _Session, pcfg: ProfileConfig, device, log) -> dict[str, Any]:
+    """Model states and the activation slope; the limit and the tokens one GPU holds (first: it bounds the rest)."""
     states = ses.model_states_mb()
-    mem_lengths = memory_probe_lengths(pcfg.max_len, cuda)
+    mem_lengths = memory_probe_lengths(pcfg.max_len, ses.cuda)
     act = [ses.activation_mb(s) for s in mem_lengths]
     lin = fit_linear(mem_lengths, act)
     if lin.slope <= 0:
@@ -513,7 +507,7 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
     if pcfg.capacity_tokens is not None:
         limit_gb = (states_total + lin.slope * pcfg.capacity_tokens) / 1024 * (1 + 1e-9)
     else:
-        limit_gb = _default_limit_gb(pcfg, cuda, device, ses.gpus_per_node)
+        limit_gb = _default_limit_gb(pcfg, ses.cuda, device, ses.gpus_per_node)
     if states_total >= limit_gb * 1024:
         raise ProfileError(
             f"model states need {states_total:.1f} MB per GPU, above the memory limit "
@@ -522,15 +516,29 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
     tokens_per_gpu = int((limit_gb * 1024 - states_total) / lin.slope)
     log(
         f"[flexsp-profile] memory: states {states:.3f} MB + fixed {fixed:.3f} MB, activation "
-        f"{lin.slope:.5f} MB/token, limit {limit_gb:.4g} GB -> {tokens_per_gpu} tokens per GPU "
-        f"({time.perf_counter() - t_start:.0f}s)"
+        f"{lin.slope:.5f} MB/token, limit {limit_gb:.4g} GB -> {tokens_per_gpu} tokens per GPU"
     )
+    return {
+        "method": "cuda max_memory_allocated" if ses.cuda else "tensor bytes (saved_tensors_hooks + states)",
+        "model_states_mb": states_total,
+        "measured_states_mb": states,
+        "fixed_mb": fixed,
+        "activation_mb_per_token": lin.slope,
+        "limit_gb": limit_gb,
+        "tokens_per_gpu": tokens_per_gpu,
+        "samples": dict(zip(mem_lengths, act)),
+    }
 
-    # On GPU a degree-1 sample must fit the device; on CPU the limit is a configured number, and
-    # timing up to --seq-length keeps alpha1 from being extrapolated far beyond the samples.
-    top = min(pcfg.max_len, tokens_per_gpu) if cuda else pcfg.max_len
+
+def _profile_compute(ses: _Session, pcfg: ProfileConfig, tokens_per_gpu: int, log) -> tuple[ComputeFit, list]:
+    """Degree-1 forward+backward samples and the alpha-beta fit.
+
+    On GPU a degree-1 sample must fit the device; on CPU the limit is a configured number, and
+    timing up to --seq-length keeps alpha1 from being extrapolated far beyond the samples.
+    """
+    top = min(pcfg.max_len, tokens_per_gpu) if ses.cuda else pcfg.max_len
     lengths = sorted(set(pcfg.lengths)) if pcfg.lengths else _geometric(max(32, top // 32), top, 6)
-    too_long = [s for s in lengths if s > tokens_per_gpu] if cuda else []
+    too_long = [s for s in lengths if s > tokens_per_gpu] if ses.cuda else []
     if too_long:
         raise ProfileError(f"--profile-lengths {too_long} do not fit one GPU ({tokens_per_gpu} tokens)")
     if len(lengths) < 3:
@@ -539,16 +547,18 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
     fit = fit_compute([(s["lengths"], s["ms"]) for s in samples])
     log(
         f"[flexsp-profile] compute: {len(samples)} samples, fit error rms {100 * fit.rms_rel_err:.1f}% max "
-        f"{100 * fit.max_rel_err:.1f}% ({time.perf_counter() - t_start:.0f}s)"
+        f"{100 * fit.max_rel_err:.1f}%"
     )
+    return fit, samples
 
+
+def _profile_alltoall(ses: _Session, pcfg: ProfileConfig, tokens_per_gpu: int, log) -> tuple[dict, dict[str, float]]:
+    """Effective bandwidth per allowed degree >= 2 (groups filled to 1/4, 1/2 and all of a GPU's tokens)."""
     a2a: dict[int, dict[str, Any]] = {}
     cap_rank = min(tokens_per_gpu, pcfg.max_len)
     for d in ses.degrees:
-        if d == 1:
-            continue
-        sizes = sorted({max(1, cap_rank // 4), max(1, cap_rank // 2), cap_rank})
-        a2a[d] = ses.alltoall(d, sizes)
+        if d > 1:
+            a2a[d] = ses.alltoall(d, sorted({max(1, cap_rank // 4), max(1, cap_rank // 2), cap_rank}))
     if not a2a and ses.world > 1:
         log("[flexsp-profile] warning: no degree >= 2 is allowed (heads/topology); the model allows degree 1 only")
     bandwidth = {str(d): a["bandwidth_gbs"] for d, a in a2a.items()}
@@ -562,34 +572,31 @@ def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=
             f"[flexsp-profile] no all-to-all measured (world size {ses.world}); placeholder bandwidth on degree "
             f"{never}, which {ses.heads} heads never allow: profile on the real node count before training on it"
         )
-    name = pcfg.name or (
+    return a2a, bandwidth
+
+
+def run_profile(model_cfg, pcfg: ProfileConfig, device, vocab_size: int, *, log=print) -> ProfileReport:
+    """All measurements on the current process group (collective); returns the report on every rank."""
+    pcfg.validate()
+    t_start = time.perf_counter()
+    ses = _Session(model_cfg, pcfg, device, vocab_size)
+    memory = _profile_memory(ses, pcfg, device, log)
+    fit, samples = _profile_compute(ses, pcfg, memory["tokens_per_gpu"], log)
+    a2a, bandwidth = _profile_alltoall(ses, pcfg, memory["tokens_per_gpu"], log)
+    ses.pcfg.name = pcfg.name or (
         f"profiled: {model_cfg.num_layers}L h{model_cfg.hidden_size} on {ses.world} x "
-        f"{torch.cuda.get_device_name(device) if cuda else 'CPU (gloo)'}"
+        f"{torch.cuda.get_device_name(device) if ses.cuda else 'CPU (gloo)'}"
     )
-    ses.pcfg.name = name
+    compute = {
+        "alpha1_ms_per_token2": fit.alpha1_ms_per_token2,
+        "alpha2_ms_per_token": fit.alpha2_ms_per_token,
+        "beta1_ms": fit.beta1_ms,
+    }
     cost = CostModel.from_dict(
         ses._cost_dict(
-            {
-                "alpha1_ms_per_token2": fit.alpha1_ms_per_token2,
-                "alpha2_ms_per_token": fit.alpha2_ms_per_token,
-                "beta1_ms": fit.beta1_ms,
-            },
-            bandwidth,
-            limit_gb,
-            states_total,
-            lin.slope,
+            compute, bandwidth, memory["limit_gb"], memory["model_states_mb"], memory["activation_mb_per_token"]
         )
     )
-    memory = {
-        "method": "cuda max_memory_allocated" if cuda else "tensor bytes (saved_tensors_hooks + states)",
-        "model_states_mb": states_total,
-        "measured_states_mb": states,
-        "fixed_mb": fixed,
-        "activation_mb_per_token": lin.slope,
-        "limit_gb": limit_gb,
-        "tokens_per_gpu": tokens_per_gpu,
-        "samples": dict(zip(mem_lengths, act)),
-    }
     env = {
         "world_size": ses.world,
         "gpus_per_node": ses.gpus_per_node,

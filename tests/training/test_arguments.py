@@ -189,7 +189,7 @@ def test_time_limit_auto_and_gap():
     assert A.parse_args(["--flexsp-time-limit", "0.3"]).flexsp_time_limit == 0.3
     from megatron.flexsp.training.configs import FlexSPConfig
 
-    assert FlexSPConfig.auto_time_limit(1500.0) == pytest.approx(0.15)
+    assert FlexSPConfig.auto_time_limit(1500.0) == pytest.approx(1.5 * A.AUTO_TIME_LIMIT_FRACTION)
     assert FlexSPConfig.auto_time_limit(1e6) == A.AUTO_TIME_LIMIT_CAP_S
     assert FlexSPConfig.auto_time_limit(10.0) == A.AUTO_TIME_LIMIT_MIN_S
     with pytest.raises(A.ArgumentError, match="--flexsp-gap must be below 1"):

@@ -11,14 +11,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dist_utils import free_port, run_distributed
+from tests.dist_utils import run_distributed
+from tests.torchrun_utils import kill_tree, losses, rank_pids, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -152,82 +152,18 @@ def test_consecutive_non_finite_steps_stop_the_run_with_finite_checkpoints(tmp_p
 
 
 def _torchrun(args, log_path, *, nproc=2, extra_launcher=()):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        *extra_launcher,
-        str(ROOT / "pretrain_gpt_flexsp.py"),
-        *args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    env.pop("SLURM_JOB_ID", None)
-    return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [
-                int(c)
-                for t in os.listdir(f"/proc/{p}/task")
-                for c in open(f"/proc/{p}/task/{t}/children").read().split()
-            ]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def _rank_pids(proc) -> dict[int, int]:
-    """rank -> pid of the trainer processes under a torchrun launcher (from their environment)."""
-    out = {}
-    for pid in _descendants(proc.pid):
-        try:
-            env = dict(x.split("=", 1) for x in open(f"/proc/{pid}/environ").read().split("\0") if "=" in x)
-            cmdline = open(f"/proc/{pid}/cmdline").read()
-        except OSError:
-            continue
-        if "pretrain_gpt_flexsp.py" in cmdline and "RANK" in env and "multiprocessing" not in cmdline:
-            out[int(env["RANK"])] = pid
-    return out
-
-
-def _kill_tree(proc) -> None:
-    for pid in _descendants(proc.pid)[::-1] + [proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
-def _losses(path):
-    if not Path(path).exists():
-        return {}
-    return {x["iteration"]: x["loss"] for x in map(json.loads, Path(path).read_text().splitlines()) if "loss" in x}
+    return torchrun(args, log_path, nproc=nproc, extra_launcher=extra_launcher)
 
 
 def _wait_for_iteration(proc, metrics, it, log, timeout=240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if max(_losses(metrics), default=0) >= it:
+        if max(losses(metrics), default=0) >= it:
             return
         if proc.poll() is not None:
             pytest.fail(f"training exited early (rc {proc.returncode}):\n{Path(log).read_text()[-3000:]}")
         time.sleep(0.05)
-    _kill_tree(proc)
+    kill_tree(proc)
     pytest.fail(f"training did not reach iteration {it} in time:\n{Path(log).read_text()[-3000:]}")
 
 
@@ -235,7 +171,7 @@ def _finish(proc, timeout):
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        kill_tree(proc)
         pytest.fail(f"the job did not end within {timeout} s")
 
 
@@ -245,7 +181,7 @@ def straight(tmp_path_factory):
     d = tmp_path_factory.mktemp("straight")
     p = _torchrun(SMALL + ["--train-iters", "14", "--metrics-file", str(d / "m.jsonl")], d / "log")
     assert _finish(p, 300) == 0, (d / "log").read_text()[-3000:]
-    return _losses(d / "m.jsonl")
+    return losses(d / "m.jsonl")
 
 
 # ------------------------------------------------------------------ signal and deadline
@@ -267,18 +203,18 @@ def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_p
     p = _torchrun(common + ["--metrics-file", str(m1)], tmp_path / "a.log")
     _wait_for_iteration(p, m1, 7, tmp_path / "a.log")
     t0 = time.monotonic()
-    for pid in _rank_pids(p).values():  # as srun delivers a job's signal to its tasks
+    for pid in rank_pids(p).values():  # as srun delivers a job's signal to its tasks
         os.kill(pid, signal.SIGTERM)
     rc = _finish(p, 60)
     log = (tmp_path / "a.log").read_text()
     assert rc == 0, log[-3000:]
     assert time.monotonic() - t0 < 30
-    last = max(_losses(m1))
+    last = max(losses(m1))
     assert 7 <= last < 14 and "received SIGTERM" in log
     assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
     q = _torchrun(common + ["--metrics-file", str(m2)], tmp_path / "b.log")
     assert _finish(q, 300) == 0, (tmp_path / "b.log").read_text()[-3000:]
-    got = {**_losses(m1), **_losses(m2)}
+    got = {**losses(m1), **losses(m2)}
     assert sorted(got) == list(range(1, 15))
     for it, loss in got.items():
         assert loss == pytest.approx(straight[it], rel=2e-5), it
@@ -299,7 +235,7 @@ def test_exit_duration_saves_and_exits_zero(tmp_path):
     log = (tmp_path / "log").read_text()
     assert rc == 0, log[-3000:]
     assert "--exit-duration-in-mins reached" in log
-    last = max(_losses(m))
+    last = max(losses(m))
     assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
 
 
@@ -328,7 +264,7 @@ def test_a_killed_rank_is_restarted_in_job_and_resumes(tmp_path, straight, attem
         extra_launcher=("--max-restarts", "1"),
     )
     _wait_for_iteration(p, m, 7, tmp_path / "log")
-    os.kill(_rank_pids(p)[1], signal.SIGKILL)
+    os.kill(rank_pids(p)[1], signal.SIGKILL)
     rc = _finish(p, 300)
     log = (tmp_path / "log").read_text()
     assert rc == 0, log[-4000:]
@@ -350,7 +286,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
         tmp_path / "log",
     )
     _wait_for_iteration(p, m, 5, tmp_path / "log")
-    pids = _rank_pids(p)
+    pids = rank_pids(p)
     os.kill(pids[1], signal.SIGSTOP)
     t0 = time.monotonic()
     try:

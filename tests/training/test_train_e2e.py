@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.dist_utils import free_port, run_distributed
+from tests.torchrun_utils import kill_tree, losses, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
@@ -92,7 +90,7 @@ def mode_runs(tmp_path_factory):
     return out, results[0]
 
 
-def test_every_mode_trains_with_the_same_losses(mode_runs):
+def test_every_mode_trains_with_the_samelosses(mode_runs):
     out, res = mode_runs
     ref = res["flexsp"]
     assert [r[0] for r in ref] == list(range(1, ITERS + 1))
@@ -155,57 +153,10 @@ def test_every_mode_trains_with_the_same_losses(mode_runs):
 
 
 def _torchrun(args, log_path, port):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "4",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        str(ROOT / "pretrain_gpt_flexsp.py"),
-    ] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+    return torchrun(args, log_path, nproc=4, port=port)
 
 
-def _descendants(pid: int) -> list[int]:
-    """pid's children, grandchildren, ... (torchrun starts its ranks in their own sessions)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [
-                int(c)
-                for t in os.listdir(f"/proc/{p}/task")
-                for c in open(f"/proc/{p}/task/{t}/children").read().split()
-            ]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def _kill_tree(proc) -> None:
-    """SIGKILL the launcher and every process under it (a crash of the whole job)."""
-    for pid in _descendants(proc.pid)[::-1] + [proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
-def _losses(path):
-    return {x["iteration"]: x["loss"] for x in map(json.loads, Path(path).read_text().splitlines()) if "loss" in x}
-
-
-def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
+def test_kill_and_resume_gives_the_samelosses(mode_runs, tmp_path):
     _, res = mode_runs
     straight = {it: loss for it, loss, _, _ in res["flexsp"]}
     ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -221,7 +172,7 @@ def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
-            if m1.exists() and max(_losses(m1), default=0) >= 3 and (ckpt / "latest").exists():
+            if m1.exists() and max(losses(m1), default=0) >= 3 and (ckpt / "latest").exists():
                 break
             if p.poll() is not None:
                 pytest.fail(f"training exited early (rc {p.returncode}):\n{(tmp_path / 'a.log').read_text()[-3000:]}")
@@ -229,7 +180,7 @@ def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
         else:
             pytest.fail("training did not reach iteration 3 in time")
     finally:
-        _kill_tree(p)
+        kill_tree(p)
     assert "starting from scratch" in (tmp_path / "a.log").read_text()
     saved = int((ckpt / "latest").read_text().strip().split("_")[1])
     assert saved >= 2 and saved % 2 == 0
@@ -242,13 +193,13 @@ def test_kill_and_resume_gives_the_same_losses(mode_runs, tmp_path):
         rc = q.wait(timeout=300)
     finally:
         if q.poll() is None:
-            _kill_tree(q)
+            kill_tree(q)
     log = (tmp_path / "b.log").read_text()
     assert rc == 0, log[-3000:]
     assert f"resumed from {ckpt / f'iter_{saved:07d}'} at iteration {saved}" in log
-    resumed = _losses(m2)
+    resumed = losses(m2)
     assert sorted(resumed) == list(range(saved + 1, ITERS + 1))
-    first = _losses(m1)
+    first = losses(m1)
     for it in range(1, saved + 1):
         assert first[it] == pytest.approx(straight[it], rel=2e-5, abs=1e-6)
     for it, loss in resumed.items():

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import broadcast_object
+
 __all__ = [
     "LR_SCHEDULE_ARGS",
     "CheckpointError",
@@ -132,14 +134,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if _dist() else 1
-
-
-def _bcast(obj: Any) -> Any:
-    if not _dist() or _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _options(load: bool = False):
@@ -543,7 +537,7 @@ def save_checkpoint(
             )
             if isinstance(e, NonFiniteCheckpointError):
                 err = f"refusing to save checkpoint {final}: {err}"
-    err, err_type = _bcast((err, err_type))
+    err, err_type = broadcast_object((err, err_type))
     if err:
         raise (NonFiniteCheckpointError if err_type == "NonFiniteCheckpointError" else CheckpointError)(err)
     return final
@@ -765,7 +759,7 @@ def load_checkpoint(
 
     # the model's own signature, from its full state dict (same collective on every rank)
     sig = model_signature(get_model_state_dict(model, options=_options()))
-    sig = _bcast(sig if _rank() == 0 else None)
+    sig = broadcast_object(sig if _rank() == 0 else None)
     err, err_type, info, trainer, model_sd, optim_sd = None, "CheckpointError", None, None, {}, {}
     if _rank() == 0:
         try:
@@ -776,17 +770,17 @@ def load_checkpoint(
             err, err_type = str(e), type(e).__name__
         except Exception as e:  # noqa: BLE001 - a damaged file: tell every rank
             err = f"--load {load_dir}: cannot read checkpoint: {type(e).__name__}: {e}"
-    err, err_type = _bcast((err, err_type))
+    err, err_type = broadcast_object((err, err_type))
     if err:
         cls = {c.__name__: c for c in (UnsafeCheckpointError, ResumeMismatchError)}.get(err_type, CheckpointError)
         raise cls(err)
-    info = _bcast(info)
+    info = broadcast_object(info)
     for w in info[3]:
         log.warning("%s", w)
     set_model_state_dict(model, model_sd, options=_options(load=True))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=_options(load=True))
-    small = _bcast(dict(trainer) if _rank() == 0 else None)
+    small = broadcast_object(dict(trainer) if _rank() == 0 else None)
     if scheduler is not None and small.get("scheduler") is not None:
         scheduler.load_state_dict(small["scheduler"])
     rngs = small.get("rng") or []

@@ -30,6 +30,7 @@ __all__ = [
     "launch_env",
     "init_distributed",
     "shutdown_distributed",
+    "broadcast_object",
     "run_entrypoint",
     "device_for_backend",
 ]
@@ -161,6 +162,19 @@ def init_distributed(env: LaunchEnv, backend: str | None, timeout_s: float = 600
 
     parallel_state.install()
     return device
+
+
+def broadcast_object(payload: Any, src: int = 0, group: Any = None) -> Any:
+    """Rank ``src``'s picklable payload on every rank (returned as is without a process group or alone).
+
+    Rank 0 decides (a plan, an error, which checkpoint to load) and the others follow: one rule for
+    every such decision, so no rank acts on a payload of its own.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return payload
+    box = [payload if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def shutdown_distributed() -> None:

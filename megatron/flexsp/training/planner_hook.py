@@ -42,7 +42,9 @@ from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.planner.plan import Plan, PlanError
 
-__all__ = ["PlanInfo", "PlannerHook", "plan_inline", "broadcast_plan", "as_planner_config"]
+from .distributed import broadcast_object
+
+__all__ = ["PlanInfo", "PlannerHook", "plan_inline", "as_planner_config"]
 
 log = logging.getLogger("flexsp.planner_hook")
 
@@ -144,17 +146,6 @@ def _worker_main(
                     f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
                 )
             )
-
-
-def broadcast_plan(payload: Any, src: int = 0, group=None) -> Any:
-    """Rank ``src``'s payload on every rank (no-op without an initialised process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return payload
-    box = [payload if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
 
 
 def _write_plan_json(path: Path, plan_d: dict[str, Any]) -> None:
@@ -466,7 +457,7 @@ class PlannerHook:
                 _write_plan_json(self.dump_dir / f"plan_{k:07d}.json", plan_d)
             payload = (plan_d, asdict(info))
         if self.broadcast:
-            payload = broadcast_plan(payload, 0, self.group)
+            payload = broadcast_object(payload, 0, self.group)
         plan_d, info_d = payload
         if plan is None:
             plan = Plan.from_dict(plan_d)

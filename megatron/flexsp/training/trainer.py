@@ -38,11 +38,11 @@ from megatron.flexsp.runtime.sharding import shard_model
 from .arguments import ArgumentError
 from .checkpointer import Checkpointer
 from .configs import TrainerConfigs
-from .distributed import LaunchEnv, init_distributed
+from .distributed import LaunchEnv, broadcast_object, init_distributed
 from .logging_utils import IterationRecord, MetricsLogger, setup_logging
 from .online_calibration import OnlineCalibration
 from .optimizer import build_optimizer, clip_grad_norm
-from .planner_hook import PlannerHook, broadcast_plan, plan_inline
+from .planner_hook import PlannerHook, plan_inline
 from .resilience import WATCHDOG_SHARE_OF_TIMEOUT, ExitMonitor, NonFiniteGuard, ProgressWatchdog
 from .summary import format_summary, summarize
 
@@ -67,12 +67,6 @@ class TrainData:
         return [torch.from_numpy(dataset[int(i)].astype("int64", copy=False)) for i in indices]
 
 
-def _bcast_obj(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def build_train_data(cfg: TrainerConfigs, rank: int) -> TrainData:
     """Datasets on every rank, rank 0 first (it may build and cache the embedded corpus); errors reach every rank."""
     gbs = cfg.train.global_batch_size
@@ -85,7 +79,7 @@ def build_train_data(cfg: TrainerConfigs, rank: int) -> TrainData:
             return None, None, None, f"data: {e}"
 
     built = build() if rank == 0 else None
-    err = _bcast_obj(built[3] if rank == 0 else None)
+    err = broadcast_object(built[3] if rank == 0 else None)
     if err:
         raise ArgumentError(err)
     train_ds, valid_ds, sampler, err = built if rank == 0 else build()
@@ -268,7 +262,7 @@ class Trainer:
     def plan_now(self, lengths: list[int], cfg: PlannerConfig, *, fallback: bool = False) -> Plan:
         """Plan ``lengths`` on rank 0 right now and give every rank the same Plan (one JSON crossing)."""
         plan = plan_inline(lengths, self.hook.cost, cfg, fallback=fallback) if self.env.rank == 0 else None
-        payload = broadcast_plan(plan.to_dict() if plan is not None else None)
+        payload = broadcast_object(plan.to_dict() if plan is not None else None)
         return plan if plan is not None else Plan.from_dict(payload)
 
     def _timed_run(self, plan: Plan, seqs: list[torch.Tensor], **kw: Any) -> tuple[StepResult, float]:

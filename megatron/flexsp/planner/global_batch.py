@@ -251,6 +251,16 @@ def _fill_pass(
     return accepted
 
 
+def _replace_pair(mbs: list[list], a: int, new_a: list, b: int, new_b: list) -> None:
+    """Micro-batch b takes ``new_b``; a takes ``new_a``, or vanishes when its sequences moved out (b first:
+    deleting a shifts the indices after it)."""
+    mbs[b] = new_b
+    if new_a[0].size:
+        mbs[a] = new_a
+    else:
+        del mbs[a]
+
+
 def _polish(
     ctx: PlannerContext,
     Ls: np.ndarray,
@@ -311,11 +321,7 @@ def _polish(
                                 best = (t, na2, sa2, nb2, sb2)
                 if best is not None:
                     _, na, sa, nb, sb = best
-                    mbs[b] = [nb, sb]
-                    if na.size:
-                        mbs[a] = [na, sa]
-                    else:
-                        del mbs[a]
+                    _replace_pair(mbs, a, [na, sa], b, [nb, sb])
                     accepted += 1
                     improved = True
                     break
@@ -474,11 +480,7 @@ def _move_search(
                         best = (delta, b, nb, snb)
                 if best is not None:
                     _, b, nb, snb = best
-                    mbs[b] = [nb, snb]
-                    if rest.size:
-                        mbs[a] = [rest, sr]
-                    else:
-                        del mbs[a]
+                    _replace_pair(mbs, a, [rest, sr], b, [nb, snb])
                     moves += 1
                     improved = True
                     break

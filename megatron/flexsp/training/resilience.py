@@ -76,12 +76,21 @@ class ExitMonitor:
 
     def flag(self) -> float:
         """1.0 when this rank wants to stop (a signal arrived or the deadline passed), else 0.0."""
-        return 1.0 if self.received or (self.deadline is not None and time.monotonic() >= self.deadline) else 0.0
+        return max(self.votes())
 
-    def reason(self) -> str:
+    def votes(self) -> tuple[float, float]:
+        """(signal, deadline) flags for the collective vote: each rank's clock starts a little apart, so
+        the reason is voted too, and every rank names the same one."""
+        passed = self.deadline is not None and time.monotonic() >= self.deadline
+        return (1.0 if self.received else 0.0), (1.0 if passed else 0.0)
+
+    def reason(self, voted: tuple[float, float] | None = None) -> str:
+        """Why the run stops: this rank's own reason, or (``voted``: the MAX of every rank's ``votes()``) the run's."""
         if self.received:
             return f"received {self.received}"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if voted is not None and voted[0] > 0:
+            return "another rank received the exit signal"
+        if (voted is not None and voted[1] > 0) or (self.deadline is not None and time.monotonic() >= self.deadline):
             return "--exit-duration-in-mins reached"
         return "another rank asked to stop"
 

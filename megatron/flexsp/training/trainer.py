@@ -183,7 +183,7 @@ class Trainer:
             duration_mins=cfg.checkpoint.exit_duration_in_mins,
             start_time=self.started,
         )
-        self.exit_voted = False  # every rank's vote at the last iteration boundary
+        self.exit_vote: tuple[float, float] | None = None  # every rank's (signal, deadline) vote, if any
         self.metrics: MetricsLogger | None = None
         self.watchdog: ProgressWatchdog | None = None
 
@@ -323,11 +323,11 @@ class Trainer:
         loss = float(result.loss)
         slots = self.calibration.local_slots(plan, result) if self.calibration.wants(it, plan) else []
         # one MAX all-reduce carries the timings, the non-finite verdict, the exit vote and calibration samples
-        compute_ms, a2a_ms, bad, stop, *gathered = self._max_over_ranks(
+        compute_ms, a2a_ms, bad, by_signal, by_deadline, *gathered = self._max_over_ranks(
             _stat(result.stats, "fwd_ms", "bwd_ms"),
             _stat(result.stats, "a2a_ms"),
             NonFiniteGuard.local_flag(loss, gnorm),
-            self.exit.flag(),
+            *self.exit.votes(),
             *slots,
         )
         if self.guard.check(bad > 0, it, loss, gnorm):
@@ -337,7 +337,7 @@ class Trainer:
             extra["skipped_step"] = True
         self.optimizer.zero_grad(set_to_none=True)
         self.data.sampler.next_batch = k + 1
-        self.exit_voted = stop > 0
+        self.exit_vote = (by_signal, by_deadline) if by_signal > 0 or by_deadline > 0 else None
         # the paired baseline's step (--flexsp-compare-with) is not part of this mode's iteration
         iter_ms = (time.perf_counter() - t0) * 1e3 - float(extra.get("baseline_exec_ms", 0.0))
         extra.update(exec_ms=exec_ms, planner_cpu_s=info.cpu_s)
@@ -426,7 +426,7 @@ class Trainer:
             self.metrics.log(self.train_step(k))
             if self.should_validate(it):
                 self.metrics.log_eval(it, self.evaluate())
-            reason = self.exit.reason() if self.exit_voted else None
+            reason = self.exit.reason(self.exit_vote) if self.exit_vote else None
             stopped = self.checkpointer.maybe_save(it, exit_reason=reason).stop
             self.watchdog.beat(it)
             if stopped:

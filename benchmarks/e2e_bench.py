@@ -270,6 +270,32 @@ def headline(pairs: Sequence[PairResult]) -> dict[str, Any]:
     }
 
 
+def verdict(head: Mapping[str, Any], ranks: int, cpus: int | None) -> str:
+    """One line a newcomer can act on: faster, slower, or a tie, judged by the spread of the pairs.
+
+    Why: a bare median ratio from a few standalone pairs on a shared 2-core machine reads as a
+    result even when the pairs disagree in sign (fresh clones printed 0.82x and 1.19x for the same
+    code). The verdict is taken from the headline ratios (total tokens / total time); when their
+    range covers 1.0 the difference is within this machine's noise and the line says so, and why.
+    """
+    ratios = head["ratios_time_weighted"] if head["median_ratio_time_weighted"] is not None else head["ratios"]
+    med = median_or_none(ratios)
+    if med is None:
+        return "VERDICT: no pair finished"
+    lo, hi = min(ratios), max(ratios)
+    spread = f"median {med:.3f}x of {len(ratios)} pair(s), range {lo:.3f}x-{hi:.3f}x"
+    if len(ratios) < 2:
+        return f"VERDICT: one pair ({med:.3f}x) has no spread to judge noise by; run --pairs 3 or more"
+    if lo <= 1.0 <= hi:
+        why = (
+            f"{ranks} CPU ranks oversubscribe {cpus or '?'} cores and FlexSP's background planner shares them, "
+            "so single runs swing more than the schedules differ"
+        )
+        return f"VERDICT: a tie, the difference is within noise on this machine ({spread} covers 1.0): {why}"
+    word = "faster" if lo > 1.0 else "slower"
+    return f"VERDICT: FlexSP is {word} than static SP here ({spread}, every pair on the same side of 1.0)"
+
+
 # --------------------------------------------------------------------------- configuration and launching
 
 
@@ -735,6 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"LOSS CHECK FAILED: largest relative difference between paired runs {head['max_rel_loss_diff']:.2e} "
             f"> {LOSS_REL_TOL:g}: the two modes did not train identically"
         )
+    print(verdict(head, cfg.world_size, os.cpu_count()))
     for line in desc:
         print(line)
     if a.output:
@@ -769,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r in rows
             ],
             "pairs": [dict(asdict(p), loss_ok=p.loss_ok) for p in pairs],
-            "headline": dict(head, loss_rel_tol=LOSS_REL_TOL),
+            "headline": dict(head, loss_rel_tol=LOSS_REL_TOL, verdict=verdict(head, cfg.world_size, os.cpu_count())),
         }
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")

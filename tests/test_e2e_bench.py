@@ -243,3 +243,37 @@ def test_help_and_dry_run():
         timeout=60,
     )
     assert p.returncode == 2 and "cannot be passed through" in p.stderr
+
+
+def _head(ratios, tw=None):
+    """A headline from per-pair ratios, built by hand (the reference for verdict)."""
+    tw = ratios if tw is None else tw
+    return {
+        "ratios": ratios,
+        "ratios_time_weighted": tw,
+        "median_ratio": sorted(ratios)[len(ratios) // 2],
+        "median_ratio_time_weighted": sorted(tw)[len(tw) // 2],
+    }
+
+
+@pytest.mark.parametrize(
+    "tw, word",
+    [
+        ([0.82, 1.19, 1.05], "a tie"),  # the two fresh-clone quickstarts of issue 15, plus one
+        ([1.02, 1.10, 1.31], "faster"),
+        ([0.90, 0.95, 0.99], "slower"),
+        ([1.0, 1.2, 1.3], "a tie"),  # a pair exactly at 1.0 is inside the spread
+    ],
+)
+def test_verdict_follows_the_spread_of_the_headline_ratios(tw, word):
+    # the per-iteration ratios point the other way on purpose: the verdict reads the headline ones
+    line = eb.verdict(_head([1.5, 1.6, 1.7], tw), ranks=4, cpus=2)
+    assert line.startswith("VERDICT:") and word in line
+    assert f"median {sorted(tw)[1]:.3f}x" in line
+    if word == "a tie":
+        assert "within noise" in line and "4 CPU ranks oversubscribe 2 cores" in line
+
+
+def test_verdict_with_one_pair_asks_for_more():
+    line = eb.verdict(_head([1.3]), ranks=4, cpus=2)
+    assert "no spread" in line and "faster" not in line

@@ -23,41 +23,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # megatron.flexsp (namespace portion of this checkout)
+
+from megatron.flexsp.launching import free_port, run_bounded  # noqa: E402
+
 MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], log: Path, timeout: float) -> None:
-    """Run a torchrun command, output to ``log``; kill its whole process group on timeout."""
-    with open(log, "w") as f:
-        p = subprocess.Popen(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-            env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHON=sys.executable),
-        )
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            raise SystemExit(f"timed out after {timeout:.0f}s: {' '.join(cmd)} (log: {log})") from None
+    """Run a torchrun command, output to ``log``; stop its whole process tree on timeout."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHON=sys.executable)
+    r = run_bounded(cmd, timeout, log=log, cwd=ROOT, env=env)
+    if r.timed_out:
+        raise SystemExit(f"timed out after {timeout:.0f}s: {' '.join(cmd)} (log: {log})")
+    rc = r.returncode
     if rc != 0:
         tail = [x for x in log.read_text().splitlines() if "Warning" not in x and "warn(" not in x][-25:]
         raise SystemExit(f"failed (exit {rc}): {' '.join(cmd)}\n" + "\n".join(tail))
@@ -80,7 +66,7 @@ def _launcher(nproc: int, emulated_nodes: int, link_mbit: int, timeout_s: float)
             "--timeout",
             str(int(timeout_s)),
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--",
         ]
     return [
@@ -92,7 +78,7 @@ def _launcher(nproc: int, emulated_nodes: int, link_mbit: int, timeout_s: float)
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
     ]
 
 

@@ -40,8 +40,6 @@ import json
 import math
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # megatron.flexsp (namespace portion of this checkout)
 
+from megatron.flexsp.launching import free_port, run_bounded  # noqa: E402
 from megatron.flexsp.training.summary import read_metrics, summarize, warmup_count  # noqa: E402
 
 MODES = ("static", "flexsp")
@@ -363,12 +362,6 @@ def trainer_flags(cfg: BenchConfig, mode: str, metrics: str) -> list[str]:
     return f
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def emulated_launcher(cfg: BenchConfig) -> list[str]:
     """scripts/emulated_cluster.sh with the options scripts/compare_sp_modes.sh passes (plus the job timeout)."""
     return [
@@ -458,32 +451,9 @@ def _log_tail(log: Path, n: int = 25) -> str:
 
 def launch(cmd: list[str], log: Path, python: str, timeout_s: float) -> int:
     """Run one job, output to ``log``, in its own session; on timeout or Ctrl-C, SIGTERM first (the emulated
-    cluster script removes its namespaces on TERM), then SIGKILL to the group."""
-    with open(log, "w") as f:
-        p = subprocess.Popen(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-            env=dict(os.environ, PYTHON=python, PYTHONWARNINGS="ignore"),
-        )
-        try:
-            return p.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt) as e:
-            os.kill(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            return 124
+    cluster script removes its namespaces on TERM), then SIGKILL to the tree. 124 when it timed out."""
+    env = dict(os.environ, PYTHON=python, PYTHONWARNINGS="ignore")
+    return run_bounded(cmd, timeout_s, log=log, cwd=ROOT, env=env, term_grace_s=30).returncode
 
 
 # --------------------------------------------------------------------------- output

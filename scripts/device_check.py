@@ -27,7 +27,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +35,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # megatron.flexsp (namespace portion of this checkout)
+
+from megatron.flexsp.launching import TIMED_OUT, run_bounded  # noqa: E402
+
 NO_GPU_EXIT = 3
 
 
@@ -164,8 +168,7 @@ def attention_check(
 # ------------------------------------------------------------------------ subprocess stages
 # Stage children stay in this process group and session (no setsid), so the outer `timeout` of
 # device_check.sh and any job killer reach them; a stage that runs past its own limit, or this
-# process being stopped, kills the stage's whole process tree.
-_LIVE: set[int] = set()
+# process being stopped (Interrupted, raised while run_bounded waits), kills the stage's whole tree.
 
 
 class Interrupted(BaseException):
@@ -189,56 +192,11 @@ def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signatur
     raise Interrupted(signum)
 
 
-def descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (children, grandchildren, ...), read from /proc; [] without /proc."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # fields after "(comm)": state, ppid
-        children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and everything below it (twice over, for processes forked meanwhile)."""
-    for _ in range(2):
-        for q in [*descendants(pid), pid]:
-            try:
-                os.kill(q, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        _LIVE.add(p.pid)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(p.pid)
-            p.wait()
-            return 124, f"timed out after {timeout:.0f}s"
-        finally:
-            if p.poll() is None:  # interrupted while waiting: take the stage down with us
-                kill_tree(p.pid)
-                p.wait()
-            _LIVE.discard(p.pid)
+    r = run_bounded(cmd, timeout, log=log, cwd=ROOT, new_session=False)
+    if r.timed_out:
+        return TIMED_OUT, f"timed out after {timeout:.0f}s"
+    rc = r.returncode
     # Orphans of a finished stage (reparented away from it) stay in this process group, where
     # device_check.sh's exit trap ends them.
     tail = [x for x in log.read_text().splitlines() if "Warning" not in x and "warn(" not in x]
@@ -524,8 +482,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep.notes.append(f"stopped by {type(e).__name__}: {e}"[:400])
         rc = 1
     finally:
-        for pid in list(_LIVE):
-            kill_tree(pid)
         if not rc:
             for sig, h in saved.items():
                 signal.signal(sig, h)

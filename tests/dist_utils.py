@@ -42,12 +42,13 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from megatron.flexsp.launching import free_port
 
 __all__ = ["DistRunError", "FORKSERVER_PRELOAD", "context_for", "free_port", "run_distributed"]
 
@@ -60,13 +61,6 @@ _QUIET = "ignore:Transformer Engine and Apex are not installed"
 
 class DistRunError(RuntimeError):
     """A rank raised, crashed, or did not finish in time; the message carries the details."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0 and let the OS choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def context_for(backend: str):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.dist_utils import free_port
+from megatron.flexsp.launching import descendants, free_port, kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,24 +50,6 @@ def torchrun(
     )
 
 
-def descendants(pid: int) -> list[int]:
-    """pid's children, grandchildren, ... (torchrun starts its ranks in their own sessions)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [
-                int(c)
-                for t in os.listdir(f"/proc/{p}/task")
-                for c in open(f"/proc/{p}/task/{t}/children").read().split()
-            ]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
 def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of the trainer processes under a torchrun launcher (from their environment)."""
     out = {}
@@ -81,16 +62,6 @@ def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
         if "pretrain_gpt_flexsp.py" in cmdline and "RANK" in env and "multiprocessing" not in cmdline:
             out[int(env["RANK"])] = pid
     return out
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it (a crash of the whole job)."""
-    for pid in descendants(proc.pid)[::-1] + [proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
 
 
 def losses(path: Path | str) -> dict[int, float]:

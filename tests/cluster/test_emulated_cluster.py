@@ -12,12 +12,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megatron.flexsp.launching import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "emulated_cluster.sh"
@@ -55,12 +56,6 @@ TRAIN = [
     "--flexsp-plan-ahead",
     "0",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(path: Path) -> list[float]:
@@ -144,7 +139,7 @@ def test_two_nodes_match_one_host(tmp_path):
             "--master-addr",
             "127.0.0.1",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             "pretrain_gpt_flexsp.py",
             *TRAIN,
             "--metrics-file",

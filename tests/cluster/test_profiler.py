@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megatron.flexsp.launching import free_port, run_bounded
 from megatron.flexsp.planner.costmodel import CostModel, alltoall_bytes_per_token
 from megatron.flexsp.planner.fitting import fit_bandwidth, fit_compute, fit_linear
 from megatron.flexsp.training.profiler import (
@@ -109,21 +107,11 @@ def test_config_errors_name_the_flag():
 
 
 def _run_bounded(cmd, timeout, **kw):
-    """subprocess.run that kills the whole process group (torchrun and its workers) on timeout."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-2000:]}\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Run to the end; a timeout stops the whole tree (torchrun and its workers) and fails the test."""
+    r = run_bounded(cmd, timeout, capture=True, **kw)
+    if r.timed_out:
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return r
 
 
 def _param_count(layers, h, heads, groups, ffn, vocab):
@@ -159,7 +147,7 @@ def test_profiler_end_to_end_on_two_gloo_ranks(tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "megatron.flexsp.training.profiler",
         *model,

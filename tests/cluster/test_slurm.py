@@ -14,23 +14,18 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron.flexsp.launching import free_port, kill_tree
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 LC = ROOT / "scripts" / "slurm" / "local_cluster.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unavailable(why: str):
@@ -63,7 +58,7 @@ def submit(cluster: Path, script: Path, *sbatch_args: str, env: dict | None = No
         os.environ,
         FLEXSP_PYTHON=sys.executable,
         FLEXSP_SLURM_WAIT_S=str(wait_s),
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         FLEXSP_RUN_DIR=str(cluster / "runs"),
     )
     e.update(env or {})
@@ -315,7 +310,7 @@ def _fake_slurm(tmp_path: Path, **env: str) -> dict[str, str]:
         FLEXSP_RUN_DIR=str(tmp_path / "run"),
         FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         GPUS_PER_NODE="1",
     )
     e.update(env)
@@ -401,8 +396,7 @@ def test_time_limit_signal_is_forwarded_then_the_job_requeued(tmp_path, launcher
         out, _ = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
+            kill_tree(p)
     log = "".join(lines) + out
     assert p.returncode == 0, log
     assert marker.read_text() == "saved", log

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import traceback
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from megatron.flexsp.launching import free_port
 
 __all__ = [
     "LaunchEnv",
@@ -54,12 +55,6 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     restart_count: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: which attempt of the job this is
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _slurm_master() -> str:
@@ -104,7 +99,7 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
         addr = "127.0.0.1" if ws == 1 else (_slurm_master() if "SLURM_PROCID" in e else None)
         if addr is None:
             raise LaunchError(f"world size {ws} but MASTER_ADDR is not set: launch with torchrun or srun")
-    port = num("MASTER_PORT") if "MASTER_PORT" in e else (_free_port() if ws == 1 else 29500)
+    port = num("MASTER_PORT") if "MASTER_PORT" in e else (free_port() if ws == 1 else 29500)
     restarts = num("TORCHELASTIC_RESTART_COUNT") if "TORCHELASTIC_RESTART_COUNT" in e else 0
     return LaunchEnv(rank, ws, local, lws, addr, port, restarts)
 

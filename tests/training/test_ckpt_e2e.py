@@ -125,3 +125,31 @@ def test_damaged_dataset_is_one_line_on_every_rank(tmp_path, damage):
     if damage == "truncated-bin":
         assert "the .bin is truncated (document 63 onwards is missing)" in errors[0]
     assert "AssertionError" not in log and "bad header, cannot read" not in log, log[-3000:]
+
+
+OLD_CKPT = Path(__file__).resolve().parent / "data" / "old_format_ckpt"
+
+
+def test_checkpoint_written_before_the_state_registry_resumes_exactly(tmp_path):
+    """A checkpoint the code before the state registry wrote (d7fa2ab, committed as test data) resumes
+    with the same losses, bit for bit, as that run's own uninterrupted continuation; the sampler,
+    planner and calibration states it carried are restored (the final checkpoint counts them on)."""
+    import shutil
+
+    import torch
+
+    want = json.loads((OLD_CKPT / "expected.json").read_text())
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    shutil.copytree(OLD_CKPT, ckpt, ignore=shutil.ignore_patterns("expected.json"))
+    args = want["args"] + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "3"]
+    rc = _run(args + ["--metrics-file", str(metrics)], tmp_path / "r.log")
+    log = (tmp_path / "r.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert f"resumed from {ckpt / 'iter_0000003'} at iteration 3" in log, log[-3000:]
+    got = _losses(metrics)
+    assert {str(k): v for k, v in got.items()} == want["continuation_losses"], (got, want["continuation_losses"])
+    final = torch.load(ckpt / "iter_0000006" / "trainer.pt", map_location="cpu", weights_only=False)
+    state = want["final_state"]
+    assert final["extra"]["calibration"]["seen"] == state["calibration_seen"]
+    assert final["planner"]["counters"]["inline"] == state["planner_inline"]
+    assert final["sampler"]["next_batch"] == state["sampler_next_batch"]

@@ -281,3 +281,31 @@ def test_main_reports_bad_settings_before_any_work(capsys, monkeypatch):
     import torch.distributed as dist
 
     assert not dist.is_initialized()
+
+
+def test_parser_defaults_are_the_configs_defaults(monkeypatch):
+    """Each default is written once, in its config dataclass: the parser reads it from there."""
+    from dataclasses import MISSING, fields
+
+    from megatron.flexsp.data.build import DataConfig
+    from megatron.flexsp.runtime.model import GPTConfig
+    from megatron.flexsp.training import config_types as C
+    from megatron.flexsp.training.configs import FLAG_NAMES
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    args = A.parse_args([])
+    # fields whose flag means something else by the same name: a switch, or a value resolved later
+    # (from the tokenizer, --seq-length, the heads, the device)
+    other_meaning = {"calibrate", "progress_bar", "save_final", "exit_signal", "swiglu", "vocab_size"}
+    other_meaning |= {"num_query_groups", "max_position_embeddings", "attention_backend"}
+    checked = []
+    for cls in (C.OptimizerConfig, C.TrainConfig, C.FlexSPConfig, C.LoggingConfig, C.CheckpointConfig,
+                C.DistributedConfig, GPTConfig, DataConfig):  # fmt: skip
+        for f in fields(cls):
+            flag = FLAG_NAMES.get(cls, {}).get(f.name, f.name)
+            if f.default is MISSING or f.name in other_meaning or not hasattr(args, flag):
+                continue
+            assert getattr(args, flag) == f.default, (cls.__name__, f.name)
+            checked.append(f.name)
+    assert {"plan_ahead", "gap", "lr", "eval_iters", "timeout_minutes", "split", "rotary_base"} <= set(checked)
+    assert args.flexsp_calibrate == ("on" if C.FlexSPConfig.calibrate else "off")

@@ -4,7 +4,9 @@ Why: the parsed namespace holds ~90 flags of every concern; each component (mode
 optimizer, planner, checkpointer, logger, data) should see only its own settings, typed, so a
 reader knows what a component depends on and a test can build one without argparse. Fields are
 filled by a ``fields()`` loop from the flags of the same name (Megatron's
-``core_transformer_config_from_args`` pattern), so adding a flag to a config is one line.
+``core_transformer_config_from_args`` pattern), so adding a flag to a config is one line. The
+dataclasses and their defaults live in ``config_types`` (the parser reads its defaults there);
+they are re-exported here.
 
 Resolution that needs the machine (vocabulary from the tokenizer, the attention backend for the
 device, the cost model) happens once here, in ``configs_from_args``, after ``validate_args``.
@@ -19,12 +21,19 @@ from typing import Any, TypeVar
 import torch
 
 from megatron.flexsp.data.build import DataConfig
-from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.runtime.attention import resolve_backend
 from megatron.flexsp.runtime.model import GPTConfig
 
 from . import arguments as A
+from .config_types import (
+    CheckpointConfig,
+    DistributedConfig,
+    FlexSPConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
 from .cost_setup import resolve_cost_model
 from .distributed import LaunchEnv, device_for_backend
 
@@ -36,12 +45,27 @@ __all__ = [
     "CheckpointConfig",
     "DistributedConfig",
     "TrainerConfigs",
+    "FLAG_NAMES",
     "fill_from_args",
     "model_config_from_args",
     "configs_from_args",
 ]
 
 T = TypeVar("T")
+
+# Config fields whose flag has another name (every other field is filled from the flag of its name).
+FLAG_NAMES: dict[type, dict[str, str]] = {
+    FlexSPConfig: {
+        "time_limit_s": "flexsp_time_limit",
+        "plan_ahead": "flexsp_plan_ahead",
+        "dump_plans": "flexsp_dump_plans",
+        "sharding": "flexsp_sharding",
+        "compare_with": "flexsp_compare_with",
+        "gap": "flexsp_gap",
+        "save_calibrated": "flexsp_save_calibrated",
+    },
+    DistributedConfig: {"backend": "distributed_backend", "timeout_minutes": "distributed_timeout_minutes"},
+}
 
 
 def fill_from_args(cls: type[T], args: argparse.Namespace, renames: dict[str, str] | None = None, **given: Any) -> T:
@@ -58,106 +82,6 @@ def fill_from_args(cls: type[T], args: argparse.Namespace, renames: dict[str, st
         elif f.default is MISSING and f.default_factory is MISSING:
             raise TypeError(f"{cls.__name__}.{f.name}: no flag --{f.name.replace('_', '-')} and no value given")
     return cls(**kw)
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW and Megatron's LR schedule."""
-
-    lr: float
-    min_lr: float
-    weight_decay: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_eps: float
-    clip_grad: float
-    lr_warmup_iters: int
-    lr_decay_iters: int
-    lr_decay_style: str
-
-
-@dataclass
-class TrainConfig:
-    """How long to train, on what batches, and when to validate."""
-
-    train_iters: int
-    global_batch_size: int
-    seed: int
-    eval_interval: int = 0
-    eval_iters: int = 2
-    micro_batch_size: int | None = None  # Megatron's flag, accepted and ignored: the planner picks micro-batches
-    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
-
-
-@dataclass
-class FlexSPConfig:
-    """How every global batch is planned (the sp-mode, the planner's budget) and run."""
-
-    sp_mode: str
-    time_limit_s: float | None  # None: automatic, a share of the measured iteration time
-    seq_length: int
-    gap: float = 0.01
-    calibrate: bool = True
-    save_calibrated: str | None = None
-    plan_ahead: int = 2
-    dump_plans: str | None = None
-    sharding: str = "fsdp2"
-    context_parallel_size: int | None = None
-    compare_with: str | None = None  # the paired baseline (--flexsp-compare-with), a diagnostic
-    seed: int = 1234
-
-    def planner_config(self, world_size: int, method: str | None = None) -> PlannerConfig:
-        """The planner's settings for ``method`` (default: the sp-mode); static uses --context-parallel-size."""
-        method = method or self.sp_mode
-        return PlannerConfig(
-            world_size=world_size,
-            method=method,
-            time_limit_s=self.time_limit_s or self.auto_time_limit(None),
-            gap=self.gap,
-            max_seq_len=self.seq_length,
-            static_degree=self.context_parallel_size if method == "static" else None,
-            seed=self.seed,
-        )
-
-    @staticmethod
-    def auto_time_limit(iteration_ms: float | None) -> float:
-        """--flexsp-time-limit auto: a share of the measured iteration time (before any: the cap's tenth)."""
-        if iteration_ms is None:
-            return A.AUTO_TIME_LIMIT_CAP_S / 10
-        limit = A.AUTO_TIME_LIMIT_FRACTION * iteration_ms / 1e3
-        return min(A.AUTO_TIME_LIMIT_CAP_S, max(A.AUTO_TIME_LIMIT_MIN_S, limit))
-
-
-@dataclass
-class LoggingConfig:
-    log_interval: int = 1
-    tensorboard_dir: str | None = None
-    wandb_project: str | None = None
-    wandb_exp_name: str | None = None
-    metrics_file: str | None = None
-    progress_bar: bool = True
-
-
-@dataclass
-class CheckpointConfig:
-    """Where and when to save; ``exit_interval`` also ends the run (Megatron's --exit-interval)."""
-
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    save_final: bool = True
-    exit_interval: int | None = None
-    keep_latest_k: int | None = None
-    load_step: int | None = None
-    override_opt_param_scheduler: bool = False
-    exit_signal: str | None = None  # the signal that asks for save-and-exit (None: no handler)
-    exit_duration_in_mins: float | None = None
-
-
-@dataclass
-class DistributedConfig:
-    backend: str | None = None  # None: nccl with CUDA, gloo otherwise
-    timeout_minutes: float = 10.0  # collectives and the progress watchdog
 
 
 @dataclass
@@ -217,15 +141,7 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
         flexsp=fill_from_args(
             FlexSPConfig,
             args,
-            {
-                "time_limit_s": "flexsp_time_limit",
-                "plan_ahead": "flexsp_plan_ahead",
-                "dump_plans": "flexsp_dump_plans",
-                "sharding": "flexsp_sharding",
-                "compare_with": "flexsp_compare_with",
-                "gap": "flexsp_gap",
-                "save_calibrated": "flexsp_save_calibrated",
-            },
+            FLAG_NAMES[FlexSPConfig],
             calibrate=args.flexsp_calibrate == "on",
         ),
         logging=fill_from_args(LoggingConfig, args, progress_bar=not args.no_progress_bar),
@@ -239,7 +155,7 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
         distributed=fill_from_args(
             DistributedConfig,
             args,
-            {"backend": "distributed_backend", "timeout_minutes": "distributed_timeout_minutes"},
+            FLAG_NAMES[DistributedConfig],
         ),
         cost=start.cost,
         cost_note=start.note,

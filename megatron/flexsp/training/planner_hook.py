@@ -28,11 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
 import queue
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,14 +40,15 @@ from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.planner.plan import Plan, PlanError
 
+from .config_types import FlexSPConfig
 from .distributed import broadcast_object
+from .planner_worker import PlannerWorker, SolveClock, as_planner_config, plan_inline, resolve_planner_fn
 
 __all__ = ["PlanInfo", "PlannerHook", "plan_inline", "as_planner_config"]
 
 log = logging.getLogger("flexsp.planner_hook")
 
 LengthsFn = Callable[[int], Sequence[int]]
-PlanFn = Callable[..., Plan]
 
 
 @dataclass
@@ -62,90 +61,6 @@ class PlanInfo:
     wait_ms: float = 0.0
     error: str | None = None
     cpu_s: float = 0.0  # CPU seconds the planner spent on this plan (background process or inline)
-
-
-def as_planner_config(cfg: PlannerConfig | dict[str, Any]) -> PlannerConfig:
-    """The PlannerConfig itself; a dict of its fields is still accepted for one release (deprecated)."""
-    if isinstance(cfg, PlannerConfig):
-        return cfg
-    if isinstance(cfg, dict):
-        return PlannerConfig(**cfg)
-    raise TypeError(f"planner config must be a PlannerConfig, got {type(cfg).__name__}")
-
-
-def plan_inline(lengths: Sequence[int], cost: CostModel, cfg: PlannerConfig, *, fallback: bool = False) -> Plan:
-    """Plan one global batch in this process (the planner proper, or its fast fallback)."""
-    from megatron.flexsp.planner import api
-
-    cfg = as_planner_config(cfg)
-    lengths = [int(x) for x in lengths]
-    if fallback:
-        return api.fallback_plan(lengths, cost, cfg)
-    return api.plan_global_batch(lengths, cost, cfg)
-
-
-def _resolve(planner_fn: str | None) -> PlanFn:
-    """``module:function`` with plan_inline's signature (a custom planner), default plan_inline."""
-    if not planner_fn:
-        return plan_inline
-    import importlib
-
-    mod, _, name = planner_fn.partition(":")
-    return getattr(importlib.import_module(mod), name)
-
-
-# The worker runs beside the trainer's ranks on their cores: the lowest CPU priority and one
-# thread for every numerical library, so it only ever takes time the ranks leave idle.
-_ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
-
-
-def _worker_main(
-    req_q, res_q, cost_dict: dict[str, Any], cfg: PlannerConfig, needed_from, planner_fn: str | None = None
-) -> None:
-    """Background planner: (k, lengths) in, (k, plan dict | None, (wall s, cpu s), error) out; skips stale k.
-
-    ("update", cost dict | None, PlannerConfig | None) replaces the cost model and/or the settings
-    for every later request (the trainer's online calibration and automatic time limit).
-    """
-    try:
-        os.nice(19)  # the planner must not steal the trainer's CPU time on shared hosts
-    except (OSError, AttributeError):
-        pass
-    cost = CostModel.from_dict(cost_dict)
-    plan_fn = _resolve(planner_fn)
-    parent = os.getppid()
-    res_q.put(("ready", None, 0.0, None))
-    while True:
-        try:
-            item = req_q.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # the trainer died (killed): do not linger as an orphan
-                return
-            continue
-        if item is None:
-            return
-        if item[0] == "update":
-            _, new_cost, new_cfg = item
-            cost = CostModel.from_dict(new_cost) if new_cost is not None else cost
-            cfg = new_cfg if new_cfg is not None else cfg
-            continue
-        k, lengths = item
-        if k < needed_from.value:  # the trainer already moved past it (fallback used)
-            res_q.put((k, None, (0.0, 0.0), "skipped"))  # still a sign of life for the hang detector
-            continue
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            plan = plan_fn(lengths, cost, cfg)
-            res_q.put((k, plan.to_dict(), (time.perf_counter() - t0, time.process_time() - c0), None))
-        except BaseException as e:  # noqa: BLE001 - reported to the trainer, which falls back
-            res_q.put(
-                (
-                    k,
-                    None,
-                    (time.perf_counter() - t0, time.process_time() - c0),
-                    f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
-                )
-            )
 
 
 def _write_plan_json(path: Path, plan_d: dict[str, Any]) -> None:
@@ -164,58 +79,6 @@ class _Counters:
     solve_time_s: float = 0.0
     restarts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class _Worker:
-    """One spawned planner process with its queues; knows when it was started and last heard from."""
-
-    def __init__(self, cost_dict: dict[str, Any], cfg: PlannerConfig, planner_fn: str | None) -> None:
-        ctx = mp.get_context("spawn")
-        self.req_q = ctx.Queue()
-        self.res_q = ctx.Queue()
-        self.needed_from = ctx.Value("q", 0, lock=False)
-        self.proc = ctx.Process(
-            target=_worker_main,
-            name="flexsp-planner",
-            daemon=True,
-            args=(self.req_q, self.res_q, cost_dict, cfg, self.needed_from, planner_fn),
-        )
-        self.started = time.monotonic()
-        self.last_heard = self.started
-        self.ready = False
-        # k -> when sent, until answered: the worker answers every request (a plan, an error, or "skipped"
-        # for a stale k), so an entry that stays here while the worker is silent is work it hangs on
-        self.sent: dict[int, float] = {}
-        saved = {k: os.environ.get(k) for k in _ONE_THREAD}
-        os.environ.update(_ONE_THREAD)  # the spawned interpreter reads them before numpy loads
-        try:
-            self.proc.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    def alive(self) -> bool:
-        return self.proc.is_alive()
-
-    def stop(self, grace_s: float = 2.0, *, graceful: bool = True) -> None:
-        """Ask to exit (``graceful``), then kill; never blocks the caller longer than ~2 * grace_s.
-
-        A hung or never-ready worker cannot read the request: it is killed at once."""
-        if graceful and self.proc.is_alive():
-            try:
-                self.req_q.put(None)
-            except (OSError, ValueError):
-                pass
-            self.proc.join(timeout=grace_s)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(timeout=grace_s)
-        for q in (self.req_q, self.res_q):
-            q.cancel_join_thread()  # a dead reader must not make interpreter exit wait on the feeder thread
-            q.close()
 
 
 class PlannerHook:
@@ -237,7 +100,7 @@ class PlannerHook:
         planner_cfg: PlannerConfig,
         lengths_fn: LengthsFn | None,
         *,
-        plan_ahead: int = 2,
+        plan_ahead: int = FlexSPConfig.plan_ahead,
         rank: int = 0,
         dump_dir: str | os.PathLike | None = None,
         wait_s: float | None = None,
@@ -264,7 +127,7 @@ class PlannerHook:
         self.max_restarts = int(max_restarts)
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.counters = _Counters()
-        self._worker: _Worker | None = None
+        self._worker: PlannerWorker | None = None
         self._startup_deadline: float | None = None  # the one start-up wait of the run
         self._lengths_cache: dict[int, list[int]] = {}
         self._results: dict[int, tuple[dict | None, float, str | None]] = {}
@@ -274,7 +137,7 @@ class PlannerHook:
             if self.dump_dir:
                 self.dump_dir.mkdir(parents=True, exist_ok=True)
             if self.plan_ahead > 0:
-                self._worker = _Worker(self._cost_dict, self.cfg, self.planner_fn)
+                self._worker = PlannerWorker(self._cost_dict, self.cfg, self.planner_fn)
                 self._startup_deadline = self._worker.started + self.startup_wait_s
 
     # ------------------------------------------------------------------ worker
@@ -366,42 +229,16 @@ class PlannerHook:
             self.counters.restarts,
             self.max_restarts,
         )
-        self._worker = _Worker(self._cost_dict, self.cfg, self.planner_fn)
+        self._worker = PlannerWorker(self._cost_dict, self.cfg, self.planner_fn)
 
     # -------------------------------------------------------------- rank 0 plan
     def _plan_on_rank0(self, k: int) -> tuple[Plan, dict[str, Any] | None, PlanInfo]:
         """(plan, its dict if already at hand, info)."""
         if self.plan_ahead == 0:
-            lengths = [int(x) for x in self.lengths_fn(k)]
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                plan = _resolve(self.planner_fn)(lengths, self.cost, self.cfg)
-                return (
-                    plan,
-                    None,
-                    PlanInfo(k, "inline", solve_time_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0),
-                )
-            except Exception as e:  # noqa: BLE001 - never stop training for a planner error
-                log.error("planner failed on iteration %d (%s); using the fallback plan", k, e)
-                return self._fallback(k, lengths, "fallback-error", 0.0, f"{type(e).__name__}: {e}")
+            return self._plan_here(k)
         lengths = self._lengths(k)
         t_wait = time.perf_counter()
-        self._check_worker()
-        w = self._worker
-        if w is not None:
-            w.needed_from.value = k
-            self._submit_ahead(k)
-            now = time.monotonic()
-            if w.ready or w.alive() and self._startup_deadline is not None and now < self._startup_deadline:
-                # waits at most wait_s; the first worker's start-up extends the first wait only
-                deadline = now + self.wait_s
-                if not w.ready and self._startup_deadline is not None:
-                    deadline = max(deadline, self._startup_deadline)
-                self._drain(deadline, k)
-            else:
-                self._drain(None, k)  # a (re)starting worker: take what is there, never wait for start-up
-            if self._startup_deadline is not None and (w.ready or time.monotonic() >= self._startup_deadline):
-                self._startup_deadline = None  # paid (or not needed): never again
+        self._wait_for_worker(k)
         wait_ms = (time.perf_counter() - t_wait) * 1e3
         res = self._results.pop(k, None)
         for old in [j for j in self._results if j < k]:
@@ -412,6 +249,44 @@ class PlannerHook:
             if not self._gave_up:
                 log.warning("plan of iteration %d not ready after %.0f ms; using the fallback plan", k, wait_ms)
             return self._fallback(k, lengths, "fallback-late", wait_ms, None)
+        return self._use_answer(k, lengths, res, wait_ms)
+
+    def _plan_here(self, k: int) -> tuple[Plan, None, PlanInfo]:
+        """--flexsp-plan-ahead 0: the planner proper in this process, the fallback if it fails."""
+        lengths = [int(x) for x in self.lengths_fn(k)]
+        clock = SolveClock()
+        try:
+            plan = resolve_planner_fn(self.planner_fn)(lengths, self.cost, self.cfg)
+        except Exception as e:  # noqa: BLE001 - never stop training for a planner error
+            log.error("planner failed on iteration %d (%s); using the fallback plan", k, e)
+            return self._fallback(k, lengths, "fallback-error", 0.0, f"{type(e).__name__}: {e}")
+        solve_s, cpu_s = clock.times()
+        return plan, None, PlanInfo(k, "inline", solve_time_s=solve_s, cpu_s=cpu_s)
+
+    def _wait_for_worker(self, k: int) -> None:
+        """Ask for k and the batches after it; wait for k at most wait_s (the first start-up: longer, once)."""
+        self._check_worker()
+        w = self._worker
+        if w is None:
+            return
+        w.needed_from.value = k
+        self._submit_ahead(k)
+        now = time.monotonic()
+        if w.ready or w.alive() and self._startup_deadline is not None and now < self._startup_deadline:
+            # waits at most wait_s; the first worker's start-up extends the first wait only
+            deadline = now + self.wait_s
+            if not w.ready and self._startup_deadline is not None:
+                deadline = max(deadline, self._startup_deadline)
+            self._drain(deadline, k)
+        else:
+            self._drain(None, k)  # a (re)starting worker: take what is there, never wait for start-up
+        if self._startup_deadline is not None and (w.ready or time.monotonic() >= self._startup_deadline):
+            self._startup_deadline = None  # paid (or not needed): never again
+
+    def _use_answer(
+        self, k: int, lengths: list[int], res: tuple[dict | None, Any, str | None], wait_ms: float
+    ) -> tuple[Plan, dict[str, Any] | None, PlanInfo]:
+        """The worker's plan of batch k, or the fallback when it reported an error or an unusable plan."""
         plan_d, (solve_s, cpu_s), err = res
         if err is not None:
             log.error("planner failed on iteration %d; using the fallback plan:\n%s", k, err)
@@ -425,21 +300,13 @@ class PlannerHook:
             return self._fallback(k, lengths, "fallback-error", wait_ms, str(e))
         return plan, plan_d, PlanInfo(k, "planner", solve_time_s=solve_s, wait_ms=wait_ms, cpu_s=cpu_s)
 
-    def _fallback(self, k: int, lengths: list[int], source: str, wait_ms: float, error: str | None):
-        t0, c0 = time.perf_counter(), time.process_time()
+    def _fallback(
+        self, k: int, lengths: list[int], source: str, wait_ms: float, error: str | None
+    ) -> tuple[Plan, None, PlanInfo]:
+        clock = SolveClock()
         plan = plan_inline(lengths, self.cost, self.cfg, fallback=True)
-        return (
-            plan,
-            None,
-            PlanInfo(
-                k,
-                source,
-                solve_time_s=time.perf_counter() - t0,
-                wait_ms=wait_ms,
-                error=error,
-                cpu_s=time.process_time() - c0,
-            ),
-        )
+        solve_s, cpu_s = clock.times()
+        return plan, None, PlanInfo(k, source, solve_time_s=solve_s, wait_ms=wait_ms, error=error, cpu_s=cpu_s)
 
     # ------------------------------------------------------------------ public
     def get_plan(self, k: int) -> tuple[Plan, PlanInfo]:

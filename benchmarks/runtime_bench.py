@@ -96,10 +96,10 @@ def _rank_body(rank: int, world_size: int, cfg_dict: dict) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from flexsp_patches.parallel_state import sp_group
     from megatron.flexsp.runtime.alltoall import get_stats
     from megatron.flexsp.runtime.group_pool import GroupPool
     from megatron.flexsp.runtime.packing import pack_group
+    from megatron.flexsp.runtime.sp_group import packed_seq_params, sp_group
 
     cfg = BenchConfig(**cfg_dict)
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.backend == "nccl" else torch.device("cpu")
@@ -117,7 +117,8 @@ def _rank_body(rank: int, world_size: int, cfg_dict: dict) -> list[dict]:
             base, extra = divmod(tokens, cfg.docs)
             docs = [torch.zeros(base + (i < extra) + 1, dtype=torch.long) for i in range(cfg.docs)]
             packed = pack_group(docs, me, d)
-            psp = packed.packed_seq_params(device)
+            with sp_group(pool, ranks) as active:  # the group travels with the data
+                psp = packed_seq_params(packed, active, device)
             x = torch.randn(packed.n_local, 1, cfg.hidden, device=device, dtype=dtype)
             fwd, bwd, a2a = [], [], []
             for it in range(cfg.warmup + cfg.repeats):

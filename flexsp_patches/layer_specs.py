@@ -1,10 +1,11 @@
-"""megatron.core GPT layer specs with the core attention replaced by FlexSP's all-to-all attention.
+"""megatron.core's GPT layer specs, and the one swap FlexSP makes in them.
 
 Why: FlexSP changes only *where* attention runs (inside the micro-batch's SP group, after an
 all-to-all from sequence to head sharding); everything else in a layer (QKV projection, RoPE,
-output projection, MLP, norms) stays megatron's own. So we take megatron's spec (local modules
-on CPU, Transformer Engine modules on GPU) and swap exactly one submodule:
-``self_attention.submodules.core_attention``.
+output projection, MLP, norms) stays megatron's own. This module adapts megatron's spec (local
+modules on CPU, Transformer Engine modules on GPU) and swaps exactly one submodule,
+``self_attention.submodules.core_attention``; the spec that puts FlexSP's attention there is the
+runtime's (``megatron.flexsp.runtime.layer_spec``): patches never import the runtime.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["get_flexsp_layer_spec", "get_stock_layer_spec", "replace_core_attention", "have_te"]
+__all__ = ["get_stock_layer_spec", "replace_core_attention", "have_te"]
 
 
 def have_te() -> bool:
@@ -54,24 +55,3 @@ def replace_core_attention(spec, core_attention: Any):
         raise TypeError(f"layer spec has no self_attention.submodules.core_attention to replace: {e}") from None
     attn_sub.core_attention = core_attention
     return spec
-
-
-def get_flexsp_layer_spec(
-    transformer_impl: str = "local",
-    *,
-    normalization: str = "RMSNorm",
-    qk_layernorm: bool = False,
-    attention_backend: str = "sdpa",
-):
-    """megatron's GPT layer spec with FlexSPCoreAttention as core attention.
-
-    ``attention_backend`` ("sdpa", "flash", "te") is handed to FlexSPCoreAttention as a spec
-    parameter.
-    """
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    from megatron.flexsp.runtime.attention import FlexSPCoreAttention
-
-    base = get_stock_layer_spec(transformer_impl, normalization=normalization, qk_layernorm=qk_layernorm)
-    core = ModuleSpec(module=FlexSPCoreAttention, params={"backend": attention_backend})
-    return replace_core_attention(base, core)

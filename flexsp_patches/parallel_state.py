@@ -1,38 +1,38 @@
-"""Per-micro-batch SP group for megatron.core.parallel_state's context-parallel getters.
+"""Point megatron.core.parallel_state's context-parallel getters at the micro-batch's SP group.
 
-Why: FlexSP changes the sequence-parallel group every micro-batch. Our own code does not need
-this module to find it: the executor passes the group with the data
-(``PackedSeqParams.cp_group`` / ``local_cp_size``) and ``FlexSPCoreAttention`` reads it from
-there first. This redirection remains only for megatron.core code that still asks
-``parallel_state.get_context_parallel_{group,world_size,rank,global_ranks}()`` for "my
-sequence-parallel group" (RoPE helpers, loss and embedding utilities, any layer that does not
-take the group as an argument): while a micro-batch runs those getters must answer for the
-micro-batch's group, and for the original setting afterwards.
+Why: FlexSP changes the sequence-parallel group every micro-batch. FlexSP's own code never asks
+parallel_state for it: the group travels with the data (``PackedSeqParams.cp_group`` /
+``local_cp_size``, built once per micro-batch by ``megatron.flexsp.runtime.sp_group``). This
+redirection remains only for megatron.core code that still asks
+``parallel_state.get_context_parallel_{group,world_size,rank,global_ranks}()`` when it is not
+handed a group (RoPE's ``apply_rotary_pos_emb(cp_group=None)``, the loss scaling of
+``schedules.forward_step_calc_loss``, ``get_batch_on_this_cp_rank``): while a micro-batch runs
+those getters must answer for the micro-batch's group, and for the original setting afterwards.
+tests/runtime/test_parallel_state_readers.py holds one test per such reader.
 
-Two mechanisms, both undone on exit:
+Two mechanisms, both undone on exit of ``redirect``:
 
 * ``install()`` wraps the four getters (module attributes of parallel_state) so they consult
-  the active FlexSP group first; callers that look the getters up through the module see it.
-* ``sp_group()`` also sets parallel_state's private globals ``_CONTEXT_PARALLEL_GROUP`` and
+  the active redirection first; callers that look the getters up through the module see it.
+* ``redirect()`` also sets parallel_state's private globals ``_CONTEXT_PARALLEL_GROUP`` and
   ``_CONTEXT_PARALLEL_GLOBAL_RANKS`` when they exist (megatron-core 0.16 .. 0.19), so code
   that imported the original getters by name (``from ...parallel_state import get_...``)
   answers for the same group.
 
 Only the context-parallel getters are redirected; combined groups (tensor-and-context,
 data-and-context) keep their start-up value, as FlexSP runs without tensor parallelism.
+This module knows nothing of FlexSP's runtime (the layers: patches never import it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
-__all__ = ["install", "uninstall", "is_installed", "sp_group", "current_sp_group", "ActiveSPGroup"]
+__all__ = ["install", "is_installed", "redirect"]
 
 _GETTERS = (
     "get_context_parallel_group",
@@ -40,22 +40,28 @@ _GETTERS = (
     "get_context_parallel_rank",
     "get_context_parallel_global_ranks",
 )
-_ORIGINALS: dict[str, Any] = {}
 _PATCH_MARK = "__flexsp_patched__"
 
 
 @dataclass(frozen=True)
-class ActiveSPGroup:
+class _Redirect:
+    """What the getters answer while a redirection is active."""
+
     group: Any  # torch.distributed.ProcessGroup
     ranks: tuple[int, ...]  # global ranks, position = rank inside the group
     rank: int  # this process's rank inside the group
 
-    @property
-    def world_size(self) -> int:
-        return len(self.ranks)
+    def answer(self, getter: str) -> Any:
+        if getter == "get_context_parallel_group":
+            return self.group
+        if getter == "get_context_parallel_world_size":
+            return len(self.ranks)
+        if getter == "get_context_parallel_rank":
+            return self.rank
+        return list(self.ranks)
 
 
-_STACK: list[ActiveSPGroup] = []
+_STACK: list[_Redirect] = []
 
 
 def _ps():
@@ -64,24 +70,10 @@ def _ps():
     return parallel_state
 
 
-def current_sp_group() -> ActiveSPGroup | None:
-    """The innermost active FlexSP SP group, or None outside ``sp_group``."""
-    return _STACK[-1] if _STACK else None
-
-
-def _wrap(name: str, original):
+def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
-    def getter(*args, **kwargs):
-        active = current_sp_group()
-        if active is None:
-            return original(*args, **kwargs)
-        if name == "get_context_parallel_group":
-            return active.group
-        if name == "get_context_parallel_world_size":
-            return active.world_size
-        if name == "get_context_parallel_rank":
-            return active.rank
-        return list(active.ranks)
+    def getter(*args: Any, **kwargs: Any) -> Any:
+        return _STACK[-1].answer(name) if _STACK else original(*args, **kwargs)
 
     setattr(getter, _PATCH_MARK, True)
     return getter
@@ -96,20 +88,8 @@ def install() -> None:
             raise RuntimeError(
                 f"megatron.core.parallel_state has no '{name}'; this megatron-core version is unsupported"
             )
-        if getattr(current, _PATCH_MARK, False):
-            continue
-        _ORIGINALS[name] = current
-        setattr(ps, name, _wrap(name, current))
-
-
-def uninstall() -> None:
-    """Put the original getters back (for tests; refuses while a group is active)."""
-    if _STACK:
-        raise RuntimeError("cannot uninstall the parallel_state patch inside an active sp_group")
-    ps = _ps()
-    for name, fn in list(_ORIGINALS.items()):
-        setattr(ps, name, fn)
-        del _ORIGINALS[name]
+        if not getattr(current, _PATCH_MARK, False):
+            setattr(ps, name, _wrap(name, current))
 
 
 def is_installed() -> bool:
@@ -118,28 +98,19 @@ def is_installed() -> bool:
 
 
 @contextlib.contextmanager
-def sp_group(pool, ranks: Sequence[int]) -> Iterator[ActiveSPGroup]:
-    """Make ``ranks`` (a group of ``pool``) the context-parallel group while the block runs.
-
-    Raises (locally, before any communication) if the group is not in the pool or this rank is
-    not one of its members; since every rank reads the same plan, every rank raises alike.
-    """
-    group = pool.get(ranks)  # GroupPoolError naming the ranks and the pool if absent
-    key = tuple(int(r) for r in ranks)
-    me = dist.get_rank()
-    if me not in key:
-        raise ValueError(f"rank {me} cannot enter SP group {list(key)}: it is not a member")
+def redirect(group: Any, ranks: tuple[int, ...], rank: int) -> Iterator[None]:
+    """parallel_state's context-parallel getters answer for ``group`` while the block runs (nestable)."""
     install()
     ps = _ps()
-    active = ActiveSPGroup(group=group, ranks=key, rank=key.index(me))
+    active = _Redirect(group=group, ranks=tuple(ranks), rank=int(rank))
     has_globals = hasattr(ps, "_CONTEXT_PARALLEL_GROUP") and hasattr(ps, "_CONTEXT_PARALLEL_GLOBAL_RANKS")
     saved = (ps._CONTEXT_PARALLEL_GROUP, ps._CONTEXT_PARALLEL_GLOBAL_RANKS) if has_globals else None
     _STACK.append(active)
     if has_globals:
         ps._CONTEXT_PARALLEL_GROUP = group
-        ps._CONTEXT_PARALLEL_GLOBAL_RANKS = list(key)
+        ps._CONTEXT_PARALLEL_GLOBAL_RANKS = list(active.ranks)
     try:
-        yield active
+        yield
     finally:
         _STACK.pop()
         if has_globals:

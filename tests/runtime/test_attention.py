@@ -4,6 +4,7 @@ Reference: dense attention with an explicit block-diagonal causal mask, built to
 (independent of the module's per-document SDPA loop and of the all-to-all).
 """
 
+import contextlib
 import importlib.util
 import time
 
@@ -58,11 +59,11 @@ def _lengths_for(group_id, case_id):
 def _attention_body(rank, ws):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from flexsp_patches.parallel_state import sp_group
     from megatron.flexsp.runtime.alltoall import AllToAllStats, kv_replication
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
     from megatron.flexsp.runtime.group_pool import GroupPool
     from megatron.flexsp.runtime.packing import pack_group
+    from megatron.flexsp.runtime.sp_group import packed_seq_params, sp_group
 
     torch.use_deterministic_algorithms(False)
     pool = GroupPool(GROUPS)
@@ -87,9 +88,12 @@ def _attention_body(rank, ws):
             ql, kl, vl = (x[sl].clone().requires_grad_(True) for x in (q, k, v))
             inputs = (ql, kl, vl) if thd else tuple(x.unsqueeze(1) for x in (ql, kl, vl))
             stats.reset()
-            with sp_group(pool, ranks):
+            with sp_group(pool, ranks) as active:
                 out = attn(
-                    *inputs, None, attn_mask_type=AttnMaskType.causal, packed_seq_params=packed.packed_seq_params()
+                    *inputs,
+                    None,
+                    attn_mask_type=AttnMaskType.causal,
+                    packed_seq_params=packed_seq_params(packed, active),
                 )
                 out.reshape(s, -1).backward(gout[sl].unsqueeze(1).reshape(s, -1))
             calls, nbytes = stats.calls, stats.bytes
@@ -135,22 +139,29 @@ def test_alltoall_attention_matches_single_process():
 
 
 def _bad_degree_body(rank, ws):
+    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
-    from flexsp_patches.parallel_state import sp_group
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
     from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.sp_group import sp_group
+
+    def one_document(active):  # the group travels with the data: one document over the group's slices
+        cu = torch.tensor([0, 4 * active.world_size], dtype=torch.int32)
+        return PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cp_group=active.group, local_cp_size=active.world_size
+        )
 
     pool = GroupPool(GROUPS)
     attn = FlexSPCoreAttention(_config(6, 2, 4), 1, AttnMaskType.causal, "self")
     q, kv = torch.randn(4, 1, 6, 4), torch.randn(4, 1, 2, 4)
     out = {}
-    with sp_group(pool, (0, 1) if rank < 2 else (2, 3)):  # 2 divides 6 heads: fine
-        out["deg2_shape"] = tuple(attn(q, kv, kv, None).shape)
+    with sp_group(pool, (0, 1) if rank < 2 else (2, 3)) as active:  # 2 divides 6 heads: fine
+        out["deg2_shape"] = tuple(attn(q, kv, kv, None, packed_seq_params=one_document(active)).shape)
     t0 = time.monotonic()
     try:
-        with sp_group(pool, (0, 1, 2, 3)):
-            attn(q, kv, kv, None)
+        with sp_group(pool, (0, 1, 2, 3)) as active:
+            attn(q, kv, kv, None, packed_seq_params=one_document(active))
         out["deg4"] = None
     except ValueError as e:
         out["deg4"] = str(e)
@@ -277,17 +288,18 @@ def test_flash_and_te_backends_get_the_packed_layout(monkeypatch):
 
 
 def _group_with_data_body(rank, ws):
-    """The same degree-2 attention three ways: group from parallel_state (sp_group), group carried
-    by packed_seq_params.cp_group outside any sp_group, and carried while a *different* group is
-    active in parallel_state (the data's group must win)."""
+    """One carrier: the same degree-2 attention with the group carried by packed_seq_params inside
+    its sp_group, outside any sp_group, and while a *different* group is active in parallel_state
+    (the data's group wins); without a group on the data, attention runs degree 1 even inside a
+    degree-2 sp_group (it never asks parallel_state)."""
     import dataclasses
 
     from megatron.core.transformer.enums import AttnMaskType
 
-    from flexsp_patches.parallel_state import sp_group
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
     from megatron.flexsp.runtime.group_pool import GroupPool
     from megatron.flexsp.runtime.packing import pack_group
+    from megatron.flexsp.runtime.sp_group import packed_seq_params, sp_group
 
     pool = GroupPool(GROUPS)
     hq, hkv, d = 4, 2, 8
@@ -301,7 +313,7 @@ def _group_with_data_body(rank, ws):
     q, k, v = (torch.randn(Tp, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
     gout = torch.randn(Tp, hq * d, generator=gen, dtype=torch.float64)
     sl = slice(me * s, (me + 1) * s)
-    base = packed.packed_seq_params()
+    base = packed_seq_params(packed)
 
     def run(psp):
         ql, kl, vl = (x[sl].clone().requires_grad_(True) for x in (q, k, v))
@@ -309,8 +321,8 @@ def _group_with_data_body(rank, ws):
         out.reshape(s, -1).backward(gout[sl])
         return [out.detach().reshape(s, -1), ql.grad, kl.grad, vl.grad]
 
-    with sp_group(pool, ranks):
-        via_state = run(base)
+    with sp_group(pool, ranks) as active:
+        in_group = run(packed_seq_params(packed, active))
     carried = dataclasses.replace(base, cp_group=pool.get(ranks), local_cp_size=2)
     via_data = run(carried)
     with sp_group(pool, (rank,)):  # parallel_state says degree 1; the data says degree 2
@@ -320,27 +332,32 @@ def _group_with_data_body(rank, ws):
     ref.backward(gout)
     reference = [ref.detach()[sl], qr.grad[sl], kr.grad[sl], vr.grad[sl]]
     errors = {}
-    for name, psp in {
-        "size_mismatch": dataclasses.replace(base, cp_group=pool.get(ranks), local_cp_size=4),
-        "degree_without_group": dataclasses.replace(base, local_cp_size=2),
-    }.items():
+    cases = {
+        "size_mismatch": (dataclasses.replace(base, cp_group=pool.get(ranks), local_cp_size=4), None),
+        "degree_without_group": (dataclasses.replace(base, local_cp_size=2), None),
+        "no_group_inside_sp_group": (base, ranks),  # degree 1 from the data: the slice is not the packed group
+    }
+    for name, (psp, enter) in cases.items():
         try:
-            run(psp)
+            with sp_group(pool, enter) if enter else contextlib.nullcontext():
+                run(psp)
             errors[name] = None
         except ValueError as e:
             errors[name] = str(e)
     dist.barrier()
     return dict(
-        data_vs_state=max((a - b).abs().max().item() for a, b in zip(via_data, via_state)),
-        data_wins=max((a - b).abs().max().item() for a, b in zip(via_data_inside_other, via_state)),
-        state_vs_ref=max((a - b).abs().max().item() for a, b in zip(via_state, reference)),
+        data_vs_group=max((a - b).abs().max().item() for a, b in zip(via_data, in_group)),
+        data_wins=max((a - b).abs().max().item() for a, b in zip(via_data_inside_other, in_group)),
+        group_vs_ref=max((a - b).abs().max().item() for a, b in zip(in_group, reference)),
         errors=errors,
+        slice_tokens=s,
     )
 
 
 def test_sp_group_travels_with_packed_seq_params():
     for out in run_distributed(_group_with_data_body, 4, timeout=90):
-        assert out["data_vs_state"] == 0.0 and out["data_wins"] == 0.0, out
-        assert out["state_vs_ref"] < 1e-10, out
+        assert out["data_vs_group"] == 0.0 and out["data_wins"] == 0.0, out
+        assert out["group_vs_ref"] < 1e-10, out
+        assert f"to the {out['slice_tokens']} packed tokens" in out["errors"]["no_group_inside_sp_group"]
         assert "local_cp_size 4 differs from the size 2" in out["errors"]["size_mismatch"]
         assert "cp_group is not set" in out["errors"]["degree_without_group"]

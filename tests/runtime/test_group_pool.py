@@ -25,9 +25,11 @@ def _pool_and_getters(rank, ws):
 
     from flexsp_patches import parallel_state as fps
     from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.sp_group import sp_group
 
     pool = GroupPool(GROUPS)
-    out = {"len": len(pool), "groups": pool.groups}
+    out = {"len": len(pool), "groups": pool.groups, "degrees": pool.degrees}
+    out["group_of"] = {d: pool.group_of(rank, d) for d in (1, 2, 3, 4)}
     # Group membership and all-reduce inside each group this rank belongs to.
     sums = {}
     for g in GROUPS:
@@ -41,10 +43,10 @@ def _pool_and_getters(rank, ws):
     by_name = ps.get_context_parallel_world_size  # captured BEFORE install: the original function
     seen = {}
     for g in [(rank,), (0, 1) if rank < 2 else (2, 3), (0, 1, 2, 3)]:
-        with fps.sp_group(pool, g) as active:
+        with sp_group(pool, g) as active:
             seen[g] = list(_getters()) + [ps.get_context_parallel_group() is pool.get(g), by_name(), active.rank]
             # nesting: inner group wins, outer comes back
-            with fps.sp_group(pool, (rank,)):
+            with sp_group(pool, (rank,)):
                 inner = _getters()
             seen[g].append(inner)
             seen[g].append(_getters())
@@ -64,7 +66,8 @@ def _pool_and_getters(rank, ws):
 def test_pool_groups_and_patched_getters():
     res = run_distributed(_pool_and_getters, 4, timeout=90)
     for rank, out in enumerate(res):
-        assert out["len"] == len(GROUPS) and out["groups"] == GROUPS
+        assert out["len"] == len(GROUPS) and out["groups"] == GROUPS and out["degrees"] == [1, 2, 4]
+        assert out["group_of"] == {1: (rank,), 2: (0, 1) if rank < 2 else (2, 3), 3: None, 4: (0, 1, 2, 3)}
         expect_sums = {g: float(sum(r + 1 for r in g)) for g in GROUPS if rank in g}
         assert out["sums"] == expect_sums
         assert out["before"] and out["after_restored"] and out["installed"]
@@ -79,15 +82,15 @@ def test_pool_groups_and_patched_getters():
 
 
 def _bad_groups(rank, ws):
-    from flexsp_patches import parallel_state as fps
     from megatron.flexsp.runtime.group_pool import GroupPool, GroupPoolError
+    from megatron.flexsp.runtime.sp_group import sp_group
 
     pool = GroupPool(GROUPS)
     errors = {}
     t0 = time.monotonic()
     # (1, 2) was never created: every rank must raise at once, no collective is attempted.
     try:
-        with fps.sp_group(pool, (1, 2)):
+        with sp_group(pool, (1, 2)):
             dist.barrier()
         errors["absent"] = None
     except GroupPoolError as e:
@@ -101,7 +104,7 @@ def _bad_groups(rank, ws):
     # Entering a pool group this rank is not part of.
     other = (2, 3) if rank < 2 else (0, 1)
     try:
-        with fps.sp_group(pool, other):
+        with sp_group(pool, other):
             pass
         errors["not_member"] = None
     except ValueError as e:

@@ -245,8 +245,9 @@ def test_build_gpt_model_deterministic_and_runs_on_cpu():
 
 # ---------------------------------------------------------------------------- layer specs
 def test_flexsp_layer_spec_swaps_only_core_attention():
-    from flexsp_patches.layer_specs import get_flexsp_layer_spec, get_stock_layer_spec
+    from flexsp_patches.layer_specs import get_stock_layer_spec
     from megatron.flexsp.runtime.attention import FlexSPCoreAttention
+    from megatron.flexsp.runtime.layer_spec import get_flexsp_layer_spec
 
     stock = get_stock_layer_spec("local", normalization="RMSNorm")
     flex = get_flexsp_layer_spec("local", normalization="RMSNorm", attention_backend="sdpa")

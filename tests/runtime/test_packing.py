@@ -77,11 +77,15 @@ def test_empty_group_is_one_padding_block():
 
 
 def test_packed_seq_params():
+    from megatron.flexsp.runtime.sp_group import packed_seq_params
+
     s = pack_group(_docs([3, 5], 0), 1, 2, 4)
-    p = s.packed_seq_params()
+    p = packed_seq_params(s)
     assert p.qkv_format == "thd" and p.cu_seqlens_q.tolist() == [0, 3, 8] and p.cu_seqlens_kv is p.cu_seqlens_q
     assert p.max_seqlen_q == p.max_seqlen_kv == 5
-    assert s.packed_seq_params(qkv_format="sbhd").qkv_format == "sbhd"
+    assert p.cp_group is None and p.local_cp_size is None  # no group: the data states degree 1
+    on = packed_seq_params(s, device="cpu")
+    assert on.cu_seqlens_q.dtype == torch.int32 and on.cu_seqlens_q.tolist() == [0, 3, 8]
     assert padded_length(0, 2, 3) == 6 and padded_length(7, 2, 3) == 12 and padded_length(12, 2, 3) == 12
 
 

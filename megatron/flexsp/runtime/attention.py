@@ -2,9 +2,9 @@
 
 Plugs into megatron.core as the ``core_attention`` submodule of a GPT layer spec (same
 constructor as ``DotProductAttention``). Per call it takes the micro-batch's SP group from the
-data: ``packed_seq_params.cp_group`` (megatron-core 0.16.1+ carries it there), else from
-``parallel_state.get_context_parallel_group()`` (redirected by
-``flexsp_patches.parallel_state.sp_group``), so one model serves groups of every degree:
+data, ``packed_seq_params.cp_group`` / ``local_cp_size`` (megatron-core 0.16.1+ carries them;
+``runtime.sp_group.packed_seq_params`` sets them once per micro-batch; no group means degree 1),
+so one model serves groups of every degree:
 
     q, k, v  [s_local, 1, heads, d]  this rank's contiguous slice of the packed group
       -> all-to-all (one collective for q, k, v)      [T, heads / P, d]
@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -303,7 +302,7 @@ class FlexSPCoreAttention(MegatronModule):
 
     Constructor: DotProductAttention's, plus ``backend`` (also read from
     ``config.flexsp_attention_backend`` when not given; ModuleSpec ``params`` can set it).
-    Run backward inside the same ``sp_group`` as forward when activation recomputation is on.
+    Activation recomputation re-runs forward with the same packed_seq_params, hence the same group.
     """
 
     def __init__(
@@ -397,7 +396,7 @@ class FlexSPCoreAttention(MegatronModule):
 
     @staticmethod
     def _group(packed_seq_params) -> Any:
-        """The micro-batch's SP group: carried by the data when set, else parallel_state's."""
+        """The micro-batch's SP group, carried by the data (None: degree 1); never parallel_state's."""
         group = getattr(packed_seq_params, "cp_group", None) if packed_seq_params is not None else None
         local = getattr(packed_seq_params, "local_cp_size", None) if packed_seq_params is not None else None
         if group is None:
@@ -406,9 +405,7 @@ class FlexSPCoreAttention(MegatronModule):
                     f"packed_seq_params.local_cp_size is {local} but cp_group is not set: "
                     f"a group of degree > 1 must travel with its process group"
                 )
-            if local == 1:
-                return None  # degree 1 stated by the data itself
-            return parallel_state.get_context_parallel_group(check_initialized=False)
+            return None  # no group on the data: degree 1, no exchange
         if local is not None and local != group_size(group):
             raise ValueError(
                 f"packed_seq_params.local_cp_size {local} differs from the size {group_size(group)} of its cp_group"

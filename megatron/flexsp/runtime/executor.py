@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor, nn
 
-from flexsp_patches.parallel_state import ActiveSPGroup, sp_group
 from megatron.flexsp.planner.plan import Plan, PlanError, validate_plan
 
 from . import loss as loss_mod
 from .alltoall import get_stats as a2a_stats
 from .packing import pack_group
 from .sharding import finish_grad_sync, sharding_mode_of
+from .sp_group import ActiveSPGroup, packed_seq_params, sp_group
 
 __all__ = ["StepResult", "FlexSPExecutor", "PlanMismatchError"]
 
@@ -226,18 +225,7 @@ class FlexSPExecutor:
         # An empty group packs one block of padding only (loss mask 0): same collectives, no loss.
         sl = pack_group(seqs, active.rank, active.world_size, pad_multiple=self.pad_multiple)
         dev = self.device
-        cu = sl.cu_seqlens.to(device=dev, dtype=torch.int32)
-        # The micro-batch's SP group travels with the packed data (megatron-core's PackedSeqParams
-        # fields for per-micro-batch CP groups); attention reads it from here first.
-        psp = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=int(sl.max_seqlen),
-            max_seqlen_kv=int(sl.max_seqlen),
-            cp_group=active.group,
-            local_cp_size=active.world_size,
-        )
+        psp = packed_seq_params(sl, active, dev)  # the group travels with the data, built once per micro-batch
         input_ids = sl.input_ids.to(dev)
         labels = sl.labels.to(dev)
         loss_mask = sl.loss_mask.to(dev)

@@ -108,6 +108,15 @@ class GroupPool:
     def groups(self) -> list[tuple[int, ...]]:
         return list(self._groups)
 
+    @property
+    def degrees(self) -> list[int]:
+        """The sizes of the pool's groups, ascending: the SP degrees a plan may use."""
+        return sorted({len(k) for k in self._groups})
+
+    def group_of(self, rank: int, degree: int) -> tuple[int, ...] | None:
+        """The pool's first group of ``degree`` that holds ``rank``, or None (lookup only, no collective)."""
+        return next((k for k in self._groups if len(k) == degree and rank in k), None)
+
     def __contains__(self, ranks: Iterable[int]) -> bool:
         return _key(ranks) in self._groups
 

@@ -158,10 +158,12 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
 
     from flexsp_patches import cpu_compat, layer_specs, rope
 
+    from .layer_spec import get_flexsp_layer_spec
+
     cpu_compat.apply(force_cpu=device is not None and torch.device(device).type == "cpu")
     tcfg = to_transformer_config(cfg)
     if flexsp_attention:
-        spec = layer_specs.get_flexsp_layer_spec(
+        spec = get_flexsp_layer_spec(
             cfg.transformer_impl,
             normalization=cfg.normalization,
             qk_layernorm=cfg.qk_layernorm,

@@ -56,35 +56,6 @@ class PackedSlice:
         start, end = self.local_range
         return max(0, min(end, self.total_tokens) - start)
 
-    def to(self, device) -> PackedSlice:
-        """Token tensors on ``device``; cu_seqlens stays on CPU (see ``packed_seq_params``)."""
-        return PackedSlice(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            self.loss_mask.to(device),
-            self.position_ids.to(device),
-            self.cu_seqlens,
-            self.max_seqlen,
-            self.total_tokens,
-            self.num_padded,
-            list(self.seq_lengths),
-            self.degree,
-            self.rank_in_group,
-        )
-
-    def packed_seq_params(self, device=None, qkv_format: str = "thd"):
-        """megatron.core PackedSeqParams for the whole packed group (q and kv alike)."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        cu = self.cu_seqlens if device is None else self.cu_seqlens.to(device)
-        return PackedSeqParams(
-            qkv_format=qkv_format,
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=self.max_seqlen,
-            max_seqlen_kv=self.max_seqlen,
-        )
-
 
 def padded_length(total_tokens: int, degree: int, pad_multiple: int = 1) -> int:
     """Smallest multiple of lcm(degree, pad_multiple) holding ``total_tokens`` (at least one block)."""

@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--time-limit", type=float, default=0.3, help="planner limit per batch, 64 GPUs (s)")
     p.add_argument("--time-limit-large", type=float, default=4.5, help="planner limit per batch, 1024 GPUs (s)")
-    p.add_argument("--gap", type=float, default=0.01, help="stop once within this fraction of the lower bound")
+    p.add_argument(
+        "--gap", type=float, default=PlannerConfig.gap, help="stop once within this fraction of the lower bound"
+    )
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--baselines", action="store_true", help="also time the baseline methods (reference rows)")
     p.add_argument("--seed", type=int, default=0)

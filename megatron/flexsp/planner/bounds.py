@@ -41,7 +41,6 @@ from .plan import NoFeasiblePlanError
 
 __all__ = [
     "seq_tau_table",
-    "cheapest_gpu_ms",
     "min_micro_batches",
     "lower_bound_ms",
     "simple_lower_bound_ms",
@@ -73,13 +72,6 @@ def check_feasible(lengths: Sequence[int] | np.ndarray, cost: CostModel, world_s
     bad = L[L > cap]
     if bad.size:
         raise NoFeasiblePlanError(sorted(bad.tolist(), reverse=True), cap, dmax, world_size)
-
-
-def cheapest_gpu_ms(lengths: Sequence[int] | np.ndarray, cost: CostModel, world_size: int) -> np.ndarray:
-    """Per sequence: min over feasible allowed degrees d of d * tau(s, d) (GPU-ms, beta1 excluded)."""
-    degs = cost.allowed_degrees(world_size)
-    tau = seq_tau_table(lengths, cost, degs)
-    return (tau * np.asarray(degs, dtype=np.float64)[None, :]).min(axis=1)
 
 
 def min_micro_batches(lengths: Sequence[int] | np.ndarray, cost: CostModel, world_size: int) -> int:

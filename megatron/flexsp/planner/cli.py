@@ -82,18 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to do with sequences longer than --max-seq-len",
     )
     p.add_argument("--iters", type=int, default=5, help="global batches to plan")
-    p.add_argument("--seed", type=int, default=0, help="seed of batch sampling, synthetic lengths and the solver")
+    p.add_argument(
+        "--seed", type=int, default=PlannerConfig.seed, help="seed of batch sampling, synthetic lengths and the solver"
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument(
         "--time-limit",
         type=float,
-        default=2.0,
+        default=PlannerConfig.time_limit_s,
         help="FlexSP time limit per global batch (s): bounds the whole solve, baseline comparison included",
     )
     p.add_argument(
         "--gap",
         type=float,
-        default=0.01,
+        default=PlannerConfig.gap,
         help="FlexSP stops improving once its plan is within this fraction of the lower bound",
     )
     p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
@@ -139,7 +141,7 @@ def run_methods(
     static_degree: int | None = None,
     on_plan=None,
     progress: bool = False,
-    gap: float = 0.01,
+    gap: float = PlannerConfig.gap,
 ) -> dict[str, list[Plan]]:
     """Plan every batch with every method; ``on_plan(k, method, plan)`` is called for each plan."""
     out: dict[str, list[Plan]] = {m: [] for m in methods}

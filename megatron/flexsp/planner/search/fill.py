@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..micro.context import EPS as _EPS
 from ..micro_batch import Chunk, MBSolution, PlannerContext
 from .common import Search
 
 __all__ = ["fill_pass"]
-
-_EPS = 1e-9
 
 
 def _group_arrays(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolution):

@@ -30,10 +30,8 @@ from megatron.flexsp.data.build import build_datasets
 from megatron.flexsp.data.sampler import GlobalBatchSampler
 from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.plan import Plan
-from megatron.flexsp.runtime.executor import FlexSPExecutor, StepResult
-from megatron.flexsp.runtime.group_pool import GroupPool
-from megatron.flexsp.runtime.model import build_gpt_model
-from megatron.flexsp.runtime.sharding import shard_model
+from megatron.flexsp.runtime.build import build_runtime
+from megatron.flexsp.runtime.executor import StepResult
 
 from .arguments import ArgumentError
 from .checkpointer import Checkpointer
@@ -42,8 +40,10 @@ from .distributed import LaunchEnv, broadcast_object, init_distributed
 from .logging_utils import IterationRecord, MetricsLogger, setup_logging
 from .online_calibration import OnlineCalibration
 from .optimizer import build_optimizer, clip_grad_norm
+from .paired_baseline import PairedBaseline, StepRun, plain_step
 from .planner_hook import PlannerHook, plan_inline
 from .resilience import WATCHDOG_SHARE_OF_TIMEOUT, ExitMonitor, NonFiniteGuard, ProgressWatchdog
+from .step_maxima import StepMaxima
 from .summary import format_summary, summarize
 
 __all__ = ["Trainer", "TrainData", "build_train_data", "seed_everything"]
@@ -188,14 +188,21 @@ class Trainer:
         self.watchdog: ProgressWatchdog | None = None
 
     def _build_model(self) -> None:
+        """The runtime (the profiler's builder too), the optimizer, and the step (with --flexsp-compare-with's wrapper)."""
         cfg = self.cfg
-        self.model = build_gpt_model(cfg.model, device=self.device)
-        shard_model(self.model, cfg.flexsp.sharding)
-        self.pool = GroupPool.from_cost_model(
-            cfg.cost, self.env.world_size, timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)
-        )
-        self.executor = FlexSPExecutor(self.model, self.pool, sharding_mode=cfg.flexsp.sharding)
+        timeout = datetime.timedelta(minutes=cfg.distributed.timeout_minutes)
+        rt = build_runtime(cfg.model, cfg.cost, device=self.device, sharding=cfg.flexsp.sharding, timeout=timeout)
+        self.model, self.pool, self.executor = rt.model, rt.pool, rt.executor
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer)
+        self.run_step: StepRun = plain_step(self._timed_run)
+        if self.baseline_cfg is not None:
+            self.run_step = PairedBaseline(
+                self._timed_run,
+                lambda lengths: self.plan_now(lengths, self.baseline_cfg),
+                self.model,
+                self.optimizer,
+                self.baseline_cfg.method,
+            )
         m = cfg.model
         nparams = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global count
         log.info(
@@ -273,71 +280,48 @@ class Trainer:
         return res, (time.perf_counter() - t0) * 1e3
 
     # ------------------------------------------------------------------ step
-    def paired_baseline(self, lengths: list[int], seqs: list[torch.Tensor], *, first: bool) -> dict[str, Any]:
-        """Run this batch under the baseline's plan too (--flexsp-compare-with) and time it; its gradients are dropped.
-
-        Run second, the real step's gradients are stashed meanwhile, so they survive untouched.
-        """
-        stash = [] if first else [(p, p.grad) for p in self.model.parameters()]
-        for p, _ in stash:
-            p.grad = None
-        plan = self.plan_now(lengths, self.baseline_cfg)
-        res, ms = self._timed_run(plan, seqs)
-        self.optimizer.zero_grad(set_to_none=True)
-        for p, g in stash:
-            p.grad = g
-        return {
-            "baseline_mode": self.baseline_cfg.method,
-            "baseline_exec_ms": ms,
-            "baseline_loss": float(res.loss),
-            "baseline_estimated_ms": plan.estimated_time_ms,
-            "baseline_micro_batches": plan.num_micro_batches,
-            "baseline_first": first,
-        }
-
-    def _max_over_ranks(self, *values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        t = t.to(self.device) if self.device.type == "cuda" else t
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [float(x) for x in t.tolist()]
-
-    def train_step(self, k: int) -> IterationRecord:
-        """Global batch ``k`` (0-based): plan, forward/backward, clip, optimizer step; the measured record."""
-        it, t0 = k + 1, time.perf_counter()
+    def _batch(self, k: int) -> tuple[Plan, Any, list[torch.Tensor]]:
+        """Batch ``k``'s plan (planned ahead on rank 0, broadcast), its planning info and its documents."""
         plan, info = self.hook.get_plan(k)
         indices = self.data.sampler.batch_indices(k)
         lengths = [int(x) for x in self.data.train.lengths[indices]]
         if plan.lengths != lengths:
             raise RuntimeError(
-                f"iteration {it}: the plan is for other lengths than the batch's (planner and "
+                f"iteration {k + 1}: the plan is for other lengths than the batch's (planner and "
                 "sampler disagree); this is a bug"
             )
-        seqs = self.data.sequences(self.data.train, indices)
+        return plan, info, self.data.sequences(self.data.train, indices)
+
+    def _step_maxima(self, it: int, plan: Plan, result: StepResult, loss: float, gnorm: float) -> StepMaxima:
+        """Timings, the non-finite verdict, the exit vote and calibration samples: every rank's maxima."""
+        slots = self.calibration.local_slots(plan, result) if self.calibration.wants(it, plan) else []
+        by_signal, by_deadline = self.exit.votes()
+        return StepMaxima(
+            compute_ms=_stat(result.stats, "fwd_ms", "bwd_ms"),
+            a2a_ms=_stat(result.stats, "a2a_ms"),
+            nonfinite=NonFiniteGuard.local_flag(loss, gnorm),
+            exit_by_signal=by_signal,
+            exit_by_deadline=by_deadline,
+            calibration=list(slots),
+        ).max_over_ranks(self.device)
+
+    def train_step(self, k: int) -> IterationRecord:
+        """Global batch ``k`` (0-based): plan, forward/backward, clip, optimizer step; the measured record."""
+        it, t0 = k + 1, time.perf_counter()
+        plan, info, seqs = self._batch(k)
         lr = self.scheduler.set_for_next_step()
-        baseline_first = self.baseline_cfg is not None and k % 2 == 0  # alternate: both orders equally often
-        extra = self.paired_baseline(lengths, seqs, first=True) if baseline_first else {}
-        result, exec_ms = self._timed_run(plan, seqs)  # gradients are global sums afterwards (fsdp2 and ddp)
-        if self.baseline_cfg is not None and not baseline_first:
-            extra = self.paired_baseline(lengths, seqs, first=False)
+        result, exec_ms, extra = self.run_step(k, plan, seqs)  # gradients are global sums afterwards
         gnorm = clip_grad_norm(self.model.parameters(), self.cfg.optimizer.clip_grad)
         loss = float(result.loss)
-        slots = self.calibration.local_slots(plan, result) if self.calibration.wants(it, plan) else []
-        # one MAX all-reduce carries the timings, the non-finite verdict, the exit vote and calibration samples
-        compute_ms, a2a_ms, bad, by_signal, by_deadline, *gathered = self._max_over_ranks(
-            _stat(result.stats, "fwd_ms", "bwd_ms"),
-            _stat(result.stats, "a2a_ms"),
-            NonFiniteGuard.local_flag(loss, gnorm),
-            *self.exit.votes(),
-            *slots,
-        )
-        if self.guard.check(bad > 0, it, loss, gnorm):
+        maxima = self._step_maxima(it, plan, result, loss, gnorm)
+        if self.guard.check(maxima.nonfinite > 0, it, loss, gnorm):
             self.optimizer.step()
             self.scheduler.step()
         else:
             extra["skipped_step"] = True
         self.optimizer.zero_grad(set_to_none=True)
         self.data.sampler.next_batch = k + 1
-        self.exit_vote = (by_signal, by_deadline) if by_signal > 0 or by_deadline > 0 else None
+        self.exit_vote = maxima.exit_vote
         # the paired baseline's step (--flexsp-compare-with) is not part of this mode's iteration
         iter_ms = (time.perf_counter() - t0) * 1e3 - float(extra.get("baseline_exec_ms", 0.0))
         extra.update(exec_ms=exec_ms, planner_cpu_s=info.cpu_s)
@@ -346,21 +330,21 @@ class Trainer:
             loss=loss,
             lr=lr,
             grad_norm=gnorm,
-            tokens=sum(lengths),
+            tokens=sum(plan.lengths),
             iter_ms=iter_ms,
             estimated_ms=plan.estimated_time_ms,
             micro_batches=plan.num_micro_batches,
             sp_mode=self.cfg.flexsp.sp_mode,
             groups_by_degree=plan.degree_histogram(),
-            compute_ms=compute_ms,
-            a2a_ms=a2a_ms,
+            compute_ms=maxima.compute_ms,
+            a2a_ms=maxima.a2a_ms,
             plan_source=info.source,
             plan_wait_ms=info.wait_ms,
             solve_time_s=info.solve_time_s,
-            num_sequences=len(lengths),
+            num_sequences=len(plan.lengths),
             extra=extra,
         )
-        self._after_step(plan, record, gathered)
+        self._after_step(plan, record, maxima.calibration)
         return record
 
     # ------------------------------------------------------------ validation

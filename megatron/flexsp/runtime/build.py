@@ -1,0 +1,54 @@
+"""One builder for what a rank runs plans on: model, sharding, SP group pool, executor.
+
+Why one: the trainer and the profiler must run the same runtime (the profiler's measurements
+are only valid for the model, sharding and groups the trainer will use), and the groups a plan
+may use are placed on ranks in one place (``GroupPool.from_cost_model``, the planner's
+``placement.candidate_groups``), so a profile and a training run draw from the same pool.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .executor import FlexSPExecutor
+from .group_pool import GroupPool
+from .model import GPTConfig, build_gpt_model
+from .sharding import shard_model
+
+if TYPE_CHECKING:  # the planner is torch-free; only its types are needed here
+    from megatron.flexsp.planner.costmodel import CostModel
+
+__all__ = ["Runtime", "build_runtime"]
+
+
+@dataclass
+class Runtime:
+    """This rank's model (sharded), the pool of every SP group a plan may use, and the executor."""
+
+    model: nn.Module
+    pool: GroupPool
+    executor: FlexSPExecutor
+
+
+def build_runtime(
+    model_cfg: GPTConfig,
+    cost: CostModel,
+    *,
+    device: torch.device,
+    sharding: str = "fsdp2",
+    timeout: datetime.timedelta | None = None,
+) -> Runtime:
+    """Build the model on ``device``, shard it, create the cost model's group pool, wrap an executor.
+
+    Collective (the pool's ``new_group`` calls): every rank calls it, in the same order.
+    ``timeout``: the pool's process-group timeout (None: torch.distributed's default).
+    """
+    model = build_gpt_model(model_cfg, device=device)
+    shard_model(model, sharding)
+    pool = GroupPool.from_cost_model(cost, timeout=timeout)
+    return Runtime(model=model, pool=pool, executor=FlexSPExecutor(model, pool, sharding_mode=sharding))

@@ -63,6 +63,21 @@ def padded_length(total_tokens: int, degree: int, pad_multiple: int = 1) -> int:
     return max(m, -(-total_tokens // m) * m)
 
 
+def _document(i: int, s: torch.Tensor) -> torch.Tensor:
+    """Document ``i`` as int64 on the CPU; ValueError naming it unless it is 1-D integer ids, at least 2."""
+    if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.dtype.is_floating_point or s.dtype == torch.bool:
+        raise ValueError(
+            f"pack_group: sequence {i} must be a 1-D integer tensor, got "
+            f"{getattr(s, 'dtype', type(s))} of shape {tuple(getattr(s, 'shape', ()))}"
+        )
+    if s.numel() < 2:
+        raise ValueError(
+            f"pack_group: sequence {i} has {s.numel()} ids; a document needs at least 2 "
+            f"(L + 1 ids for L >= 1 input tokens)"
+        )
+    return s.to(torch.long).cpu()
+
+
 def pack_group(
     seqs: Sequence[torch.Tensor], rank_in_group: int, degree: int, pad_multiple: int = 1, pad_token_id: int = 0
 ) -> PackedSlice:
@@ -80,17 +95,7 @@ def pack_group(
         raise ValueError(f"pack_group: pad_multiple must be >= 1, got {pad_multiple}")
     inputs, labels, positions, lengths = [], [], [], []
     for i, s in enumerate(seqs):
-        if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.dtype.is_floating_point or s.dtype == torch.bool:
-            raise ValueError(
-                f"pack_group: sequence {i} must be a 1-D integer tensor, got "
-                f"{getattr(s, 'dtype', type(s))} of shape {tuple(getattr(s, 'shape', ()))}"
-            )
-        if s.numel() < 2:
-            raise ValueError(
-                f"pack_group: sequence {i} has {s.numel()} ids; a document needs at least 2 "
-                f"(L + 1 ids for L >= 1 input tokens)"
-            )
-        s = s.to(torch.long).cpu()
+        s = _document(i, s)
         inputs.append(s[:-1])
         labels.append(s[1:])
         positions.append(torch.arange(s.numel() - 1, dtype=torch.long))

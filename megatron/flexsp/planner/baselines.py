@@ -225,13 +225,7 @@ def _best_homogeneous(
             best = p
     assert best is not None
     degree = best.micro_batches[0].groups[0].degree
-    best.solver = SolverInfo(
-        method=method,
-        status="heuristic",
-        solve_time_s=time.perf_counter() - t0,
-        lower_bound_ms=lower_bound_ms,
-        extra={"degree": degree},
-    )
+    best.solver = SolverInfo.heuristic(method, t0, lower_bound_ms, degree=degree)
     return best
 
 

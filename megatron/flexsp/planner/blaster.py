@@ -92,6 +92,12 @@ def segment(
         tot = f[:q] + c
         k = int(np.argmin(tot))
         f[q], par[q] = tot[k], k
+    return _backtrack(pts, f, par)
+
+
+def _backtrack(pts: np.ndarray, f: np.ndarray, par: np.ndarray) -> tuple[list[int], float]:
+    """The cut points of the DP's best segmentation (from the parents), and its cost; ([], inf) if none."""
+    m = pts.size
     if not np.isfinite(f[-1]):
         return [], float("inf")
     out = [m - 1]
@@ -117,12 +123,7 @@ def segment_matrix(points: Sequence[int] | np.ndarray, cost: np.ndarray) -> tupl
         tot = f[:q] + cost[:q, q]
         k = int(np.argmin(tot))
         f[q], par[q] = tot[k], k
-    if not np.isfinite(f[-1]):
-        return [], float("inf")
-    out = [m - 1]
-    while out[-1] > 0:
-        out.append(int(par[out[-1]]))
-    return [int(pts[q]) for q in reversed(out)], float(f[-1])
+    return _backtrack(pts, f, par)
 
 
 def cut_points(lengths_desc: np.ndarray, head: int = 384, max_points: int = 768) -> np.ndarray:

@@ -201,11 +201,5 @@ def dynamic_cp_plan(
         mbs.append(MicroBatch([Group(list(r), sorted(i for i, _ in g.items)) for r, g in zip(ranks, groups)]))
     plan = Plan(world_size=world_size, lengths=lengths, micro_batches=mbs)
     plan.estimated_time_ms = estimate_plan_ms(plan, cost)
-    plan.solver = SolverInfo(
-        method="megatron-dynamic-cp",
-        status="heuristic",
-        solve_time_s=time.perf_counter() - t0,
-        lower_bound_ms=lower_bound_ms,
-        extra={"rounds": len(rounds)},
-    )
+    plan.solver = SolverInfo.heuristic("megatron-dynamic-cp", t0, lower_bound_ms, rounds=len(rounds))
     return plan

@@ -26,6 +26,7 @@ valid (left-over ranks are degree-1 groups, so there are more groups than sequen
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -102,21 +103,29 @@ def _status(ctx: PlannerContext, chunks: list, info: dict, use_milp: bool, deadl
     return "heuristic"
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """What the caller grants the search: a time limit (or a deadline, or a work budget) and a gap."""
+
+    time_limit_s: float
+    gap: float
+    deadline: Deadline | None
+    work_limit: int | None
+
+
 def _run(
     lengths: Sequence[int],
     cost: CostModel,
     world_size: int,
+    budget: _Budget,
     *,
     use_milp: bool,
-    time_limit_s: float,
     method: str,
-    gap: float,
-    deadline: Deadline | None,
-    seeds: Sequence[tuple[str, Plan]],
-    work_limit: int | None = None,
+    seeds: Sequence[tuple[str, Plan]] = (),
 ) -> Plan:
+    time_limit_s, gap, deadline = budget.time_limit_s, budget.gap, budget.deadline
     if deadline is None:
-        deadline = Deadline.after(time_limit_s, work_limit=work_limit)
+        deadline = Deadline.after(time_limit_s, work_limit=budget.work_limit)
     L = _checked_lengths(lengths, cost, world_size)
     lb = lower_bound_ms(L, cost, world_size)
     ctx = PlannerContext.build(cost, world_size)
@@ -143,18 +152,8 @@ def greedy_plan(
     work_limit: int | None = None,
 ) -> Plan:
     """Heuristic plan (no MILP) within ``time_limit_s`` (or ``work_limit`` solves); always valid when any plan exists."""
-    return _run(
-        lengths,
-        cost,
-        world_size,
-        use_milp=False,
-        time_limit_s=time_limit_s,
-        method="flexsp-greedy",
-        gap=gap,
-        deadline=deadline,
-        seeds=(),
-        work_limit=work_limit,
-    )
+    budget = _Budget(time_limit_s, gap, deadline, work_limit)
+    return _run(lengths, cost, world_size, budget, use_milp=False, method="flexsp-greedy")
 
 
 def plan_flexsp(
@@ -162,10 +161,10 @@ def plan_flexsp(
     cost: CostModel,
     world_size: int,
     *,
+    seeds: Sequence[tuple[str, Plan]] = (),
     time_limit_s: float = PlannerConfig.time_limit_s,
     gap: float = PlannerConfig.gap,
     deadline: Deadline | None = None,
-    seeds: Sequence[tuple[str, Plan]] = (),
     work_limit: int | None = None,
 ) -> Plan:
     """FlexSP plan within ``time_limit_s`` (or ``deadline``): constructive, then improved until the deadline or ``gap``.
@@ -175,15 +174,5 @@ def plan_flexsp(
     batch then always gets the same plan; no MILP, whose time limits are clock-bound). The
     search has no randomness: what it reaches depends only on the budget it gets.
     """
-    return _run(
-        lengths,
-        cost,
-        world_size,
-        use_milp=True,
-        time_limit_s=time_limit_s,
-        method="flexsp",
-        gap=gap,
-        deadline=deadline,
-        seeds=seeds,
-        work_limit=work_limit,
-    )
+    budget = _Budget(time_limit_s, gap, deadline, work_limit)
+    return _run(lengths, cost, world_size, budget, use_milp=True, method="flexsp", seeds=seeds)

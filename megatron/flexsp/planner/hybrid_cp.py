@@ -306,13 +306,7 @@ def hybrid_cp_plan(
         todo = sorted(deferred)
     plan = Plan(world_size=world_size, lengths=lengths, micro_batches=mbs)
     plan.estimated_time_ms = estimate_plan_ms(plan, cost)
-    plan.solver = SolverInfo(
-        method="megatron-hybrid-cp",
-        status="heuristic",
-        solve_time_s=time.perf_counter() - t0,
-        lower_bound_ms=lower_bound_ms,
-        extra={"rounds": n_rounds},
-    )
+    plan.solver = SolverInfo.heuristic("megatron-hybrid-cp", t0, lower_bound_ms, rounds=n_rounds)
     return plan
 
 

@@ -8,6 +8,7 @@ that group processes.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,11 @@ class SolverInfo:
     solve_time_s: float = 0.0
     lower_bound_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def heuristic(cls, method: str, started: float, lower_bound_ms: float | None, **extra: Any) -> SolverInfo:
+        """A rule's record (the baselines): status "heuristic", timed from ``started`` (``time.perf_counter()``)."""
+        return cls(method, "heuristic", time.perf_counter() - started, lower_bound_ms, dict(extra))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron.flexsp.training import checkpoint_writer as writer
 from megatron.flexsp.training import checkpointing as ckpt
 
 try:  # the trainer redesign moves the dataclass configs into configs.py
@@ -87,7 +88,7 @@ def _resume_body(rank, world_size, tmp, fsdp=True):
     opt, sched = build_optimizer(m, CFG)
     for it in range(2):
         _step(m, opt, sched, it, rank, world_size)
-    ckpt.save_checkpoint(tmp, 2, m, opt, sched, sampler_state={"next_batch": 2}, planner_state={"p": 1})
+    ckpt.save_checkpoint(tmp, 2, m, opt, sched, states={"sampler": {"next_batch": 2}, "planner": {"p": 1}})
     straight = [_step(m, opt, sched, it, rank, world_size) for it in range(2, 5)]
 
     m2 = _shard(_model(7), world_size, fsdp)  # different init: everything must come from the checkpoint
@@ -103,7 +104,15 @@ def _resume_body(rank, world_size, tmp, fsdp=True):
         ckpt.load_checkpoint(tmp, bad, bopt, bsched)
     except ckpt.CheckpointError as e:
         errors.append(str(e))
-    return straight, resumed, loaded.iteration, loaded.sampler, loaded.planner, sched2.num_steps, errors
+    return (
+        straight,
+        resumed,
+        loaded.iteration,
+        loaded.states.get("sampler"),
+        loaded.states.get("planner"),
+        sched2.num_steps,
+        errors,
+    )
 
 
 @pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp2", "replicated"])
@@ -208,7 +217,7 @@ def _faults_body(rank, world_size, tmp):
     ref = {}
     for it in range(3):
         _step(m, opt, sched, it, rank, world_size)
-        ckpt.save_checkpoint(a, it + 1, m, opt, sched, sampler_state={"next_batch": it + 1})
+        ckpt.save_checkpoint(a, it + 1, m, opt, sched, states={"sampler": {"next_batch": it + 1}})
         ref[it + 1] = _full_state(m)
     if rank == 0:
         f = a / "iter_0000003" / "model.pt"
@@ -225,7 +234,7 @@ def _faults_body(rank, world_size, tmp):
         loaded.path.name,
         loaded.fallback_from and loaded.fallback_from.name,
         loaded.warnings,
-        loaded.sampler,
+        loaded.states.get("sampler"),
         sched2.num_steps,
         rank != 0 or all(torch.equal(got[k], v) for k, v in ref[2].items()),
     )
@@ -299,7 +308,13 @@ def test_resave_killed_at_every_step_never_leaves_latest_dangling(tmp_path, monk
     ckpt.save_checkpoint(tmp_path, 1, m, opt, sched)
     _step(m, opt, sched, 1, 0, 1)
     new = {k: v.clone() for k, v in m.state_dict().items()}
-    targets = [(os, "replace"), (os, "link"), (ckpt.shutil, "rmtree"), (ckpt, "_fsync_dir"), (ckpt, "_fsync_file")]
+    targets = [
+        (os, "replace"),
+        (os, "link"),
+        (writer.shutil, "rmtree"),
+        (writer, "_fsync_dir"),
+        (writer, "_fsync_file"),
+    ]
     real = {(mod, name): getattr(mod, name) for mod, name in targets}
     seen_both = set()
     n = 0
@@ -351,9 +366,9 @@ def test_resave_killed_at_every_step_never_leaves_latest_dangling(tmp_path, monk
 def test_load_step_fallback_chain_and_old_format(tmp_path):
     m, opt, sched = _one()
     for it in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, it, m, opt, sched, sampler_state={"next_batch": it})
+        ckpt.save_checkpoint(tmp_path, it, m, opt, sched, states={"sampler": {"next_batch": it}})
     m2, opt2, sched2 = _one(5)
-    assert ckpt.load_checkpoint(tmp_path, m2, opt2, sched2, load_step=2).sampler == {"next_batch": 2}
+    assert ckpt.load_checkpoint(tmp_path, m2, opt2, sched2, load_step=2).states["sampler"] == {"next_batch": 2}
     with pytest.raises(
         ckpt.CheckpointError,
         match=r"--load-step 7: no complete checkpoint iter_0000007 "

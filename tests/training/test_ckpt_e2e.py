@@ -141,7 +141,9 @@ def test_checkpoint_written_before_the_state_registry_resumes_exactly(tmp_path):
     want = json.loads((OLD_CKPT / "expected.json").read_text())
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     shutil.copytree(OLD_CKPT, ckpt, ignore=shutil.ignore_patterns("expected.json"))
+    cal = tmp_path / "calibrated.json"
     args = want["args"] + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "3"]
+    args += ["--flexsp-save-calibrated", str(cal)]
     rc = _run(args + ["--metrics-file", str(metrics)], tmp_path / "r.log")
     log = (tmp_path / "r.log").read_text()
     assert rc == 0, log[-3000:]
@@ -153,3 +155,6 @@ def test_checkpoint_written_before_the_state_registry_resumes_exactly(tmp_path):
     assert final["extra"]["calibration"]["seen"] == state["calibration_seen"]
     assert final["planner"]["counters"]["inline"] == state["planner_inline"]
     assert final["sampler"]["next_batch"] == state["sampler_next_batch"]
+    # what the registry adds: megatron's RNG tracker (seeded on CPU by the patches), and no dead planner config
+    assert all("tracker" in r for r in final["rng"]) and "config" not in final["planner"]
+    assert json.loads(cal.read_text())["calibration"]

@@ -5,21 +5,22 @@ disk (atomic directories, verification); this one knows *when* (every ``--save-i
 before an ``--exit-interval`` exit, at the end of training, never twice for one iteration) and
 how a launch resumes (Megatron's auto-resume pattern ``--save X --load X``: the first launch
 starts fresh). The Trainer asks ``maybe_save(iteration)`` after every step and ``finish()`` at
-the end; it never looks at save flags itself.
+the end; it never looks at save flags itself. What is saved is whatever the ``StateRegistry`` holds;
+``after_save`` callbacks (the calibrated cost model's file) run after every save.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from .checkpointing import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .checkpoint_loader import LoadedCheckpoint, load_state
+from .checkpoint_writer import save_state
 from .configs import CheckpointConfig
+from .state_registry import StateRegistry
 
 __all__ = ["Checkpointer", "SaveDecision"]
 
@@ -35,28 +36,25 @@ class SaveDecision:
 
 
 class Checkpointer:
-    """Owns the model/optimizer/scheduler checkpoint cycle of one run.
+    """Owns the checkpoint cycle of one run: every state in ``registry``, saved and resumed together.
 
-    ``state_fns`` are called at save time for the small states that ride along (sampler position,
-    planner state), so what is saved is always current.
+    The registry's ``state_dict`` functions are called at save time, so what is saved is always current.
     """
 
     def __init__(
         self,
         cfg: CheckpointConfig,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
+        registry: StateRegistry,
         *,
-        state_fns: dict[str, Callable[[], Any]],
         run_record: dict[str, Any],
         train_iters: int,
+        after_save: Sequence[Callable[[int], None]] = (),
     ) -> None:
         self.cfg = cfg
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.state_fns = state_fns
+        self.registry = registry
         self.run_record = run_record
         self.train_iters = train_iters
+        self.after_save = list(after_save)
         self.last_saved: int | None = None
 
     # ---------------------------------------------------------------- resume
@@ -77,11 +75,9 @@ class Checkpointer:
         if self._starts_fresh():
             log.info("no checkpoint in %s yet: starting from scratch", self.cfg.load)
             return None
-        loaded = load_checkpoint(
+        loaded = load_state(
             self.cfg.load,
-            self.model,
-            self.optimizer,
-            self.scheduler,
+            self.registry,
             load_step=self.cfg.load_step,
             args=self.run_record,
             override_opt_param_scheduler=self.cfg.override_opt_param_scheduler,
@@ -92,21 +88,18 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, iteration: int) -> None:
-        states = {name: fn() for name, fn in self.state_fns.items()}
-        path = save_checkpoint(
+        """Write every registered state now (collective), then run the ``after_save`` callbacks."""
+        path = save_state(
             self.cfg.save,
             iteration,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            sampler_state=states.get("sampler"),
-            planner_state=states.get("planner"),
-            extra=states.get("extra"),
+            self.registry,
             args=self.run_record,
             keep_latest_k=self.cfg.keep_latest_k,
         )
         self.last_saved = iteration
         log.info("saved checkpoint %s", path)
+        for callback in self.after_save:
+            callback(iteration)
 
     def _should_save(self, iteration: int) -> bool:
         c = self.cfg

@@ -348,8 +348,11 @@ class PlannerHook:
             self._worker.req_q.put(("update", cost_d, new_cfg))
 
     def state_dict(self) -> dict[str, Any]:
-        """Planner state for checkpoints: its configuration and counters (plans are a function of lengths)."""
-        return {"config": asdict(self.cfg), "cost_model": self.cost.to_dict(), "counters": asdict(self.counters)}
+        """Planner state for checkpoints: its counters, and the cost model in force as a record.
+
+        Not the configuration: it comes from this run's arguments (saved in meta.json), and plans
+        are a function of the lengths; the calibration entry restores the calibrated model."""
+        return {"cost_model": self.cost.to_dict(), "counters": asdict(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         c = state.get("counters") or {}

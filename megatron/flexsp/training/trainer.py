@@ -36,13 +36,16 @@ from megatron.flexsp.runtime.executor import StepResult
 from .arguments import ArgumentError
 from .checkpointer import Checkpointer
 from .configs import TrainerConfigs
+from .core_state import register_core
 from .distributed import LaunchEnv, broadcast_object, init_distributed
+from .error_relay import relay_error
 from .logging_utils import IterationRecord, MetricsLogger, setup_logging
 from .online_calibration import OnlineCalibration
 from .optimizer import build_optimizer, clip_grad_norm
 from .paired_baseline import PairedBaseline, StepRun, plain_step
 from .planner_hook import PlannerHook, plan_inline
 from .resilience import WATCHDOG_SHARE_OF_TIMEOUT, ExitMonitor, NonFiniteGuard, ProgressWatchdog
+from .state_registry import StateRegistry
 from .step_maxima import StepMaxima
 from .summary import format_summary, summarize
 
@@ -79,9 +82,7 @@ def build_train_data(cfg: TrainerConfigs, rank: int) -> TrainData:
             return None, None, None, f"data: {e}"
 
     built = build() if rank == 0 else None
-    err = broadcast_object(built[3] if rank == 0 else None)
-    if err:
-        raise ArgumentError(err)
+    relay_error(ArgumentError(built[3]) if rank == 0 and built[3] else None, (ArgumentError,))
     train_ds, valid_ds, sampler, err = built if rank == 0 else build()
     if err:
         raise ArgumentError(err)
@@ -167,16 +168,10 @@ class Trainer:
         self.iter_ms: list[float] = []  # recent iteration times: --flexsp-time-limit auto follows them
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            state_fns={
-                "sampler": self.data.sampler.state_dict,
-                "planner": self.hook.state_dict,
-                "extra": self._extra_state,
-            },
+            self._resumable_state(),
             run_record=cfg.run_record,
             train_iters=cfg.train.train_iters,
+            after_save=[lambda _it: self._write_calibrated()],
         )
         self.exit = ExitMonitor(
             signal_name=cfg.checkpoint.exit_signal,
@@ -220,31 +215,37 @@ class Trainer:
     # ---------------------------------------------------------------- resume
     def resume(self) -> int:
         """Restore the checkpoint (if any) into model, optimizer, sampler and planner; the first iteration to run."""
-        loaded = self.checkpointer.resume()
-        start = 0
-        if loaded is not None:
-            if loaded.sampler is not None:
-                self.data.sampler.load_state_dict(loaded.sampler)
-            if loaded.planner is not None:
-                self.hook.load_state_dict(loaded.planner)
-            extra = loaded.extra or {}
-            self.guard.load_state_dict(extra.get("nonfinite") or {})
-            calibrated = self.calibration.load_state_dict(extra.get("calibration"))
-            if calibrated is not None:
-                self.hook.update(cost=calibrated)
-            self.iter_ms = list(extra.get("iter_ms") or [])
-            self._update_time_limit()
-            start = loaded.iteration
+        loaded = self.checkpointer.resume()  # every registered state is restored by it
+        start = loaded.iteration if loaded is not None else 0
         self.data.sampler.next_batch = start
         return start
 
-    def _extra_state(self) -> dict[str, Any]:
-        """Small states saved with every checkpoint, so a resumed run plans as an uninterrupted one would."""
-        return {
-            "nonfinite": self.guard.state_dict(),
-            "calibration": self.calibration.state_dict(),
-            "iter_ms": list(self.iter_ms),
-        }
+    def _resumable_state(self) -> StateRegistry:
+        """Everything a resumed run needs to continue as an uninterrupted one would, registered once.
+
+        The keys are the checkpoint format from before the registry (``extra.*`` in trainer.pt)."""
+        reg = register_core(StateRegistry(), self.model, self.optimizer, self.scheduler)
+        reg.register("sampler", self.data.sampler.state_dict, self.data.sampler.load_state_dict)
+        reg.register("planner", self.hook.state_dict, self.hook.load_state_dict)
+        reg.register("nonfinite", self.guard.state_dict, self.guard.load_state_dict, key=("extra", "nonfinite"))
+        reg.register("calibration", self.calibration.state_dict, self._load_calibration, key=("extra", "calibration"))
+        reg.register("iter_ms", lambda: list(self.iter_ms), self._load_iter_ms, key=("extra", "iter_ms"))
+        return reg
+
+    def _load_calibration(self, state: dict[str, Any]) -> None:
+        calibrated = self.calibration.load_state_dict(state)
+        if calibrated is not None:
+            self.hook.update(cost=calibrated)
+
+    def _load_iter_ms(self, state: list[float]) -> None:
+        self.iter_ms = list(state)
+        self._update_time_limit()
+
+    def _write_calibrated(self) -> None:
+        """--flexsp-save-calibrated: the cost model in force, at every checkpoint and at the end (rank 0)."""
+        if self.cfg.flexsp.save_calibrated and self.env.rank == 0:
+            self.calibration.save(self.cfg.flexsp.save_calibrated)
+            log.info("wrote the calibrated cost model to %s", self.cfg.flexsp.save_calibrated)
 
     # -------------------------------------------------------------- planning
     def _update_time_limit(self) -> None:
@@ -417,9 +418,7 @@ class Trainer:
                 break
         if not stopped:
             self.checkpointer.finish(iters)
-        if self.cfg.flexsp.save_calibrated and self.env.rank == 0:
-            self.calibration.save(self.cfg.flexsp.save_calibrated)
-            log.info("wrote the calibrated cost model to %s", self.cfg.flexsp.save_calibrated)
+        self._write_calibrated()
         self.metrics.close()
         self._log_summary(self.metrics.records)
         return self.metrics.records

@@ -1,0 +1,320 @@
+"""Choosing and loading a checkpoint: the newest one that verifies, checked against this run, then
+every registered state restored.
+
+Why apart from writing: which checkpoint to trust (``latest``, else the newest older one that
+verifies; exactly ``--load-step`` when given) and whether this run can continue it (world size,
+model shape, batch size, LR schedule) are decided on rank 0 before any tensor moves; that policy
+is this module's one job, besides handing each registry entry its state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint_format import (
+    ERRORS,
+    ITER_PREFIX_RE,
+    LATEST,
+    MODEL_FILE,
+    READABLE_VERSIONS,
+    TRAINER_FILE,
+    CheckpointError,
+    ResumeMismatchError,
+    find_checkpoint,
+    list_checkpoints,
+    model_signature,
+    rank,
+    read_latest,
+    read_meta,
+    torch_load,
+    verify_checkpoint,
+    world,
+)
+from .distributed import broadcast_object
+from .error_relay import relay_error
+from .state_registry import Scope, StateRegistry, lookup
+
+__all__ = ["LR_SCHEDULE_ARGS", "LoadedCheckpoint", "check_resume_compatible", "load_state"]
+
+log = logging.getLogger("flexsp.checkpoint")
+
+#: Arguments that define the LR schedule: a change is refused on resume unless
+#: override_opt_param_scheduler (Megatron's --override-opt-param-scheduler).
+LR_SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")
+
+
+class _Damaged(Exception):
+    """Internal: one candidate checkpoint failed verification (the loader tries an older one)."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What was resumed: the iteration, from where, and every registered state it held (by name)."""
+
+    iteration: int
+    path: Path
+    states: dict[str, Any] = field(default_factory=dict)  # non-collective entries' loaded states
+    args: dict[str, Any] = field(default_factory=dict)  # the args record saved with the checkpoint
+    fallback_from: Path | None = None  # the checkpoint `latest` named, when it failed verification
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ resume checks
+
+
+def _as_dict(args: Any) -> dict[str, Any]:
+    if args is None:
+        return {}
+    if isinstance(args, Mapping):
+        return dict(args)
+    return dict(vars(args))
+
+
+def check_resume_compatible(
+    saved_args: Mapping[str, Any] | Any, args: Mapping[str, Any] | Any, *, override_opt_param_scheduler: bool = False
+) -> None:
+    """Refuse, with one line, a resume that cannot continue the saved run exactly.
+
+    * ``global_batch_size`` changed: refused (the data order and the sampler position are per
+      global batch; Megatron's consumed-samples resume would silently change the batches).
+    * LR schedule (``LR_SCHEDULE_ARGS``) changed: refused unless ``override_opt_param_scheduler``
+      (Megatron's --override-opt-param-scheduler), which takes this run's values.
+    Keys missing on either side (older checkpoints) are not compared."""
+    saved, now = _as_dict(saved_args), _as_dict(args)
+
+    def differs(key: str) -> bool:
+        if key not in saved or key not in now or saved[key] is None and now[key] is None:
+            return False
+        a, b = saved[key], now[key]
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+        return a != b
+
+    if differs("global_batch_size"):
+        raise ResumeMismatchError(
+            f"the checkpoint was saved with --global-batch-size {saved['global_batch_size']}, this run has "
+            f"{now['global_batch_size']}: resuming with another global batch size is not supported (the data order "
+            "is per global batch); resume with the saved value"
+        )
+    changed = [k for k in LR_SCHEDULE_ARGS if differs(k)]
+    if changed and not override_opt_param_scheduler:
+        what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
+        raise ResumeMismatchError(
+            f"the LR schedule differs from the checkpoint's ({what}; --lr-decay-iters defaults to --train-iters): "
+            "pass --override-opt-param-scheduler to use this run's values, or resume with the saved ones"
+        )
+
+
+def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path) -> str | None:
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        return f"checkpoint {path}: format version {meta.get('format_version')} (this code reads {READABLE_VERSIONS})"
+    if meta.get("world_size") != world():
+        return (
+            f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {world()} "
+            "(the data position, RNG and plans are per world size: resume with the same number of ranks)"
+        )
+    saved = meta.get("model_signature", {})
+    if saved != model_sig:
+        missing = sorted(set(model_sig) - set(saved))
+        unexpected = sorted(set(saved) - set(model_sig))
+        shapes = [
+            f"{k}: checkpoint {saved[k]} vs model {model_sig[k]}"
+            for k in sorted(set(saved) & set(model_sig))
+            if saved[k] != model_sig[k]
+        ]
+        parts = []
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:4]))
+        if missing:
+            parts.append(f"missing in checkpoint {missing[:4]}")
+        if unexpected:
+            parts.append(f"not in model {unexpected[:4]}")
+        return f"checkpoint {path} does not fit this model (different --num-layers/--hidden-size/...?): " + ", ".join(
+            parts
+        )
+    return None
+
+
+def _candidates(load_dir: Path, load_step: int | None) -> tuple[Path | None, list[Path], str | None]:
+    """(first choice, older fallbacks newest first, why the first choice is unusable or None).
+
+    Fallbacks exist only for the ``latest`` case: an explicit --load-step or checkpoint directory is
+    loaded as named or not at all. Fallbacks are never newer than the one ``latest`` names (a newer
+    one belongs to an abandoned timeline, e.g. after a --load-step rewind)."""
+    if load_step is not None or (load_dir / "meta.json").exists():
+        return find_checkpoint(load_dir, load_step=load_step), [], None
+    first, why = None, None
+    try:
+        first = find_checkpoint(load_dir)
+    except CheckpointError as e:
+        if not (load_dir / LATEST).exists() or not list_checkpoints(load_dir):
+            raise
+        why = str(e)
+    name = first.name if first is not None else (read_latest(load_dir) or "")
+    m = ITER_PREFIX_RE.match(name)
+    bound = int(m.group(1)) if m else None
+    older = [p for i, p in reversed(list_checkpoints(load_dir)) if p != first and (bound is None or i <= bound)]
+    return first, older, why
+
+
+def _read_files(path: Path, needed: dict[str, str]) -> dict[str, Any]:
+    """file -> content of the files ``needed`` (file -> the state it holds) and trainer.pt."""
+    for name, what in needed.items():
+        if not (path / name).exists():
+            raise CheckpointError(f"checkpoint {path} has no {what} state ({name})")
+    try:
+        contents = {name: torch_load(path / name) for name in [TRAINER_FILE, *needed]}
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable although (maybe) verified: a damaged file
+        raise _Damaged(f"checkpoint {path}: cannot read: {type(e).__name__}: {e}") from None
+    trainer = contents[TRAINER_FILE]
+    if not isinstance(trainer, dict) or "iteration" not in trainer:
+        raise _Damaged(f"checkpoint {path}: trainer.pt holds no iteration")
+    return contents
+
+
+def _load_candidate(
+    path: Path, sig: dict[str, list[int]], needed: dict[str, str], args: Any, override_opt_param_scheduler: bool
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(meta, file contents, notes) of one checkpoint, verified. _Damaged: try an older one; CheckpointError: stop."""
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        raise _Damaged(str(e)) from None
+    err = _check(meta, sig, path)
+    if err:
+        raise CheckpointError(err)
+    if args is not None:
+        check_resume_compatible(meta.get("args") or {}, args, override_opt_param_scheduler=override_opt_param_scheduler)
+    try:
+        notes = verify_checkpoint(path, meta)
+    except CheckpointError as e:
+        raise _Damaged(str(e)) from None
+    return meta, _read_files(path, needed), notes
+
+
+@dataclass
+class _Request:
+    """What rank 0 needs to choose a checkpoint: where, which, and what this run must match."""
+
+    load_dir: Path
+    load_step: int | None
+    sig: dict[str, list[int]]
+    needed: dict[str, str]  # file -> the state it holds, besides trainer.pt
+    args: Any
+    override_opt_param_scheduler: bool
+
+
+def _fallback_warning(failures: list[tuple[Path | None, str]], load_dir: Path, path: Path) -> str:
+    bad, reason = failures[0]
+    return (
+        f"checkpoint {bad if bad is not None else load_dir / LATEST} failed verification ({reason}); "
+        f"falling back to {path}, the newest checkpoint that verifies"
+    )
+
+
+def _select_and_read(req: _Request) -> tuple[tuple, dict[str, Any]]:
+    """Rank 0: the newest checkpoint that verifies (or exactly ``load_step``), read.
+
+    Returns ((path, saved args, the checkpoint that failed or None, warnings), file contents)."""
+    first, older, why = _candidates(req.load_dir, req.load_step)
+    failures: list[tuple[Path | None, str]] = [] if why is None else [(first, why)]
+    tried = ([first] if first is not None and why is None else []) + older
+    for path in tried:
+        try:
+            meta, contents, notes = _load_candidate(
+                path, req.sig, req.needed, req.args, req.override_opt_param_scheduler
+            )
+        except _Damaged as e:
+            failures.append((path, str(e)))
+            if req.load_step is not None or not older:
+                raise CheckpointError(str(e)) from None
+            continue
+        warns = ([_fallback_warning(failures, req.load_dir, path)] if failures else []) + list(notes)
+        info = (str(path), meta.get("args") or {}, str(failures[0][0]) if failures else None, warns)
+        return info, contents
+    raise CheckpointError(f"--load {req.load_dir}: no checkpoint verifies: " + "; ".join(r for _, r in failures))
+
+
+def _read_on_rank0(req: _Request) -> tuple[tuple, dict[str, Any]]:
+    """Collective: rank 0 chooses and reads; its error, if any, is raised on every rank."""
+    info, contents, error = None, {}, None
+    if rank() == 0:
+        try:
+            info, contents = _select_and_read(req)
+        except CheckpointError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001 - a damaged file: tell every rank
+            error = CheckpointError(f"--load {req.load_dir}: cannot read checkpoint: {type(e).__name__}: {e}")
+    relay_error(error, ERRORS)
+    return broadcast_object(info), contents
+
+
+def _restore(registry: StateRegistry, contents: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Collective: hand every entry its state, in registration order; (iteration, loaded small states)."""
+    small = None
+    if rank() == 0:
+        small = {e.name: lookup(contents.get(e.file), e.key) for e in registry if e.scope is not Scope.COLLECTIVE}
+        small["iteration"] = int(contents[TRAINER_FILE]["iteration"])
+    small = broadcast_object(small)
+    states: dict[str, Any] = {}
+    for e in registry:
+        if e.scope is Scope.COLLECTIVE:  # present on rank 0 (its file was required and read)
+            e.load_state_dict(lookup(contents[e.file], e.key) if rank() == 0 else None)
+            continue
+        value = small[e.name]
+        if e.scope is Scope.PER_RANK:  # another world size: not restored (the loader refused it anyway)
+            value = value[rank()] if isinstance(value, list) and len(value) == world() else None
+        if value is not None:  # None: a checkpoint from before this entry existed; keep the fresh state
+            e.load_state_dict(value)
+            states[e.name] = value
+    return int(small["iteration"]), states
+
+
+def load_state(
+    load_dir: str | os.PathLike,
+    registry: StateRegistry,
+    *,
+    load_step: int | None = None,
+    args: Mapping[str, Any] | Any | None = None,
+    override_opt_param_scheduler: bool = False,
+) -> LoadedCheckpoint:
+    """Restore every state of ``registry`` from a checkpoint (collective). Errors are raised on every rank.
+
+    The checkpoint ``latest`` names is verified (sha256 of every file); if it is damaged or
+    unreadable the newest older checkpoint that verifies is loaded, with a warning naming both
+    (``LoadedCheckpoint.fallback_from``). ``load_step`` loads iteration N exactly (no fallback).
+    With ``args`` (this run's arguments), ``check_resume_compatible`` runs against the saved ones
+    before any tensor is loaded. The registry must hold the model (its signature is checked)."""
+    model = registry.by_file(MODEL_FILE)
+    if model is None:
+        raise ValueError("load_state: the registry has no model entry (model.pt)")
+    sig = model_signature(model.state_dict())  # the same collective on every rank
+    needed = {f: e.name for f in registry.files() if (e := registry.by_file(f)) is not None}
+    req = _Request(
+        Path(load_dir),
+        load_step,
+        broadcast_object(sig if rank() == 0 else None),
+        needed,
+        args,
+        override_opt_param_scheduler,
+    )
+    info, contents = _read_on_rank0(req)
+    for w in info[3]:
+        log.warning("%s", w)
+    iteration, states = _restore(registry, contents)
+    return LoadedCheckpoint(
+        iteration=iteration,
+        path=Path(info[0]),
+        states=states,
+        args=dict(info[1]),
+        fallback_from=Path(info[2]) if info[2] else None,
+        warnings=list(info[3]),
+    )

@@ -85,6 +85,137 @@ def _buckets(
     return buckets
 
 
+class _Round:
+    """One round of the rule: CP groups filled from the buckets' heads, trimmed, then grown over idle ranks."""
+
+    def __init__(
+        self,
+        total: int,
+        need: Callable[[int], int],
+        work: Callable[[int], float],
+        grow: Callable[[int, int], int | None],
+        fits: Callable[[int, int], bool] | None,
+        delta: float,
+    ):
+        self.total, self.need, self.work, self.grow, self.fits, self.delta = total, need, work, grow, fits, delta
+        self.groups: list[CPGroup] = []
+        self.used = 0
+        # Loads only grow while placing, so heaps with lazily skipped stale entries give the least
+        # loaded group (ties: earliest created, as Megatron's min over group ids) in O(log n).
+        self.by_size: dict[int, list[tuple[float, int]]] = {}
+        self.all_heap: list[tuple[float, int]] = []
+        self.hi = 0.0
+
+    def least_loaded_fitting(self, nd: int, L: int) -> int | None:
+        heap = self.by_size.get(nd, [])
+        skipped, found = [], None
+        while heap:
+            load, k = heap[0]
+            g = self.groups[k]
+            if load != g.load:  # stale
+                heapq.heappop(heap)
+                continue
+            if self.fits is None or self.fits(g.tokens + L, g.size):
+                found = k
+                break
+            skipped.append(heapq.heappop(heap))
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return found
+
+    def lowest_load(self) -> float:
+        if self.used < self.total:
+            return 0.0
+        heap = self.all_heap
+        while heap[0][0] != self.groups[heap[0][1]].load:
+            heapq.heappop(heap)
+        return heap[0][0]
+
+    def _pick(self, buckets: list[list[tuple[int, int]]]) -> tuple[list[tuple[int, int]], int, int | None] | None:
+        """The first bucket head that can be placed: (bucket, CP size, group or None for a new group)."""
+        for b in buckets:
+            if not b:
+                continue
+            L = b[-1][1]
+            nd = self.need(L)
+            if self.total - self.used >= nd:  # free ranks have no load, so a new group beats any existing one
+                return b, nd, None
+            k = self.least_loaded_fitting(nd, L)
+            if k is not None:
+                return b, nd, k
+        return None
+
+    def _put(self, nd: int, k: int | None, sid: int, L: int) -> None:
+        if k is None:
+            self.groups.append(CPGroup(nd))
+            self.used += nd
+            k = len(self.groups) - 1
+        g = self.groups[k]
+        g.items.append((sid, L))
+        g.load += self.work(L)
+        g.tokens += L
+        heapq.heappush(self.by_size.setdefault(nd, []), (g.load, k))
+        heapq.heappush(self.all_heap, (g.load, k))
+        self.hi = max(self.hi, g.load)
+
+    def place(self, buckets: list[list[tuple[int, int]]]) -> None:
+        """Take bucket heads until nothing fits, or (once the CP size has dropped) the ranks are balanced."""
+        first_need: int | None = None
+        check_balance = False
+        while buckets:
+            pick = self._pick(buckets)
+            if pick is None:
+                break
+            b, nd, k = pick
+            sid, L = b.pop()
+            if first_need is None:
+                first_need = nd
+            self._put(nd, k, sid, L)
+            while buckets and not buckets[0]:
+                buckets.pop(0)
+            if nd < first_need:  # Megatron starts checking balance once the CP size first drops
+                check_balance = True
+            if check_balance and buckets and self.hi - self.lowest_load() <= self.delta * self.hi:
+                break
+
+    def _spread(self) -> tuple[float, float]:
+        hi = max((g.load for g in self.groups), default=0.0)
+        lo = 0.0 if self.used < self.total else min(g.load for g in self.groups)
+        return hi, lo
+
+    def trim(self, leftovers: list[tuple[int, int]]) -> None:
+        """Pop the busiest group's last sample (to ``leftovers``) while that narrows the spread."""
+        while True:
+            hi, lo = self._spread()
+            if hi - lo <= self.delta * hi or lo == 0:
+                break
+            g = next(x for x in self.groups if x.load == hi)
+            if len(g.items) <= 1:
+                break
+            sid, L = g.items[-1]
+            w = self.work(L)
+            proj = [x.load - w if x is g else x.load for x in self.groups]
+            if max(proj) - min(proj) < hi - lo:
+                g.items.pop()
+                g.load -= w
+                g.tokens -= L
+                leftovers.append((sid, L))
+            else:
+                break
+
+    def grow_over_idle(self) -> None:
+        """No idle rank: grow the smallest group (earliest first) until every rank is used."""
+        while self.used < self.total:
+            for g in sorted(self.groups, key=lambda x: x.size):  # stable: creation order among equal sizes
+                new = self.grow(g.size, self.total - self.used)
+                if new is not None:
+                    self.used += new - g.size
+                    g.size = new
+                    break
+            else:
+                break
+
+
 def _one_round(
     pending: list[tuple[int, int]],
     total: int,
@@ -95,115 +226,12 @@ def _one_round(
     delta: float,
 ) -> tuple[list[CPGroup], list[tuple[int, int]]]:
     buckets = [list(reversed(b)) for b in _buckets(pending, need, work)]  # pop() takes the head
-    groups: list[CPGroup] = []
-    used = 0
-    first_need: int | None = None
-    check_balance = False
-    # Loads only grow while placing, so heaps with lazily skipped stale entries give the least
-    # loaded group (ties: earliest created, as Megatron's min over group ids) in O(log n).
-    by_size: dict[int, list[tuple[float, int]]] = {}
-    all_heap: list[tuple[float, int]] = []
-    hi = 0.0
-
-    def least_loaded_fitting(nd: int, L: int) -> int | None:
-        heap = by_size.get(nd, [])
-        skipped, found = [], None
-        while heap:
-            load, k = heap[0]
-            g = groups[k]
-            if load != g.load:  # stale
-                heapq.heappop(heap)
-                continue
-            if fits is None or fits(g.tokens + L, g.size):
-                found = k
-                break
-            skipped.append(heapq.heappop(heap))
-        for item in skipped:
-            heapq.heappush(heap, item)
-        return found
-
-    def lowest_load() -> float:
-        if used < total:
-            return 0.0
-        while all_heap[0][0] != groups[all_heap[0][1]].load:
-            heapq.heappop(all_heap)
-        return all_heap[0][0]
-
-    while buckets:
-        pick = None
-        for b in buckets:
-            if not b:
-                continue
-            L = b[-1][1]
-            nd = need(L)
-            if total - used >= nd:  # free ranks have no load, so a new group beats any existing one
-                pick = (b, nd, None)
-                break
-            k = least_loaded_fitting(nd, L)
-            if k is not None:
-                pick = (b, nd, k)
-                break
-        if pick is None:
-            break
-        b, nd, k = pick
-        sid, L = b.pop()
-        if first_need is None:
-            first_need = nd
-        if k is None:
-            groups.append(CPGroup(nd))
-            used += nd
-            k = len(groups) - 1
-        g = groups[k]
-        g.items.append((sid, L))
-        g.load += work(L)
-        g.tokens += L
-        heapq.heappush(by_size.setdefault(nd, []), (g.load, k))
-        heapq.heappush(all_heap, (g.load, k))
-        hi = max(hi, g.load)
-        while buckets and not buckets[0]:
-            buckets.pop(0)
-        if nd < first_need:  # Megatron starts checking balance once the CP size first drops
-            check_balance = True
-        if check_balance and buckets and hi - lowest_load() <= delta * hi:
-            break
-
-    def spread() -> tuple[float, float]:
-        hi = max((g.load for g in groups), default=0.0)
-        lo = 0.0 if used < total else min(g.load for g in groups)
-        return hi, lo
-
+    r = _Round(total, need, work, grow, fits, delta)
+    r.place(buckets)
     leftovers = [item for b in buckets for item in reversed(b)]
-
-    # trim: pop the busiest group's last sample while that narrows the spread
-    while True:
-        hi, lo = spread()
-        if hi - lo <= delta * hi or lo == 0:
-            break
-        g = next(x for x in groups if x.load == hi)
-        if len(g.items) <= 1:
-            break
-        sid, L = g.items[-1]
-        w = work(L)
-        proj = [x.load - w if x is g else x.load for x in groups]
-        if max(proj) - min(proj) < hi - lo:
-            g.items.pop()
-            g.load -= w
-            g.tokens -= L
-            leftovers.append((sid, L))
-        else:
-            break
-
-    # no idle rank: grow the smallest group (earliest first) until every rank is used
-    while used < total:
-        for g in sorted(groups, key=lambda x: x.size):  # stable: creation order among equal sizes
-            new = grow(g.size, total - used)
-            if new is not None:
-                used += new - g.size
-                g.size = new
-                break
-        else:
-            break
-    return groups, leftovers
+    r.trim(leftovers)
+    r.grow_over_idle()
+    return r.groups, leftovers
 
 
 def balanced_cp_rounds(
@@ -265,20 +293,10 @@ def hybrid_cp_plan(
     if not lengths:
         raise PlanError("cannot plan an empty global batch")
     degrees = sorted({len(g) for g in candidate_groups(cost, world_size)})
-    per_rank = cost.tokens_per_gpu
-    sizes_of = {L: _cp_size(L, degrees, per_rank, cost) for L in set(lengths)}
-    bad = sorted((L for L, d in sizes_of.items() if d is None), reverse=True)
-    if bad:
-        raise NoFeasiblePlanError(
-            bad,
-            cost.capacity(degrees[-1]),
-            degrees[-1],
-            world_size,
-            "megatron-hybrid-cp: no allowed CP size holds them",
-        )
+    sizes_of = _cp_sizes(lengths, cost, world_size, degrees)
 
     def need(L: int) -> int:
-        return sizes_of[L]  # type: ignore[return-value]
+        return sizes_of[L]
 
     def grow(size: int, idle: int) -> int | None:
         return next((d for d in degrees if size < d <= size + idle), None)
@@ -339,6 +357,22 @@ def _to_micro_batch(
             deferred.append(seqs[k].pop())
         mb = MicroBatch([Group(list(r), sorted(s)) for r, s in zip(ranks, seqs)])
     return mb
+
+
+def _cp_sizes(lengths: list[int], cost: CostModel, world_size: int, degrees: list[int]) -> dict[int, int]:
+    """The CP size of every distinct length; NoFeasiblePlanError naming those no allowed size holds."""
+    per_rank = cost.tokens_per_gpu
+    sizes_of = {L: _cp_size(L, degrees, per_rank, cost) for L in set(lengths)}
+    bad = sorted((L for L, d in sizes_of.items() if d is None), reverse=True)
+    if bad:
+        raise NoFeasiblePlanError(
+            bad,
+            cost.capacity(degrees[-1]),
+            degrees[-1],
+            world_size,
+            "megatron-hybrid-cp: no allowed CP size holds them",
+        )
+    return sizes_of  # type: ignore[return-value]
 
 
 def _cp_size(L: int, degrees: Sequence[int], per_rank: int, cost: CostModel) -> int | None:

@@ -224,14 +224,7 @@ def estimate_plan_ms(plan: Plan, cost: CostModel) -> float:
     return sum(micro_batch_ms(mb, plan.lengths, cost) for mb in plan.micro_batches)
 
 
-def validate_plan(
-    plan: Plan, cost: CostModel | None = None, *, world_size: int | None = None, num_sequences: int | None = None
-) -> None:
-    """Check every invariant of DESIGN.md; raise PlanError naming the first broken one.
-
-    Without a cost model only the structural invariants are checked (partition of ranks,
-    every sequence exactly once); with one, also degrees, topology and memory.
-    """
+def _check_header(plan: Plan, world_size: int | None, num_sequences: int | None) -> None:
     ws = plan.world_size
     if world_size is not None and ws != world_size:
         raise PlanError(f"plan is for world size {ws}, but the job has {world_size} ranks")
@@ -245,70 +238,92 @@ def validate_plan(
             raise PlanError(f"lengths[{i}] = {L}: a sequence must have at least one token")
     if not plan.micro_batches:
         raise PlanError("plan has no micro-batch")
+
+
+def _check_group(m: int, gi: int, g: Group, ws: int, n: int, owner: dict[int, int], seen: dict) -> None:
+    """Ranks in range and in no other group; sequences in range and in no other group (both recorded)."""
+    if not g.ranks:
+        raise PlanError(f"micro-batch {m} group {gi} has no rank")
+    for r in g.ranks:
+        if not 0 <= r < ws:
+            raise PlanError(f"micro-batch {m} group {gi}: rank {r} is outside 0..{ws - 1}")
+        if r in owner:
+            if owner[r] == gi:
+                raise PlanError(f"micro-batch {m} group {gi}: rank {r} is listed twice")
+            raise PlanError(f"micro-batch {m}: rank {r} is in group {owner[r]} and group {gi}")
+        owner[r] = gi
+    for s in g.sequences:
+        if not 0 <= s < n:
+            raise PlanError(f"micro-batch {m} group {gi}: sequence index {s} is outside 0..{n - 1}")
+        if s in seen:
+            raise PlanError(
+                f"sequence {s} is assigned twice (micro-batch {seen[s][0]} group {seen[s][1]} "
+                f"and micro-batch {m} group {gi})"
+            )
+        seen[s] = (m, gi)
+
+
+def _check_micro_batch(m: int, mb: MicroBatch, ws: int, n: int, seen: dict[int, tuple[int, int]]) -> None:
+    """The groups partition the ranks; a group is empty only when there are fewer sequences than groups."""
+    if not mb.groups:
+        raise PlanError(f"micro-batch {m} has no group")
+    owner: dict[int, int] = {}
+    for gi, g in enumerate(mb.groups):
+        _check_group(m, gi, g, ws, n, owner, seen)
+    missing = sorted(set(range(ws)) - set(owner))
+    if missing:
+        raise PlanError(f"micro-batch {m}: groups do not partition the ranks; ranks {missing[:8]} are in no group")
+    empty = [gi for gi, g in enumerate(mb.groups) if not g.sequences]
+    if empty and sum(len(g.sequences) for g in mb.groups) >= len(mb.groups):
+        raise PlanError(
+            f"micro-batch {m}: group {empty[0]} holds no sequence although the micro-batch has "
+            f"at least as many sequences as groups"
+        )
+
+
+def _check_group_cost(where: str, g: Group, lengths: Sequence[int], cost: CostModel) -> None:
+    """Degree divides the heads and has a bandwidth; topology (one node or whole nodes); memory."""
+    d, gpn, heads = g.degree, cost.gpus_per_node, cost.num_attention_heads
+    if heads % d:
+        raise PlanError(f"{where}: degree {d} does not divide num_attention_heads {heads}")
+    if d > 1 and d not in cost.alltoall.bandwidth_gbs:
+        raise PlanError(f"{where}: cost model has no all-to-all bandwidth for degree {d}")
+    nodes = sorted({r // gpn for r in g.ranks})
+    if d <= gpn:
+        if len(nodes) != 1:
+            raise PlanError(
+                f"{where}: a group of degree <= gpus_per_node ({gpn}) must lie in one node, spans nodes {nodes}"
+            )
+    elif d % gpn or len(nodes) != d // gpn:
+        raise PlanError(
+            f"{where}: a group larger than a node must span exactly {d}/{gpn} whole nodes, spans nodes {nodes}"
+        )
+    tokens = sum(lengths[s] for s in g.sequences)
+    mem = cost.memory_mb(tokens, d)
+    if mem > cost.limit_mb + 1e-6:
+        raise PlanError(f"{where}: {tokens} tokens need {mem:.1f} MB per GPU, over the limit {cost.limit_mb:.1f} MB")
+
+
+def validate_plan(
+    plan: Plan, cost: CostModel | None = None, *, world_size: int | None = None, num_sequences: int | None = None
+) -> None:
+    """Check every invariant of DESIGN.md; raise PlanError naming the first broken one.
+
+    Without a cost model only the structural invariants are checked (partition of ranks,
+    every sequence exactly once); with one, also degrees, topology and memory.
+    """
+    _check_header(plan, world_size, num_sequences)
+    ws, n = plan.world_size, len(plan.lengths)
     seen: dict[int, tuple[int, int]] = {}
     for m, mb in enumerate(plan.micro_batches):
-        if not mb.groups:
-            raise PlanError(f"micro-batch {m} has no group")
-        owner: dict[int, int] = {}
-        for gi, g in enumerate(mb.groups):
-            if not g.ranks:
-                raise PlanError(f"micro-batch {m} group {gi} has no rank")
-            for r in g.ranks:
-                if not 0 <= r < ws:
-                    raise PlanError(f"micro-batch {m} group {gi}: rank {r} is outside 0..{ws - 1}")
-                if r in owner:
-                    if owner[r] == gi:
-                        raise PlanError(f"micro-batch {m} group {gi}: rank {r} is listed twice")
-                    raise PlanError(f"micro-batch {m}: rank {r} is in group {owner[r]} and group {gi}")
-                owner[r] = gi
-            for s in g.sequences:
-                if not 0 <= s < n:
-                    raise PlanError(f"micro-batch {m} group {gi}: sequence index {s} is outside 0..{n - 1}")
-                if s in seen:
-                    raise PlanError(
-                        f"sequence {s} is assigned twice (micro-batch {seen[s][0]} group {seen[s][1]} "
-                        f"and micro-batch {m} group {gi})"
-                    )
-                seen[s] = (m, gi)
-        missing = sorted(set(range(ws)) - set(owner))
-        if missing:
-            raise PlanError(f"micro-batch {m}: groups do not partition the ranks; ranks {missing[:8]} are in no group")
-        empty = [gi for gi, g in enumerate(mb.groups) if not g.sequences]
-        if empty and sum(len(g.sequences) for g in mb.groups) >= len(mb.groups):
-            raise PlanError(
-                f"micro-batch {m}: group {empty[0]} holds no sequence although the micro-batch has "
-                f"at least as many sequences as groups"
-            )
+        _check_micro_batch(m, mb, ws, n, seen)
     unassigned = sorted(set(range(n)) - set(seen))
     if unassigned:
         raise PlanError(f"sequences {unassigned[:8]} (of {len(unassigned)}) are in no group")
     if cost is None:
         return
-    gpn = cost.gpus_per_node
-    heads = cost.num_attention_heads
     for m, mb in enumerate(plan.micro_batches):
         for gi, g in enumerate(mb.groups):
-            d = g.degree
-            where = f"micro-batch {m} group {gi} (degree {d}, ranks {g.ranks[:8]})"
-            if heads % d:
-                raise PlanError(f"{where}: degree {d} does not divide num_attention_heads {heads}")
-            if d > 1 and d not in cost.alltoall.bandwidth_gbs:
-                raise PlanError(f"{where}: cost model has no all-to-all bandwidth for degree {d}")
-            nodes = sorted({r // gpn for r in g.ranks})
-            if d <= gpn:
-                if len(nodes) != 1:
-                    raise PlanError(
-                        f"{where}: a group of degree <= gpus_per_node ({gpn}) must lie in one node, spans nodes {nodes}"
-                    )
-            else:
-                if d % gpn or len(nodes) != d // gpn:
-                    raise PlanError(
-                        f"{where}: a group larger than a node must span exactly {d}/{gpn} whole nodes, "
-                        f"spans nodes {nodes}"
-                    )
-            tokens = sum(plan.lengths[s] for s in g.sequences)
-            mem = cost.memory_mb(tokens, d)
-            if mem > cost.limit_mb + 1e-6:
-                raise PlanError(
-                    f"{where}: {tokens} tokens need {mem:.1f} MB per GPU, over the limit {cost.limit_mb:.1f} MB"
-                )
+            _check_group_cost(
+                f"micro-batch {m} group {gi} (degree {g.degree}, ranks {g.ranks[:8]})", g, plan.lengths, cost
+            )

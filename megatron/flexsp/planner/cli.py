@@ -242,9 +242,8 @@ def _load_lengths(args, parser) -> tuple[np.ndarray, OverlongReport, int]:
     return lengths, report, args.max_seq_len or int(lengths.max())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(args, parser) -> list[str]:
+    """The methods asked for; parser.error on any argument out of range."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -260,21 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--gap must be in [0, 1), got {args.gap}")
     if args.plot and args.output is None:
         parser.error("--plot needs --output DIR")
-    try:
-        cost = load_cost_model(args.cost_model, args.world_size)
-        cost.check_world_size(args.world_size)
-        lengths, report, max_len = _load_lengths(args, parser)
-    except (CostModelError, LengthsError) as e:
-        parser.error(str(e))
+    return methods
 
-    print(
-        f"flexsp-plan: {lengths.size} sequences (median {int(np.median(lengths))}, max {int(lengths.max())}), "
-        f"max length {max_len}: {report.truncated} truncated, {report.dropped} dropped; cost model "
-        f"'{cost.name}', {args.world_size} ranks, global batch {args.global_batch_size}, {args.iters} iteration(s)"
-    )
-    batches = [
-        lengths[idx].tolist() for idx in iter_batches(lengths.size, args.global_batch_size, args.iters, args.seed)
-    ]
+
+def _plan_writer(args, cost: CostModel, methods: list[str]):
+    """Make the output folders; the ``on_plan`` callback that saves (and draws) each plan there."""
     out = args.output
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +281,66 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             plot_plan(plan, cost, out / "plots" / f"{m}_iter_{k:04d}.png")
 
+    return on_plan
+
+
+def _write_summary(
+    args, cost: CostModel, lengths: np.ndarray, report: OverlongReport, max_len: int, rows, results
+) -> None:
+    """summary.json (settings and per-method statistics) and summary.csv (one row per plan) under --output."""
+    out = args.output
+    summary = {
+        "cost_model": cost.to_dict(),
+        "world_size": args.world_size,
+        "global_batch_size": args.global_batch_size,
+        "max_seq_len": max_len,
+        "overlong": args.overlong,
+        "truncated": report.truncated,
+        "dropped": report.dropped,
+        "num_sequences": int(lengths.size),
+        "iters": args.iters,
+        "seed": args.seed,
+        "methods": [asdict(r) for r in rows],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iter", "method", "estimated_ms", "lower_bound_ms", "plan_s", "micro_batches", "status"])
+        for m, plans in results.items():
+            for k, p in enumerate(plans):
+                w.writerow(
+                    [
+                        k,
+                        m,
+                        f"{p.estimated_time_ms:.3f}",
+                        f"{p.solver.lower_bound_ms:.3f}",
+                        f"{_wall(p):.4f}",
+                        p.num_micro_batches,
+                        p.solver.status,
+                    ]
+                )
+    print(f"flexsp-plan: wrote {sum(len(v) for v in results.values())} plans and summary.json/.csv to {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    methods = _check_args(args, parser)
+    try:
+        cost = load_cost_model(args.cost_model, args.world_size)
+        cost.check_world_size(args.world_size)
+        lengths, report, max_len = _load_lengths(args, parser)
+    except (CostModelError, LengthsError) as e:
+        parser.error(str(e))
+
+    print(
+        f"flexsp-plan: {lengths.size} sequences (median {int(np.median(lengths))}, max {int(lengths.max())}), "
+        f"max length {max_len}: {report.truncated} truncated, {report.dropped} dropped; cost model "
+        f"'{cost.name}', {args.world_size} ranks, global batch {args.global_batch_size}, {args.iters} iteration(s)"
+    )
+    batches = [
+        lengths[idx].tolist() for idx in iter_batches(lengths.size, args.global_batch_size, args.iters, args.seed)
+    ]
     try:
         results = run_methods(
             batches,
@@ -302,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             time_limit_s=args.time_limit,
             seed=args.seed,
             static_degree=args.static_degree,
-            on_plan=on_plan,
+            on_plan=_plan_writer(args, cost, methods),
             progress=not args.quiet,
             gap=args.gap,
         )
@@ -314,38 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = flexsp_choice_note(results)
     if note:
         print(note)
-    if out is not None:
-        summary = {
-            "cost_model": cost.to_dict(),
-            "world_size": args.world_size,
-            "global_batch_size": args.global_batch_size,
-            "max_seq_len": max_len,
-            "overlong": args.overlong,
-            "truncated": report.truncated,
-            "dropped": report.dropped,
-            "num_sequences": int(lengths.size),
-            "iters": args.iters,
-            "seed": args.seed,
-            "methods": [asdict(r) for r in rows],
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        with open(out / "summary.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["iter", "method", "estimated_ms", "lower_bound_ms", "plan_s", "micro_batches", "status"])
-            for m, plans in results.items():
-                for k, p in enumerate(plans):
-                    w.writerow(
-                        [
-                            k,
-                            m,
-                            f"{p.estimated_time_ms:.3f}",
-                            f"{p.solver.lower_bound_ms:.3f}",
-                            f"{_wall(p):.4f}",
-                            p.num_micro_batches,
-                            p.solver.status,
-                        ]
-                    )
-        print(f"flexsp-plan: wrote {sum(len(v) for v in results.values())} plans and summary.json/.csv to {out}")
+    if args.output is not None:
+        _write_summary(args, cost, lengths, report, max_len, rows, results)
     return 0
 
 

@@ -139,6 +139,40 @@ class RobustFit:
     iterations: int
 
 
+def _checked_samples(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise FitError(f"robust fit: x must be [N, P] and y [N], got {x.shape} and {y.shape}")
+    if x.shape[0] == 0:
+        raise FitError("robust fit needs at least one sample")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or np.any(y <= 0):
+        raise FitError("robust fit: samples must be finite with positive measurements")
+    return x, y
+
+
+def _prior_terms(
+    x: np.ndarray, y: np.ndarray, prior: Sequence[float] | None, prior_weight: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(prior p, its per-coefficient scale m, its weight); without a prior zeros and weight 0."""
+    p = x.shape[1]
+    if prior is None:
+        return np.zeros(p), np.zeros(p), 0.0
+    pr = np.asarray(prior, dtype=np.float64)
+    if pr.shape != (p,):
+        raise FitError(f"robust fit: prior must have {p} values, got {pr.shape}")
+    return pr, (x / y[:, None]).mean(axis=0), prior_weight
+
+
+def _quality(x: np.ndarray, y: np.ndarray, coef: np.ndarray, h: np.ndarray) -> tuple[float, int]:
+    """RMS relative residual of the fully weighted samples, and how many were down-weighted."""
+    pred = x @ coef
+    r = (pred - y) / np.where(pred > 0, pred, y)
+    full = h >= 0.5
+    rms = float(np.sqrt(np.mean(r[full] ** 2))) if full.any() else float("nan")
+    return rms, int((~full).sum())
+
+
 def robust_nonneg_fit(
     x: np.ndarray,
     y: np.ndarray,
@@ -164,24 +198,10 @@ def robust_nonneg_fit(
     """
     from scipy.optimize import lsq_linear
 
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise FitError(f"robust fit: x must be [N, P] and y [N], got {x.shape} and {y.shape}")
+    x, y = _checked_samples(x, y)
     n, p = x.shape
-    if n == 0:
-        raise FitError("robust fit needs at least one sample")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or np.any(y <= 0):
-        raise FitError("robust fit: samples must be finite with positive measurements")
     ymed = float(np.median(y))
-    if prior is not None:
-        pr = np.asarray(prior, dtype=np.float64)
-        if pr.shape != (p,):
-            raise FitError(f"robust fit: prior must have {p} values, got {pr.shape}")
-        m = (x / y[:, None]).mean(axis=0)
-    else:
-        pr, m = np.zeros(p), np.zeros(p)
-        prior_weight = 0.0
+    pr, m, prior_weight = _prior_terms(x, y, prior, prior_weight)
     # column scaling: s^2 terms are ~1e9 times the constant's
     cs = np.maximum(np.abs(x).max(axis=0), 1e-300)
     yhat = np.full(n, ymed)
@@ -210,8 +230,5 @@ def robust_nonneg_fit(
         coef = new
         if done:
             break
-    pred = x @ coef
-    r = (pred - y) / np.where(pred > 0, pred, y)
-    full = h >= 0.5
-    rms = float(np.sqrt(np.mean(r[full] ** 2))) if full.any() else float("nan")
-    return RobustFit(coef, sigma, rms, int((~full).sum()), done_iters)
+    rms, down = _quality(x, y, coef, h)
+    return RobustFit(coef, sigma, rms, down, done_iters)

@@ -95,6 +95,22 @@ def prior_bandwidths(
     return out
 
 
+def _compute_terms(shape: ModelShape, flops_per_ms: float, causal: bool) -> tuple[float, float]:
+    """(alpha1, alpha2): attention's quadratic and the matmuls' linear ms per token, forward + backward."""
+    h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
+    lin_params = L * shape.linear_params_per_layer() + V * h  # output layer is a matmul too
+    alpha2 = 3.0 * 2.0 * lin_params / flops_per_ms
+    alpha1 = 3.0 * 4.0 * h * L * (0.5 if causal else 1.0) / flops_per_ms
+    return alpha1, alpha2
+
+
+def _activation_mb(shape: ModelShape, e: int) -> float:
+    """Activation MB per token kept for the backward (before ``activation_factor``)."""
+    h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
+    act_bytes = e * L * (7 * h + 2 * h * shape.groups / shape.num_attention_heads + shape.mlp_mats * shape.ffn) + 4 * V
+    return act_bytes / 2**20
+
+
 def analytic_cost_model(
     shape: ModelShape,
     *,
@@ -123,11 +139,8 @@ def analytic_cost_model(
         raise CostModelError("analytic prior: device_flops, efficiency and link bandwidths must be > 0")
     if sharding not in ("zero3", "ddp"):
         raise CostModelError(f"analytic prior: sharding must be 'zero3' or 'ddp', got {sharding!r}")
-    h, L, V, e = shape.hidden_size, shape.num_layers, shape.vocab_size, bytes_per_element
-    flops_per_ms = device_flops * efficiency / 1000.0
-    lin_params = L * shape.linear_params_per_layer() + V * h  # output layer is a matmul too
-    alpha2 = 3.0 * 2.0 * lin_params / flops_per_ms
-    alpha1 = 3.0 * 4.0 * h * L * (0.5 if causal else 1.0) / flops_per_ms
+    h, L, e = shape.hidden_size, shape.num_layers, bytes_per_element
+    alpha1, alpha2 = _compute_terms(shape, device_flops * efficiency / 1000.0, causal)
     P = num_parameters(shape)
     if sharding == "zero3" and world_size > 1:
         link = inter_node_gbs if world_size > gpus_per_node else intra_node_gbs
@@ -136,8 +149,7 @@ def analytic_cost_model(
     else:
         beta1 = overhead_ms
         states_mb = 16.0 * P / 2**20
-    act_bytes = e * L * (7 * h + 2 * h * shape.groups / shape.num_attention_heads + shape.mlp_mats * shape.ffn) + 4 * V
-    act_mb = act_bytes / 2**20 * activation_factor
+    act_mb = _activation_mb(shape, e) * activation_factor
     return CostModel.from_dict(
         {
             "name": name

@@ -200,63 +200,76 @@ class CostCalibrator:
         """What the last refit did (samples used, fit errors, outliers, which parts applied)."""
         return dict(self._report)
 
-    def refit(self) -> CostModel:
-        """Refit from the window; the new model is also ``current``. Parts without enough samples keep their values."""
-        base, cfg = self.base, self.config
-        c0 = base.compute  # prior: the starting model, not the last fit (no drift by feedback)
-        comp = list(self._samples)
-        report: dict[str, Any] = {"samples": len(comp), "seen": self._seen, "rejected": self._rejected}
+    def _refit_compute(self, comp: list[GroupSample], report: dict[str, Any]) -> tuple[float, float, float]:
+        """(alpha1, alpha2, beta1) fitted from the window, or the base model's where samples are too few."""
+        cfg = self.config
+        c0 = self.base.compute  # prior: the starting model, not the last fit (no drift by feedback)
         alpha1, alpha2, beta1 = c0.alpha1_ms_per_token2, c0.alpha2_ms_per_token, c0.beta1_ms
-        if len(comp) >= cfg.min_samples:
-            d = np.array([s.degree for s in comp], dtype=np.float64)
-            x = np.stack(
-                [np.array([s.sum_sq for s in comp]) / d, np.array([s.tokens for s in comp]) / d, np.ones(len(comp))],
-                axis=1,
-            )
-            y = np.array([s.compute_ms for s in comp])
-            try:
-                fit = robust_nonneg_fit(
-                    x, y, prior=[alpha1, alpha2, beta1], prior_weight=cfg.prior_weight, huber_k=cfg.huber_k
-                )
-                alpha1, alpha2, beta1 = (float(v) for v in fit.coef)
-                report["compute"] = {
-                    "applied": True,
-                    "rms_rel_err": fit.rms_rel_err,
-                    "rel_scale": fit.rel_scale,
-                    "outliers": fit.outliers,
-                }
-            except FitError as e:
-                report["compute"] = {"applied": False, "error": str(e)}
-        else:
+        if len(comp) < cfg.min_samples:
             report["compute"] = {"applied": False, "need": cfg.min_samples}
-        bpt = base.alltoall.bytes_per_token
-        bw = dict(base.alltoall.bandwidth_gbs)
+            return alpha1, alpha2, beta1
+        d = np.array([s.degree for s in comp], dtype=np.float64)
+        x = np.stack(
+            [np.array([s.sum_sq for s in comp]) / d, np.array([s.tokens for s in comp]) / d, np.ones(len(comp))],
+            axis=1,
+        )
+        y = np.array([s.compute_ms for s in comp])
+        try:
+            fit = robust_nonneg_fit(
+                x, y, prior=[alpha1, alpha2, beta1], prior_weight=cfg.prior_weight, huber_k=cfg.huber_k
+            )
+            alpha1, alpha2, beta1 = (float(v) for v in fit.coef)
+            report["compute"] = {
+                "applied": True,
+                "rms_rel_err": fit.rms_rel_err,
+                "rel_scale": fit.rel_scale,
+                "outliers": fit.outliers,
+            }
+        except FitError as e:
+            report["compute"] = {"applied": False, "error": str(e)}
+        return alpha1, alpha2, beta1
+
+    def _refit_degree(self, deg: int, ss: list[GroupSample], bpt: float, bw: dict[int, float]) -> dict[str, Any]:
+        """Fit degree ``deg``'s bandwidth from its samples (into ``bw``); the report of that degree."""
+        cfg = self.config
+        rep: dict[str, Any] = {"samples": len(ss)}
+        mb = np.array([bpt * s.tokens / deg / 2**20 for s in ss])
+        with_bytes = [(s.a2a_bytes, m) for s, m in zip(ss, mb) if s.a2a_bytes > 0]
+        if with_bytes:
+            rep["bytes_ratio"] = float(np.median([b / 2**20 / m for b, m in with_bytes]))
+        rep["applied"] = False
+        if len(ss) >= cfg.min_degree_samples:
+            y = np.array([s.a2a_ms for s in ss])
+            prior = [1.0 / bw[deg]] if deg in bw else None
+            fit = robust_nonneg_fit(
+                mb[:, None], y, prior=prior, prior_weight=cfg.prior_weight if prior else 0.0, huber_k=cfg.huber_k
+            )
+            if fit.coef[0] > 0:
+                bw[deg] = float(1.0 / fit.coef[0])
+                rep.update(applied=True, bandwidth_gbs=bw[deg], rms_rel_err=fit.rms_rel_err, outliers=fit.outliers)
+        return rep
+
+    def _refit_alltoall(self, comp: list[GroupSample], report: dict[str, Any]) -> dict[int, float]:
+        """Bandwidth per degree: fitted where a degree has enough samples, else the base model's."""
+        bpt = self.base.alltoall.bytes_per_token
+        bw = dict(self.base.alltoall.bandwidth_gbs)
         report["alltoall"] = {}
         by_deg: dict[int, list[GroupSample]] = {}
         for s in comp:
             if s.degree >= 2 and s.a2a_ms > 0:
                 by_deg.setdefault(s.degree, []).append(s)
         for deg in sorted(by_deg):
-            ss = by_deg[deg]
-            rep: dict[str, Any] = {"samples": len(ss)}
-            mb = np.array([bpt * s.tokens / deg / 2**20 for s in ss])
-            with_bytes = [(s.a2a_bytes, m) for s, m in zip(ss, mb) if s.a2a_bytes > 0]
-            if with_bytes:
-                rep["bytes_ratio"] = float(np.median([b / 2**20 / m for b, m in with_bytes]))
-            if len(ss) >= cfg.min_degree_samples:
-                y = np.array([s.a2a_ms for s in ss])
-                prior = [1.0 / bw[deg]] if deg in bw else None
-                fit = robust_nonneg_fit(
-                    mb[:, None], y, prior=prior, prior_weight=cfg.prior_weight if prior else 0.0, huber_k=cfg.huber_k
-                )
-                if fit.coef[0] > 0:
-                    bw[deg] = float(1.0 / fit.coef[0])
-                    rep.update(applied=True, bandwidth_gbs=bw[deg], rms_rel_err=fit.rms_rel_err, outliers=fit.outliers)
-                else:
-                    rep["applied"] = False
-            else:
-                rep["applied"] = False
-            report["alltoall"][str(deg)] = rep
+            report["alltoall"][str(deg)] = self._refit_degree(deg, by_deg[deg], bpt, bw)
+        return bw
+
+    def refit(self) -> CostModel:
+        """Refit from the window; the new model is also ``current``. Parts without enough samples keep their values."""
+        base = self.base
+        comp = list(self._samples)
+        report: dict[str, Any] = {"samples": len(comp), "seen": self._seen, "rejected": self._rejected}
+        alpha1, alpha2, beta1 = self._refit_compute(comp, report)
+        bpt = base.alltoall.bytes_per_token
+        bw = self._refit_alltoall(comp, report)
         report["activation_mb_per_token"] = self._act
         d = base.to_dict()
         d["compute"] = {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1}

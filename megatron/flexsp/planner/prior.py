@@ -104,6 +104,30 @@ def _compute_terms(shape: ModelShape, flops_per_ms: float, causal: bool) -> tupl
     return alpha1, alpha2
 
 
+def _states(
+    P: float, e: int, world_size: int, sharding: str, link_gbs: float, overhead_ms: float
+) -> tuple[float, float]:
+    """(beta1 ms, model-state MB per GPU): ZeRO-3 gathers the parameters over ``link_gbs`` once per
+    micro-batch (forward, backward, and the gradients' reduce-scatter) and splits the states; DDP does neither."""
+    if sharding == "zero3" and world_size > 1:
+        beta1 = 3.0 * P * e * (world_size - 1) / world_size / (link_gbs * 1e9) * 1000.0 + overhead_ms
+        return beta1, 16.0 * P / world_size / 2**20
+    return overhead_ms, 16.0 * P / 2**20
+
+
+def _alltoall_section(
+    shape: ModelShape, e: int, world_size: int, gpus_per_node: int, intra_node_gbs: float, inter_node_gbs: float
+) -> dict:
+    """The cost model's ``alltoall`` section: bytes per token of the model, guessed bandwidth per degree."""
+    bw = prior_bandwidths(world_size, gpus_per_node, intra_node_gbs, inter_node_gbs)
+    return {
+        "bytes_per_token": alltoall_bytes_per_token(
+            shape.num_layers, shape.hidden_size, shape.num_attention_heads, shape.groups, e
+        ),
+        "bandwidth_gbs": {str(k): v for k, v in bw.items()},
+    }
+
+
 def _activation_mb(shape: ModelShape, e: int) -> float:
     """Activation MB per token kept for the backward (before ``activation_factor``)."""
     h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
@@ -142,13 +166,8 @@ def analytic_cost_model(
     h, L, e = shape.hidden_size, shape.num_layers, bytes_per_element
     alpha1, alpha2 = _compute_terms(shape, device_flops * efficiency / 1000.0, causal)
     P = num_parameters(shape)
-    if sharding == "zero3" and world_size > 1:
-        link = inter_node_gbs if world_size > gpus_per_node else intra_node_gbs
-        beta1 = 3.0 * P * e * (world_size - 1) / world_size / (link * 1e9) * 1000.0 + overhead_ms
-        states_mb = 16.0 * P / world_size / 2**20
-    else:
-        beta1 = overhead_ms
-        states_mb = 16.0 * P / 2**20
+    link = inter_node_gbs if world_size > gpus_per_node else intra_node_gbs
+    beta1, states_mb = _states(P, e, world_size, sharding, link, overhead_ms)
     act_mb = _activation_mb(shape, e) * activation_factor
     return CostModel.from_dict(
         {
@@ -163,21 +182,15 @@ def analytic_cost_model(
             "num_query_groups": shape.groups,
             "gpus_per_node": gpus_per_node,
             "compute": {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1},
-            "alltoall": {
-                "bytes_per_token": alltoall_bytes_per_token(L, h, shape.num_attention_heads, shape.groups, e),
-                "bandwidth_gbs": {
-                    str(k): v
-                    for k, v in prior_bandwidths(world_size, gpus_per_node, intra_node_gbs, inter_node_gbs).items()
-                },
-            },
+            "alltoall": _alltoall_section(shape, e, world_size, gpus_per_node, intra_node_gbs, inter_node_gbs),
             "memory": {"limit_gb": limit_gb, "model_states_mb": states_mb, "activation_mb_per_token": act_mb},
-            "prior": {
-                "device_flops": device_flops,
-                "efficiency": efficiency,
-                "intra_node_gbs": intra_node_gbs,
-                "inter_node_gbs": inter_node_gbs,
-                "num_parameters": P,
-                "sharding": sharding,
-            },
+            "prior": dict(
+                device_flops=device_flops,
+                efficiency=efficiency,
+                intra_node_gbs=intra_node_gbs,
+                inter_node_gbs=inter_node_gbs,
+                num_parameters=P,
+                sharding=sharding,
+            ),
         }
     )

@@ -107,7 +107,7 @@ def _milp(s: Search, best: list[Chunk], info: dict) -> None:
     info["milp_improved"] = sum(sol.method == "milp" for _, sol in best)
 
 
-def _finish(s: Search, best: list[Chunk], info: dict, tl: _Timeline, use_milp: bool) -> None:
+def _end_game(s: Search, best: list[Chunk], info: dict, tl: _Timeline, use_milp: bool) -> None:
     """Small clusters: an exact re-solve (the fill pass builds micro-batches by hand); else the MILP, if the
     budget is the clock (HiGHS under a time limit is not reproducible)."""
     if s.ctx.exact and not s.done(best):
@@ -165,7 +165,7 @@ def plan_chunks(
     tl = _Timeline(deadline)
     best, others = _best_cut(s, cands, best, info, tl)
     _improve(s, best, info, tl)
-    _finish(s, best, info, tl, use_milp)
+    _end_game(s, best, info, tl, use_milp)
     best = _alternatives(s, best, others, info, tl)
     info["phases"] = tl.phases
     info["phase_s"] = tl.durations()

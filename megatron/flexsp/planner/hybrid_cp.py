@@ -203,6 +203,15 @@ class _Round:
             else:
                 break
 
+    def run(self, pending: list[tuple[int, int]]) -> tuple[list[CPGroup], list[tuple[int, int]]]:
+        """The round's groups and the samples left for the next round, in their order."""
+        buckets = [list(reversed(b)) for b in _buckets(pending, self.need, self.work)]  # pop() takes the head
+        self.place(buckets)
+        leftovers = [item for b in buckets for item in reversed(b)]
+        self.trim(leftovers)
+        self.grow_over_idle()
+        return self.groups, leftovers
+
     def grow_over_idle(self) -> None:
         """No idle rank: grow the smallest group (earliest first) until every rank is used."""
         while self.used < self.total:
@@ -214,24 +223,6 @@ class _Round:
                     break
             else:
                 break
-
-
-def _one_round(
-    pending: list[tuple[int, int]],
-    total: int,
-    need: Callable[[int], int],
-    work: Callable[[int], float],
-    grow: Callable[[int, int], int | None],
-    fits: Callable[[int, int], bool] | None,
-    delta: float,
-) -> tuple[list[CPGroup], list[tuple[int, int]]]:
-    buckets = [list(reversed(b)) for b in _buckets(pending, need, work)]  # pop() takes the head
-    r = _Round(total, need, work, grow, fits, delta)
-    r.place(buckets)
-    leftovers = [item for b in buckets for item in reversed(b)]
-    r.trim(leftovers)
-    r.grow_over_idle()
-    return r.groups, leftovers
 
 
 def balanced_cp_rounds(
@@ -258,7 +249,7 @@ def balanced_cp_rounds(
             raise ValueError(f"a sample of length {L} needs CP size {need(L)} > {total_gpus} ranks")
     rounds = []
     while pending:
-        groups, pending = _one_round(pending, total_gpus, need, work, grow, fits, delta)
+        groups, pending = _Round(total_gpus, need, work, grow, fits, delta).run(pending)
         if not any(g.items for g in groups):
             raise RuntimeError("hybrid-CP rule placed no sample in a round")  # cannot happen: a new group always fits
         rounds.append(groups)

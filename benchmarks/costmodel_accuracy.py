@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # megatron.flexsp (namespace portion of this checkout)
 
-from megatron.flexsp.launching import free_port, run_bounded  # noqa: E402
+from megatron.flexsp.launching import free_port, run_bounded, torchrun_command  # noqa: E402
 
 MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
 
@@ -69,17 +69,7 @@ def _launcher(nproc: int, emulated_nodes: int, link_mbit: int, timeout_s: float)
             str(free_port()),
             "--",
         ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-    ]
+    return torchrun_command(nproc)
 
 
 def main(argv: list[str] | None = None) -> int:

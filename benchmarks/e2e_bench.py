@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # megatron.flexsp (namespace portion of this checkout)
 
-from megatron.flexsp.launching import free_port, run_bounded  # noqa: E402
+from megatron.flexsp.launching import free_port, run_bounded, torchrun_command  # noqa: E402
 from megatron.flexsp.training.summary import read_metrics, summarize, warmup_count  # noqa: E402
 
 MODES = ("static", "flexsp")
@@ -381,17 +381,7 @@ def emulated_launcher(cfg: BenchConfig) -> list[str]:
 
 
 def host_launcher(cfg: BenchConfig, python: str, port: int) -> list[str]:
-    return [
-        python,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(cfg.world_size),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-    ]
+    return torchrun_command(cfg.world_size, port=port, python=python)
 
 
 def run_command(cfg: BenchConfig, kind: str, python: str, mode: str, metrics: str, port: int = 29533) -> list[str]:

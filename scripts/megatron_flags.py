@@ -150,46 +150,48 @@ def _parse(argv: Sequence[str]) -> dict[str, object]:
     return out
 
 
-# Model and optimisation flags whose FlexSP default is passed explicitly to Megatron-LM.
-_WRITE_DEFAULT = (
-    "--num-layers",
-    "--hidden-size",
-    "--ffn-hidden-size",
-    "--num-attention-heads",
-    "--position-embedding-type",
-    "--normalization",
-    "--max-position-embeddings",
-    "--seq-length",
-    "--train-iters",
-    "--lr",
-    "--min-lr",
-    "--lr-warmup-iters",
-    "--lr-decay-style",
-    "--weight-decay",
-    "--clip-grad",
-    "--adam-beta1",
-    "--adam-beta2",
-    "--adam-eps",
-    "--seed",
-    "--log-interval",
-    "--init-method-std",
+# Copied flags left out when unset: derived alike in both trainers (query groups, decay iterations),
+# the data split, and paths, logging destinations and run control (no default to match).
+_DEFAULT_NOT_WRITTEN = frozenset(
+    (
+        "--num-query-groups",
+        "--lr-decay-iters",
+        "--split",
+        "--tokenizer-model",
+        "--save",
+        "--load",
+        "--save-interval",
+        "--tensorboard-dir",
+        "--wandb-project",
+        "--wandb-exp-name",
+        "--eval-interval",
+        "--eval-iters",
+        "--exit-interval",
+    )
 )
+# Model and optimisation flags whose FlexSP default is passed explicitly to Megatron-LM.
+_WRITE_DEFAULT = tuple(f for f in SAME_VALUE if f not in _DEFAULT_NOT_WRITTEN)
 
 
 def _flexsp_defaults() -> dict[str, object]:
-    """The trainer's defaults, read from its own (torch-free) parser."""
+    """The trainer's defaults, read from its own parser (and the CPU cost-model preset it starts from)."""
     from megatron.flexsp.training.arguments import build_parser
+    from megatron.flexsp.training.cost_setup import DEFAULT_CPU_PRESET
 
     ns = vars(build_parser().parse_args([]))
-    return {"--" + k.replace("_", "-"): v for k, v in ns.items()}
+    out: dict[str, object] = {"--" + k.replace("_", "-"): v for k, v in ns.items()}
+    out["--flexsp-cost-model"] = out["--flexsp-cost-model"] or DEFAULT_CPU_PRESET
+    return out
 
 
 def _smallest_cp(flags: dict[str, object], world_size: int) -> int:
-    """The smallest allowed degree that holds --seq-length (what --sp-mode static would pick)."""
+    """The smallest allowed degree that holds --seq-length (what --sp-mode static would pick).
+
+    ``flags``: the given flags over the trainer's defaults."""
     from megatron.flexsp.planner.costmodel import load_cost_model
 
-    seq = int(flags.get("--seq-length", 2048))
-    spec = str(flags.get("--flexsp-cost-model", "cpu-tiny"))
+    seq = int(str(flags["--seq-length"]))
+    spec = str(flags["--flexsp-cost-model"])
     cost = load_cost_model(spec, world_size)
     d = cost.smallest_degree(seq, world_size)
     if d is None:
@@ -209,6 +211,10 @@ def translate(
     if world_size < 1:
         raise FlagError(f"world size must be >= 1, got {world_size}")
     flags = _parse(flexsp_argv)
+    # FlexSP's own defaults are written out: Megatron-LM's differ (LayerNorm, learned positions,
+    # a 2/3 SwiGLU width, no default model size), and the two runs must build the same model.
+    defaults = _flexsp_defaults()
+    value = {**defaults, **flags}  # what the FlexSP run uses
     notes: list[str] = []
     for name in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
         if name in flags and str(flags[name]) != "1":
@@ -216,22 +222,19 @@ def translate(
     if cp is None and "--context-parallel-size" in flags:
         cp = int(str(flags["--context-parallel-size"]))
     if cp is None:
-        cp = _smallest_cp(flags, world_size)
+        cp = _smallest_cp(value, world_size)
         notes.append(f"--context-parallel-size {cp}: the smallest degree that holds --seq-length (as --sp-mode static)")
     if cp < 1 or world_size % cp:
         raise FlagError(f"--context-parallel-size {cp} does not divide the world size {world_size}")
-    heads = int(str(flags.get("--num-attention-heads", 4)))
+    heads = int(str(value["--num-attention-heads"]))
     if heads % cp:
         raise FlagError(f"--context-parallel-size {cp} does not divide --num-attention-heads {heads} (a2a needs it)")
-    seq = int(str(flags.get("--seq-length", 2048)))
+    seq = int(str(value["--seq-length"]))
     if seq % (2 * cp):
         notes.append(f"Megatron's context parallelism wants --seq-length divisible by 2 x CP = {2 * cp}")
     dp = world_size // cp
 
-    # FlexSP's own defaults are written out: Megatron-LM's differ (LayerNorm, learned positions,
-    # a 2/3 SwiGLU width, no default model size), and the two runs must build the same model.
-    defaults = _flexsp_defaults()
-    hidden = int(str(flags.get("--hidden-size", defaults["--hidden-size"])))
+    hidden = int(str(value["--hidden-size"]))
     defaults["--ffn-hidden-size"] = 4 * hidden  # megatron.core's TransformerConfig default, used by FlexSP
     defaults["--max-position-embeddings"] = seq
     m: list[str] = []
@@ -248,9 +251,11 @@ def translate(
     tok = flags.get("--tokenizer-type")
     vocab = flags.get("--vocab-size")
     if tok in (None, "ByteTokenizer"):
-        # FlexSP's built-in byte tokenizer (258 ids) has no Megatron twin: Megatron's NullTokenizer
+        # FlexSP's built-in byte tokenizer (BYTE_VOCAB_SIZE ids) has no Megatron twin: Megatron's NullTokenizer
         # with the same vocabulary keeps the embedding and output sizes equal.
-        m += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab or 258)]
+        from megatron.flexsp.data.tokenizer import BYTE_VOCAB_SIZE
+
+        m += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab or BYTE_VOCAB_SIZE)]
         notes.append("ByteTokenizer -> NullTokenizer with the same --vocab-size (identical model shapes)")
         if "--data-path" not in flags and "--mock-data" not in flags:
             m.append("--mock-data")

@@ -10,14 +10,37 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from megatron.flexsp.launching import descendants, free_port, kill_tree
+from megatron.flexsp.launching import descendants, kill_tree, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["torchrun", "descendants", "rank_pids", "kill_tree", "losses"]
+__all__ = ["as_flags", "tiny_gpt", "torchrun", "descendants", "rank_pids", "kill_tree", "losses"]
+
+
+def as_flags(**flags: object) -> list[str]:
+    """``--name value`` for each keyword (underscores become dashes; True stands for a bare switch)."""
+    out: list[str] = []
+    for name, value in flags.items():
+        out.append("--" + name.replace("_", "-"))
+        if value is not True:
+            out.append(str(value))
+    return out
+
+
+def tiny_gpt(hidden_size: int = 32, seq_length: int = 512, **more: object) -> list[str]:
+    """The small GPT the end-to-end tests train: 2 layers, 4 heads in 2 query groups, SwiGLU; then ``more``."""
+    return as_flags(
+        num_layers=2,
+        hidden_size=hidden_size,
+        num_attention_heads=4,
+        num_query_groups=2,
+        group_query_attention=True,
+        swiglu=True,
+        seq_length=seq_length,
+        **more,
+    )
 
 
 def torchrun(
@@ -30,15 +53,7 @@ def torchrun(
 ) -> subprocess.Popen:
     """``torchrun --nproc-per-node nproc pretrain_gpt_flexsp.py args`` in a new session, output to ``log_path``."""
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port or free_port()),
+        *torchrun_command(nproc, port=port or None),
         *extra_launcher,
         str(ROOT / "pretrain_gpt_flexsp.py"),
         *args,

@@ -13,12 +13,22 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-__all__ = ["TIMED_OUT", "Finished", "free_port", "descendants", "kill_tree", "stop_tree", "run_bounded"]
+__all__ = [
+    "TIMED_OUT",
+    "Finished",
+    "free_port",
+    "torchrun_command",
+    "descendants",
+    "kill_tree",
+    "stop_tree",
+    "run_bounded",
+]
 
 TIMED_OUT = 124  # the exit code of a run stopped for running out of time (as coreutils' `timeout`)
 
@@ -28,6 +38,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def torchrun_command(
+    nproc: int, *, port: int | None = None, python: str = sys.executable, addr: str = "127.0.0.1"
+) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` ranks on this host; the entry point and its
+    flags follow. The rendezvous is ``addr:port``, a free port unless given."""
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        addr,
+        "--master-port",
+        str(port if port is not None else free_port(addr)),
+    ]
 
 
 def descendants(pid: int) -> list[int]:

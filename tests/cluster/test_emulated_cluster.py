@@ -18,44 +18,26 @@ from pathlib import Path
 
 import pytest
 
-from megatron.flexsp.launching import free_port
+from megatron.flexsp.launching import torchrun_command
+from tests.torchrun_utils import tiny_gpt
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "emulated_cluster.sh"
-TRAIN = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--group-query-attention",
-    "--swiglu",
-    "--seq-length",
-    "2048",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    "2",
-    "--lr",
-    "2e-3",
-    "--lr-warmup-iters",
-    "1",
-    "--seed",
-    "7",
-    "--mock-data",
-    "--mock-data-num-docs",
-    "200",
-    "--no-progress-bar",
-    "--log-interval",
-    "1",
-    "--sp-mode",
-    "flexsp",
-    "--flexsp-plan-ahead",
-    "0",
-]
+TRAIN = tiny_gpt(
+    64,
+    2048,
+    global_batch_size=8,
+    train_iters=2,
+    lr="2e-3",
+    lr_warmup_iters=1,
+    seed=7,
+    mock_data=True,
+    mock_data_num_docs=200,
+    no_progress_bar=True,
+    log_interval=1,
+    sp_mode="flexsp",
+    flexsp_plan_ahead=0,
+)
 
 
 def _losses(path: Path) -> list[float]:
@@ -131,15 +113,7 @@ def test_two_nodes_match_one_host(tmp_path):
     host_metrics = tmp_path / "host.jsonl"
     r = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "4",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
+            *torchrun_command(4),
             "pretrain_gpt_flexsp.py",
             *TRAIN,
             "--metrics-file",

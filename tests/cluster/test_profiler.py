@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron.flexsp.launching import free_port, run_bounded
+from megatron.flexsp.launching import run_bounded, torchrun_command
 from megatron.flexsp.planner.costmodel import CostModel, alltoall_bytes_per_token
 from megatron.flexsp.planner.fitting import fit_bandwidth, fit_compute, fit_linear
 from megatron.flexsp.training.profiler import (
@@ -22,6 +22,7 @@ from megatron.flexsp.training.profiler import (
     memory_probe_lengths,
     profile_config_from_args,
 )
+from tests.torchrun_utils import as_flags, tiny_gpt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,41 +125,15 @@ def _param_count(layers, h, heads, groups, ffn, vocab):
 
 def test_profiler_end_to_end_on_two_gloo_ranks(tmp_path):
     out = tmp_path / "cost.json"
-    model = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--num-attention-heads",
-        "4",
-        "--group-query-attention",
-        "--num-query-groups",
-        "2",
-        "--swiglu",
-        "--ffn-hidden-size",
-        "64",
-        "--seq-length",
-        "256",
-    ]
+    model = tiny_gpt(32, 256, ffn_hidden_size=64)
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
+        *torchrun_command(2),
         "-m",
         "megatron.flexsp.training.profiler",
         *model,
         "--capacity-tokens",
         "200",
-        "--profile-repeats",
-        "1",
-        "--profile-warmup",
-        "1",
-        "--profile-a2a-repeats",
-        "1",
+        *as_flags(profile_repeats=1, profile_warmup=1, profile_a2a_repeats=1),
         "--output",
         str(out),
     ]
@@ -210,14 +185,7 @@ def test_single_process_profile_has_no_usable_fake_bandwidth(tmp_path):
         sys.executable,
         "-m",
         "megatron.flexsp.training.profiler",
-        "--num-layers",
-        "1",
-        "--hidden-size",
-        "32",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "128",
+        *as_flags(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=128),
         "--capacity-tokens",
         "64",
         "--profile-repeats",
@@ -245,14 +213,7 @@ def test_trainer_flexsp_profile_flag_profiles_instead_of_training(tmp_path):
         "pretrain_gpt_flexsp.py",
         "--flexsp-profile",
         str(out),
-        "--num-layers",
-        "1",
-        "--hidden-size",
-        "32",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "128",
+        *as_flags(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=128),
         "--max-position-embeddings",
         "128",
         "--mock-data",

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from megatron.flexsp.launching import free_port, kill_tree
+from tests.torchrun_utils import as_flags
 
 pytestmark = pytest.mark.slow
 
@@ -143,12 +144,7 @@ def test_cpu_profile_job(cluster):
         cluster,
         ROOT / "scripts/slurm/cpu_profile.sbatch",
         "--",
-        "--profile-repeats",
-        "1",
-        "--profile-warmup",
-        "1",
-        "--profile-a2a-repeats",
-        "1",
+        *as_flags(profile_repeats=1, profile_warmup=1, profile_a2a_repeats=1),
         wait_s=600,
         env={"FLEXSP_RUN_DIR": str(run_dir), "SEQ_LENGTH": "512", "CAPACITY_TOKENS": "128"},
     )

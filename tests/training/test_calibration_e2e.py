@@ -15,37 +15,19 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_distributed
+from tests.torchrun_utils import tiny_gpt
 
-ARGS = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "32",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--group-query-attention",
-    "--swiglu",
-    "--seq-length",
-    "512",
-    "--global-batch-size",
-    "16",
-    "--lr",
-    "2e-3",
-    "--seed",
-    "5",
-    "--mock-data",
-    "--mock-data-num-docs",
-    "600",
-    "--flexsp-time-limit",
-    "0.2",
-    "--no-progress-bar",
-    "--flexsp-plan-ahead",
-    "0",
-    "--flexsp-sharding",
-    "ddp",
-]
+ARGS = tiny_gpt(
+    global_batch_size=16,
+    lr="2e-3",
+    seed=5,
+    mock_data=True,
+    mock_data_num_docs=600,
+    flexsp_time_limit=0.2,
+    no_progress_bar=True,
+    flexsp_plan_ahead=0,
+    flexsp_sharding="ddp",
+)
 
 
 def _distorted_cost_model(path: Path) -> None:

@@ -18,37 +18,19 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.torchrun_utils import kill_tree, losses, rank_pids, torchrun
+from tests.torchrun_utils import kill_tree, losses, rank_pids, tiny_gpt, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "32",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--group-query-attention",
-    "--swiglu",
-    "--seq-length",
-    "512",
-    "--global-batch-size",
-    "4",
-    "--lr",
-    "2e-3",
-    "--seed",
-    "11",
-    "--mock-data",
-    "--mock-data-num-docs",
-    "600",
-    "--flexsp-time-limit",
-    "0.5",
-    "--no-progress-bar",
-    "--flexsp-cost-model",
-    "cpu-tiny",
-]
+SMALL = tiny_gpt(
+    global_batch_size=4,
+    lr="2e-3",
+    seed=11,
+    mock_data=True,
+    mock_data_num_docs=600,
+    flexsp_time_limit=0.5,
+    no_progress_bar=True,
+    flexsp_cost_model="cpu-tiny",
+)
 
 
 # ------------------------------------------------------------------ non-finite steps
@@ -175,12 +157,20 @@ def _finish(proc, timeout):
         pytest.fail(f"the job did not end within {timeout} s")
 
 
+def _finish_ok(proc, timeout, log_path) -> str:
+    """Wait for the job; it must exit 0 (else the test fails with its log's tail). Its log."""
+    rc = _finish(proc, timeout)
+    log = Path(log_path).read_text()
+    assert rc == 0, log[-4000:]
+    return log
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """An uninterrupted 14-iteration run: the reference losses."""
     d = tmp_path_factory.mktemp("straight")
     p = _torchrun(SMALL + ["--train-iters", "14", "--metrics-file", str(d / "m.jsonl")], d / "log")
-    assert _finish(p, 300) == 0, (d / "log").read_text()[-3000:]
+    _finish_ok(p, 300, d / "log")
     return losses(d / "m.jsonl")
 
 
@@ -205,23 +195,20 @@ def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_p
     t0 = time.monotonic()
     for pid in rank_pids(p).values():  # as srun delivers a job's signal to its tasks
         os.kill(pid, signal.SIGTERM)
-    rc = _finish(p, 60)
-    log = (tmp_path / "a.log").read_text()
-    assert rc == 0, log[-3000:]
+    log = _finish_ok(p, 60, tmp_path / "a.log")
     assert time.monotonic() - t0 < 30
     last = max(losses(m1))
     assert 7 <= last < 14 and "received SIGTERM" in log
     assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
     q = _torchrun(common + ["--metrics-file", str(m2)], tmp_path / "b.log")
-    assert _finish(q, 300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    _finish_ok(q, 300, tmp_path / "b.log")
     got = {**losses(m1), **losses(m2)}
     assert sorted(got) == list(range(1, 15))
     for it, loss in got.items():
         assert loss == pytest.approx(straight[it], rel=2e-5), it
     # a relaunch of the finished run has nothing to do and says so, with success
     r = _torchrun(common + ["--metrics-file", str(tmp_path / "c.jsonl")], tmp_path / "c.log")
-    assert _finish(r, 120) == 0, (tmp_path / "c.log").read_text()[-3000:]
-    assert "training already finished" in (tmp_path / "c.log").read_text()
+    assert "training already finished" in _finish_ok(r, 120, tmp_path / "c.log")
 
 
 def test_exit_duration_saves_and_exits_zero(tmp_path):
@@ -231,9 +218,7 @@ def test_exit_duration_saves_and_exits_zero(tmp_path):
         + ["--train-iters", "100000", "--save", str(ckpt), "--exit-duration-in-mins", "0.1", "--metrics-file", str(m)],
         tmp_path / "log",
     )
-    rc = _finish(p, 240)
-    log = (tmp_path / "log").read_text()
-    assert rc == 0, log[-3000:]
+    log = _finish_ok(p, 240, tmp_path / "log")
     assert "--exit-duration-in-mins reached" in log
     last = max(losses(m))
     assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
@@ -265,9 +250,7 @@ def test_a_killed_rank_is_restarted_in_job_and_resumes(tmp_path, straight, attem
     )
     _wait_for_iteration(p, m, 7, tmp_path / "log")
     os.kill(rank_pids(p)[1], signal.SIGKILL)
-    rc = _finish(p, 300)
-    log = (tmp_path / "log").read_text()
-    assert rc == 0, log[-4000:]
+    log = _finish_ok(p, 300, tmp_path / "log")
     assert f"resumed from {ckpt / 'iter_0000005'} at iteration 5" in log
     lines = [json.loads(x) for x in m.read_text().splitlines()]
     final = {}

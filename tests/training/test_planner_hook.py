@@ -31,12 +31,27 @@ def _cfg(method: str = "static") -> api.PlannerConfig:
     )
 
 
+FAULTY = "tests.training.planner_faults:faulty_plan"  # sleeps, raises or hangs on marked batches
+
+
+def _hook(batches: list[list[int]], method: str = "static", **kw) -> PlannerHook:
+    """A rank-0 hook over ``batches`` that does not broadcast (plan_ahead 1 unless given)."""
+    kw.setdefault("plan_ahead", 1)
+    return PlannerHook(COST, _cfg(method), lambda k: batches[k], broadcast=False, **kw)
+
+
+def _kill_worker(hook: PlannerHook) -> int:
+    """Kill the hook's planner process (a crash, not a request to stop); its pid."""
+    pid = hook._proc.pid
+    hook._proc.kill()
+    hook._proc.join(5)
+    return pid
+
+
 def test_background_plans_equal_inline_plans(tmp_path):
     batches = _batches(5)
     cfg = _cfg("batch-adaptive")
-    with PlannerHook(
-        COST, cfg, lambda k: batches[k], plan_ahead=2, broadcast=False, dump_dir=tmp_path, max_iterations=5
-    ) as hook:
+    with _hook(batches, "batch-adaptive", plan_ahead=2, dump_dir=tmp_path, max_iterations=5) as hook:
         for k in range(5):
             plan, info = hook.get_plan(k)
             want = api.plan_global_batch(batches[k], COST, cfg)
@@ -49,17 +64,7 @@ def test_background_plans_equal_inline_plans(tmp_path):
 
 def test_late_and_failing_plans_fall_back_and_training_goes_on():
     batches = _batches(4, first={1: 17, 2: 13})
-    cfg = _cfg("static")
-    hook = PlannerHook(
-        COST,
-        cfg,
-        lambda k: batches[k],
-        plan_ahead=1,
-        broadcast=False,
-        wait_s=0.3,
-        max_iterations=4,
-        planner_fn="tests.training.planner_faults:faulty_plan",
-    )
+    hook = _hook(batches, wait_s=0.3, max_iterations=4, planner_fn=FAULTY)
     try:
         sources = []
         for k in range(4):
@@ -80,14 +85,7 @@ def test_late_and_failing_plans_fall_back_and_training_goes_on():
 
 def test_inline_planner_error_falls_back():
     batches = _batches(2, first={0: 13})
-    hook = PlannerHook(
-        COST,
-        _cfg("static"),
-        lambda k: batches[k],
-        plan_ahead=0,
-        broadcast=False,
-        planner_fn="tests.training.planner_faults:faulty_plan",
-    )
+    hook = _hook(batches, plan_ahead=0, planner_fn=FAULTY)
     plan, info = hook.get_plan(0)
     assert info.source == "fallback-error" and "injected" in info.error
     validate_plan(plan, COST, world_size=WS, num_sequences=12)
@@ -97,20 +95,10 @@ def test_inline_planner_error_falls_back():
 
 def test_dead_planner_process_falls_back_without_restarts():
     batches = _batches(3)
-    hook = PlannerHook(
-        COST,
-        _cfg("static"),
-        lambda k: batches[k],
-        plan_ahead=1,
-        broadcast=False,
-        wait_s=0.5,
-        max_iterations=3,
-        max_restarts=0,
-    )
+    hook = _hook(batches, wait_s=0.5, max_iterations=3, max_restarts=0)
     try:
         plan, info = hook.get_plan(0)
-        hook._proc.kill()
-        hook._proc.join(5)
+        _kill_worker(hook)
         for k in (1, 2):
             t0 = time.monotonic()
             plan, info = hook.get_plan(k)
@@ -156,18 +144,7 @@ def test_startup_wait_is_paid_once(monkeypatch):
     batches = _batches(6)
     wait_s, startup_s = 0.3, 1.5
     monkeypatch.setenv("FLEXSP_TEST_PLANNER_IMPORT_SLEEP", "60")  # every (re)started worker sleeps at import
-    hook = PlannerHook(
-        COST,
-        _cfg("static"),
-        lambda k: batches[k],
-        plan_ahead=1,
-        broadcast=False,
-        wait_s=wait_s,
-        startup_wait_s=startup_s,
-        max_iterations=6,
-        max_restarts=2,
-        planner_fn="tests.training.planner_faults:faulty_plan",
-    )
+    hook = _hook(batches, wait_s=wait_s, startup_wait_s=startup_s, max_iterations=6, max_restarts=2, planner_fn=FAULTY)
     try:
         waits = []
         for k in range(6):
@@ -187,17 +164,7 @@ def test_hung_worker_is_restarted_and_plans_fall_back_meanwhile(tmp_path, monkey
     batches = _batches(40, first={2: 19})
     wait_s = 0.3
     monkeypatch.setenv("FLEXSP_TEST_PLANNER_HANG_MARKER", str(tmp_path / "hung"))
-    hook = PlannerHook(
-        COST,
-        _cfg("static"),
-        lambda k: batches[k],
-        plan_ahead=1,
-        broadcast=False,
-        wait_s=wait_s,
-        hang_s=1.0,
-        max_iterations=40,
-        planner_fn="tests.training.planner_faults:faulty_plan",
-    )
+    hook = _hook(batches, wait_s=wait_s, hang_s=1.0, max_iterations=40, planner_fn=FAULTY)
     try:
         first_pid = hook._proc.pid
         sources = []
@@ -222,14 +189,10 @@ def test_hung_worker_is_restarted_and_plans_fall_back_meanwhile(tmp_path, monkey
 
 def test_killed_worker_is_restarted(caplog):
     batches = _batches(40)
-    hook = PlannerHook(
-        COST, _cfg("static"), lambda k: batches[k], plan_ahead=1, broadcast=False, wait_s=0.3, max_iterations=40
-    )
+    hook = _hook(batches, wait_s=0.3, max_iterations=40)
     try:
         assert hook.get_plan(0)[1].source == "planner"
-        first_pid = hook._proc.pid
-        hook._proc.kill()
-        hook._proc.join(5)
+        first_pid = _kill_worker(hook)
         sources = []
         with caplog.at_level("WARNING", logger="flexsp.planner_hook"):
             for k in range(1, 40):

@@ -6,25 +6,13 @@ import json
 
 import pytest
 
+from megatron.flexsp.training.logging_utils import IterationRecord
 from megatron.flexsp.training.summary import compare_table, main, read_metrics, summarize
 
 
 def _rec(it, tokens, ms, loss, mode, mb=2, a2a=0.0):
-    return {
-        "iteration": it,
-        "loss": loss,
-        "lr": 1e-3,
-        "grad_norm": 1.0,
-        "tokens": tokens,
-        "tokens_per_s": tokens / (ms / 1e3),
-        "iter_ms": ms,
-        "estimated_ms": ms / 2,
-        "micro_batches": mb,
-        "sp_mode": mode,
-        "groups_by_degree": {"1": 4, "4": 1},
-        "a2a_ms": a2a,
-        "plan_source": "planner",
-    }
+    """A metrics row as the trainer writes it."""
+    return IterationRecord(it, loss, 1e-3, 1.0, tokens, ms, ms / 2, mb, mode, {1: 4, 4: 1}, a2a).to_json()
 
 
 def test_summary_skips_warmup_and_weights_by_time():

@@ -15,38 +15,22 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import free_port, run_distributed
-from tests.torchrun_utils import kill_tree, losses, torchrun
+from tests.torchrun_utils import kill_tree, losses, tiny_gpt, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
 ITERS = 6
-BASE = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--group-query-attention",
-    "--swiglu",
-    "--seq-length",
-    "1024",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    str(ITERS),
-    "--lr",
-    "2e-3",
-    "--lr-warmup-iters",
-    "1",
-    "--seed",
-    "7",
-    "--flexsp-time-limit",
-    "1",
-    "--no-progress-bar",
-]
+BASE = tiny_gpt(
+    64,
+    1024,
+    global_batch_size=8,
+    train_iters=ITERS,
+    lr="2e-3",
+    lr_warmup_iters=1,
+    seed=7,
+    flexsp_time_limit=1,
+    no_progress_bar=True,
+)
 
 
 def _train_modes(rank, world_size, out_dir):

@@ -37,19 +37,8 @@ from .config_types import (
 from .cost_setup import resolve_cost_model
 from .distributed import LaunchEnv, device_for_backend
 
-__all__ = [
-    "OptimizerConfig",
-    "TrainConfig",
-    "FlexSPConfig",
-    "LoggingConfig",
-    "CheckpointConfig",
-    "DistributedConfig",
-    "TrainerConfigs",
-    "FLAG_NAMES",
-    "fill_from_args",
-    "model_config_from_args",
-    "configs_from_args",
-]
+# The config dataclasses are importable from here too (their home is config_types).
+__all__ = ["TrainerConfigs", "FLAG_NAMES", "fill_from_args", "model_config_from_args", "configs_from_args"]
 
 T = TypeVar("T")
 

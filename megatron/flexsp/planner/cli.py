@@ -30,6 +30,7 @@ from .api import METHODS, PlannerConfig, plan_global_batch
 from .costmodel import CostModel, CostModelError, load_cost_model
 from .lengths_io import OVERLONG_MODES, LengthsError, OverlongReport, apply_max_len, read_lengths
 from .plan import Plan, PlanError
+from .presets import PAPER_WORLD_SIZE
 
 __all__ = [
     "main",
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="gpt-7b",
         help="cost model JSON file or preset name (gpt-7b, gpt-13b, gpt-30b, cpu-tiny)",
     )
-    p.add_argument("--world-size", type=int, default=64, help="number of GPUs (ranks)")
+    p.add_argument("--world-size", type=int, default=PAPER_WORLD_SIZE, help="number of GPUs (ranks)")
     p.add_argument("--global-batch-size", type=int, default=512, help="sequences per global batch")
     p.add_argument(
         "--max-seq-len",

@@ -367,21 +367,5 @@ def build_cost_model(
     )
 
 
-def load_cost_model(spec: str | Path, world_size: int = 64) -> CostModel:
-    """A cost model from a JSON file path or a preset name."""
-    p = Path(spec)
-    if p.suffix == ".json" or p.exists():
-        if not p.exists():
-            raise CostModelError(f"cost model file not found: {p}")
-        if p.is_dir():
-            raise CostModelError(f"cost model {p} is a directory, not a JSON file")
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise CostModelError(f"cost model file {p} is not valid JSON: {e}") from None
-        return CostModel.from_dict(data)
-    return preset(str(spec), world_size)
-
-
-# the shipped presets live in their own module; their names stay importable from here
-from .presets import PRESET_NAMES, preset  # noqa: E402
+# the shipped presets (and loading a file or a preset) live in their own module; importable from here too
+from .presets import PRESET_NAMES, load_cost_model, preset  # noqa: E402

@@ -44,6 +44,8 @@ from .costmodel import CostModel
 from .placement import candidate_groups, place_groups
 from .plan import Group, MicroBatch, NoFeasiblePlanError, Plan, PlanError, SolverInfo, estimate_plan_ms
 
+BALANCE_DELTA = 0.05  # a round stops once every rank is within this fraction of the busiest (Megatron)
+
 __all__ = ["CPGroup", "megatron_gpus_needed", "balanced_cp_rounds", "rounds_to_rank_lists", "hybrid_cp_plan"]
 
 
@@ -232,7 +234,7 @@ def balanced_cp_rounds(
     need: Callable[[int], int],
     grow: Callable[[int, int], int | None] | None = None,
     fits: Callable[[int, int], bool] | None = None,
-    delta: float = 0.05,
+    delta: float = BALANCE_DELTA,
 ) -> list[list[CPGroup]]:
     """Megatron's BalancedCPScheduler rule over a whole global batch: rounds of CP groups.
 
@@ -276,7 +278,7 @@ def hybrid_cp_plan(
     world_size: int,
     *,
     lower_bound_ms: float | None = None,
-    delta: float = 0.05,
+    delta: float = BALANCE_DELTA,
 ) -> Plan:
     """A plan by Megatron's hybrid-CP rule (adapted as the module docstring says)."""
     t0 = time.perf_counter()

@@ -1,15 +1,20 @@
 """The shipped cost models: the FlexSP paper's cluster (GPT 7B/13B/30B) and the CPU test cluster.
 
 Why a module of its own: these are data (measured coefficients and where they came from), not
-the cost model's logic; ``costmodel`` re-exports ``preset`` and ``PRESET_NAMES`` so existing
-imports keep working.
+the cost model's logic. ``load_cost_model`` reads a JSON file or a preset by name; ``costmodel``
+re-exports ``preset``, ``PRESET_NAMES`` and ``load_cost_model`` so existing imports keep working.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .costmodel import CostModel, CostModelError, alltoall_bytes_per_token, build_cost_model
 
-__all__ = ["PRESET_NAMES", "preset"]
+__all__ = ["PRESET_NAMES", "PAPER_WORLD_SIZE", "preset", "load_cost_model"]
+
+PAPER_WORLD_SIZE = 64  # the paper's cluster: the world size a preset assumes when none is given
 
 
 # The paper's cluster: 64 x A100-40G, 8 per node, 30 GB usable; coefficients of the public
@@ -64,7 +69,7 @@ _CPU_DDP_PRESET = dict(
 PRESET_NAMES = ("gpt-7b", "gpt-13b", "gpt-30b", "cpu-tiny", "cpu-tiny-ddp")
 
 
-def preset(name: str, world_size: int = 64) -> CostModel:
+def preset(name: str, world_size: int = PAPER_WORLD_SIZE) -> CostModel:
     """A shipped cost model by name; the paper presets derive ZeRO-3 model states from ``world_size``."""
     key = name.lower()
     if key in _PAPER_MODELS:
@@ -90,3 +95,19 @@ def preset(name: str, world_size: int = 64) -> CostModel:
     if key == "cpu-tiny-ddp":
         return CostModel.from_dict(_CPU_DDP_PRESET)
     raise CostModelError(f"unknown cost-model preset '{name}' (presets: {', '.join(PRESET_NAMES)})")
+
+
+def load_cost_model(spec: str | Path, world_size: int = PAPER_WORLD_SIZE) -> CostModel:
+    """A cost model from a JSON file path or a preset name."""
+    p = Path(spec)
+    if p.suffix == ".json" or p.exists():
+        if not p.exists():
+            raise CostModelError(f"cost model file not found: {p}")
+        if p.is_dir():
+            raise CostModelError(f"cost model {p} is a directory, not a JSON file")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise CostModelError(f"cost model file {p} is not valid JSON: {e}") from None
+        return CostModel.from_dict(data)
+    return preset(str(spec), world_size)

@@ -24,43 +24,47 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-# Same name and meaning in both trainers: copied with their value.
-SAME_VALUE = (
-    "--num-layers",
-    "--hidden-size",
-    "--ffn-hidden-size",
-    "--num-attention-heads",
-    "--num-query-groups",
-    "--position-embedding-type",
-    "--normalization",
-    "--max-position-embeddings",
-    "--seq-length",
-    "--tokenizer-model",
-    "--train-iters",
-    "--lr",
-    "--min-lr",
-    "--lr-warmup-iters",
-    "--lr-decay-iters",
-    "--lr-decay-style",
-    "--weight-decay",
-    "--clip-grad",
-    "--adam-beta1",
-    "--adam-beta2",
-    "--adam-eps",
-    "--seed",
-    "--split",
-    "--log-interval",
-    "--init-method-std",
-    "--save",
-    "--load",
-    "--save-interval",
-    "--tensorboard-dir",
-    "--wandb-project",
-    "--wandb-exp-name",
-    "--eval-interval",
-    "--eval-iters",
-    "--exit-interval",
-)
+# Same name and meaning in both trainers: copied with their value. True: when not given, FlexSP's
+# default is written out (a model or optimisation setting; Megatron-LM's default differs). False:
+# derived alike in both trainers (query groups, decay iterations), the data split, or paths,
+# logging destinations and run control (no default to match).
+_COPIED: dict[str, bool] = {
+    "--num-layers": True,
+    "--hidden-size": True,
+    "--ffn-hidden-size": True,
+    "--num-attention-heads": True,
+    "--num-query-groups": False,
+    "--position-embedding-type": True,
+    "--normalization": True,
+    "--max-position-embeddings": True,
+    "--seq-length": True,
+    "--tokenizer-model": False,
+    "--train-iters": True,
+    "--lr": True,
+    "--min-lr": True,
+    "--lr-warmup-iters": True,
+    "--lr-decay-iters": False,
+    "--lr-decay-style": True,
+    "--weight-decay": True,
+    "--clip-grad": True,
+    "--adam-beta1": True,
+    "--adam-beta2": True,
+    "--adam-eps": True,
+    "--seed": True,
+    "--split": False,
+    "--log-interval": True,
+    "--init-method-std": True,
+    "--save": False,
+    "--load": False,
+    "--save-interval": False,
+    "--tensorboard-dir": False,
+    "--wandb-project": False,
+    "--wandb-exp-name": False,
+    "--eval-interval": False,
+    "--eval-iters": False,
+    "--exit-interval": False,
+}
+SAME_VALUE = tuple(_COPIED)
 SAME_SWITCH = ("--group-query-attention", "--swiglu", "--bf16", "--mock-data")
 # FlexSP-only: no Megatron counterpart; dropped from the vanilla command (value-taking ones).
 FLEXSP_ONLY_VALUE = (
@@ -150,27 +154,8 @@ def _parse(argv: Sequence[str]) -> dict[str, object]:
     return out
 
 
-# Copied flags left out when unset: derived alike in both trainers (query groups, decay iterations),
-# the data split, and paths, logging destinations and run control (no default to match).
-_DEFAULT_NOT_WRITTEN = frozenset(
-    (
-        "--num-query-groups",
-        "--lr-decay-iters",
-        "--split",
-        "--tokenizer-model",
-        "--save",
-        "--load",
-        "--save-interval",
-        "--tensorboard-dir",
-        "--wandb-project",
-        "--wandb-exp-name",
-        "--eval-interval",
-        "--eval-iters",
-        "--exit-interval",
-    )
-)
 # Model and optimisation flags whose FlexSP default is passed explicitly to Megatron-LM.
-_WRITE_DEFAULT = tuple(f for f in SAME_VALUE if f not in _DEFAULT_NOT_WRITTEN)
+_WRITE_DEFAULT = tuple(f for f, write in _COPIED.items() if write)
 
 
 def _flexsp_defaults() -> dict[str, object]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.torchrun_utils import kill_tree, losses, rank_pids, tiny_gpt, torchrun
+from tests.torchrun_utils import as_flags, kill_tree, losses, rank_pids, tiny_gpt, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = tiny_gpt(
@@ -157,6 +157,11 @@ def _finish(proc, timeout):
         pytest.fail(f"the job did not end within {timeout} s")
 
 
+def _resumable(ckpt: Path, save_interval: int) -> list[str]:
+    """14 iterations that save to and resume from ``ckpt`` (the length of the ``straight`` run)."""
+    return as_flags(train_iters=14, save=ckpt, load=ckpt, save_interval=save_interval)
+
+
 def _finish_ok(proc, timeout, log_path) -> str:
     """Wait for the job; it must exit 0 (else the test fails with its log's tail). Its log."""
     rc = _finish(proc, timeout)
@@ -179,17 +184,7 @@ def straight(tmp_path_factory):
 
 def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_path, straight):
     ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    common = SMALL + [
-        "--train-iters",
-        "14",
-        "--save",
-        str(ckpt),
-        "--load",
-        str(ckpt),
-        "--save-interval",
-        "1000",
-        "--exit-signal-handler",
-    ]
+    common = SMALL + _resumable(ckpt, save_interval=1000) + ["--exit-signal-handler"]
     p = _torchrun(common + ["--metrics-file", str(m1)], tmp_path / "a.log")
     _wait_for_iteration(p, m1, 7, tmp_path / "a.log")
     t0 = time.monotonic()
@@ -232,19 +227,7 @@ def test_exit_duration_saves_and_exits_zero(tmp_path):
 def test_a_killed_rank_is_restarted_in_job_and_resumes(tmp_path, straight, attempt):
     ckpt, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
     p = _torchrun(
-        SMALL
-        + [
-            "--train-iters",
-            "14",
-            "--save",
-            str(ckpt),
-            "--load",
-            str(ckpt),
-            "--save-interval",
-            "5",
-            "--metrics-file",
-            str(m),
-        ],
+        SMALL + _resumable(ckpt, save_interval=5) + ["--metrics-file", str(m)],
         tmp_path / "log",
         extra_launcher=("--max-restarts", "1"),
     )

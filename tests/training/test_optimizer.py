@@ -84,20 +84,27 @@ def _batch(it: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
 
 
-def _reference(steps: int, clip: float):
-    """Single process: the same data, grads of the mean loss over all ranks' samples."""
-    m = _model(0)
+def _train(m: torch.nn.Module, steps: int, clip: float, rows: slice = slice(None)) -> list[float]:
+    """``steps`` clipped AdamW steps on these ``rows`` of each batch (the loss is over all 8 samples,
+    so the ranks' gradients sum to the single process's); the gradient norms."""
     opt, sched = build_optimizer(m, _cfg(clip_grad=clip, **_SHORT))
     norms = []
     for it in range(steps):
         x, y = _batch(it)
-        loss = ((m(x) - y) ** 2).sum() / 8
+        loss = ((m(x[rows]) - y[rows]) ** 2).sum() / 8
         loss.backward()
         norms.append(clip_grad_norm(m.parameters(), clip))
         opt.step()
         opt.zero_grad()
         sched.step()
         sched.set_for_next_step()
+    return norms
+
+
+def _reference(steps: int, clip: float):
+    """Single process: the same data, grads of the mean loss over all ranks' samples."""
+    m = _model(0)
+    norms = _train(m, steps, clip)
     return norms, {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
@@ -113,19 +120,8 @@ def _fsdp_body(rank: int, world_size: int, steps: int, clip: float):
     for mod in (m, m[0], m[2]):  # grads summed over ranks, as the runtime's sharding does
         mod.set_gradient_divide_factor(1.0)
         mod.set_force_sum_reduction_for_comms(True)
-    opt, sched = build_optimizer(m, _cfg(clip_grad=clip, **_SHORT))
-    norms = []
-    for it in range(steps):
-        x, y = _batch(it)
-        per = 8 // world_size
-        sl = slice(rank * per, (rank + 1) * per)
-        loss = ((m(x[sl]) - y[sl]) ** 2).sum() / 8
-        loss.backward()
-        norms.append(clip_grad_norm(m.parameters(), clip))
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        sched.set_for_next_step()
+    per = 8 // world_size
+    norms = _train(m, steps, clip, rows=slice(rank * per, (rank + 1) * per))
     full = {
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in m.state_dict().items()
     }

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from megatron.flexsp.planner.api import METHODS
+from megatron.flexsp.planner.bounds import lower_bound_ms
 from megatron.flexsp.planner.cli import iter_batches, main
 from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.plan import Plan, estimate_plan_ms, validate_plan
@@ -20,7 +22,7 @@ def _table_rows(out: str) -> dict[str, list[str]]:
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if parts and parts[0] in ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp"):
+        if parts and parts[0] in METHODS:
             rows[parts[0]] = parts[1:]
     return rows
 
@@ -33,8 +35,8 @@ def test_synthetic_run_writes_valid_plans_summary_and_plots(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     cost = preset("cpu-tiny")
-    methods = ["flexsp", "static", "batch-adaptive", "megatron-hybrid-cp"]
-    means = {}
+    methods = list(METHODS)  # every peer by default, megatron-dynamic-cp included
+    means, mbs = {}, {}
     for m in methods:
         files = sorted((out_dir / "plans" / m).glob("iter_*.json"))
         assert [f.name for f in files] == ["iter_0000.json", "iter_0001.json", "iter_0002.json"]
@@ -43,6 +45,7 @@ def test_synthetic_run_writes_valid_plans_summary_and_plots(tmp_path, capsys):
             validate_plan(p, cost, world_size=4, num_sequences=12)
             assert p.solver.method == m
         means[m] = statistics.fmean(estimate_plan_ms(p, cost) for p in plans)
+        mbs[m] = statistics.fmean(len(p.micro_batches) for p in plans)
         for k in range(3):
             assert (out_dir / "plots" / f"{m}_iter_{k:04d}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the printed table agrees with an estimate recomputed from the saved plans
@@ -50,8 +53,15 @@ def test_synthetic_run_writes_valid_plans_summary_and_plots(tmp_path, capsys):
     assert set(rows) == set(methods)
     for m in methods:
         assert float(rows[m][0]) == pytest.approx(means[m], abs=0.06)
-        assert rows[m][1] == f"{means['static'] / means[m]:.2f}x"
-    assert rows["static"][1] == "1.00x"
+        ratio_to_lb = statistics.fmean(
+            estimate_plan_ms(p, cost) / lower_bound_ms(p.lengths, cost, 4)
+            for p in (Plan.load(f) for f in sorted((out_dir / "plans" / m).glob("iter_*.json")))
+        )
+        assert rows[m][1] == f"{ratio_to_lb:.3f}x"
+        assert rows[m][2] == f"{means['static'] / means[m]:.2f}x"
+        assert rows[m][3] == f"{means[m] / means['flexsp']:.2f}x"  # what flexsp gains over this peer
+        assert rows[m][4] == f"{mbs[m]:.1f}"
+    assert rows["static"][2] == "1.00x" and rows["flexsp"][3] == "1.00x"
     kept = sum(Plan.load(f).solver.extra["chosen"] == "solver" for f in (out_dir / "plans" / "flexsp").glob("*.json"))
     assert f"flexsp: the solver's plan was kept in {kept}/3 batches" in out
     assert means["flexsp"] <= means["static"] + 1e-6 and means["flexsp"] <= means["batch-adaptive"] + 1e-6
@@ -60,7 +70,7 @@ def test_synthetic_run_writes_valid_plans_summary_and_plots(tmp_path, capsys):
     assert summary["world_size"] == 4 and summary["num_sequences"] == 400
     with open(out_dir / "summary.csv") as f:
         recs = list(csv.DictReader(f))
-    assert len(recs) == 12
+    assert len(recs) == 3 * len(methods)
     first = next(r for r in recs if r["method"] == "static" and r["iter"] == "0")
     p0 = Plan.load(out_dir / "plans" / "static" / "iter_0000.json")
     assert float(first["estimated_ms"]) == pytest.approx(p0.estimated_time_ms, abs=1e-3)
@@ -150,3 +160,10 @@ def test_console_script_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "batch-adaptive" in r.stdout and "vs static" in r.stdout
+
+
+def test_explain_prints_every_batch_and_the_mean(capsys):
+    assert main(["--synthetic", "200", "--max-seq-len", "1500", "--iters", "2", "--explain", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "batch 0:" in out and "batch 1:" in out and "mean over 2 batch(es):" in out
+    assert out.count("megatron-dynamic-cp") >= 4  # the main table, two batches, the mean

@@ -26,6 +26,7 @@ from .bounds import lower_bound_ms
 from .config import FALLBACK_TIME_S, METHODS, PlannerConfig
 from .costmodel import CostModel
 from .deadline import Deadline
+from .dynamic_cp import dynamic_cp_plan
 from .hybrid_cp import hybrid_cp_plan
 from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 
@@ -109,6 +110,8 @@ def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerCo
         )
     elif config.method == "batch-adaptive":
         plan = batch_adaptive_plan(lengths, cost, ws, lower_bound_ms=lb)
+    elif config.method == "megatron-dynamic-cp":
+        plan = dynamic_cp_plan(lengths, cost, ws, lower_bound_ms=lb)
     else:
         plan = hybrid_cp_plan(lengths, cost, ws, lower_bound_ms=lb)
     validate_plan(plan, cost, world_size=ws, num_sequences=len(lengths))

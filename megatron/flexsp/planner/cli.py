@@ -2,9 +2,10 @@
 
 Draws global batches from a length source (text file, .npy, Megatron dataset prefix, or
 synthetic long-tail lengths), plans each with every requested method under one cost model and
-prints one table: estimated ms per iteration, speedup over ``static``, ratio to the lower
-bound, and planning seconds. ``--output`` keeps every plan (JSON) plus a summary (JSON, CSV);
-``--plot`` draws each plan on a rank/time chart.
+prints one table with every peer side by side: estimated ms per iteration, ratio to the lower
+bound, speedup over ``static`` and FlexSP's speedup over each method, micro-batches, and planning
+seconds; ``--explain`` adds where each method's time goes (report.py, explain.py). ``--output``
+keeps every plan (JSON) plus a summary (JSON, CSV); ``--plot`` draws each plan on a rank/time chart.
 
 Example::
 
@@ -17,11 +18,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from .costmodel import CostModel, CostModelError, load_cost_model
 from .lengths_io import OVERLONG_MODES, LengthsError, OverlongReport, apply_max_len, read_lengths
 from .plan import Plan, PlanError
 from .presets import PAPER_WORLD_SIZE
+from .report import MethodStats, explain_report, flexsp_choice_note, format_table, plan_wall_s, summarize
 
 __all__ = [
     "main",
@@ -100,10 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="FlexSP stops improving once its plan is within this fraction of the lower bound",
     )
     p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
+    _add_output_args(p)
+    return p
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """What to write and print besides the table."""
     p.add_argument("--output", type=Path, default=None, help="directory for plans and summary.json/.csv")
     p.add_argument("--plot", action="store_true", help="draw every plan as a PNG under --output/plots")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="per batch and method: the estimate split into unavoidable time and the losses to degree (a2a), "
+        "imbalance, extra micro-batches and memory-limited packing",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def iter_batches(num_docs: int, global_batch_size: int, iters: int, seed: int) -> Iterator[np.ndarray]:
@@ -117,17 +129,6 @@ def iter_batches(num_docs: int, global_batch_size: int, iters: int, seed: int) -
             epoch += 1
         yield buf[:global_batch_size]
         buf = buf[global_batch_size:]
-
-
-@dataclass
-class MethodStats:
-    method: str
-    mean_ms: float
-    speedup_vs_static: float | None
-    mean_ratio_to_lb: float
-    plan_s_median: float
-    plan_s_max: float
-    iters: int
 
 
 def run_methods(
@@ -169,62 +170,6 @@ def run_methods(
             if on_plan is not None:
                 on_plan(k, m, plan)
     return out
-
-
-def _wall(plan: Plan) -> float:
-    return float(plan.solver.extra.get("wall_s", plan.solver.solve_time_s))
-
-
-def summarize(results: dict[str, list[Plan]]) -> list[MethodStats]:
-    static = results.get("static")
-    static_mean = statistics.fmean(p.estimated_time_ms for p in static) if static else None
-    rows = []
-    for m, plans in results.items():
-        mean = statistics.fmean(p.estimated_time_ms for p in plans)
-        ratios = [p.estimated_time_ms / p.solver.lower_bound_ms for p in plans if p.solver.lower_bound_ms]
-        walls = [_wall(p) for p in plans]
-        rows.append(
-            MethodStats(
-                m,
-                mean,
-                static_mean / mean if static_mean else None,
-                statistics.fmean(ratios) if ratios else float("nan"),
-                statistics.median(walls),
-                max(walls),
-                len(plans),
-            )
-        )
-    return rows
-
-
-def format_table(rows: Sequence[MethodStats]) -> str:
-    head = (
-        f"{'method':<20} {'est. ms/iter':>13} {'vs static':>10} {'/ lower bound':>14} {'plan s (median)':>16} "
-        f"{'plan s (max)':>13}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        sp = f"{r.speedup_vs_static:.2f}x" if r.speedup_vs_static is not None else "n/a"
-        lines.append(
-            f"{r.method:<20} {r.mean_ms:>13.1f} {sp:>10} {r.mean_ratio_to_lb:>13.3f}x "
-            f"{r.plan_s_median:>16.3f} {r.plan_s_max:>13.3f}"
-        )
-    return "\n".join(lines)
-
-
-def flexsp_choice_note(results: dict[str, list[Plan]]) -> str | None:
-    """Which plan the flexsp method kept per batch (the solver's, or a better baseline's; see api)."""
-    plans = results.get("flexsp")
-    if not plans:
-        return None
-    counts: dict[str, int] = {}
-    for p in plans:
-        c = str(p.solver.extra.get("chosen", "solver"))
-        counts[c] = counts.get(c, 0) + 1
-    others = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "solver")
-    return f"flexsp: the solver's plan was kept in {counts.get('solver', 0)}/{len(plans)} batches" + (
-        f" (a better baseline plan in the others: {others})" if others else ""
-    )
 
 
 def _load_lengths(args, parser) -> tuple[np.ndarray, OverlongReport, int]:
@@ -315,7 +260,7 @@ def _write_summary(
                         m,
                         f"{p.estimated_time_ms:.3f}",
                         f"{p.solver.lower_bound_ms:.3f}",
-                        f"{_wall(p):.4f}",
+                        f"{plan_wall_s(p):.4f}",
                         p.num_micro_batches,
                         p.solver.status,
                     ]
@@ -364,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = flexsp_choice_note(results)
     if note:
         print(note)
+    if args.explain:
+        print()
+        print(explain_report(results, cost))
     if args.output is not None:
         _write_summary(args, cost, lengths, report, max_len, rows, results)
     return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 __all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig"]
 
-METHODS = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
+METHODS = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp", "megatron-dynamic-cp")
 FALLBACK_TIME_S = 0.05  # fallback_plan's budget for flexsp
 
 

@@ -93,6 +93,7 @@ def explain_table(plans: Mapping[str, Plan], cost: CostModel) -> str:
         b = breakdown(plan, cost)
 
         def cell(x: float, w: int, total: float = b.total_ms) -> str:
+            x = x if abs(x) >= 0.05 else 0.0  # float noise of the exact split, not a loss
             pct = 100.0 * x / total if total > 0 else 0.0
             return f"{x:,.1f} ({pct:.0f}%)".rjust(w)
 

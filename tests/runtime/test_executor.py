@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.runtime.tiny_model import FULL_RECOMPUTE, tiny_gpt_config
 
 WORLD = 4
 LR = 0.5
@@ -55,24 +56,8 @@ def _batches(vocab: int):
 
 
 def _cfg(pos: str, recompute: bool = False):
-    from megatron.flexsp.runtime.model import GPTConfig
-
     # GQA (4 heads, 2 groups: degree 4 replicates kv heads), SwiGLU, RMSNorm, 2 layers.
-    # recompute: megatron's full activation recomputation (its CheckpointFunction re-runs the
-    # layer, all-to-all included, during backward).
-    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
-    return GPTConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=48,
-        vocab_size=61,
-        max_position_embeddings=32,
-        position_embedding_type=pos,
-        seed=11,
-        extra=extra,
-    )
+    return tiny_gpt_config(pos, vocab_size=61, seed=11, extra=FULL_RECOMPUTE if recompute else {})
 
 
 def _reference(pos: str):
@@ -108,7 +93,32 @@ def _reference(pos: str):
     return losses, init, {n: p.detach().clone() for n, p in model.named_parameters()}, eval_loss
 
 
-def _train_body(rank, world_size, mode, positions, recompute=False):
+def _planned(method):
+    """The same batches planned by a planner method under a cost model of 8 tokens per rank on 4 ranks
+    (so the 17- and 23-token documents need degree 4), instead of the hand-written plans."""
+    from megatron.flexsp.planner.api import PlannerConfig, plan_global_batch
+    from megatron.flexsp.planner.costmodel import build_cost_model
+
+    cost = build_cost_model(
+        name="exactness",
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        gpus_per_node=4,
+        alpha1_ms_per_token2=1e-3,
+        alpha2_ms_per_token=0.1,
+        beta1_ms=1.0,
+        bandwidth_gbs={2: 1.0, 4: 0.5},
+        limit_gb=1.0,
+        model_states_mb=1016.0,
+        activation_mb_per_token=1.0,
+    )
+    cfg = PlannerConfig(world_size=WORLD, method=method, work_limit=50)
+    return [plan_global_batch(p.lengths, cost, cfg) for p in _plans()]
+
+
+def _train_body(rank, world_size, mode, positions, recompute=False, method=None):
     from flexsp_patches import cpu_compat
     from megatron.flexsp.runtime.executor import FlexSPExecutor
     from megatron.flexsp.runtime.group_pool import GroupPool
@@ -125,7 +135,7 @@ def _train_body(rank, world_size, mode, positions, recompute=False):
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         ex = FlexSPExecutor(model, pool, sharding_mode=mode)
         losses, stats = [], []
-        for plan, docs in zip(_plans(), _batches(61)):
+        for plan, docs in zip(_plans() if method is None else _planned(method), _batches(61)):
             opt.zero_grad(set_to_none=True)
             res = ex.run(plan, docs)
             opt.step()
@@ -311,3 +321,16 @@ def test_bf16_fsdp2_computes_in_bf16_keeps_fp32_states():
     cos = torch.nn.functional.cosine_similarity(bf16["grads"], fp32["grads"], dim=0)
     assert cos > 0.99, float(cos)
     assert "needs CUDA" in r["ddp"]
+
+
+@pytest.mark.parametrize("method", ["megatron-dynamic-cp", "megatron-hybrid-cp"])
+def test_planner_baselines_train_exactly_as_one_process(method):
+    """The peers' plans (power-of-two groups, their own micro-batch counts) give the single-process losses."""
+    plans = _planned(method)
+    assert {len(g.ranks) for p in plans for mb in p.micro_batches for g in mb.groups} >= {1, 4}
+    results = run_distributed(_train_body, WORLD, "fsdp2", ("rope",), False, method, timeout=300)
+    r0 = results[0]["rope"]
+    assert all(r["rope"]["losses"] == r0["losses"] for r in results)
+    assert r0["losses"] == pytest.approx(r0["ref_losses"], rel=2e-7, abs=0)
+    for n, ref in r0["ref_final"].items():
+        assert torch.allclose(r0["final"][n], ref, rtol=1e-5, atol=1e-6), n

@@ -18,7 +18,7 @@ from tests.dist_utils import free_port, run_distributed
 from tests.torchrun_utils import kill_tree, losses, tiny_gpt, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
-MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp")
+MODES = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp", "megatron-dynamic-cp")
 ITERS = 6
 BASE = tiny_gpt(
     64,

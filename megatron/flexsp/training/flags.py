@@ -296,7 +296,15 @@ def _parallelism_flags(par: argparse._ArgumentGroup) -> None:
 
 def _flexsp_planner_flags(f: argparse._ArgumentGroup) -> None:
     """How plans are made: the sp-mode, the cost model and its calibration, the planner's budget."""
-    f.add_argument("--sp-mode", choices=list(SP_MODES), default=FlexSPConfig.sp_mode)
+    f.add_argument(
+        "--sp-mode",
+        choices=list(SP_MODES),
+        default=FlexSPConfig.sp_mode,
+        help="flexsp: heterogeneous SP groups planned per batch; static: one degree (vanilla Megatron CP a2a / "
+        "Ulysses); batch-adaptive: the best single degree per batch; megatron-hybrid-cp: the rule of "
+        "megatron.core's BalancedCPScheduler; megatron-dynamic-cp: the rule of Megatron-LM's "
+        "--dynamic-context-parallel (power-of-two CP sizes, s^2/c workload)",
+    )
     f.add_argument(
         "--flexsp-cost-model",
         default=None,

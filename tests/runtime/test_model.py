@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.runtime.tiny_model import tiny_gpt_config
 
 
 def _rope_module(dim: int, interleaved: bool = False):
@@ -169,19 +170,7 @@ def test_gpt_config_validation():
 
 # ----------------------------------------------------------------- model building (1 process)
 def _tiny(pos: str, seed: int = 1234):
-    from megatron.flexsp.runtime.model import GPTConfig
-
-    return GPTConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=48,
-        vocab_size=50,
-        max_position_embeddings=40,
-        position_embedding_type=pos,
-        seed=seed,
-    )
+    return tiny_gpt_config(pos, vocab_size=50, max_position_embeddings=40, seed=seed)
 
 
 def _build_body(rank, world_size):

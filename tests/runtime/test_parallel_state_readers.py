@@ -16,23 +16,11 @@ from __future__ import annotations
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.runtime.tiny_model import FULL_RECOMPUTE, tiny_gpt_config
 
 
 def _gpt_config(pos: str = "rope"):
-    from megatron.flexsp.runtime.model import GPTConfig
-
-    return GPTConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=48,
-        vocab_size=61,
-        max_position_embeddings=32,
-        position_embedding_type=pos,
-        seed=11,
-        extra=dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    )
+    return tiny_gpt_config(pos, vocab_size=61, seed=11, extra=FULL_RECOMPUTE)
 
 
 def _rope_reader(pool, rank: int) -> dict:

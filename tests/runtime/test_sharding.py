@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
+from tests.runtime.tiny_model import tiny_gpt_config
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -39,19 +40,7 @@ def test_scaled_losses_over_any_split_sum_to_the_global_token_mean():
 
 # ----------------------------------------------------------------------- gradient reduction
 def _cfg():
-    from megatron.flexsp.runtime.model import GPTConfig
-
-    return GPTConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=48,
-        vocab_size=40,
-        max_position_embeddings=32,
-        position_embedding_type="rope",
-        seed=21,
-    )
+    return tiny_gpt_config("rope", vocab_size=40, seed=21)
 
 
 def _docs():

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Honest end-to-end A/B benchmark: static SP and FlexSP as separate training jobs, alternating.
+"""Honest end-to-end A/B benchmark: a baseline sp-mode and FlexSP as separate training jobs, alternating.
 
 Why (issue 9, part 3): the paired in-process comparison (``--flexsp-compare-with``) runs both
 schedules inside one job, so the background planner slows the baseline's step as much as FlexSP's
 and its CPU cost disappears from the ratio. What a user gets is the throughput of a standalone
-FlexSP job against a standalone static job. This benchmark measures exactly that:
+FlexSP job against a standalone job of the baseline (``--baseline``: static by default, or any other
+sp-mode such as Megatron's dynamic CP). This benchmark measures exactly that:
 
 * every run is its own launch (``scripts/emulated_cluster.sh``, invoked as
   ``scripts/compare_sp_modes.sh`` does, or plain torchrun on one host when the machine cannot
@@ -30,6 +31,7 @@ FlexSP job against a standalone static job. This benchmark measures exactly that
     python benchmarks/e2e_bench.py -- --flexsp-time-limit 0.05     # flags after -- go to every run of the trainer
     python benchmarks/e2e_bench.py --settle 120                     # wait for the load to settle before each run
     python benchmarks/e2e_bench.py --pairs 1 --iters 4 --dry-run    # print the launch lines only
+    python benchmarks/e2e_bench.py --baseline megatron-dynamic-cp   # the A side: any --sp-mode (default static)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ if str(ROOT) not in sys.path:
 from megatron.flexsp.launching import free_port, run_bounded, torchrun_command  # noqa: E402
 from megatron.flexsp.training.summary import read_metrics, summarize, warmup_count  # noqa: E402
 
-MODES = ("static", "flexsp")
+BASELINES = ("static", "batch-adaptive", "megatron-hybrid-cp", "megatron-dynamic-cp")  # the A side of a pair
 LOSS_REL_TOL = 1e-6
 LOAD_WARN = 1.0
 # Flags this benchmark owns: a duplicate among the pass-through flags would silently change what is measured.
@@ -229,27 +231,27 @@ def max_rel_loss_diff(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[f
 @dataclass
 class PairResult:
     pair: int
-    static_tokens_per_s: float
+    baseline_tokens_per_s: float
     flexsp_tokens_per_s: float
-    ratio: float  # flexsp / static of the median tokens/s
+    ratio: float  # flexsp / baseline of the median tokens/s
     max_rel_loss_diff: float
     worst_iteration: int | None
-    ratio_time_weighted: float | None = None  # flexsp / static of total tokens / total time (same batches)
+    ratio_time_weighted: float | None = None  # flexsp / baseline of total tokens / total time (same batches)
 
     @property
     def loss_ok(self) -> bool:
         return self.max_rel_loss_diff <= LOSS_REL_TOL
 
 
-def pair_result(pair: int, static: RunStats, flexsp: RunStats) -> PairResult:
-    diff, where = max_rel_loss_diff(static.losses, flexsp.losses)
-    ratio = flexsp.tokens_per_s / static.tokens_per_s if static.tokens_per_s > 0 else float("nan")
+def pair_result(pair: int, base: RunStats, flexsp: RunStats) -> PairResult:
+    diff, where = max_rel_loss_diff(base.losses, flexsp.losses)
+    ratio = flexsp.tokens_per_s / base.tokens_per_s if base.tokens_per_s > 0 else float("nan")
     tw = (
-        flexsp.tokens_per_s_time_weighted / static.tokens_per_s_time_weighted
-        if static.tokens_per_s_time_weighted > 0
+        flexsp.tokens_per_s_time_weighted / base.tokens_per_s_time_weighted
+        if base.tokens_per_s_time_weighted > 0
         else float("nan")
     )
-    return PairResult(pair, static.tokens_per_s, flexsp.tokens_per_s, ratio, diff, where, tw)
+    return PairResult(pair, base.tokens_per_s, flexsp.tokens_per_s, ratio, diff, where, tw)
 
 
 def headline(pairs: Sequence[PairResult]) -> dict[str, Any]:
@@ -269,7 +271,7 @@ def headline(pairs: Sequence[PairResult]) -> dict[str, Any]:
     }
 
 
-def verdict(head: Mapping[str, Any], ranks: int, cpus: int | None) -> str:
+def verdict(head: Mapping[str, Any], ranks: int, cpus: int | None, baseline: str = "static") -> str:
     """One line a newcomer can act on: faster, slower, or a tie, judged by the spread of the pairs.
 
     Why: a bare median ratio from a few standalone pairs on a shared 2-core machine reads as a
@@ -292,7 +294,7 @@ def verdict(head: Mapping[str, Any], ranks: int, cpus: int | None) -> str:
         )
         return f"VERDICT: a tie, the difference is within noise on this machine ({spread} covers 1.0): {why}"
     word = "faster" if lo > 1.0 else "slower"
-    return f"VERDICT: FlexSP is {word} than static SP here ({spread}, every pair on the same side of 1.0)"
+    return f"VERDICT: FlexSP is {word} than {baseline} here ({spread}, every pair on the same side of 1.0)"
 
 
 # --------------------------------------------------------------------------- configuration and launching
@@ -318,6 +320,7 @@ class BenchConfig:
     seed: int = 1234
     sharding: str = "ddp"
     cost_model: str = "cpu-tiny-ddp"
+    baseline: str = "static"
     run_timeout_s: int = 1800
     extra: list[str] = field(default_factory=list)
 
@@ -475,17 +478,17 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def pairs_table(pairs: Sequence[PairResult]) -> str:
+def pairs_table(pairs: Sequence[PairResult], baseline: str = "static") -> str:
     head = (
-        f"{'pair':<5} {'static tok/s':>13} {'flexsp tok/s':>13} {'flexsp/static':>14} {'time-weighted':>14} "
+        f"{'pair':<5} {'A tok/s':>13} {'flexsp tok/s':>13} {'flexsp/A':>14} {'time-weighted':>14} "
         f"{'max rel loss diff':>18}"
     )
-    out = [head, "-" * len(head)]
+    out = [f"A = {baseline}, the baseline run first in every pair", head, "-" * len(head)]
     for p in pairs:
         flag = "" if p.loss_ok else f"  <-- EXCEEDS {LOSS_REL_TOL:g} (iteration {p.worst_iteration})"
         tw = "-" if p.ratio_time_weighted is None else f"{p.ratio_time_weighted:.3f}x"
         out.append(
-            f"{p.pair:<5} {p.static_tokens_per_s:>13,.0f} {p.flexsp_tokens_per_s:>13,.0f} "
+            f"{p.pair:<5} {p.baseline_tokens_per_s:>13,.0f} {p.flexsp_tokens_per_s:>13,.0f} "
             f"{p.ratio:>13.3f}x {tw:>14} {p.max_rel_loss_diff:>18.2e}{flag}"
         )
     return "\n".join(out)
@@ -534,7 +537,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, BenchConfig]:
         description=__doc__.split("\n\n")[0] + " Flags after -- go to every run of pretrain_gpt_flexsp.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--pairs", type=int, default=d.pairs, help="static/flexsp pairs, run S F S F ...")
+    p.add_argument("--pairs", type=int, default=d.pairs, help="baseline/flexsp pairs, run A F A F ...")
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default=d.baseline,
+        help="the A side of every pair: the sp-mode FlexSP is held against",
+    )
     p.add_argument(
         "--topology",
         default="2x2",
@@ -607,6 +616,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, BenchConfig]:
         seed=a.seed,
         sharding=a.sharding,
         cost_model=a.cost_model,
+        baseline=a.baseline,
         run_timeout_s=a.run_timeout,
         extra=extra,
     )
@@ -621,8 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind, why = choose_cluster(cfg, python)
     desc = cluster_description(cfg, kind, why)
     commit = _git_commit()
-    order = [(k + 1, m) for k in range(cfg.pairs) for m in MODES]  # S F S F ...
-    print(f"e2e benchmark: static vs flexsp as separate jobs, alternating {' '.join(m[0].upper() for _, m in order)}")
+    order = [(k + 1, m) for k in range(cfg.pairs) for m in (cfg.baseline, "flexsp")]  # A F A F ...
+    print(
+        f"e2e benchmark: {cfg.baseline} vs flexsp as separate jobs, alternating "
+        f"{' '.join(m[0].upper() for _, m in order)}"
+    )
     for line in desc:
         print(line)
     print(
@@ -635,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"pass-through trainer flags: {' '.join(cfg.extra) if cfg.extra else '(none)'}")
     print(f"host: {os.cpu_count()} CPUs, {platform.node()}; commit {commit}; logs and metrics in {out_dir}")
     if a.dry_run:
-        for mode in MODES:
+        for mode in (cfg.baseline, "flexsp"):
             cmd = run_command(cfg, kind, python, mode, str(out_dir / f"1-{mode}.jsonl"), port=29533)
             print(f"{mode}: {' '.join(cmd)}")
         return 0
@@ -693,22 +706,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{st.iter_ms:.1f} ms/iter, final loss {st.final_loss:.6f}, load1 {_load(before)} -> {_load(after)}"
         )
 
-    pairs = [pair_result(k, v["static"], v["flexsp"]) for k, v in sorted(by_pair.items())]
+    pairs = [pair_result(k, v[cfg.baseline], v["flexsp"]) for k, v in sorted(by_pair.items())]
     head = headline(pairs)
     print()
     print(runs_table(rows))
     print(LEGEND.format(warm=f"{warmup_count(cfg.iters)} of {cfg.iters} iterations left out"))
     print()
-    print(pairs_table(pairs))
+    print(pairs_table(pairs, cfg.baseline))
     if head["median_ratio_time_weighted"] is not None:
         print(
-            f"HEADLINE: end-to-end speedup flexsp/static (total tokens / total time after warm-up; same batches, so "
-            f"static time / flexsp time), median of {len(pairs)} standalone pair(s) = "
+            f"HEADLINE: end-to-end speedup flexsp/{cfg.baseline} (total tokens / total time after warm-up; same "
+            f"batches, so {cfg.baseline} time / flexsp time), median of {len(pairs)} standalone pair(s) = "
             f"{head['median_ratio_time_weighted']:.3f}x  (per pair: "
             f"{', '.join(f'{r:.3f}' for r in head['ratios_time_weighted'])})"
         )
     print(
-        f"  secondary: median of per-iteration tokens/s, flexsp/static, median over pairs = "
+        f"  secondary: median of per-iteration tokens/s, flexsp/{cfg.baseline}, median over pairs = "
         f"{head['median_ratio']:.3f}x  (per pair: {', '.join(f'{r:.3f}' for r in head['ratios'])})"
     )
     if head["loss_ok"]:
@@ -721,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"LOSS CHECK FAILED: largest relative difference between paired runs {head['max_rel_loss_diff']:.2e} "
             f"> {LOSS_REL_TOL:g}: the two modes did not train identically"
         )
-    print(verdict(head, cfg.world_size, os.cpu_count()))
+    print(verdict(head, cfg.world_size, os.cpu_count(), cfg.baseline))
     for line in desc:
         print(line)
     if a.output:
@@ -756,7 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r in rows
             ],
             "pairs": [dict(asdict(p), loss_ok=p.loss_ok) for p in pairs],
-            "headline": dict(head, loss_rel_tol=LOSS_REL_TOL, verdict=verdict(head, cfg.world_size, os.cpu_count())),
+            "headline": dict(
+                head, loss_rel_tol=LOSS_REL_TOL, verdict=verdict(head, cfg.world_size, os.cpu_count(), cfg.baseline)
+            ),
         }
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")

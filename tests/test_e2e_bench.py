@@ -243,6 +243,15 @@ def test_help_and_dry_run():
         timeout=60,
     )
     assert p.returncode == 2 and "cannot be passed through" in p.stderr
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cluster", "host", "--baseline", "megatron-dynamic-cp", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "megatron-dynamic-cp vs flexsp" in p.stdout and "alternating M F M F M F" in p.stdout
+    assert "--sp-mode megatron-dynamic-cp" in p.stdout and "--sp-mode static" not in p.stdout
 
 
 def _head(ratios, tw=None):
@@ -277,3 +286,9 @@ def test_verdict_follows_the_spread_of_the_headline_ratios(tw, word):
 def test_verdict_with_one_pair_asks_for_more():
     line = eb.verdict(_head([1.3]), ranks=4, cpus=2)
     assert "no spread" in line and "faster" not in line
+
+
+def test_verdict_and_pairs_table_name_the_baseline():
+    line = eb.verdict(_head([1.1, 1.2, 1.3]), ranks=4, cpus=2, baseline="megatron-dynamic-cp")
+    assert "faster than megatron-dynamic-cp" in line
+    assert eb.pairs_table([], "megatron-hybrid-cp").startswith("A = megatron-hybrid-cp")

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from megatron.flexsp.planner.costmodel import CostModel, build_cost_model
 
 
-def tiny_cost(gpus_per_node: int = 4, heads: int = 8, beta1: float = 2.0) -> CostModel:
+def tiny_cost(gpus_per_node: int = 4, heads: int = 8, beta1: float = 2.0, bandwidth_gbs=None, name="tiny") -> CostModel:
     """8-head model, 1000 tokens per GPU, all-to-all slower across nodes (degree 8)."""
     return build_cost_model(
-        name="tiny",
+        name=name,
         num_layers=2,
         hidden_size=64,
         num_attention_heads=heads,
@@ -20,7 +20,7 @@ def tiny_cost(gpus_per_node: int = 4, heads: int = 8, beta1: float = 2.0) -> Cos
         alpha1_ms_per_token2=1e-4,
         alpha2_ms_per_token=0.01,
         beta1_ms=beta1,
-        bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1, 16: 0.05},
+        bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1, 16: 0.05} if bandwidth_gbs is None else bandwidth_gbs,
         limit_gb=1.0,
         model_states_mb=24.0,
         activation_mb_per_token=1.0,

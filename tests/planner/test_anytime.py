@@ -15,30 +15,17 @@ from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import PlannerConfig, plan_global_batch
 from megatron.flexsp.planner.baselines import batch_adaptive_plan
 from megatron.flexsp.planner.bounds import lower_bound_ms, seq_tau_table
-from megatron.flexsp.planner.costmodel import build_cost_model, preset
+from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.deadline import Deadline
 from megatron.flexsp.planner.flexsp import plan_flexsp
 from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.micro_batch import PlannerContext, exact_micro_batch, solve_micro_batch
 from megatron.flexsp.planner.plan import validate_plan
+from tests.planner._p1_util import tiny_cost
 
 
 def _cost(heads: int, gpn: int, bw: dict[int, float], beta1: float = 3.0):
-    return build_cost_model(
-        name="t",
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=heads,
-        num_query_groups=heads,
-        gpus_per_node=gpn,
-        alpha1_ms_per_token2=1e-4,
-        alpha2_ms_per_token=0.01,
-        beta1_ms=beta1,
-        bandwidth_gbs=bw,
-        limit_gb=1.0,
-        model_states_mb=24.0,
-        activation_mb_per_token=1.0,
-    )
+    return tiny_cost(gpn, heads, beta1, bandwidth_gbs=bw, name="t")
 
 
 COSTS = {

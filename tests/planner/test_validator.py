@@ -7,26 +7,13 @@ import pytest
 
 from megatron.flexsp.planner.costmodel import build_cost_model
 from megatron.flexsp.planner.plan import Group, MicroBatch, Plan, PlanError, SolverInfo, estimate_plan_ms, validate_plan
+from tests.planner._p1_util import tiny_cost
 
 
 @pytest.fixture
 def cost():
     # 8 ranks, 4 per node; tokens per GPU = (1024 - 24) / 1.0 = 1000
-    return build_cost_model(
-        name="t",
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=8,
-        num_query_groups=8,
-        gpus_per_node=4,
-        alpha1_ms_per_token2=1e-4,
-        alpha2_ms_per_token=0.01,
-        beta1_ms=2.0,
-        bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1},
-        limit_gb=1.0,
-        model_states_mb=24.0,
-        activation_mb_per_token=1.0,
-    )
+    return tiny_cost(bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1}, name="t")
 
 
 def good_dict():
@@ -89,6 +76,11 @@ def _mutate(fn):
 
 def _g(d, m, g):
     return d["micro_batches"][m]["groups"][g]
+
+
+def _regroup(d, *groups):
+    """Micro-batch 0 of ``d`` made of these (ranks, sequences) groups instead."""
+    d["micro_batches"][0]["groups"] = [{"ranks": r, "sequences": s} for r, s in groups]
 
 
 BROKEN = [
@@ -175,27 +167,12 @@ def test_empty_group_allowed_when_fewer_sequences_than_groups(cost):
 COST_BREAKS = [
     (
         "degree not dividing heads",
-        lambda d: d["micro_batches"][0].__setitem__(
-            "groups",
-            [
-                {"ranks": [0, 1, 2], "sequences": [0, 3]},
-                {"ranks": [3], "sequences": [2]},
-                {"ranks": [4, 5, 6, 7], "sequences": [1, 4]},
-            ],
-        ),
+        lambda d: _regroup(d, ([0, 1, 2], [0, 3]), ([3], [2]), ([4, 5, 6, 7], [1, 4])),
         r"micro-batch 0 group 0 \(degree 3, ranks \[0, 1, 2\]\): degree 3 does not divide num_attention_heads 8",
     ),
     (
         "group across nodes",
-        lambda d: d["micro_batches"][0].__setitem__(
-            "groups",
-            [
-                {"ranks": [2, 3, 4, 5], "sequences": [0, 3]},
-                {"ranks": [0, 1], "sequences": [2]},
-                {"ranks": [6], "sequences": [1]},
-                {"ranks": [7], "sequences": [4]},
-            ],
-        ),
+        lambda d: _regroup(d, ([2, 3, 4, 5], [0, 3]), ([0, 1], [2]), ([6], [1]), ([7], [4])),
         r"micro-batch 0 group 0 \(degree 4, ranks \[2, 3, 4, 5\]\): a group of degree <= gpus_per_node \(4\) must lie in one "
         r"node, spans nodes \[0, 1\]",
     ),

@@ -147,13 +147,19 @@ def _exchange(send: torch.Tensor, group, stats: AllToAllStats) -> torch.Tensor:
     return recv
 
 
+def _first_dim(tensors: Sequence[torch.Tensor], what: str, n: str) -> int:
+    """The one first dimension ``n`` of ``tensors``, each [n, heads, dim]; else a ValueError from ``what``."""
+    first = tensors[0].shape[0]
+    if any(t.dim() != 3 or t.shape[0] != first for t in tensors):
+        raise ValueError(
+            f"{what} expects [{n}, heads, dim] tensors with one {n}, got {[tuple(x.shape) for x in tensors]}"
+        )
+    return first
+
+
 def _s2h(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -> list[torch.Tensor]:
-    s = tensors[0].shape[0]
+    s = _first_dim(tensors, "seq_to_head", "s")
     for t in tensors:
-        if t.dim() != 3 or t.shape[0] != s:
-            raise ValueError(
-                f"seq_to_head expects [s, heads, dim] tensors with one s, got {[tuple(x.shape) for x in tensors]}"
-            )
         if t.shape[1] % p:
             raise ValueError(f"seq_to_head: {t.shape[1]} heads are not divisible by the SP degree {p}")
     # [s, H_i, d_i] -> [P, s, H_i/P * d_i] per tensor, concatenated per destination: one buffer.
@@ -164,12 +170,7 @@ def _s2h(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -
 
 
 def _h2s(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -> list[torch.Tensor]:
-    total = tensors[0].shape[0]
-    for t in tensors:
-        if t.dim() != 3 or t.shape[0] != total:
-            raise ValueError(
-                f"head_to_seq expects [T, heads, dim] tensors with one T, got {[tuple(x.shape) for x in tensors]}"
-            )
+    total = _first_dim(tensors, "head_to_seq", "T")
     if total % p:
         raise ValueError(f"head_to_seq: {total} tokens are not divisible by the SP degree {p}")
     s = total // p
@@ -183,42 +184,34 @@ def _h2s(tensors: Sequence[torch.Tensor], group, p: int, stats: AllToAllStats) -
     ]
 
 
-class _SeqToHead(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """One all-to-all: ``fwd`` (_s2h or _h2s) forward, its inverse ``bwd`` backward."""
+
     @staticmethod
-    def forward(ctx, group, stats, *tensors):
-        ctx.group, ctx.stats, ctx.p = group, stats, group_size(group)
-        return tuple(_s2h(tensors, group, ctx.p, stats))
+    def forward(ctx, fwd, bwd, group, stats, *tensors):
+        ctx.bwd, ctx.group, ctx.stats, ctx.p = bwd, group, stats, group_size(group)
+        return tuple(fwd(tensors, group, ctx.p, stats))
 
     @staticmethod
     def backward(ctx, *grads):
         # materialize_grads (the default) turns unused outputs' grads into zeros.
-        return (None, None, *_h2s(grads, ctx.group, ctx.p, ctx.stats))
+        return (None, None, None, None, *ctx.bwd(grads, ctx.group, ctx.p, ctx.stats))
 
 
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, stats, *tensors):
-        ctx.group, ctx.stats, ctx.p = group, stats, group_size(group)
-        return tuple(_h2s(tensors, group, ctx.p, stats))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        # materialize_grads (the default) turns unused outputs' grads into zeros.
-        return (None, None, *_s2h(grads, ctx.group, ctx.p, ctx.stats))
+def _all_to_all(fwd, bwd, tensors, group, stats: AllToAllStats | None) -> tuple[torch.Tensor, ...]:
+    if group_size(group) == 1:
+        return tuple(tensors)
+    return _AllToAll.apply(fwd, bwd, group, _STATS if stats is None else stats, *tensors)
 
 
 def seq_to_head(tensors: Sequence[torch.Tensor], group, stats: AllToAllStats | None = None) -> tuple[torch.Tensor, ...]:
     """[s, H_i, d_i] each -> [P*s, H_i/P, d_i] each, in ONE all-to-all (identity when P == 1)."""
-    if group_size(group) == 1:
-        return tuple(tensors)
-    return _SeqToHead.apply(group, _STATS if stats is None else stats, *tensors)
+    return _all_to_all(_s2h, _h2s, tensors, group, stats)
 
 
 def head_to_seq(tensors: Sequence[torch.Tensor], group, stats: AllToAllStats | None = None) -> tuple[torch.Tensor, ...]:
     """[T, h_i, d_i] each -> [T/P, h_i*P, d_i] each, in ONE all-to-all (identity when P == 1)."""
-    if group_size(group) == 1:
-        return tuple(tensors)
-    return _HeadToSeq.apply(group, _STATS if stats is None else stats, *tensors)
+    return _all_to_all(_h2s, _s2h, tensors, group, stats)
 
 
 def qkv_seq_to_head(

@@ -121,47 +121,15 @@ def main(argv=None) -> int:
     methods = ("flexsp", "megatron-hybrid-cp", "batch-adaptive") if args.baselines else ("flexsp",)
     print(f"load average before: {_load()}")
     t0 = time.perf_counter()
-    for tl in (float(x) for x in args.time_limit_small.split(",") if x):
-        scenario(
-            "small",
-            model="cpu-tiny-ddp",
-            world_size=4,
-            gbs=32,
-            max_len=2048,
-            pool_size=5000,
-            iters=args.iters_small,
-            time_limit=tl,
-            gap=args.gap,
-            seed=args.seed,
-            methods=methods,
-        )
-    scenario(
-        "reference",
-        model="gpt-7b",
-        world_size=64,
-        gbs=512,
-        max_len=196608,
-        pool_size=200_000,
-        iters=args.iters,
-        time_limit=args.time_limit,
-        gap=args.gap,
-        seed=args.seed,
-        methods=methods,
-    )
+    small = dict(model="cpu-tiny-ddp", world_size=4, gbs=32, max_len=2048, pool_size=5000, iters=args.iters_small)
+    runs = [("small", dict(small, time_limit=float(tl))) for tl in args.time_limit_small.split(",") if tl]
+    paper = dict(model="gpt-7b", max_len=196608, pool_size=200_000)
+    runs.append(("reference", dict(paper, world_size=64, gbs=512, iters=args.iters, time_limit=args.time_limit)))
     if not args.skip_large:
-        scenario(
-            "scale",
-            model="gpt-7b",
-            world_size=1024,
-            gbs=8192,
-            max_len=196608,
-            pool_size=200_000,
-            iters=args.iters_large,
-            time_limit=args.time_limit_large,
-            gap=args.gap,
-            seed=args.seed,
-            methods=methods,
-        )
+        scale = dict(paper, world_size=1024, gbs=8192, iters=args.iters_large, time_limit=args.time_limit_large)
+        runs.append(("scale", scale))
+    for title, run in runs:
+        scenario(title, **run, gap=args.gap, seed=args.seed, methods=methods)
     print(f"\n({time.perf_counter() - t0:.1f} s wall)  load average after: {_load()}")
     return 0
 

@@ -168,17 +168,10 @@ def test_analytic_prior_matches_hand_computation():
     per_layer = 8192 + 4096 + 49152
     P = 2 * (per_layer + 128) + 2 * 1000 * 64 + 64
     assert num_parameters(shape) == P
-    m = analytic_cost_model(
-        shape,
-        device_flops=2e11,
-        efficiency=0.5,
-        intra_node_gbs=10.0,
-        inter_node_gbs=1.0,
-        limit_gb=2.0,
-        gpus_per_node=2,
-        world_size=4,
-        sharding="zero3",
+    machine = dict(
+        device_flops=2e11, intra_node_gbs=10.0, inter_node_gbs=1.0, limit_gb=2.0, gpus_per_node=2, world_size=4
     )
+    m = analytic_cost_model(shape, **machine, efficiency=0.5, sharding="zero3")
     fpm = 2e11 * 0.5 / 1000
     assert m.compute.alpha2_ms_per_token == pytest.approx(6 * (2 * per_layer + 64000) / fpm)
     assert m.compute.alpha1_ms_per_token2 == pytest.approx(12 * 64 * 2 * 0.5 / fpm)
@@ -192,17 +185,7 @@ def test_analytic_prior_matches_hand_computation():
     act = 2 * 2 * (7 * 64 + 2 * 64 * 2 / 4 + 3 * 256) + 4 * 1000
     assert m.memory.activation_mb_per_token == pytest.approx(act / 2**20)
     assert m.allowed_degrees(4) == [1, 2, 4]
-    ddp = analytic_cost_model(
-        shape,
-        device_flops=2e11,
-        intra_node_gbs=10.0,
-        inter_node_gbs=1.0,
-        limit_gb=2.0,
-        gpus_per_node=2,
-        world_size=4,
-        sharding="ddp",
-        overhead_ms=3.0,
-    )
+    ddp = analytic_cost_model(shape, **machine, sharding="ddp", overhead_ms=3.0)
     assert ddp.compute.beta1_ms == 3.0 and ddp.memory.model_states_mb == pytest.approx(16 * P / 2**20)
     assert math.isclose(ddp.compute.alpha2_ms_per_token, 0.5 * m.compute.alpha2_ms_per_token)
 

@@ -124,39 +124,18 @@ def test_builder_bytes_per_token_mha_and_gqa():
     gqa = alltoall_bytes_per_token(32, 4096, 32, 8)
     assert gqa == 2 * 32 * (4096 + 4096 + 2 * 4096 / 4) * 2
     assert gqa < alltoall_bytes_per_token(32, 4096, 32)
+    model = dict(name="m", num_layers=4, hidden_size=256, num_attention_heads=8, gpus_per_node=4)
+    fit = dict(
+        alpha1_ms_per_token2=1e-6, alpha2_ms_per_token=0.01, beta1_ms=3.0, limit_gb=8.0, activation_mb_per_token=0.5
+    )
     cm = build_cost_model(
-        name="m",
-        num_layers=4,
-        hidden_size=256,
-        num_attention_heads=8,
-        num_query_groups=2,
-        gpus_per_node=4,
-        alpha1_ms_per_token2=1e-6,
-        alpha2_ms_per_token=0.01,
-        beta1_ms=3.0,
-        bandwidth_gbs={2: 50.0, 4: 40.0},
-        limit_gb=8.0,
-        activation_mb_per_token=0.5,
-        num_parameters=1e9,
-        world_size=8,
+        **model, **fit, num_query_groups=2, bandwidth_gbs={2: 50.0, 4: 40.0}, num_parameters=1e9, world_size=8
     )
     assert cm.alltoall.bytes_per_token == 2 * 4 * (256 + 256 + 2 * 256 * 2 / 8) * 2
     assert cm.memory.model_states_mb == pytest.approx(1e9 * 16 / 8 / 2**20)  # ZeRO-3: 16 bytes/param over ranks
     assert cm.num_query_groups == 2
     with pytest.raises(CostModelError, match="model_states_mb, or num_parameters and world_size"):
-        build_cost_model(
-            name="m",
-            num_layers=4,
-            hidden_size=256,
-            num_attention_heads=8,
-            gpus_per_node=4,
-            alpha1_ms_per_token2=1e-6,
-            alpha2_ms_per_token=0.01,
-            beta1_ms=3.0,
-            bandwidth_gbs={2: 1.0},
-            limit_gb=8.0,
-            activation_mb_per_token=0.5,
-        )
+        build_cost_model(**model, **fit, bandwidth_gbs={2: 1.0})  # neither model_states_mb nor num_parameters
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

@@ -8,23 +8,34 @@ from collections.abc import Sequence
 from megatron.flexsp.planner.costmodel import CostModel, build_cost_model
 
 
-def tiny_cost(gpus_per_node: int = 4, heads: int = 8, beta1: float = 2.0, bandwidth_gbs=None, name="tiny") -> CostModel:
-    """8-head model, 1000 tokens per GPU, all-to-all slower across nodes (degree 8)."""
+def _two_layer_cost(name, heads, groups, gpus_per_node, alpha1, alpha2, beta1, bandwidth_gbs) -> CostModel:
+    """2 layers, hidden 64, 1000 tokens per GPU: (1 GB - 24 MB model states) / 1 MB per token."""
     return build_cost_model(
         name=name,
         num_layers=2,
         hidden_size=64,
         num_attention_heads=heads,
-        num_query_groups=heads,
+        num_query_groups=groups,
         gpus_per_node=gpus_per_node,
-        alpha1_ms_per_token2=1e-4,
-        alpha2_ms_per_token=0.01,
+        alpha1_ms_per_token2=alpha1,
+        alpha2_ms_per_token=alpha2,
         beta1_ms=beta1,
-        bandwidth_gbs={2: 1.0, 4: 0.5, 8: 0.1, 16: 0.05} if bandwidth_gbs is None else bandwidth_gbs,
+        bandwidth_gbs=bandwidth_gbs,
         limit_gb=1.0,
         model_states_mb=24.0,
         activation_mb_per_token=1.0,
     )
+
+
+def tiny_cost(gpus_per_node: int = 4, heads: int = 8, beta1: float = 2.0, bandwidth_gbs=None, name="tiny") -> CostModel:
+    """8-head model, 1000 tokens per GPU, all-to-all slower across nodes (degree 8)."""
+    bw = {2: 1.0, 4: 0.5, 8: 0.1, 16: 0.05} if bandwidth_gbs is None else bandwidth_gbs
+    return _two_layer_cost(name, heads, heads, gpus_per_node, 1e-4, 0.01, beta1, bw)
+
+
+def small_cost(gpn: int = 4, heads: int = 8, bw: dict[int, float] | None = None) -> CostModel:
+    """GQA (2 query groups), 1000 tokens per GPU, cheaper compute and slower links than tiny_cost."""
+    return _two_layer_cost("small", heads, 2, gpn, 2e-5, 0.05, 5.0, bw or {2: 0.5, 4: 0.4, 8: 0.05})
 
 
 def degree_multisets(allowed: Sequence[int], total: int) -> list[list[int]]:

@@ -6,28 +6,10 @@ from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import METHODS, PlannerConfig, fallback_plan, plan_global_batch
 from megatron.flexsp.planner.baselines import batch_adaptive_plan, static_plan
 from megatron.flexsp.planner.bounds import lower_bound_ms
-from megatron.flexsp.planner.costmodel import build_cost_model, preset
+from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
-
-
-def small_cost():
-    return build_cost_model(
-        name="small",
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=8,
-        num_query_groups=2,
-        gpus_per_node=4,
-        alpha1_ms_per_token2=2e-5,
-        alpha2_ms_per_token=0.05,
-        beta1_ms=5.0,
-        bandwidth_gbs={2: 0.5, 4: 0.4, 8: 0.05},
-        limit_gb=1.0,
-        model_states_mb=24.0,
-        activation_mb_per_token=1.0,
-    )
-
+from tests.planner._p1_util import small_cost
 
 SCENARIOS = [
     ("cpu-tiny", preset("cpu-tiny"), 4, 24, 1500),

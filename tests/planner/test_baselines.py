@@ -29,25 +29,7 @@ from megatron.flexsp.planner.plan import (
     estimate_plan_ms,
     validate_plan,
 )
-
-
-def small_cost(gpn=4, heads=8, bw=None):
-    return build_cost_model(
-        name="small",
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=heads,
-        num_query_groups=2,
-        gpus_per_node=gpn,
-        alpha1_ms_per_token2=2e-5,
-        alpha2_ms_per_token=0.05,
-        beta1_ms=5.0,
-        bandwidth_gbs=bw or {2: 0.5, 4: 0.4, 8: 0.05},
-        limit_gb=1.0,
-        model_states_mb=24.0,
-        activation_mb_per_token=1.0,
-    )  # 1000 tokens per GPU
-
+from tests.planner._p1_util import small_cost
 
 SCENARIOS = [
     ("cpu-tiny", preset("cpu-tiny"), 4, 16, 1500),

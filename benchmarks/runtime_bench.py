@@ -24,7 +24,7 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests.dist_utils
 
@@ -339,23 +339,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.check_backends:
         return min(1, check_backends(dtype_name=None if a.dtype == "float32" else a.dtype))
-    cfg = BenchConfig(
-        world_size=a.world_size,
-        degrees=a.degrees,
-        tokens=a.tokens,
-        docs=a.docs,
-        hidden=a.hidden,
-        heads=a.heads,
-        kv_heads=a.kv_heads,
-        ffn=a.ffn,
-        repeats=a.repeats,
-        warmup=a.warmup,
-        backend=a.backend,
-        attn_backend=a.attn_backend,
-        dtype=a.dtype,
-        threads=a.threads,
-        timeout_s=a.timeout_s,
-    )
+    cfg = BenchConfig(**{f.name: getattr(a, f.name) for f in fields(BenchConfig)})  # one flag per field
     bad = [d for d in cfg.degrees if cfg.world_size % d or cfg.heads % d]
     if bad:
         p.error(f"degrees {bad} must divide the world size {cfg.world_size} and the heads {cfg.heads}")

@@ -268,4 +268,33 @@ def init_model_parallel(seed: int = 1234, *, device_type: str | None = None) -> 
         ps.initialize_model_parallel(
             tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1
         )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if device_type == "cpu" or not cuda_available():
+        _seed_cpu_tracker(seed)  # megatron's seeding calls torch.cuda.manual_seed: not on a CPU run
+    else:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+# megatron.core's tracker state names (module constants since 0.5; the defaults are their values).
+_TRACKER_NAMES = (
+    ("_DATA_PARALLEL_RNG_TRACKER_NAME", "data-parallel-rng"),
+    ("_MODEL_PARALLEL_RNG_TRACKER_NAME", "model-parallel-rng"),
+    ("_EXPERT_PARALLEL_RNG_TRACKER_NAME", "expert-parallel-rng"),
+)
+
+
+def _seed_cpu_tracker(seed: int) -> None:
+    """``model_parallel_cuda_manual_seed`` for a CPU run: same states and seeds, no torch.cuda call.
+
+    Why: megatron's version calls ``torch.cuda.manual_seed``, which on a GPU node queues CUDA
+    work for a gloo run that must never touch the GPU. tp = ep = etp = 1 here (FlexSP's layout),
+    so the offsets are megatron's with rank 0: data seed, seed + 2718, seed + 1024.
+    """
+    from megatron.core.tensor_parallel import random as mrandom
+
+    data, model, expert = (getattr(mrandom, attr, default) for attr, default in _TRACKER_NAMES)
+    mrandom.initialize_rng_tracker()  # patched by apply(): a CPURNGStatesTracker
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(data, seed)
+    tracker.add(model, seed + 2718)
+    tracker.add(expert, seed + 1024)

@@ -45,8 +45,16 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from .alltoall import AllToAllStats, group_size, head_to_seq, qkv_seq_to_head
+from .sp_dropout import sp_dropout_rng, sp_dropout_tracker
 
-__all__ = ["BACKENDS", "FlexSPCoreAttention", "backend_importable", "resolve_backend", "varlen_causal_attention"]
+__all__ = [
+    "BACKENDS",
+    "FlexSPCoreAttention",
+    "backend_importable",
+    "resolve_backend",
+    "sdpa_native_gqa",
+    "varlen_causal_attention",
+]
 
 BACKENDS = ("sdpa", "flash", "te", "auto")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -213,10 +221,21 @@ def _cu_on(cu: torch.Tensor, device: torch.device) -> torch.Tensor:
 _SDPA_HAS_GQA: bool | None = None
 
 
+def sdpa_native_gqa(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether SDPA may take GQA as is (``enable_gqa``) without falling back to the math kernel.
+
+    Why: on CUDA only the flash kernel takes ``enable_gqa``, and it needs fp16/bf16; the
+    memory-efficient kernel does not take it, so fp32 + GQA ran the O(L^2)-memory math kernel
+    (4 GB per head group at 32K tokens). There k/v are repeated to the query heads instead,
+    which the memory-efficient kernel serves. The CPU's flash kernel takes GQA in any dtype.
+    """
+    return device_type == "cpu" or (device_type == "cuda" and dtype in LOW_PRECISION)
+
+
 def _sdpa(q, k, v, scale, dropout_p):
     """SDPA with a causal mask on [1, h, L, d] tensors; kv heads may be fewer (GQA)."""
     global _SDPA_HAS_GQA
-    if k.shape[1] != q.shape[1]:
+    if k.shape[1] != q.shape[1] and sdpa_native_gqa(q.device.type, q.dtype):
         if _SDPA_HAS_GQA is None:
             try:
                 F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], enable_gqa=True)
@@ -227,6 +246,7 @@ def _sdpa(q, k, v, scale, dropout_p):
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=True
             )
+    if k.shape[1] != q.shape[1]:  # query head i reads kv head i // rep, as enable_gqa does
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
@@ -385,9 +405,7 @@ class FlexSPCoreAttention(MegatronModule):
                 softmax_scale=self.softmax_scale,
             )
             if self.dropout_p > 0:
-                from megatron.core import tensor_parallel
-
-                kwargs["get_rng_state_tracker"] = tensor_parallel.get_cuda_rng_tracker
+                kwargs["get_rng_state_tracker"] = sp_dropout_tracker  # this rank's state, not the shared one
             mod = te.DotProductAttention(**kwargs)
             if hasattr(mod, "train"):
                 mod.train(self.training)  # created lazily: start in the parent's current mode
@@ -473,16 +491,18 @@ class FlexSPCoreAttention(MegatronModule):
             )
 
         q, k, v = qkv_seq_to_head(query, key, value, group, self.a2a_stats)  # checks heads vs degree
-        out = varlen_causal_attention(
-            q,
-            k,
-            v,
-            cu,
-            max_len,
-            backend=backend,
-            softmax_scale=self.softmax_scale,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            te_module=self._te_module(q.shape[1], k.shape[1]) if backend == "te" else None,
-        )
+        dropout_p = self.dropout_p if self.training else 0.0
+        with sp_dropout_rng(dropout_p > 0 and backend != "te"):  # TE forks it itself (sp_dropout_tracker)
+            out = varlen_causal_attention(
+                q,
+                k,
+                v,
+                cu,
+                max_len,
+                backend=backend,
+                softmax_scale=self.softmax_scale,
+                dropout_p=dropout_p,
+                te_module=self._te_module(q.shape[1], k.shape[1]) if backend == "te" else None,
+            )
         (out,) = head_to_seq([out], group, self.a2a_stats)
         return out.reshape(s_local, 1, -1)

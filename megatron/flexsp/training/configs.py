@@ -114,7 +114,12 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
     A.validate_args(args, env.world_size, has_cuda=cuda)
     vocab = A.resolve_vocab_size(args)
     start = resolve_cost_model(
-        args, world_size=env.world_size, local_ranks=env.local_world_size, cuda=cuda, vocab_size=vocab
+        args,
+        world_size=env.world_size,
+        local_ranks=env.local_world_size,
+        cuda=cuda,
+        vocab_size=vocab,
+        local_rank=env.local_rank,
     )
     A.validate_against_cost(args, env.world_size, start.cost)
     model = model_config_from_args(args, cuda=cuda, vocab_size=vocab)

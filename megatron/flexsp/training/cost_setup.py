@@ -26,6 +26,7 @@ from megatron.flexsp.planner.costmodel import CostModel, CostModelError, load_co
 from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model
 
 from .arguments import ArgumentError
+from .distributed import set_local_device
 
 __all__ = ["ResolvedCostModel", "resolve_cost_model", "measure_matmul_flops", "shape_mismatch", "DEFAULT_CPU_PRESET"]
 
@@ -66,7 +67,7 @@ def measure_matmul_flops(device: torch.device, seconds: float = 0.5, size: int =
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up
     sync()
     n, t0 = 0, time.perf_counter()
@@ -122,12 +123,19 @@ def _prior(
 
 
 def resolve_cost_model(
-    args: argparse.Namespace, *, world_size: int, local_ranks: int, cuda: bool, vocab_size: int
+    args: argparse.Namespace,
+    *,
+    world_size: int,
+    local_ranks: int,
+    cuda: bool,
+    vocab_size: int,
+    local_rank: int = 0,
 ) -> ResolvedCostModel:
     """The run's starting cost model: --flexsp-cost-model (file or preset) if it fits the model, else the prior.
 
     Without --flexsp-cost-model the CPU default preset is used when it fits; on GPU there is no
     default profile, so the prior starts the run. A file or preset that cannot be read is an error.
+    ``local_rank`` picks the GPU the prior's benchmark runs on; it is bound before any CUDA call.
     """
     spec = args.flexsp_cost_model or (None if cuda else DEFAULT_CPU_PRESET)
     why = "no --flexsp-cost-model given"
@@ -143,11 +151,7 @@ def resolve_cost_model(
         why = f"cost model '{cost.name}' does not fit: {mismatch}"
         if args.flexsp_cost_model is None:
             why = f"the default CPU preset '{spec}' does not fit: {mismatch}"
-    device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
-        if cuda
-        else torch.device("cpu")
-    )
+    device = set_local_device(local_rank) if cuda else torch.device("cpu")
     try:
         cost = _prior(args, vocab_size, world_size, local_ranks, device)
     except CostModelError as e:

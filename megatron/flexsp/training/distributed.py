@@ -34,6 +34,7 @@ __all__ = [
     "broadcast_object",
     "run_entrypoint",
     "device_for_backend",
+    "set_local_device",
 ]
 
 # megatron.core's CPU-only notices: not actionable for our users, so every entry point hides them.
@@ -81,7 +82,7 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
 
     if "RANK" in e and "WORLD_SIZE" in e:
         rank, ws = num("RANK"), num("WORLD_SIZE")
-        local = num("LOCAL_RANK") if "LOCAL_RANK" in e else rank
+        local = num("LOCAL_RANK") if "LOCAL_RANK" in e else (num("SLURM_LOCALID") if "SLURM_LOCALID" in e else rank)
         lws = num("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in e else ws
     elif "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
         rank, ws = num("SLURM_PROCID"), num("SLURM_NTASKS")
@@ -111,6 +112,8 @@ def device_for_backend(backend: str | None) -> tuple[str, torch.device | None]:
     default where CUDA is present) puts a rank on a GPU. Returns the device as None for CUDA
     (the local rank picks the index).
     """
+    if backend == "gloo":  # decided without asking CUDA: a gloo run never touches the GPU
+        return backend, torch.device("cpu")
     cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
     backend = backend or ("nccl" if cuda else "gloo")
     if backend == "nccl":
@@ -144,18 +147,30 @@ def init_distributed(env: LaunchEnv, backend: str | None, timeout_s: float = 600
     """
     backend, device = device_for_backend(backend)
     if device is None:
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = set_local_device(env.local_rank)
     elif "OMP_NUM_THREADS" not in os.environ or env.local_world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        kw: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+        # No device_id for NCCL: bound, every new_group would ncclCommSplit the world eagerly (all
+        # ranks, every pool group); unbound, each communicator is made on its group's first collective.
+        kw: dict[str, Any] = {}
         store = dist.PrefixStore(f"flexsp/attempt{env.restart_count}", _rendezvous_store(env, timeout))
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kw)
     from flexsp_patches import cpu_compat, parallel_state  # noqa: F401  (cpu_compat patches on import)
 
     parallel_state.install()
+    return device
+
+
+def set_local_device(local_rank: int) -> torch.device:
+    """Bind this process to GPU ``local_rank`` (mod the visible count) before any other CUDA call.
+
+    Why first: a CUDA call before ``set_device`` opens a context on GPU 0, ~500 MB on every rank
+    of the node. Called by the cost prior's benchmark and by ``init_distributed`` (same index).
+    """
+    device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
     return device
 
 

@@ -143,7 +143,7 @@ def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
     if pcfg.gpus_per_node is None:
         pcfg.gpus_per_node = env.local_world_size
     device = init_distributed(env, getattr(args, "distributed_backend", None))
-    cpu_compat.init_model_parallel(getattr(args, "seed", 1234))
+    cpu_compat.init_model_parallel(getattr(args, "seed", 1234), device_type=device.type)
     model_cfg = model_config_from_args(args, cuda=device.type == "cuda")
     report = run_profile(model_cfg, pcfg, device, model_cfg.vocab_size, log=log if env.rank == 0 else (lambda *_: None))
     if env.rank == 0:

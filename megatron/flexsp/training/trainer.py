@@ -32,6 +32,7 @@ from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.plan import Plan
 from megatron.flexsp.runtime.build import build_runtime
 from megatron.flexsp.runtime.executor import StepResult
+from megatron.flexsp.runtime.sp_dropout import add_sp_dropout_state
 
 from .arguments import ArgumentError
 from .checkpointer import Checkpointer
@@ -107,9 +108,14 @@ def build_train_data(cfg: TrainerConfigs, rank: int) -> TrainData:
     return TrainData(train_ds, valid_ds, sampler, valid_sampler)
 
 
-def seed_everything(seed: int) -> None:
-    """Megatron's model-parallel RNG tracker, torch, numpy and Python: one seed for every rank."""
-    cpu_compat.init_model_parallel(seed)
+def seed_everything(seed: int, device_type: str | None = None, rank: int = 0) -> None:
+    """Megatron's model-parallel RNG tracker, torch, numpy and Python: one seed for every rank.
+
+    ``device_type`` is the run's ("cpu": a gloo run on a GPU node seeds no CUDA state); ``rank`` offsets
+    only the attention-dropout state, so SP ranks holding other heads draw other masks.
+    """
+    cpu_compat.init_model_parallel(seed, device_type=device_type)
+    add_sp_dropout_state(seed, rank)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -131,7 +137,7 @@ class Trainer:
         timeout_s = 60.0 * cfg.distributed.timeout_minutes
         self.device = init_distributed(env, cfg.distributed.backend, timeout_s=timeout_s)
         setup_logging(env.rank)
-        seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed, self.device.type, env.rank)
         fx = cfg.flexsp
         log.info(
             "FlexSP-Megatron: %d ranks (%s, %s), sp-mode %s; %s",

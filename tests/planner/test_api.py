@@ -7,6 +7,7 @@ from megatron.flexsp.planner.api import METHODS, PlannerConfig, fallback_plan, p
 from megatron.flexsp.planner.baselines import batch_adaptive_plan, static_plan
 from megatron.flexsp.planner.bounds import lower_bound_ms
 from megatron.flexsp.planner.costmodel import preset
+from megatron.flexsp.planner.dynamic_cp import dynamic_cp_plan
 from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
 from tests.planner._p1_util import small_cost
@@ -63,11 +64,14 @@ def test_flexsp_keeps_the_best_baseline_plan_when_it_is_better(monkeypatch):
     monkeypatch.setattr(fx, "plan_flexsp", worse)
     p = plan_global_batch(lengths, cost, PlannerConfig(world_size=8, method="flexsp"))
     ref = min(
-        batch_adaptive_plan(lengths, cost, 8).estimated_time_ms, hybrid_cp_plan(lengths, cost, 8).estimated_time_ms
+        batch_adaptive_plan(lengths, cost, 8).estimated_time_ms,
+        hybrid_cp_plan(lengths, cost, 8).estimated_time_ms,
+        dynamic_cp_plan(lengths, cost, 8).estimated_time_ms,
     )
     assert p.estimated_time_ms == pytest.approx(ref)
     assert p.estimated_time_ms < static_plan(lengths, cost, 8, degree=8).estimated_time_ms
-    assert p.solver.method == "flexsp" and p.solver.extra["chosen"] in ("homogeneous", "megatron-hybrid-cp")
+    assert p.solver.method == "flexsp"
+    assert p.solver.extra["chosen"] in ("homogeneous", "megatron-hybrid-cp", "megatron-dynamic-cp")
 
 
 def test_static_degree_is_forced():
@@ -80,7 +84,7 @@ def test_static_degree_is_forced():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(method="ulysses"), "planner method must be one of flexsp, static, batch-adaptive, megatron-hybrid-cp"),
+        (dict(method="ulysses"), "planner method must be one of flexsp, static, batch-adaptive, megatron-hybrid-cp, "),
         (dict(world_size=0), "world_size must be a positive integer"),
         (dict(world_size=2.0), "world_size must be an integer, got 2.0"),
         (dict(max_seq_len=100.5), "max_seq_len must be an integer"),

@@ -5,14 +5,15 @@ the benchmarks. Every plan returned here has passed ``validate_plan`` against th
 so the runtime can trust it.
 
 ``flexsp`` plans under ONE deadline (``time_limit_s`` from the call): first the best
-homogeneous plan (batch-adaptive) and the hybrid-CP rule's plan of the same batch (milliseconds;
-each skipped when its predicted cost would take more than half the time left), then the FlexSP
+homogeneous plan (batch-adaptive) and the plans of Megatron's hybrid-CP and dynamic-CP rules for
+the same batch (milliseconds; each skipped when its predicted cost would take more than half the
+time left), then the FlexSP
 solver, which gets the rest of the time and starts from those plans as seeds (they use the same
 candidate groups, so they lie in FlexSP's search space) and improves on them until the deadline
 or until its plan is within ``gap`` of the lower bound. The best plan is returned, so FlexSP is
 never estimated slower than a baseline it ran. ``solver.extra["chosen"]`` says which one was
 kept: "solver" when the solver's plan is strictly better than every baseline, else the
-baseline's name ("homogeneous" or "megatron-hybrid-cp"; then ``solver_estimate_ms`` is the
+baseline's name ("homogeneous", "megatron-hybrid-cp" or "megatron-dynamic-cp"; then ``solver_estimate_ms`` is the
 solver's own estimate, equal when the solver could not improve on it).
 """
 
@@ -56,13 +57,20 @@ def _check_lengths(lengths: Sequence[int], config: PlannerConfig) -> list[int]:
 def _predicted_s(name: str, n: int, world_size: int) -> float:
     if name == "megatron-hybrid-cp":
         return 1e-3 + 1.6e-7 * n * world_size
+    if name == "megatron-dynamic-cp":  # 1024 ranks x 8192 sequences: ~4 s
+        return 1e-3 + 1e-6 * n * world_size
     return 1e-3 + 2e-5 * n
 
 
 def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float, deadline: Deadline) -> Plan:
     baselines: list[tuple[str, Plan]] = []
     skipped = []
-    for name, build in (("homogeneous", batch_adaptive_plan), ("megatron-hybrid-cp", hybrid_cp_plan)):
+    seeds = (
+        ("homogeneous", batch_adaptive_plan),
+        ("megatron-hybrid-cp", hybrid_cp_plan),
+        ("megatron-dynamic-cp", dynamic_cp_plan),
+    )
+    for name, build in seeds:
         if not deadline.deterministic and _predicted_s(name, len(lengths), config.world_size) > 0.5 * deadline.left():
             skipped.append(name)
             continue

@@ -45,7 +45,8 @@ def build_runtime(
 ) -> Runtime:
     """Build the model on ``device``, shard it, create the cost model's group pool, wrap an executor.
 
-    Collective (the pool's ``new_group`` calls): every rank calls it, in the same order.
+    Every rank calls it; the pool is lazy, so no process group is made here (each is made by its
+    members when a micro-batch first uses it, see ``group_pool``).
     ``timeout``: the pool's process-group timeout (None: torch.distributed's default).
     """
     model = build_gpt_model(model_cfg, device=device)

@@ -1,15 +1,25 @@
-"""The pool of sequence-parallel process groups, created once at start-up.
+"""The pool of sequence-parallel process groups: a fixed set, each group made on its first use.
 
-Why a pool: ``torch.distributed.new_group`` is collective over the whole world and (on NCCL)
-builds a communicator, so it cannot run per micro-batch. Every plan draws its groups from a
-fixed set (the planner's ``placement.candidate_groups``); the runtime creates exactly that set,
-in the same order on every rank, and a micro-batch only looks groups up.
+Why a pool: a plan draws its groups from a fixed set (the planner's
+``placement.candidate_groups``), so a micro-batch only looks groups up and an unknown group is
+a local error before any communication.
+
+Why lazy: an eager ``new_group`` is collective over the whole world, once per group, and the
+pool holds a group per degree and offset (31 groups at 16 ranks, hundreds at 64+), so start-up
+grew with the group count. A lazy pool makes a group with
+``new_group(ranks, use_local_synchronization=True)`` when its members first enter it: only the
+members synchronise, and a rank's groups are made in the same order on every member (the plan is
+the same everywhere, and in one micro-batch each rank is in exactly one group, so overlapping
+groups are never made at once). NCCL communicators are then made by the first collective of
+each group (``init_distributed`` does not bind ``device_id``, which would make every
+``new_group`` split the world's communicator eagerly). ``lazy=False`` keeps the eager creation.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -41,6 +51,14 @@ def _check_sorted(key: tuple[int, ...]) -> None:
         )
 
 
+def _local_sync_supported() -> bool:
+    """torch >= 2.1's ``new_group(use_local_synchronization=...)``: needed for a lazy pool."""
+    try:
+        return "use_local_synchronization" in inspect.signature(dist.new_group).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class GroupPool:
     """Process groups for every rank tuple a plan may use, looked up by their ranks.
 
@@ -51,7 +69,7 @@ class GroupPool:
     an unsorted group would silently scramble tokens.
     """
 
-    def __init__(self, groups: Sequence[Sequence[int]], backend: str | None = None, *, timeout=None):
+    def __init__(self, groups: Sequence[Sequence[int]], backend: str | None = None, *, timeout=None, lazy: bool = True):
         if not dist.is_available() or not dist.is_initialized():
             raise GroupPoolError("GroupPool needs torch.distributed to be initialised first (init_process_group)")
         self.world_size = dist.get_world_size()
@@ -70,14 +88,23 @@ class GroupPool:
             if key in keys:
                 raise GroupPoolError(f"group {list(key)} is listed twice")
             keys.append(key)
-        self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        self._backend = backend
+        self._kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        self.lazy = lazy and _local_sync_supported()
+        self.created = 0  # process groups made so far by this rank (the world's is reused, not counted)
         world = tuple(range(self.world_size))
-        for key in keys:  # same order on every rank: new_group is collective over the world
-            if key == world:
-                self._groups[key] = dist.group.WORLD  # reuse the default group, no extra communicator
-                continue
-            kwargs = {} if timeout is None else {"timeout": timeout}
-            self._groups[key] = dist.new_group(list(key), backend=backend, **kwargs)
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {
+            key: (dist.group.WORLD if key == world else None) for key in keys
+        }
+        if not self.lazy:
+            for key in keys:  # same order on every rank: an eager new_group is collective over the world
+                if self._groups[key] is None:
+                    self._groups[key] = self._make(key, local=False)
+
+    def _make(self, key: tuple[int, ...], *, local: bool) -> dist.ProcessGroup:
+        kwargs = dict(self._kwargs, use_local_synchronization=True) if local else self._kwargs
+        self.created += 1
+        return dist.new_group(list(key), backend=self._backend, **kwargs)
 
     @classmethod
     def from_cost_model(
@@ -124,16 +151,28 @@ class GroupPool:
         return len(self._groups)
 
     def get(self, ranks: Sequence[int]) -> dist.ProcessGroup:
-        """The process group of exactly these ranks; GroupPoolError (local, no collective) if absent."""
+        """The process group of exactly these ranks; GroupPoolError (local, no collective) if absent.
+
+        Lazy pool: the first call by a member makes the group (its members only synchronise);
+        a non-member gets ``GroupMember.NON_GROUP_MEMBER`` and makes nothing.
+        """
         key = _key(ranks)
-        try:
-            return self._groups[key]
-        except KeyError:
+        self._known(key)
+        group = self._groups[key]
+        if group is None:
+            if self.rank not in key:
+                return dist.GroupMember.NON_GROUP_MEMBER
+            group = self._groups[key] = self._make(key, local=True)
+        return group
+
+    def _known(self, key: tuple[int, ...]) -> None:
+        """Raise GroupPoolError unless ``key`` is a pool group (no group is made)."""
+        if key not in self._groups:
             _check_sorted(key)
             raise GroupPoolError(
-                f"SP group {list(key)} is not in the group pool (groups are created once at start-up; "
+                f"SP group {list(key)} is not in the group pool (its groups are fixed at start-up; "
                 f"pool holds {len(self._groups)} groups: {self._describe()})"
-            ) from None
+            )
 
     def check_partition(self, groups: Sequence[Sequence[int]]) -> None:
         """Raise unless ``groups`` are pool groups that partition all ranks (one micro-batch).
@@ -144,7 +183,7 @@ class GroupPool:
         seen: dict[int, tuple[int, ...]] = {}
         for g in groups:
             key = _key(g)
-            self.get(key)
+            self._known(key)
             for r in key:
                 if r in seen:
                     raise GroupPoolError(

@@ -213,7 +213,7 @@ def test_cpu_run_of_main_writes_a_complete_report(tmp_path, capsys):
     )
     res = json.loads((tmp_path / "device_check.json").read_text())
     stages = [json.loads(x)["stage"] for x in (tmp_path / "stages.jsonl").read_text().splitlines()]
-    assert stages == ["attention-sdpa", "attention-flash", "attention-te"]
+    assert stages == ["attention-sdpa", "attention-flash", "attention-te", "attention-matrix", "te-rebuild"]
     assert res["complete"] is True and res["attention"][0]["status"] == "pass"
     statuses = {a["backend"]: a["status"] for a in res["attention"]}
     assert rc == (0 if all(s in ("pass", "not installed") for s in statuses.values()) else 1), statuses
@@ -300,3 +300,63 @@ def test_stages_without_time_left_are_skipped_not_started(tmp_path, monkeypatch)
     assert rc == 0 and res["complete"] is True and not started
     assert res["profile"][0] == "skipped" and [t["status"] for t in res["train"]] == ["skipped"] * 3
     assert "skipped" in (tmp_path / "device_check.txt").read_text()
+
+
+# ------------------------------------------------------------ issue 17 item 7: every stage, one table
+GPU_STAGES = ["attention-matrix", "te-rebuild", "profile", "train-sdpa", "train-flash", "train-te", "fsdp2-vs-ddp"]
+
+
+def test_cpu_run_end_to_end_names_every_skipped_gpu_stage(tmp_path, capsys):
+    """No flags but --device cpu: the CPU check runs, every GPU stage is listed as skipped with why."""
+    rc = device_check.main(["--device", "cpu", "--out", str(tmp_path), "--doc-lengths", "3,40,7"])
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    rows = {r["stage"]: r for r in res["stages"]}
+    assert list(rows) == ["attention-sdpa", "attention-flash", "attention-te", *GPU_STAGES, "recompute"]
+    assert rows["attention-sdpa"]["status"] == "pass"
+    for name in GPU_STAGES:
+        assert rows[name]["status"] == "skipped" and "CUDA GPU" in rows[name]["detail"], rows[name]
+    assert rows["recompute"]["status"] == "skipped" and "not implemented" in rows["recompute"]["detail"]
+    assert res["complete"] is True and rc in (0, 1)
+    table = capsys.readouterr().out
+    assert "stages" in table and all(name in table for name in GPU_STAGES)
+
+
+def test_a_stage_past_its_limit_is_timeout_not_fail_or_skipped(tmp_path, monkeypatch):
+    """A subprocess stage stopped at its time limit reads TIMEOUT in the table; the exit code says so."""
+    from megatron.flexsp.launching import TIMED_OUT
+
+    monkeypatch.setattr(device_check, "_run", lambda cmd, log, timeout: (TIMED_OUT, "timed out after 3s"))
+    assert device_check._status(TIMED_OUT) == "TIMEOUT" and device_check._status(1) == "FAIL"
+    res = device_check.gpu_stage("te-rebuild", tmp_path, 3.0)
+    assert res.status == "TIMEOUT"
+    rep = device_check.Report(tmp_path, "cpu")
+    rep.stage_done("te-rebuild", res)
+    (tmp_path / "profile.log").write_text("")  # what the stopped profiler left
+    rep.prof = device_check.profile_stage(tmp_path, 3.0)
+    rep.stage_done("profile", rep.prof)
+    assert rep.timed_out() == ["te-rebuild", "profile"] and rep.failed() == []
+    assert "TIMEOUT" in (tmp_path / "device_check.txt").read_text()
+
+
+def test_gpu_stage_reads_the_stage_result(tmp_path, monkeypatch):
+    """A stage process's JSON (status, detail, rows) becomes the table row and its own rows."""
+
+    def fake_run(cmd, log, timeout):
+        result = Path(cmd[cmd.index("--result") + 1])
+        result.write_text(json.dumps({"status": "skipped", "detail": "transformer-engine missing", "rows": []}))
+        return 0, ""
+
+    monkeypatch.setattr(device_check, "_run", fake_run)
+    res = device_check.gpu_stage("te-rebuild", tmp_path, 10.0)
+    assert (res.status, res.detail) == ("skipped", "transformer-engine missing")
+
+
+def test_stage_script_skips_te_cleanly_when_missing(tmp_path):
+    """device_check_stages.py te-rebuild without Transformer Engine: skipped, saying which package."""
+    import device_check_stages
+
+    if device_check.unavailable("te") == "":
+        pytest.skip("Transformer Engine is installed here")
+    rc = device_check_stages.main(["te-rebuild", "--result", str(tmp_path / "r.json")])
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and res["status"] == "skipped" and "transformer-engine" in res["detail"]

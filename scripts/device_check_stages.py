@@ -41,14 +41,14 @@ HEADS, KV_HEADS, DIM = 8, 2, 64  # GQA
 TE_SHAPES = ((512, 1536, 2048), (1000, 3000), (4096,), (77, 2000, 2019), (2500, 2500, 123), (64,) * 64)
 
 
-def _inputs(docs: tuple[int, ...], seed: int = 0) -> tuple[Any, ...]:
+def _inputs(docs: tuple[int, ...], device: str = "cuda", seed: int = 0) -> tuple[Any, ...]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
     total = sum(docs)
-    q, go = (torch.randn(total, HEADS, DIM, generator=g).cuda() for _ in range(2))
-    k, v = (torch.randn(total, KV_HEADS, DIM, generator=g).cuda() for _ in range(2))
-    cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, go = (torch.randn(total, HEADS, DIM, generator=g).to(device) for _ in range(2))
+    k, v = (torch.randn(total, KV_HEADS, DIM, generator=g).to(device) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32, device=device)
     return q, k, v, cu, max(docs), go
 
 
@@ -64,10 +64,11 @@ def _no_math():
 def _timed(fn) -> tuple[Any, float]:
     import torch
 
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    sync()
     return out, (time.perf_counter() - t0) * 1e3
 
 
@@ -97,21 +98,25 @@ def _matrix_row(backend: str, dtype_name: str, size: str, ref, inputs) -> dict[s
     return dict(row, status="pass" if ok else "FAIL", fwd_err=fwd, grad_err=grad, ms=round(ms, 1))
 
 
-def attention_matrix() -> dict[str, Any]:
-    """Every backend x {fp32, bf16} x {4K, 32K} against SDPA-math in fp32 (forward and backward)."""
+def attention_matrix(device: str = "cuda", docs_by_size: dict[str, tuple[int, ...]] = DOCS) -> dict[str, Any]:
+    """Every backend x {fp32, bf16} x {4K, 32K} against SDPA-math in fp32 (forward and backward).
+
+    ``device``/``docs_by_size`` let the tests run the same code on the CPU with tiny documents.
+    """
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
-    for size, docs in DOCS.items():
-        inputs = _inputs(docs)
+    for size, docs in docs_by_size.items():
+        inputs = _inputs(docs, device)
         with sdpa_kernel([SDPBackend.MATH]):
             ref = attention_run("sdpa", *inputs[:3], inputs[3], inputs[4], inputs[5])
         for backend in ("sdpa", "flash", "te"):
             for dtype_name in ("float32", "bfloat16"):
                 rows.append(_matrix_row(backend, dtype_name, size, ref, inputs))
         del ref, inputs
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     bad = [r for r in rows if r["status"] in ("FAIL", "error")]
     detail = ", ".join(f"{r['backend']} {r['dtype']} {r['tokens']}: {r['status']}" for r in bad)
     return {"status": "FAIL" if bad else "pass", "detail": detail, "rows": rows}

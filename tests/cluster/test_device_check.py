@@ -360,3 +360,20 @@ def test_stage_script_skips_te_cleanly_when_missing(tmp_path):
     rc = device_check_stages.main(["te-rebuild", "--result", str(tmp_path / "r.json")])
     res = json.loads((tmp_path / "r.json").read_text())
     assert rc == 0 and res["status"] == "skipped" and "transformer-engine" in res["detail"]
+
+
+def test_attention_matrix_logic_on_cpu():
+    """The matrix's own code on tiny CPU documents: SDPA rows pass against math with math switched
+    off (fp32 and bf16), fp32 flash/te rows are n/a, missing packages are skipped with why."""
+    import device_check_stages
+
+    res = device_check_stages.attention_matrix(device="cpu", docs_by_size={"tiny": (3, 40, 7)})
+    rows = {(r["backend"], r["dtype"]): r for r in res["rows"]}
+    assert len(rows) == 6
+    assert rows[("sdpa", "float32")]["status"] == "pass" and rows[("sdpa", "float32")]["fwd_err"] < 1e-5
+    assert rows[("sdpa", "bfloat16")]["status"] == "pass"
+    assert rows[("flash", "float32")]["status"] == rows[("te", "float32")]["status"] == "n/a"
+    for b in ("flash", "te"):
+        if device_check.unavailable(b):
+            assert rows[(b, "bfloat16")]["status"] == "skipped" and rows[(b, "bfloat16")]["detail"]
+    assert res["status"] == "pass"

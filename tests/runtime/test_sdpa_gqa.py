@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from megatron.flexsp.runtime import attention as A
+from megatron.flexsp.runtime import sdpa as A
 
 
 def _qkv(h=8, hk=2, L=48, d=16, dtype=torch.float32):

@@ -13,7 +13,8 @@ so one model serves groups of every degree:
 
 Degree 1 does no communication. Backends for the local attention:
 
-* ``sdpa``: torch scaled_dot_product_attention, one causal call per document (CPU and GPU).
+* ``sdpa``: torch scaled_dot_product_attention, one causal call per document (CPU and GPU;
+  ``runtime.sdpa``, with the GQA rule that keeps SDPA off its math kernel).
 * ``flash``: flash-attn 2 ``flash_attn_varlen_func`` on the packed tokens (GPU, fp16/bf16).
 * ``te``: Transformer Engine ``DotProductAttention`` in ``thd`` format with ``padding_causal``
   masks (GPU). The exchange is FlexSP's own, done with the group of each call; TE runs the
@@ -40,11 +41,11 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from .alltoall import AllToAllStats, group_size, head_to_seq, qkv_seq_to_head
+from .sdpa import LOW_PRECISION, sdpa_native_gqa, sdpa_varlen
 from .sp_dropout import sp_dropout_rng, sp_dropout_tracker
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 BACKENDS = ("sdpa", "flash", "te", "auto")
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
 log = logging.getLogger(__name__)
 
@@ -216,53 +216,6 @@ def _cu_on(cu: torch.Tensor, device: torch.device) -> torch.Tensor:
     if hit is None or hit[0] is not cu or hit[1] != cu._version:
         _DEVICE_CU_CACHE[device] = (cu, cu._version, cu.to(device=device, dtype=torch.int32))
     return _DEVICE_CU_CACHE[device][2]
-
-
-_SDPA_HAS_GQA: bool | None = None
-
-
-def sdpa_native_gqa(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether SDPA may take GQA as is (``enable_gqa``) without falling back to the math kernel.
-
-    Why: on CUDA only the flash kernel takes ``enable_gqa``, and it needs fp16/bf16; the
-    memory-efficient kernel does not take it, so fp32 + GQA ran the O(L^2)-memory math kernel
-    (4 GB per head group at 32K tokens). There k/v are repeated to the query heads instead,
-    which the memory-efficient kernel serves. The CPU's flash kernel takes GQA in any dtype.
-    """
-    return device_type == "cpu" or (device_type == "cuda" and dtype in LOW_PRECISION)
-
-
-def _sdpa(q, k, v, scale, dropout_p):
-    """SDPA with a causal mask on [1, h, L, d] tensors; kv heads may be fewer (GQA)."""
-    global _SDPA_HAS_GQA
-    if k.shape[1] != q.shape[1] and sdpa_native_gqa(q.device.type, q.dtype):
-        if _SDPA_HAS_GQA is None:
-            try:
-                F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], enable_gqa=True)
-                _SDPA_HAS_GQA = True
-            except TypeError:  # torch < 2.5
-                _SDPA_HAS_GQA = False
-        if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=True
-            )
-    if k.shape[1] != q.shape[1]:  # query head i reads kv head i // rep, as enable_gqa does
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
-
-
-def sdpa_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """Causal attention within each document [bounds[i], bounds[i+1]) of packed [T, h, d] tensors."""
-    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, T, d] views
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            outs.append(_sdpa(qt[:, :, a:b], kt[:, :, a:b], vt[:, :, a:b], scale, dropout_p))
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return out.squeeze(0).transpose(0, 1)  # [T, h, d]
 
 
 def varlen_causal_attention(

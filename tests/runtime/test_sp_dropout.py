@@ -83,3 +83,18 @@ def test_resumed_tracker_keeps_the_dropout_state():
     with sp_dropout_rng():
         again = torch.rand(8)
     assert torch.equal(first, again)
+
+
+def test_a_checkpoint_without_the_dropout_state_keeps_it_seeded():
+    """Resuming from a checkpoint written before this state existed: the state stays, as seeded."""
+    import torch.distributed as dist
+
+    from megatron.flexsp.runtime.sp_dropout import SP_DROPOUT_RNG
+    from megatron.flexsp.training.rng_state import set_tracker_states, tracker_states
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    _seed(9, 3)
+    old = {k: v for k, v in tracker_states().items() if k != SP_DROPOUT_RNG}
+    set_tracker_states(old)
+    assert SP_DROPOUT_RNG in tracker_states()

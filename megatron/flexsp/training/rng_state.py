@@ -44,12 +44,16 @@ def tracker_states() -> dict[str, torch.Tensor]:
 
 
 def set_tracker_states(states: dict[str, torch.Tensor]) -> None:
-    """Put saved states back into the tracker (graph-safe generators are updated in place)."""
+    """Put saved states back into the tracker (graph-safe generators are updated in place).
+
+    A state the checkpoint lacks (e.g. the SP dropout state, in a checkpoint older than it) keeps
+    its seeded value instead of vanishing from the tracker.
+    """
     tracker = _tracker()
     if not states or tracker is None:
         return
     current = tracker.get_states() if tracker.is_initialized() else {}
-    new = {}
+    new = {k: v for k, v in current.items() if k not in states}  # kept as seeded: states the checkpoint lacks
     for name, state in states.items():
         old = current.get(name)
         if isinstance(old, torch.Generator):

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def distorted_cost_model(preset: str, compute_scale: float, bandwidth_scale: float, world_size: int) -> dict[str, Any]:
     """The preset's JSON with every compute coefficient and every bandwidth scaled."""
     sys.path.insert(0, str(ROOT))
-    from megatron.flexsp.planner.costmodel import load_cost_model
+    from megatron.flexsp.planner.presets import load_cost_model
 
     d = load_cost_model(preset, world_size).to_dict()
     d["name"] = f"{d['name']} (compute x{compute_scale:g}, bandwidth x{bandwidth_scale:g})"

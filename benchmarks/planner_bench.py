@@ -33,7 +33,7 @@ from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import PlannerConfig, plan_global_batch
 from megatron.flexsp.planner.bounds import lower_bound_ms
 from megatron.flexsp.planner.cli import iter_batches
-from megatron.flexsp.planner.costmodel import load_cost_model
+from megatron.flexsp.planner.presets import load_cost_model
 
 
 def _load() -> str:

@@ -173,7 +173,7 @@ def _smallest_cp(flags: dict[str, object], world_size: int) -> int:
     """The smallest allowed degree that holds --seq-length (what --sp-mode static would pick).
 
     ``flags``: the given flags over the trainer's defaults."""
-    from megatron.flexsp.planner.costmodel import load_cost_model
+    from megatron.flexsp.planner.presets import load_cost_model
 
     seq = int(str(flags["--seq-length"]))
     spec = str(flags["--flexsp-cost-model"])

@@ -25,13 +25,14 @@ import numpy as np
 from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner import api
 from megatron.flexsp.planner.bounds import seq_tau_table
-from megatron.flexsp.planner.costmodel import CostModel, preset
+from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.planner.flexsp import greedy_plan, plan_flexsp
 from megatron.flexsp.planner.micro_batch import (
     PlannerContext,
     exact_micro_batch,
     solve_micro_batch,
 )
+from megatron.flexsp.planner.presets import preset
 
 DATA = Path(__file__).with_name("data") / "plan_refs"
 

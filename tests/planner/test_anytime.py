@@ -15,12 +15,12 @@ from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import PlannerConfig, plan_global_batch
 from megatron.flexsp.planner.baselines import batch_adaptive_plan
 from megatron.flexsp.planner.bounds import lower_bound_ms, seq_tau_table
-from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.deadline import Deadline
 from megatron.flexsp.planner.flexsp import plan_flexsp
 from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.micro_batch import PlannerContext, exact_micro_batch, solve_micro_batch
 from megatron.flexsp.planner.plan import validate_plan
+from megatron.flexsp.planner.presets import preset
 from tests.planner._p1_util import tiny_cost
 
 

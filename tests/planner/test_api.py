@@ -6,10 +6,10 @@ from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.api import METHODS, PlannerConfig, fallback_plan, plan_global_batch
 from megatron.flexsp.planner.baselines import batch_adaptive_plan, static_plan
 from megatron.flexsp.planner.bounds import lower_bound_ms
-from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.dynamic_cp import dynamic_cp_plan
 from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
+from megatron.flexsp.planner.presets import preset
 from tests.planner._p1_util import small_cost
 
 SCENARIOS = [
@@ -125,10 +125,10 @@ def test_planner_never_imports_torch():
 
     code = (
         "import sys\n"
-        "from megatron.flexsp.planner import api, baselines, hybrid_cp, cli, lengths_io, plotting, costmodel\n"
+        "from megatron.flexsp.planner import api, baselines, hybrid_cp, cli, lengths_io, plotting, presets\n"
         "from megatron.flexsp.planner import calibration, fitting, prior, global_batch, micro_batch, deadline\n"
         "from megatron.flexsp.data import synthetic\n"
-        "cost = costmodel.preset('cpu-tiny')\n"
+        "cost = presets.preset('cpu-tiny')\n"
         "for m in api.METHODS:\n"
         "    api.plan_global_batch([100, 700, 30, 1500], cost, api.PlannerConfig(4, method=m, time_limit_s=0.2))\n"
         "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.') or k == 'megatron.core')\n"

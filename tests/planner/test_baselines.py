@@ -13,7 +13,7 @@ from megatron.flexsp.planner.baselines import (
     homogeneous_plan,
     static_plan,
 )
-from megatron.flexsp.planner.costmodel import build_cost_model, preset
+from megatron.flexsp.planner.costmodel import build_cost_model
 from megatron.flexsp.planner.hybrid_cp import (
     balanced_cp_rounds,
     hybrid_cp_plan,
@@ -29,6 +29,7 @@ from megatron.flexsp.planner.plan import (
     estimate_plan_ms,
     validate_plan,
 )
+from megatron.flexsp.planner.presets import preset
 from tests.planner._p1_util import small_cost
 
 SCENARIOS = [

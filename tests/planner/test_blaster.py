@@ -7,7 +7,7 @@ import pytest
 
 from megatron.flexsp.planner.blaster import ChunkEstimator, cut_points, min_max_chunks, segment
 from megatron.flexsp.planner.bounds import seq_tau_table
-from megatron.flexsp.planner.costmodel import preset
+from megatron.flexsp.planner.presets import preset
 
 
 def all_cuts(n, m):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from megatron.flexsp.planner.bounds import check_feasible, lower_bound_ms, min_micro_batches
-from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, PlanError
+from megatron.flexsp.planner.presets import preset
 from tests.planner._p1_util import brute_plan, tiny_cost
 
 

@@ -17,11 +17,7 @@ from megatron.flexsp.planner.calibration import (
     CostCalibrator,
     GroupSample,
 )
-from megatron.flexsp.planner.costmodel import (
-    CostModel,
-    alltoall_bytes_per_token,
-    preset,
-)
+from megatron.flexsp.planner.costmodel import CostModel, alltoall_bytes_per_token
 from megatron.flexsp.planner.fitting import (
     FitError,
     fit_bandwidth,
@@ -29,6 +25,7 @@ from megatron.flexsp.planner.fitting import (
     fit_linear,
     robust_nonneg_fit,
 )
+from megatron.flexsp.planner.presets import preset
 from megatron.flexsp.planner.prior import (
     ModelShape,
     analytic_cost_model,

@@ -12,8 +12,8 @@ import pytest
 from megatron.flexsp.planner.api import METHODS
 from megatron.flexsp.planner.bounds import lower_bound_ms
 from megatron.flexsp.planner.cli import iter_batches, main
-from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.plan import Plan, estimate_plan_ms, validate_plan
+from megatron.flexsp.planner.presets import preset
 
 FAST = ["--cost-model", "cpu-tiny", "--world-size", "4", "--global-batch-size", "12", "--time-limit", "0.2", "--quiet"]
 

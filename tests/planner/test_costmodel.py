@@ -5,15 +5,8 @@ import json
 
 import pytest
 
-from megatron.flexsp.planner.costmodel import (
-    PRESET_NAMES,
-    CostModel,
-    CostModelError,
-    alltoall_bytes_per_token,
-    build_cost_model,
-    load_cost_model,
-    preset,
-)
+from megatron.flexsp.planner.costmodel import CostModel, CostModelError, alltoall_bytes_per_token, build_cost_model
+from megatron.flexsp.planner.presets import PRESET_NAMES, load_cost_model, preset
 
 DESIGN_EXAMPLE = {
     "name": "free text",

@@ -5,9 +5,9 @@ import random
 import pytest
 
 from megatron.flexsp.data.synthetic import longtail_lengths
-from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.dynamic_cp import DcpRules, dynamic_cp_plan, dynamic_cp_rounds
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, estimate_plan_ms, validate_plan
+from megatron.flexsp.planner.presets import preset
 
 
 def shape(rounds):

@@ -5,11 +5,12 @@ import pytest
 from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.baselines import batch_adaptive_plan, static_plan
 from megatron.flexsp.planner.bounds import simple_lower_bound_ms
-from megatron.flexsp.planner.costmodel import CostModel, preset
+from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.planner.dynamic_cp import dynamic_cp_plan
 from megatron.flexsp.planner.explain import breakdown, explain_table
 from megatron.flexsp.planner.hybrid_cp import hybrid_cp_plan
 from megatron.flexsp.planner.plan import Group, MicroBatch, Plan, estimate_plan_ms
+from megatron.flexsp.planner.presets import preset
 
 # 1 ms per token at any degree, beta1 10 ms; all-to-all T / (d * bw) ms with bw 1 GB/s at d=2, 0.5 at d=4;
 # 1000 tokens per GPU

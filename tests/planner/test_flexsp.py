@@ -5,10 +5,10 @@ import pytest
 
 from megatron.flexsp.data.synthetic import longtail_lengths
 from megatron.flexsp.planner.bounds import lower_bound_ms
-from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.flexsp import greedy_plan, plan_flexsp
 from megatron.flexsp.planner.placement import candidate_groups
 from megatron.flexsp.planner.plan import NoFeasiblePlanError, Plan, PlanError, estimate_plan_ms, validate_plan
+from megatron.flexsp.planner.presets import preset
 from tests.planner._p1_util import brute_plan, tiny_cost
 
 

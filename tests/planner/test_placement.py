@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from megatron.flexsp.planner.costmodel import preset
 from megatron.flexsp.planner.placement import can_place, candidate_groups, place_groups
 from megatron.flexsp.planner.plan import PlanError
+from megatron.flexsp.planner.presets import preset
 from tests.planner._p1_util import degree_multisets, tiny_cost
 
 

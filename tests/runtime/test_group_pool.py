@@ -167,8 +167,8 @@ def test_bad_pool_lists_are_rejected():
 
 
 def _from_cost_model(rank, ws):
-    from megatron.flexsp.planner.costmodel import preset
     from megatron.flexsp.planner.placement import candidate_groups
+    from megatron.flexsp.planner.presets import preset
     from megatron.flexsp.runtime.group_pool import GroupPool
 
     cost = preset("cpu-tiny")

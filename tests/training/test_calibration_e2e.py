@@ -32,7 +32,7 @@ ARGS = tiny_gpt(
 
 def _distorted_cost_model(path: Path) -> None:
     """cpu-tiny with compute x0.3 and bandwidth x3: a model the measurements must correct."""
-    from megatron.flexsp.planner.costmodel import preset
+    from megatron.flexsp.planner.presets import preset
 
     d = preset("cpu-tiny").to_dict()
     d["name"] = "cpu-tiny distorted"

@@ -88,8 +88,8 @@ def test_every_mode_trains_with_the_samelosses(mode_runs):
             assert lr == rlr
     assert ref[-1][1] < ref[0][1]  # real text: the loss falls
     # metrics files carry the documented fields, one line per iteration
-    from megatron.flexsp.planner.costmodel import preset
     from megatron.flexsp.planner.plan import Plan, validate_plan
+    from megatron.flexsp.planner.presets import preset
 
     cost = preset("cpu-tiny")
     for mode in MODES:

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from .api import METHODS, PlannerConfig, plan_global_batch
-from .costmodel import CostModel, CostModelError, load_cost_model
+from .costmodel import CostModel, CostModelError
 from .lengths_io import OVERLONG_MODES, LengthsError, OverlongReport, apply_max_len, read_lengths
 from .plan import Plan, PlanError
-from .presets import PAPER_WORLD_SIZE
+from .presets import PAPER_WORLD_SIZE, load_cost_model
 from .report import MethodStats, explain_report, flexsp_choice_note, format_table, plan_wall_s, summarize
 
 __all__ = [

@@ -28,9 +28,6 @@ __all__ = [
     "CostModel",
     "alltoall_bytes_per_token",
     "build_cost_model",
-    "load_cost_model",
-    "PRESET_NAMES",
-    "preset",
 ]
 
 
@@ -365,7 +362,3 @@ def build_cost_model(
             },
         }
     )
-
-
-# the shipped presets (and loading a file or a preset) live in their own module; importable from here too
-from .presets import PRESET_NAMES, load_cost_model, preset  # noqa: E402

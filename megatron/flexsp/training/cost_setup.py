@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron.flexsp.planner.costmodel import CostModel, CostModelError, load_cost_model
+from megatron.flexsp.planner.costmodel import CostModel, CostModelError
+from megatron.flexsp.planner.presets import load_cost_model
 from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model
 
 from .arguments import ArgumentError

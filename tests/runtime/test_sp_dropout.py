@@ -16,7 +16,7 @@ HQ, HKV, D, TOKENS = 4, 2, 8, 24
 
 
 def _seed(seed: int, rank: int) -> None:
-    from megatron.flexsp.training.trainer import seed_everything
+    from megatron.flexsp.training.seeding import seed_everything
 
     seed_everything(seed, "cpu", rank)
 

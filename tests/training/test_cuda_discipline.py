@@ -99,7 +99,7 @@ def test_gloo_run_makes_no_cuda_call(cuda_log):
     """Backend choice, process group, megatron's parallel state and seeding on gloo: no CUDA at all."""
     from flexsp_patches import cpu_compat
     from megatron.flexsp.training.distributed import LaunchEnv
-    from megatron.flexsp.training.trainer import seed_everything
+    from megatron.flexsp.training.seeding import seed_everything
 
     assert device_for_backend("gloo") == ("gloo", torch.device("cpu"))
     assert cuda_log == [], "choosing gloo must not even ask CUDA"

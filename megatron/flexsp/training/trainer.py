@@ -15,110 +15,37 @@ from __future__ import annotations
 
 import datetime
 import logging
-import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from flexsp_patches import cpu_compat
-from megatron.flexsp.data.build import build_datasets
-from megatron.flexsp.data.sampler import GlobalBatchSampler
 from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.plan import Plan
 from megatron.flexsp.runtime.build import build_runtime
 from megatron.flexsp.runtime.executor import StepResult
-from megatron.flexsp.runtime.sp_dropout import add_sp_dropout_state
 
-from .arguments import ArgumentError
 from .checkpointer import Checkpointer
 from .configs import TrainerConfigs
 from .core_state import register_core
 from .distributed import LaunchEnv, broadcast_object, init_distributed
-from .error_relay import relay_error
 from .logging_utils import IterationRecord, MetricsLogger, setup_logging
 from .online_calibration import OnlineCalibration
 from .optimizer import build_optimizer, clip_grad_norm
 from .paired_baseline import PairedBaseline, StepRun, plain_step
 from .planner_hook import PlannerHook, plan_inline
 from .resilience import WATCHDOG_SHARE_OF_TIMEOUT, ExitMonitor, NonFiniteGuard, ProgressWatchdog
+from .seeding import seed_everything
 from .state_registry import StateRegistry
 from .step_maxima import StepMaxima
 from .summary import format_summary, summarize
+from .train_data import build_train_data
 
-__all__ = ["Trainer", "TrainData", "build_train_data", "seed_everything"]
+__all__ = ["Trainer"]
 
 log = logging.getLogger("flexsp.train")
-
-
-# ------------------------------------------------------------------------------ data
-
-
-@dataclass
-class TrainData:
-    """The datasets and their batch order (same on every rank)."""
-
-    train: Any
-    valid: Any
-    sampler: GlobalBatchSampler
-    valid_sampler: GlobalBatchSampler | None
-
-    def sequences(self, dataset: Any, indices: Sequence[int]) -> list[torch.Tensor]:
-        return [torch.from_numpy(dataset[int(i)].astype("int64", copy=False)) for i in indices]
-
-
-def build_train_data(cfg: TrainerConfigs, rank: int) -> TrainData:
-    """Datasets on every rank, rank 0 first (it may build and cache the embedded corpus); errors reach every rank."""
-    gbs = cfg.train.global_batch_size
-
-    def build():
-        try:
-            tr, va = build_datasets(cfg.data)
-            return tr, va, GlobalBatchSampler(tr.lengths, gbs, cfg.train.seed), None
-        except (ValueError, OSError) as e:
-            return None, None, None, f"data: {e}"
-
-    built = build() if rank == 0 else None
-    relay_error(ArgumentError(built[3]) if rank == 0 and built[3] else None, (ArgumentError,))
-    train_ds, valid_ds, sampler, err = built if rank == 0 else build()
-    if err:
-        raise ArgumentError(err)
-    stats = getattr(train_ds, "stats", None)
-    log.info(
-        "train documents: %d%s",
-        len(train_ds),
-        f" ({stats.to_dict() if hasattr(stats, 'to_dict') else stats})" if stats is not None else "",
-    )
-    valid_sampler = None
-    interval = cfg.train.eval_interval
-    if valid_ds is not None and len(valid_ds) >= gbs and interval:
-        valid_sampler = GlobalBatchSampler(valid_ds.lengths, gbs, cfg.train.seed, shuffle=False)
-    elif interval:
-        log.warning(
-            "--eval-interval %d: the validation split has %d documents, fewer than one global batch of %d; "
-            "no validation (raise the valid share of --split)",
-            interval,
-            0 if valid_ds is None else len(valid_ds),
-            gbs,
-        )
-    return TrainData(train_ds, valid_ds, sampler, valid_sampler)
-
-
-def seed_everything(seed: int, device_type: str | None = None, rank: int = 0) -> None:
-    """Megatron's model-parallel RNG tracker, torch, numpy and Python: one seed for every rank.
-
-    ``device_type`` is the run's ("cpu": a gloo run on a GPU node seeds no CUDA state); ``rank`` offsets
-    only the attention-dropout state, so SP ranks holding other heads draw other masks.
-    """
-    cpu_compat.init_model_parallel(seed, device_type=device_type)
-    add_sp_dropout_state(seed, rank)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def _stat(stats: dict[str, Any], *keys: str) -> float:

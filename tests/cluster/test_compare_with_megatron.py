@@ -91,6 +91,7 @@ def value(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_dry_run_maps_model_data_and_parallelism(tmp_path):
     r = dry_run(FLEXSP, "--nproc", "8", "--cp", "4", tmp=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -134,6 +135,7 @@ def test_dry_run_maps_model_data_and_parallelism(tmp_path):
     assert "context parallel 4" in r.stdout
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_dry_run_defaults_cp_from_the_cost_model_and_tokenizer(tmp_path):
     # cpu-tiny holds 512 tokens per rank: a 2048-token document needs 4 ranks (static's choice)
     r = dry_run(["--seq-length", "2048"], "--nproc", "4", tmp=tmp_path)
@@ -149,6 +151,7 @@ def test_dry_run_defaults_cp_from_the_cost_model_and_tokenizer(tmp_path):
     assert value(commands(r.stdout)[1], "--context-parallel-size") == "2"
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 @pytest.mark.parametrize(
     "flags,opts,mlm,msg",
     [

@@ -123,6 +123,7 @@ def _param_count(layers, h, heads, groups, ffn, vocab):
     return layers * (attn + mlp + norms) + 2 * vocab * h + h  # embedding, output layer, final norm
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_profiler_end_to_end_on_two_gloo_ranks(tmp_path):
     out = tmp_path / "cost.json"
     model = tiny_gpt(32, 256, ffn_hidden_size=64)
@@ -160,6 +161,7 @@ def test_profiler_end_to_end_on_two_gloo_ranks(tmp_path):
     assert len(samples) >= 6 and all(s["ms"] > 0 for s in samples)
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_profiler_bad_flags_exit_cleanly(tmp_path):
     cmd = [
         sys.executable,
@@ -179,6 +181,7 @@ def test_profiler_bad_flags_exit_cleanly(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_single_process_profile_has_no_usable_fake_bandwidth(tmp_path):
     out = tmp_path / "one.json"
     cmd = [
@@ -204,6 +207,7 @@ def test_single_process_profile_has_no_usable_fake_bandwidth(tmp_path):
     assert cost.allowed_degrees(1) == [1] and 3 not in cost.allowed_degrees(8)
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_trainer_flexsp_profile_flag_profiles_instead_of_training(tmp_path):
     """pretrain_gpt_flexsp.py --flexsp-profile FILE writes a cost model and trains nothing."""
     out = tmp_path / "trainer_cost.json"

@@ -83,6 +83,7 @@ def test_missing_input(tmp_path):
         preprocess([str(tmp_path / "nope.jsonl")], str(tmp_path / "o"), quiet=True)
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_cli_script(tmp_path):
     texts = ["first document", "second ✓", "x"]
     src = tmp_path / "in.jsonl"

@@ -170,6 +170,7 @@ def _bad_degree_body(rank, ws):
     return out
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_degree_not_dividing_heads_fails_on_every_rank():
     res = run_distributed(_bad_degree_body, 4, timeout=60, pg_timeout=30)
     for out in res:

@@ -254,6 +254,7 @@ def _errors_body(rank, world_size):
     return out
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_bad_plans_fail_fast_on_every_rank():
     results = run_distributed(_errors_body, WORLD, timeout=180)
     expect = {
@@ -323,7 +324,7 @@ def test_bf16_fsdp2_computes_in_bf16_keeps_fp32_states():
     assert "needs CUDA" in r["ddp"]
 
 
-@pytest.mark.parametrize("method", ["megatron-dynamic-cp", "megatron-hybrid-cp"])
+@pytest.mark.parametrize("method", ["megatron-dynamic-cp", pytest.param("megatron-hybrid-cp", marks=pytest.mark.slow)])
 def test_planner_baselines_train_exactly_as_one_process(method):
     """The peers' plans (power-of-two groups, their own micro-batch counts) give the single-process losses."""
     plans = _planned(method)

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -143,6 +144,7 @@ def _bad_pool_list(rank, ws):
     return msgs + [premise]
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_bad_groups_fail_on_every_rank_quickly():
     res = run_distributed(_bad_groups, 4, timeout=60, pg_timeout=30)
     for rank, e in enumerate(res):

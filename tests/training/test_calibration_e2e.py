@@ -52,6 +52,7 @@ def _train(rank, world_size, out_dir, iters, extra):
     return [(r.iteration, r.loss, r.extra.get("cost_alpha2")) for r in train(configs_from_args(args, env), env)]
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_calibration_moves_the_model_and_a_resumed_run_plans_as_the_uninterrupted_one(tmp_path):
     _distorted_cost_model(tmp_path / "cost.json")
     straight = tmp_path / "straight"

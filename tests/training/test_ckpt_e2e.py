@@ -72,6 +72,7 @@ def _losses(path: Path) -> dict[int, float]:
     return {x["iteration"]: x["loss"] for x in map(json.loads, path.read_text().splitlines()) if "loss" in x}
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
     ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     common = BASE + ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "2"]
@@ -95,6 +96,7 @@ def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous_one(tmp_pat
     assert (ckpt / "latest").read_text().strip() == "iter_0000006"
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 @pytest.mark.parametrize("damage", ["magic", "truncated-bin"])
 def test_damaged_dataset_is_one_line_on_every_rank(tmp_path, damage):
     from megatron.flexsp.data.indexed import write_documents

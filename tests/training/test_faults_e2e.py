@@ -182,6 +182,7 @@ def straight(tmp_path_factory):
 # ------------------------------------------------------------------ signal and deadline
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_path, straight):
     ckpt, m1, m2 = tmp_path / "ckpt", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     common = SMALL + _resumable(ckpt, save_interval=1000) + ["--exit-signal-handler"]
@@ -206,6 +207,7 @@ def test_sigterm_saves_at_the_next_boundary_exits_zero_and_resumes_exactly(tmp_p
     assert "training already finished" in _finish_ok(r, 120, tmp_path / "c.log")
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_exit_duration_saves_and_exits_zero(tmp_path):
     ckpt, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
     p = _torchrun(

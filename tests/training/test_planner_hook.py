@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from megatron.flexsp.planner import api
 from megatron.flexsp.planner.plan import validate_plan
@@ -159,6 +160,7 @@ def test_startup_wait_is_paid_once(monkeypatch):
         hook.close()
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_hung_worker_is_restarted_and_plans_fall_back_meanwhile(tmp_path, monkeypatch, caplog):
     batches = _batches(40, first={2: 19})
     wait_s = 0.3

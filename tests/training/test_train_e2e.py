@@ -74,6 +74,7 @@ def mode_runs(tmp_path_factory):
     return out, results[0]
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_every_mode_trains_with_the_samelosses(mode_runs):
     out, res = mode_runs
     ref = res["flexsp"]
@@ -140,6 +141,7 @@ def _torchrun(args, log_path, port):
     return torchrun(args, log_path, nproc=4, port=port)
 
 
+@pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
 def test_kill_and_resume_gives_the_samelosses(mode_runs, tmp_path):
     _, res = mode_runs
     straight = {it: loss for it, loss, _, _ in res["flexsp"]}

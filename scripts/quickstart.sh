@@ -15,7 +15,7 @@
 # (scripts/emulated_cluster.sh: one network namespace per node, loopback inside a node, a 200 Mbit/s
 # tc-shaped link between the nodes), the topology FlexSP exploits on real clusters; otherwise on one
 # host over loopback (no node boundary: expect little difference), and the output says which.
-# PAIRS (default 3), ITERS (iterations per run, default 12), CLUSTER=host|emulated|auto (default auto),
+# PAIRS (default 3), ITERS (iterations per run, default 10), CLUSTER=host|emulated|auto (default auto),
 # LINK_MBIT (200); PYTHON=... uses an existing environment instead of setting up .venv. Extra flags go
 # to every training run. benchmarks/e2e_bench.py --help has the rest (mock data, topologies, --settle).
 set -euo pipefail
@@ -27,7 +27,7 @@ else
   PYTHON=.venv/bin/python
 fi
 PAIRS=${PAIRS:-3}
-ITERS=${ITERS:-12}
+ITERS=${ITERS:-10}
 OUT=${OUT:-outputs/quickstart}
 rm -rf "$OUT"
 mkdir -p "$OUT"

@@ -269,9 +269,14 @@ def _head(ratios, tw=None):
     "tw, word",
     [
         ([0.82, 1.19, 1.05], "a tie"),  # the two fresh-clone quickstarts of issue 15, plus one
-        ([1.02, 1.10, 1.31], "faster"),
-        ([0.90, 0.95, 0.99], "slower"),
+        ([1.03, 1.10, 1.31], "faster"),
+        ([1.02, 1.10, 1.31], "a tie"),  # 1.02 does not clear the 2% margin
+        ([0.90, 0.95, 0.97], "slower"),
+        ([0.90, 0.95, 0.99], "a tie"),
         ([1.0, 1.2, 1.3], "a tie"),  # a pair exactly at 1.0 is inside the spread
+        ([1.007, 1.008, 1.090], "a tie"),  # a fresh quickstart: two pairs within 2% of 1.0 are no evidence
+        ([1.021, 1.03, 1.2], "faster"),
+        ([0.97, 0.975, 0.979], "slower"),
     ],
 )
 def test_verdict_follows_the_spread_of_the_headline_ratios(tw, word):

@@ -111,10 +111,14 @@ def _best_option(
                 projected = max(busiest, g.load + work)
                 if projected <= cap and (best is None or projected < best[0]):
                     best = (projected, size, k)
+                    if projected <= busiest:  # no option can be lower, and later ones only tie: the rule's pick
+                        return size, k
         if free >= size:
             projected = max(busiest, work)
             if projected <= cap and (best is None or projected < best[0]):
                 best = (projected, size, -1)
+                if projected <= busiest:
+                    return size, -1
     return None if best is None else (best[1], best[2])
 
 

@@ -41,6 +41,7 @@ from .plan import NoFeasiblePlanError
 
 __all__ = [
     "seq_tau_table",
+    "cheapest_gpu_ms",
     "min_micro_batches",
     "lower_bound_ms",
     "simple_lower_bound_ms",
@@ -81,12 +82,18 @@ def min_micro_batches(lengths: Sequence[int] | np.ndarray, cost: CostModel, worl
     return max(1, math.ceil(total / per_mb))
 
 
+def cheapest_gpu_ms(lengths: Sequence[int] | np.ndarray, cost: CostModel, world_size: int) -> np.ndarray:
+    """Per sequence: min over feasible allowed degrees d of d * tau(s, d) (GPU-ms, beta1 excluded)."""
+    degs = cost.allowed_degrees(world_size)
+    return (seq_tau_table(lengths, cost, degs) * np.asarray(degs, dtype=np.float64)[None, :]).min(axis=1)
+
+
 def _bounds(lengths, cost: CostModel, world_size: int) -> tuple[float, float, float]:
     L = np.asarray(lengths, dtype=np.int64)
     check_feasible(L, cost, world_size)
     degs = cost.allowed_degrees(world_size)
     tau = seq_tau_table(L, cost, degs)
-    gpu = (tau * np.asarray(degs, dtype=np.float64)[None, :]).min(axis=1)
+    gpu = (tau * np.asarray(degs, dtype=np.float64)[None, :]).min(axis=1)  # cheapest_gpu_ms, tau reused below
     m = min_micro_batches(L, cost, world_size)
     beta1 = cost.compute.beta1_ms
     G = float(gpu.sum())

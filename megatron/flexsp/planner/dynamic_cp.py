@@ -92,7 +92,13 @@ class DcpRules:
 
 
 def _best_option(
-    groups: list[DcpGroup], by_size: dict[int, list[int]], busiest: float, item: Item, rules: DcpRules, cap: float
+    groups: list[DcpGroup],
+    by_size: dict[int, list[int]],
+    free: int,
+    busiest: float,
+    item: Item,
+    rules: DcpRules,
+    cap: float,
 ) -> tuple[int, int] | None:
     """(size, index of the group to join, or -1 for a new group) with the lowest projected busiest rank;
     the first such option in the rule's order (sizes upward; existing groups, then a new one) wins ties."""
@@ -100,7 +106,6 @@ def _best_option(
     first = rules.min_size(length)
     if first is None:
         return None
-    free = rules.total - sum(g.size for g in groups)
     best: tuple[float, int, int] | None = None
     for size in (c for c in rules.sizes if c >= first):
         work = length * length / size
@@ -166,14 +171,16 @@ def dynamic_cp_round(pending: Sequence[Item], rules: DcpRules) -> tuple[list[Dcp
     groups[0].add(pending[0])
     busiest = groups[0].load
     by_size = {first: [0]}  # indices of the groups of each size, in creation order
+    free = rules.total - first  # ranks in no group yet
     for item in pending[1:]:
-        choice = _best_option(groups, by_size, busiest, item, rules, cap)
+        choice = _best_option(groups, by_size, free, busiest, item, rules, cap)
         if choice is None:
             leftovers.append(item)
             continue
         if choice[1] < 0:
             by_size.setdefault(choice[0], []).append(len(groups))
             groups.append(DcpGroup(choice[0]))
+            free -= choice[0]
         group = groups[choice[1]]
         group.add(item)
         busiest = max(busiest, group.load)

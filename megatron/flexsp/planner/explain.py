@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .bounds import lower_bound_ms, min_micro_batches
+from .bounds import cheapest_gpu_ms, lower_bound_ms, min_micro_batches
 from .costmodel import CostModel
 from .plan import Plan, micro_batch_ms
 
@@ -52,14 +52,10 @@ def _gpu_ms(length: int, degree: int, cost: CostModel) -> float:
     return degree * (cost.compute_ms([length], degree) - cost.compute.beta1_ms + cost.alltoall_ms(length, degree))
 
 
-def _cheapest_gpu_ms(length: int, cost: CostModel, world_size: int) -> float:
-    return min(_gpu_ms(length, d, cost) for d in cost.allowed_degrees(world_size) if cost.fits(length, d))
-
-
 def breakdown(plan: Plan, cost: CostModel) -> Breakdown:
     """The exact split of ``plan``'s cost-model estimate (see the module docstring)."""
     n, lengths, beta1 = plan.world_size, plan.lengths, cost.compute.beta1_ms
-    used = cheapest = fixed = idle = 0.0
+    used = fixed = idle = 0.0
     for mb in plan.micro_batches:
         slowest = micro_batch_ms(mb, lengths, cost)
         for g in mb.groups:
@@ -68,7 +64,7 @@ def breakdown(plan: Plan, cost: CostModel) -> Breakdown:
             idle += g.degree * (slowest - busy)
             fixed += g.degree * beta1 if seqs else 0.0
             used += sum(_gpu_ms(s, g.degree, cost) for s in seqs)
-            cheapest += sum(_cheapest_gpu_ms(s, cost, n) for s in seqs)
+    cheapest = float(cheapest_gpu_ms(lengths, cost, n).sum())  # every sequence is in exactly one group
     floor_fixed = beta1 * min_micro_batches(lengths, cost, n)
     lb1 = cheapest / n + floor_fixed
     forced = max(0.0, min(idle / n, lower_bound_ms(lengths, cost, n) - lb1))

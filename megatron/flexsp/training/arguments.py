@@ -207,6 +207,8 @@ def _validate_run(args: argparse.Namespace) -> None:
     """Checkpoints, evaluation and the planner's flags."""
     if args.save_interval and not args.save:
         _err("--save-interval needs --save DIR")
+    if getattr(args, "finetune", False) and not args.load:
+        _err("--finetune needs --load CKPT (the checkpoint whose weights to start from)")
     if args.eval_interval and args.split and _parse_split(args.split)[1] <= 0:
         _err(f"--eval-interval {args.eval_interval} needs a validation share in --split (got {args.split!r})")
     if args.flexsp_gap >= 1:

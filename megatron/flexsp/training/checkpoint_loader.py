@@ -40,7 +40,7 @@ from .distributed import broadcast_object
 from .error_relay import relay_error
 from .state_registry import Scope, StateRegistry, lookup
 
-__all__ = ["LR_SCHEDULE_ARGS", "LoadedCheckpoint", "check_resume_compatible", "load_state"]
+__all__ = ["LR_SCHEDULE_ARGS", "LoadedCheckpoint", "check_resume_compatible", "load_state", "newest_verified"]
 
 log = logging.getLogger("flexsp.checkpoint")
 
@@ -51,6 +51,19 @@ LR_SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_dec
 
 class _Damaged(Exception):
     """Internal: one candidate checkpoint failed verification (the loader tries an older one)."""
+
+
+@dataclass
+class _Request:
+    """What rank 0 needs to choose a checkpoint: where, which, and what this run must match."""
+
+    load_dir: Path
+    load_step: int | None
+    sig: dict[str, list[int]]
+    needed: dict[str, str]  # file -> the state it holds, besides trainer.pt
+    args: Any
+    override_opt_param_scheduler: bool
+    model_only: bool = False  # --finetune: the weights alone, on any world size
 
 
 @dataclass
@@ -111,10 +124,10 @@ def check_resume_compatible(
         )
 
 
-def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path) -> str | None:
+def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path, same_world: bool = True) -> str | None:
     if meta.get("format_version") not in READABLE_VERSIONS:
         return f"checkpoint {path}: format version {meta.get('format_version')} (this code reads {READABLE_VERSIONS})"
-    if meta.get("world_size") != world():
+    if same_world and meta.get("world_size") != world():
         return (
             f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {world()} "
             "(the data position, RNG and plans are per world size: resume with the same number of ranks)"
@@ -180,36 +193,24 @@ def _read_files(path: Path, needed: dict[str, str]) -> dict[str, Any]:
     return contents
 
 
-def _load_candidate(
-    path: Path, sig: dict[str, list[int]], needed: dict[str, str], args: Any, override_opt_param_scheduler: bool
-) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def _load_candidate(path: Path, req: _Request) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(meta, file contents, notes) of one checkpoint, verified. _Damaged: try an older one; CheckpointError: stop."""
     try:
         meta = read_meta(path)
     except CheckpointError as e:
         raise _Damaged(str(e)) from None
-    err = _check(meta, sig, path)
+    err = _check(meta, req.sig, path, same_world=not req.model_only)
     if err:
         raise CheckpointError(err)
-    if args is not None:
-        check_resume_compatible(meta.get("args") or {}, args, override_opt_param_scheduler=override_opt_param_scheduler)
+    if req.args is not None:
+        check_resume_compatible(
+            meta.get("args") or {}, req.args, override_opt_param_scheduler=req.override_opt_param_scheduler
+        )
     try:
         notes = verify_checkpoint(path, meta)
     except CheckpointError as e:
         raise _Damaged(str(e)) from None
-    return meta, _read_files(path, needed), notes
-
-
-@dataclass
-class _Request:
-    """What rank 0 needs to choose a checkpoint: where, which, and what this run must match."""
-
-    load_dir: Path
-    load_step: int | None
-    sig: dict[str, list[int]]
-    needed: dict[str, str]  # file -> the state it holds, besides trainer.pt
-    args: Any
-    override_opt_param_scheduler: bool
+    return meta, _read_files(path, req.needed), notes
 
 
 def _fallback_warning(failures: list[tuple[Path | None, str]], load_dir: Path, path: Path) -> str:
@@ -229,9 +230,7 @@ def _select_and_read(req: _Request) -> tuple[tuple, dict[str, Any]]:
     tried = ([first] if first is not None and why is None else []) + older
     for path in tried:
         try:
-            meta, contents, notes = _load_candidate(
-                path, req.sig, req.needed, req.args, req.override_opt_param_scheduler
-            )
+            meta, contents, notes = _load_candidate(path, req)
         except _Damaged as e:
             failures.append((path, str(e)))
             if req.load_step is not None or not older:
@@ -285,6 +284,7 @@ def load_state(
     load_step: int | None = None,
     args: Mapping[str, Any] | Any | None = None,
     override_opt_param_scheduler: bool = False,
+    model_only: bool = False,
 ) -> LoadedCheckpoint:
     """Restore every state of ``registry`` from a checkpoint (collective). Errors are raised on every rank.
 
@@ -292,10 +292,15 @@ def load_state(
     unreadable the newest older checkpoint that verifies is loaded, with a warning naming both
     (``LoadedCheckpoint.fallback_from``). ``load_step`` loads iteration N exactly (no fallback).
     With ``args`` (this run's arguments), ``check_resume_compatible`` runs against the saved ones
-    before any tensor is loaded. The registry must hold the model (its signature is checked)."""
+    before any tensor is loaded. The registry must hold the model (its signature is checked).
+    ``model_only`` (--finetune): restore the model entry alone, from a checkpoint of any world
+    size and run settings (``args`` is not compared); a model-only checkpoint is enough."""
     model = registry.by_file(MODEL_FILE)
     if model is None:
         raise ValueError("load_state: the registry has no model entry (model.pt)")
+    if model_only:
+        registry = registry.only(model.name)
+        args = None
     sig = model_signature(model.state_dict())  # the same collective on every rank
     needed = {f: e.name for f in registry.files() if (e := registry.by_file(f)) is not None}
     req = _Request(
@@ -305,6 +310,7 @@ def load_state(
         needed,
         args,
         override_opt_param_scheduler,
+        model_only,
     )
     info, contents = _read_on_rank0(req)
     for w in info[3]:
@@ -318,3 +324,26 @@ def load_state(
         fallback_from=Path(info[2]) if info[2] else None,
         warnings=list(info[3]),
     )
+
+
+def newest_verified(load_dir: str | os.PathLike, *, load_step: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """(directory, meta) of the checkpoint ``load_dir`` names that verifies (one process, no model needed).
+
+    The same choice as ``load_state``: ``latest`` (or ``load_dir`` itself, or exactly ``load_step``),
+    else the newest older checkpoint that verifies, with a warning naming both."""
+    first, older, why = _candidates(Path(load_dir), load_step)
+    failures: list[str] = [] if why is None else [why]
+    for path in ([first] if first is not None and why is None else []) + older:
+        try:
+            meta = read_meta(path)
+            for note in verify_checkpoint(path, meta):
+                log.warning("%s", note)
+        except CheckpointError as e:
+            failures.append(str(e))
+            if load_step is not None or not older:
+                raise
+            continue
+        if failures:
+            log.warning("%s; falling back to %s, the newest checkpoint that verifies", failures[0], path)
+        return path, meta
+    raise CheckpointError(f"--load {load_dir}: no checkpoint verifies: " + "; ".join(failures))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .checkpoint_loader import LoadedCheckpoint, load_state
@@ -72,6 +72,8 @@ class Checkpointer:
         """Load ``--load`` (collective) or return None when this run starts from scratch."""
         if not self.cfg.load:
             return None
+        if self.cfg.finetune:
+            return self._finetune()
         if self._starts_fresh():
             log.info("no checkpoint in %s yet: starting from scratch", self.cfg.load)
             return None
@@ -85,6 +87,29 @@ class Checkpointer:
         self.last_saved = loaded.iteration
         log.info("resumed from %s at iteration %d", loaded.path, loaded.iteration)
         return loaded
+
+    def _finetune(self) -> LoadedCheckpoint:
+        """--finetune: the model weights of ``--load`` alone, at iteration 0 (optimizer, LR schedule, data
+        position, planner and RNG stay as this run built and seeded them).
+
+        A relaunch of a fine-tuning job (its ``--save`` already holds a checkpoint) resumes that one in
+        full instead: starting over from the base weights would throw its progress away."""
+        c = self.cfg
+        if c.save and os.path.exists(os.path.join(c.save, "latest")):
+            log.info("--finetune: %s already holds this run's checkpoint; resuming it instead of %s", c.save, c.load)
+            loaded = load_state(
+                c.save, self.registry, args=self.run_record, override_opt_param_scheduler=c.override_opt_param_scheduler
+            )
+            self.last_saved = loaded.iteration
+            log.info("resumed from %s at iteration %d", loaded.path, loaded.iteration)
+            return loaded
+        loaded = load_state(c.load, self.registry, load_step=c.load_step, model_only=True)
+        log.info(
+            "--finetune: model weights from %s (its iteration %d); starting at iteration 0",
+            loaded.path,
+            loaded.iteration,
+        )
+        return replace(loaded, iteration=0, states={})
 
     # ------------------------------------------------------------------ save
     def save(self, iteration: int) -> None:

@@ -48,6 +48,7 @@ import torch
 
 from .checkpoint_format import (
     FORMAT_VERSION,
+    MODEL_FILE,
     READABLE_VERSIONS,
     CheckpointError,
     NonFiniteCheckpointError,
@@ -59,9 +60,10 @@ from .checkpoint_format import (
     nonfinite_tensors,
     read_meta,
     safe_globals,
+    torch_load,
     verify_checkpoint,
 )
-from .checkpoint_loader import LR_SCHEDULE_ARGS, LoadedCheckpoint, check_resume_compatible, load_state
+from .checkpoint_loader import LR_SCHEDULE_ARGS, LoadedCheckpoint, check_resume_compatible, load_state, newest_verified
 from .checkpoint_writer import save_state
 from .core_state import register_core
 from .rng_state import rng_state, set_rng_state
@@ -84,6 +86,7 @@ __all__ = [
     "model_signature",
     "nonfinite_tensors",
     "read_meta",
+    "read_model_state",
     "rng_state",
     "safe_globals",
     "save_checkpoint",
@@ -134,3 +137,16 @@ def load_checkpoint(
     return load_state(
         load_dir, registry, load_step=load_step, args=args, override_opt_param_scheduler=override_opt_param_scheduler
     )
+
+
+def read_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full model state dict (CPU tensors) and meta.json of a checkpoint, in this one process.
+
+    Why: exporters (flexsp-convert flexsp-to-hf) and tools read weights without a process group or a
+    model. ``path`` is a checkpoint directory or a ``--save`` directory (then the newest checkpoint
+    that verifies, as a resume would choose); every file is checked against its sha256 first."""
+    ckpt_dir, meta = newest_verified(path)
+    state = torch_load(ckpt_dir / MODEL_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {MODEL_FILE} holds no state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, meta

@@ -122,6 +122,7 @@ class CheckpointConfig:
     keep_latest_k: int | None = None
     load_step: int | None = None
     override_opt_param_scheduler: bool = False
+    finetune: bool = False  # --finetune: weights only from --load, iteration 0, everything else fresh
     exit_signal: str | None = None  # the signal that asks for save-and-exit (None: no handler)
     exit_duration_in_mins: float | None = None
 

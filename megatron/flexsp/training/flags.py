@@ -229,6 +229,13 @@ def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
         help="resume from this iteration's checkpoint instead of the newest one",
     )
     c.add_argument(
+        "--finetune",
+        action="store_true",
+        help="with --load: take only the model weights, start at iteration 0 with a fresh optimizer, LR "
+        "schedule, data position and RNG (a model-only checkpoint, e.g. from flexsp-convert, is enough); a "
+        "relaunch whose --save already holds a checkpoint resumes from that one instead",
+    )
+    c.add_argument(
         "--override-opt-param-scheduler",
         action="store_true",
         help="on resume, take this run's LR-schedule flags instead of refusing a changed schedule",

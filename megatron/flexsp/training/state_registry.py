@@ -108,6 +108,13 @@ class StateRegistry:
                 out.append(e.file)
         return out
 
+    def only(self, *names: str) -> StateRegistry:
+        """A registry of just these entries (same registrations): --finetune restores the model alone."""
+        out = StateRegistry()
+        for name in names:
+            out._entries[name] = self._entries[name]
+        return out
+
     def by_file(self, file: str) -> StateEntry | None:
         """The entry that owns ``file`` whole (model.pt, optim.pt), if any."""
         return next((e for e in self if e.file == file and not e.key), None)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .recompute import CostModelError, RecomputeCoeffs, RecomputeModes, parse_recompute, recompute_to_dict
+
 __all__ = [
     "CostModelError",
     "ComputeCoeffs",
@@ -29,10 +31,6 @@ __all__ = [
     "alltoall_bytes_per_token",
     "build_cost_model",
 ]
-
-
-class CostModelError(ValueError):
-    """A cost model that cannot be used, with the offending field named."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +105,17 @@ _KNOWN_KEYS = frozenset(
         "compute",
         "alltoall",
         "memory",
+        "recompute",
     }
 )
 
 
 @dataclass(frozen=True)
-class CostModel:
-    """Profiled costs of one model on one cluster (paper form, units of the public FlexSP solver)."""
+class CostModel(RecomputeModes):
+    """Profiled costs of one model on one cluster (paper form, units of the public FlexSP solver).
+
+    Recompute modes (``modes``, ``for_mode``, ``envelope``, ``best_mode``) come from ``RecomputeModes``.
+    """
 
     name: str
     num_layers: int
@@ -125,6 +127,7 @@ class CostModel:
     alltoall: AllToAllCoeffs
     memory: MemoryCoeffs
     extra: Mapping[str, Any] = field(default_factory=dict)  # unknown top-level keys, kept on save
+    recompute: Mapping[str, RecomputeCoeffs] = field(default_factory=dict)  # optional modes (recompute.py)
 
     # ------------------------------------------------------------------ JSON
     @classmethod
@@ -161,6 +164,7 @@ class CostModel:
                 _num(m, "activation_mb_per_token", "memory.", positive=True),
             ),
             extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
+            recompute=parse_recompute(d["recompute"]) if "recompute" in d else {},
         )
         if model.memory.model_states_mb >= model.memory.limit_gb * 1024:
             raise CostModelError(
@@ -192,6 +196,8 @@ class CostModel:
                 "activation_mb_per_token": self.memory.activation_mb_per_token,
             },
         }
+        if self.recompute:
+            d["recompute"] = recompute_to_dict(self.recompute)
         d.update(self.extra)
         return d
 
@@ -199,21 +205,30 @@ class CostModel:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     # ------------------------------------------------------------ formulas
-    def compute_ms(self, lengths: Iterable[int], degree: int) -> float:
+    # ``mode``: a recompute mode of ``modes``; "none" is the top-level coefficients (DESIGN.md's formulas)
+    def compute_ms(self, lengths: Iterable[int], degree: int, mode: str = "none") -> float:
+        if mode != "none":
+            return self.for_mode(mode).compute_ms(lengths, degree)
         c = self.compute
         work = sum(c.alpha1_ms_per_token2 * s * s + c.alpha2_ms_per_token * s for s in lengths)
         return work / degree + c.beta1_ms
 
-    def alltoall_ms(self, total_tokens: float, degree: int) -> float:
+    def alltoall_ms(self, total_tokens: float, degree: int, mode: str = "none") -> float:
+        if mode != "none":
+            return self.for_mode(mode).alltoall_ms(total_tokens, degree)
         if degree == 1:
             return 0.0
         return self.alltoall.bytes_per_token * total_tokens / degree / 2**20 / self.bandwidth(degree)
 
-    def memory_mb(self, total_tokens: float, degree: int) -> float:
+    def memory_mb(self, total_tokens: float, degree: int, mode: str = "none") -> float:
+        if mode != "none":
+            return self.for_mode(mode).memory_mb(total_tokens, degree)
         return self.memory.model_states_mb + self.memory.activation_mb_per_token * total_tokens / degree
 
-    def group_time_ms(self, lengths: Sequence[int], degree: int) -> float:
+    def group_time_ms(self, lengths: Sequence[int], degree: int, mode: str = "none") -> float:
         """Compute plus all-to-all of one group in one micro-batch."""
+        if mode != "none":
+            return self.for_mode(mode).group_time_ms(lengths, degree)
         return self.compute_ms(lengths, degree) + self.alltoall_ms(sum(lengths), degree)
 
     def bandwidth(self, degree: int) -> float:
@@ -237,18 +252,20 @@ class CostModel:
             math.floor((self.limit_mb - self.memory.model_states_mb) / self.memory.activation_mb_per_token + 1e-9)
         )
 
-    def capacity(self, degree: int) -> int:
+    def capacity(self, degree: int, mode: str = "none") -> int:
         """Most tokens a group of this degree can hold in one micro-batch."""
+        if mode != "none":
+            return self.for_mode(mode).capacity(degree)
         return self.tokens_per_gpu * degree
 
-    def fits(self, total_tokens: float, degree: int) -> bool:
+    def fits(self, total_tokens: float, degree: int, mode: str = "none") -> bool:
         """Whether a group of this degree holds ``total_tokens`` in one micro-batch.
 
         Same as ``total_tokens <= capacity(degree)``: each of the d GPUs holds ceil(T / d) tokens
         of the packed group, so T <= d * tokens_per_gpu. This is at most d - 1 tokens stricter
         than the plain formula T / d, and keeps capacity, fits and smallest_degree consistent.
         """
-        return total_tokens <= self.capacity(degree)
+        return total_tokens <= self.capacity(degree, mode)
 
     def allowed_degrees(self, world_size: int) -> list[int]:
         """Degrees a plan may use on ``world_size`` ranks.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .costmodel import CostModel
+from .recompute import MODES
 
 __all__ = [
     "PlanError",
@@ -62,15 +63,22 @@ class NoFeasiblePlanError(PlanError):
 
 @dataclass
 class Group:
+    """One SP group of a micro-batch; ``recompute`` is its activation recomputation ("none", "selective" or
+    "full"), written to JSON only when not "none" so that plans without recomputation read as before."""
+
     ranks: list[int]
     sequences: list[int] = field(default_factory=list)
+    recompute: str = "none"
 
     @property
     def degree(self) -> int:
         return len(self.ranks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ranks": list(self.ranks), "sequences": list(self.sequences)}
+        d: dict[str, Any] = {"ranks": list(self.ranks), "sequences": list(self.sequences)}
+        if self.recompute != "none":
+            d["recompute"] = self.recompute
+        return d
 
 
 @dataclass
@@ -154,6 +162,7 @@ class Plan:
                         Group(
                             _int_list(g["ranks"], where + ".ranks"),
                             _int_list(g.get("sequences", []), where + ".sequences"),
+                            _mode(g.get("recompute", "none"), where + ".recompute"),
                         )
                     )
                 mbs.append(MicroBatch(groups))
@@ -203,6 +212,12 @@ def _as_list(v: Any, where: str) -> list:
     return list(v)
 
 
+def _mode(v: Any, where: str) -> str:
+    if v not in MODES:
+        raise PlanError(f"plan JSON: '{where}' = {v!r} is not a recompute mode ({', '.join(MODES)})")
+    return v
+
+
 def _int_list(v: Any, where: str) -> list[int]:
     """Integers of a JSON list; a float, bool or string is a malformed plan, not silently rounded."""
     out = []
@@ -215,7 +230,11 @@ def _int_list(v: Any, where: str) -> list[int]:
 
 def micro_batch_ms(mb: MicroBatch, lengths: Sequence[int], cost: CostModel) -> float:
     """Slowest group of the micro-batch (groups holding no sequence cost nothing)."""
-    times = [cost.group_time_ms([lengths[i] for i in g.sequences], g.degree) for g in mb.groups if g.sequences]
+    times = [
+        cost.group_time_ms([lengths[i] for i in g.sequences], g.degree, getattr(g, "recompute", "none"))
+        for g in mb.groups
+        if g.sequences
+    ]
     return max(times, default=0.0)
 
 
@@ -244,6 +263,8 @@ def _check_group(m: int, gi: int, g: Group, ws: int, n: int, owner: dict[int, in
     """Ranks in range and in no other group; sequences in range and in no other group (both recorded)."""
     if not g.ranks:
         raise PlanError(f"micro-batch {m} group {gi} has no rank")
+    if g.recompute not in MODES:
+        raise PlanError(f"micro-batch {m} group {gi}: recompute {g.recompute!r} is not one of {', '.join(MODES)}")
     for r in g.ranks:
         if not 0 <= r < ws:
             raise PlanError(f"micro-batch {m} group {gi}: rank {r} is outside 0..{ws - 1}")
@@ -282,8 +303,15 @@ def _check_micro_batch(m: int, mb: MicroBatch, ws: int, n: int, seen: dict[int, 
 
 
 def _check_group_cost(where: str, g: Group, lengths: Sequence[int], cost: CostModel) -> None:
-    """Degree divides the heads and has a bandwidth; topology (one node or whole nodes); memory."""
+    """Degree divides the heads and has a bandwidth; topology (one node or whole nodes); memory (of the
+    group's recompute mode, which the cost model must know)."""
     d, gpn, heads = g.degree, cost.gpus_per_node, cost.num_attention_heads
+    mode = g.recompute
+    if mode not in cost.modes:
+        raise PlanError(
+            f"{where}: recompute mode {mode!r} is not in the cost model (has {', '.join(cost.modes)}; "
+            f"add its 'recompute.{mode}' coefficients)"
+        )
     if heads % d:
         raise PlanError(f"{where}: degree {d} does not divide num_attention_heads {heads}")
     if d > 1 and d not in cost.alltoall.bandwidth_gbs:
@@ -299,9 +327,12 @@ def _check_group_cost(where: str, g: Group, lengths: Sequence[int], cost: CostMo
             f"{where}: a group larger than a node must span exactly {d}/{gpn} whole nodes, spans nodes {nodes}"
         )
     tokens = sum(lengths[s] for s in g.sequences)
-    mem = cost.memory_mb(tokens, d)
+    mem = cost.memory_mb(tokens, d, mode)
     if mem > cost.limit_mb + 1e-6:
-        raise PlanError(f"{where}: {tokens} tokens need {mem:.1f} MB per GPU, over the limit {cost.limit_mb:.1f} MB")
+        how = "" if mode == "none" else f" (recompute {mode})"
+        raise PlanError(
+            f"{where}: {tokens} tokens need {mem:.1f} MB per GPU{how}, over the limit {cost.limit_mb:.1f} MB"
+        )
 
 
 def validate_plan(

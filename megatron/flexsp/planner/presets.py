@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .costmodel import CostModel, CostModelError, alltoall_bytes_per_token, build_cost_model
+from .model_presets import MODEL_PRESET_NAMES, model_cost_preset
 
 __all__ = ["PRESET_NAMES", "PAPER_WORLD_SIZE", "preset", "load_cost_model"]
 
@@ -66,7 +67,8 @@ _CPU_DDP_PRESET = dict(
     alltoall={"bytes_per_token": alltoall_bytes_per_token(2, 64, 4, 2, 4), "bandwidth_gbs": {"2": 0.157, "4": 0.019}},
 )
 
-PRESET_NAMES = ("gpt-7b", "gpt-13b", "gpt-30b", "cpu-tiny", "cpu-tiny-ddp")
+# The model presets (--model-preset) get a cost model of their shape from the analytic prior (model_presets.py).
+PRESET_NAMES = ("gpt-7b", "gpt-13b", "gpt-30b", "cpu-tiny", "cpu-tiny-ddp", *MODEL_PRESET_NAMES)
 
 
 def preset(name: str, world_size: int = PAPER_WORLD_SIZE) -> CostModel:
@@ -94,6 +96,8 @@ def preset(name: str, world_size: int = PAPER_WORLD_SIZE) -> CostModel:
         return CostModel.from_dict(_CPU_PRESET)
     if key == "cpu-tiny-ddp":
         return CostModel.from_dict(_CPU_DDP_PRESET)
+    if key in MODEL_PRESET_NAMES:
+        return model_cost_preset(key, world_size)
     raise CostModelError(f"unknown cost-model preset '{name}' (presets: {', '.join(PRESET_NAMES)})")
 
 

@@ -10,6 +10,7 @@ RoPE follows the per-token position ids (which restart at every packed document)
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -52,6 +53,12 @@ class GPTConfig:
     qk_layernorm: bool = False
     share_embeddings_and_output_weights: bool = False
     kv_channels: int | None = None
+    # Real checkpoints' architecture fields (issue 18): Llama uses eps 1e-5, Qwen2 1e-6 and a bias
+    # on q, k, v only; Llama 3.1 rescales RoPE's inverse frequencies (megatron's ``rope_scaling``).
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     extra: dict[str, Any] = field(default_factory=dict)  # passed to TransformerConfig as-is
 
     def validate(self) -> None:
@@ -85,6 +92,21 @@ class GPTConfig:
             )
         if self.bf16 and self.params_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"GPTConfig.bf16 with params_dtype {self.params_dtype} is not supported")
+        self._validate_checkpoint_fields()
+
+    def _validate_checkpoint_fields(self) -> None:
+        """The fields real checkpoints need (norm epsilon, RoPE scaling): finite, positive, consistent."""
+        if not (
+            isinstance(self.norm_epsilon, (int, float)) and math.isfinite(self.norm_epsilon) and self.norm_epsilon > 0
+        ):
+            raise ValueError(f"GPTConfig.norm_epsilon must be a finite number > 0, got {self.norm_epsilon!r}")
+        f = self.rope_scaling_factor
+        if not (isinstance(f, (int, float)) and math.isfinite(f) and f > 0):
+            raise ValueError(f"GPTConfig.rope_scaling_factor must be a finite number > 0, got {f!r}")
+        if self.use_rope_scaling and self.position_embedding_type != "rope":
+            raise ValueError(
+                f"GPTConfig.use_rope_scaling needs position_embedding_type='rope', got {self.position_embedding_type!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,6 +142,8 @@ def to_transformer_config(cfg: GPTConfig):
         params_dtype=cfg.params_dtype,
         bf16=cfg.bf16,
         qk_layernorm=cfg.qk_layernorm,
+        layernorm_epsilon=float(cfg.norm_epsilon),
+        add_qkv_bias=cfg.add_qkv_bias,
         use_cpu_initialization=True,
         perform_initialization=True,
         bias_activation_fusion=False,
@@ -189,6 +213,8 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
             share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
             position_embedding_type=cfg.position_embedding_type,
             rotary_base=cfg.rotary_base,
+            rope_scaling=cfg.use_rope_scaling,
+            rope_scaling_factor=float(cfg.rope_scaling_factor),
         )
     if getattr(model, "position_embedding_type", cfg.position_embedding_type) != cfg.position_embedding_type:
         raise RuntimeError(

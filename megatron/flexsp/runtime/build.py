@@ -18,6 +18,7 @@ from torch import nn
 from .executor import FlexSPExecutor
 from .group_pool import GroupPool
 from .model import GPTConfig, build_gpt_model
+from .recompute import RecomputeConfig
 from .sharding import shard_model
 
 if TYPE_CHECKING:  # the planner is torch-free; only its types are needed here
@@ -42,14 +43,21 @@ def build_runtime(
     device: torch.device,
     sharding: str = "fsdp2",
     timeout: datetime.timedelta | None = None,
+    recompute: RecomputeConfig | None = None,
 ) -> Runtime:
     """Build the model on ``device``, shard it, create the cost model's group pool, wrap an executor.
 
     Every rank calls it; the pool is lazy, so no process group is made here (each is made by its
     members when a micro-batch first uses it, see ``group_pool``).
     ``timeout``: the pool's process-group timeout (None: torch.distributed's default).
+    ``recompute``: the run's activation recomputation (--recompute-*; default none), validated
+    against the model here so a bad setting fails before the model is built.
     """
+    if recompute is not None:
+        recompute.validate(model_cfg.num_layers, sharding)
     model = build_gpt_model(model_cfg, device=device)
     shard_model(model, sharding)
     pool = GroupPool.from_cost_model(cost, timeout=timeout)
-    return Runtime(model=model, pool=pool, executor=FlexSPExecutor(model, pool, sharding_mode=sharding))
+    return Runtime(
+        model=model, pool=pool, executor=FlexSPExecutor(model, pool, sharding_mode=sharding, recompute=recompute)
+    )

@@ -31,6 +31,7 @@ from megatron.flexsp.planner.plan import Plan, PlanError, validate_plan
 from . import loss as loss_mod
 from .alltoall import get_stats as a2a_stats
 from .packing import pack_group
+from .recompute import RecomputeConfig, attach_spec, install_recompute
 from .sharding import finish_grad_sync, sharding_mode_of
 from .sp_group import ActiveSPGroup, packed_seq_params, sp_group
 
@@ -91,6 +92,8 @@ class FlexSPExecutor:
     (do not call ``finish_grad_sync`` again). ``time_cuda`` synchronises the device around
     forward and backward so the per-rank ms are exact (small cost; off = launch times only).
     ``check_consistency`` compares the plan across ranks (one tiny all-reduce per step).
+    ``recompute``: the run's activation recomputation (default none); a fixed granularity applies
+    to every micro-batch, ``auto`` applies each plan group's ``recompute`` mode.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class FlexSPExecutor:
         sync_grads: bool = True,
         time_cuda: bool = True,
         check_consistency: bool = True,
+        recompute: RecomputeConfig | None = None,
     ):
         actual = sharding_mode_of(model)
         if actual is None:
@@ -135,6 +139,9 @@ class FlexSPExecutor:
             )
         self.time_cuda = time_cuda and self.device.type == "cuda"
         self._a2a_reset, self._a2a_read = _a2a_stats_reader()
+        self.recompute = recompute or RecomputeConfig()
+        if self.recompute.granularity != "none":
+            install_recompute(model)
 
     # ------------------------------------------------------------------ checks
     def _local_check(self, plan: Plan, sequences: Sequence[Tensor]) -> str | None:
@@ -220,12 +227,18 @@ class FlexSPExecutor:
         return contextlib.nullcontext()
 
     def _forward_backward(
-        self, seqs: list[Tensor], active: ActiveSPGroup, global_tokens: int, forward_only: bool = False
+        self,
+        seqs: list[Tensor],
+        active: ActiveSPGroup,
+        global_tokens: int,
+        forward_only: bool = False,
+        recompute_mode: str = "none",
     ) -> dict[str, Any]:
         # An empty group packs one block of padding only (loss mask 0): same collectives, no loss.
         sl = pack_group(seqs, active.rank, active.world_size, pad_multiple=self.pad_multiple)
         dev = self.device
         psp = packed_seq_params(sl, active, dev)  # the group travels with the data, built once per micro-batch
+        attach_spec(psp, self.recompute.spec_for(recompute_mode))  # so does the micro-batch's recomputation
         input_ids = sl.input_ids.to(dev)
         labels = sl.labels.to(dev)
         loss_mask = sl.loss_mask.to(dev)
@@ -283,10 +296,15 @@ class FlexSPExecutor:
             seqs = [sequences[i] for i in g.sequences]
             self._a2a_reset()
             with sp_group(self.pool, g.ranks) as active:
-                r = self._forward_backward(seqs, active, global_tokens, forward_only)
-            r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()
+                r = self._forward_backward(seqs, active, global_tokens, forward_only, getattr(g, "recompute", "none"))
+            r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()  # a recomputed attention's exchanges included
             r.update(
-                micro_batch=m, ranks=list(g.ranks), degree=g.degree, sequences=list(g.sequences), empty_group=not seqs
+                micro_batch=m,
+                ranks=list(g.ranks),
+                degree=g.degree,
+                sequences=list(g.sequences),
+                empty_group=not seqs,
+                recompute=self.recompute.spec_for(getattr(g, "recompute", "none")).mode,
             )
             per_mb.append(r)
             loss_parts.append(r.pop("loss_sum"))

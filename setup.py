@@ -26,16 +26,26 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2.2", "matplotlib", "ruff==0.17.5", "import-linter>=2.1"],
+        "dev": [
+            "pytest>=7",
+            "pytest-timeout>=2.2",
+            "matplotlib",
+            "ruff==0.17.5",
+            "import-linter>=2.1",
+            "transformers>=4.45",  # tests/convert build tiny HF models as the reference
+            "safetensors>=0.4",
+        ],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
-        "hf": ["transformers"],  # --tokenizer-type HuggingFaceTokenizer (preprocess_data.py)
+        # --tokenizer-type HuggingFaceTokenizer (preprocess_data.py); flexsp-convert hf-to-flexsp / flexsp-to-hf
+        "hf": ["transformers>=4.45", "safetensors>=0.4"],
     },
     entry_points={
         "console_scripts": [
             "flexsp-plan=megatron.flexsp.planner.cli:main",
             "flexsp-profile=megatron.flexsp.training.profiler:main",
+            "flexsp-convert=megatron.flexsp.convert.cli:main",
         ]
     },
 )

@@ -86,10 +86,13 @@ def _run_mode(rank, plan, docs, mode_kw, dropout, sharding, group_modes=None):
     for n, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[n] = g.detach().clone()
+    counted = {k: v[0] for k, v in calls.items()}
+    fwd_a2a = ex.run(plan, docs, forward_only=True).stats["a2a_bytes"]  # the forward's exchanges alone
     return dict(
+        fwd_a2a=fwd_a2a,
         loss=res.loss,
         grads=grads,
-        calls={k: v[0] for k, v in calls.items()},
+        calls=counted,
         saved=meter.bytes,
         a2a=res.stats["a2a_bytes"],
         modes=[r["recompute"] for r in res.micro_batch_stats],
@@ -133,7 +136,7 @@ def _assert_recomputed(res: dict, name: str, layers: int = 3) -> None:
     assert res[name]["saved"] < res["none"]["saved"], (name, res[name]["saved"], res["none"]["saved"])
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dropout", [pytest.param(0.0, marks=pytest.mark.slow), 0.1])
 def test_recompute_equals_none_single_process(dropout):
     (res,) = run_distributed(_single_body, 1, dropout, timeout=240)
     if dropout:  # dropout really draws: another seed gives another loss (checked via the two runs' values)
@@ -143,3 +146,62 @@ def test_recompute_equals_none_single_process(dropout):
         _assert_recomputed(res, name)
     # Full recomputation with one layer per chunk keeps the least of the full variants.
     assert res["full-uniform-2"]["saved"] < res["full-block-1"]["saved"]
+
+
+def _multi_plan():
+    """Heterogeneous groups on 4 ranks: degrees 2+1+1, one group of 4, 1+1+2."""
+    from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
+
+    lengths = [30, 9, 14, 44, 7, 11, 26]
+    plan = Plan(
+        4,
+        lengths,
+        [
+            MicroBatch([Group([0, 1], [0]), Group([2], [1]), Group([3], [2])]),
+            MicroBatch([Group([0, 1, 2, 3], [3])]),
+            MicroBatch([Group([0], [4]), Group([1], [5]), Group([2, 3], [6])]),
+        ],
+    )
+    g = torch.Generator().manual_seed(9)
+    return plan, [torch.randint(0, VOCAB, (L + 1,), generator=g) for L in lengths]
+
+
+# Under auto, each group's own mode (ranks of one micro-batch differ, FSDP2 collectives still line up).
+AUTO_MODES = [["full", "selective", "none"], ["selective"], ["none", "full", "selective"]]
+
+
+def _multi_body(rank, world_size, dropout):
+    plan, docs = _multi_plan()
+    out = {"none": _run_mode(rank, plan, docs, dict(granularity="none"), dropout, "fsdp2")}
+    out["full-uniform-2"] = _run_mode(rank, *_multi_plan(), FIXED_MODES[1][1], dropout, "fsdp2")
+    out["selective-core_attn"] = _run_mode(rank, *_multi_plan(), FIXED_MODES[3][1], dropout, "fsdp2")
+    out["auto"] = _run_mode(rank, *_multi_plan(), dict(granularity="auto"), dropout, "fsdp2", AUTO_MODES)
+    for v in out.values():
+        del v["calls"]
+    return out
+
+
+@pytest.mark.parametrize("dropout", [0.1])
+def test_recompute_equals_none_on_4_ranks_fsdp2(dropout):
+    results = run_distributed(_multi_body, 4, dropout, timeout=300)
+    for rank, res in enumerate(results):
+        for name in ("full-uniform-2", "selective-core_attn", "auto"):
+            _assert_equal_to_none(res, name)
+        # The plan's modes were applied per group (auto), the fixed mode everywhere otherwise.
+        assert res["auto"]["modes"] == [
+            AUTO_MODES[0][{0: 0, 1: 0, 2: 1, 3: 2}[rank]],
+            AUTO_MODES[1][0],
+            AUTO_MODES[2][{0: 0, 1: 1, 2: 2, 3: 2}[rank]],
+        ]
+        assert res["full-uniform-2"]["modes"] == ["full"] * 3
+        # Without recomputation: the forward's exchanges F and their adjoints (same volume) in backward.
+        fwd = res["none"]["fwd_a2a"]
+        assert fwd > 0 and res["none"]["a2a"] == 2 * fwd
+        # Full recomputation re-runs every exchange of the forward: exactly F more.
+        assert res["full-uniform-2"]["a2a"] - res["none"]["a2a"] == fwd
+        # A recomputed core attention exchanges q, k, v again but not its output (torch stops a
+        # recompute after the last tensor saved for backward): 0 < extra < F.
+        extra = res["selective-core_attn"]["a2a"] - res["none"]["a2a"]
+        assert 0 < extra < fwd, (extra, fwd)
+    # Same loss on every rank.
+    assert len({r["auto"]["loss"] for r in results}) == 1

@@ -15,6 +15,10 @@ never estimated slower than a baseline it ran. ``solver.extra["chosen"]`` says w
 kept: "solver" when the solver's plan is strictly better than every baseline, else the
 baseline's name ("homogeneous", "megatron-hybrid-cp" or "megatron-dynamic-cp"; then ``solver_estimate_ms`` is the
 solver's own estimate, equal when the solver could not improve on it).
+
+``config.recompute`` (``mode_choice``): a fixed mode plans every method on that mode's model and
+labels every group with it; "auto" lets the solver choose per group, and a baseline rule is run
+on each mode's model with each group labelled by the fastest mode that fits it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .costmodel import CostModel
 from .deadline import Deadline
 from .dynamic_cp import dynamic_cp_plan
 from .hybrid_cp import hybrid_cp_plan
+from .mode_choice import best_rule_plan, label_plan, planning_modes
 from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 
 __all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig", "plan_global_batch", "fallback_plan"]
@@ -62,7 +67,26 @@ def _predicted_s(name: str, n: int, world_size: int) -> float:
     return 1e-3 + 2e-5 * n
 
 
-def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float, deadline: Deadline) -> Plan:
+def _mode_plans(
+    lengths: list[int], cost: CostModel, config: PlannerConfig, deadline: Deadline, modes: tuple[str, ...]
+) -> list[tuple[str, Plan]]:
+    """Auto: each allowed mode's FlexSP plan (a fifth of the time with three modes, 40 % left for the auto
+    search), its groups labelled with their fastest fitting mode: the auto search starts from them and is
+    never estimated slower than a fixed mode's plan found in that share."""
+    out = []
+    for i, m in enumerate(modes):
+        sub = deadline.share(1.0 / (len(modes) + 2 - i))
+        try:
+            p = _flexsp_module.plan_flexsp(lengths, cost, config.world_size, gap=config.gap, deadline=sub, recompute=m)
+        except NoFeasiblePlanError:  # a length this mode cannot hold on any group
+            continue
+        out.append(("flexsp-" + m, label_plan(p, cost, modes)))
+    return out
+
+
+def _flexsp(
+    lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float, deadline: Deadline, modes: tuple[str, ...]
+) -> Plan:
     baselines: list[tuple[str, Plan]] = []
     skipped = []
     seeds = (
@@ -71,13 +95,16 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
         ("megatron-dynamic-cp", dynamic_cp_plan),
     )
     for name, build in seeds:
-        if not deadline.deterministic and _predicted_s(name, len(lengths), config.world_size) > 0.5 * deadline.left():
+        need = _predicted_s(name, len(lengths), config.world_size) * len(modes)
+        if not deadline.deterministic and need > 0.5 * deadline.left():
             skipped.append(name)
             continue
         try:
-            baselines.append((name, build(lengths, cost, config.world_size, lower_bound_ms=lb)))
+            baselines.append((name, _rule(build, lengths, cost, config.world_size, modes, lower_bound_ms=lb)))
         except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: no homogeneous plan
             continue
+    if len(modes) > 1:
+        baselines += _mode_plans(lengths, cost, config, deadline, modes)
     plan = _flexsp_module.plan_flexsp(
         lengths,
         cost,
@@ -86,6 +113,7 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
         gap=config.gap,
         deadline=deadline,
         seeds=baselines,
+        recompute=config.recompute,
     )
     solver = plan.solver
     chosen, solver_ms = "solver", plan.estimated_time_ms
@@ -104,24 +132,32 @@ def _flexsp(lengths: list[int], cost: CostModel, config: PlannerConfig, lb: floa
     return plan
 
 
+def _rule(build, lengths: list[int], cost: CostModel, ws: int, modes: tuple[str, ...], **kw) -> Plan:
+    """A baseline rule's plan: as before without recomputation, else labelled per ``mode_choice``."""
+    if modes == ("none",):
+        return build(lengths, cost, ws, **kw)
+    return best_rule_plan(build, lengths, cost, ws, modes, **kw)
+
+
 def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerConfig) -> Plan:
     """Plan one global batch with ``config.method``; the result is validated against ``cost``."""
     deadline = Deadline.after(config.time_limit_s, work_limit=config.work_limit)
     lengths = _check_lengths(lengths, config)
     ws = config.world_size
-    lb = lower_bound_ms(lengths, cost, ws)  # also raises NoFeasiblePlanError naming impossible lengths
+    modes = planning_modes(cost, config.recompute)
+    # also raises NoFeasiblePlanError naming impossible lengths (under the leanest mode allowed)
+    lb = lower_bound_ms(lengths, cost.envelope(modes), ws)
     if config.method == "flexsp":
-        plan = _flexsp(lengths, cost, config, lb, deadline)
+        plan = _flexsp(lengths, cost, config, lb, deadline, modes)
     elif config.method == "static":
-        plan = static_plan(
-            lengths, cost, ws, max_seq_len=config.max_seq_len, degree=config.static_degree, lower_bound_ms=lb
-        )
+        kw = {"max_seq_len": config.max_seq_len, "degree": config.static_degree}
+        plan = _rule(static_plan, lengths, cost, ws, modes, lower_bound_ms=lb, **kw)
     elif config.method == "batch-adaptive":
-        plan = batch_adaptive_plan(lengths, cost, ws, lower_bound_ms=lb)
+        plan = _rule(batch_adaptive_plan, lengths, cost, ws, modes, lower_bound_ms=lb)
     elif config.method == "megatron-dynamic-cp":
-        plan = dynamic_cp_plan(lengths, cost, ws, lower_bound_ms=lb)
+        plan = _rule(dynamic_cp_plan, lengths, cost, ws, modes, lower_bound_ms=lb)
     else:
-        plan = hybrid_cp_plan(lengths, cost, ws, lower_bound_ms=lb)
+        plan = _rule(hybrid_cp_plan, lengths, cost, ws, modes, lower_bound_ms=lb)
     validate_plan(plan, cost, world_size=ws, num_sequences=len(lengths))
     return plan
 
@@ -144,6 +180,7 @@ def fallback_plan(lengths: Sequence[int], cost: CostModel, config: PlannerConfig
         time_limit_s=min(FALLBACK_TIME_S, config.time_limit_s),
         gap=config.gap,
         work_limit=1 if config.work_limit is not None else None,
+        recompute=config.recompute,
     )
     validate_plan(plan, cost, world_size=config.world_size, num_sequences=len(lengths))
     return plan

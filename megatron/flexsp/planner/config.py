@@ -11,6 +11,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+from .recompute import RECOMPUTE_CHOICES
+
 __all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig"]
 
 METHODS = ("flexsp", "static", "batch-adaptive", "megatron-hybrid-cp", "megatron-dynamic-cp")
@@ -24,7 +26,9 @@ class PlannerConfig:
     ``time_limit_s`` bounds the whole flexsp solve; ``gap``: stop improving once the plan is within
     this fraction of the lower bound; ``work_limit``: instead of the clock, a budget of micro-batch
     solves, so that the same batch always gets the same plan (resumed runs, any machine); ``seed``:
-    the run's seed, kept with the settings (the search itself has no randomness)."""
+    the run's seed, kept with the settings (the search itself has no randomness); ``recompute``: the
+    activation recomputation of every group ("none", "selective", "full"; the cost model must have the
+    mode's coefficients), or "auto": per group the fastest mode whose memory fits."""
 
     world_size: int
     method: str = "flexsp"
@@ -34,10 +38,13 @@ class PlannerConfig:
     seed: int = 0
     gap: float = 0.01
     work_limit: int | None = None
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"planner method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"planner recompute must be one of {', '.join(RECOMPUTE_CHOICES)}; got {self.recompute!r}")
         for name in ("world_size", "max_seq_len", "static_degree"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bounds import check_feasible, lower_bound_ms, seq_tau_table
+from .bounds import check_feasible, lower_bound_ms
 from .config import PlannerConfig
 from .costmodel import CostModel
 from .deadline import Deadline
 from .micro_batch import MBSolution, PlannerContext
+from .mode_choice import planning_modes
 from .placement import place_groups
 from .plan import Group, MicroBatch, Plan, PlanError, SolverInfo, estimate_plan_ms, validate_plan
 from .search.cuts import safe_plan as _safe_plan
@@ -46,11 +47,15 @@ DEFAULT_GAP = PlannerConfig.gap  # kept for importers; the default lives in Plan
 
 
 def _to_plan(ctx: PlannerContext, lengths: np.ndarray, chunks: list[tuple[np.ndarray, MBSolution]]) -> Plan:
-    """Micro-batches of batch positions -> a Plan with ranks placed."""
+    """Micro-batches of batch positions -> a Plan with ranks placed and each group's recompute mode."""
     mbs = []
     for idx, sol in chunks:
         ranks = place_groups(sol.degrees, ctx.cost, ctx.world_size)
-        groups = [Group(list(r), [int(idx[j]) for j in mem]) for r, mem in zip(ranks, sol.members)]
+        opts = sol.options if sol.options is not None else [None] * len(sol.degrees)
+        groups = []
+        for r, mem, k in zip(ranks, sol.members, opts):
+            seqs = [int(idx[j]) for j in mem]
+            groups.append(Group(list(r), seqs, ctx.group_mode([int(lengths[s]) for s in seqs], len(r), k)))
         groups.sort(key=lambda g: g.ranks[0])
         mbs.append(MicroBatch(groups))
     return Plan(ctx.world_size, [int(x) for x in lengths], mbs)
@@ -71,15 +76,15 @@ def _valid_plan(ctx: PlannerContext, L: np.ndarray, chunks: list, info: dict) ->
     """The search's plan, or the last resort where it does not validate."""
     plan = _to_plan(ctx, L, chunks)
     try:
-        validate_plan(plan, ctx.cost)
+        validate_plan(plan, ctx.base)
     except PlanError:
         if info.get("cut") == "safe":
             raise
         order = np.argsort(-L, kind="stable")
-        taus = seq_tau_table(L[order], ctx.cost, ctx.degrees)
+        taus = ctx.tau_table(L[order])
         safe = _safe_plan(ctx, L[order], taus)
         plan = _to_plan(ctx, L, [(order[idx], sol) for idx, sol in safe])
-        validate_plan(plan, ctx.cost)
+        validate_plan(plan, ctx.base)
         info["cut"] = "safe"
     return plan
 
@@ -122,19 +127,24 @@ def _run(
     use_milp: bool,
     method: str,
     seeds: Sequence[tuple[str, Plan]] = (),
+    recompute: str = "none",
 ) -> Plan:
     time_limit_s, gap, deadline = budget.time_limit_s, budget.gap, budget.deadline
     if deadline is None:
         deadline = Deadline.after(time_limit_s, work_limit=budget.work_limit)
-    L = _checked_lengths(lengths, cost, world_size)
-    lb = lower_bound_ms(L, cost, world_size)
-    ctx = PlannerContext.build(cost, world_size)
+    modes = planning_modes(cost, recompute)
+    plan_cost = cost.envelope(modes)  # bounds and memory budgets that hold for any mix of the modes
+    L = _checked_lengths(lengths, plan_cost, world_size)
+    lb = lower_bound_ms(L, plan_cost, world_size)
+    ctx = PlannerContext.build(cost, world_size, modes)
     ctx.milp_shots = (max(0.015 * time_limit_s, 0.01), max(0.06 * time_limit_s, 0.02))
     chunks, info = plan_chunks(ctx, L, use_milp=use_milp, deadline=deadline, lb=lb, gap=gap, seeds=seeds)
     plan = _valid_plan(ctx, L, chunks, info)
-    plan.estimated_time_ms = estimate_plan_ms(plan, cost)
+    plan.estimated_time_ms = estimate_plan_ms(plan, cost)  # each group under its own mode
     status = _status(ctx, chunks, info, use_milp, deadline)
     info.update(num_micro_batches=plan.num_micro_batches, gap=gap)
+    if recompute != "none":
+        info["recompute"] = recompute
     plan.solver = SolverInfo(
         method=method, status=status, solve_time_s=deadline.elapsed(), lower_bound_ms=lb, extra=info
     )
@@ -150,10 +160,12 @@ def greedy_plan(
     gap: float = PlannerConfig.gap,
     deadline: Deadline | None = None,
     work_limit: int | None = None,
+    recompute: str = "none",
 ) -> Plan:
-    """Heuristic plan (no MILP) within ``time_limit_s`` (or ``work_limit`` solves); always valid when any plan exists."""
+    """Heuristic plan (no MILP) within ``time_limit_s`` (or ``work_limit`` solves); always valid when any plan exists.
+    ``recompute``: as ``PlannerConfig.recompute``."""
     budget = _Budget(time_limit_s, gap, deadline, work_limit)
-    return _run(lengths, cost, world_size, budget, use_milp=False, method="flexsp-greedy")
+    return _run(lengths, cost, world_size, budget, use_milp=False, method="flexsp-greedy", recompute=recompute)
 
 
 def plan_flexsp(
@@ -166,13 +178,15 @@ def plan_flexsp(
     gap: float = PlannerConfig.gap,
     deadline: Deadline | None = None,
     work_limit: int | None = None,
+    recompute: str = "none",
 ) -> Plan:
     """FlexSP plan within ``time_limit_s`` (or ``deadline``): constructive, then improved until the deadline or ``gap``.
 
     ``seeds``: (name, plan) pairs that compete with the constructive cuts (the api passes the
     baselines). ``work_limit``: a budget of micro-batch solves instead of the clock (the same
     batch then always gets the same plan; no MILP, whose time limits are clock-bound). The
-    search has no randomness: what it reaches depends only on the budget it gets.
+    search has no randomness: what it reaches depends only on the budget it gets. ``recompute``: a mode
+    for every group, or "auto" (``PlannerConfig.recompute``); seeds must use the modes it allows.
     """
     budget = _Budget(time_limit_s, gap, deadline, work_limit)
-    return _run(lengths, cost, world_size, budget, use_milp=True, method="flexsp", seeds=seeds)
+    return _run(lengths, cost, world_size, budget, use_milp=True, method="flexsp", seeds=seeds, recompute=recompute)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from .costmodel import CostModel, CostModelError, alltoall_bytes_per_token
 
-__all__ = ["ModelShape", "analytic_cost_model", "num_parameters", "prior_bandwidths"]
+__all__ = ["ModelShape", "analytic_cost_model", "num_parameters", "prior_bandwidths", "recompute_section"]
 
 _GBS_TO_MODEL = 1e9 / 1000.0 / 2**20  # 1 GB/s in the cost model's units (2^20 bytes per ms)
 
@@ -135,6 +135,64 @@ def _activation_mb(shape: ModelShape, e: int) -> float:
     return act_bytes / 2**20
 
 
+def recompute_section(
+    shape: ModelShape,
+    alpha1: float,
+    alpha2: float,
+    activation_factor: float = 1.0,
+    *,
+    e: int = 2,
+    modules: tuple[str, ...] = ("core_attn",),
+    ref_len: int = 32768,
+) -> dict:
+    """The cost model's optional ``recompute`` key (planner/recompute.py) derived from the shape.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") count
+    per layer sbh(34 + 5as/h) bytes, selective recomputation sbh*34 and full recomputation the
+    layer input 2sbh. With flash attention the 5as/h term (scores, softmax, its dropout) is never
+    stored, so "none" here is ``_activation_mb``'s count per layer, A = e (7h + 2hg/a + m f) (GQA:
+    k, v are 2hg/a; SwiGLU: m = 3), plus 4V bytes of fp32 logits; the modes drop from it:
+
+    * selective, per recomputed module (Megatron's --recompute-modules): ``core_attn`` keeps its
+      inputs q, k, v (as before) and drops the attention output the kernel keeps, e h; ``mlp``
+      keeps only the MLP input (already counted as fc1's input) and drops fc1's output and the
+      activation, e m f. Activations: L (A - those) + 4V;
+    * full: each layer's input, e h, plus one layer's A re-created while that layer runs its
+      backward, plus 4V: L e h + A + 4V.
+
+    Compute (f+b = 3 forwards): a recomputed part runs its forward once more. At ``ref_len`` tokens
+    a token costs alpha1 s (attention) + alpha2 (matmuls; the layers' share of the matmul
+    parameters is ``lin_layers``, the MLP's ``lin_mlp``), so
+    full: 1 + (alpha1 s + alpha2 lin_layers) / (3 (alpha1 s + alpha2)); selective: 1 + (alpha1 s
+    [core_attn] + alpha2 lin_mlp [mlp]) / (3 (alpha1 s + alpha2)). All-to-all: the attention's
+    forward exchange (half of f+b) runs again when the attention is recomputed: 1.5 for full and
+    for ``core_attn``, else 1. The online calibration corrects the compute factors.
+    """
+    h, L, V, m, f = shape.hidden_size, shape.num_layers, shape.vocab_size, shape.mlp_mats, shape.ffn
+    A = e * (7 * h + 2 * h * shape.groups / shape.num_attention_heads + m * f)
+    drop = (e * h if "core_attn" in modules else 0) + (e * m * f if "mlp" in modules else 0)
+    lin_all = L * shape.linear_params_per_layer() + V * h
+    lin_layers, lin_mlp = L * shape.linear_params_per_layer() / lin_all, L * m * h * f / lin_all
+    per_tok = 3.0 * (alpha1 * ref_len + alpha2)
+    sel_extra = (alpha1 * ref_len if "core_attn" in modules else 0.0) + (alpha2 * lin_mlp if "mlp" in modules else 0.0)
+
+    def mb(nbytes: float) -> float:
+        return nbytes / 2**20 * activation_factor
+
+    return {
+        "selective": {
+            "activation_mb_per_token": mb(L * (A - drop) + 4 * V),
+            "compute_factor": 1.0 + sel_extra / per_tok,
+            "alltoall_factor": 1.5 if "core_attn" in modules else 1.0,
+        },
+        "full": {
+            "activation_mb_per_token": mb(L * e * h + A + 4 * V),
+            "compute_factor": 1.0 + (alpha1 * ref_len + alpha2 * lin_layers) / per_tok,
+            "alltoall_factor": 1.5,
+        },
+    }
+
+
 def analytic_cost_model(
     shape: ModelShape,
     *,
@@ -151,14 +209,13 @@ def analytic_cost_model(
     overhead_ms: float = 0.0,
     activation_factor: float = 1.0,
     name: str | None = None,
+    recompute_modules: tuple[str, ...] = ("core_attn",),  # what selective recomputes (recompute_section)
 ) -> CostModel:
     """The prior cost model (formulas in the module docstring).
 
     ``device_flops``: FLOP/s of one device (measured, or the peak; ``efficiency`` scales it).
     ``intra_node_gbs`` / ``inter_node_gbs``: per-GPU link bandwidth guesses in GB/s (1e9 B/s).
-    ``sharding``: "zero3" (model states and per-micro-batch gathers split over the world) or
-    "ddp" (replicated states, no gathers).
-    """
+    ``sharding``: "zero3" (states and per-micro-batch gathers split over the world) or "ddp" (neither)."""
     if device_flops <= 0 or efficiency <= 0 or intra_node_gbs <= 0 or inter_node_gbs <= 0:
         raise CostModelError("analytic prior: device_flops, efficiency and link bandwidths must be > 0")
     if sharding not in ("zero3", "ddp"):
@@ -184,6 +241,7 @@ def analytic_cost_model(
             "compute": {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1},
             "alltoall": _alltoall_section(shape, e, world_size, gpus_per_node, intra_node_gbs, inter_node_gbs),
             "memory": {"limit_gb": limit_gb, "model_states_mb": states_mb, "activation_mb_per_token": act_mb},
+            "recompute": recompute_section(shape, alpha1, alpha2, activation_factor, e=e, modules=recompute_modules),
             "prior": dict(
                 device_flops=device_flops,
                 efficiency=efficiency,

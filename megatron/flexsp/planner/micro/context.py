@@ -7,11 +7,13 @@ module import only what it needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..bounds import seq_tau_table
 from ..costmodel import CostModel
 from ..placement import can_place
 
@@ -24,23 +26,81 @@ EXACT_MAX_STRUCTURES = 400  # ... as long as the structures are this few
 
 @dataclass
 class PlannerContext:
-    """What every micro-batch solve needs, computed once per global batch."""
+    """What every micro-batch solve needs, computed once per global batch.
+
+    The solvers choose among *options*, column k of the tau table: a group of degree ``degrees[k]``
+    under recompute mode ``option_modes[k]`` (capacity ``caps[k]``). With one mode (the default,
+    "none") the options are the allowed degrees, as before; with several ("auto") every allowed
+    degree comes once per mode, so a group's memory-time trade is part of the choice of its degree.
+    ``cost`` is the planning model (the modes' envelope: bounds and memory budgets), ``base`` the
+    model with every mode's coefficients (tau columns, plan estimate and validation).
+    """
 
     cost: CostModel
     world_size: int
     degrees: list[int]
-    caps: np.ndarray  # [D] tokens per group of each degree
+    caps: np.ndarray  # [D] tokens per group of each option
     beta1: float
     milp_shots: tuple[float, ...] = (0.03, 0.12)  # MILP time limits tried per micro-batch
+    option_modes: list[str] = field(default_factory=list)  # [D] recompute mode per option ([]: all "none")
+    base: CostModel | None = None  # None: ``cost``
     _structures: list[tuple[int, ...]] | None = field(default=None, repr=False)
     _structures_done: bool = field(default=False, repr=False)
 
     @classmethod
-    def build(cls, cost: CostModel, world_size: int) -> PlannerContext:
-        degs = cost.allowed_degrees(world_size)
+    def build(cls, cost: CostModel, world_size: int, modes: Sequence[str] = ("none",)) -> PlannerContext:
+        plan_cost = cost.envelope(modes)
+        degs = plan_cost.allowed_degrees(world_size)
+        opts = [(d, m) for d in degs for m in modes]
         return cls(
-            cost, world_size, degs, np.array([cost.capacity(d) for d in degs], dtype=np.float64), cost.compute.beta1_ms
+            plan_cost,
+            world_size,
+            [d for d, _ in opts],
+            np.array([cost.capacity(d, m) for d, m in opts], dtype=np.float64),
+            plan_cost.compute.beta1_ms,
+            option_modes=[m for _, m in opts],
+            base=cost,
         )
+
+    @functools.cached_property
+    def modes(self) -> tuple[str, ...]:
+        """The recompute modes the options use (in option order)."""
+        return tuple(dict.fromkeys(self.option_modes)) or ("none",)
+
+    def tau_table(self, L: np.ndarray) -> np.ndarray:
+        """tau[i, k]: ms sequence i adds to a group of option k (inf: does not fit); one mode: ``seq_tau_table``."""
+        if len(self.modes) == 1:
+            return seq_tau_table(L, self.cost, self.degrees)
+        base = self.base or self.cost
+        out = np.empty((np.asarray(L).size, len(self.degrees)), dtype=np.float64)
+        for m in self.modes:
+            ks = [k for k, mk in enumerate(self.option_modes) if mk == m]
+            out[:, ks] = seq_tau_table(L, base.for_mode(m), [self.degrees[k] for k in ks])
+        return out
+
+    def option_of(self, degree: int, mode: str = "none") -> int | None:
+        """Column of the option (degree, mode); None if the search has no such option."""
+        modes = self.option_modes or ["none"] * len(self.degrees)
+        for k, d in enumerate(self.degrees):
+            if d == degree and modes[k] == mode:
+                return k
+        return None
+
+    def options_of(self, sol: MBSolution) -> list[int]:
+        """The option column of each group of ``sol`` (recorded by the solvers, else by degree)."""
+        if sol.options is not None:
+            return list(sol.options)
+        return [self.option_of(d, self.modes[0]) for d in sol.degrees]  # type: ignore[misc]
+
+    def group_mode(self, lengths: Sequence[int], degree: int, option: int | None) -> str:
+        """The mode a group runs: the only mode, or (several) the fastest whose memory fits its tokens, which
+        is never slower than its option's mode."""
+        if len(self.modes) == 1:
+            return self.modes[0]
+        best = (self.base or self.cost).best_mode(lengths, degree, self.modes)
+        if best is None and option is not None:
+            return self.option_modes[option]
+        return best or self.modes[-1]
 
     def structures(self) -> list[tuple[int, ...]] | None:
         """Placeable group structures (degree indices, largest degree first), or None where too many to enumerate."""
@@ -83,13 +143,14 @@ def _enumerate_structures(ctx: PlannerContext) -> list[tuple[int, ...]] | None:
 
 @dataclass
 class MBSolution:
-    """One micro-batch: group degrees and their members (local indices into the chunk)."""
+    """One micro-batch: group degrees, their members (local indices into the chunk) and option columns."""
 
     degrees: list[int]
     members: list[list[int]]
     time_ms: float
     method: str = "greedy"
     extra: dict = field(default_factory=dict)
+    options: list[int] | None = None  # option column per group (PlannerContext); None: by degree
 
 
 @dataclass

@@ -86,6 +86,7 @@ def exact_micro_batch(
         float(bb.best_t),
         "exact",
         {"exact_proven": not stopped, "exact_nodes": bb.nodes},
+        options=list(st),
     )
 
 
@@ -122,6 +123,7 @@ def _kept_upper(upper: MBSolution | None, stopped: bool) -> MBSolution | None:
         upper.time_ms,
         upper.method,
         {**upper.extra, "exact_proven": not stopped},
+        options=upper.options,
     )
 
 
@@ -151,6 +153,7 @@ class _BranchAndBound:
         self.found = None
         self.t_l = [[row[k] for k in st] for row in self.rows]
         self.dg = [ctx.degrees[k] for k in st]
+        self.st = st
         mingpu = [min(t * d for t, d in zip(row, self.dg)) for row in self.t_l]
         mint = [min(row) for row in self.t_l]
         self.rest_gpu = [0.0] * (n + 1)
@@ -187,7 +190,7 @@ class _BranchAndBound:
             return
         if beta1 + max(cur_max, self.rest_max[i], (used_gpu + self.rest_gpu[i]) / self.ctx.world_size) >= cut:
             return
-        row, li, load, tok, cnt, dg = self.t_l[i], self.L[i], self.load, self.tok, self.cnt, self.dg
+        row, li, load, tok, cnt, dg, st = self.t_l[i], self.L[i], self.load, self.tok, self.cnt, self.dg, self.st
         tried: set[int] = set()
         opts = []
         for g in range(len(row)):
@@ -195,9 +198,9 @@ class _BranchAndBound:
             if t == math.inf or tok[g] + li > self.cap[g]:
                 continue
             if cnt[g] == 0:
-                if dg[g] in tried:  # empty groups of one degree are interchangeable
+                if st[g] in tried:  # empty groups of one option (degree and mode) are interchangeable
                     continue
-                tried.add(dg[g])
+                tried.add(st[g])
             nl = load[g] + t
             if beta1 + nl < cut:
                 opts.append((nl, g))

@@ -256,4 +256,4 @@ def finish(
     _rebalance(gr, rebalance_iters // 4 + 1, deadline)
     if L.size >= len(gk) and any(not m for m in gr.members):
         return None
-    return MBSolution(degs, [list(m) for m in gr.members], gr.makespan(), method)
+    return MBSolution(degs, [list(m) for m in gr.members], gr.makespan(), method, options=[int(k) for k in gk])

@@ -90,7 +90,9 @@ def milp_micro_batch(
     """One MILP solve on buckets, concretised; the better of it and ``best`` (which records the MILP's status)."""
     bk = bucketize(L, max_error=bucket_error, breaks=[int(c) for c in ctx.caps], max_buckets=max_buckets, max_atoms=400)
     D = len(ctx.degrees)
-    tmean, tmax, lmean, lmin = _bucket_tables(bk, L, tau, D, milp_span)
+    nm = len(ctx.modes)  # options per degree: the span counts degrees, so it covers every mode of each
+    span = None if milp_span is None else milp_span * nm + nm - 1
+    tmean, tmax, lmean, lmin = _bucket_tables(bk, L, tau, D, span)
     prob = ClassProblem(bk.counts, tmean, tmax, lmean, ctx.degrees, ctx.caps, ctx.world_size, lmin)
     up = best.time_ms - ctx.beta1 if best is not None else None
     sol = solve_class_milp(prob, upper=up, time_limit_s=time_limit_s)
@@ -149,6 +151,6 @@ def milp_shots(
             best = new
         if st != "time_limit":
             break
-    best = MBSolution(best.degrees, best.members, best.time_ms, best.method, dict(best.extra))
+    best = MBSolution(best.degrees, best.members, best.time_ms, best.method, dict(best.extra), best.options)
     best.extra["milp_statuses"] = statuses
     return best

@@ -48,10 +48,11 @@ def safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[Chunk
     out = []
     for m, seqs in enumerate(mbs):
         degs = [ctx.degrees[kmin[s]] for s in seqs] + [1] * (ctx.world_size - used[m])
+        opts = [int(kmin[s]) for s in seqs] + [0] * (ctx.world_size - used[m])  # option 0: degree 1
         members = [[j] for j in range(len(seqs))] + [[] for _ in range(ctx.world_size - used[m])]
         idx = np.asarray(seqs, dtype=np.int64)
         t = max(ctx.beta1 + tau[s, kmin[s]] for s in seqs)
-        out.append(Chunk(idx, MBSolution(degs, members, float(t), "safe")))
+        out.append(Chunk(idx, MBSolution(degs, members, float(t), "safe", options=opts)))
     return out
 
 
@@ -100,21 +101,23 @@ def candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> I
 
 
 def seed_chunks(ctx: PlannerContext, seed: Plan, pos: np.ndarray, taus: np.ndarray) -> list[Chunk] | None:
-    """A plan (e.g. a baseline's) as micro-batches of the sorted batch; None when it uses a degree the search does not."""
-    kidx = {d: k for k, d in enumerate(ctx.degrees)}
+    """A plan (e.g. a baseline's) as micro-batches of the sorted batch; None when it uses a degree (or
+    recompute mode) the search does not."""
     out = []
     for mb in seed.micro_batches:
-        idx, members, degs = [], [], []
+        idx, members, degs, opts = [], [], [], []
         for g in mb.groups:
-            if g.degree not in kidx:
+            k = ctx.option_of(g.degree, g.recompute)
+            if k is None:
                 return None
             degs.append(g.degree)
+            opts.append(k)
             members.append(list(range(len(idx), len(idx) + len(g.sequences))))
             idx += [int(pos[s]) for s in g.sequences]
         if not idx:
             continue
-        t = max(ctx.beta1 + float(taus[[idx[j] for j in m], kidx[d]].sum()) for m, d in zip(members, degs) if m)
-        out.append(Chunk(np.asarray(idx, dtype=np.int64), MBSolution(degs, members, t, "seed")))
+        t = max(ctx.beta1 + float(taus[[idx[j] for j in m], k].sum()) for m, k in zip(members, opts) if m)
+        out.append(Chunk(np.asarray(idx, dtype=np.int64), MBSolution(degs, members, t, "seed", options=opts)))
     return out
 
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..bounds import seq_tau_table
 from ..deadline import Deadline
 from ..micro_batch import Chunk, MBSolution, PlannerContext, milp_shots
 from ..plan import Plan
@@ -148,7 +147,7 @@ def plan_chunks(
     pos = np.empty_like(order)
     pos[order] = np.arange(order.size)
     Ls = lengths[order]
-    taus = seq_tau_table(Ls, ctx.cost, ctx.degrees)
+    taus = ctx.tau_table(Ls)
     s = Search(ctx, Ls, taus, SolveCache(ctx, Ls, taus, deadline), deadline, lb * (1.0 + gap))
     info: dict = {}
     cands = constructive(s, pos, seeds, info)

@@ -19,8 +19,7 @@ __all__ = ["fill_pass"]
 
 def _group_arrays(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, sol: MBSolution):
     """Per-group degree index, load (sum tau), tokens of a micro-batch solution."""
-    kidx = {d: k for k, d in enumerate(ctx.degrees)}
-    gk = np.array([kidx[d] for d in sol.degrees], dtype=np.int64)
+    gk = np.array(ctx.options_of(sol), dtype=np.int64)
     load = np.array([tau[m, k].sum() if m else 0.0 for m, k in zip(sol.members, gk)])
     tok = np.array([L[m].sum() if m else 0.0 for m in sol.members], dtype=np.float64)
     return gk, load, tok
@@ -92,7 +91,7 @@ def _try_fill(s: Search, mbs: list[Chunk], a: int) -> bool:
     donors = _resolved_donors(s, mbs, touched, take, T)
     if donors is None or donors[0] >= old_total - 1e-6:
         return False
-    sol_new = MBSolution(list(sol_a.degrees), new_members, T, sol_a.method, dict(sol_a.extra))
+    sol_new = MBSolution(list(sol_a.degrees), new_members, T, sol_a.method, dict(sol_a.extra), sol_a.options)
     mbs[a] = Chunk(np.asarray(new_idx, dtype=np.int64), sol_new)
     for b in sorted(touched, reverse=True):
         if donors[1][b] is None:

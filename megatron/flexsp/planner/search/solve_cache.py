@@ -25,6 +25,7 @@ def _remap(sol: MBSolution, pos: dict[int, int], order: list[int]) -> MBSolution
         sol.time_ms,
         sol.method,
         dict(sol.extra),
+        sol.options,
     )
 
 

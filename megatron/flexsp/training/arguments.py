@@ -18,6 +18,7 @@ from megatron.flexsp.data.blend import parse_data_path as parse_blend
 from megatron.flexsp.data.tokenizer import BYTE_VOCAB_SIZE, TOKENIZER_TYPES, build_tokenizer
 from megatron.flexsp.planner.costmodel import CostModel, CostModelError
 from megatron.flexsp.runtime.attention import backend_importable
+from megatron.flexsp.runtime.recompute import RecomputeConfig, RecomputeError
 
 from .config_types import AUTO_TIME_LIMIT_CAP_S, AUTO_TIME_LIMIT_FRACTION, AUTO_TIME_LIMIT_MIN_S
 from .flags import ATTN_ALIASES, SP_MODES, build_parser
@@ -217,6 +218,21 @@ def _validate_run(args: argparse.Namespace) -> None:
         _err(f"--flexsp-compare-with {args.flexsp_compare_with} is the --sp-mode itself; pick another mode")
 
 
+def _validate_recompute(args: argparse.Namespace) -> None:
+    """--recompute-*: Megatron's combinations, the model's layer count, the modules FlexSP supports."""
+    modules = getattr(args, "recompute_modules", None)
+    cfg = RecomputeConfig(
+        granularity=getattr(args, "recompute_granularity", None) or "none",
+        method=getattr(args, "recompute_method", None),
+        num_layers=getattr(args, "recompute_num_layers", None),
+        modules=None if modules is None else tuple(modules),
+    )
+    try:
+        cfg.validate(args.num_layers, getattr(args, "flexsp_sharding", "fsdp2"))
+    except RecomputeError as e:
+        _err(str(e))
+
+
 def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool) -> None:
     """Stop with a clear message on any conflicting or impossible setting (before any work).
 
@@ -230,6 +246,7 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool) 
     _validate_devices(args, has_cuda)
     _validate_data(args)
     _validate_run(args)
+    _validate_recompute(args)
 
 
 def validate_against_cost(args: argparse.Namespace, world_size: int, cost: CostModel) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron.flexsp.planner.api import PlannerConfig
+from megatron.flexsp.runtime.recompute import RecomputeConfig
 
 __all__ = [
     "AUTO_TIME_LIMIT_FRACTION",
@@ -77,6 +78,20 @@ class FlexSPConfig:
     context_parallel_size: int | None = None
     compare_with: str | None = None  # the paired baseline (--flexsp-compare-with), a diagnostic
     seed: int = TrainConfig.seed  # --seed: the planner's seed is the run's
+    # --recompute-* (Megatron's flags): None granularity is no recomputation; auto lets the planner choose
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] | None = None
+
+    def recompute_config(self) -> RecomputeConfig:
+        """The runtime's recompute settings (a fixed mode, or auto: each plan group's own mode)."""
+        return RecomputeConfig(
+            granularity=self.recompute_granularity or "none",
+            method=self.recompute_method,
+            num_layers=self.recompute_num_layers,
+            modules=None if self.recompute_modules is None else tuple(self.recompute_modules),
+        )
 
     def planner_config(self, world_size: int, method: str | None = None) -> PlannerConfig:
         """The planner's settings for ``method`` (default: the sp-mode); static uses --context-parallel-size."""

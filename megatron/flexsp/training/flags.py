@@ -167,6 +167,38 @@ def _training_flags(t: argparse._ArgumentGroup) -> None:
         help="a step whose loss or gradient norm is not finite is skipped (no update); this many in a "
         f"row stop the run with exit code {EXIT_NONFINITE}",
     )
+    _recompute_flags(t)
+
+
+def _recompute_flags(t: argparse._ArgumentGroup) -> None:
+    """Megatron's activation-recomputation flags (checked against the model in arguments.validate_args)."""
+    t.add_argument(
+        "--recompute-granularity",
+        choices=["full", "selective", "auto"],
+        default=None,
+        help="activation recomputation (default none): full re-runs whole layers in backward, selective the "
+        "--recompute-modules; auto lets the planner choose none/selective/full per SP group of each micro-batch",
+    )
+    t.add_argument(
+        "--recompute-method",
+        choices=["uniform", "block"],
+        default=None,
+        help="full: uniform checkpoints chunks of --recompute-num-layers layers, block the first "
+        "--recompute-num-layers layers (default uniform)",
+    )
+    t.add_argument(
+        "--recompute-num-layers",
+        type=int,
+        default=None,
+        help="layers per chunk (uniform) or recomputed (block); default 1",
+    )
+    t.add_argument(
+        "--recompute-modules",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="selective: core_attn (the all-to-all attention, default) and/or mlp",
+    )
 
 
 def _data_flags(d: argparse._ArgumentGroup) -> None:

@@ -119,7 +119,14 @@ class Trainer:
         """The runtime (the profiler's builder too), the optimizer, and the step (with --flexsp-compare-with's wrapper)."""
         cfg = self.cfg
         timeout = datetime.timedelta(minutes=cfg.distributed.timeout_minutes)
-        rt = build_runtime(cfg.model, cfg.cost, device=self.device, sharding=cfg.flexsp.sharding, timeout=timeout)
+        rt = build_runtime(
+            cfg.model,
+            cfg.cost,
+            device=self.device,
+            sharding=cfg.flexsp.sharding,
+            timeout=timeout,
+            recompute=cfg.flexsp.recompute_config(),  # --recompute-*: fixed, or per plan group under auto
+        )
         self.model, self.pool, self.executor = rt.model, rt.pool, rt.executor
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer)
         self.run_step: StepRun = plain_step(self._timed_run)

@@ -117,8 +117,6 @@ def import_hf(
 ) -> ImportResult:
     """Convert a Hugging Face Llama / Qwen2 / Mistral directory into a FlexSP checkpoint at ``out``
     (model only, iteration 0, one process); ConvertError before anything is written."""
-    from megatron.flexsp.training.checkpointing import save_checkpoint
-
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"--out {out} already exists and is not empty")
@@ -147,6 +145,8 @@ def import_hf(
     )
     record = m.run_record(**kw)
     record.update(padded_vocab_size=padded, hf_vocab_size=hf_vocab, converted_from=str(hf_dir.resolve()))
+    from megatron.flexsp.training.checkpointing import save_checkpoint  # after every check: it loads megatron
+
     with _one_process(), hf_io.fresh_output(out, "--out") as tmp:
         model = _load_into_meta_model(gpt_cfg, state)
         save_checkpoint(tmp, 0, model, None, args=record)

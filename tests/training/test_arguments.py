@@ -62,7 +62,10 @@ def test_defaults_follow_megatron_meanings():
     assert (c.flexsp.sp_mode, c.flexsp.context_parallel_size, c.flexsp.time_limit_s) == ("static", 4, 0.5)
     assert c.logging.metrics_file == "m.jsonl" and c.checkpoint.save_final and not c.logging.progress_bar
     # the model config is the runtime's GPTConfig, every shape flag carried over by name
-    assert (c.model.hidden_size, c.model.num_layers, c.model.vocab_size) == (32, 2, BYTE_VOCAB_SIZE)
+    assert (c.model.hidden_size, c.model.num_layers) == (32, 2)
+    # Megatron's table padding (--make-vocab-size-divisible-by 128); the data keeps the tokenizer's ids
+    assert (c.model.vocab_size, c.data.vocab_size) == (384, BYTE_VOCAB_SIZE)
+    assert c.model.share_embeddings_and_output_weights  # tied unless --untie-embeddings-and-output-weights
     assert c.model.attention_backend == "sdpa"  # 'auto' on the CPU
     assert c.data.mock and c.data.seq_length == 2048
     # the planner's settings per method: static takes --context-parallel-size, others choose their degrees

@@ -145,6 +145,8 @@ def test_checkpoint_written_before_the_state_registry_resumes_exactly(tmp_path):
     shutil.copytree(OLD_CKPT, ckpt, ignore=shutil.ignore_patterns("expected.json"))
     cal = tmp_path / "calibrated.json"
     args = want["args"] + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "3"]
+    # written untied with the unpadded byte vocabulary, before issue 18 made Megatron's defaults the trainer's
+    args += ["--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "1"]
     args += ["--flexsp-save-calibrated", str(cal)]
     rc = _run(args + ["--metrics-file", str(metrics)], tmp_path / "r.log")
     log = (tmp_path / "r.log").read_text()

@@ -21,7 +21,7 @@ from megatron.flexsp.runtime.attention import backend_importable
 from megatron.flexsp.runtime.recompute import RecomputeConfig, RecomputeError
 
 from .config_types import AUTO_TIME_LIMIT_CAP_S, AUTO_TIME_LIMIT_FRACTION, AUTO_TIME_LIMIT_MIN_S
-from .flags import ATTN_ALIASES, SP_MODES, build_parser
+from .flags import ATTN_ALIASES, SP_MODES, build_parser, preset_flag_defaults
 
 __all__ = [
     "ArgumentError",
@@ -34,6 +34,7 @@ __all__ = [
     "validate_args",
     "validate_against_cost",
     "resolve_vocab_size",
+    "padded_vocab_size",
     "parse_data_path",
 ]
 
@@ -44,7 +45,11 @@ class ArgumentError(ValueError):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags (unknown flags stop argparse with its usage message) and fill derived defaults."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model_preset is not None:  # the preset's values become defaults: explicit flags still win
+        parser.set_defaults(**preset_flag_defaults(args.model_preset))
+        args = parser.parse_args(argv)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.num_query_groups is None:
@@ -114,6 +119,16 @@ def resolve_vocab_size(args: argparse.Namespace) -> int:
     return int(args.vocab_size)
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Megatron's padding of the embedding table (tensor parallel 1): the next multiple of ``divisible_by``.
+
+    Why: Megatron checkpoints and converted Hugging Face models have tables of that size, and GPU matmuls
+    prefer it. As in Megatron the extra rows only pad the table: no token id reaches them (the data keeps
+    the tokenizer's vocabulary), so they are never an input or a target.
+    """
+    return -(-int(vocab_size) // int(divisible_by)) * int(divisible_by)
+
+
 def _err(msg: str) -> None:
     raise ArgumentError(msg)
 
@@ -129,6 +144,8 @@ def _validate_model(args: argparse.Namespace) -> None:
         _err(f"--num-query-groups {groups} differs from --num-attention-heads {heads}: add --group-query-attention")
     if args.seq_length > args.max_position_embeddings:
         _err(f"--seq-length {args.seq_length} is above --max-position-embeddings {args.max_position_embeddings}")
+    if args.use_rope_scaling and args.position_embedding_type != "rope":
+        _err(f"--use-rope-scaling needs --position-embedding-type rope, got {args.position_embedding_type}")
     for name in ("hidden_dropout", "attention_dropout"):
         if getattr(args, name) >= 1.0:
             _err(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")

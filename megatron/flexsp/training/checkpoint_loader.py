@@ -124,6 +124,23 @@ def check_resume_compatible(
         )
 
 
+def _signature_hint(saved: dict[str, list[int]], model_sig: dict[str, list[int]]) -> str:
+    """The flag that most likely explains a model-signature mismatch (issue 18 changed two defaults)."""
+    out, emb = "output_layer.weight", "embedding.word_embeddings.weight"
+    if (out in saved) != (out in model_sig):
+        return (
+            "tied vs untied output layer: the checkpoint is "
+            + ("untied, add --untie-embeddings-and-output-weights" if out in saved else "tied, drop it")
+            + " (embeddings and output layer are tied by default, as in Megatron)"
+        )
+    if emb in saved and emb in model_sig and saved[emb][1:] == model_sig[emb][1:] and saved[emb] != model_sig[emb]:
+        return (
+            f"embedding table of {saved[emb][0]} rows vs {model_sig[emb][0]}: set --make-vocab-size-divisible-by "
+            "(default 128) or --vocab-size to the checkpoint's table"
+        )
+    return "different --num-layers/--hidden-size/...?"
+
+
 def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path, same_world: bool = True) -> str | None:
     if meta.get("format_version") not in READABLE_VERSIONS:
         return f"checkpoint {path}: format version {meta.get('format_version')} (this code reads {READABLE_VERSIONS})"
@@ -148,9 +165,7 @@ def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path, sa
             parts.append(f"missing in checkpoint {missing[:4]}")
         if unexpected:
             parts.append(f"not in model {unexpected[:4]}")
-        return f"checkpoint {path} does not fit this model (different --num-layers/--hidden-size/...?): " + ", ".join(
-            parts
-        )
+        return f"checkpoint {path} does not fit this model ({_signature_hint(saved, model_sig)}): " + ", ".join(parts)
     return None
 
 

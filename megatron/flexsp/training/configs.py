@@ -91,18 +91,21 @@ class TrainerConfigs:
 
 
 def model_config_from_args(args: argparse.Namespace, *, cuda: bool, vocab_size: int | None = None) -> GPTConfig:
-    """The runtime's GPTConfig for these flags: vocabulary resolved, attention backend chosen for the device."""
+    """The runtime's GPTConfig for these flags: vocabulary resolved and padded (--make-vocab-size-divisible-by),
+    embeddings tied unless --untie-embeddings-and-output-weights, attention backend chosen for the device."""
     device = torch.device("cuda" if cuda else "cpu")
     try:
         backend = resolve_backend(args.attention_backend, device, bf16=bool(args.bf16))
     except (ValueError, ImportError) as e:
         raise A.ArgumentError(f"--attention-backend {args.attention_backend}: {e}") from None
+    vocab = A.padded_vocab_size(vocab_size or A.resolve_vocab_size(args), args.make_vocab_size_divisible_by)
     return fill_from_args(
         GPTConfig,
         args,
-        vocab_size=vocab_size or A.resolve_vocab_size(args),
+        vocab_size=vocab,
         attention_backend=backend,
         params_dtype=torch.float32,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         extra={},
     )
 
@@ -112,18 +115,18 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
     _, device = device_for_backend(args.distributed_backend)
     cuda = device is None
     A.validate_args(args, env.world_size, has_cuda=cuda)
-    vocab = A.resolve_vocab_size(args)
+    vocab = A.resolve_vocab_size(args)  # the tokenizer's: the data's token ids stay below it
     start = resolve_cost_model(
         args,
         world_size=env.world_size,
         local_ranks=env.local_world_size,
         cuda=cuda,
-        vocab_size=vocab,
+        vocab_size=A.padded_vocab_size(vocab, args.make_vocab_size_divisible_by),
         local_rank=env.local_rank,
     )
     A.validate_against_cost(args, env.world_size, start.cost)
     model = model_config_from_args(args, cuda=cuda, vocab_size=vocab)
-    data = DataConfig.from_args(args, vocab_size=model.vocab_size)
+    data = DataConfig.from_args(args, vocab_size=vocab)
     try:
         data.validate()
     except ValueError as e:

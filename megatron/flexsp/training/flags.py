@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import fields as dataclass_fields
 
 from megatron.flexsp.data.build import DataConfig
 from megatron.flexsp.planner.api import METHODS as SP_MODES
+from megatron.flexsp.planner.model_presets import MODEL_ARCHS, MODEL_PRESET_NAMES
 from megatron.flexsp.runtime.model import GPTConfig
 
 from .config_types import (
@@ -27,7 +29,7 @@ from .config_types import (
 )
 from .resilience import EXIT_HUNG, EXIT_NONFINITE, WATCHDOG_SHARE_OF_TIMEOUT
 
-__all__ = ["ATTN_ALIASES", "SP_MODES", "build_parser"]
+__all__ = ["ATTN_ALIASES", "SP_MODES", "build_parser", "preset_flag_defaults"]
 
 # Megatron's --attention-backend names map onto the FlexSP attention backends.
 ATTN_ALIASES = {
@@ -112,6 +114,51 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--attention-dropout", type=_nonneg_float, default=GPTConfig.attention_dropout, help="default 0 (Megatron: 0.1)"
     )
+    _checkpoint_model_flags(m)
+
+
+def _checkpoint_model_flags(m: argparse._ArgumentGroup) -> None:
+    """Architecture flags of real checkpoints (Llama, Qwen2, Mistral), Megatron's names and meanings."""
+    m.add_argument(
+        "--model-preset",
+        choices=MODEL_PRESET_NAMES,
+        default=None,
+        help="set the architecture flags of this model (from its published config.json); flags given "
+        "explicitly override the preset. The cost-model preset of the same name is --flexsp-cost-model NAME",
+    )
+    m.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action="store_true",
+        help="separate output-layer weights (Llama, Mistral, Qwen2.5-7B); without it the output layer reuses "
+        "the word embeddings (tied), as in Megatron",
+    )
+    m.add_argument("--norm-epsilon", type=_positive_float, default=GPTConfig.norm_epsilon, help="RMSNorm/LayerNorm eps")
+    m.add_argument("--add-qkv-bias", action="store_true", help="a bias on the q, k, v projections only (Qwen2)")
+    m.add_argument(
+        "--disable-bias-linear",
+        action="store_true",
+        help="accepted for Megatron compatibility: FlexSP's linear layers have no bias already",
+    )
+    m.add_argument(
+        "--use-rope-scaling", action="store_true", help="Llama 3.1's RoPE frequency scaling (original context 8192)"
+    )
+    m.add_argument("--rope-scaling-factor", type=_positive_float, default=GPTConfig.rope_scaling_factor)
+    m.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=_positive_int,
+        default=128,
+        help="pad the embedding table to a multiple of this (Megatron's default 128); the pad rows are "
+        "never a target or an input",
+    )
+
+
+def preset_flag_defaults(name: str) -> dict[str, object]:
+    """The argparse defaults ``--model-preset name`` sets (flags given explicitly still win)."""
+    arch = MODEL_ARCHS[name]
+    d: dict[str, object] = {f.name: getattr(arch, f.name) for f in dataclass_fields(arch) if f.name != "source"}
+    d["position_embedding_type"] = "rope"
+    d["group_query_attention"] = arch.num_query_groups != arch.num_attention_heads
+    return d
 
 
 def _training_flags(t: argparse._ArgumentGroup) -> None:

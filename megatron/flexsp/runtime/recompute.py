@@ -380,6 +380,20 @@ def _wrap_mlp(mlp: nn.Module) -> None:
     mlp.forward = forward
 
 
+def _settle_first_call_probes() -> None:
+    """Run the attention's one-time feature probe now, outside any checkpoint.
+
+    Why: ``sdpa`` checks once whether SDPA takes ``enable_gqa`` by calling it (with autograd on);
+    inside a checkpointed forward that first call saves tensors which the recompute does not,
+    and torch rejects the recompute (a different number of saved tensors).
+    """
+    from .sdpa import sdpa_varlen
+
+    with torch.no_grad():
+        q, kv = torch.zeros(1, 2, 1), torch.zeros(1, 1, 1)
+        sdpa_varlen(q, kv, kv, [0, 1], 1.0)
+
+
 def install_recompute(model: nn.Module) -> nn.Module:
     """Install the per-call recompute wrappers on a megatron GPTModel (idempotent; before or after sharding).
 
@@ -396,6 +410,7 @@ def install_recompute(model: nn.Module) -> nn.Module:
             f"the model was built with megatron's own recompute_granularity={cfg_gran!r}; FlexSP's per-micro-batch "
             "recomputation replaces it (leave the TransformerConfig's recompute fields unset)"
         )
+    _settle_first_call_probes()
     _wrap_decoder(decoder)
     for layer in decoder.layers:
         core = getattr(getattr(layer, "self_attention", None), "core_attention", None)

@@ -63,9 +63,22 @@ _COPIED: dict[str, bool] = {
     "--eval-interval": False,
     "--eval-iters": False,
     "--exit-interval": False,
+    # architecture of real checkpoints (issue 18): same names, same defaults in both trainers
+    "--norm-epsilon": False,
+    "--rotary-base": False,
+    "--rope-scaling-factor": False,
+    "--make-vocab-size-divisible-by": False,
 }
 SAME_VALUE = tuple(_COPIED)
-SAME_SWITCH = ("--group-query-attention", "--swiglu", "--bf16", "--mock-data")
+SAME_SWITCH = (
+    "--group-query-attention",
+    "--swiglu",
+    "--bf16",
+    "--mock-data",
+    "--untie-embeddings-and-output-weights",
+    "--add-qkv-bias",
+    "--use-rope-scaling",
+)
 # FlexSP-only: no Megatron counterpart; dropped from the vanilla command (value-taking ones).
 FLEXSP_ONLY_VALUE = (
     "--sp-mode",
@@ -86,7 +99,8 @@ FLEXSP_ONLY_VALUE = (
     "--mock-data-max-len",
     "--micro-batch-size",
 )
-FLEXSP_ONLY_SWITCH = ("--no-progress-bar", "--no-save-final")
+# (--disable-bias-linear is always written for Megatron-LM, whose layers have biases by default.)
+FLEXSP_ONLY_SWITCH = ("--no-progress-bar", "--no-save-final", "--disable-bias-linear")
 # Translated (handled below): --global-batch-size, --context-parallel-size, --data-path (nargs),
 # --tokenizer-type, --vocab-size, --transformer-impl, --attention-backend, --distributed-backend,
 # --tensor-model-parallel-size, --pipeline-model-parallel-size.
@@ -143,6 +157,7 @@ def _parse(argv: Sequence[str]) -> dict[str, object]:
                     "--distributed-backend",
                     "--tensor-model-parallel-size",
                     "--pipeline-model-parallel-size",
+                    "--model-preset",
                 )
             )
             if a not in known:
@@ -167,6 +182,25 @@ def _flexsp_defaults() -> dict[str, object]:
     out: dict[str, object] = {"--" + k.replace("_", "-"): v for k, v in ns.items()}
     out["--flexsp-cost-model"] = out["--flexsp-cost-model"] or DEFAULT_CPU_PRESET
     return out
+
+
+def _expand_preset(flags: dict[str, object]) -> dict[str, object]:
+    """--model-preset NAME as the architecture flags it sets (Megatron-LM has no presets); given flags win."""
+    name = flags.pop("--model-preset", None)
+    if name is None:
+        return flags
+    from megatron.flexsp.planner.model_presets import MODEL_PRESET_NAMES
+    from megatron.flexsp.training.flags import preset_flag_defaults
+
+    if name not in MODEL_PRESET_NAMES:
+        raise FlagError(f"--model-preset {name}: unknown (presets: {', '.join(MODEL_PRESET_NAMES)})")
+    out: dict[str, object] = {}
+    for dest, v in preset_flag_defaults(str(name)).items():
+        flag = "--" + dest.replace("_", "-")
+        if flag in flags or v is False:
+            continue
+        out[flag] = True if v is True else str(v)
+    return {**out, **flags}
 
 
 def _smallest_cp(flags: dict[str, object], world_size: int) -> int:
@@ -195,7 +229,7 @@ def translate(
     """{'flexsp': argv, 'megatron': argv, 'cp': D, 'dp': world/D, 'notes': [...]} for one comparison."""
     if world_size < 1:
         raise FlagError(f"world size must be >= 1, got {world_size}")
-    flags = _parse(flexsp_argv)
+    flags = _expand_preset(_parse(flexsp_argv))
     # FlexSP's own defaults are written out: Megatron-LM's differ (LayerNorm, learned positions,
     # a 2/3 SwiGLU width, no default model size), and the two runs must build the same model.
     defaults = _flexsp_defaults()
@@ -291,7 +325,6 @@ def translate(
         "--reset-attention-mask",
         "--eod-mask-loss",
         "--disable-bias-linear",
-        "--untie-embeddings-and-output-weights",
         "--attention-dropout",
         "0",
         "--hidden-dropout",

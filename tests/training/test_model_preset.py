@@ -158,3 +158,26 @@ def test_resume_mismatch_names_the_flag():
     meta["model_signature"] = tied_padded
     assert "tied, drop it" in _check(meta, untied, Path("ck"))
     assert _check(meta, tied_padded, Path("ck")) is None
+
+
+def test_megatron_comparison_writes_the_preset_out():
+    """scripts/megatron_flags.py: Megatron-LM has no presets, so the vanilla command gets the flags the preset sets
+    (explicit flags still win), with the same names for the new architecture flags."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import megatron_flags
+
+    flexsp = ["--model-preset", "qwen2.5-7b", "--num-layers", "2", "--seq-length", "4096", "--mock-data"]
+    m = megatron_flags.translate(flexsp, world_size=8, cp=4)["megatron"]
+
+    def value(flag):
+        return m[m.index(flag) + 1]
+
+    assert (value("--num-layers"), value("--hidden-size"), value("--num-query-groups")) == ("2", "3584", "4")
+    assert (value("--norm-epsilon"), value("--rotary-base"), value("--vocab-size")) == ("1e-06", "1000000", "152064")
+    assert "--add-qkv-bias" in m and "--untie-embeddings-and-output-weights" in m and "--use-rope-scaling" not in m
+    assert "--model-preset" not in m
+    plain = megatron_flags.translate(["--mock-data", "--seq-length", "1024"], world_size=4, cp=2)["megatron"]
+    assert "--untie-embeddings-and-output-weights" not in plain and "--disable-bias-linear" in plain

@@ -46,8 +46,9 @@ QWEN2 = dict(
 )
 
 
-def build(kind: str, seed: int = 0):
-    """A LlamaForCausalLM ('llama') or Qwen2ForCausalLM ('qwen2') with random weights, fp32, eval mode."""
+def build(kind: str, seed: int = 0, **overrides):
+    """A LlamaForCausalLM ('llama') or Qwen2ForCausalLM ('qwen2') with random weights, fp32, eval mode;
+    ``overrides`` replace config fields."""
     import transformers
 
     cls, conf, fields = {
@@ -55,7 +56,7 @@ def build(kind: str, seed: int = 0):
         "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config, QWEN2),
     }[kind]
     torch.manual_seed(seed)
-    model = cls(conf(**fields)).eval()
+    model = cls(conf(**{**fields, **overrides})).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

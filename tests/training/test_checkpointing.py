@@ -113,11 +113,13 @@ def test_resume_is_exact_and_mismatch_is_clear(tmp_path, fsdp):
         assert (it, sampler, planner, steps) == (2, {"next_batch": 2}, {"p": 1}, 5)
         assert len(errors) == 1 and "shape mismatch" in errors[0] and "0.weight" in errors[0]
     assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
-    # a checkpoint of 2 ranks does not load into 1 process
+    # a checkpoint of 2 ranks loads into 1 process (full state dicts), with a note that RNG stays seeded
     m = _model(0)
     opt, sched = build_optimizer(m, CFG)
-    with pytest.raises(ckpt.CheckpointError, match="written by 2 ranks; this run has 1"):
-        ckpt.load_checkpoint(tmp_path, m, opt, sched)
+    loaded = ckpt.load_checkpoint(tmp_path, m, opt, sched)
+    assert loaded.iteration == 2 and loaded.states["sampler"] == {"next_batch": 2}
+    assert any("written by 2 ranks; this run has 1" in w for w in loaded.warnings)
+    assert sched.num_steps == 2  # the scheduler is global: restored whatever the world size
 
 
 def test_crash_while_saving_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -159,6 +159,9 @@ def test_checkpoint_written_before_the_state_registry_resumes_exactly(tmp_path):
     assert final["extra"]["calibration"]["seen"] == state["calibration_seen"]
     assert final["planner"]["counters"]["inline"] == state["planner_inline"]
     assert final["sampler"]["next_batch"] == state["sampler_next_batch"]
-    # what the registry adds: megatron's RNG tracker (seeded on CPU by the patches), and no dead planner config
-    assert all("tracker" in r for r in final["rng"]) and "config" not in final["planner"]
+    # what the registry adds: megatron's RNG tracker (seeded on CPU by the patches), and no dead planner config;
+    # the continuation writes the torch_dist format (the default): each rank's RNG in its own file
+    rngs = [torch.load(f, weights_only=False)["rng"] for f in sorted((ckpt / "iter_0000006").glob("rank_*.pt"))]
+    assert len(rngs) == 2 and all("tracker" in r for r in rngs) and "config" not in final["planner"]
+    assert "rng" not in final and json.loads((ckpt / "iter_0000006" / "meta.json").read_text())["format_version"] == 3
     assert json.loads(cal.read_text())["calibration"]

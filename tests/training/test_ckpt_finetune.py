@@ -106,25 +106,24 @@ def _save_on_two(rank, world_size, out):
     mesh = init_device_mesh("cpu", (world_size,))
     fully_shard(m, mesh=mesh)
     opt, sched = build_optimizer(m, CFG)
-    ckpt.save_checkpoint(out, 3, m, opt, sched, states={"sampler": {"next_batch": 3}})
-    return None
+    for fmt in ("torch", "torch_dist"):
+        ckpt.save_checkpoint(f"{out}/{fmt}", 3, m, opt, sched, states={"sampler": {"next_batch": 3}}, ckpt_format=fmt)
 
 
-def test_finetune_accepts_a_checkpoint_of_another_world_size(tmp_path):
+def test_finetune_and_read_model_state_accept_a_checkpoint_of_another_world_size(tmp_path):
     run_distributed(_save_on_two, 2, str(tmp_path), timeout=120)
     src, _, _ = _trained(0)
-    m, opt, sched = _trained(4, steps=0)
-    cfg = CheckpointConfig(load=str(tmp_path), finetune=True)
-    loaded = Checkpointer(cfg, _registry(m, opt, sched, ValueBox()), run_record={}, train_iters=4).resume()
-    assert (
-        loaded.iteration == 0 and json.loads((tmp_path / "iter_0000003" / "meta.json").read_text())["world_size"] == 2
-    )
-    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), m.state_dict().values()))
-    assert opt.state_dict()["state"] == {}
-    with pytest.raises(ckpt.CheckpointError, match="written by 2 ranks"):  # a full resume still refuses it
-        Checkpointer(
-            CheckpointConfig(load=str(tmp_path)), _registry(m, opt, sched, ValueBox()), run_record={}, train_iters=4
-        ).resume()
+    for fmt in ("torch", "torch_dist"):
+        m, opt, sched = _trained(4, steps=0)
+        cfg = CheckpointConfig(load=str(tmp_path / fmt), finetune=True)
+        loaded = Checkpointer(cfg, _registry(m, opt, sched, ValueBox()), run_record={}, train_iters=4).resume()
+        meta = json.loads((tmp_path / fmt / "iter_0000003" / "meta.json").read_text())
+        assert loaded.iteration == 0 and meta["world_size"] == 2 and loaded.warnings == []
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), m.state_dict().values())), fmt
+        assert opt.state_dict()["state"] == {}
+        state, meta2 = ckpt.read_model_state(tmp_path / fmt)  # the exporters' reader, one process
+        assert meta2 == meta and set(state) == set(src.state_dict())
+        assert all(torch.equal(state[k], v) for k, v in src.state_dict().items()), fmt
 
 
 def test_finetune_without_load_is_one_line():

@@ -227,6 +227,8 @@ def _validate_run(args: argparse.Namespace) -> None:
         _err("--save-interval needs --save DIR")
     if getattr(args, "finetune", False) and not args.load:
         _err("--finetune needs --load CKPT (the checkpoint whose weights to start from)")
+    if getattr(args, "async_save", False) and getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
+        _err("--async-save needs --ckpt-format torch_dist (the torch format gathers everything on rank 0)")
     if args.eval_interval and args.split and _parse_split(args.split)[1] <= 0:
         _err(f"--eval-interval {args.eval_interval} needs a validation share in --split (got {args.split!r})")
     if args.flexsp_gap >= 1:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "CKPT_FORMATS",
     "FORMAT_VERSION",
     "LATEST",
     "MODEL_FILE",
@@ -34,6 +35,7 @@ __all__ = [
     "NonFiniteCheckpointError",
     "ResumeMismatchError",
     "UnsafeCheckpointError",
+    "ckpt_format",
     "find_checkpoint",
     "list_checkpoints",
     "model_signature",
@@ -47,8 +49,9 @@ log = logging.getLogger("flexsp.checkpoint")
 
 LATEST = "latest"
 MODEL_FILE, OPTIM_FILE, TRAINER_FILE = "model.pt", "optim.pt", "trainer.pt"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before checksums (loaded unverified, with a note)
+FORMAT_VERSION = 2  # the ``torch`` format (full state dicts on rank 0); ``torch_dist`` writes 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: before checksums (loaded unverified, with a note); 3: torch_dist (DCP shards)
+CKPT_FORMATS = ("torch", "torch_dist")
 ITER_RE = re.compile(r"^iter_(\d+)$")
 ITER_PREFIX_RE = re.compile(r"^iter_(\d+)")
 STAGED = ".staged-"  # iter_0000010.staged-<nonce>: the complete new copy while an iteration is re-saved
@@ -79,6 +82,11 @@ ERRORS: tuple[type[CheckpointError], ...] = (
     UnsafeCheckpointError,
     ResumeMismatchError,
 )
+
+
+def ckpt_format(meta: dict[str, Any]) -> str:
+    """ "torch" or "torch_dist": how the checkpoint of ``meta`` holds its model and optimizer."""
+    return "torch_dist" if meta.get("format_version") == 3 else "torch"
 
 
 def dist_on() -> bool:
@@ -267,8 +275,9 @@ def verify_checkpoint(path: str | os.PathLike, meta: dict[str, Any] | None = Non
     files = meta.get("files")
     if version == 1 or files is None:
         return [f"checkpoint {path} has no checksums (format {version}): loaded unverified"]
-    if not isinstance(files, dict) or "model.pt" not in files or "trainer.pt" not in files:
-        raise CheckpointError(f"checkpoint {path}: meta.json lists no model.pt/trainer.pt checksums")
+    must = ("trainer.pt", "dist/.metadata") if version == 3 else ("model.pt", "trainer.pt")
+    if not isinstance(files, dict) or any(m not in files for m in must):
+        raise CheckpointError(f"checkpoint {path}: meta.json lists no {'/'.join(must)} checksums")
     for name, rec in sorted(files.items()):
         f = path / name
         if not f.is_file():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_dist import DIST_DIR, load_shards, rank_file, saved_entries
 from .checkpoint_format import (
     ERRORS,
     ITER_PREFIX_RE,
@@ -26,6 +27,7 @@ from .checkpoint_format import (
     TRAINER_FILE,
     CheckpointError,
     ResumeMismatchError,
+    ckpt_format,
     find_checkpoint,
     list_checkpoints,
     model_signature,
@@ -64,6 +66,7 @@ class _Request:
     args: Any
     override_opt_param_scheduler: bool
     model_only: bool = False  # --finetune: the weights alone, on any world size
+    sharded: frozenset[str] = frozenset()  # entries with a sharded form (read from DCP shards in torch_dist)
 
 
 @dataclass
@@ -141,14 +144,11 @@ def _signature_hint(saved: dict[str, list[int]], model_sig: dict[str, list[int]]
     return "different --num-layers/--hidden-size/...?"
 
 
-def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path, same_world: bool = True) -> str | None:
+def _check(meta: dict[str, Any], model_sig: dict[str, list[int]], path: Path) -> str | None:
+    """Why this run cannot load the checkpoint of ``meta``, or None. Another world size is no reason:
+    both formats reshard model and optimizer (``world_size_note``)."""
     if meta.get("format_version") not in READABLE_VERSIONS:
         return f"checkpoint {path}: format version {meta.get('format_version')} (this code reads {READABLE_VERSIONS})"
-    if same_world and meta.get("world_size") != world():
-        return (
-            f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {world()} "
-            "(the data position, RNG and plans are per world size: resume with the same number of ranks)"
-        )
     saved = meta.get("model_signature", {})
     if saved != model_sig:
         missing = sorted(set(model_sig) - set(saved))
@@ -191,8 +191,20 @@ def _candidates(load_dir: Path, load_step: int | None) -> tuple[Path | None, lis
     return first, older, why
 
 
-def _read_files(path: Path, needed: dict[str, str]) -> dict[str, Any]:
-    """file -> content of the files ``needed`` (file -> the state it holds) and trainer.pt."""
+def _read_files(path: Path, req: _Request, fmt: str) -> dict[str, Any]:
+    """file -> content of trainer.pt and the files ``req.needed`` (file -> the state it holds); in the
+    torch_dist format the sharded entries stay in their DCP shards (only their presence is checked)."""
+    needed = req.needed
+    if fmt == "torch_dist":
+        needed = {f: what for f, what in needed.items() if what not in req.sharded}
+        try:
+            have = saved_entries(path / DIST_DIR)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - verified, yet unreadable: damaged
+            raise _Damaged(f"checkpoint {path}: cannot read its DCP metadata: {type(e).__name__}: {e}") from None
+        for what in sorted(req.sharded - have):
+            raise CheckpointError(f"checkpoint {path} has no {what} state (not among its DCP shards)")
     for name, what in needed.items():
         if not (path / name).exists():
             raise CheckpointError(f"checkpoint {path} has no {what} state ({name})")
@@ -214,7 +226,7 @@ def _load_candidate(path: Path, req: _Request) -> tuple[dict[str, Any], dict[str
         meta = read_meta(path)
     except CheckpointError as e:
         raise _Damaged(str(e)) from None
-    err = _check(meta, req.sig, path, same_world=not req.model_only)
+    err = _check(meta, req.sig, path)
     if err:
         raise CheckpointError(err)
     if req.args is not None:
@@ -225,7 +237,7 @@ def _load_candidate(path: Path, req: _Request) -> tuple[dict[str, Any], dict[str
         notes = verify_checkpoint(path, meta)
     except CheckpointError as e:
         raise _Damaged(str(e)) from None
-    return meta, _read_files(path, req.needed), notes
+    return meta, _read_files(path, req, ckpt_format(meta)), notes
 
 
 def _fallback_warning(failures: list[tuple[Path | None, str]], load_dir: Path, path: Path) -> str:
@@ -252,7 +264,8 @@ def _select_and_read(req: _Request) -> tuple[tuple, dict[str, Any]]:
                 raise CheckpointError(str(e)) from None
             continue
         warns = ([_fallback_warning(failures, req.load_dir, path)] if failures else []) + list(notes)
-        info = (str(path), meta.get("args") or {}, str(failures[0][0]) if failures else None, warns)
+        world_size, fmt = meta.get("world_size"), ckpt_format(meta)
+        info = (str(path), meta.get("args") or {}, str(failures[0][0]) if failures else None, warns, world_size, fmt)
         return info, contents
     raise CheckpointError(f"--load {req.load_dir}: no checkpoint verifies: " + "; ".join(r for _, r in failures))
 
@@ -271,20 +284,44 @@ def _read_on_rank0(req: _Request) -> tuple[tuple, dict[str, Any]]:
     return broadcast_object(info), contents
 
 
-def _restore(registry: StateRegistry, contents: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _sharded_templates(registry: StateRegistry, path: Path) -> dict[str, Any]:
+    """Collective (torch_dist): every sharded entry's state as this rank holds it, filled in place from
+    the checkpoint's DCP shards (DCP reads each rank's slices, whatever world size wrote them)."""
+    templates = {e.name: e.sharded.state_dict() for e in registry if e.sharded is not None}
+    if templates:
+        load_shards(path / DIST_DIR, templates)
+    return templates
+
+
+def _own_states(path: Path, fmt: str, saved_world: int | None) -> Any:
+    """torch_dist: this rank's own file (its RNG), where the world size is the saved one; else None."""
+    if fmt != "torch_dist" or saved_world != world():
+        return None
+    return torch_load(path / rank_file(rank()))
+
+
+def _restore(registry: StateRegistry, contents: dict[str, Any], info: tuple) -> tuple[int, dict[str, Any]]:
     """Collective: hand every entry its state, in registration order; (iteration, loaded small states)."""
+    path, saved_world, fmt = Path(info[0]), info[4], info[5]
     small = None
     if rank() == 0:
         small = {e.name: lookup(contents.get(e.file), e.key) for e in registry if e.scope is not Scope.COLLECTIVE}
         small["iteration"] = int(contents[TRAINER_FILE]["iteration"])
     small = broadcast_object(small)
+    sharded = _sharded_templates(registry, path) if fmt == "torch_dist" else {}
+    own = _own_states(path, fmt, saved_world)
     states: dict[str, Any] = {}
     for e in registry:
+        if e.name in sharded:
+            e.sharded.load_state_dict(sharded.pop(e.name))
+            continue
         if e.scope is Scope.COLLECTIVE:  # present on rank 0 (its file was required and read)
             e.load_state_dict(lookup(contents[e.file], e.key) if rank() == 0 else None)
             continue
         value = small[e.name]
-        if e.scope is Scope.PER_RANK:  # another world size: not restored (the loader refused it anyway)
+        if e.scope is Scope.PER_RANK and fmt == "torch_dist":
+            value = lookup(own, e.key or (e.name,)) if own is not None else None
+        elif e.scope is Scope.PER_RANK:  # another world size: not restored (world_size_note warns)
             value = value[rank()] if isinstance(value, list) and len(value) == world() else None
         if value is not None:  # None: a checkpoint from before this entry existed; keep the fresh state
             e.load_state_dict(value)
@@ -316,7 +353,8 @@ def load_state(
     if model_only:
         registry = registry.only(model.name)
         args = None
-    sig = model_signature(model.state_dict())  # the same collective on every rank
+    # global shapes from the shards where the model has them (no gather); else the full state (a collective)
+    sig = model_signature(model.sharded.state_dict() if model.sharded is not None else model.state_dict())
     needed = {f: e.name for f in registry.files() if (e := registry.by_file(f)) is not None}
     req = _Request(
         Path(load_dir),
@@ -326,18 +364,20 @@ def load_state(
         args,
         override_opt_param_scheduler,
         model_only,
+        frozenset(e.name for e in registry if e.sharded is not None),
     )
     info, contents = _read_on_rank0(req)
-    for w in info[3]:
+    note = world_size_note(Path(info[0]), info[4], model_only=model_only)
+    for w in info[3] + ([note] if note else []):
         log.warning("%s", w)
-    iteration, states = _restore(registry, contents)
+    iteration, states = _restore(registry, contents, info)
     return LoadedCheckpoint(
         iteration=iteration,
         path=Path(info[0]),
         states=states,
         args=dict(info[1]),
         fallback_from=Path(info[2]) if info[2] else None,
-        warnings=list(info[3]),
+        warnings=list(info[3]) + ([note] if note else []),
     )
 
 
@@ -362,3 +402,19 @@ def newest_verified(load_dir: str | os.PathLike, *, load_step: int | None = None
             log.warning("%s; falling back to %s, the newest checkpoint that verifies", failures[0], path)
         return path, meta
     raise CheckpointError(f"--load {load_dir}: no checkpoint verifies: " + "; ".join(failures))
+
+
+def world_size_note(path: Path, saved_world: int | None, *, model_only: bool = False) -> str | None:
+    """The warning for a checkpoint of another world size (None when it matches or only weights load).
+
+    Why a warning and not a refusal: model and optimizer are resharded (DCP's load plans for
+    torch_dist, full state dicts broadcast from rank 0 for torch); the sampler position, planner,
+    scheduler and calibration describe the global batch stream, which does not depend on the number
+    of ranks, so the resumed run sees the same batches. Only per-rank RNG cannot map onto other ranks."""
+    if model_only or saved_world is None or saved_world == world():
+        return None
+    return (
+        f"checkpoint {path} was written by {saved_world} ranks; this run has {world()}: model and optimizer "
+        "are resharded and the data position and planner are global (same batches), but per-rank RNG "
+        "cannot be mapped: every rank keeps its generators as seeded from --seed"
+    )

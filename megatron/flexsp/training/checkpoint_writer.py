@@ -81,16 +81,25 @@ def _link_copy(src: Path, dst: Path) -> None:
     """Complete copy of checkpoint directory ``src`` at ``dst`` (hard links: no data copied; a plain
     copy where the file system has no hard links), via a hidden name and one rename."""
     tmp = dst.with_name(f".link-{dst.name}-{os.getpid()}-{time.time_ns()}")
-    tmp.mkdir()
-    for f in sorted(src.iterdir()):
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-            _fsync_file(tmp / f.name)
-    _fsync_dir(tmp)
+    _link_tree(src, tmp)
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` made with hard links to every file under ``src`` (subdirectories too: the torch_dist
+    format's shard directory), copies where links are not possible."""
+    dst.mkdir()
+    for f in sorted(src.iterdir()):
+        if f.is_dir():
+            _link_tree(f, dst / f.name)
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+            _fsync_file(dst / f.name)
+    _fsync_dir(dst)
 
 
 def _remove_dir(path: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .checkpoint_dist_writer import DistSaver
 from .checkpoint_loader import LoadedCheckpoint, load_state
 from .checkpoint_writer import save_state
 from .configs import CheckpointConfig
@@ -56,6 +57,8 @@ class Checkpointer:
         self.train_iters = train_iters
         self.after_save = list(after_save)
         self.last_saved: int | None = None
+        # torch_dist: every rank writes its own shards; with --async-save in the background
+        self.saver = DistSaver(async_save=cfg.async_save) if cfg.ckpt_format == "torch_dist" else None
 
     # ---------------------------------------------------------------- resume
     def _starts_fresh(self) -> bool:
@@ -113,18 +116,36 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, iteration: int) -> None:
-        """Write every registered state now (collective), then run the ``after_save`` callbacks."""
-        path = save_state(
-            self.cfg.save,
-            iteration,
-            self.registry,
-            args=self.run_record,
-            keep_latest_k=self.cfg.keep_latest_k,
-        )
+        """Write every registered state now (collective), then run the ``after_save`` callbacks.
+
+        With --async-save the files are written in the background: ``poll`` (every iteration) reports
+        the outcome, ``wait`` blocks for it; a new save first waits for the previous one."""
+        kw: dict[str, Any] = {"args": self.run_record, "keep_latest_k": self.cfg.keep_latest_k}
+        if self.saver is None:
+            path = save_state(self.cfg.save, iteration, self.registry, **kw)
+            log.info("saved checkpoint %s", path)
+        else:
+            path = self.saver.save(self.cfg.save, iteration, self.registry, **kw)
+            if self.saver.in_flight:
+                log.info(
+                    "checkpoint %s: written in the background (training blocked %.2f s)", path, self.saver.blocked_s
+                )
+            else:
+                log.info("saved checkpoint %s (%.2f s)", path, self.saver.blocked_s)
         self.last_saved = iteration
-        log.info("saved checkpoint %s", path)
         for callback in self.after_save:
             callback(iteration)
+
+    def poll(self) -> None:
+        """Between iterations (collective while a background save is in flight): finish a save every
+        rank has written; its error, if any, is raised here on every rank as one CheckpointError."""
+        if self.saver is not None:
+            self.saver.poll()
+
+    def wait(self) -> None:
+        """Block until the background save in flight (if any) is complete on disk; raise its error."""
+        if self.saver is not None:
+            self.saver.wait()
 
     def _should_save(self, iteration: int) -> bool:
         c = self.cfg
@@ -147,6 +168,7 @@ class Checkpointer:
         if self.cfg.save and self.last_saved != iteration:
             self.save(iteration)
             saved = True
+        self.wait()  # the run stops: the checkpoint must be on disk before the process exits
         log.info(
             "exiting after iteration %d (%s)%s",
             iteration,
@@ -159,3 +181,4 @@ class Checkpointer:
         """End of training: the final save, unless --no-save-final or already saved at this iteration."""
         if self.cfg.save and self.cfg.save_final and self.last_saved != iteration:
             self.save(iteration)
+        self.wait()

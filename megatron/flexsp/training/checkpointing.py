@@ -46,7 +46,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint_dist import DIST_DIR, read_full_entry
+from .checkpoint_dist_writer import DistSaver
 from .checkpoint_format import (
+    CKPT_FORMATS,
     FORMAT_VERSION,
     MODEL_FILE,
     READABLE_VERSIONS,
@@ -54,6 +57,7 @@ from .checkpoint_format import (
     NonFiniteCheckpointError,
     ResumeMismatchError,
     UnsafeCheckpointError,
+    ckpt_format,
     find_checkpoint,
     list_checkpoints,
     model_signature,
@@ -73,7 +77,9 @@ __all__ = [
     "FORMAT_VERSION",
     "LR_SCHEDULE_ARGS",
     "READABLE_VERSIONS",
+    "CKPT_FORMATS",
     "CheckpointError",
+    "DistSaver",
     "LoadedCheckpoint",
     "NonFiniteCheckpointError",
     "ResumeMismatchError",
@@ -107,13 +113,24 @@ def save_checkpoint(
     args: dict[str, Any] | None = None,
     keep_latest_k: int | None = None,
     check_finite: bool = True,
+    ckpt_format: str = "torch",
 ) -> Path:
     """Write model, optimizer, scheduler, RNG and the plain ``states`` (name -> value, each at
-    trainer.pt[name]) as the checkpoint of ``iteration`` (collective); see ``save_state``."""
+    trainer.pt[name]) as the checkpoint of ``iteration`` (collective); see ``save_state``.
+
+    ``ckpt_format``: "torch" (full state dicts written by rank 0; one process writes a model-only
+    checkpoint with ``optimizer=None``) or "torch_dist" (every rank its own shards, ``checkpoint_dist``)."""
+    if ckpt_format not in CKPT_FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {ckpt_format!r} (choose from {', '.join(CKPT_FORMATS)})")
     registry = register_core(StateRegistry(), model, optimizer, scheduler)
     for name, value in (states or {}).items():
         box = ValueBox(value)
         registry.register(name, box.state_dict, box.load_state_dict)
+    if ckpt_format == "torch_dist":
+        saver = DistSaver()
+        return saver.save(
+            save_dir, iteration, registry, args=args, keep_latest_k=keep_latest_k, check_finite=check_finite
+        )
     return save_state(save_dir, iteration, registry, args=args, keep_latest_k=keep_latest_k, check_finite=check_finite)
 
 
@@ -146,6 +163,8 @@ def read_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     model. ``path`` is a checkpoint directory or a ``--save`` directory (then the newest checkpoint
     that verifies, as a resume would choose); every file is checked against its sha256 first."""
     ckpt_dir, meta = newest_verified(path)
+    if ckpt_format(meta) == "torch_dist":
+        return read_full_entry(ckpt_dir / DIST_DIR, "model"), meta
     state = torch_load(ckpt_dir / MODEL_FILE)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {ckpt_dir}: {MODEL_FILE} holds no state dict")

@@ -104,6 +104,7 @@ class FlexSPConfig:
             max_seq_len=self.seq_length,
             static_degree=self.context_parallel_size if method == "static" else None,
             seed=self.seed,
+            recompute=self.recompute_granularity or "none",  # --recompute-granularity: auto lets the planner choose
         )
 
     @staticmethod
@@ -138,6 +139,8 @@ class CheckpointConfig:
     load_step: int | None = None
     override_opt_param_scheduler: bool = False
     finetune: bool = False  # --finetune: weights only from --load, iteration 0, everything else fresh
+    ckpt_format: str = "torch_dist"  # each rank writes its own shards (DCP); "torch": full state dicts on rank 0
+    async_save: bool = False  # --async-save: torch_dist writes in the background
     exit_signal: str | None = None  # the signal that asks for save-and-exit (None: no handler)
     exit_duration_in_mins: float | None = None
 

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint_format import MODEL_FILE, OPTIM_FILE, state_dict_options
 from .rng_state import rng_state, set_rng_state
-from .state_registry import Scope, StateRegistry
+from .state_registry import Scope, ShardedForm, StateRegistry
 
 __all__ = ["register_core"]
 
@@ -25,18 +25,24 @@ def register_core(
 ) -> StateRegistry:
     """Register model (model.pt), optimizer (optim.pt), scheduler and per-rank RNG, in load order."""
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
+    shard = StateDictOptions(full_state_dict=False)  # this rank's DTensor shards, for the torch_dist format
     registry.register(
         "model",
         lambda: get_model_state_dict(model, options=state_dict_options()),
         lambda sd: set_model_state_dict(model, sd or {}, options=state_dict_options(load=True)),
         scope=Scope.COLLECTIVE,
         file=MODEL_FILE,
+        sharded=ShardedForm(
+            lambda: get_model_state_dict(model, options=shard),
+            lambda sd: set_model_state_dict(model, sd, options=shard),
+        ),
     )
     if optimizer is not None:
         registry.register(
@@ -45,6 +51,10 @@ def register_core(
             lambda sd: set_optimizer_state_dict(model, optimizer, sd or {}, options=state_dict_options(load=True)),
             scope=Scope.COLLECTIVE,
             file=OPTIM_FILE,
+            sharded=ShardedForm(
+                lambda: get_optimizer_state_dict(model, optimizer, options=shard),
+                lambda sd: set_optimizer_state_dict(model, optimizer, sd, options=shard),
+            ),
         )
     if scheduler is not None:
         registry.register("scheduler", scheduler.state_dict, scheduler.load_state_dict)

@@ -291,6 +291,8 @@ def _data_flags(d: argparse._ArgumentGroup) -> None:
 
 
 def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
+    from .config_types import CheckpointConfig
+
     c.add_argument("--save", default=None, help="checkpoint directory to write")
     c.add_argument("--load", default=None, help="checkpoint directory to resume from")
     c.add_argument("--save-interval", type=_positive_int, default=None)
@@ -306,6 +308,19 @@ def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
         type=_positive_int,
         default=None,
         help="resume from this iteration's checkpoint instead of the newest one",
+    )
+    c.add_argument(
+        "--ckpt-format",
+        choices=["torch", "torch_dist"],
+        default=CheckpointConfig.ckpt_format,
+        help="torch_dist: every rank writes its own model/optimizer shards (torch.distributed.checkpoint), "
+        "loadable on any number of ranks; torch: full state dicts gathered to rank 0 (both are loadable)",
+    )
+    c.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write torch_dist checkpoints in the background, overlapped with the next iterations (at most "
+        "one in flight; the final save and exit wait for it)",
     )
     c.add_argument(
         "--finetune",

@@ -19,7 +19,7 @@ from typing import Any
 
 from .checkpoint_format import TRAINER_FILE
 
-__all__ = ["Scope", "StateEntry", "StateRegistry", "ValueBox"]
+__all__ = ["Scope", "ShardedForm", "StateEntry", "StateRegistry", "ValueBox"]
 
 
 class Scope(enum.Enum):
@@ -30,12 +30,24 @@ class Scope(enum.Enum):
     (not loaded when the checkpoint had another number of ranks).
     COLLECTIVE: ``state_dict`` is a collective returning the full state on rank 0 (model,
     optimizer: gathered from shards); ``load_state_dict`` is a collective that gets the full state
-    on rank 0 and None elsewhere, and distributes it itself.
+    on rank 0 and None elsewhere, and distributes it itself (the ``torch`` format). Such an entry
+    may also give its ``sharded`` form (``ShardedForm``), which the ``torch_dist`` format uses:
+    every rank saves and loads only its own shards, resharded on load.
     """
 
     GLOBAL = "global"
     PER_RANK = "per_rank"
     COLLECTIVE = "collective"
+
+
+@dataclass(frozen=True)
+class ShardedForm:
+    """A COLLECTIVE entry's shard-local form: ``state_dict`` gives this rank's sharded state dict
+    (DTensors, no communication), which is also the template a load fills in place before
+    ``load_state_dict`` takes it back."""
+
+    state_dict: Callable[[], Any]
+    load_state_dict: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class StateEntry:
     scope: Scope = Scope.GLOBAL
     file: str = TRAINER_FILE
     key: tuple[str, ...] = ()  # the path inside ``file``; () is the whole file (only for a file of its own)
+    sharded: ShardedForm | None = None  # COLLECTIVE entries: the per-rank form the torch_dist format saves
 
     @property
     def address(self) -> str:
@@ -69,13 +82,16 @@ class StateRegistry:
         scope: Scope = Scope.GLOBAL,
         file: str = TRAINER_FILE,
         key: tuple[str, ...] | None = None,
+        sharded: ShardedForm | None = None,
     ) -> StateEntry:
         """Add one component; ``key`` defaults to ``(name,)`` in trainer.pt and to the whole file elsewhere."""
         if name in self._entries:
             raise ValueError(f"state {name!r} is registered twice")
+        if sharded is not None and scope is not Scope.COLLECTIVE:
+            raise ValueError(f"state {name!r}: only a COLLECTIVE entry has a sharded form")
         if key is None:
             key = (name,) if file == TRAINER_FILE else ()
-        entry = StateEntry(name, state_dict, load_state_dict, scope, file, tuple(key))
+        entry = StateEntry(name, state_dict, load_state_dict, scope, file, tuple(key), sharded)
         self._check_address(entry)
         self._entries[name] = entry
         return entry

@@ -352,6 +352,7 @@ class Trainer:
             if self.should_validate(it):
                 self.metrics.log_eval(it, self.evaluate())
             reason = self.exit.reason(self.exit_vote) if self.exit_vote else None
+            self.checkpointer.poll()  # a background save that finished: its error surfaces here
             stopped = self.checkpointer.maybe_save(it, exit_reason=reason).stop
             self.watchdog.beat(it)
             if stopped:

@@ -51,6 +51,7 @@ __all__ = [
     "install_recompute",
     "full_chunks",
     "SavedBytesMeter",
+    "activation_bytes_per_token",
 ]
 
 MODES = ("none", "selective", "full")  # what a plan group may carry
@@ -239,7 +240,9 @@ class SavedBytesMeter:
 
     ``torch.autograd.graph.saved_tensors_hooks`` sees what ops save; the inputs a checkpoint keeps
     are reported by ``recompute_checkpoint``. Deduplicated by storage (views and repeated saves
-    of one tensor count once).
+    of one tensor count once). Parameters are model states, not activations, and are left out:
+    FSDP2 frees a layer's gathered weights after its forward, and an activation allocated at the
+    same address later would be taken for the same storage.
     """
 
     def __init__(self) -> None:
@@ -248,7 +251,7 @@ class SavedBytesMeter:
         self._hooks: Any = None
 
     def add(self, t: Any) -> None:
-        if not torch.is_tensor(t):
+        if not torch.is_tensor(t) or isinstance(t, nn.Parameter):
             return
         if hasattr(t, "to_local"):
             t = t.to_local()
@@ -421,3 +424,65 @@ def install_recompute(model: nn.Module) -> nn.Module:
             _wrap_mlp(mlp)
     model._flexsp_recompute_installed = True
     return model
+
+
+# ------------------------------------------------------------------ closed-form memory model
+# Bytes per token that do not scale with the width: input ids and labels (int64), the float loss
+# mask and the bool mask of the loss (what the executor's loss path saves).
+_INT_BYTES_PER_TOKEN = 21
+
+
+def _layer_elements(cfg: Any, spec: RecomputeSpec, packed: bool) -> float:
+    """Elements per token one transformer layer saves for backward at degree 1 (no recomputation of it).
+
+    RMSNorm saves its input, 1/rms, the normalised x and x*w (3h + 1), twice per layer; RoPE its
+    cos/sin tables for q and k (4 x head dim); attention the fused qkv output, the rotated q and
+    k, its output and the softmax log-sum-exp (per head); SwiGLU's MLP the fc1 output (2f) and
+    the gate's three f-wide intermediates (GeLU: fc1 and activation outputs, 2f). With several
+    documents packed, the per-document attention outputs are kept besides their concatenation.
+    """
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    dh = cfg.kv_channels or h // heads
+    q, kv = heads * dh, groups * dh
+    f = cfg.ffn_hidden_size or 4 * h
+    mlp = 5 * f if cfg.swiglu else 2 * f
+    rope = 4 * dh if cfg.position_embedding_type == "rope" else 0
+    # what a recomputed core attention no longer keeps at degree 1: the log-sum-exp per head, and
+    # with packed documents their separate outputs
+    attn_internal = heads + (q if packed else 0)
+    n = 6 * h + 2 + rope + 3 * q + 3 * kv + attn_internal + mlp
+    if spec.selective("core_attn"):
+        n -= attn_internal
+    if spec.selective("mlp"):
+        n -= mlp
+    return float(n)
+
+
+def activation_bytes_per_token(
+    cfg: Any, spec: RecomputeSpec = NO_RECOMPUTE, *, bytes_per_element: int = 4, packed: bool = True
+) -> float:
+    """Bytes per token saved for backward on one rank at degree 1, from the model shape (``GPTConfig``).
+
+    Why closed form: the planner's prior needs the per-mode activation cost of a model it has not
+    profiled; ``SavedBytesMeter`` measures the same quantity (tests check they agree). Exact for
+    the default Llama-style model (RoPE, RMSNorm, SwiGLU, no dropout) in fp32; ``bytes_per_element``
+    2 approximates bf16. Full recomputation keeps one hidden state per checkpointed chunk (plus the
+    RoPE frequencies the chunks share); the final norm, the logits and the loss are never recomputed.
+    ``packed``: the micro-batch packs several documents (the default, and the larger figure); a
+    single document saves one attention output less per layer.
+    At degree d > 1 each rank also keeps its head-sharded copies of q, k, v and the attention output
+    (the all-to-all buffers), which a recomputed core attention drops.
+    """
+    h, layers = cfg.hidden_size, cfg.num_layers
+    dh = cfg.kv_channels or h // cfg.num_attention_heads
+    rope_arg = dh if cfg.position_embedding_type == "rope" else 0
+    head = 3 * h + 1 + cfg.vocab_size  # final norm and logits
+    if spec.mode == "full":
+        runs = full_chunks(spec, layers)
+        kept = sum(1 for _, _, ck in runs if ck) * h + rope_arg
+        plain = sum(e - s for s, e, ck in runs if not ck) * _layer_elements(cfg, NO_RECOMPUTE, packed)
+        elements = kept + plain + head
+    else:
+        elements = layers * _layer_elements(cfg, spec, packed) + head
+    return _INT_BYTES_PER_TOKEN + bytes_per_element * elements

@@ -86,6 +86,9 @@ def _case(saved, tmp_path, name: str):
     if name == "attention_bias":
         _edit_config(d, attention_bias=True)
         return d, extra, "attention_bias=true is not supported"
+    if name == "head_dim":
+        _edit_config(d, head_dim=16)
+        return d, extra, "head_dim=16 differs from hidden_size/num_attention_heads=8"
     if name == "no_weights":
         (d / "model.safetensors").unlink()
         return d, extra, "no model.safetensors and no model.safetensors.index.json"
@@ -104,6 +107,7 @@ CASES = [
     "vocab_over_table",
     "architecture",
     "attention_bias",
+    "head_dim",
     "no_weights",
 ]
 

@@ -190,3 +190,26 @@ def test_bad_tables_are_named():
         mg = hf_to_megatron(hf, m, padded_vocab_size=16)
         del mg["decoder.layers.1.mlp.linear_fc2.weight"]
         megatron_to_hf(mg, m)
+
+
+_ARCH_FIELDS = (
+    "num_layers hidden_size num_attention_heads num_query_groups ffn_hidden_size kv_channels vocab_size "
+    "max_position_embeddings position_embedding_type normalization swiglu add_bias_linear rotary_base "
+    "share_embeddings_and_output_weights norm_epsilon add_qkv_bias use_rope_scaling rope_scaling_factor "
+    "attention_dropout"
+).split()
+
+
+@pytest.mark.parametrize("kind,fields", [("llama", LLAMA31_8B), ("qwen2", QWEN25_7B), ("mistral", MISTRAL_7B_V03)])
+def test_printed_flags_make_the_trainer_build_the_converted_model(kind, fields):
+    """Contract C1 end to end: the trainer's own parser and config builder, fed the printed flags,
+    give the GPTConfig the checkpoint was written for (so --load CKPT --finetune finds its shapes)."""
+    from megatron.flexsp.training import arguments as A
+    from megatron.flexsp.training.configs import model_config_from_args
+
+    m = model_from_hf_config(_saved_config(kind, **fields))
+    flags = m.trainer_flags(make_vocab_size_divisible_by=128)
+    want = m.gpt_config(padded_vocab_size=pad_vocab_size(m.vocab_size, 128))
+    got = model_config_from_args(A.parse_args([*flags, "--seq-length", "4096"]), cuda=False)
+    for name in _ARCH_FIELDS:
+        assert getattr(got, name) == getattr(want, name), (name, getattr(got, name), getattr(want, name))

@@ -135,13 +135,14 @@ def import_hf(
         m.vocab_size, hf_vocab = vocab_size, m.vocab_size
     else:
         padded, hf_vocab = pad_vocab_size(m.vocab_size, make_vocab_size_divisible_by), m.vocab_size
+    kw: dict[str, Any] = dict(
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by, transformer_impl=transformer_impl
+    )
+    flags = m.trainer_flags(**kw)  # refuses what the trainer has no flag for, before reading any tensor
     gpt_cfg = m.gpt_config(padded_vocab_size=padded, transformer_impl=transformer_impl)
     shape_model = HFModel(**{**m.__dict__, "vocab_size": hf_vocab})
     state = hf_to_megatron(
         _read_hf(hf_dir, shape_model), shape_model, padded_vocab_size=padded, transformer_impl=transformer_impl
-    )
-    kw: dict[str, Any] = dict(
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by, transformer_impl=transformer_impl
     )
     record = m.run_record(**kw)
     record.update(padded_vocab_size=padded, hf_vocab_size=hf_vocab, converted_from=str(hf_dir.resolve()))
@@ -150,7 +151,7 @@ def import_hf(
     with _one_process(), hf_io.fresh_output(out, "--out") as tmp:
         model = _load_into_meta_model(gpt_cfg, state)
         save_checkpoint(tmp, 0, model, None, args=record)
-    return ImportResult(model=m, flags=m.trainer_flags(**kw), checkpoint=out, padded_vocab_size=padded)
+    return ImportResult(model=m, flags=flags, checkpoint=out, padded_vocab_size=padded)
 
 
 def _layer_count(state: Mapping[str, Any]) -> int:

@@ -129,7 +129,10 @@ class HFModel:
         if self.num_query_groups != self.num_attention_heads:
             pairs += [("--group-query-attention", True), ("--num-query-groups", self.num_query_groups)]
         if self.head_dim * self.num_attention_heads != self.hidden_size:
-            pairs.append(("--kv-channels", self.head_dim))
+            raise ConvertError(
+                f"config.json: head_dim={self.head_dim} differs from hidden_size/num_attention_heads="
+                f"{self.hidden_size / self.num_attention_heads:g}: the trainer has no --kv-channels flag"
+            )
         pairs += [
             ("--position-embedding-type", "rope"),
             ("--normalization", "RMSNorm"),

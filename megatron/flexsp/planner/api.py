@@ -33,7 +33,7 @@ from .costmodel import CostModel
 from .deadline import Deadline
 from .dynamic_cp import dynamic_cp_plan
 from .hybrid_cp import hybrid_cp_plan
-from .mode_choice import best_rule_plan, label_plan, planning_modes
+from .mode_choice import best_rule_plan, planning_modes
 from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 
 __all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig", "plan_global_batch", "fallback_plan"]
@@ -67,23 +67,6 @@ def _predicted_s(name: str, n: int, world_size: int) -> float:
     return 1e-3 + 2e-5 * n
 
 
-def _mode_plans(
-    lengths: list[int], cost: CostModel, config: PlannerConfig, deadline: Deadline, modes: tuple[str, ...]
-) -> list[tuple[str, Plan]]:
-    """Auto: each allowed mode's FlexSP plan (a fifth of the time with three modes, 40 % left for the auto
-    search), its groups labelled with their fastest fitting mode: the auto search starts from them and is
-    never estimated slower than a fixed mode's plan found in that share."""
-    out = []
-    for i, m in enumerate(modes):
-        sub = deadline.share(1.0 / (len(modes) + 2 - i))
-        try:
-            p = _flexsp_module.plan_flexsp(lengths, cost, config.world_size, gap=config.gap, deadline=sub, recompute=m)
-        except NoFeasiblePlanError:  # a length this mode cannot hold on any group
-            continue
-        out.append(("flexsp-" + m, label_plan(p, cost, modes)))
-    return out
-
-
 def _flexsp(
     lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float, deadline: Deadline, modes: tuple[str, ...]
 ) -> Plan:
@@ -103,8 +86,6 @@ def _flexsp(
             baselines.append((name, _rule(build, lengths, cost, config.world_size, modes, lower_bound_ms=lb)))
         except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: no homogeneous plan
             continue
-    if len(modes) > 1:
-        baselines += _mode_plans(lengths, cost, config, deadline, modes)
     plan = _flexsp_module.plan_flexsp(
         lengths,
         cost,

@@ -29,9 +29,19 @@ import numpy as np
 from .api import METHODS, PlannerConfig, plan_global_batch
 from .costmodel import CostModel, CostModelError
 from .lengths_io import OVERLONG_MODES, LengthsError, OverlongReport, apply_max_len, read_lengths
+from .mode_choice import planning_modes
 from .plan import Plan, PlanError
 from .presets import PAPER_WORLD_SIZE, load_cost_model
-from .report import MethodStats, explain_report, flexsp_choice_note, format_table, plan_wall_s, summarize
+from .recompute import RECOMPUTE_CHOICES
+from .report import (
+    MethodStats,
+    explain_report,
+    flexsp_choice_note,
+    format_table,
+    plan_wall_s,
+    recompute_note,
+    summarize,
+)
 
 __all__ = [
     "main",
@@ -106,7 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
-    """What to write and print besides the table."""
+    """What to write and print besides the table (and how groups recompute, which the plots show)."""
+    p.add_argument(
+        "--recompute",
+        choices=RECOMPUTE_CHOICES,
+        default=PlannerConfig.recompute,
+        help="activation recomputation of every SP group, or auto: per group the fastest mode whose memory fits "
+        "(modes other than none need the cost model's 'recompute' coefficients)",
+    )
     p.add_argument("--output", type=Path, default=None, help="directory for plans and summary.json/.csv")
     p.add_argument("--plot", action="store_true", help="draw every plan as a PNG under --output/plots")
     p.add_argument(
@@ -144,6 +161,7 @@ def run_methods(
     on_plan=None,
     progress: bool = False,
     gap: float = PlannerConfig.gap,
+    recompute: str = PlannerConfig.recompute,
 ) -> dict[str, list[Plan]]:
     """Plan every batch with every method; ``on_plan(k, method, plan)`` is called for each plan."""
     out: dict[str, list[Plan]] = {m: [] for m in methods}
@@ -162,6 +180,7 @@ def run_methods(
                 static_degree=static_degree,
                 seed=seed + k,
                 gap=gap,
+                recompute=recompute,
             )
             t0 = time.perf_counter()
             plan = plan_global_batch(lengths, cost, cfg)
@@ -275,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cost = load_cost_model(args.cost_model, args.world_size)
         cost.check_world_size(args.world_size)
+        planning_modes(cost, args.recompute)  # a mode the cost model lacks: one line, before any work
         lengths, report, max_len = _load_lengths(args, parser)
     except (CostModelError, LengthsError) as e:
         parser.error(str(e))
@@ -300,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_plan=_plan_writer(args, cost, methods),
             progress=not args.quiet,
             gap=args.gap,
+            recompute=args.recompute,
         )
     except PlanError as e:
         print(f"flexsp-plan: error: {e}", file=sys.stderr)
@@ -309,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = flexsp_choice_note(results)
     if note:
         print(note)
+    if args.recompute != "none":
+        print(recompute_note(results, args.recompute))
     if args.explain:
         print()
         print(explain_report(results, cost))

@@ -59,6 +59,20 @@ def _heuristic(
     return best
 
 
+def _first_mode(
+    ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, iters: int, quick: bool, exact: bool, deadline: Deadline | None
+) -> MBSolution | None:
+    """Several recompute modes: the solve with the first (fastest) mode's options alone, None when that mode
+    cannot hold every sequence (or with one mode)."""
+    if len(ctx.modes) == 1:
+        return None
+    t1 = tau.copy()
+    t1[:, [k for k, m in enumerate(ctx.option_modes) if m != ctx.modes[0]]] = np.inf
+    if not np.isfinite(t1).any(axis=1).all():
+        return None
+    return _heuristic(ctx, L, t1, iters, quick, exact, deadline)
+
+
 def solve_micro_batch(
     ctx: PlannerContext,
     L: np.ndarray,
@@ -84,7 +98,14 @@ def solve_micro_batch(
     iters = rebalance_iters if rebalance_iters is not None else rebalance_iters_for(L.size)
     best = upper
     if best is None and L.size:
-        best = _heuristic(ctx, L, tau, iters, quick, ctx.exact if exact is None else exact, deadline)
+        ex = ctx.exact if exact is None else exact
+        # several modes: never worse than the first (fastest) mode alone; a quick solve (scoring cuts) stops
+        # there when that mode holds the micro-batch, so cuts cost what they cost with that mode alone
+        first = _first_mode(ctx, L, tau, iters, quick, ex, deadline)
+        if first is None or not quick:
+            best = _heuristic(ctx, L, tau, iters, quick, ex, deadline)
+        if first is not None and (best is None or first.time_ms < best.time_ms - 1e-9):
+            best = first
     if not use_milp or L.size == 0:
         return best
     return milp_micro_batch(

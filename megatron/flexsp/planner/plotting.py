@@ -1,8 +1,9 @@
 """Draw a plan on a rank/time chart (PNG via matplotlib, imported only when drawing).
 
 Each micro-batch starts when the previous one ends (its slowest group); inside it, every group
-is a bar over its ranks, as long as its estimated time, coloured by degree. Idle time of a
-group is the gap to the micro-batch's end, which is what FlexSP's balancing shrinks.
+is a bar over its ranks, as long as its estimated time, coloured by degree and hatched by its
+recompute mode (none: plain, selective: //, full: xx). Idle time of a group is the gap to the
+micro-batch's end, which is what FlexSP's balancing shrinks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from .costmodel import CostModel
 from .plan import Plan, micro_batch_ms
 
 __all__ = ["plot_plan"]
+
+HATCH = {"none": "", "selective": "//", "full": "xx"}
+
+
+def _legend(plan: Plan, colour: dict, Patch) -> list:
+    """A patch per degree, and per recompute mode when a group recomputes."""
+    modes = [m for m in HATCH if any(g.recompute == m for mb in plan.micro_batches for g in mb.groups)]
+    handles = [Patch(color=c, label=f"degree {d}") for d, c in colour.items()]
+    if modes != ["none"]:
+        handles += [Patch(facecolor="white", edgecolor="black", hatch=HATCH[m], label=f"recompute {m}") for m in modes]
+    return handles
 
 
 def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None = None) -> Path:
@@ -35,7 +47,7 @@ def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None =
         for g in mb.groups:
             if not g.sequences:
                 continue
-            t = cost.group_time_ms([plan.lengths[s] for s in g.sequences], g.degree)
+            t = cost.group_time_ms([plan.lengths[s] for s in g.sequences], g.degree, g.recompute)
             lo, hi = min(g.ranks), max(g.ranks) + 1
             ax.barh(
                 lo,
@@ -44,6 +56,7 @@ def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None =
                 left=t0 / 1000.0,
                 align="edge",
                 color=colour[g.degree],
+                hatch=HATCH[g.recompute],
                 edgecolor="black",
                 linewidth=0.3,
             )
@@ -63,7 +76,7 @@ def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None =
     ax.set_ylim(ws, 0)
     ax.set_xlabel("estimated time (s); red lines end micro-batches")
     ax.set_ylabel("rank")
-    ax.legend(handles=[Patch(color=colour[d], label=f"degree {d}") for d in degrees], loc="lower right", fontsize=7)
+    ax.legend(handles=_legend(plan, colour, Patch), loc="lower right", fontsize=7)
     ax.set_title(
         title
         or f"{plan.solver.method}: {len(plan.lengths)} sequences, {plan.num_micro_batches} micro-batches, {t0:.0f} ms"

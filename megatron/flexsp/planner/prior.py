@@ -39,7 +39,14 @@ from dataclasses import dataclass
 
 from .costmodel import CostModel, CostModelError, alltoall_bytes_per_token
 
-__all__ = ["ModelShape", "analytic_cost_model", "num_parameters", "prior_bandwidths", "recompute_section"]
+__all__ = [
+    "ModelShape",
+    "analytic_cost_model",
+    "num_parameters",
+    "prior_bandwidths",
+    "recompute_section",
+    "with_recompute_modes",
+]
 
 _GBS_TO_MODEL = 1e9 / 1000.0 / 2**20  # 1 GB/s in the cost model's units (2^20 bytes per ms)
 
@@ -191,6 +198,21 @@ def recompute_section(
             "alltoall_factor": 1.5,
         },
     }
+
+
+def with_recompute_modes(
+    cost: CostModel, shape: ModelShape, *, e: int = 2, modules: tuple[str, ...] = ("core_attn",)
+) -> CostModel:
+    """``cost`` plus the recompute modes it lacks, from ``recompute_section`` of its model's shape: the
+    shape gives the ratio of each mode's activations to mode none's, ``cost``'s measured
+    activation_mb_per_token the level, its alpha1/alpha2 the compute split. Modes it has (measured by
+    flexsp-profile) are kept as they are."""
+    level = cost.memory.activation_mb_per_token / _activation_mb(shape, e)
+    c = cost.compute
+    derived = recompute_section(shape, c.alpha1_ms_per_token2, c.alpha2_ms_per_token, level, e=e, modules=modules)
+    d = cost.to_dict()
+    d["recompute"] = {**derived, **d.get("recompute", {})}
+    return CostModel.from_dict(d)
 
 
 def analytic_cost_model(

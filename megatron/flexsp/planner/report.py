@@ -15,7 +15,15 @@ from .costmodel import CostModel
 from .explain import breakdown, explain_table
 from .plan import Plan
 
-__all__ = ["MethodStats", "plan_wall_s", "summarize", "format_table", "flexsp_choice_note", "explain_report"]
+__all__ = [
+    "MethodStats",
+    "plan_wall_s",
+    "summarize",
+    "format_table",
+    "flexsp_choice_note",
+    "explain_report",
+    "recompute_note",
+]
 
 
 @dataclass
@@ -98,6 +106,21 @@ def flexsp_choice_note(results: Mapping[str, Sequence[Plan]]) -> str | None:
     return f"flexsp: the solver's plan was kept in {counts.get('solver', 0)}/{len(plans)} batches" + (
         f" (a better baseline plan in the others: {others})" if others else ""
     )
+
+
+def recompute_note(results: Mapping[str, Sequence[Plan]], recompute: str) -> str:
+    """Per method, the share of non-empty groups that run each recompute mode (--recompute)."""
+    parts = []
+    for m, plans in results.items():
+        count: dict[str, int] = {}
+        for p in plans:
+            for mb in p.micro_batches:
+                for g in mb.groups:
+                    if g.sequences:
+                        count[g.recompute] = count.get(g.recompute, 0) + 1
+        n = max(sum(count.values()), 1)
+        parts.append(f"{m} " + "/".join(f"{k} {100 * v / n:.0f}%" for k, v in sorted(count.items())))
+    return f"recompute {recompute}, groups per mode: " + "; ".join(parts)
 
 
 def explain_report(results: Mapping[str, Sequence[Plan]], cost: CostModel) -> str:

@@ -24,12 +24,19 @@ import torch
 
 from megatron.flexsp.planner.costmodel import CostModel, CostModelError
 from megatron.flexsp.planner.presets import load_cost_model
-from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model
+from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model, with_recompute_modes
 
 from .arguments import ArgumentError
 from .distributed import set_local_device
 
-__all__ = ["ResolvedCostModel", "resolve_cost_model", "measure_matmul_flops", "shape_mismatch", "DEFAULT_CPU_PRESET"]
+__all__ = [
+    "ResolvedCostModel",
+    "resolve_cost_model",
+    "measure_matmul_flops",
+    "shape_mismatch",
+    "with_run_recompute",
+    "DEFAULT_CPU_PRESET",
+]
 
 log = logging.getLogger("flexsp.train")
 
@@ -100,17 +107,8 @@ def _prior(
         device, seconds=0.5 if kind == "cpu" else 0.2, size=max(256, min(4096, args.hidden_size * 4))
     )
     intra, inter = _LINKS[kind]
-    shape = ModelShape(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        vocab_size=vocab_size,
-        num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size,
-        swiglu=bool(args.swiglu),
-    )
     return analytic_cost_model(
-        shape,
+        _shape(args, vocab_size),
         device_flops=flops,
         efficiency=_EFFICIENCY[kind],
         intra_node_gbs=intra,
@@ -120,7 +118,39 @@ def _prior(
         world_size=world_size,
         bytes_per_element=2 if args.bf16 else 4,
         sharding="ddp" if args.flexsp_sharding == "ddp" else "zero3",
+        recompute_modules=_recompute_modules(args),
     )
+
+
+def _shape(args: argparse.Namespace, vocab_size: int) -> ModelShape:
+    return ModelShape(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=vocab_size,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        swiglu=bool(args.swiglu),
+    )
+
+
+def _recompute_modules(args: argparse.Namespace) -> tuple[str, ...]:
+    """What selective recomputation recomputes (--recompute-modules; Megatron's default core_attn)."""
+    return tuple(getattr(args, "recompute_modules", None) or ("core_attn",))
+
+
+def with_run_recompute(cost: CostModel, args: argparse.Namespace, vocab_size: int) -> tuple[CostModel, str]:
+    """``cost`` ready for the run's --recompute-granularity: the modes the planner may use that the cost model
+    lacks come from the analytic prior of the model's shape, scaled to its measured activations
+    (``prior.with_recompute_modes``); (model, a note for the start-up log, empty when nothing was added)."""
+    mode = getattr(args, "recompute_granularity", None) or "none"
+    need = {"none": (), "selective": ("selective",), "full": ("full",), "auto": ("selective", "full")}[mode]
+    missing = [m for m in need if m not in cost.modes]
+    if not missing:
+        return cost, ""
+    e = 2 if args.bf16 else 4
+    out = with_recompute_modes(cost, _shape(args, vocab_size), e=e, modules=_recompute_modules(args))
+    return out, f"; recompute {', '.join(missing)} derived from the model shape (analytic prior)"
 
 
 def resolve_cost_model(
@@ -148,7 +178,8 @@ def resolve_cost_model(
         mismatch = shape_mismatch(cost, args)
         if mismatch is None:
             source = "file" if os.path.exists(spec) else "preset"
-            return ResolvedCostModel(cost, source, f"cost model '{cost.name}' ({source} {spec})")
+            cost, note = with_run_recompute(cost, args, vocab_size)
+            return ResolvedCostModel(cost, source, f"cost model '{cost.name}' ({source} {spec}){note}")
         why = f"cost model '{cost.name}' does not fit: {mismatch}"
         if args.flexsp_cost_model is None:
             why = f"the default CPU preset '{spec}' does not fit: {mismatch}"

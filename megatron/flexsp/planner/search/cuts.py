@@ -17,6 +17,7 @@ import numpy as np
 
 from ..blaster import ChunkEstimator, cut_points, min_max_chunks, segment_matrix
 from ..bounds import min_micro_batches
+from ..costmodel import CostModel
 from ..micro_batch import Chunk, MBSolution, PlannerContext
 from ..plan import Plan
 from .common import Search, total
@@ -56,20 +57,37 @@ def safe_plan(ctx: PlannerContext, L: np.ndarray, tau: np.ndarray) -> list[Chunk
     return out
 
 
+def _cut_models(ctx: PlannerContext, taus: np.ndarray) -> list[tuple[str, CostModel, np.ndarray, list[int]]]:
+    """(name prefix, model, tau columns, degrees) per recompute mode the cuts are sized for: one mode, the
+    context's own; several, each mode's (its memory budget and speed): the envelope of the modes would
+    pack micro-batches with the leanest mode's memory at the fastest mode's speed, which no group has."""
+    if len(ctx.modes) == 1:
+        return [("", ctx.cost, taus, ctx.degrees)]
+    out = []
+    for m in ctx.modes:
+        ks = [k for k, mk in enumerate(ctx.option_modes) if mk == m]
+        if np.isfinite(taus[:, ks]).any(axis=1).all():  # a mode that cannot hold every sequence sizes no cut
+            out.append((m + ":", ctx.base.for_mode(m), taus[:, ks], [ctx.degrees[k] for k in ks]))
+    return out or [("", ctx.cost, taus, ctx.degrees)]
+
+
 def candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> Iterator[tuple[str, list[np.ndarray]]]:
     """Candidate splits of the sorted batch (positions 0..n-1) into micro-batches, most promising first.
 
     Consecutive cuts of the sorted batch (``blaster``), generated lazily so that a tight
     deadline pays only for the first. (Dealing the longest sequences one per micro-batch among
     short ones was tried and lost on long-tail batches: memory then forces the long sequence
-    into a group too small to keep pace with the rest.)
+    into a group too small to keep pace with the rest.) With several recompute modes, each kind
+    of cut comes once per mode (``_cut_models``).
     """
     n = Ls.size
     seen: set[tuple[int, ...]] = set()
-    mmin = min_micro_batches(Ls, ctx.cost, ctx.world_size)
     pts = cut_points(Ls)
-    est, tok = ChunkEstimator(Ls, ctx.cost, ctx.world_size, taus, ctx.degrees).matrix(pts)
-    budget = float(ctx.cost.tokens_per_gpu * ctx.world_size)
+    models = []
+    for prefix, cost, tm, degs in _cut_models(ctx, taus):
+        est, tok = ChunkEstimator(Ls, cost, ctx.world_size, tm, degs).matrix(pts)
+        budget = float(cost.tokens_per_gpu * ctx.world_size)
+        models.append((prefix, est, tok, budget, min_micro_batches(Ls, cost, ctx.world_size)))
 
     def new(name: str, b: list[int]):
         if b and tuple(b) not in seen:
@@ -77,27 +95,22 @@ def candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> I
             return name, [np.arange(x, y) for x, y in zip(b[:-1], b[1:])]
         return None
 
-    def dp(frac: float):
-        return new(f"dp{frac:g}", segment_matrix(pts, np.where(tok <= frac * budget + 1e-9, est, np.inf))[0])
+    def dp(frac: float, prefix, est, tok, budget, mmin):
+        return new(f"{prefix}dp{frac:g}", segment_matrix(pts, np.where(tok <= frac * budget + 1e-9, est, np.inf))[0])
 
-    def minmax(m: int):
-        return new(f"minmax{m}", min_max_chunks(Ls, m)[0]) if m <= n else None
+    def minmax(m: int, prefix, est, tok, budget, mmin):
+        return new(f"{prefix}minmax{m}", min_max_chunks(Ls, m)[0]) if m <= n else None
 
     # order: measured on long-tail batches (64 GPUs, gpt-7b), the 92 % memory budget is best on
     # average and within 4 % of the best cut in every batch; the full budget packs micro-batches
     # so tightly that the greedy sometimes cannot, min-max cuts ignore time altogether
-    for make in (
-        lambda: dp(0.92),
-        lambda: dp(0.86),
-        lambda: dp(0.96),
-        lambda: dp(1.0),
-        lambda: minmax(mmin),
-        lambda: minmax(mmin + 1),
-        lambda: minmax(mmin + 2),
-    ):
-        c = make()
-        if c is not None:
-            yield c
+    # several modes: the fastest mode's cuts first (a tight deadline then sees what that mode alone would)
+    kinds = ((dp, 0.92), (dp, 0.86), (dp, 0.96), (dp, 1.0), (minmax, 0), (minmax, 1), (minmax, 2))
+    for md in models:
+        for make, arg in kinds:
+            c = make(arg, *md) if make is dp else make(md[4] + arg, *md)
+            if c is not None:
+                yield c
 
 
 def seed_chunks(ctx: PlannerContext, seed: Plan, pos: np.ndarray, taus: np.ndarray) -> list[Chunk] | None:

@@ -48,7 +48,7 @@ def _convert_body(rank, world_size, jobs, forward_args):
 def converted(tmp_path_factory):
     """Both tiny models saved by transformers, imported (hf-to-flexsp) and exported back (flexsp-to-hf)."""
     root = tmp_path_factory.mktemp("hfconv")
-    out = {}
+    out: dict = {}
     jobs = []
     for kind in ("llama", "qwen2"):
         model = hf_models.build(kind)
@@ -60,14 +60,30 @@ def converted(tmp_path_factory):
             ["flexsp-to-hf", "--ckpt", str(ckpt), "--out", str(back), "--tokenizer", str(hf_dir)],
         ]
         out[kind] = dict(model=model, hf=hf_dir, ckpt=ckpt, back=back)
-    cases = {k: (str(c["hf"]), str(c["ckpt"])) for k, c in out.items()}
-    results, forward = run_distributed(_convert_body, 1, jobs, (cases, ONE_RANK_PLAN, _docs(out)), timeout=300)[0]
+    # the Llama saved in shards (model.safetensors.index.json) converts to the same checkpoint
+    sharded = hf_models.save(out["llama"]["model"], root / "llama_sharded", max_shard_size="20KB")
+    jobs.append(["hf-to-flexsp", "--hf", str(sharded), "--out", str(root / "llama_sharded_ckpt")])
+    out["_sharded_ckpt"] = root / "llama_sharded_ckpt"
+    cases = {k: (str(c["hf"]), str(c["ckpt"])) for k, c in _models(out).items()}
+    results, forward = run_distributed(
+        _convert_body, 1, jobs, (cases, ONE_RANK_PLAN, _docs(_models(out))), timeout=300
+    )[0]
     for i, kind in enumerate(("llama", "qwen2")):
         (rc_in, printed), (rc_out, _) = results[2 * i], results[2 * i + 1]
         assert rc_in == 0 and rc_out == 0, (kind, results)
         out[kind]["printed"] = printed
+    assert results[-1][0] == 0, results[-1]
     out["_one_rank_forward"] = [forward]
     return out
+
+
+def test_sharded_and_single_file_give_the_same_checkpoint(converted):
+    from megatron.flexsp.training.checkpointing import read_model_state
+
+    assert len(list((converted["llama"]["hf"]).parent.glob("llama_sharded/model-*.safetensors"))) > 1
+    single, _ = read_model_state(converted["llama"]["ckpt"])
+    sharded, _ = read_model_state(converted["_sharded_ckpt"])
+    assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
 
 
 def _docs(models):

@@ -213,3 +213,72 @@ def test_printed_flags_make_the_trainer_build_the_converted_model(kind, fields):
     got = model_config_from_args(A.parse_args([*flags, "--seq-length", "4096"]), cuda=False)
     for name in _ARCH_FIELDS:
         assert getattr(got, name) == getattr(want, name), (name, getattr(got, name), getattr(want, name))
+
+
+# config.json files as published (transformers 4.x style: rope_theta / rope_scaling at the top level).
+PUBLISHED_LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+PUBLISHED_QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 131072,
+    "max_window_layers": 28,
+    "model_type": "qwen2",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+
+
+@pytest.mark.parametrize(
+    "published,fields", [(PUBLISHED_LLAMA31_8B, ("llama", LLAMA31_8B)), (PUBLISHED_QWEN25_7B, ("qwen2", QWEN25_7B))]
+)
+def test_transformers_4_and_5_config_styles_read_the_same(published, fields):
+    old_style = model_from_hf_config(published)
+    new_style = model_from_hf_config(_saved_config(*fields[:1], **fields[1]))
+    assert old_style == HFModel(**{**new_style.__dict__, "dtype": "bfloat16"})

@@ -17,6 +17,8 @@ What is fitted (DESIGN.md's formulas, nothing more, so the result is an ordinary
   model_states_mb + act * tokens_per_rank raises it to fit that sample (times ``memory_margin``);
   samples holding less than ``memory_min_fill`` of a GPU's token capacity are not used, since
   fixed workspaces would dominate them and inflate the per-token slope where it does not bind.
+* recompute modes: groups that recomputed refit their mode's compute factor and (only up) its
+  activations instead of the alphas (``calibration_modes``).
 
 A refit applies only once ``min_samples`` compute samples (``min_degree_samples`` per degree
 for bandwidth) are in the window; before that the starting coefficients stay. Samples live in
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .calibration_modes import mode_volume_factor, refit_compute_factors
 from .costmodel import CostModel
 from .fitting import FitError, robust_nonneg_fit
 from .plan import Plan, PlanError
@@ -51,7 +54,7 @@ class GroupSample:
     ``a2a_bytes``: bytes one rank of the group sent through all-to-all (forward and backward);
     used only as a diagnostic (measured volume / formula volume). ``peak_mb``: peak memory of a
     rank of the group during the micro-batch; ``tokens_per_rank``: the most tokens one rank held
-    (default ceil(tokens / degree)).
+    (default ceil(tokens / degree)); ``mode``: the group's recompute mode.
     """
 
     degree: int
@@ -62,6 +65,7 @@ class GroupSample:
     a2a_bytes: float = 0.0
     peak_mb: float | None = None
     tokens_per_rank: float | None = None
+    mode: str = "none"
 
     def to_list(self) -> list:
         return [
@@ -73,6 +77,7 @@ class GroupSample:
             self.a2a_bytes,
             self.peak_mb,
             self.tokens_per_rank,
+            self.mode,
         ]
 
     @classmethod
@@ -86,6 +91,7 @@ class GroupSample:
             float(v[5]),
             None if v[6] is None else float(v[6]),
             None if v[7] is None else float(v[7]),
+            str(v[8]) if len(v) > 8 else "none",  # states saved before recompute modes: none
         )
 
 
@@ -122,6 +128,7 @@ class CostCalibrator:
         self.config = config or CalibrationConfig()
         self._samples: deque[GroupSample] = deque(maxlen=self.config.window)
         self._act = float(base.memory.activation_mb_per_token)
+        self._acts = {m: c.activation_mb_per_token for m, c in base.recompute.items()}  # per mode, only grow
         self._seen = 0
         self._rejected = 0
         self._current = base
@@ -138,6 +145,7 @@ class CostCalibrator:
         a2a_bytes: float = 0.0,
         peak_mb: float | None = None,
         tokens_per_rank: float | None = None,
+        mode: str = "none",
     ) -> None:
         """Record one group of one micro-batch (see ``GroupSample``)."""
         self.add_sample(
@@ -150,6 +158,7 @@ class CostCalibrator:
                 float(a2a_bytes),
                 None if peak_mb is None else float(peak_mb),
                 None if tokens_per_rank is None else float(tokens_per_rank),
+                mode,
             )
         )
 
@@ -161,6 +170,7 @@ class CostCalibrator:
             or not all(math.isfinite(v) for v in vals)
             or s.compute_ms <= 0
             or s.sum_sq < s.tokens
+            or s.mode not in self.base.modes  # a mode the model has no coefficients for
         ):
             self._rejected += 1  # empty group, failed timer or inconsistent lengths: not evidence
             return
@@ -177,12 +187,15 @@ class CostCalibrator:
             return
         tpr = s.tokens_per_rank if s.tokens_per_rank is not None else math.ceil(s.tokens / s.degree)
         mem = self.base.memory
-        tokens_per_gpu = (mem.limit_gb * 1024 - mem.model_states_mb) / self._act
+        act = self._act if s.mode == "none" else self._acts[s.mode]
+        tokens_per_gpu = (mem.limit_gb * 1024 - mem.model_states_mb) / act
         if tpr <= 0 or tpr < self.config.memory_min_fill * tokens_per_gpu:
             return
         need = (s.peak_mb - mem.model_states_mb) / tpr * self.config.memory_margin
-        if need > self._act:
+        if need > act and s.mode == "none":
             self._act = float(need)
+        elif need > act:
+            self._acts[s.mode] = float(need)
 
     # ----------------------------------------------------------------- output
     @property
@@ -257,6 +270,12 @@ class CostCalibrator:
         by_deg: dict[int, list[GroupSample]] = {}
         for s in comp:
             if s.degree >= 2 and s.a2a_ms > 0:
+                f = mode_volume_factor(self.base, s.mode)  # a recomputing group sends its volume f times
+                s = (
+                    s
+                    if f == 1.0
+                    else GroupSample(s.degree, s.tokens, s.sum_sq, s.compute_ms, s.a2a_ms / f, s.a2a_bytes / f)
+                )
                 by_deg.setdefault(s.degree, []).append(s)
         for deg in sorted(by_deg):
             report["alltoall"][str(deg)] = self._refit_degree(deg, by_deg[deg], bpt, bw)
@@ -267,7 +286,8 @@ class CostCalibrator:
         base = self.base
         comp = list(self._samples)
         report: dict[str, Any] = {"samples": len(comp), "seen": self._seen, "rejected": self._rejected}
-        alpha1, alpha2, beta1 = self._refit_compute(comp, report)
+        alpha1, alpha2, beta1 = self._refit_compute([s for s in comp if s.mode == "none"], report)
+        factors = refit_compute_factors(comp, base, (alpha1, alpha2, beta1), self.config, report)
         bpt = base.alltoall.bytes_per_token
         bw = self._refit_alltoall(comp, report)
         report["activation_mb_per_token"] = self._act
@@ -275,11 +295,14 @@ class CostCalibrator:
         d["compute"] = {"alpha1_ms_per_token2": alpha1, "alpha2_ms_per_token": alpha2, "beta1_ms": beta1}
         d["alltoall"] = {"bytes_per_token": bpt, "bandwidth_gbs": {str(k): v for k, v in sorted(bw.items())}}
         d["memory"] = dict(d["memory"], activation_mb_per_token=self._act)
+        for m in base.recompute:
+            d["recompute"][m].update(compute_factor=factors[m], activation_mb_per_token=self._acts[m])
         d["calibration"] = {
             "samples": len(comp),
             "seen": self._seen,
             "compute_applied": bool(report["compute"].get("applied")),
             "bandwidth_applied": sorted(int(k) for k, r in report["alltoall"].items() if r["applied"]),
+            "recompute_applied": sorted(m for m, r in report["recompute"].items() if r["applied"]),
         }
         self._current = CostModel.from_dict(d)
         self._report = report
@@ -294,6 +317,7 @@ class CostCalibrator:
             "base": self.base.to_dict(),
             "samples": [s.to_list() for s in self._samples],
             "activation_mb_per_token": self._act,
+            "activation_mb_per_token_modes": dict(self._acts),
             "seen": self._seen,
             "rejected": self._rejected,
             "current": self._current.to_dict(),
@@ -308,6 +332,8 @@ class CostCalibrator:
         self.base = CostModel.from_dict(state["base"])
         self._samples = deque((GroupSample.from_list(v) for v in state["samples"]), maxlen=self.config.window)
         self._act = float(state["activation_mb_per_token"])
+        acts = state.get("activation_mb_per_token_modes", {})
+        self._acts = {m: float(acts.get(m, c.activation_mb_per_token)) for m, c in self.base.recompute.items()}
         self._seen = int(state["seen"])
         self._rejected = int(state.get("rejected", 0))
         self._current = CostModel.from_dict(state["current"])
@@ -349,6 +375,7 @@ def samples_from_plan(plan: Plan, measured: Sequence[Sequence[Mapping[str, float
                     float(x.get("a2a_bytes", 0.0)),
                     None if peak is None else float(peak),
                     float(math.ceil(T / g.degree)),
+                    g.recompute,
                 )
             )
     return out

@@ -80,6 +80,7 @@ class OnlineCalibration:
                         compute_ms=max(gathered[s] for s in slots),
                         a2a_ms=max(gathered[s + 1] for s in slots) if g.degree > 1 else 0.0,
                         peak_mb=peak if peak > 0 else None,
+                        mode=getattr(g, "recompute", "none"),  # a recomputing group refits its mode's factor
                     )
                 )
         return out
@@ -92,7 +93,7 @@ class OnlineCalibration:
         self.calibrator.extend(self.samples(plan, gathered))
         new = self.calibrator.refit()
         applied = new.to_dict().get("calibration", {})
-        if not (applied.get("compute_applied") or applied.get("bandwidth_applied")):
+        if not (applied.get("compute_applied") or applied.get("bandwidth_applied") or applied.get("recompute_applied")):
             return None
         if not self._logged_apply:
             c = new.compute

@@ -282,3 +282,20 @@ def test_transformers_4_and_5_config_styles_read_the_same(published, fields):
     old_style = model_from_hf_config(published)
     new_style = model_from_hf_config(_saved_config(*fields[:1], **fields[1]))
     assert old_style == HFModel(**{**new_style.__dict__, "dtype": "bfloat16"})
+
+
+def test_export_finds_the_architecture_in_the_checkpoint_it_was_fine_tuned_from(tmp_path):
+    from megatron.flexsp.convert.hf import inherited_arg
+
+    converted, tuned = tmp_path / "converted", tmp_path / "tuned"
+    converted.mkdir()
+    (converted / "meta.json").write_text(json.dumps({"args": {"hf_architecture": "MistralForCausalLM"}}))
+    assert inherited_arg({"load": str(converted)}, "hf_architecture") == "MistralForCausalLM"
+    tuned.mkdir()
+    (tuned / "meta.json").write_text(json.dumps({"args": {"load": str(converted)}}))
+    assert inherited_arg({"load": str(tuned)}, "hf_architecture") == "MistralForCausalLM"  # two hops
+    assert inherited_arg({"hf_architecture": "Qwen2ForCausalLM", "load": str(converted)}, "hf_architecture") == (
+        "Qwen2ForCausalLM"
+    )
+    assert inherited_arg({"load": str(tmp_path / "gone")}, "hf_architecture") is None
+    assert inherited_arg({}, "hf_architecture") is None

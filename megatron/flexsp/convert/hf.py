@@ -22,7 +22,7 @@ from .errors import ConvertError
 from .hf_config import ARCHITECTURES, HFModel, model_from_hf_config, pad_vocab_size
 from .hf_weights import expected_hf_shapes, hf_to_megatron, megatron_to_hf
 
-__all__ = ["ImportResult", "export_hf", "import_hf", "model_from_checkpoint"]
+__all__ = ["ImportResult", "export_hf", "import_hf", "inherited_arg", "model_from_checkpoint"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -200,7 +200,11 @@ def model_from_checkpoint(
     if state["decoder.layers.0.mlp.linear_fc1.weight"].shape[0] != 2 * ffn:
         raise ConvertError("linear_fc1 is not [gate; up] of a SwiGLU MLP (--swiglu)")
     qkv_bias = "decoder.layers.0.self_attention.linear_qkv.bias" in state
-    arch = architecture or args.get("hf_architecture") or ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
+    arch = (
+        architecture
+        or inherited_arg(args, "hf_architecture")
+        or ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
+    )
     if arch not in ARCHITECTURES:
         raise ConvertError(f"--architecture {arch!r} is not one of {sorted(ARCHITECTURES)}")
     if (ARCHITECTURES[arch] == "qwen2") != qkv_bias:
@@ -233,6 +237,25 @@ def model_from_checkpoint(
         attention_dropout=float(args.get("attention_dropout", 0.0) or 0.0),
         dtype=dtype,
     )
+
+
+def inherited_arg(args: Mapping[str, Any], key: str, hops: int = 4) -> Any:
+    """``args[key]``, else the same key of the checkpoint the run was loaded from (``--load``), and so
+    on: a run fine-tuned from a converted checkpoint does not record the Hugging Face architecture
+    itself, its starting checkpoint does. None when no ancestor has it (or one is gone)."""
+    from megatron.flexsp.training.checkpoint_format import CheckpointError, find_checkpoint, read_meta
+
+    for _ in range(hops):
+        if args.get(key) is not None:
+            return args[key]
+        load = args.get("load")
+        if not load:
+            return None
+        try:
+            args = read_meta(find_checkpoint(load)).get("args") or {}
+        except (CheckpointError, OSError):
+            return None
+    return None
 
 
 def _read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -8,6 +8,7 @@ The checks run before any process group or model exists, so they run in this pro
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import shutil
@@ -89,6 +90,10 @@ def _case(saved, tmp_path, name: str):
     if name == "head_dim":
         _edit_config(d, head_dim=16)
         return d, extra, "head_dim=16 differs from hidden_size/num_attention_heads=8"
+    if name == "no_transformer_engine":
+        if importlib.util.find_spec("transformer_engine") is not None:
+            pytest.skip("Transformer Engine is installed here: the TE spec can be built")
+        return d, ["--transformer-impl", "transformer_engine"], "needs Transformer Engine installed"
     if name == "no_weights":
         (d / "model.safetensors").unlink()
         return d, extra, "no model.safetensors and no model.safetensors.index.json"
@@ -108,6 +113,7 @@ CASES = [
     "architecture",
     "attention_bias",
     "head_dim",
+    "no_transformer_engine",
     "no_weights",
 ]
 

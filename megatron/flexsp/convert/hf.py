@@ -9,6 +9,7 @@ converted config, so its names, shapes and extra states are exactly what ``--loa
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ def import_hf(
         raise ConvertError(f"--out {out} already exists and is not empty")
     if make_vocab_size_divisible_by < 1:
         raise ConvertError(f"--make-vocab-size-divisible-by must be >= 1, got {make_vocab_size_divisible_by}")
+    if transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+        raise ConvertError("--transformer-impl transformer_engine needs Transformer Engine installed (its layer spec)")
     m = model_from_hf_config(hf_io.read_hf_config(hf_dir))
     if vocab_size is not None:
         if vocab_size < 1:

@@ -139,9 +139,13 @@ class FlexSPExecutor:
             )
         self.time_cuda = time_cuda and self.device.type == "cuda"
         self._a2a_reset, self._a2a_read = _a2a_stats_reader()
-        self.recompute = recompute or RecomputeConfig()
-        if self.recompute.granularity != "none":
-            install_recompute(model)
+        self.set_recompute(recompute or RecomputeConfig())
+
+    def set_recompute(self, recompute: RecomputeConfig) -> None:
+        """Change the run's recomputation (the profiler measures every mode on one model)."""
+        self.recompute = recompute
+        if recompute.granularity != "none":
+            install_recompute(self.model)
 
     # ------------------------------------------------------------------ checks
     def _local_check(self, plan: Plan, sequences: Sequence[Tensor]) -> str | None:

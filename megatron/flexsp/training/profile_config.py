@@ -34,6 +34,10 @@ class ProfileConfig:
     sharding: str = "fsdp2"
     name: str | None = None
     stat: str = "median"  # of repeated timings: median, or min on a machine shared with other work
+    recompute: bool = True  # also measure the recompute modes (the cost model's optional "recompute" key)
+    recompute_method: str | None = None  # the run's --recompute-method / -num-layers / -modules
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] | None = None
 
     def validate(self) -> None:
         if self.lengths is not None and (not self.lengths or any(s < 1 for s in self.lengths)):
@@ -94,6 +98,13 @@ def add_profiler_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--memory-fraction", type=float, default=0.9)
     g.add_argument("--gpus-per-node", type=int, default=None, help="default: LOCAL_WORLD_SIZE (torchrun)")
     g.add_argument("--cost-model-name", default=None)
+    g.add_argument(
+        "--profile-recompute",
+        choices=["on", "off"],
+        default="on",
+        help="also measure activation memory, compute and all-to-all factors of selective and full "
+        "recomputation (with the run's --recompute-* settings)",
+    )
     return parser
 
 
@@ -115,6 +126,10 @@ def profile_config_from_args(args: argparse.Namespace) -> ProfileConfig:
         sharding=get("flexsp_sharding", d.sharding),
         name=get("cost_model_name", None),
         stat=get("profile_stat", d.stat),
+        recompute=get("profile_recompute", "on") == "on",
+        recompute_method=get("recompute_method", None),
+        recompute_num_layers=get("recompute_num_layers", None),
+        recompute_modules=get("recompute_modules", None),
     )
     cfg.validate()
     return cfg

@@ -6,7 +6,8 @@ per-token slope over several lengths is ``activation_mb_per_token`` and the inte
 layer weights, workspaces) is added to ``model_states_mb``. CPU: there is no allocator peak, so
 bytes are counted instead: model states are the summed sizes of this rank's parameter shards,
 gradients and optimizer-state tensors; the activation is the summed size of the distinct
-storages autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``) during the
+storages autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``, with the
+inputs a recomputation checkpoint keeps: ``runtime.recompute.SavedBytesMeter``) during the
 forward, slope over lengths as on GPU. Transient buffers freed within the forward are not
 counted (they are not held per token).
 """
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from megatron.flexsp.planner.fitting import fit_linear
+from megatron.flexsp.runtime.recompute import SavedBytesMeter
 
 from .profile_config import ProfileConfig, ProfileError, geometric
 from .profile_session import ProfileSession
@@ -77,19 +79,9 @@ def activation_mb(ses: ProfileSession, length: int) -> float:
         ses.executor.run(plan, seqs)
         ses.sync()
         return ses.max((torch.cuda.max_memory_allocated(ses.device) - base) / 2**20)
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
-            seen[id(t)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytesMeter() as meter:  # ops' saved tensors and the inputs a recompute checkpoint keeps
         ses.executor.run(plan, seqs)
-    return ses.max(sum(seen.values()) / 2**20)
+    return ses.max(meter.bytes / 2**20)
 
 
 def _default_limit_gb(pcfg: ProfileConfig, cuda: bool, device: torch.device, local_ranks: int) -> float:

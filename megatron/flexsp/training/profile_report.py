@@ -55,6 +55,11 @@ class ProfileReport:
             f"{m['activation_mb_per_token']:.5f} MB/token, limit {m['limit_gb']:.4g} GB -> "
             f"{m['tokens_per_gpu']} tokens per GPU"
         )
+        for mode, e in (self.cost_model.get("recompute") or {}).items():
+            lines.append(
+                f"  recompute {mode}: activation {e['activation_mb_per_token']:.5f} MB/token, compute x"
+                f"{e['compute_factor']:.3f}, all-to-all x{e['alltoall_factor']:.3f}"
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

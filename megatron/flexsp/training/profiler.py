@@ -14,6 +14,8 @@ the trainer's own runtime (``profile_session``):
   for packs of equal sequences; alpha1, alpha2, beta1 by non-negative least squares on the
   relative error (timings span orders of magnitude); the fit error is printed.
 * all-to-all (``profile_alltoall``): the effective bandwidth of every allowed degree >= 2.
+* recomputation (``profile_recompute``, unless --profile-recompute off): activation MB per token,
+  compute and all-to-all factors of selective and full recomputation (the optional "recompute" key).
 
 The fitting helpers (``fit_compute``, ``fit_bandwidth``, ``fit_linear``) live in the planner's
 ``fitting`` module (torch-free), shared with the online calibration of a training run.
@@ -40,6 +42,7 @@ from .distributed import init_distributed, launch_env, run_entrypoint
 from .profile_alltoall import profile_alltoall
 from .profile_config import ProfileConfig, ProfileError, add_profiler_args, geometric, profile_config_from_args
 from .profile_memory import GPU_MEMORY_PROBE_CAP, memory_probe_lengths, profile_memory
+from .profile_recompute import profile_recompute
 from .profile_report import ProfileReport
 from .profile_session import ProfileSession
 
@@ -99,6 +102,9 @@ def run_profile(
     t_start = time.perf_counter()
     ses = ProfileSession(model_cfg, pcfg, device, vocab_size)
     memory = profile_memory(ses, pcfg, device, log)
+    recompute = None
+    if pcfg.recompute:  # the optional "recompute" key (contract C4): per mode, measured on this runtime
+        recompute, memory["recompute"] = profile_recompute(ses, pcfg, memory, log)
     fit, samples = _profile_compute(ses, pcfg, memory["tokens_per_gpu"], log)
     a2a, bandwidth = profile_alltoall(ses, pcfg, memory["tokens_per_gpu"], log)
     ses.pcfg.name = pcfg.name or (
@@ -110,11 +116,12 @@ def run_profile(
         "alpha2_ms_per_token": fit.alpha2_ms_per_token,
         "beta1_ms": fit.beta1_ms,
     }
-    cost = CostModel.from_dict(
-        ses.cost_dict(
-            compute, bandwidth, memory["limit_gb"], memory["model_states_mb"], memory["activation_mb_per_token"]
-        )
+    cost_dict = ses.cost_dict(
+        compute, bandwidth, memory["limit_gb"], memory["model_states_mb"], memory["activation_mb_per_token"]
     )
+    if recompute:
+        cost_dict["recompute"] = recompute
+    cost = CostModel.from_dict(cost_dict)
     env = {
         "world_size": ses.world,
         "gpus_per_node": ses.gpus_per_node,

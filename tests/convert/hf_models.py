@@ -45,15 +45,31 @@ QWEN2 = dict(
     tie_word_embeddings=True,
 )
 
+# Multi-query attention (one kv head for 4 query heads), no sliding window (Mistral v0.3), untied.
+MISTRAL = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=1000000.0,
+    sliding_window=None,
+    tie_word_embeddings=False,
+)
+
 
 def build(kind: str, seed: int = 0, **overrides):
-    """A LlamaForCausalLM ('llama') or Qwen2ForCausalLM ('qwen2') with random weights, fp32, eval mode;
+    """A LlamaForCausalLM ('llama'), Qwen2ForCausalLM ('qwen2') or MistralForCausalLM ('mistral') with random weights, fp32, eval mode;
     ``overrides`` replace config fields."""
     import transformers
 
     cls, conf, fields = {
         "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, LLAMA),
         "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config, QWEN2),
+        "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig, MISTRAL),
     }[kind]
     torch.manual_seed(seed)
     model = cls(conf(**{**fields, **overrides})).eval()

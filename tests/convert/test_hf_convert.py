@@ -24,6 +24,7 @@ from tests.dist_utils import run_distributed
 POOL = [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
 LENGTHS = [9, 14, 6, 11, 24, 5, 3]
 REL_TOL = 1e-4
+KINDS = ("llama", "qwen2", "mistral")
 # every document packed in one row on one rank (positions restart at each document)
 ONE_RANK_PLAN = Plan(1, LENGTHS, [MicroBatch([Group([0], list(range(len(LENGTHS))))])])
 
@@ -50,7 +51,7 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("hfconv")
     out: dict = {}
     jobs = []
-    for kind in ("llama", "qwen2"):
+    for kind in KINDS:
         model = hf_models.build(kind)
         hf_dir = hf_models.save(model, root / f"{kind}_hf")
         (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')  # copied by --tokenizer
@@ -68,7 +69,7 @@ def converted(tmp_path_factory):
     results, forward = run_distributed(
         _convert_body, 1, jobs, (cases, ONE_RANK_PLAN, _docs(_models(out))), timeout=300
     )[0]
-    for i, kind in enumerate(("llama", "qwen2")):
+    for i, kind in enumerate(KINDS):
         (rc_in, printed), (rc_out, _) = results[2 * i], results[2 * i + 1]
         assert rc_in == 0 and rc_out == 0, (kind, results)
         out[kind]["printed"] = printed

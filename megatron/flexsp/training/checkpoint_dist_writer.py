@@ -78,6 +78,7 @@ class _Job:
     signature: dict[str, list[int]] = field(default_factory=dict)
     args: dict[str, Any] = field(default_factory=dict)
     keep_latest_k: int | None = None
+    check_finite: bool = True
     started: float = field(default_factory=time.monotonic)
 
 
@@ -113,13 +114,13 @@ class DistSaver:
         """Collective: checkpoint ``iteration``; returns its directory (complete once ``wait`` returns)."""
         t0 = time.perf_counter()
         self.wait()  # the previous save first: one staged copy at a time
-        job = self._snapshot(Path(save_dir), iteration, registry, check_finite)
-        job.args, job.keep_latest_k = dict(args or {}), keep_latest_k
+        job = self._snapshot(Path(save_dir), iteration, registry)
+        job.args, job.keep_latest_k, job.check_finite = dict(args or {}), keep_latest_k, check_finite
         if not self.async_save:
             self._write(job, None)
             self.blocked_s = time.perf_counter() - t0
             return job.final
-        group = self._background_group()
+        group = self.prepare()
         self._job, self._error = job, None
         self._thread = threading.Thread(target=self._run, args=(job, group), name="flexsp-async-save", daemon=True)
         self._thread.start()
@@ -150,16 +151,17 @@ class DistSaver:
         return self.wait() if int(done.item()) else None
 
     # -------------------------------------------------------------- snapshot
-    def _background_group(self) -> Any:
-        """A gloo group of its own for the background write, so its collectives never interleave with
-        training's (made on the first asynchronous save, which every rank reaches together)."""
-        if not dist_on() or world() == 1:
+    def prepare(self) -> Any:
+        """Collective (every rank, once; the first asynchronous save calls it otherwise): the gloo group
+        of the background write, its own so its collectives never interleave with training's. Made at
+        start-up by the trainer so the first save does not pay for it."""
+        if not self.async_save or not dist_on() or world() == 1:
             return None
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
         return self._group
 
-    def _snapshot(self, save_dir: Path, iteration: int, registry: StateRegistry, check_finite: bool) -> _Job:
+    def _snapshot(self, save_dir: Path, iteration: int, registry: StateRegistry) -> _Job:
         """Collective on the default group: every registered state staged on its rank (see module doc)."""
         shards: dict[str, Any] = {}
         own: dict[str, Any] = {}
@@ -180,8 +182,6 @@ class DistSaver:
                     place(full.setdefault(e.file, {}), e.key, value)
                 else:
                     full[e.file] = value
-        if check_finite:
-            _refuse_nonfinite(shards, iteration, save_dir)
         final = save_dir / iter_name(iteration)
         tmp, error = None, None
         if rank() == 0:
@@ -208,6 +208,13 @@ class DistSaver:
         """Collective over ``group``: the second half of a save (module doc); errors raised on every rank."""
         err: str | None = None
         records: dict[str, dict[str, Any]] = {}
+        if job.check_finite:  # on the staged copy: in the background too, and nothing is written if it fails
+            try:
+                _refuse_nonfinite(job.shards, job.final, group)
+            except NonFiniteCheckpointError:
+                if rank() == 0:
+                    shutil.rmtree(job.tmp, ignore_errors=True)
+                raise
         try:
             write_shards(job.tmp / DIST_DIR, job.shards, group)
             job.shards = {}  # the staged copy is on disk: let it go before hashing
@@ -243,17 +250,17 @@ def _gather(value: Any, group: Any) -> list[Any]:
     return out or []
 
 
-def _refuse_nonfinite(shards: dict[str, Any], iteration: int, save_dir: Path) -> None:
-    """Collective: NonFiniteCheckpointError on every rank if any rank's shards hold NaN/inf."""
+def _refuse_nonfinite(shards: dict[str, Any], final: Path, group: Any) -> None:
+    """Collective over ``group``: NonFiniteCheckpointError on every rank if any rank's shards hold NaN/inf."""
     bad = [n for name, sd in shards.items() for n in nonfinite_tensors(sd, name)]
     found = [bad]
     if dist_on() and world() > 1:
         found = [None] * world()
-        dist.all_gather_object(found, bad)
+        dist.all_gather_object(found, bad, group=group)
     names = sorted({n for b in found for n in (b or [])})
     if names:
         raise NonFiniteCheckpointError(
-            f"refusing to save checkpoint {save_dir / iter_name(iteration)}: non-finite values (NaN/inf) in "
+            f"refusing to save checkpoint {final}: non-finite values (NaN/inf) in "
             f"{', '.join(names[:4])}: not written, `latest` still names the last finite checkpoint"
         )
 

@@ -59,6 +59,8 @@ class Checkpointer:
         self.last_saved: int | None = None
         # torch_dist: every rank writes its own shards; with --async-save in the background
         self.saver = DistSaver(async_save=cfg.async_save) if cfg.ckpt_format == "torch_dist" else None
+        if self.saver is not None and cfg.save:
+            self.saver.prepare()  # collective: the background write's process group, made at start-up
 
     # ---------------------------------------------------------------- resume
     def _starts_fresh(self) -> bool:

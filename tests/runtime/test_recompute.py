@@ -30,12 +30,12 @@ FIXED_MODES = [
 ]
 
 
-def _cfg(dropout: float):
+def _cfg(dropout: float, bf16: bool = False):
     """The tiny GQA model with 3 layers (so uniform chunks of 2 leave a shorter last chunk)."""
     base = tiny_gpt_config(
         "rope", vocab_size=VOCAB, max_position_embeddings=64, seed=11, hidden_dropout=dropout, attention_dropout=dropout
     )
-    return dataclasses.replace(base, num_layers=3)
+    return dataclasses.replace(base, num_layers=3, bf16=bf16)
 
 
 def _count_calls(model) -> dict[str, list[int]]:
@@ -59,7 +59,7 @@ def _count_calls(model) -> dict[str, list[int]]:
     return calls
 
 
-def _run_mode(rank, plan, docs, mode_kw, dropout, sharding, group_modes=None):
+def _run_mode(rank, plan, docs, mode_kw, dropout, sharding, group_modes=None, bf16=False):
     """Fresh model and RNG state; one step; (loss, full grads, calls, saved bytes, a2a bytes)."""
     from flexsp_patches import cpu_compat
     from megatron.flexsp.runtime.executor import FlexSPExecutor
@@ -72,7 +72,7 @@ def _run_mode(rank, plan, docs, mode_kw, dropout, sharding, group_modes=None):
     cpu_compat.init_model_parallel(seed=3, device_type="cpu")
     add_sp_dropout_state(3, rank)
     torch.manual_seed(100 + rank)
-    model = shard_model(build_gpt_model(_cfg(dropout)), sharding)
+    model = shard_model(build_gpt_model(_cfg(dropout, bf16)), sharding)
     calls = _count_calls(model)
     pool = GroupPool(sorted({tuple(g.ranks) for mb in plan.micro_batches for g in mb.groups}))
     if group_modes is not None:
@@ -205,3 +205,23 @@ def test_recompute_equals_none_on_4_ranks_fsdp2(dropout):
         assert 0 < extra < fwd, (extra, fwd)
     # Same loss on every rank.
     assert len({r["auto"]["loss"] for r in results}) == 1
+
+
+def _bf16_body(rank, world_size):
+    from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
+
+    g = torch.Generator().manual_seed(6)
+    lengths = [40, 17]
+    docs = [torch.randint(0, VOCAB, (L + 1,), generator=g) for L in lengths]
+    plan = Plan(1, lengths, [MicroBatch([Group([0], [0, 1])])])
+    out = {name: _run_mode(rank, plan, docs, kw, 0.1, "fsdp2", bf16=True) for name, kw in FIXED_MODES[::2]}
+    out["none"] = _run_mode(rank, plan, docs, dict(granularity="none"), 0.1, "fsdp2", bf16=True)
+    return out
+
+
+def test_recompute_equals_none_in_bf16():
+    """FSDP2's bf16 mixed precision: the recomputed forward casts and computes exactly as the first one."""
+    (res,) = run_distributed(_bf16_body, 1, timeout=240)
+    for name, _ in FIXED_MODES[::2]:
+        _assert_equal_to_none(res, name)
+        _assert_recomputed(res, name)

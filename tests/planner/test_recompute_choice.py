@@ -147,3 +147,15 @@ def test_choice_validation_and_dominated_modes():
         "none",
         "full",
     )  # selective: slower and hungrier than full
+
+
+def test_explain_adds_up_with_recompute_modes():
+    from megatron.flexsp.planner.explain import breakdown
+
+    cost, ws = rc_cost(), 4
+    p = plan_global_batch([15000] + [400] * 12, cost, PlannerConfig(world_size=ws, recompute="auto", work_limit=200))
+    b = breakdown(p, cost)
+    parts = b.unavoidable_ms + b.degree_ms + b.extra_micro_batches_ms + b.memory_packing_ms + b.imbalance_ms
+    assert b.total_ms == pytest.approx(p.estimated_time_ms, rel=1e-9)
+    assert parts == pytest.approx(b.total_ms, rel=1e-9)
+    assert min(b.degree_ms, b.memory_packing_ms, b.imbalance_ms) >= -1e-6

@@ -140,3 +140,25 @@ def test_plan_memory_and_estimate_use_the_group_mode():
         validate_plan(_plan("full"), tiny_cost())
     expect = max(c.group_time_ms([1500], 1, "full"), c.group_time_ms([200], 1), c.group_time_ms([300], 2))
     assert estimate_plan_ms(_plan("full"), c) == pytest.approx(expect, rel=1e-12)
+
+
+def test_prior_recompute_section_by_hand():
+    """2 layers, hidden 64, 4 heads in 2 groups, FFN 256 SwiGLU, vocabulary 1000, bf16 (numbers worked out
+    by hand from the docstring's counts: per layer A = 2 (7*64 + 2*64*2/4 + 3*256) = 2560 bytes)."""
+    from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model, recompute_section
+
+    shape = ModelShape(2, 64, 4, 1000, num_query_groups=2, ffn_hidden_size=256, swiglu=True)
+    r = recompute_section(shape, 1e-6, 0.01, ref_len=1000, modules=("core_attn", "mlp"))
+    assert r["selective"]["activation_mb_per_token"] == pytest.approx((2 * (2560 - 128 - 1536) + 4000) / 2**20)
+    assert r["full"]["activation_mb_per_token"] == pytest.approx((2 * 128 + 2560 + 4000) / 2**20)
+    per_tok = 3 * (1e-6 * 1000 + 0.01)
+    assert r["full"]["compute_factor"] == pytest.approx(1 + (1e-3 + 0.01 * 122880 / 186880) / per_tok)
+    assert r["selective"]["compute_factor"] == pytest.approx(1 + (1e-3 + 0.01 * 98304 / 186880) / per_tok)
+    assert r["full"]["alltoall_factor"] == r["selective"]["alltoall_factor"] == 1.5
+    only_attn = recompute_section(shape, 1e-6, 0.01, ref_len=1000, modules=("core_attn",))["selective"]
+    assert only_attn["activation_mb_per_token"] == pytest.approx((2 * (2560 - 128) + 4000) / 2**20)
+    prior = analytic_cost_model(
+        shape, device_flops=1e12, intra_node_gbs=100, inter_node_gbs=10, limit_gb=40, gpus_per_node=8, world_size=8
+    )
+    assert prior.modes == ("none", "selective", "full")  # the prior carries the modes (Megatron's core_attn)
+    assert prior.recompute["selective"].activation_mb_per_token < prior.memory.activation_mb_per_token

@@ -47,27 +47,31 @@ class Breakdown:
     imbalance_ms: float
 
 
-def _gpu_ms(length: int, degree: int, cost: CostModel) -> float:
-    """GPU-ms of one sequence in a group of this degree, beta1 excluded: d * (work / d + all-to-all)."""
-    return degree * (cost.compute_ms([length], degree) - cost.compute.beta1_ms + cost.alltoall_ms(length, degree))
+def _gpu_ms(length: int, degree: int, cost: CostModel, mode: str = "none") -> float:
+    """GPU-ms of one sequence in a group of this degree (and recompute mode), beta1 excluded."""
+    work = cost.compute_ms([length], degree, mode) - cost.compute.beta1_ms
+    return degree * (work + cost.alltoall_ms(length, degree, mode))
 
 
 def breakdown(plan: Plan, cost: CostModel) -> Breakdown:
-    """The exact split of ``plan``'s cost-model estimate (see the module docstring)."""
+    """The exact split of ``plan``'s cost-model estimate (see the module docstring). With recompute modes, the
+    unavoidable part is that of the modes' envelope (the plan's modes at their cheapest, ``RecomputeModes``),
+    so a mode's extra compute counts with the degree loss."""
     n, lengths, beta1 = plan.world_size, plan.lengths, cost.compute.beta1_ms
+    env = cost.envelope(sorted({g.recompute for mb in plan.micro_batches for g in mb.groups}))
     used = fixed = idle = 0.0
     for mb in plan.micro_batches:
         slowest = micro_batch_ms(mb, lengths, cost)
         for g in mb.groups:
             seqs = [lengths[i] for i in g.sequences]
-            busy = cost.group_time_ms(seqs, g.degree) if seqs else 0.0
+            busy = cost.group_time_ms(seqs, g.degree, g.recompute) if seqs else 0.0
             idle += g.degree * (slowest - busy)
             fixed += g.degree * beta1 if seqs else 0.0
-            used += sum(_gpu_ms(s, g.degree, cost) for s in seqs)
-    cheapest = float(cheapest_gpu_ms(lengths, cost, n).sum())  # every sequence is in exactly one group
-    floor_fixed = beta1 * min_micro_batches(lengths, cost, n)
+            used += sum(_gpu_ms(s, g.degree, cost, g.recompute) for s in seqs)
+    cheapest = float(cheapest_gpu_ms(lengths, env, n).sum())  # every sequence is in exactly one group
+    floor_fixed = beta1 * min_micro_batches(lengths, env, n)
     lb1 = cheapest / n + floor_fixed
-    forced = max(0.0, min(idle / n, lower_bound_ms(lengths, cost, n) - lb1))
+    forced = max(0.0, min(idle / n, lower_bound_ms(lengths, env, n) - lb1))
     return Breakdown(
         total_ms=used / n + fixed / n + idle / n,
         unavoidable_ms=lb1,

@@ -62,15 +62,16 @@ def _heuristic(
 def _first_mode(
     ctx: PlannerContext, L: np.ndarray, tau: np.ndarray, iters: int, quick: bool, exact: bool, deadline: Deadline | None
 ) -> MBSolution | None:
-    """Several recompute modes: the solve with the first (fastest) mode's options alone, None when that mode
-    cannot hold every sequence (or with one mode)."""
+    """Several recompute modes: the solve with the options of the first mode (fastest first) that holds every
+    sequence of the micro-batch alone; None with one mode."""
     if len(ctx.modes) == 1:
         return None
-    t1 = tau.copy()
-    t1[:, [k for k, m in enumerate(ctx.option_modes) if m != ctx.modes[0]]] = np.inf
-    if not np.isfinite(t1).any(axis=1).all():
-        return None
-    return _heuristic(ctx, L, t1, iters, quick, exact, deadline)
+    for mode in ctx.modes:
+        t1 = tau.copy()
+        t1[:, [k for k, m in enumerate(ctx.option_modes) if m != mode]] = np.inf
+        if np.isfinite(t1).any(axis=1).all():
+            return _heuristic(ctx, L, t1, iters, quick, exact, deadline)
+    return None
 
 
 def solve_micro_batch(
@@ -99,8 +100,8 @@ def solve_micro_batch(
     best = upper
     if best is None and L.size:
         ex = ctx.exact if exact is None else exact
-        # several modes: never worse than the first (fastest) mode alone; a quick solve (scoring cuts) stops
-        # there when that mode holds the micro-batch, so cuts cost what they cost with that mode alone
+        # several modes: never worse than the fastest mode that holds the micro-batch alone; a quick solve
+        # (scoring cuts) stops there, so cuts cost what they cost with one mode
         first = _first_mode(ctx, L, tau, iters, quick, ex, deadline)
         if first is None or not quick:
             best = _heuristic(ctx, L, tau, iters, quick, ex, deadline)

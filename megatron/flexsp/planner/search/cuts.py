@@ -104,13 +104,16 @@ def candidate_splits(ctx: PlannerContext, Ls: np.ndarray, taus: np.ndarray) -> I
     # order: measured on long-tail batches (64 GPUs, gpt-7b), the 92 % memory budget is best on
     # average and within 4 % of the best cut in every batch; the full budget packs micro-batches
     # so tightly that the greedy sometimes cannot, min-max cuts ignore time altogether
-    # several modes: the fastest mode's cuts first (a tight deadline then sees what that mode alone would)
+    # several modes: the fastest mode's cuts first (a tight deadline then sees what that mode alone would),
+    # the other modes' interleaved, kind by kind
     kinds = ((dp, 0.92), (dp, 0.86), (dp, 0.96), (dp, 1.0), (minmax, 0), (minmax, 1), (minmax, 2))
-    for md in models:
+    first = [models[0]] if models[0][0] in ("", ctx.modes[0] + ":") else []
+    for group in [first, models[len(first) :]] if first else [models]:
         for make, arg in kinds:
-            c = make(arg, *md) if make is dp else make(md[4] + arg, *md)
-            if c is not None:
-                yield c
+            for md in group:
+                c = make(arg, *md) if make is dp else make(md[4] + arg, *md)
+                if c is not None:
+                    yield c
 
 
 def seed_chunks(ctx: PlannerContext, seed: Plan, pos: np.ndarray, taus: np.ndarray) -> list[Chunk] | None:

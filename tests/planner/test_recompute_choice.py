@@ -159,3 +159,26 @@ def test_explain_adds_up_with_recompute_modes():
     assert b.total_ms == pytest.approx(p.estimated_time_ms, rel=1e-9)
     assert parts == pytest.approx(b.total_ms, rel=1e-9)
     assert min(b.degree_ms, b.memory_packing_ms, b.imbalance_ms) >= -1e-6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_milp_with_mode_options_gives_consistent_groups(seed):
+    """The MILP sees every (degree, mode) option: its groups fit their option's memory, its time is what the
+    options' taus say, and it is no better than the brute-force optimum over modes."""
+    from megatron.flexsp.planner.micro.milp import milp_micro_batch
+
+    rng = np.random.default_rng(200 + seed)
+    cost, ws = rc_cost(), 4
+    L = rng.integers(200, 5000, size=4)
+    ctx = PlannerContext.build(cost, ws, MODES)
+    tau = ctx.tau_table(L)
+    sol = milp_micro_batch(ctx, L, tau, None, 50, time_limit_s=2.0, milp_span=None)
+    assert sol is not None and sol.options is not None
+    assert sorted(i for m in sol.members for i in m) == list(range(L.size))
+    t = 0.0
+    for k, mem in zip(sol.options, sol.members):
+        if mem:
+            assert L[mem].sum() <= ctx.caps[k]
+            t = max(t, ctx.beta1 + tau[mem, k].sum())
+    assert sol.time_ms == pytest.approx(t, rel=1e-9)
+    assert sol.time_ms >= brute_micro_batch(L.tolist(), cost, ws, MODES) - 1e-9

@@ -1,6 +1,7 @@
-"""Checkpoint faults through the real entry point (torchrun, 2 gloo ranks): a flipped byte in the
-newest model.pt makes the relaunch resume from the previous checkpoint with a warning, with the
-same losses as the first run; a damaged dataset index stops start-up with one line naming the file."""
+"""Checkpoints through the real entry point (torchrun, gloo ranks): a flipped byte in one rank's shard
+of the newest checkpoint makes the relaunch resume from the previous one with a warning, with the
+same losses as the first run; --async-save torch_dist checkpoints resume exactly on the same ranks
+and resharded on fewer; a damaged dataset index stops start-up with one line naming the file."""
 
 from __future__ import annotations
 
@@ -44,13 +45,13 @@ BASE = [
 ]
 
 
-def _run(args: list[str], log: Path, timeout: float = 240) -> int:
+def _run(args: list[str], log: Path, timeout: float = 240, nproc: int = 2) -> int:
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
-        "2",
+        str(nproc),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
@@ -79,7 +80,7 @@ def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous_one(tmp_pat
     rc = _run(common + ["--train-iters", "4", "--metrics-file", str(m1)], tmp_path / "a.log")
     assert rc == 0, (tmp_path / "a.log").read_text()[-3000:]
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
-    f = ckpt / "iter_0000004" / "model.pt"
+    f = ckpt / "iter_0000004" / "dist" / "__1_0.distcp"  # rank 1's shard (torch_dist, the default format)
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x10
     f.write_bytes(bytes(data))
@@ -94,6 +95,48 @@ def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous_one(tmp_pat
     for it in (3, 4):  # iterations 3-4 retrained from the good checkpoint: the same losses
         assert abs(second[it] - first[it]) <= 2e-5 * abs(first[it]) + 1e-6, (it, first, second)
     assert (ckpt / "latest").read_text().strip() == "iter_0000006"
+
+
+@pytest.mark.slow  # three torchrun launches: ~1.5 min on 2 cores
+def test_async_torch_dist_checkpoints_resume_on_the_same_and_on_fewer_ranks(tmp_path):
+    """The trainer's own path: --async-save torch_dist checkpoints every 2 iterations of a 2-rank run;
+    resumed from iteration 4 on 2 ranks the losses are the uninterrupted run's bit for bit, on 1 rank
+    (resharded, same batches) within 1e-5."""
+    ckpt, m1 = tmp_path / "ckpt", tmp_path / "a.jsonl"
+    rc = _run(
+        BASE
+        + [
+            "--train-iters",
+            "6",
+            "--save",
+            str(ckpt),
+            "--save-interval",
+            "2",
+            "--async-save",
+            "--metrics-file",
+            str(m1),
+        ],
+        tmp_path / "a.log",
+    )
+    log = (tmp_path / "a.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert "written in the background" in log and f"saved checkpoint {ckpt / 'iter_0000004'} (in the background" in log
+    meta = json.loads((ckpt / "iter_0000004" / "meta.json").read_text())
+    assert meta["ckpt_format"] == "torch_dist" and meta["world_size"] == 2
+    first = _losses(m1)
+    for nproc in (2, 1):
+        m = tmp_path / f"r{nproc}.jsonl"
+        args = BASE + ["--train-iters", "6", "--load", str(ckpt), "--load-step", "4", "--metrics-file", str(m)]
+        rc = _run(args, tmp_path / f"r{nproc}.log", nproc=nproc)
+        log = (tmp_path / f"r{nproc}.log").read_text()
+        assert rc == 0, log[-3000:]
+        got = _losses(m)
+        assert sorted(got) == [5, 6]
+        if nproc == 2:
+            assert got == {5: first[5], 6: first[6]}, (got, first)
+        else:
+            assert "written by 2 ranks; this run has 1" in log
+            assert abs(got[5] - first[5]) <= 1e-5 * abs(first[5]), (got, first)
 
 
 @pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it

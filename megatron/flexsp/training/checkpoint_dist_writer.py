@@ -147,6 +147,8 @@ class DistSaver:
             return None
         done = torch.tensor([0 if self._thread.is_alive() else 1], dtype=torch.int32)
         if dist_on() and world() > 1:
+            if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+                done = done.cuda()
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
         return self.wait() if int(done.item()) else None
 

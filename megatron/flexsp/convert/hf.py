@@ -99,13 +99,10 @@ def _read_hf(hf_dir: Path, m: HFModel) -> dict[str, torch.Tensor]:
     if extra_head:
         expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
     hf_io.check_hf_tensors(files, expected)
-    tensors = hf_io.read_hf_tensors(files, sorted(expected))
+    tensors = hf_io.read_hf_tensors(files, sorted(expected), dtype=torch.float32)
     if extra_head and not torch.equal(tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"]):
         raise ConvertError("tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise ConvertError(f"tensor {name!r} has dtype {t.dtype}; quantized weights are not supported")
-    return {k: v.to(torch.float32) for k, v in tensors.items()}
+    return tensors
 
 
 def import_hf(
@@ -145,7 +142,11 @@ def import_hf(
     gpt_cfg = m.gpt_config(padded_vocab_size=padded, transformer_impl=transformer_impl)
     shape_model = HFModel(**{**m.__dict__, "vocab_size": hf_vocab})
     state = hf_to_megatron(
-        _read_hf(hf_dir, shape_model), shape_model, padded_vocab_size=padded, transformer_impl=transformer_impl
+        _read_hf(hf_dir, shape_model),
+        shape_model,
+        padded_vocab_size=padded,
+        transformer_impl=transformer_impl,
+        consume=True,
     )
     record = m.run_record(**kw)
     record.update(padded_vocab_size=padded, hf_vocab_size=hf_vocab, converted_from=str(hf_dir.resolve()))
@@ -294,7 +295,8 @@ def export_hf(
     m = model_from_checkpoint(
         state, meta.get("args") or {}, architecture=architecture, vocab_size=vocab_size, dtype=dtype
     )
-    tensors = {k: v.to(_DTYPES[dtype]) for k, v in megatron_to_hf(state, m).items()}
+    tensors = megatron_to_hf(state, m, dtype=_DTYPES[dtype], consume=True)
+    del state
     with hf_io.fresh_output(out, "--out") as tmp:
         hf_io.write_hf_dir(tmp, m.to_hf_config(), tensors)
         if tokenizer is not None:

@@ -121,8 +121,11 @@ def check_hf_tensors(files: Mapping[str, Path], expected: Mapping[str, tuple[int
             raise ConvertError(f"tensor {name!r} has shape {list(shapes[name])}, config.json implies {list(shape)}")
 
 
-def read_hf_tensors(files: Mapping[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors ``names`` (already checked), loaded shard by shard."""
+def read_hf_tensors(
+    files: Mapping[str, Path], names: list[str], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (already checked), loaded shard by shard, each converted to ``dtype`` as
+    it is read (the file's dtype is never held for the whole model next to the converted one)."""
     st = _safetensors()
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
@@ -131,7 +134,10 @@ def read_hf_tensors(files: Mapping[str, Path], names: list[str]) -> dict[str, to
     for path, group in by_file.items():
         with st.safe_open(str(path), framework="pt") as f:
             for name in group:
-                out[name] = f.get_tensor(name)
+                t = f.get_tensor(name)
+                if not t.is_floating_point():
+                    raise ConvertError(f"tensor {name!r} has dtype {t.dtype}; quantized weights are not supported")
+                out[name] = t if dtype is None else t.to(dtype)
     return out
 
 

@@ -21,7 +21,7 @@ Why these layouts (megatron-core 0.16.1, checked against its code):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import torch
 
@@ -91,7 +91,7 @@ def _split_qkv(qkv: torch.Tensor, m: HFModel) -> tuple[torch.Tensor, torch.Tenso
     per = m.num_attention_heads // g * d
     x = qkv.reshape(g, per + 2 * d, *qkv.shape[1:])
     q, k, v = torch.split(x, [per, d, d], dim=1)
-    return tuple(t.reshape(-1, *qkv.shape[1:]).contiguous() for t in (q, k, v))  # type: ignore[return-value]
+    return tuple(t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v))  # type: ignore[return-value]
 
 
 def _pad_rows(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
@@ -103,63 +103,84 @@ def _pad_rows(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
 
 
 def hf_to_megatron(
-    hf: Mapping[str, torch.Tensor], m: HFModel, *, padded_vocab_size: int, transformer_impl: str = "local"
+    hf: Mapping[str, torch.Tensor] | MutableMapping[str, torch.Tensor],
+    m: HFModel,
+    *,
+    padded_vocab_size: int,
+    transformer_impl: str = "local",
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
     """GPTModel state dict (megatron names) of the Hugging Face tensors ``hf`` (checked beforehand
-    against ``expected_hf_shapes``); dtypes are kept."""
+    against ``expected_hf_shapes``); dtypes are kept. ``consume`` removes each source tensor from
+    ``hf`` once used, so the fused copies do not sit next to all of their sources."""
     in_norm, mlp_norm = norm_names(transformer_impl)
+
+    def take(name: str) -> torch.Tensor:
+        return hf.pop(name) if consume else hf[name]  # type: ignore[union-attr]
+
     out = {
         "embedding.word_embeddings.weight": _pad_rows(
-            hf["model.embed_tokens.weight"], padded_vocab_size, "model.embed_tokens.weight"
+            take("model.embed_tokens.weight"), padded_vocab_size, "model.embed_tokens.weight"
         ),
-        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+        "decoder.final_layernorm.weight": take("model.norm.weight"),
     }
     if not m.tied:
-        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab_size, "lm_head.weight")
+        out["output_layer.weight"] = _pad_rows(take("lm_head.weight"), padded_vocab_size, "lm_head.weight")
     for i in range(m.num_layers):
         p, o = _HF.format(i=i), f"decoder.layers.{i}."
-        out[o + in_norm] = hf[p + "input_layernorm.weight"]
-        out[o + mlp_norm] = hf[p + "post_attention_layernorm.weight"]
-        qkv = [hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]
+        out[o + in_norm] = take(p + "input_layernorm.weight")
+        out[o + mlp_norm] = take(p + "post_attention_layernorm.weight")
+        qkv = [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
         out[o + "self_attention.linear_qkv.weight"] = _fuse_qkv(*qkv, m.num_query_groups)
         if m.qkv_bias:
-            qkv_b = [hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]
+            qkv_b = [take(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
             out[o + "self_attention.linear_qkv.bias"] = _fuse_qkv(*qkv_b, m.num_query_groups)
-        out[o + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        out[o + "mlp.linear_fc1.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
         for mname, hname in LAYER_NAMES.items():
-            out[o + mname] = hf[p + hname]
+            out[o + mname] = take(p + hname)
     return out
 
 
-def megatron_to_hf(state: Mapping[str, torch.Tensor], m: HFModel) -> dict[str, torch.Tensor]:
+def megatron_to_hf(
+    state: Mapping[str, torch.Tensor] | MutableMapping[str, torch.Tensor],
+    m: HFModel,
+    *,
+    dtype: torch.dtype | None = None,
+    consume: bool = False,
+) -> dict[str, torch.Tensor]:
     """Hugging Face tensors of a GPTModel state dict (local or Transformer Engine names), with the
-    vocabulary cut back to ``m.vocab_size`` rows; every tensor is its own contiguous copy."""
+    vocabulary cut back to ``m.vocab_size`` rows; every tensor is its own contiguous copy, in
+    ``dtype`` (default: as stored). ``consume`` removes each source tensor from ``state`` once
+    copied, so an export holds the model about once (plus a layer), not twice."""
     te = any(k.endswith("linear_qkv.layer_norm_weight") for k in state)
     in_norm, mlp_norm = norm_names("transformer_engine" if te else "local")
+    out: dict[str, torch.Tensor] = {}
 
-    def get(name: str) -> torch.Tensor:
+    def take(name: str) -> torch.Tensor:
         if name not in state:
             raise ConvertError(f"the checkpoint has no tensor {name!r}")
-        return state[name]
+        return state.pop(name) if consume else state[name]  # type: ignore[union-attr]
 
-    out = {
-        "model.embed_tokens.weight": get("embedding.word_embeddings.weight")[: m.vocab_size],
-        "model.norm.weight": get("decoder.final_layernorm.weight"),
-    }
+    def put(name: str, t: torch.Tensor) -> None:
+        out[name] = t.detach().to(dtype=dtype or t.dtype, copy=True).contiguous()
+
+    put("model.embed_tokens.weight", take("embedding.word_embeddings.weight")[: m.vocab_size])
+    put("model.norm.weight", take("decoder.final_layernorm.weight"))
     if not m.tied:
-        out["lm_head.weight"] = get("output_layer.weight")[: m.vocab_size]
+        put("lm_head.weight", take("output_layer.weight")[: m.vocab_size])
     f = m.ffn_hidden_size
     for i in range(m.num_layers):
         p, o = _HF.format(i=i), f"decoder.layers.{i}."
-        out[p + "input_layernorm.weight"] = get(o + in_norm)
-        out[p + "post_attention_layernorm.weight"] = get(o + mlp_norm)
-        for x, t in zip("qkv", _split_qkv(get(o + "self_attention.linear_qkv.weight"), m)):
-            out[p + f"self_attn.{x}_proj.weight"] = t
+        put(p + "input_layernorm.weight", take(o + in_norm))
+        put(p + "post_attention_layernorm.weight", take(o + mlp_norm))
+        for x, t in zip("qkv", _split_qkv(take(o + "self_attention.linear_qkv.weight"), m)):
+            put(p + f"self_attn.{x}_proj.weight", t)
         if m.qkv_bias:
-            for x, t in zip("qkv", _split_qkv(get(o + "self_attention.linear_qkv.bias"), m)):
-                out[p + f"self_attn.{x}_proj.bias"] = t
-        fc1 = get(o + "mlp.linear_fc1.weight")
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = fc1[:f], fc1[f:]
+            for x, t in zip("qkv", _split_qkv(take(o + "self_attention.linear_qkv.bias"), m)):
+                put(p + f"self_attn.{x}_proj.bias", t)
+        fc1 = take(o + "mlp.linear_fc1.weight")
+        put(p + "mlp.gate_proj.weight", fc1[:f])
+        put(p + "mlp.up_proj.weight", fc1[f:])
         for mname, hname in LAYER_NAMES.items():
-            out[p + hname] = get(o + mname)
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+            put(p + hname, take(o + mname))
+    return out

@@ -54,6 +54,8 @@ def _train_with_bad_grads(rank, world_size, out_dir, bad_steps, max_skipped):
             "ddp",
             "--save",
             f"{out_dir}/ckpt",
+            "--ckpt-format",  # the checks below read the full model.pt/optim.pt of the torch format
+            "torch",
             "--save-interval",
             "1",
             "--max-skipped-steps",

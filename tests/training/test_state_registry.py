@@ -38,7 +38,8 @@ def test_one_registration_is_saved_and_restored_at_its_key(tmp_path):
     reg = register_core(StateRegistry(), m, opt, sched)
     counter = ValueBox({"seen": 7})
     reg.register("counter", counter.state_dict, counter.load_state_dict, key=("extra", "counter"))
-    saver = Checkpointer(CheckpointConfig(save=str(tmp_path), load=str(tmp_path)), reg, run_record={}, train_iters=4)
+    cfg = CheckpointConfig(save=str(tmp_path), load=str(tmp_path), ckpt_format="torch")  # the trainer.pt layout
+    saver = Checkpointer(cfg, reg, run_record={}, train_iters=4)
     saver.save(2)
     trainer = torch.load(tmp_path / "iter_0000002" / "trainer.pt", weights_only=False)
     assert trainer["extra"]["counter"] == {"seen": 7} and trainer["iteration"] == 2

@@ -113,6 +113,16 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _register_mcore() -> None:
+    """megatron.core dist_checkpointing conversions (mcore.py): mcore-to-flexsp, flexsp-to-mcore."""
+    from .mcore import commands
+
+    COMMANDS.update(commands())
+
+
+_register_mcore()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexsp-convert", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -101,7 +101,8 @@ def check_resume_compatible(
       global batch; Megatron's consumed-samples resume would silently change the batches).
     * LR schedule (``LR_SCHEDULE_ARGS``) changed: refused unless ``override_opt_param_scheduler``
       (Megatron's --override-opt-param-scheduler), which takes this run's values.
-    Keys missing on either side (older checkpoints) are not compared."""
+    Keys missing on either side (older checkpoints) are not compared. Another world size is not
+    refused (in either format: model and optimizer reshard, see ``world_size_note``)."""
     saved, now = _as_dict(saved_args), _as_dict(args)
 
     def differs(key: str) -> bool:

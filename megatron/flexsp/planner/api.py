@@ -33,7 +33,7 @@ from .costmodel import CostModel
 from .deadline import Deadline
 from .dynamic_cp import dynamic_cp_plan
 from .hybrid_cp import hybrid_cp_plan
-from .mode_choice import best_rule_plan, planning_modes
+from .mode_choice import best_rule_plan, label_plan, planning_modes
 from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
 
 __all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig", "plan_global_batch", "fallback_plan"]
@@ -67,6 +67,32 @@ def _predicted_s(name: str, n: int, world_size: int) -> float:
     return 1e-3 + 2e-5 * n
 
 
+def _memory_bound_seed(
+    lengths: list[int], cost: CostModel, config: PlannerConfig, deadline: Deadline, modes: tuple[str, ...]
+) -> list[tuple[str, Plan]]:
+    """Auto on a batch the fastest mode cannot hold (a sequence needs recomputation): half the time plans
+    with the one mode of least lower bound that holds it, labelled per group; the mixed search starts
+    there. (Where the fastest mode holds the batch, the search's own cuts and solves start from it.)"""
+    if len(modes) < 2 or _holds(lengths, cost.for_mode(modes[0]), config.world_size):
+        return []
+    lbs = [
+        (lower_bound_ms(lengths, cost.for_mode(m), config.world_size), m)
+        for m in modes[1:]
+        if _holds(lengths, cost.for_mode(m), config.world_size)
+    ]
+    if not lbs:
+        return []
+    m = min(lbs)[1]
+    p = _flexsp_module.plan_flexsp(
+        lengths, cost, config.world_size, gap=config.gap, deadline=deadline.share(0.5), recompute=m
+    )
+    return [("flexsp-" + m, label_plan(p, cost, modes))]
+
+
+def _holds(lengths: list[int], cost: CostModel, world_size: int) -> bool:
+    return max(lengths) <= cost.capacity(max(cost.allowed_degrees(world_size)))
+
+
 def _flexsp(
     lengths: list[int], cost: CostModel, config: PlannerConfig, lb: float, deadline: Deadline, modes: tuple[str, ...]
 ) -> Plan:
@@ -86,6 +112,7 @@ def _flexsp(
             baselines.append((name, _rule(build, lengths, cost, config.world_size, modes, lower_bound_ms=lb)))
         except NoFeasiblePlanError:  # e.g. a length needing degree 16 on 24 ranks: no homogeneous plan
             continue
+    baselines += _memory_bound_seed(lengths, cost, config, deadline, modes)
     plan = _flexsp_module.plan_flexsp(
         lengths,
         cost,

@@ -214,3 +214,51 @@ def test_convert_commands_round_trip(tmp_path):
     assert not r["bad_written"]
     err = r["err"].strip().splitlines()
     assert len(err) == 2 and "does not fit this model" in err[0] and "--hidden-size" in err[1], err
+
+
+# ------------------------------------------------------------- a tensor-parallel checkpoint, read whole
+def _tp_body(rank, world_size, tmp):
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from flexsp_patches import cpu_compat
+    from megatron.flexsp.convert.mcore import load_mcore_into
+    from megatron.flexsp.runtime.model import build_gpt_model
+
+    cpu_compat.apply(force_cpu=True)
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    cpu_compat._seed_cpu_tracker(3)
+    flags = VARIANTS["llama_like"]
+    cfg = _cfg(flags, 3)
+    cfg.extra = {"tensor_model_parallel_size": 2}
+    tp = build_gpt_model(cfg, flexsp_attention=False)  # megatron's stock model, every linear split over 2 ranks
+    ids = torch.tensor([[5, 17, 3, 250, 9, 42, 7, 7, 1, 299]])
+    with torch.no_grad():
+        local = tp(ids, torch.arange(10)[None], None).contiguous()  # this rank's half of the vocabulary
+    parts = [torch.empty_like(local) for _ in range(2)]
+    dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
+    _stock_save(tp, Path(tmp) / "tp2")
+    halves = tuple(tp.state_dict()["decoder.layers.0.self_attention.linear_qkv.weight"].shape)
+    ps.destroy_model_parallel()
+    # the same checkpoint, whole, in FlexSP's model (tp = 1), then run by megatron's stock tp = 1 model
+    cpu_compat.init_model_parallel(seed=1, device_type="cpu")
+    ours = build_gpt_model(_cfg(flags, 9))
+    load_mcore_into(ours, Path(tmp) / "tp2")
+    whole = build_gpt_model(_cfg(flags, 10), flexsp_attention=False)
+    whole.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        logits = whole(ids, torch.arange(10)[None], None)
+    full = tuple(ours.state_dict()["decoder.layers.0.self_attention.linear_qkv.weight"].shape)
+    return dict(tp_logits=torch.cat(parts, dim=-1), logits=logits, halves=halves, full=full)
+
+
+@pytest.mark.slow  # 2 gloo ranks, ~15 s on 2 cores
+def test_tensor_parallel_checkpoint_loads_whole(tmp_path):
+    """A checkpoint of a tensor-parallel (TP = 2) megatron GPTModel, written on 2 gloo ranks, loads into
+    FlexSP's single model, which then computes the TP model's logits."""
+    r = run_distributed(_tp_body, 2, str(tmp_path), timeout=240)
+    assert r[0]["halves"] == (32, 32) and r[0]["full"] == (64, 32)  # each rank held half the q/k/v rows
+    assert torch.allclose(r[0]["logits"], r[0]["tp_logits"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(r[1]["logits"], r[0]["logits"])

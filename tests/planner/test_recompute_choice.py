@@ -182,3 +182,29 @@ def test_milp_with_mode_options_gives_consistent_groups(seed):
             t = max(t, ctx.beta1 + tau[mem, k].sum())
     assert sol.time_ms == pytest.approx(t, rel=1e-9)
     assert sol.time_ms >= brute_micro_batch(L.tolist(), cost, ws, MODES) - 1e-9
+
+
+def test_flexsp_plan_cli_recompute(tmp_path, capsys):
+    from megatron.flexsp.planner.cli import main
+    from megatron.flexsp.planner.plan import Plan
+
+    cost_file = tmp_path / "cost.json"
+    rc_cost().save(cost_file)
+    out = tmp_path / "out"
+    args = ["--synthetic", "300", "--max-seq-len", "15000", "--iters", "1", "--world-size", "4"]
+    args += ["--global-batch-size", "10", "--time-limit", "0.3", "--quiet", "--cost-model", str(cost_file)]
+    assert main([*args, "--methods", "flexsp", "--recompute", "auto", "--output", str(out), "--plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "recompute auto, groups per mode: flexsp" in printed
+    plan = Plan.load(out / "plans" / "flexsp" / "iter_0000.json")
+    validate_plan(plan, rc_cost())
+    for mb in plan.micro_batches:
+        for g in mb.groups:
+            if g.sequences:
+                assert g.recompute == rc_cost().best_mode([plan.lengths[s] for s in g.sequences], g.degree)
+    assert (out / "plots" / "flexsp_iter_0000.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as e:  # a mode the cost model lacks: one line, exit 2, before planning
+        main(["--synthetic", "30", "--cost-model", "cpu-tiny", "--recompute", "full", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "recompute 'full' needs the cost model's 'recompute.full' coefficients" in err

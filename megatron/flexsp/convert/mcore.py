@@ -19,7 +19,7 @@ here), and ``save_state_dict_async_finalize`` all-reduces a flag on ``torch.cuda
 dedup, ``MCoreSavePlanner``) and writes through torch's synchronous ``FileSystemWriter``: the
 same torch_dist layout (``.metadata``, ``__R_I.distcp``, ``common.pt``, ``metadata.json``), read
 back by the stock ``dist_checkpointing.load`` (tested). ``dist_checkpointing.load`` itself runs
-on CPU/gloo unchanged. With CUDA, megatron's default strategy saves.
+on CPU/gloo unchanged. FlexSP saves with this strategy on GPUs as well (one tested path).
 """
 
 from __future__ import annotations
@@ -138,8 +138,9 @@ def save_mcore(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
     """Write ``model`` (a megatron GPTModel) with ``dist_checkpointing.save`` into a new directory."""
     from megatron.core import dist_checkpointing
 
-    strategy = None if torch.cuda.is_available() else SyncTorchDistSaveStrategy()
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)  # dist_checkpointing.save wants it to exist, empty
+    # the synchronous writer on GPU too: one tested path, and megatron's async one also needs psutil there
+    strategy = SyncTorchDistSaveStrategy()
     dist_checkpointing.save(model.sharded_state_dict(), str(checkpoint_dir), sharded_strategy=strategy)
 
 

@@ -65,6 +65,13 @@ def converted(tmp_path_factory):
     sharded = hf_models.save(out["llama"]["model"], root / "llama_sharded", max_shard_size="20KB")
     jobs.append(["hf-to-flexsp", "--hf", str(sharded), "--out", str(root / "llama_sharded_ckpt")])
     out["_sharded_ckpt"] = root / "llama_sharded_ckpt"
+    # a bf16 checkpoint (as released models are) comes back in bf16 without --dtype, bit for bit
+    bf16 = hf_models.save(hf_models.build("qwen2", seed=5).to(torch.bfloat16), root / "qwen2_bf16")
+    jobs += [
+        ["hf-to-flexsp", "--hf", str(bf16), "--out", str(root / "bf16_ckpt")],
+        ["flexsp-to-hf", "--ckpt", str(root / "bf16_ckpt"), "--out", str(root / "bf16_back")],
+    ]
+    out["_bf16"] = (bf16, root / "bf16_back")
     cases = {k: (str(c["hf"]), str(c["ckpt"])) for k, c in _models(out).items()}
     results, forward = run_distributed(
         _convert_body, 1, jobs, (cases, ONE_RANK_PLAN, _docs(_models(out))), timeout=300
@@ -73,7 +80,7 @@ def converted(tmp_path_factory):
         (rc_in, printed), (rc_out, _) = results[2 * i], results[2 * i + 1]
         assert rc_in == 0 and rc_out == 0, (kind, results)
         out[kind]["printed"] = printed
-    assert results[-1][0] == 0, results[-1]
+    assert [r[0] for r in results[2 * len(KINDS) :]] == [0, 0, 0], results
     out["_one_rank_forward"] = [forward]
     return out
 
@@ -85,6 +92,16 @@ def test_sharded_and_single_file_give_the_same_checkpoint(converted):
     single, _ = read_model_state(converted["llama"]["ckpt"])
     sharded, _ = read_model_state(converted["_sharded_ckpt"])
     assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+def test_bf16_model_exports_in_bf16_bit_for_bit(converted):
+    from safetensors.torch import load_file
+
+    src, back = converted["_bf16"]
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert a.keys() == b.keys() and all(t.dtype == torch.bfloat16 for t in b.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((back / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def _docs(models):

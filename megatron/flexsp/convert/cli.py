@@ -92,7 +92,12 @@ def _flexsp_to_hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vocab-size", type=_positive_int, default=None, help="real vocabulary (default: the run's --vocab-size)"
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="tensor dtype of the export (default: the imported model's torch_dtype, else float32)",
+    )
 
 
 def _flexsp_to_hf(a: argparse.Namespace) -> int:

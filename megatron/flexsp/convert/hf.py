@@ -282,7 +282,7 @@ def export_hf(
     tokenizer: str | Path | None = None,
     architecture: str | None = None,
     vocab_size: int | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
 ) -> HFModel:
     """Write a FlexSP checkpoint's model as a Hugging Face directory (config.json + model.safetensors,
     the tokenizer files of ``tokenizer`` copied); ConvertError before anything is written."""
@@ -292,6 +292,9 @@ def export_hf(
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConvertError(f"--tokenizer {tokenizer}: not a directory")
     state, meta = _read_checkpoint(ckpt)
+    if dtype is None:  # the imported model's own dtype (usually bfloat16), else float32
+        dtype = inherited_arg(meta.get("args") or {}, "hf_dtype")
+        dtype = dtype if dtype in _DTYPES else "float32"
     m = model_from_checkpoint(
         state, meta.get("args") or {}, architecture=architecture, vocab_size=vocab_size, dtype=dtype
     )

@@ -174,6 +174,8 @@ class HFModel:
         rec["num_query_groups"] = self.num_query_groups
         rec["kv_channels"] = self.head_dim
         rec["hf_architecture"] = self.architecture
+        if self.dtype:
+            rec["hf_dtype"] = self.dtype
         return rec
 
     def to_hf_config(self) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 Setting (estimates of the cost model; nothing here is measured on GPUs):
 
 * model: the FlexSP paper's GPT-7B cost model (``presets.preset("gpt-7b", 64)``: alpha1, alpha2,
-  beta1, bandwidths, ZeRO-3 model states over 64 GPUs), memory limit 40 or 80 GB per GPU;
+  beta1, bandwidths, ZeRO-3 model states over 64 GPUs), memory limit 40 or 80 GB per GPU, and 30 GB
+  (the preset's own usable share of a 40 GB A100, where a 512K sequence fits no group without
+  recomputation);
 * per-mode memory and factors: ``prior.recompute_section`` on the GPT-7B shape (32 layers,
   hidden 4096, FFN 4h with GeLU, MHA, vocabulary 50257, bf16) with selective = Megatron's
   ``core_attn`` + ``mlp`` modules, and the preset's alpha1/alpha2 for the compute split; its
@@ -24,6 +26,10 @@ Columns: estimated ms per iteration (mean over the batches), x lower bound (the 
 all rows share one yardstick), largest SP degree used, micro-batches (mean), the share of groups
 per mode, and auto's speed-up over the best fixed mode ("-" where a mode has no valid plan).
 Goal (issue 19): auto >= 1.10x the best fixed mode where memory binds, never > 1 % slower.
+Measured (commit cc15fa1, 2 shared cores): auto 0.995-0.997x of none at 40 and 80 GB (none is the
+best fixed mode there and auto keeps it; recomputation does not pay on this model: its f+b factor
+costs more than the all-to-all it saves), 1.02x at 30 GB (one 512K batch 1.10x over full
+everywhere; batches none cannot hold: equal to full).
 
     python benchmarks/recompute_bench.py                  # about 2 minutes on 2 cores
 """

@@ -108,6 +108,14 @@ def _api_body(rank, world_size, tmp):
     ours = build_gpt_model(_cfg(VARIANTS["llama_like"], 9))
     load_mcore_into(ours, lm)
     out["megatron_lm_dir"] = _same(_tensors(ours), _tensors(stock))
+    # a bf16 model's checkpoint (Megatron-LM --bf16 saves the model's bf16 weights) fills the fp32 model
+    stock = build_gpt_model(_cfg(VARIANTS["llama_like"], 11), flexsp_attention=False).bfloat16()
+    _stock_save(stock, tmp / "bf16")
+    load_mcore_into(ours, tmp / "bf16")
+    bf, got = _tensors(stock), _tensors(ours)
+    out["bf16"] = sorted(bf) == sorted(got) and all(
+        got[k].dtype == torch.float32 and torch.equal(bf[k].float(), got[k]) for k in bf
+    )
     errors = []
     deeper = build_gpt_model(_cfg([*VARIANTS["llama_like"], "--num-layers", "3"], 1))
     bias = build_gpt_model(_cfg(VARIANTS["qwen_like"][:-2] + ["--untie-embeddings-and-output-weights"], 1))
@@ -155,8 +163,8 @@ def test_the_files_are_megatrons_sharded_layout(api):
         assert torch.equal(r["raw_norm"][i], r["stock"][f"decoder.layers.{i}.input_layernorm.weight"])
 
 
-def test_megatron_lm_save_dir_and_errors(api):
-    assert api["megatron_lm_dir"]
+def test_megatron_lm_save_dir_bf16_and_errors(api):
+    assert api["megatron_lm_dir"] and api["bf16"]
     deeper, bias, missing = api["errors"]
     assert deeper and "does not fit this model" in deeper
     assert bias and bias.endswith(

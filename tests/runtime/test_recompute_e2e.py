@@ -2,7 +2,7 @@
 
 Memory binds (a cost model whose limit holds 900 tokens per rank without recomputation and 4.5x
 more with full recomputation), so the planner puts long sequences on fewer ranks with full
-recomputation while other groups of the same micro-batch run without it. Reference: the same
+recomputation while other groups run without it (mixing within a micro-batch: test_recompute). Reference: the same
 batches trained without recomputation (other plans: larger SP groups instead), whose losses must
 be the same to float rounding, since neither plans nor recomputation change the mathematics.
 """

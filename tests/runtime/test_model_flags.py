@@ -229,3 +229,16 @@ def test_checkpoint_fields_train_like_the_stock_model_under_flexsp_groups():
     assert "output_layer.weight" not in final and set(final) == set(ref_final)
     for n, ref in ref_final.items():
         assert torch.allclose(final[n], ref, rtol=1e-5, atol=1e-6), n
+
+
+def test_prior_counts_the_built_models_parameters(built):
+    """The planner's analytic prior counts what megatron builds: the output layer once when tied
+    (the prior leaves biases out)."""
+    from megatron.flexsp.planner.prior import ModelShape, num_parameters
+
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=2, vocab_size=61, num_query_groups=1)
+    shape.update(ffn_hidden_size=48, swiglu=True)
+    untied = sum(math.prod(s) for s in built["plain"]["params"].values())
+    tied = sum(math.prod(s) for n, s in built["qwen_like"]["params"].items() if not n.endswith("bias"))
+    assert num_parameters(ModelShape(**shape)) == untied
+    assert num_parameters(ModelShape(**shape, tied_embeddings=True)) == tied

@@ -11,7 +11,7 @@ Formulas (one token, whole model, ``L`` layers, hidden ``h``, ``a`` heads, ``g``
 FFN ``f``, vocabulary ``V``, ``e`` bytes per element):
 
 * parameters: per layer ``h (h + 2 h g / a)`` (QKV) ``+ h^2`` (output) ``+ m h f`` (MLP, m = 3 with
-  SwiGLU, else 2) ``+ 2 h`` (norms); plus ``V h`` embedding, ``V h`` output layer (untied), ``h``
+  SwiGLU, else 2) ``+ 2 h`` (norms); plus ``V h`` embedding, ``V h`` output layer (none when tied), ``h``
   final norm;
 * linear FLOPs: forward ``2 * (L * (h (h + 2hg/a) + h^2 + m h f) + V h)``, training = 3x forward
   (backward is twice the forward), so ``alpha2 = 3 * 2 * linear_params / flops_per_ms``;
@@ -62,6 +62,7 @@ class ModelShape:
     num_query_groups: int | None = None
     ffn_hidden_size: int | None = None  # default 4 * hidden
     swiglu: bool = False
+    tied_embeddings: bool = False  # the output layer reuses the embedding (Megatron without --untie-...)
 
     @property
     def groups(self) -> int:
@@ -81,9 +82,9 @@ class ModelShape:
 
 
 def num_parameters(shape: ModelShape) -> float:
-    """Parameters of a GPT of this shape (untied embedding and output layer, see module docstring)."""
+    """Parameters of a GPT of this shape (embedding and output layer: ``V h`` each, once when tied)."""
     h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
-    return L * (shape.linear_params_per_layer() + 2 * h) + 2 * V * h + h
+    return L * (shape.linear_params_per_layer() + 2 * h) + (1 if shape.tied_embeddings else 2) * V * h + h
 
 
 def prior_bandwidths(

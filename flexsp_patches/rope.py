@@ -75,7 +75,8 @@ class PositionIdsRotaryEmbedding(_base_rotary_cls()):  # type: ignore[misc]
     """megatron RotaryEmbedding whose forward uses the position ids of the current model call.
 
     Outside a call that recorded position ids (``_flexsp_position_ids is None``) it behaves like
-    megatron's RotaryEmbedding.
+    megatron's RotaryEmbedding. The frequencies are megatron's ``inv_freq`` as its constructor left
+    them, so Llama 3.1 RoPE scaling (``rope_scaling=True``, applied there) carries over unchanged.
     """
 
     _flexsp_position_ids: Tensor | None = None

@@ -116,10 +116,15 @@ def _api_body(rank, world_size, tmp):
     out["bf16"] = sorted(bf) == sorted(got) and all(
         got[k].dtype == torch.float32 and torch.equal(bf[k].float(), got[k]) for k in bf
     )
+    # Megatron-LM's default (no --disable-bias-linear) has linear biases, which FlexSP's layers lack
+    biased_cfg = _cfg(VARIANTS["llama_like"], 12)
+    biased_cfg.add_bias_linear = True
+    _stock_save(build_gpt_model(biased_cfg, flexsp_attention=False), tmp / "biased")
     errors = []
     deeper = build_gpt_model(_cfg([*VARIANTS["llama_like"], "--num-layers", "3"], 1))
     bias = build_gpt_model(_cfg(VARIANTS["qwen_like"][:-2] + ["--untie-embeddings-and-output-weights"], 1))
-    for model, path in ((deeper, lm), (bias, tmp / "llama_like" / "from_stock"), (ours, tmp / "nowhere")):
+    cases = [(deeper, lm), (bias, tmp / "llama_like" / "from_stock"), (ours, tmp / "nowhere"), (ours, tmp / "biased")]
+    for model, path in cases:
         try:
             load_mcore_into(model, path)
             errors.append(None)
@@ -165,7 +170,8 @@ def test_the_files_are_megatrons_sharded_layout(api):
 
 def test_megatron_lm_save_dir_bf16_and_errors(api):
     assert api["megatron_lm_dir"] and api["bf16"]
-    deeper, bias, missing = api["errors"]
+    deeper, bias, missing, biased = api["errors"]
+    assert biased and "holds decoder.layers.mlp.linear_fc1.bias, which this model lacks" in biased, biased
     assert deeper and "does not fit this model" in deeper
     assert bias and bias.endswith(
         "does not fit this model: decoder.layers.self_attention.linear_qkv.bias is not in the checkpoint"

@@ -124,14 +124,39 @@ def load_mcore_into(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
     _check_backend(ckpt_dir)
     from torch.distributed.checkpoint.api import CheckpointException
 
+    sharded = model.sharded_state_dict()
+    _refuse_unread_weights(ckpt_dir, sharded)
     try:
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     except (Exception, CheckpointException) as e:  # torch's is a BaseException wrapping megatron's, per rank
         raise ConvertError(f"--mcore {ckpt_dir} does not fit this model: {_first_line(e)}") from None
     result = model.load_state_dict(loaded, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise ConvertError(f"--mcore {ckpt_dir}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+def _refuse_unread_weights(ckpt_dir: Path, sharded: dict[str, Any]) -> None:
+    """A model tensor of the checkpoint that this model has no place for (linear biases of Megatron-LM's
+    default, a LayerNorm bias, an untied output layer) would be dropped silently: refuse it, named."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        saved = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    except Exception as e:  # a damaged or foreign .metadata
+        raise ConvertError(f"--mcore {ckpt_dir}: unreadable .metadata ({_first_line(e)})") from None
+    wanted = {getattr(v, "key", None) for v in sharded.values()}
+    model_part = ("embedding.", "decoder.", "output_layer.")
+    extra = sorted(
+        k
+        for k in saved
+        if k.startswith(model_part) and "_extra_state" not in k and k not in wanted and hasattr(saved[k], "size")
+    )
+    if extra:
+        raise ConvertError(
+            f"--mcore {ckpt_dir} holds {extra[0]}, which this model lacks"
+            + (" (FlexSP's layers have no linear biases)" if extra[0].endswith(".bias") else " (check the model flags)")
+        )
 
 
 def save_mcore(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:

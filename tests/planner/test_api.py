@@ -43,7 +43,13 @@ def test_all_methods_valid_and_flexsp_never_worse(name, cost, ws, n, max_len):
         assert plans["flexsp"].estimated_time_ms <= s.estimated_time_ms * (1 + 1e-12)
         assert plans["flexsp"].estimated_time_ms <= b.estimated_time_ms * (1 + 1e-12)
         assert plans["flexsp"].estimated_time_ms <= plans["megatron-hybrid-cp"].estimated_time_ms * (1 + 1e-12)
-        assert plans["flexsp"].solver.extra["chosen"] in ("solver", "homogeneous", "megatron-hybrid-cp")
+        # the seeds flexsp keeps when its own search does not beat them (dynamic-cp: under a loaded machine)
+        assert plans["flexsp"].solver.extra["chosen"] in (
+            "solver",
+            "homogeneous",
+            "megatron-hybrid-cp",
+            "megatron-dynamic-cp",
+        )
         fb = fallback_plan(lengths, cost, PlannerConfig(world_size=ws, max_seq_len=max_len))
         validate_plan(fb, cost, world_size=ws, num_sequences=n)
 

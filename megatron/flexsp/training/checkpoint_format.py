@@ -263,9 +263,28 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def verify_checkpoint(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[str]:
+def is_shard(name: str) -> bool:
+    """A torch_dist shard file (``dist/__<rank>_<n>.distcp``): verified by all ranks on load, a share each."""
+    return name.startswith("dist/") and name.endswith(".distcp")
+
+
+def verify_file(path: Path, name: str, rec: dict[str, Any]) -> str | None:
+    """Why file ``name`` of checkpoint ``path`` does not match its meta.json record, or None."""
+    f = path / name
+    if not f.is_file():
+        return f"checkpoint {path}: {name} is missing"
+    size = f.stat().st_size
+    if size != rec.get("bytes"):
+        return f"checkpoint {path}: {name} has {size} bytes, meta.json says {rec.get('bytes')} (truncated or replaced)"
+    if sha256(f) != rec.get("sha256"):
+        return f"checkpoint {path}: {name} fails its sha256 check (corrupted on disk)"
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike, meta: dict[str, Any] | None = None, *, shards: bool = True) -> list[str]:
     """Check every file against the sha256 and size in meta.json; raise CheckpointError naming the first bad one.
 
+    ``shards=False`` leaves the torch_dist shard files out (a collective load checks them on all ranks).
     Returns notes (e.g. a format-1 checkpoint has no checksums and is accepted unverified)."""
     path = Path(path)
     meta = read_meta(path) if meta is None else meta
@@ -279,14 +298,9 @@ def verify_checkpoint(path: str | os.PathLike, meta: dict[str, Any] | None = Non
     if not isinstance(files, dict) or any(m not in files for m in must):
         raise CheckpointError(f"checkpoint {path}: meta.json lists no {'/'.join(must)} checksums")
     for name, rec in sorted(files.items()):
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        size = f.stat().st_size
-        if size != rec.get("bytes"):
-            raise CheckpointError(
-                f"checkpoint {path}: {name} has {size} bytes, meta.json says {rec.get('bytes')} (truncated or replaced)"
-            )
-        if sha256(f) != rec.get("sha256"):
-            raise CheckpointError(f"checkpoint {path}: {name} fails its sha256 check (corrupted on disk)")
+        if not shards and is_shard(name):
+            continue
+        err = verify_file(path, name, rec)
+        if err:
+            raise CheckpointError(err)
     return []

@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from .checkpoint_dist import DIST_DIR, load_shards, rank_file, saved_entries
 from .checkpoint_format import (
@@ -28,7 +30,9 @@ from .checkpoint_format import (
     CheckpointError,
     ResumeMismatchError,
     ckpt_format,
+    dist_on,
     find_checkpoint,
+    is_shard,
     list_checkpoints,
     model_signature,
     rank,
@@ -36,6 +40,7 @@ from .checkpoint_format import (
     read_meta,
     torch_load,
     verify_checkpoint,
+    verify_file,
     world,
 )
 from .distributed import broadcast_object
@@ -235,7 +240,7 @@ def _load_candidate(path: Path, req: _Request) -> tuple[dict[str, Any], dict[str
             meta.get("args") or {}, req.args, override_opt_param_scheduler=req.override_opt_param_scheduler
         )
     try:
-        notes = verify_checkpoint(path, meta)
+        notes = verify_checkpoint(path, meta, shards=False)  # the shard files: every rank a share (_shard_verdict)
     except CheckpointError as e:
         raise _Damaged(str(e)) from None
     return meta, _read_files(path, req, ckpt_format(meta)), notes
@@ -249,16 +254,21 @@ def _fallback_warning(failures: list[tuple[Path | None, str]], load_dir: Path, p
     )
 
 
-def _select_and_read(req: _Request) -> tuple[tuple, dict[str, Any]]:
+def _proposals(req: _Request) -> Generator[tuple[Path, dict[str, Any]], str | None, tuple[tuple, dict[str, Any]]]:
     """Rank 0: the newest checkpoint that verifies (or exactly ``load_step``), read.
 
-    Returns ((path, saved args, the checkpoint that failed or None, warnings), file contents)."""
+    Yields each candidate that verifies except for its shard files, (path, meta), and is sent back
+    the shard verdict (None: intact); returns ((path, saved args, the checkpoint that failed or None,
+    warnings, world size, format), file contents) of the one chosen."""
     first, older, why = _candidates(req.load_dir, req.load_step)
     failures: list[tuple[Path | None, str]] = [] if why is None else [(first, why)]
     tried = ([first] if first is not None and why is None else []) + older
     for path in tried:
         try:
             meta, contents, notes = _load_candidate(path, req)
+            bad_shard = yield path, meta
+            if bad_shard:
+                raise _Damaged(bad_shard)
         except _Damaged as e:
             failures.append((path, str(e)))
             if req.load_step is not None or not older:
@@ -271,18 +281,44 @@ def _select_and_read(req: _Request) -> tuple[tuple, dict[str, Any]]:
     raise CheckpointError(f"--load {req.load_dir}: no checkpoint verifies: " + "; ".join(r for _, r in failures))
 
 
+def _shard_verdict(path: Path, shards: dict[str, Any]) -> str | None:
+    """Collective: the shard files of ``path`` checked against their records, a share on each rank (at
+    scale one rank hashing every shard would take minutes); the first failure, or None."""
+    names = sorted(shards)
+    mine = [n for i, n in enumerate(names) if i % world() == rank()]
+    bad = next((err for n in mine if (err := verify_file(path, n, shards[n]))), None)
+    found = [bad]
+    if dist_on() and world() > 1:
+        found = [None] * world()
+        dist.all_gather_object(found, bad)
+    return next((b for b in found if b), None)
+
+
 def _read_on_rank0(req: _Request) -> tuple[tuple, dict[str, Any]]:
-    """Collective: rank 0 chooses and reads; its error, if any, is raised on every rank."""
-    info, contents, error = None, {}, None
-    if rank() == 0:
-        try:
-            info, contents = _select_and_read(req)
-        except CheckpointError as e:
-            error = e
-        except Exception as e:  # noqa: BLE001 - a damaged file: tell every rank
-            error = CheckpointError(f"--load {req.load_dir}: cannot read checkpoint: {type(e).__name__}: {e}")
-    relay_error(error, ERRORS)
-    return broadcast_object(info), contents
+    """Collective: rank 0 chooses and reads, every rank checks a share of the chosen one's shard files;
+    an error (rank 0's or a shard's, after the fallbacks) is raised on every rank."""
+    chooser = _proposals(req) if rank() == 0 else None
+    verdict: str | None = None
+    started = False
+    while True:
+        step, error, contents = None, None, {}
+        if chooser is not None:
+            try:
+                path, meta = chooser.send(verdict) if started else next(chooser)
+                step = ("check", str(path), {n: r for n, r in (meta.get("files") or {}).items() if is_shard(n)})
+            except StopIteration as stop:
+                info, contents = stop.value
+                step = ("done", info, None)
+            except CheckpointError as e:
+                error = e
+            except Exception as e:  # noqa: BLE001 - a damaged file: tell every rank
+                error = CheckpointError(f"--load {req.load_dir}: cannot read checkpoint: {type(e).__name__}: {e}")
+            started = True
+        relay_error(error, ERRORS)
+        kind, what, shards = broadcast_object(step)
+        if kind == "done":
+            return what, contents
+        verdict = _shard_verdict(Path(what), shards)
 
 
 def _sharded_templates(registry: StateRegistry, path: Path) -> dict[str, Any]:

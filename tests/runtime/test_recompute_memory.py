@@ -109,3 +109,44 @@ def test_modes_order_as_expected(measured):
             b = {m: measured[(shape, m, total, 3)][0] for m in MODES}
             assert b["full-uniform-2"] < b["full-uniform-1"] < b["full-block-1"] < b["none"]
             assert b["selective-both"] < b["selective-mlp"] < b["selective-core_attn"] < b["none"]
+
+
+def _degree_body(rank, world_size):
+    import torch
+
+    from flexsp_patches import cpu_compat
+    from megatron.flexsp.planner.plan import Group, MicroBatch, Plan
+    from megatron.flexsp.runtime.executor import FlexSPExecutor
+    from megatron.flexsp.runtime.group_pool import GroupPool
+    from megatron.flexsp.runtime.model import GPTConfig, build_gpt_model
+    from megatron.flexsp.runtime.recompute import RecomputeConfig, SavedBytesMeter, activation_bytes_per_token
+    from megatron.flexsp.runtime.sharding import shard_model
+
+    cpu_compat.init_model_parallel(seed=3, device_type="cpu")
+    cfg = GPTConfig(vocab_size=53, max_position_embeddings=2048, seed=2, **SHAPES["gqa-h64"])
+    model = shard_model(build_gpt_model(cfg), "fsdp2")
+    out = []
+    for d in (2, 4):
+        groups = [list(range(i, i + d)) for i in range(0, 4, d)]
+        for mode in ("none", "selective-core_attn", "full-uniform-1"):
+            rc = RecomputeConfig(**MODES[mode])
+            ex = FlexSPExecutor(model, GroupPool([tuple(g) for g in groups]), sharding_mode="fsdp2", recompute=rc)
+            for docs in (1, 3):
+                per_group = [120 * d // docs] * docs
+                lengths = per_group * len(groups)
+                mb = MicroBatch([Group(g, list(range(k * docs, (k + 1) * docs))) for k, g in enumerate(groups)])
+                seqs = [torch.randint(0, 53, (n + 1,)) for n in lengths]
+                with SavedBytesMeter() as meter:
+                    ex.run(Plan(4, lengths, [mb]), seqs)
+                local_tokens = sum(per_group) / d
+                model_bpt = activation_bytes_per_token(cfg, rc.spec_for(), packed=docs > 1)
+                out.append((d, mode, docs, meter.bytes / local_tokens, model_bpt))
+    return out
+
+
+@pytest.mark.slow  # 4 gloo ranks
+def test_bytes_per_local_token_at_degree_2_and_4_stay_near_the_degree_1_model():
+    """The planner charges act * T / d per rank: the degree-1 model must hold for SP groups too."""
+    for rank_rows in run_distributed(_degree_body, 4, timeout=300):
+        for d, mode, docs, got, want in rank_rows:
+            assert abs(got - want) <= 0.10 * want, (d, mode, docs, got, want)

@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+from .command import Command
 from .errors import ConvertError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: its help line, its arguments, and what it runs (returns the exit code)."""
-
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
 
 
 def _positive_int(s: str) -> int:

@@ -16,6 +16,10 @@ kept: "solver" when the solver's plan is strictly better than every baseline, el
 baseline's name ("homogeneous", "megatron-hybrid-cp" or "megatron-dynamic-cp"; then ``solver_estimate_ms`` is the
 solver's own estimate, equal when the solver could not improve on it).
 
+Tensor parallelism: with a unit cost model (``tensor_parallel.unit_cost_model``) ``config.world_size`` is
+the number of units and every method plans over them unchanged; the returned plan is stamped with
+``tensor_parallel_size`` and the world size in GPUs (``stamp_units``, contract C6).
+
 ``config.recompute`` (``mode_choice``): a fixed mode plans every method on that mode's model and
 labels every group with it; "auto" lets the solver choose per group, and a baseline rule is run
 on each mode's model with each group labelled by the fastest mode that fits it.
@@ -35,8 +39,9 @@ from .dynamic_cp import dynamic_cp_plan
 from .hybrid_cp import hybrid_cp_plan
 from .mode_choice import best_rule_plan, label_plan, planning_modes
 from .plan import NoFeasiblePlanError, Plan, PlanError, validate_plan
+from .tensor_parallel import unit_size
 
-__all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig", "plan_global_batch", "fallback_plan"]
+__all__ = ["METHODS", "FALLBACK_TIME_S", "PlannerConfig", "plan_global_batch", "fallback_plan", "stamp_units"]
 
 
 def _check_lengths(lengths: Sequence[int], config: PlannerConfig) -> list[int]:
@@ -167,6 +172,16 @@ def plan_global_batch(lengths: Sequence[int], cost: CostModel, config: PlannerCo
     else:
         plan = _rule(hybrid_cp_plan, lengths, cost, ws, modes, lower_bound_ms=lb)
     validate_plan(plan, cost, world_size=ws, num_sequences=len(lengths))
+    return stamp_units(plan, cost)
+
+
+def stamp_units(plan: Plan, cost: CostModel) -> Plan:
+    """A plan over the units of a unit cost model (``config.world_size`` units) says so for the runtime (C6):
+    ``tensor_parallel_size`` t and ``world_size`` in GPUs; its groups keep their unit indices."""
+    t = unit_size(cost)
+    if t > 1 and plan.tensor_parallel_size == 1:
+        plan.world_size *= t
+        plan.tensor_parallel_size = t
     return plan
 
 
@@ -191,4 +206,4 @@ def fallback_plan(lengths: Sequence[int], cost: CostModel, config: PlannerConfig
         recompute=config.recompute,
     )
     validate_plan(plan, cost, world_size=config.world_size, num_sequences=len(lengths))
-    return plan
+    return stamp_units(plan, cost)

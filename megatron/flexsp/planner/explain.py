@@ -57,7 +57,7 @@ def breakdown(plan: Plan, cost: CostModel) -> Breakdown:
     """The exact split of ``plan``'s cost-model estimate (see the module docstring). With recompute modes, the
     unavoidable part is that of the modes' envelope (the plan's modes at their cheapest, ``RecomputeModes``),
     so a mode's extra compute counts with the degree loss."""
-    n, lengths, beta1 = plan.world_size, plan.lengths, cost.compute.beta1_ms
+    n, lengths, beta1 = plan.num_units, plan.lengths, cost.compute.beta1_ms
     env = cost.envelope(sorted({g.recompute for mb in plan.micro_batches for g in mb.groups}))
     used = fixed = idle = 0.0
     for mb in plan.micro_batches:

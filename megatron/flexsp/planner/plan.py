@@ -3,6 +3,11 @@
 A plan is the only thing that crosses from the planner to the runtime: which micro-batches run,
 and in each, which ranks form which SP group and which sequences (indices into ``lengths``)
 that group processes.
+
+Tensor parallelism (contract C6): a plan made at TP t records ``tensor_parallel_size: t``
+(written only when t > 1; absent reads as 1). Its ``world_size`` stays the number of GPUs N,
+but group ``ranks`` are *unit* indices 0..N/t-1: rank r is in unit r // t with TP rank r % t,
+because the planner plans over N/t units exactly as over GPUs (planner/tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .costmodel import CostModel
+from .costmodel import CostModel, CostModelError
 from .recompute import MODES
+from .tensor_parallel import unit_cost_model, unit_size
 
 __all__ = [
     "PlanError",
@@ -127,16 +133,25 @@ class Plan:
     micro_batches: list[MicroBatch]
     estimated_time_ms: float | None = None
     solver: SolverInfo = field(default_factory=lambda: SolverInfo(method="manual"))
+    tensor_parallel_size: int = 1  # C6: group ranks are units of this many GPUs (module docstring)
+
+    @property
+    def num_units(self) -> int:
+        """How many planning ranks the groups partition: GPUs at TP 1, else units of ``tensor_parallel_size``."""
+        return self.world_size // self.tensor_parallel_size
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "world_size": self.world_size,
             "lengths": [int(x) for x in self.lengths],
             "micro_batches": [mb.to_dict() for mb in self.micro_batches],
             "estimated_time_ms": self.estimated_time_ms,
             "solver": self.solver.to_dict(),
         }
+        if self.tensor_parallel_size != 1:  # additive: plans without TP read and write as before
+            d["tensor_parallel_size"] = self.tensor_parallel_size
+        return d
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -175,7 +190,10 @@ class Plan:
                 extra=s,
             )
             ws = _int_list([d["world_size"]], "world_size")[0]
-            return cls(ws, _int_list(d["lengths"], "lengths"), mbs, d.get("estimated_time_ms"), solver)
+            tp = _int_list([d.get("tensor_parallel_size", 1)], "tensor_parallel_size")[0]
+            if tp < 1:
+                raise PlanError(f"plan JSON: 'tensor_parallel_size' = {tp} must be a positive integer")
+            return cls(ws, _int_list(d["lengths"], "lengths"), mbs, d.get("estimated_time_ms"), solver, tp)
         except KeyError as e:
             raise PlanError(f"plan JSON: missing field {e}") from None
         except (TypeError, ValueError) as e:
@@ -244,11 +262,15 @@ def estimate_plan_ms(plan: Plan, cost: CostModel) -> float:
 
 
 def _check_header(plan: Plan, world_size: int | None, num_sequences: int | None) -> None:
-    ws = plan.world_size
+    ws, tp = plan.world_size, plan.tensor_parallel_size
     if world_size is not None and ws != world_size:
         raise PlanError(f"plan is for world size {ws}, but the job has {world_size} ranks")
     if ws <= 0:
         raise PlanError(f"world_size must be positive, got {ws}")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise PlanError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    if ws % tp:
+        raise PlanError(f"tensor_parallel_size {tp} does not divide the world size {ws}")
     n = len(plan.lengths)
     if num_sequences is not None and n != num_sequences:
         raise PlanError(f"plan has {n} lengths, but the global batch has {num_sequences} sequences")
@@ -335,6 +357,21 @@ def _check_group_cost(where: str, g: Group, lengths: Sequence[int], cost: CostMo
         )
 
 
+def _unit_cost(cost: CostModel, tp: int) -> CostModel:
+    """The cost model of the plan's units: ``cost`` if it is one already, else made from the per-GPU one (without
+    TP-sequence parallelism: the larger activation share, so a plan that passes here fits either way). A plan
+    without the field is over the cost model's own ranks (the solvers' plans over units, before stamping)."""
+    made_for = unit_size(cost)
+    if made_for == tp or tp == 1:
+        return cost
+    if made_for != 1:
+        raise PlanError(f"plan is over units of TP {tp}, but the cost model is over units of TP {made_for}")
+    try:
+        return unit_cost_model(cost, tp)
+    except CostModelError as e:
+        raise PlanError(f"plan at tensor_parallel_size {tp}: {e}") from None
+
+
 def validate_plan(
     plan: Plan, cost: CostModel | None = None, *, world_size: int | None = None, num_sequences: int | None = None
 ) -> None:
@@ -344,7 +381,7 @@ def validate_plan(
     every sequence exactly once); with one, also degrees, topology and memory.
     """
     _check_header(plan, world_size, num_sequences)
-    ws, n = plan.world_size, len(plan.lengths)
+    ws, n = plan.num_units, len(plan.lengths)  # groups partition the units (the GPUs at TP 1)
     seen: dict[int, tuple[int, int]] = {}
     for m, mb in enumerate(plan.micro_batches):
         _check_micro_batch(m, mb, ws, n, seen)
@@ -353,6 +390,7 @@ def validate_plan(
         raise PlanError(f"sequences {unassigned[:8]} (of {len(unassigned)}) are in no group")
     if cost is None:
         return
+    cost = _unit_cost(cost, plan.tensor_parallel_size)
     for m, mb in enumerate(plan.micro_batches):
         for gi, g in enumerate(mb.groups):
             _check_group_cost(

@@ -40,7 +40,7 @@ def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None =
     degrees = sorted({g.degree for mb in plan.micro_batches for g in mb.groups})
     cmap = plt.get_cmap("viridis", max(len(degrees), 2))
     colour = {d: cmap(k) for k, d in enumerate(degrees)}
-    ws = plan.world_size
+    ws = plan.num_units  # rows are the planning ranks: units of TP t GPUs at t > 1
     fig, ax = plt.subplots(figsize=(11, max(3.0, min(12.0, 0.12 * ws + 2))))
     t0 = 0.0
     for mb in plan.micro_batches:

@@ -51,7 +51,14 @@ from typing import Any
 
 from .costmodel import CostModel, CostModelError
 
-__all__ = ["REPLICATED_ACTIVATION_SHARE", "allreduce_bandwidth", "check_tensor_parallel", "unit_cost_model"]
+__all__ = [
+    "REPLICATED_ACTIVATION_SHARE",
+    "allreduce_bandwidth",
+    "check_tensor_parallel",
+    "unit_cost_model",
+    "unit_gpu_ranks",
+    "unit_size",
+]
 
 REPLICATED_ACTIVATION_SHARE = 10 / 34  # Korthikanti et al. 2022: replicated share without TP-sequence parallel
 _GBS_TO_MODEL = 1e9 / 1000.0 / 2**20  # 1 GB/s in the cost model's units (2^20 bytes per ms)
@@ -76,6 +83,18 @@ def check_tensor_parallel(cost: CostModel, tp: int, world_size: int | None = Non
         raise CostModelError(
             f"tensor-model-parallel size {tp} does not divide num_query_groups {cost.num_query_groups}"
         )
+
+
+def unit_size(cost: CostModel) -> int:
+    """The t of a unit cost model made by ``unit_cost_model`` (1 for a per-GPU model): plans and validators
+    read it so that a plan over units is never checked against the per-GPU shape by mistake."""
+    section = cost.extra.get("tensor_parallel_unit")
+    return int(section["size"]) if isinstance(section, dict) and "size" in section else 1
+
+
+def unit_gpu_ranks(units: list[int], tp: int) -> list[int]:
+    """The GPU ranks of a plan group's units (contract C6): unit u holds ranks u t .. u t + t - 1."""
+    return [u * tp + j for u in units for j in range(tp)]
 
 
 def _bytes_per_element(cost: CostModel) -> float:

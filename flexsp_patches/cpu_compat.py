@@ -10,9 +10,9 @@ softmax, RoPE fusion, gradient-accumulation fusion) are not patched but switched
 model config (see ``megatron.flexsp.runtime.model.to_transformer_config``).
 
 ``apply()`` is idempotent; ``init_model_parallel()`` initialises megatron.core.parallel_state
-with tensor = pipeline = context parallel size 1 on top of an initialised torch.distributed
-(gloo or NCCL): FlexSP's sequence parallelism lives in its own group pool, not in megatron's
-static context-parallel group.
+with pipeline = context parallel size 1 and tensor parallel size t (default 1) on top of an
+initialised torch.distributed (gloo or NCCL): FlexSP's sequence parallelism lives in its own
+group pool, not in megatron's static context-parallel group.
 """
 
 from __future__ import annotations
@@ -239,13 +239,17 @@ def apply(force_cpu: bool = False) -> None:
         _APPLIED = True
 
 
-def init_model_parallel(seed: int = 1234, *, device_type: str | None = None) -> None:
-    """Initialise megatron.core.parallel_state (tp = pp = cp = 1) and megatron's RNG tracker.
+def init_model_parallel(
+    seed: int = 1234, *, device_type: str | None = None, tensor_model_parallel_size: int = 1
+) -> None:
+    """Initialise megatron.core.parallel_state (tp = t, pp = cp = 1) and megatron's RNG tracker.
 
     Needs torch.distributed initialised (any backend). ``device_type="cpu"`` forces the CPU
-    patches even where CUDA exists (default: by availability). Idempotent: an already
-    initialised parallel_state is kept if it has tp = pp = 1, and rejected with a clear error
-    otherwise.
+    patches even where CUDA exists (default: by availability). With ``tensor_model_parallel_size``
+    t > 1 megatron's TP groups are the units of t consecutive ranks (its default order), so its
+    data-parallel group of a rank is the ranks with the same TP rank, one per unit: the ranks
+    FlexSP's SP groups and FSDP2 work over. Idempotent: an already initialised parallel_state is
+    kept if it has the same tp and pp = 1, and rejected with a clear error otherwise.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -256,20 +260,27 @@ def init_model_parallel(seed: int = 1234, *, device_type: str | None = None) -> 
         raise RuntimeError(
             "init_model_parallel: torch.distributed is not initialised; call torch.distributed.init_process_group first"
         )
+    t = int(tensor_model_parallel_size)
+    if t < 1 or dist.get_world_size() % t:
+        raise ValueError(
+            f"init_model_parallel: tensor_model_parallel_size {tensor_model_parallel_size} must be a positive "
+            f"divisor of the world size {dist.get_world_size()}"
+        )
     if ps.model_parallel_is_initialized():
         tp = ps.get_tensor_model_parallel_world_size()
         pp = ps.get_pipeline_model_parallel_world_size()
-        if tp != 1 or pp != 1:
+        if tp != t or pp != 1:
             raise RuntimeError(
                 f"init_model_parallel: megatron parallel_state already initialised with "
-                f"tp={tp}, pp={pp}; FlexSP needs tp = pp = 1"
+                f"tp={tp}, pp={pp}; this run needs tp={t}, pp=1"
             )
     else:
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1
+            tensor_model_parallel_size=t, pipeline_model_parallel_size=1, context_parallel_size=1
         )
     if device_type == "cpu" or not cuda_available():
-        _seed_cpu_tracker(seed)  # megatron's seeding calls torch.cuda.manual_seed: not on a CPU run
+        etp = getattr(ps, "get_expert_tensor_parallel_rank", ps.get_tensor_model_parallel_rank)()
+        _seed_cpu_tracker(seed, ps.get_tensor_model_parallel_rank(), etp)  # megatron's calls torch.cuda
     else:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -282,12 +293,13 @@ _TRACKER_NAMES = (
 )
 
 
-def _seed_cpu_tracker(seed: int) -> None:
+def _seed_cpu_tracker(seed: int, tp_rank: int = 0, etp_rank: int = 0) -> None:
     """``model_parallel_cuda_manual_seed`` for a CPU run: same states and seeds, no torch.cuda call.
 
     Why: megatron's version calls ``torch.cuda.manual_seed``, which on a GPU node queues CUDA
-    work for a gloo run that must never touch the GPU. tp = ep = etp = 1 here (FlexSP's layout),
-    so the offsets are megatron's with rank 0: data seed, seed + 2718, seed + 1024.
+    work for a gloo run that must never touch the GPU. ep = etp = 1 here (FlexSP's layout), so
+    the offsets are megatron's: data seed, seed + 2718 + TP rank (dropout inside a TP partition
+    differs per partition, as in megatron), seed + 1024 + expert-TP rank.
     """
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -296,5 +308,5 @@ def _seed_cpu_tracker(seed: int) -> None:
     tracker = mrandom.get_cuda_rng_tracker()
     tracker.reset()
     tracker.add(data, seed)
-    tracker.add(model, seed + 2718)
-    tracker.add(expert, seed + 1024)
+    tracker.add(model, seed + 2718 + tp_rank)
+    tracker.add(expert, seed + 1024 + etp_rank)

@@ -59,6 +59,10 @@ class GPTConfig:
     add_qkv_bias: bool = False
     use_rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
+    # Tensor parallelism (issue 20): megatron's TP layers over the unit of t consecutive ranks
+    # (parallel_state's TP group); sequence_parallel is megatron's TP-sequence parallelism (NCCL only).
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # passed to TransformerConfig as-is
 
     def validate(self) -> None:
@@ -90,9 +94,24 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.num_query_groups {g} must divide num_attention_heads {self.num_attention_heads}"
             )
+        self._validate_tensor_parallel()
         if self.bf16 and self.params_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"GPTConfig.bf16 with params_dtype {self.params_dtype} is not supported")
         self._validate_checkpoint_fields()
+
+    def _validate_tensor_parallel(self) -> None:
+        """TP splits the heads and, first, GQA's kv heads over t ranks: both must divide by t."""
+        t = self.tensor_model_parallel_size
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"GPTConfig.tensor_model_parallel_size must be a positive int, got {t!r}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % t or groups % t:
+            raise ValueError(
+                f"GPTConfig.tensor_model_parallel_size {t} must divide num_attention_heads "
+                f"{self.num_attention_heads} and num_query_groups {groups} (TP splits the kv heads first)"
+            )
+        if self.sequence_parallel and t == 1:
+            raise ValueError("GPTConfig.sequence_parallel needs tensor_model_parallel_size > 1")
 
     def _validate_checkpoint_fields(self) -> None:
         """The fields real checkpoints need (norm epsilon, RoPE scaling): finite, positive, consistent."""
@@ -115,7 +134,7 @@ class GPTConfig:
 
 
 def to_transformer_config(cfg: GPTConfig):
-    """The megatron.core TransformerConfig for ``cfg`` (tp = pp = cp = 1; fusions off).
+    """The megatron.core TransformerConfig for ``cfg`` (tp = cfg's, pp = cp = 1; fusions off).
 
     Fusions are off everywhere: on CPU they do not exist, and on GPU the ones that matter for
     FlexSP are in the attention backend; RoPE fusion in particular must stay off because FlexSP's
@@ -152,10 +171,10 @@ def to_transformer_config(cfg: GPTConfig):
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
-        tensor_model_parallel_size=1,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=1,
         context_parallel_size=1,
-        sequence_parallel=False,
+        sequence_parallel=cfg.sequence_parallel,
     )
     # Newer megatron-core versions may carry these on the config, and GPTModel then prefers the
     # config's value over its constructor argument: set them where the field exists.
@@ -166,6 +185,34 @@ def to_transformer_config(cfg: GPTConfig):
         kw["rotary_base"] = cfg.rotary_base
     kw.update(cfg.extra)
     return TransformerConfig(**kw)
+
+
+def _check_tensor_parallel_setup(cfg: GPTConfig) -> None:
+    """parallel_state's TP size must be the config's, and TP-sequence parallelism needs reduce-scatter (NCCL).
+
+    Why here: megatron's TP layers take their group from parallel_state, so a mismatch would
+    build layers of the wrong width; gloo has no reduce-scatter, which --sequence-parallel runs
+    in every layer, so it fails at build, not in the first backward.
+    """
+    from megatron.core import parallel_state as ps
+
+    t = cfg.tensor_model_parallel_size
+    if t == 1 and not ps.model_parallel_is_initialized():
+        return
+    actual = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    if actual != t:
+        raise ValueError(
+            f"GPTConfig.tensor_model_parallel_size is {t} but megatron's parallel_state has TP size {actual}: "
+            f"call flexsp_patches.cpu_compat.init_model_parallel(tensor_model_parallel_size={t}) first"
+        )
+    if cfg.sequence_parallel:
+        import torch.distributed as dist
+
+        backend = dist.get_backend(ps.get_tensor_model_parallel_group())
+        if backend != "nccl":
+            raise ValueError(
+                f"--sequence-parallel needs a backend with reduce-scatter (NCCL); this run's TP group uses {backend}"
+            )
 
 
 def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None, flexsp_attention: bool = True):
@@ -186,6 +233,7 @@ def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None,
 
     cpu_compat.apply(force_cpu=device is not None and torch.device(device).type == "cpu")
     tcfg = to_transformer_config(cfg)
+    _check_tensor_parallel_setup(cfg)
     if flexsp_attention:
         spec = get_flexsp_layer_spec(
             cfg.transformer_impl,

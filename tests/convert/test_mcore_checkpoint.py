@@ -208,8 +208,30 @@ def _cli_body(rank, world_size, tmp):
         rc4 = cli.main(
             ["mcore-to-flexsp", "--mcore", str(tmp / "mcore"), "--out", str(tmp / "bad2"), "--", "--hidden-size", "x"]
         )
+    # a Megatron-LM checkpoint records its args in common.pt: no model flags needed
+    from argparse import Namespace
+
+    from megatron.core import dist_checkpointing
+
+    from megatron.flexsp.convert.mcore import SyncTorchDistSaveStrategy
+
+    lm_args = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2)
+    lm_args.update(group_query_attention=True, swiglu=True, normalization="RMSNorm", position_embedding_type="rope")
+    lm_args.update(max_position_embeddings=32, seq_length=32, rotary_base=10000, norm_epsilon=1e-6)
+    lm_args.update(add_qkv_bias=True, untie_embeddings_and_output_weights=False, use_rope_scaling=False)
+    lm_args.update(padded_vocab_size=300, add_bias_linear=False, num_experts=None, kv_channels=8, rotary_percent=1.0)
+    rcs_lm = []
+    for name, more in (("lm", {}), ("moe", {"num_experts": 8})):
+        (tmp / name).mkdir()
+        common = {"args": Namespace(**{**lm_args, **more}), "iteration": 100}
+        sd = {**stock.sharded_state_dict(), **common}
+        dist_checkpointing.save(sd, str(tmp / name), sharded_strategy=SyncTorchDistSaveStrategy())
+        with contextlib.redirect_stderr(err):
+            rcs_lm.append(cli.main(["mcore-to-flexsp", "--mcore", str(tmp / name), "--out", str(tmp / f"{name}_ck")]))
+    lm_state, _ = read_model_state(tmp / "lm_ck")
     return dict(
-        rcs=(rc, rc2, rc3, rc4),
+        rcs=(rc, rc2, rc3, rc4, *rcs_lm),
+        lm_state=lm_state,
         stock=_tensors(stock),
         state=state,
         iteration=meta.get("iteration"),
@@ -222,12 +244,14 @@ def _cli_body(rank, world_size, tmp):
 @pytest.mark.slow  # one gloo process, ~10 s on 2 cores
 def test_convert_commands_round_trip(tmp_path):
     (r,) = run_distributed(_cli_body, 1, str(tmp_path), timeout=180)
-    assert r["rcs"] == (0, 0, 2, 2)
+    assert r["rcs"] == (0, 0, 2, 2, 0, 2)
     assert _same(r["state"], r["stock"]) and r["iteration"] == 0
+    assert _same(r["lm_state"], r["stock"])  # model flags from the Megatron-LM args of common.pt
     assert _same(r["stock2"], r["stock"])
     assert not r["bad_written"]
     err = r["err"].strip().splitlines()
-    assert len(err) == 2 and "does not fit this model" in err[0] and "--hidden-size" in err[1], err
+    assert len(err) == 3 and "does not fit this model" in err[0] and "--hidden-size" in err[1], err
+    assert "Megatron-LM args num_experts=8; FlexSP's GPT cannot build it" in err[2]
 
 
 # ------------------------------------------------------------- a tensor-parallel checkpoint, read whole

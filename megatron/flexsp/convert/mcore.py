@@ -39,6 +39,7 @@ from .errors import ConvertError
 __all__ = [
     "SyncTorchDistSaveStrategy",
     "mcore_checkpoint_dir",
+    "megatron_lm_flags",
     "load_mcore_into",
     "save_mcore",
     "mcore_to_flexsp",
@@ -127,13 +128,25 @@ def load_mcore_into(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
     sharded = model.sharded_state_dict()
     _refuse_unread_weights(ckpt_dir, sharded)
     try:
-        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir), common_strategy=_model_only_common_strategy())
     except (Exception, CheckpointException) as e:  # torch's is a BaseException wrapping megatron's, per rank
         raise ConvertError(f"--mcore {ckpt_dir} does not fit this model: {_first_line(e)}") from None
     result = model.load_state_dict(loaded, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise ConvertError(f"--mcore {ckpt_dir}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+def _model_only_common_strategy():
+    """megatron's common-data loader without common.pt: a model's tensors are all in the sharded part, and
+    a Megatron-LM run pickles its argparse args there, which torch's weights-only loading refuses."""
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class _ModelOnly(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):  # replaces torch.load(common.pt): nothing of it is needed
+            return {}
+
+    return _ModelOnly()
 
 
 def _refuse_unread_weights(ckpt_dir: Path, sharded: dict[str, Any]) -> None:
@@ -208,8 +221,58 @@ def _argparse_errors(what: str) -> Iterator[None]:
         raise ConvertError(f"{what}: {lines[-1].split('error:', 1)[1].strip() if lines else 'invalid'}") from None
 
 
-def mcore_to_flexsp(mcore: str | Path, out: str | Path, model_argv: Sequence[str]) -> Path:
-    """A megatron.core dist checkpoint -> a FlexSP checkpoint (model only, iteration 0, for --load --finetune)."""
+# Megatron-LM settings FlexSP's model cannot represent, and the value that it can (args of common.pt).
+_UNSUPPORTED = {
+    "num_experts": None,
+    "qk_layernorm": False,
+    "rotary_interleaved": False,
+    "apply_layernorm_1p": False,
+    "multi_latent_attention": False,
+}
+
+
+def megatron_lm_flags(ckpt_dir: Path) -> list[str] | None:
+    """The trainer's model flags from the ``args`` a Megatron-LM run stores in the checkpoint's common.pt,
+    or None when there are none (then the user gives the flags); ConvertError for what FlexSP cannot build."""
+    path = ckpt_dir / "common.pt"
+    if not path.is_file():
+        return None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            common = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # other pickled types in the args: the user gives the model flags
+        return None
+    args = common.get("args") if isinstance(common, dict) else None
+    a = vars(args) if isinstance(args, argparse.Namespace) else None
+    if not a or not a.get("num_layers"):
+        return None
+    for key, ok in _UNSUPPORTED.items():
+        if a.get(key, ok) not in (ok, 0):
+            raise ConvertError(f"--mcore {ckpt_dir}: Megatron-LM args {key}={a[key]!r}; FlexSP's GPT cannot build it")
+    if a.get("rotary_percent", 1.0) != 1.0:
+        raise ConvertError(f"--mcore {ckpt_dir}: Megatron-LM args rotary_percent={a['rotary_percent']}; only 1.0")
+    heads, hidden = a.get("num_attention_heads"), a.get("hidden_size")
+    if a.get("kv_channels") not in (None, (hidden or 0) // (heads or 1)):
+        raise ConvertError(f"--mcore {ckpt_dir}: Megatron-LM args kv_channels={a['kv_channels']} != hidden / heads")
+    valued = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+    valued += ("normalization", "position_embedding_type", "max_position_embeddings", "seq_length")
+    valued += ("rotary_base", "norm_epsilon", "rope_scaling_factor")
+    argv: list[str] = []
+    for key in valued:
+        if a.get(key) is not None:
+            argv += ["--" + key.replace("_", "-"), str(a[key])]
+    switches = ("swiglu", "group_query_attention", "add_qkv_bias", "use_rope_scaling")
+    argv += ["--" + k.replace("_", "-") for k in (*switches, "untie_embeddings_and_output_weights") if a.get(k)]
+    vocab = a.get("padded_vocab_size") or a.get("vocab_size")
+    if vocab:
+        argv += ["--vocab-size", str(vocab), "--make-vocab-size-divisible-by", "1"]
+    return argv
+
+
+def mcore_to_flexsp(mcore: str | Path, out: str | Path, model_argv: Sequence[str] = ()) -> Path:
+    """A megatron.core dist checkpoint -> a FlexSP checkpoint (model only, iteration 0, for --load --finetune).
+
+    ``model_argv``: the trainer's model flags; by default those of the Megatron-LM args in common.pt."""
     from megatron.flexsp.runtime.model import build_gpt_model
 
     from .hf import _one_process
@@ -220,6 +283,10 @@ def mcore_to_flexsp(mcore: str | Path, out: str | Path, model_argv: Sequence[str
         raise ConvertError(f"--out {out} already exists and is not empty")
     ckpt_dir = mcore_checkpoint_dir(mcore)
     _check_backend(ckpt_dir)
+    if not model_argv:
+        model_argv = megatron_lm_flags(ckpt_dir) or []
+        if not model_argv:
+            raise ConvertError(f"--mcore {ckpt_dir} records no Megatron-LM args: give the model flags after --")
     cfg, args = _model_config(model_argv)
     from megatron.flexsp.training.checkpointing import save_checkpoint
 
@@ -290,7 +357,8 @@ def _model_flags_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model_flags",
         nargs=argparse.REMAINDER,
-        help="after --: the trainer's model flags (--model-preset NAME, --num-layers ...)",
+        help="after --: the trainer's model flags (--model-preset NAME, --num-layers ...); mcore-to-flexsp "
+        "defaults to those of the Megatron-LM args in the checkpoint's common.pt",
     )
 
 
@@ -306,8 +374,9 @@ def _flags(a: argparse.Namespace) -> list[str]:
 
 
 def _mcore_to_flexsp(a: argparse.Namespace) -> int:
-    out = mcore_to_flexsp(a.mcore, a.out, _flags(a))
-    print(f"wrote {out}; train it with: pretrain_gpt_flexsp.py --load {out} --finetune {' '.join(_flags(a))}")
+    flags = _flags(a) or megatron_lm_flags(mcore_checkpoint_dir(a.mcore)) or []
+    out = mcore_to_flexsp(a.mcore, a.out, flags)
+    print(f"wrote {out}; train it with: pretrain_gpt_flexsp.py --load {out} --finetune {' '.join(flags)}")
     return 0
 
 

@@ -11,6 +11,9 @@ Example::
 
     flexsp-plan --synthetic 100000 --cost-model gpt-7b --world-size 64 \\
         --global-batch-size 512 --max-seq-len 196608 --iters 5 --output plans/
+
+With ``--tensor-model-parallel-size T`` every method plans over world-size/T units of T GPUs
+(``tensor_parallel.unit_cost_model``); plans say ``tensor_parallel_size`` and group degrees count units.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from .report import (
     plan_wall_s,
     recompute_note,
     summarize,
+    tensor_parallel_note,
 )
+from .tensor_parallel import check_tensor_parallel, unit_cost_model
 
 __all__ = [
     "main",
@@ -111,8 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="FlexSP stops improving once its plan is within this fraction of the lower bound",
     )
     p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        metavar="T",
+        help="plan over world-size/T units of T GPUs (one TP group each, inside a node); every method alike",
+    )
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="with TP: Megatron's TP-sequence parallelism, activations split fully over the T GPUs of a unit",
+    )
     _add_output_args(p)
     return p
+
+
+def _unit_model(args, cost: CostModel) -> CostModel:
+    """The cost model the methods plan with: per GPU, or per unit of T GPUs (CostModelError if T cannot be)."""
+    t = args.tensor_model_parallel_size
+    check_tensor_parallel(cost, t, args.world_size)
+    if t == 1 and args.sequence_parallel:
+        raise CostModelError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    unit = unit_cost_model(cost, t, sequence_parallel=args.sequence_parallel)
+    unit.check_world_size(args.world_size // t)
+    return unit
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -257,6 +285,8 @@ def _write_summary(
     summary = {
         "cost_model": cost.to_dict(),
         "world_size": args.world_size,
+        "tensor_parallel_size": args.tensor_model_parallel_size,
+        "sequence_parallel": args.sequence_parallel,
         "global_batch_size": args.global_batch_size,
         "max_seq_len": max_len,
         "overlong": args.overlong,
@@ -287,6 +317,14 @@ def _write_summary(
     print(f"flexsp-plan: wrote {sum(len(v) for v in results.values())} plans and summary.json/.csv to {out}")
 
 
+def _units_note(args) -> str:
+    t = args.tensor_model_parallel_size
+    if t == 1:
+        return ""
+    sp = ", sequence parallel" if args.sequence_parallel else ""
+    return f" as {args.world_size // t} units of {t} GPUs (tensor parallel{sp}; group degrees count units)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -294,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cost = load_cost_model(args.cost_model, args.world_size)
         cost.check_world_size(args.world_size)
+        cost = _unit_model(args, cost)
+        units = args.world_size // args.tensor_model_parallel_size
         planning_modes(cost, args.recompute)  # a mode the cost model lacks: one line, before any work
         lengths, report, max_len = _load_lengths(args, parser)
     except (CostModelError, LengthsError) as e:
@@ -302,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"flexsp-plan: {lengths.size} sequences (median {int(np.median(lengths))}, max {int(lengths.max())}), "
         f"max length {max_len}: {report.truncated} truncated, {report.dropped} dropped; cost model "
-        f"'{cost.name}', {args.world_size} ranks, global batch {args.global_batch_size}, {args.iters} iteration(s)"
+        f"'{cost.name}', {args.world_size} ranks{_units_note(args)}, global batch {args.global_batch_size}, "
+        f"{args.iters} iteration(s)"
     )
     batches = [
         lengths[idx].tolist() for idx in iter_batches(lengths.size, args.global_batch_size, args.iters, args.seed)
@@ -312,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batches,
             cost,
             methods,
-            world_size=args.world_size,
+            world_size=units,
             max_seq_len=max_len,
             time_limit_s=args.time_limit,
             seed=args.seed,
@@ -332,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(note)
     if args.recompute != "none":
         print(recompute_note(results, args.recompute))
+    tp_note = tensor_parallel_note(results)
+    if tp_note:
+        print(tp_note)
     if args.explain:
         print()
         print(explain_report(results, cost))

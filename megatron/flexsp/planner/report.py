@@ -23,6 +23,7 @@ __all__ = [
     "flexsp_choice_note",
     "explain_report",
     "recompute_note",
+    "tensor_parallel_note",
 ]
 
 
@@ -106,6 +107,20 @@ def flexsp_choice_note(results: Mapping[str, Sequence[Plan]]) -> str | None:
     return f"flexsp: the solver's plan was kept in {counts.get('solver', 0)}/{len(plans)} batches" + (
         f" (a better baseline plan in the others: {others})" if others else ""
     )
+
+
+def tensor_parallel_note(results: Mapping[str, Sequence[Plan]]) -> str | None:
+    """At TP t > 1: that every method planned over the same units of t GPUs, and each one's largest SP group
+    (in units, and GPUs), so a reader never mistakes a degree in units for one in GPUs."""
+    plans = [p for ps in results.values() for p in ps]
+    tps = {p.tensor_parallel_size for p in plans}
+    if not plans or tps == {1}:
+        return None
+    t, units = max(tps), plans[0].num_units
+    most = ", ".join(
+        f"{m} {max(g.degree for p in ps for mb in p.micro_batches for g in mb.groups)}" for m, ps in results.items()
+    )
+    return f"tensor parallel: every method planned over {units} units of {t} GPUs; largest SP group in units: {most}"
 
 
 def recompute_note(results: Mapping[str, Sequence[Plan]], recompute: str) -> str:

@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="FlexSP stops improving once its plan is within this fraction of the lower bound",
     )
     p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
+    _add_tensor_parallel_args(p)
+    _add_output_args(p)
+    return p
+
+
+def _add_tensor_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Megatron's TP flags: the methods then plan over units of T GPUs."""
     p.add_argument(
         "--tensor-model-parallel-size",
         type=int,
@@ -128,8 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with TP: Megatron's TP-sequence parallelism, activations split fully over the T GPUs of a unit",
     )
-    _add_output_args(p)
-    return p
 
 
 def _unit_model(args, cost: CostModel) -> CostModel:

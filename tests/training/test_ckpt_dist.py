@@ -105,7 +105,7 @@ def test_two_ranks_async_save_resumes_exactly_and_on_one_rank(tmp_path):
     assert "dist/__1_0.distcp fails its sha256 check" in loaded.warnings[0]
 
 
-@pytest.mark.slow  # three process groups of 4, 4 and 2 gloo ranks: ~1 min on 2 cores
+@pytest.mark.slow  # process groups of 4 and 2 gloo ranks: 1-2 min on 2 shared cores
 def test_save_on_4_resume_on_4_2_1(tmp_path):
     out = run_distributed(_save_then_resume, 4, str(tmp_path), False, timeout=300)
     straight = out[0][0]

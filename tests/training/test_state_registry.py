@@ -15,7 +15,7 @@ from megatron.flexsp.training.core_state import register_core
 from megatron.flexsp.training.error_relay import relay_error
 from megatron.flexsp.training.optimizer import build_optimizer
 from megatron.flexsp.training.rng_state import rng_state
-from megatron.flexsp.training.state_registry import Scope, StateRegistry, ValueBox
+from megatron.flexsp.training.state_registry import Scope, ShardedForm, StateRegistry, ValueBox
 from tests.dist_utils import run_distributed
 
 # only what differs from OptimizerConfig's defaults (min_lr 0, beta1 0.9, eps 1e-8, clip 1.0, cosine)
@@ -67,6 +67,27 @@ def test_registry_refuses_overlapping_places():
     with pytest.raises(ValueError, match="give it a key"):
         reg.register("whole", dict, print, key=())
     assert reg["extra"].scope is Scope.GLOBAL and reg["extra"].address == "trainer.pt/extra"
+    with pytest.raises(ValueError, match="only a COLLECTIVE entry has a sharded form"):
+        reg.register("rng", dict, print, scope=Scope.PER_RANK, sharded=ShardedForm(dict, print))
+
+
+def test_the_torch_dist_format_saves_each_entry_in_its_scope(tmp_path):
+    """Sharded entries go to DCP shards, global ones to trainer.pt, per-rank ones to the rank's own file;
+    --finetune's sub-registry (``only``) holds just the model."""
+    m, opt, sched = _one()
+    reg = register_core(StateRegistry(), m, opt, sched)
+    counter = ValueBox({"seen": 3})
+    reg.register("counter", counter.state_dict, counter.load_state_dict, key=("extra", "counter"))
+    assert [e.name for e in reg if e.sharded is not None] == ["model", "optimizer"]
+    assert [e.name for e in reg.only("model")] == ["model"]
+    Checkpointer(CheckpointConfig(save=str(tmp_path)), reg, run_record={}, train_iters=4).save(2)
+    d = tmp_path / "iter_0000002"
+    trainer = torch.load(d / "trainer.pt", weights_only=False)
+    assert trainer["extra"]["counter"] == {"seen": 3} and "rng" not in trainer and "optimizer" not in trainer
+    assert set(torch.load(d / "rank_00000.pt", weights_only=False)["rng"]) >= {"python", "numpy", "torch"}
+    from megatron.flexsp.training.checkpoint_dist import saved_entries
+
+    assert saved_entries(d / "dist") == {"model", "optimizer"}
 
 
 @pytest.fixture

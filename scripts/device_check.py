@@ -12,7 +12,9 @@
 4. Training: a timed 2-layer run of pretrain_gpt_flexsp.py (FSDP2, the default sharding) with
    each available backend (same data, same initial weights): losses must be finite and agree
    across backends within bf16 noise; fsdp2-vs-ddp: the same run replicated (DDP) must start
-   from the same loss. recompute: skipped, the runtime has no recomputation flag yet.
+   from the same loss. recompute: the same sdpa run with --recompute-granularity full, and
+   selective (--recompute-modules mlp): the first loss equals the run without (the forward is
+   the same computation), and the table gives each mode's ms/iter next to none's.
 
 The first table lists every stage with its status: pass, FAIL, error, TIMEOUT (the stage ran
 past its time limit and was stopped), skipped (with why: no GPU, a package missing, no time
@@ -51,7 +53,6 @@ from megatron.flexsp.launching import TIMED_OUT, run_bounded  # noqa: E402
 
 NO_GPU_EXIT = 3
 TIMEOUT_EXIT = 4
-NO_RECOMPUTE = "not implemented: the runtime has no activation-recomputation flag yet"
 
 
 @dataclass
@@ -263,10 +264,17 @@ def profile_stage(out: Path, timeout: float) -> tuple[str, str]:
 
 
 def train_stage(
-    backend: str, out: Path, cost_model: str, timeout: float, iters: int, sharding: str = "fsdp2"
+    backend: str,
+    out: Path,
+    cost_model: str,
+    timeout: float,
+    iters: int,
+    sharding: str = "fsdp2",
+    extra: tuple[str, ...] = (),
+    label: str = "",
 ) -> TrainResult:
     """A timed run of the 2-layer model with one attention backend and one model-state sharding."""
-    name = backend if sharding == "fsdp2" else f"{backend}-{sharding}"
+    name = (backend if sharding == "fsdp2" else f"{backend}-{sharding}") + (f"-{label}" if label else "")
     missing = unavailable(backend)
     if missing:
         return TrainResult(name, "not installed", detail=missing)
@@ -297,6 +305,7 @@ def train_stage(
         str(metrics),
         "--flexsp-sharding",
         sharding,
+        *extra,
     ]
     rc, tail = _run(cmd, out / f"train-{name}.log", timeout)
     if rc != 0 or not metrics.exists():
@@ -511,7 +520,7 @@ def _profile_stage(a: argparse.Namespace, rep: Report, limit) -> str:
 
 
 def _train_stages(a: argparse.Namespace, rep: Report, limit, cost: str) -> None:
-    """Timed 2-layer runs (FSDP2) per backend, FSDP2 against DDP, and recomputation (not implemented)."""
+    """Timed 2-layer runs (FSDP2) per backend, FSDP2 against DDP, and full / selective recomputation."""
     if not cost:  # no profile: a cost model for this model shape that fits one GPU
         cost = str(rep.out / "cost_model_fallback.json")
         Path(cost).write_text(json.dumps(FALLBACK_COST_MODEL))
@@ -525,7 +534,10 @@ def _train_stages(a: argparse.Namespace, rep: Report, limit, cost: str) -> None:
     rep.stage_done(
         "fsdp2-vs-ddp", StageResult("fsdp2-vs-ddp", "skipped", why) if why else _ddp_check(a, rep, cost, limit)
     )
-    rep.stage_done("recompute", StageResult("recompute", "skipped", NO_RECOMPUTE))
+    why = NO_GPU if a.device != "cuda" else NO_TIME if limit() < 30 else ""
+    rep.stage_done(
+        "recompute", StageResult("recompute", "skipped", why) if why else _recompute_check(a, rep, cost, limit)
+    )
 
 
 def _check_first_losses(train: list[TrainResult]) -> None:
@@ -549,6 +561,32 @@ def _ddp_check(a: argparse.Namespace, rep: Report, cost: str, limit) -> StageRes
     ok = abs(f0 - d0) <= 0.02 * abs(d0)
     detail = f"first loss fsdp2 {f0:.4f} ddp {d0:.4f}; ms/iter fsdp2 {fsdp.iter_ms:.0f} ddp {ddp.iter_ms:.0f}"
     return StageResult("fsdp2-vs-ddp", "pass" if ok else "FAIL", detail)
+
+
+RECOMPUTE_MODES = {
+    "full": ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"),
+    "selective": ("--recompute-granularity", "selective", "--recompute-modules", "mlp"),
+}
+
+
+def _recompute_check(a: argparse.Namespace, rep: Report, cost: str, limit) -> StageResult:
+    """Full and selective recomputation on the GPU: the same first loss as none, and their ms/iter."""
+    none = next((t for t in rep.train if t.backend == "sdpa" and t.status == "pass"), None)
+    if none is None:
+        return StageResult("recompute", "skipped", "the FSDP2 sdpa run did not pass")
+    parts, status = [f"none {none.iter_ms:.0f} ms/iter"], "pass"
+    for mode, flags in RECOMPUTE_MODES.items():
+        if limit() < 30:
+            return StageResult("recompute", "skipped", NO_TIME)
+        res = train_stage("sdpa", rep.out, cost, limit(), a.train_iters, extra=flags, label=mode)
+        if res.status != "pass":
+            return StageResult("recompute", res.status, f"{mode}: {res.detail}")
+        r0, n0 = res.losses[0], none.losses[0]
+        if abs(r0 - n0) > 1e-3 * abs(n0):
+            status = "FAIL"
+        parts.append(f"{mode} {res.iter_ms:.0f} ms/iter ({res.iter_ms / none.iter_ms:.2f}x), first loss {r0:.4f}")
+    parts.append(f"none's first loss {none.losses[0]:.4f}")
+    return StageResult("recompute", status, "; ".join(parts))
 
 
 def run_stages(a: argparse.Namespace, rep: Report, deadline: float) -> None:

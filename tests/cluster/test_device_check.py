@@ -5,6 +5,7 @@ and no stage process outlives its limit, the script's time limit, or a signal to
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -303,7 +304,16 @@ def test_stages_without_time_left_are_skipped_not_started(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------ issue 17 item 7: every stage, one table
-GPU_STAGES = ["attention-matrix", "te-rebuild", "profile", "train-sdpa", "train-flash", "train-te", "fsdp2-vs-ddp"]
+GPU_STAGES = [
+    "attention-matrix",
+    "te-rebuild",
+    "profile",
+    "train-sdpa",
+    "train-flash",
+    "train-te",
+    "fsdp2-vs-ddp",
+    "recompute",
+]
 
 
 def test_cpu_run_end_to_end_names_every_skipped_gpu_stage(tmp_path, capsys):
@@ -311,11 +321,10 @@ def test_cpu_run_end_to_end_names_every_skipped_gpu_stage(tmp_path, capsys):
     rc = device_check.main(["--device", "cpu", "--out", str(tmp_path), "--doc-lengths", "3,40,7"])
     res = json.loads((tmp_path / "device_check.json").read_text())
     rows = {r["stage"]: r for r in res["stages"]}
-    assert list(rows) == ["attention-sdpa", "attention-flash", "attention-te", *GPU_STAGES, "recompute"]
+    assert list(rows) == ["attention-sdpa", "attention-flash", "attention-te", *GPU_STAGES]
     assert rows["attention-sdpa"]["status"] == "pass"
     for name in GPU_STAGES:
         assert rows[name]["status"] == "skipped" and "CUDA GPU" in rows[name]["detail"], rows[name]
-    assert rows["recompute"]["status"] == "skipped" and "not implemented" in rows["recompute"]["detail"]
     assert res["complete"] is True and rc in (0, 1)
     table = capsys.readouterr().out
     assert "stages" in table and all(name in table for name in GPU_STAGES)
@@ -377,3 +386,23 @@ def test_attention_matrix_logic_on_cpu():
         if device_check.unavailable(b):
             assert rows[(b, "bfloat16")]["status"] == "skipped" and rows[(b, "bfloat16")]["detail"]
     assert res["status"] == "pass"
+
+
+# ------------------------------------------------------------ issue 19: recomputation on the GPU
+@pytest.mark.parametrize("shift, expected", [(0.0, "pass"), (0.5, "FAIL")])
+def test_recompute_stage_needs_the_first_loss_of_the_run_without(tmp_path, monkeypatch, shift, expected):
+    """Recomputing runs the same forward: a first loss off by more than 0.1% fails the stage."""
+    calls = []
+
+    def fake_train(backend, out, cost, timeout, iters, sharding="fsdp2", extra=(), label=""):
+        calls.append((label, tuple(extra)))
+        return device_check.TrainResult(f"sdpa-{label}", "pass", [5.6 + shift, 5.1], 1000.0, 13.0)
+
+    monkeypatch.setattr(device_check, "train_stage", fake_train)
+    rep = device_check.Report(tmp_path, "test GPU")
+    rep.train = [device_check.TrainResult("sdpa", "pass", [5.6, 5.1], 1000.0, 10.0)]
+    res = device_check._recompute_check(argparse.Namespace(train_iters=2), rep, "cost.json", lambda: 600.0)
+    assert res.status == expected
+    assert [c[0] for c in calls] == ["full", "selective"]
+    assert ("--recompute-granularity", "full") == calls[0][1][:2] and "mlp" in calls[1][1]
+    assert "1.30x" in res.detail

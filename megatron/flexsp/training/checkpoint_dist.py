@@ -150,7 +150,8 @@ def write_shards(dist_dir: Path, state: dict[str, Any], group: Any = None) -> No
     """Collective over ``group``: every rank writes its shards of ``state`` (entry name -> state dict)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, storage_writer=FileSystemWriter(str(dist_dir), sync_files=True), process_group=group)
+    writer = FileSystemWriter(str(dist_dir), sync_files=True)
+    dcp.save(state, storage_writer=writer, process_group=group, no_dist=not on())  # no_dist: one process, no warning
 
 
 def load_shards(dist_dir: Path, state: dict[str, Any], group: Any = None) -> None:
@@ -159,7 +160,8 @@ def load_shards(dist_dir: Path, state: dict[str, Any], group: Any = None) -> Non
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, storage_reader=SafeReader(str(dist_dir)), planner=SafeLoadPlanner(), process_group=group)
+        reader, planner = SafeReader(str(dist_dir)), SafeLoadPlanner()
+        dcp.load(state, storage_reader=reader, planner=planner, process_group=group, no_dist=not on())
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - DCP wraps each rank's failure; one line for the user

@@ -134,7 +134,7 @@ def _err(msg: str) -> None:
 
 
 def _validate_model(args: argparse.Namespace) -> None:
-    """Model shape: heads, query groups, positions, dropout, no TP/PP."""
+    """Model shape: heads, query groups, positions, dropout, no PP."""
     heads, groups = args.num_attention_heads, args.num_query_groups
     if args.hidden_size % heads:
         _err(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
@@ -149,10 +149,38 @@ def _validate_model(args: argparse.Namespace) -> None:
     for name in ("hidden_dropout", "attention_dropout"):
         if getattr(args, name) >= 1.0:
             _err(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+    if args.pipeline_model_parallel_size != 1:
         _err(
-            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: FlexSP shards model states "
-            "with ZeRO-3 over all ranks and uses every rank for sequence parallelism"
+            "--pipeline-model-parallel-size must be 1: pipeline parallelism is not supported yet (tensor "
+            "parallelism, FlexSP's sequence parallelism and FSDP2 compose)"
+        )
+
+
+# Flipped by the runtime side of issue 20 once the executor runs plans over tensor-parallel units end to end.
+TENSOR_PARALLEL_RUNTIME = False
+
+
+def _validate_tensor_parallel(args: argparse.Namespace, world_size: int, has_cuda: bool) -> None:
+    """--tensor-model-parallel-size t: world/t units of t consecutive ranks, heads and kv groups split over t;
+    --sequence-parallel only where reduce-scatter exists. (The node size is checked with the cost model.)"""
+    t, sp = args.tensor_model_parallel_size, bool(getattr(args, "sequence_parallel", False))
+    if t == 1:
+        if sp:
+            _err("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits activations over a TP group)")
+        return
+    if world_size % t:
+        _err(f"--tensor-model-parallel-size {t} does not divide the world size {world_size}")
+    if args.num_attention_heads % t:
+        _err(f"--tensor-model-parallel-size {t} does not divide --num-attention-heads {args.num_attention_heads}")
+    if args.num_query_groups % t:
+        _err(f"--tensor-model-parallel-size {t} does not divide --num-query-groups {args.num_query_groups}")
+    backend = args.distributed_backend or ("nccl" if has_cuda else "gloo")
+    if sp and backend != "nccl":
+        _err(f"--sequence-parallel needs NCCL reduce-scatter, which the {backend} backend lacks (drop it on gloo)")
+    if not TENSOR_PARALLEL_RUNTIME:
+        _err(
+            f"--tensor-model-parallel-size {t}: must be 1 until the runtime runs tensor-parallel units (the planner "
+            "already plans over them: flexsp-plan --tensor-model-parallel-size)"
         )
 
 
@@ -261,6 +289,7 @@ def validate_args(args: argparse.Namespace, world_size: int, *, has_cuda: bool) 
     if world_size <= 0:
         _err(f"world size must be positive, got {world_size}")
     _validate_model(args)
+    _validate_tensor_parallel(args, world_size, has_cuda)
     _validate_training(args)
     _validate_devices(args, has_cuda)
     _validate_data(args)

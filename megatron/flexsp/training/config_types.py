@@ -83,6 +83,7 @@ class FlexSPConfig:
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
     recompute_modules: list[str] | None = None
+    tensor_model_parallel_size: int = 1  # --tensor-model-parallel-size: the planner plans over world/t units
 
     def recompute_config(self) -> RecomputeConfig:
         """The runtime's recompute settings (a fixed mode, or auto: each plan group's own mode)."""
@@ -94,10 +95,11 @@ class FlexSPConfig:
         )
 
     def planner_config(self, world_size: int, method: str | None = None) -> PlannerConfig:
-        """The planner's settings for ``method`` (default: the sp-mode); static uses --context-parallel-size."""
+        """The planner's settings for ``method`` (default: the sp-mode); static uses --context-parallel-size.
+        ``world_size`` is in ranks; the planner gets the units of TP t (its cost model is the unit one)."""
         method = method or self.sp_mode
         return PlannerConfig(
-            world_size=world_size,
+            world_size=world_size // self.tensor_model_parallel_size,
             method=method,
             time_limit_s=self.time_limit_s or self.auto_time_limit(None),
             gap=self.gap,

@@ -34,7 +34,7 @@ from .config_types import (
     OptimizerConfig,
     TrainConfig,
 )
-from .cost_setup import resolve_cost_model
+from .cost_setup import resolve_cost_model, tensor_parallel_units
 from .distributed import LaunchEnv, device_for_backend
 
 # The config dataclasses are importable from here too (their home is config_types).
@@ -124,7 +124,8 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
         vocab_size=A.padded_vocab_size(vocab, args.make_vocab_size_divisible_by),
         local_rank=env.local_rank,
     )
-    A.validate_against_cost(args, env.world_size, start.cost)
+    start = tensor_parallel_units(start, args, world_size=env.world_size, local_ranks=env.local_world_size)
+    A.validate_against_cost(args, env.world_size // args.tensor_model_parallel_size, start.cost)  # over units
     model = model_config_from_args(args, cuda=cuda, vocab_size=vocab)
     data = DataConfig.from_args(args, vocab_size=vocab)
     try:

@@ -25,6 +25,7 @@ import torch
 from megatron.flexsp.planner.costmodel import CostModel, CostModelError
 from megatron.flexsp.planner.presets import load_cost_model
 from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model, with_recompute_modes
+from megatron.flexsp.planner.tensor_parallel import check_tensor_parallel, unit_cost_model
 
 from .arguments import ArgumentError
 from .distributed import set_local_device
@@ -35,6 +36,7 @@ __all__ = [
     "measure_matmul_flops",
     "shape_mismatch",
     "with_run_recompute",
+    "tensor_parallel_units",
     "DEFAULT_CPU_PRESET",
 ]
 
@@ -151,6 +153,32 @@ def with_run_recompute(cost: CostModel, args: argparse.Namespace, vocab_size: in
     e = 2 if args.bf16 else 4
     out = with_recompute_modes(cost, _shape(args, vocab_size), e=e, modules=_recompute_modules(args))
     return out, f"; recompute {', '.join(missing)} derived from the model shape (analytic prior)"
+
+
+def tensor_parallel_units(
+    start: ResolvedCostModel, args: argparse.Namespace, *, world_size: int, local_ranks: int
+) -> ResolvedCostModel:
+    """At --tensor-model-parallel-size t > 1, the model of one unit of t ranks (``planner.tensor_parallel``), so
+    the planner hook, the baselines and the calibration all work over world/t units; at t = 1, ``start``.
+
+    Why here: the TP group must lie in one node, and both the launch (LOCAL_WORLD_SIZE) and the cost model
+    say what a node is; the checks name the first thing that makes t impossible (ArgumentError, exit 2)."""
+    t = args.tensor_model_parallel_size
+    if t == 1:
+        return start
+    if local_ranks % t and local_ranks < world_size:
+        raise ArgumentError(
+            f"--tensor-model-parallel-size {t} does not divide the {local_ranks} ranks per node: a TP group "
+            "must lie in one node"
+        )
+    sp = bool(getattr(args, "sequence_parallel", False))
+    try:
+        check_tensor_parallel(start.cost, t, world_size)
+        unit = unit_cost_model(start.cost, t, sequence_parallel=sp)
+    except CostModelError as e:
+        raise ArgumentError(f"--tensor-model-parallel-size {t} with cost model '{start.cost.name}': {e}") from None
+    note = f"{start.note}; planned over {world_size // t} units of {t} ranks (tensor parallel{', SP' if sp else ''})"
+    return ResolvedCostModel(unit, start.source, note)
 
 
 def resolve_cost_model(

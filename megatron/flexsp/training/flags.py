@@ -391,7 +391,18 @@ def _parallelism_flags(par: argparse._ArgumentGroup) -> None:
         help="sdpa (CPU/GPU), flash (flash-attn varlen), te (Transformer Engine); Megatron names "
         "fused->te, unfused/local->sdpa; auto: te or flash when installed on GPU, else sdpa",
     )
-    par.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
+    par.add_argument(
+        "--tensor-model-parallel-size",
+        type=_positive_int,
+        default=1,
+        help="TP size t: the ranks form world/t units of t consecutive ranks inside a node (one TP group each), "
+        "and the planner builds SP groups from whole units",
+    )
+    par.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron's TP-sequence parallelism (activations split over the TP group); needs NCCL reduce-scatter",
+    )
     par.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
 
 

@@ -1,0 +1,100 @@
+"""The trainer's --tensor-model-parallel-size: impossible settings are one line, exit code 2, before any work;
+valid ones plan over world/t units with the unit cost model (for every sp-mode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+from megatron.flexsp.planner.plan import Plan, validate_plan
+from megatron.flexsp.planner.presets import preset
+from megatron.flexsp.planner.tensor_parallel import unit_cost_model
+from megatron.flexsp.training import arguments as A
+from megatron.flexsp.training.configs import configs_from_args
+from megatron.flexsp.training.distributed import LaunchEnv
+from megatron.flexsp.training.loop import main
+from megatron.flexsp.training.planner_worker import plan_inline
+from tests.planner._p1_util import tiny_cost
+
+GQA = ["--num-query-groups", "2", "--group-query-attention", "--seq-length", "1024", "--mock-data"]
+
+
+def _launch(monkeypatch, world: int, local: int) -> None:
+    for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    env = {"RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(local)}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}  # never reached: the checks come first
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.mark.parametrize(
+    "argv, world, message",
+    [
+        (["--tensor-model-parallel-size", "3"], 4, "--tensor-model-parallel-size 3 does not divide the world size 4"),
+        (
+            ["--num-attention-heads", "6", "--hidden-size", "96", "--num-query-groups", "6"],
+            4,
+            "--tensor-model-parallel-size 4 does not divide --num-attention-heads 6",
+        ),
+        (["--num-query-groups", "1"], 4, "--tensor-model-parallel-size 4 does not divide --num-query-groups 1"),
+        (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 4, "--sequence-parallel needs NCCL"),
+        (["--sequence-parallel"], 4, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4, "pipeline parallelism"),
+    ],
+)
+def test_impossible_settings_exit_2_with_one_line(monkeypatch, capsys, argv, world, message):
+    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)  # the checks hold whether or not the runtime is ready
+    _launch(monkeypatch, world, world)
+    if "--tensor-model-parallel-size" not in argv:
+        argv = [*argv, "--tensor-model-parallel-size", "4"] if "--sequence-parallel" not in argv else argv
+    assert main(["--group-query-attention", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pretrain_gpt_flexsp.py: error: ") and message in err[0]
+    assert not dist.is_initialized()
+
+
+def test_tp_is_refused_until_the_runtime_runs_units(monkeypatch, capsys):
+    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", False)
+    _launch(monkeypatch, 4, 2)
+    assert main([*GQA, "--tensor-model-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be 1 until the runtime runs tensor-parallel units" in err[0]
+
+
+def _env(world: int, local: int) -> LaunchEnv:
+    return LaunchEnv(rank=0, world_size=world, local_rank=0, local_world_size=local, master_addr="x", master_port=1)
+
+
+def test_node_size_limits_the_tp_group(monkeypatch, tmp_path):
+    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)
+    args = A.parse_args([*GQA, "--tensor-model-parallel-size", "2"])
+    with pytest.raises(A.ArgumentError, match="does not divide the 3 ranks per node"):
+        configs_from_args(args, _env(6, 3))
+    path = tmp_path / "cost.json"  # 8 heads, 2 GPUs per node: TP 4 does not fit a node of this cost model
+    tiny_cost(gpus_per_node=2, heads=8).save(path)
+    shape = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--mock-data"]
+    args = A.parse_args([*shape, "--seq-length", "256", "--flexsp-cost-model", str(path)])
+    args.tensor_model_parallel_size = 4
+    with pytest.raises(A.ArgumentError, match="does not divide gpus_per_node 2"):
+        configs_from_args(args, _env(8, 4))
+
+
+@pytest.mark.parametrize("mode", ["flexsp", "static", "megatron-hybrid-cp", "megatron-dynamic-cp"])
+def test_valid_tp_plans_over_units_with_the_unit_model(monkeypatch, mode):
+    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)
+    extra = ["--context-parallel-size", "2"] if mode == "static" else []
+    args = A.parse_args([*GQA, "--tensor-model-parallel-size", "2", "--sp-mode", mode, *extra])
+    cfgs = configs_from_args(args, _env(4, 2))
+    per_gpu = preset("cpu-tiny", 4)  # the preset the CPU run starts from for this shape
+    assert cfgs.cost.to_dict() == unit_cost_model(per_gpu, 2).to_dict()
+    assert "2 units of 2 ranks" in cfgs.cost_note
+    cfg = cfgs.flexsp.planner_config(4)
+    assert cfg.world_size == 2
+    lengths = np.random.default_rng(0).integers(30, 1024, size=8).tolist()
+    plan = Plan.from_dict(plan_inline(lengths, cfgs.cost, cfg).to_dict())  # as the background worker hands it over
+    assert (plan.tensor_parallel_size, plan.world_size, plan.num_units) == (2, 4, 2)
+    validate_plan(plan, per_gpu, world_size=4, num_sequences=len(lengths))
+    if mode == "static":
+        assert {g.degree for mb in plan.micro_batches for g in mb.groups} == {2}

@@ -146,3 +146,20 @@ def test_metadata_with_a_foreign_global_is_refused_and_nan_is_never_written(tmp_
     with pytest.raises(ckpt.NonFiniteCheckpointError, match=r"model\.2\.bias"):
         ckpt.save_checkpoint(tmp_path, 2, m, opt, sched, ckpt_format="torch_dist")
     assert not (tmp_path / "iter_0000002").exists() and (tmp_path / "latest").read_text().strip() == "iter_0000001"
+
+
+def test_retention_and_resaving_an_iteration_keep_the_shard_directory_whole(tmp_path):
+    m = _model(0)
+    opt, sched = build_optimizer(m, CFG)
+    for it in (1, 2, 3):
+        _step(m, opt, sched, it, 0, 1)
+        ckpt.save_checkpoint(tmp_path, it, m, opt, sched, keep_latest_k=2, ckpt_format="torch_dist")
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
+    _step(m, opt, sched, 4, 0, 1)
+    ckpt.save_checkpoint(tmp_path, 3, m, opt, sched, keep_latest_k=2, ckpt_format="torch_dist")  # staged, linked
+    assert ckpt.verify_checkpoint(tmp_path / "iter_0000003") == []  # dist/ came through the hard-link copy
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or "staged" in p.name] == []
+    m2 = _model(5)
+    opt2, sched2 = build_optimizer(m2, CFG)
+    assert ckpt.load_checkpoint(tmp_path, m2, opt2, sched2).iteration == 3
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))

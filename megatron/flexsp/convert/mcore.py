@@ -254,18 +254,26 @@ def megatron_lm_flags(ckpt_dir: Path) -> list[str] | None:
     heads, hidden = a.get("num_attention_heads"), a.get("hidden_size")
     if a.get("kv_channels") not in (None, (hidden or 0) // (heads or 1)):
         raise ConvertError(f"--mcore {ckpt_dir}: Megatron-LM args kv_channels={a['kv_channels']} != hidden / heads")
-    valued = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-    valued += ("normalization", "position_embedding_type", "max_position_embeddings", "seq_length")
-    valued += ("rotary_base", "norm_epsilon", "rope_scaling_factor")
+    return _model_flags_of(a, a.get("padded_vocab_size") or a.get("vocab_size"))
+
+
+# The model flags shared by the trainer and Megatron-LM (same names), with a value or as switches.
+_VALUED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+_VALUED += ("normalization", "position_embedding_type", "max_position_embeddings", "seq_length")
+_VALUED += ("rotary_base", "norm_epsilon", "rope_scaling_factor")
+_SWITCHES = ("swiglu", "group_query_attention", "add_qkv_bias", "use_rope_scaling")
+_SWITCHES += ("untie_embeddings_and_output_weights",)
+
+
+def _model_flags_of(a: dict[str, Any], table_rows: int | None) -> list[str]:
+    """Flags from a run's recorded args (argparse dest names); the embedding table as recorded, unpadded."""
     argv: list[str] = []
-    for key in valued:
+    for key in _VALUED:
         if a.get(key) is not None:
             argv += ["--" + key.replace("_", "-"), str(a[key])]
-    switches = ("swiglu", "group_query_attention", "add_qkv_bias", "use_rope_scaling")
-    argv += ["--" + k.replace("_", "-") for k in (*switches, "untie_embeddings_and_output_weights") if a.get(k)]
-    vocab = a.get("padded_vocab_size") or a.get("vocab_size")
-    if vocab:
-        argv += ["--vocab-size", str(vocab), "--make-vocab-size-divisible-by", "1"]
+    argv += ["--" + k.replace("_", "-") for k in _SWITCHES if a.get(k)]
+    if table_rows:
+        argv += ["--vocab-size", str(table_rows), "--make-vocab-size-divisible-by", "1"]
     return argv
 
 
@@ -301,26 +309,14 @@ def mcore_to_flexsp(mcore: str | Path, out: str | Path, model_argv: Sequence[str
 
 
 def _args_of_checkpoint(state: dict[str, torch.Tensor], saved: dict[str, Any]) -> list[str]:
-    """The model flags that rebuild a FlexSP checkpoint's model: its run's flags, with the table size and
-    tying read from the tensors themselves (older checkpoints predate those flags)."""
-    valued = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-    valued += ("position_embedding_type", "normalization", "max_position_embeddings", "seq_length")
-    valued += ("rotary_base", "norm_epsilon", "rope_scaling_factor")
-    argv: list[str] = []
-    for dest in valued:
-        if saved.get(dest) is not None:
-            argv += ["--" + dest.replace("_", "-"), str(saved[dest])]
-    for dest in ("swiglu", "add_qkv_bias", "use_rope_scaling"):
-        if saved.get(dest):
-            argv.append("--" + dest.replace("_", "-"))
-    if saved.get("num_query_groups") not in (None, saved.get("num_attention_heads")):
-        argv.append("--group-query-attention")
-    if "output_layer.weight" in state:
-        argv.append("--untie-embeddings-and-output-weights")
+    """The model flags that rebuild a FlexSP checkpoint's model: its run's flags, with the table size,
+    tying and grouped-query attention read from the tensors and shapes (older runs predate some flags)."""
     emb = state.get("embedding.word_embeddings.weight")
     if emb is None:
         raise ConvertError("the checkpoint has no embedding.word_embeddings.weight")
-    return argv + ["--vocab-size", str(emb.shape[0]), "--make-vocab-size-divisible-by", "1"]
+    a = dict(saved, untie_embeddings_and_output_weights="output_layer.weight" in state)
+    a["group_query_attention"] = saved.get("num_query_groups") not in (None, saved.get("num_attention_heads"))
+    return _model_flags_of(a, emb.shape[0])
 
 
 def flexsp_to_mcore(ckpt: str | Path, out: str | Path, model_argv: Sequence[str] = ()) -> Path:

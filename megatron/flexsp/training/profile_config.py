@@ -38,8 +38,11 @@ class ProfileConfig:
     recompute_method: str | None = None  # the run's --recompute-method / -num-layers / -modules
     recompute_num_layers: int | None = None
     recompute_modules: list[str] | None = None
+    tensor_model_parallel_size: int = 1  # > 1: also time the all-reduce of t-rank TP groups (the "tensor_parallel" key)
 
     def validate(self) -> None:
+        if self.tensor_model_parallel_size < 1:
+            raise ProfileError(f"--tensor-model-parallel-size must be >= 1, got {self.tensor_model_parallel_size}")
         if self.lengths is not None and (not self.lengths or any(s < 1 for s in self.lengths)):
             raise ProfileError(f"--profile-lengths must be positive token counts, got {self.lengths}")
         if self.repeats < 1 or self.a2a_repeats < 1 or self.warmup < 0:
@@ -130,6 +133,7 @@ def profile_config_from_args(args: argparse.Namespace) -> ProfileConfig:
         recompute_method=get("recompute_method", None),
         recompute_num_layers=get("recompute_num_layers", None),
         recompute_modules=get("recompute_modules", None),
+        tensor_model_parallel_size=get("tensor_model_parallel_size", d.tensor_model_parallel_size),
     )
     cfg.validate()
     return cfg

@@ -16,6 +16,8 @@ the trainer's own runtime (``profile_session``):
 * all-to-all (``profile_alltoall``): the effective bandwidth of every allowed degree >= 2.
 * recomputation (``profile_recompute``, unless --profile-recompute off): activation MB per token,
   compute and all-to-all factors of selective and full recomputation (the optional "recompute" key).
+* tensor parallelism (``profile_tensor_parallel``, with --tensor-model-parallel-size t > 1): the bus
+  bandwidth of the t-rank TP all-reduce (the optional "tensor_parallel" key); the rest stays per GPU.
 
 The fitting helpers (``fit_compute``, ``fit_bandwidth``, ``fit_linear``) live in the planner's
 ``fitting`` module (torch-free), shared with the online calibration of a training run.
@@ -24,6 +26,8 @@ The fitting helpers (``fit_compute``, ``fit_bandwidth``, ``fit_linear``) live in
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +49,7 @@ from .profile_memory import GPU_MEMORY_PROBE_CAP, memory_probe_lengths, profile_
 from .profile_recompute import profile_recompute
 from .profile_report import ProfileReport
 from .profile_session import ProfileSession
+from .profile_tensor_parallel import allreduce_buffer_bytes, measure_allreduce, tensor_parallel_section, unit_ranks
 
 __all__ = [
     "ProfileError",
@@ -89,6 +94,32 @@ def _profile_compute(
     return fit, samples
 
 
+def _profile_tensor_parallel(
+    ses: ProfileSession, pcfg: ProfileConfig, tokens_per_gpu: int, log: Callable[[str], None]
+) -> dict | None:
+    """At --tensor-model-parallel-size t > 1: the TP all-reduce bandwidth (the optional "tensor_parallel" key)."""
+    t = pcfg.tensor_model_parallel_size
+    if t == 1:
+        return None
+    e = ses.bytes_per_element
+    nbytes = allreduce_buffer_bytes(min(tokens_per_gpu, pcfg.max_len), ses.cfg.hidden_size, e)
+    r = measure_allreduce(
+        t,
+        nbytes,
+        gpus_per_node=ses.gpus_per_node,
+        device=ses.device,
+        dtype=torch.bfloat16 if e == 2 else torch.float32,
+        repeats=pcfg.a2a_repeats,
+        warmup=pcfg.warmup,
+        stat=min if pcfg.stat == "min" else statistics.median,
+    )
+    log(
+        f"[flexsp-profile] TP {t} all-reduce: {r['bytes'] / 2**20:.1f} MiB in {r['ms']:.3f} ms, "
+        f"bus bandwidth {r['allreduce_bandwidth_gbs']:.2f} GB/s per GPU"
+    )
+    return tensor_parallel_section(t, r["allreduce_bandwidth_gbs"])
+
+
 def run_profile(
     model_cfg: GPTConfig,
     pcfg: ProfileConfig,
@@ -121,6 +152,9 @@ def run_profile(
     )
     if recompute:
         cost_dict["recompute"] = recompute
+    tp = _profile_tensor_parallel(ses, pcfg, memory["tokens_per_gpu"], log)
+    if tp is not None:
+        cost_dict["tensor_parallel"] = tp
     cost = CostModel.from_dict(cost_dict)
     env = {
         "world_size": ses.world,
@@ -149,15 +183,25 @@ def profile(args: argparse.Namespace, env=None, *, log=print) -> ProfileReport:
     env = env or launch_env()
     if pcfg.gpus_per_node is None:
         pcfg.gpus_per_node = env.local_world_size
+    if pcfg.tensor_model_parallel_size > 1:  # before any work: the TP groups must split neither world nor node
+        unit_ranks(env.world_size, pcfg.tensor_model_parallel_size, min(pcfg.gpus_per_node, env.world_size))
     device = init_distributed(env, getattr(args, "distributed_backend", None))
     cpu_compat.init_model_parallel(getattr(args, "seed", 1234), device_type=device.type)
-    model_cfg = model_config_from_args(args, cuda=device.type == "cuda")
+    model_cfg = _one_tp_rank(model_config_from_args(args, cuda=device.type == "cuda"))
     report = run_profile(model_cfg, pcfg, device, model_cfg.vocab_size, log=log if env.rank == 0 else (lambda *_: None))
     if env.rank == 0:
         report.write(pcfg.output)
         log(report.format())
         log(f"[flexsp-profile] wrote {pcfg.output}")
     return report
+
+
+def _one_tp_rank(model_cfg: GPTConfig) -> GPTConfig:
+    """The model is profiled whole on each rank (the per-GPU cost model); --tensor-model-parallel-size only
+    adds the all-reduce measure, from which ``planner.tensor_parallel.unit_cost_model`` derives a unit."""
+    names = {f.name for f in dataclasses.fields(model_cfg)}
+    off = {k: v for k, v in (("tensor_model_parallel_size", 1), ("sequence_parallel", False)) if k in names}
+    return dataclasses.replace(model_cfg, **off) if off else model_cfg
 
 
 def build_parser() -> argparse.ArgumentParser:

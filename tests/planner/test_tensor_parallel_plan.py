@@ -101,3 +101,20 @@ def test_fallback_plan_is_stamped_too():
     plan = fallback_plan([300, 200, 100, 900], unit, PlannerConfig(world_size=4, method="flexsp"))
     assert (plan.tensor_parallel_size, plan.world_size) == (4, 16)
     _expanded_groups_respect_nodes(plan, 4)
+
+
+def test_recompute_modes_scale_by_what_tp_splits():
+    from megatron.flexsp.planner.presets import preset
+    from megatron.flexsp.planner.prior import ModelShape, with_recompute_modes
+
+    shape = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=64, vocab_size=50257)
+    cost = with_recompute_modes(preset("gpt-7b", 64), shape, modules=("core_attn", "mlp"))
+    sel, full = (cost.recompute[m].activation_mb_per_token for m in ("selective", "full"))
+    unit = unit_cost_model(cost, 4)
+    share = (10 + 24 / 4) / 34  # Korthikanti et al.: 10 of 34 per-layer units stay replicated without SP
+    assert unit.recompute["selective"].activation_mb_per_token == pytest.approx(sel * share)
+    assert unit.recompute["full"].activation_mb_per_token == pytest.approx(full)  # layer inputs: replicated
+    sp = unit_cost_model(cost, 4, sequence_parallel=True)
+    assert sp.recompute["full"].activation_mb_per_token == pytest.approx(full / 4)
+    assert sp.recompute["selective"].activation_mb_per_token == pytest.approx(sel / 4)
+    assert unit.recompute["full"].compute_factor == cost.recompute["full"].compute_factor

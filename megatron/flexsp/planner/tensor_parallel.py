@@ -33,7 +33,12 @@ hidden; Megatron's TP: column-parallel QKV and FC1, row-parallel output and FC2)
   "Reducing Activation Recomputation in Large Transformer Models", Table 2): without
   TP-sequence parallelism 10 of the 34 per-layer units stay replicated (norm inputs, the inputs
   of the column-parallel linears, dropout masks), so ``act * (10 + 24 / t) / 34``; with
-  ``--sequence-parallel`` everything splits, ``act / t``.
+  ``--sequence-parallel`` everything splits, ``act / t``. Recompute modes (the optional "recompute"
+  key): "selective" (core attention, MLP) scales like "none"; "full" keeps mostly each layer's input
+  (2sbh per layer in Korthikanti's count), which only ``--sequence-parallel`` splits: ``/ t`` with it,
+  unscaled without it (an upper bound: its one recreated layer and the vocab-parallel logits do
+  split). Their compute and all-to-all factors are kept (a recomputed forward re-runs its TP
+  all-reduces too, in proportion).
 * shape: ``num_attention_heads / t`` heads and ``num_query_groups / t`` kv groups per GPU
   (Megatron splits GQA's kv heads over TP first and needs both divisible by t),
   ``gpus_per_node / t`` units per node.
@@ -126,13 +131,15 @@ def allreduce_bandwidth(cost: CostModel, tp: int) -> float:
     return cost.alltoall.bandwidth_gbs[tp] * (tp - 1) / tp
 
 
-def _scale_recompute(d: dict[str, Any], act_scale: float, tp: int) -> None:
-    """Scale the optional per-recompute-mode activation coefficients like the base one."""
+def _scale_recompute(d: dict[str, Any], act_scale: float, sequence_parallel: bool) -> None:
+    """Scale the optional per-recompute-mode activation coefficients (module docstring): selective like
+    "none"; full keeps mostly each layer's input, which only TP-sequence parallelism splits."""
     modes = d.get("recompute")
     if isinstance(modes, dict):
-        for mode in modes.values():
+        for name, mode in modes.items():
             if isinstance(mode, dict) and "activation_mb_per_token" in mode:
-                mode["activation_mb_per_token"] = mode["activation_mb_per_token"] * act_scale
+                scale = 1.0 if name == "full" and not sequence_parallel else act_scale
+                mode["activation_mb_per_token"] = mode["activation_mb_per_token"] * scale
 
 
 def _unit_bandwidths(cost: CostModel, tp: int) -> dict[int, float]:
@@ -167,7 +174,7 @@ def unit_cost_model(cost: CostModel, tp: int, *, sequence_parallel: bool = False
     share = 0.0 if sequence_parallel else REPLICATED_ACTIVATION_SHARE
     act_scale = share + (1 - share) / tp
     d["memory"]["activation_mb_per_token"] = cost.memory.activation_mb_per_token * act_scale
-    _scale_recompute(d, act_scale, tp)
+    _scale_recompute(d, act_scale, sequence_parallel)
     d["num_attention_heads"] = cost.num_attention_heads // tp
     d["num_query_groups"] = cost.num_query_groups // tp
     d["gpus_per_node"] = cost.gpus_per_node // tp

@@ -13,6 +13,14 @@ the same everywhere, and in one micro-batch each rank is in exactly one group, s
 groups are never made at once). NCCL communicators are then made by the first collective of
 each group (``init_distributed`` does not bind ``device_id``, which would make every
 ``new_group`` split the world's communicator eagerly). ``lazy=False`` keeps the eager creation.
+
+Tensor parallelism (issue 20, contract C6): with ``tensor_parallel_size`` t the ranks form units
+of t consecutive ranks (rank r: unit r // t, TP rank r % t). A plan's groups are unit groups, so
+the pool's groups are too (``groups``, ``check_partition``, ``group_of`` speak units). The
+Ulysses exchange of a unit group runs among the ranks of the same TP rank, so each unit group
+stands for t process groups, one per TP rank ([u * t + j for u in units]); ``members(units)``
+gives this rank's, and ``get`` takes those global ranks. At t = 1 units are ranks and nothing
+changes.
 """
 
 from __future__ import annotations
@@ -69,11 +77,27 @@ class GroupPool:
     an unsorted group would silently scramble tokens.
     """
 
-    def __init__(self, groups: Sequence[Sequence[int]], backend: str | None = None, *, timeout=None, lazy: bool = True):
+    def __init__(
+        self,
+        groups: Sequence[Sequence[int]],
+        backend: str | None = None,
+        *,
+        timeout=None,
+        lazy: bool = True,
+        tensor_parallel_size: int = 1,
+    ):
         if not dist.is_available() or not dist.is_initialized():
             raise GroupPoolError("GroupPool needs torch.distributed to be initialised first (init_process_group)")
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
+        t = tensor_parallel_size
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1 or self.world_size % t:
+            raise GroupPoolError(
+                f"tensor_parallel_size {t!r} must be a positive divisor of the world size {self.world_size}"
+            )
+        self.tensor_parallel_size = t
+        self.num_units = self.world_size // t  # the planning ranks: units of t GPUs (GPUs at t = 1)
+        self.unit, self.tp_rank = divmod(self.rank, t)
         keys: list[tuple[int, ...]] = []
         for g in groups:
             key = _key(g)
@@ -82,9 +106,10 @@ class GroupPool:
             if len(set(key)) != len(key):
                 raise GroupPoolError(f"group {list(key)} repeats a rank")
             _check_sorted(key)
-            bad = [r for r in key if not 0 <= r < self.world_size]
+            bad = [r for r in key if not 0 <= r < self.num_units]
             if bad:
-                raise GroupPoolError(f"group {list(key)} has ranks {bad} outside the world 0..{self.world_size - 1}")
+                what = "ranks" if t == 1 else f"units (of {t} ranks)"
+                raise GroupPoolError(f"group {list(key)} has {what} {bad} outside the world 0..{self.num_units - 1}")
             if key in keys:
                 raise GroupPoolError(f"group {list(key)} is listed twice")
             keys.append(key)
@@ -93,11 +118,13 @@ class GroupPool:
         self.lazy = lazy and _local_sync_supported()
         self.created = 0  # process groups made so far by this rank (the world's is reused, not counted)
         world = tuple(range(self.world_size))
+        self._units = keys  # the plan's view: unit groups (rank groups at t = 1)
+        gpu_keys = [tuple(u * t + j for u in key) for key in keys for j in range(t)]  # one per TP rank
         self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {
-            key: (dist.group.WORLD if key == world else None) for key in keys
+            key: (dist.group.WORLD if key == world else None) for key in gpu_keys
         }
         if not self.lazy:
-            for key in keys:  # same order on every rank: an eager new_group is collective over the world
+            for key in gpu_keys:  # same order on every rank: an eager new_group is collective over the world
                 if self._groups[key] is None:
                     self._groups[key] = self._make(key, local=False)
 
@@ -108,15 +135,29 @@ class GroupPool:
 
     @classmethod
     def from_cost_model(
-        cls, cost: CostModel, world_size: int | None = None, backend: str | None = None, **kwargs
+        cls,
+        cost: CostModel,
+        world_size: int | None = None,
+        backend: str | None = None,
+        *,
+        tensor_parallel_size: int = 1,
+        **kwargs,
     ) -> GroupPool:
-        """All candidate groups of the planner (aligned blocks of every allowed degree)."""
+        """All candidate groups of the planner (aligned blocks of every allowed degree).
+
+        At TP t the planner plans over the units with the unit cost model (``cost`` may be the
+        per-GPU model or already the unit one), so the pool holds the same unit groups.
+        """
         from megatron.flexsp.planner.placement import candidate_groups
+        from megatron.flexsp.planner.tensor_parallel import unit_cost_model, unit_size
 
         ws = dist.get_world_size() if world_size is None else world_size
         if dist.is_initialized() and ws != dist.get_world_size():
             raise GroupPoolError(f"world_size {ws} differs from torch.distributed's {dist.get_world_size()}")
-        return cls(candidate_groups(cost, ws), backend=backend, **kwargs)
+        t = tensor_parallel_size
+        if t > 1 and unit_size(cost) != t:
+            cost = unit_cost_model(cost, t)
+        return cls(candidate_groups(cost, ws // t), backend=backend, tensor_parallel_size=t, **kwargs)
 
     @classmethod
     def aligned(
@@ -133,22 +174,30 @@ class GroupPool:
     # ------------------------------------------------------------------ lookups
     @property
     def groups(self) -> list[tuple[int, ...]]:
-        return list(self._groups)
+        """The groups a plan may use (unit groups at TP > 1)."""
+        return list(self._units)
 
     @property
     def degrees(self) -> list[int]:
-        """The sizes of the pool's groups, ascending: the SP degrees a plan may use."""
-        return sorted({len(k) for k in self._groups})
+        """The sizes of the pool's groups, ascending: the SP degrees (in units) a plan may use."""
+        return sorted({len(k) for k in self._units})
 
     def group_of(self, rank: int, degree: int) -> tuple[int, ...] | None:
-        """The pool's first group of ``degree`` that holds ``rank``, or None (lookup only, no collective)."""
-        return next((k for k in self._groups if len(k) == degree and rank in k), None)
+        """The pool's first group of ``degree`` that holds planning rank (unit) ``rank``, or None (no collective)."""
+        return next((k for k in self._units if len(k) == degree and rank in k), None)
+
+    def members(self, units: Iterable[int]) -> tuple[int, ...]:
+        """The global ranks this rank exchanges with in unit group ``units``: the same TP rank in each unit."""
+        key = _key(units)
+        if key not in self._units:
+            self._known_unit(key)
+        return tuple(u * self.tensor_parallel_size + self.tp_rank for u in key)
 
     def __contains__(self, ranks: Iterable[int]) -> bool:
-        return _key(ranks) in self._groups
+        return _key(ranks) in self._units
 
     def __len__(self) -> int:
-        return len(self._groups)
+        return len(self._units)
 
     def get(self, ranks: Sequence[int]) -> dist.ProcessGroup:
         """The process group of exactly these ranks; GroupPoolError (local, no collective) if absent.
@@ -157,7 +206,13 @@ class GroupPool:
         a non-member gets ``GroupMember.NON_GROUP_MEMBER`` and makes nothing.
         """
         key = _key(ranks)
-        self._known(key)
+        if key not in self._groups:
+            _check_sorted(key)
+            raise GroupPoolError(
+                f"SP group {list(key)} is not in the group pool (its groups are fixed at start-up; "
+                f"pool holds {len(self._units)} {'groups' if self.tensor_parallel_size == 1 else 'unit groups'}: "
+                f"{self._describe()})"
+            )
         group = self._groups[key]
         if group is None:
             if self.rank not in key:
@@ -165,9 +220,9 @@ class GroupPool:
             group = self._groups[key] = self._make(key, local=True)
         return group
 
-    def _known(self, key: tuple[int, ...]) -> None:
-        """Raise GroupPoolError unless ``key`` is a pool group (no group is made)."""
-        if key not in self._groups:
+    def _known_unit(self, key: tuple[int, ...]) -> None:
+        """Raise GroupPoolError unless ``key`` is a pool (unit) group (no group is made)."""
+        if key not in self._units:
             _check_sorted(key)
             raise GroupPoolError(
                 f"SP group {list(key)} is not in the group pool (its groups are fixed at start-up; "
@@ -183,23 +238,24 @@ class GroupPool:
         seen: dict[int, tuple[int, ...]] = {}
         for g in groups:
             key = _key(g)
-            self._known(key)
+            self._known_unit(key)
             for r in key:
                 if r in seen:
                     raise GroupPoolError(
                         f"rank {r} is in two groups of one micro-batch: {list(seen[r])} and {list(key)}"
                     )
                 seen[r] = key
-        missing = sorted(set(range(self.world_size)) - set(seen))
+        missing = sorted(set(range(self.num_units)) - set(seen))
         if missing:
             raise GroupPoolError(
                 f"ranks {missing} are in no group of the micro-batch (groups: {[list(_key(g)) for g in groups]})"
             )
 
     def _describe(self, limit: int = 12) -> str:
-        keys = [list(k) for k in self._groups]
+        keys = [list(k) for k in self._units]
         text = ", ".join(str(k) for k in keys[:limit])
         return text + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
     def __repr__(self) -> str:
-        return f"GroupPool(world_size={self.world_size}, groups=[{self._describe()}])"
+        tp = f", tensor_parallel_size={self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else ""
+        return f"GroupPool(world_size={self.world_size}{tp}, groups=[{self._describe()}])"

@@ -5,6 +5,11 @@ per micro-batch or per rank would weight tokens unequally. Each rank instead con
 ``sum(its token losses) / tokens in the whole global batch``; summing these contributions (and
 their gradients) over all ranks gives exactly the token mean over the global batch, whatever the
 plan. Padding has loss mask 0 and never counts, neither in the numerator nor in the denominator.
+
+Tensor parallelism: megatron's vocab-parallel cross entropy (the model's ``labels=`` path) gives
+every rank of a TP unit the same per-token losses of the unit's tokens, so the reported mean sums
+over one rank per unit (``token_group``: the ranks of this TP rank), counting each token once.
+The backward needs no change: each TP rank back-propagates the same loss through its partition.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["global_batch_tokens", "masked_loss_sum", "scaled_loss", "all_reduce_loss"]
+__all__ = ["global_batch_tokens", "masked_loss_sum", "scaled_loss", "all_reduce_loss", "token_group"]
 
 
 def global_batch_tokens(lengths) -> int:
@@ -52,3 +57,13 @@ def all_reduce_loss(local_loss_sum: float | Tensor, global_tokens: int, group=No
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return float(t.item()) / float(global_tokens)
+
+
+def token_group(tensor_model_parallel_size: int = 1):
+    """The group whose loss sums add up to each token once: None (the world) at TP 1, else
+    megatron's data-parallel group, the ranks with this rank's TP rank (one per unit)."""
+    if tensor_model_parallel_size == 1:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()

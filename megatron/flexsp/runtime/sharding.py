@@ -9,6 +9,14 @@ average.
 Both modes work on gloo (CPU) and NCCL. Every rank must run the same number of forward/backward
 passes (the executor runs every micro-batch on every rank), because FSDP2 all-gathers and
 reduce-scatters per layer.
+
+Tensor parallelism (issue 20): a model built with ``tensor_model_parallel_size`` t holds one TP
+partition per rank. The ranks form a 2-D mesh (units x TP: rank r at [r // t, r % t], megatron's
+layout); FSDP2 shards each TP partition over the "dp" dimension, the ranks with the same TP rank,
+and gradients are summed over the units only (summing over TP ranks would add different
+partitions' gradients). Parameters TP replicates (norms, row-parallel biases) see the same input
+on the t ranks of a unit without TP-sequence parallelism, so their gradients are already equal
+there. Plain data parallel likewise all-reduces over the same-TP-rank ranks.
 """
 
 from __future__ import annotations
@@ -34,15 +42,41 @@ def _transformer_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def broadcast_params(model: nn.Module, src: int = 0, group=None) -> None:
-    """Copy rank ``src``'s parameters and buffers to every rank (one collective per tensor)."""
+    """Copy the parameters and buffers of rank ``src`` of ``group`` to its ranks (one collective per tensor).
+
+    ``src`` is the rank inside ``group`` (the same as the global rank for the world).
+    """
+    root = src if group is None else dist.get_global_rank(group, src)
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=src, group=group)
+            dist.broadcast(t.data, src=root, group=group)
 
 
-def _device_mesh(device_type: str, group):
+def _tp_size(model: nn.Module) -> int:
+    return int(getattr(getattr(model, "_flexsp_cfg", None), "tensor_model_parallel_size", 1) or 1)
+
+
+def _data_parallel_group(model: nn.Module, group):
+    """The group gradients are summed over: ``group`` if given, else the same-TP-rank ranks at TP > 1."""
+    if group is not None or _tp_size(model) == 1:
+        return group
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def _device_mesh(device_type: str, group, tp: int = 1):
+    """1-D mesh over ``group`` (default: the world); at TP > 1 the "dp" slice of the units x TP mesh."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+    if tp > 1:
+        from megatron.core import parallel_state as ps
+
+        layout = torch.arange(dist.get_world_size()).view(-1, tp)  # row u: unit u's ranks (megatron's TP groups)
+        mesh = DeviceMesh.from_group(
+            [group, ps.get_tensor_model_parallel_group()], device_type, mesh=layout, mesh_dim_names=("dp", "tp")
+        )
+        return mesh["dp"]
     if group is None:
         return init_device_mesh(device_type, (dist.get_world_size(),))
     return DeviceMesh.from_group(group, device_type)
@@ -65,7 +99,8 @@ def shard_model(
     * ``ddp``: parameters stay replicated; call ``finish_grad_sync(model)`` after the last
       backward of the step to all-reduce (SUM) the gradients.
 
-    ``sync_params`` broadcasts rank 0's weights first (a cheap guard: build_gpt_model already
+    At TP > 1 ``group`` defaults to the ranks with this rank's TP rank (module docstring).
+    ``sync_params`` broadcasts the group's first rank's weights first (a cheap guard: build_gpt_model already
     gives identical weights for the same seed). ``mp_policy`` is an optional FSDP2
     MixedPrecisionPolicy; by default a model built with ``GPTConfig.bf16`` computes in bf16 and
     reduces gradients in fp32.
@@ -76,6 +111,9 @@ def shard_model(
         raise RuntimeError("shard_model: torch.distributed is not initialised")
     if getattr(model, "_flexsp_sharding", None) is not None:
         raise RuntimeError(f"shard_model: model is already sharded ({model._flexsp_sharding})")
+    tp = _tp_size(model)
+    explicit = group is not None
+    group = _data_parallel_group(model, group)
     if sync_params:
         broadcast_params(model, group=group)
     if mode == "ddp":
@@ -86,7 +124,7 @@ def shard_model(
     from torch.distributed.fsdp import fully_shard
 
     device_type = next(model.parameters()).device.type
-    mesh = _device_mesh(device_type, group)
+    mesh = _device_mesh(device_type, group, tp if not explicit else 1)
     kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     cfg = getattr(model, "_flexsp_cfg", None)
     if mp_policy is None and cfg is not None and getattr(cfg, "bf16", False):

@@ -17,9 +17,11 @@ hidden; Megatron's TP: column-parallel QKV and FC1, row-parallel output and FC2)
   attention output and FC2) and two in backward (input gradients of QKV and FC1), each of ``h e``
   bytes per token; a ring all-reduce moves ``2 (t-1)/t`` of its buffer over the GPU's link, so
   ``alpha2 += 4 L h e * 2 (t-1)/t / allreduce_bw``. (The vocab-parallel embedding and loss
-  all-reduces are per token and small next to L layers; left out.) ``beta1`` is kept: the
-  ZeRO-3 gathers move ``1/t`` of the parameters each but over units, and per-micro-batch launch
-  costs grow with t; a profile at t measures it.
+  all-reduces are per token and small next to L layers; left out.) ``beta1 / t``: beta1 stands
+  for the per-micro-batch ZeRO-3 traffic (the prior's formula ``3 P e (n-1)/n`` over the slowest
+  link, the bulk of a measured beta1 at 7B and up); at TP t each GPU gathers and reduce-scatters
+  only its TP partition, ``P / t``, over the same kind of link (one GPU per node and unit when
+  t = gpus_per_node), so the traffic per GPU is ``1/t`` of it. (A profile at t measures it.)
 * all-to-all: each GPU exchanges its heads/t heads, ``bytes_per_token / t``; the d units of a
   group span d t GPUs, whose links are the ones the per-GPU table measured for degree ``d t``.
   The table's bandwidths are effective ones (the prior's form: link * n/(n-1) inside a node,
@@ -164,6 +166,7 @@ def unit_cost_model(cost: CostModel, tp: int, *, sequence_parallel: bool = False
     allreduce_ms_per_token = allreduce_bytes_per_token / 2**20 / allreduce_bandwidth(cost, tp)
     d["compute"]["alpha1_ms_per_token2"] = cost.compute.alpha1_ms_per_token2 / tp
     d["compute"]["alpha2_ms_per_token"] = cost.compute.alpha2_ms_per_token / tp + allreduce_ms_per_token
+    d["compute"]["beta1_ms"] = cost.compute.beta1_ms / tp
     bw = _unit_bandwidths(cost, tp)
     if not bw:  # units never form an SP group of 2+ (e.g. one node, t = gpus_per_node): any value; never used
         bw = {2: cost.bandwidth(max(cost.alltoall.bandwidth_gbs))}

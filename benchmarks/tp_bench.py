@@ -29,8 +29,16 @@ Columns: mean estimated ms per iteration, flexsp's speed-up over the method (rat
 x lower bound (``bounds.lower_bound_ms`` over the modes' envelope, so no mix of modes beats it; a
 plan that must recompute sits well above it), the largest SP group in units (x 8 GPUs), micro-batches
 and planning seconds. Goal (issue 20): flexsp >= 1.15x over megatron-dynamic-cp.
+Measured (commit aaec00c, 2 shared cores, defaults: 5 batches of 256 sequences, 4.30 M tokens each):
+flexsp 99,964 ms/iteration; static 1.027x, megatron-hybrid-cp 1.383x, megatron-dynamic-cp 1.179x
+slower (per batch 1.08x to 1.37x); every flexsp group recomputes fully (none would need 12+
+micro-batches of 1.3 s ZeRO-3 traffic each). Static is close: at 70B a unit's compute dwarfs its
+heads/8 all-to-all, so a uniform degree loses little; Megatron's rules lose to imbalance.
 
-    python benchmarks/tp_bench.py                 # about 1-2 minutes on 2 cores
+    python benchmarks/tp_bench.py                 # about 1 minute on 2 cores
+    python benchmarks/tp_bench.py --save-cost-model llama70b.json   # the same model for flexsp-plan:
+    flexsp-plan LENGTHS --cost-model llama70b.json --world-size 128 --tensor-model-parallel-size 8 \\
+        --sequence-parallel --recompute auto --max-seq-len 262144
 """
 
 from __future__ import annotations
@@ -149,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--time-limit", type=float, default=10.0, help="flexsp planner seconds per batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-cost-model", type=Path, default=None, help="also write the per-GPU cost model JSON here")
     args = p.parse_args(argv)
     if args.gbs < 1 or args.batches < 1 or args.time_limit <= 0:
         print("tp_bench: error: --gbs and --batches must be >= 1 and --time-limit > 0", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     cost = per_gpu_cost()
+    if args.save_cost_model is not None:
+        cost.save(args.save_cost_model)
     unit = unit_cost_model(cost, TP, sequence_parallel=True)
     pool = scaled_lengths()
     rng = np.random.default_rng(args.seed)

@@ -111,9 +111,9 @@ COMMANDS: dict[str, Command] = {
 
 def _register_mcore() -> None:
     """megatron.core dist_checkpointing conversions (mcore.py): mcore-to-flexsp, flexsp-to-mcore."""
-    from .mcore import commands
+    from .mcore import COMMAND_SPECS
 
-    COMMANDS.update(commands())
+    COMMANDS.update({name: Command(*spec) for name, spec in COMMAND_SPECS.items()})
 
 
 _register_mcore()

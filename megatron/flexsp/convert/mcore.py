@@ -44,7 +44,7 @@ __all__ = [
     "save_mcore",
     "mcore_to_flexsp",
     "flexsp_to_mcore",
-    "COMMANDS",
+    "COMMAND_SPECS",
 ]
 
 _LATEST = "latest_checkpointed_iteration.txt"  # Megatron-LM's --save directory
@@ -388,18 +388,13 @@ def _flexsp_to_mcore(a: argparse.Namespace) -> int:
     return 0
 
 
-def commands() -> dict[str, Any]:
-    """The flexsp-convert table entries of this module (cli.COMMANDS takes them)."""
-    from .cli import Command
-
-    return {
-        "mcore-to-flexsp": Command(
-            "megatron.core dist checkpoint (GPTModel) -> FlexSP checkpoint", _mcore_to_flexsp_args, _mcore_to_flexsp
-        ),
-        "flexsp-to-mcore": Command(
-            "FlexSP checkpoint -> megatron.core dist checkpoint", _flexsp_to_mcore_args, _flexsp_to_mcore
-        ),
-    }
-
-
-COMMANDS = ("mcore-to-flexsp", "flexsp-to-mcore")
+# flexsp-convert's table entries of this module: name -> (help, add_arguments, run); cli.py makes them Commands
+# (this module does not import cli: no import cycle).
+COMMAND_SPECS: dict[str, tuple[str, Any, Any]] = {
+    "mcore-to-flexsp": (
+        "megatron.core dist checkpoint (GPTModel) -> FlexSP checkpoint",
+        _mcore_to_flexsp_args,
+        _mcore_to_flexsp,
+    ),
+    "flexsp-to-mcore": ("FlexSP checkpoint -> megatron.core dist checkpoint", _flexsp_to_mcore_args, _flexsp_to_mcore),
+}

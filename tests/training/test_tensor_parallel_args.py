@@ -98,3 +98,18 @@ def test_valid_tp_plans_over_units_with_the_unit_model(monkeypatch, mode):
     validate_plan(plan, per_gpu, world_size=4, num_sequences=len(lengths))
     if mode == "static":
         assert {g.degree for mb in plan.micro_batches for g in mb.groups} == {2}
+
+
+def test_online_calibration_reads_every_gpu_of_a_units_group():
+    from megatron.flexsp.planner.plan import Group, MicroBatch
+    from megatron.flexsp.training.online_calibration import SLOTS_PER_RANK, OnlineCalibration
+
+    # 8 GPUs at TP 2: unit 0 alone, units 1..3 together (GPUs 2..7)
+    plan = Plan(8, [100, 300], [MicroBatch([Group([0], [0]), Group([1, 2, 3], [1])])], tensor_parallel_size=2)
+    gathered = [0.0] * (SLOTS_PER_RANK * 8)
+    for gpu, (compute, a2a) in enumerate([(5, 0), (6, 0), (7, 1), (9, 2), (8, 3), (7, 1), (7, 1), (8, 1)]):
+        gathered[SLOTS_PER_RANK * gpu : SLOTS_PER_RANK * gpu + 2] = [compute, a2a]
+    cal = OnlineCalibration(unit_cost_model(tiny_cost(gpus_per_node=8, heads=8), 2), enabled=True, rank=0, world_size=8)
+    one, three = cal.samples(plan, gathered)
+    assert (one.degree, one.tokens, one.compute_ms) == (1, 100, 6)  # the slower GPU of unit 0 (GPUs 0, 1)
+    assert (three.degree, three.tokens, three.compute_ms, three.a2a_ms) == (3, 300, 9, 3)  # GPUs 2..7

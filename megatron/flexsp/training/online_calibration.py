@@ -22,6 +22,7 @@ from typing import Any
 from megatron.flexsp.planner.calibration import CostCalibrator, GroupSample
 from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.planner.plan import Plan
+from megatron.flexsp.planner.tensor_parallel import unit_gpu_ranks
 from megatron.flexsp.runtime.executor import StepResult
 
 __all__ = ["OnlineCalibration", "SLOTS_PER_RANK"]
@@ -69,7 +70,8 @@ class OnlineCalibration:
             for g in mb.groups:
                 if not g.sequences:
                     continue
-                slots = [SLOTS_PER_RANK * (m * w + r) for r in g.ranks]
+                ranks = unit_gpu_ranks(g.ranks, plan.tensor_parallel_size)  # a TP plan's groups hold units (C6)
+                slots = [SLOTS_PER_RANK * (m * w + r) for r in ranks]
                 lengths = [plan.lengths[i] for i in g.sequences]
                 peak = max(gathered[s + 2] for s in slots)
                 out.append(

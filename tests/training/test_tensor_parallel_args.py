@@ -113,3 +113,21 @@ def test_online_calibration_reads_every_gpu_of_a_units_group():
     one, three = cal.samples(plan, gathered)
     assert (one.degree, one.tokens, one.compute_ms) == (1, 100, 6)  # the slower GPU of unit 0 (GPUs 0, 1)
     assert (three.degree, three.tokens, three.compute_ms, three.a2a_ms) == (3, 300, 9, 3)  # GPUs 2..7
+
+
+def test_background_planner_hands_over_plans_over_units():
+    from megatron.flexsp.planner.api import PlannerConfig
+    from megatron.flexsp.training.planner_hook import PlannerHook
+
+    per_gpu = tiny_cost(gpus_per_node=4, heads=8)
+    unit = unit_cost_model(per_gpu, 2)  # 8 GPUs = 4 units
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(30, 1500, size=6).tolist() for _ in range(3)]
+    cfg = PlannerConfig(world_size=4, method="flexsp", time_limit_s=0.3)
+    with PlannerHook(unit, cfg, lambda k: batches[k % 3], plan_ahead=2, broadcast=False, startup_wait_s=60) as hook:
+        for k in range(3):
+            plan, info = hook.get_plan(k)
+            assert (plan.tensor_parallel_size, plan.world_size) == (2, 8), info.source
+            validate_plan(plan, per_gpu, world_size=8, num_sequences=6)
+        hook.update(cost=unit_cost_model(per_gpu, 2))  # a recalibrated unit model keeps planning over units
+        assert hook.get_plan(3)[0].tensor_parallel_size == 2

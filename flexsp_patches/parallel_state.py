@@ -20,7 +20,10 @@ Two mechanisms, both undone on exit of ``redirect``:
   answers for the same group.
 
 Only the context-parallel getters are redirected; combined groups (tensor-and-context,
-data-and-context) keep their start-up value, as FlexSP runs without tensor parallelism.
+data-and-context) keep their start-up value. With tensor parallelism (issue 20) megatron's TP
+group is the unit of t consecutive ranks, set once at start-up and never redirected; the
+micro-batch's SP group is then the same-TP-rank ranks of the group's units (the runtime's
+``GroupPool.members``), which is what the redirected getters answer.
 This module knows nothing of FlexSP's runtime (the layers: patches never import it).
 """
 

@@ -47,7 +47,9 @@ def build_runtime(
 ) -> Runtime:
     """Build the model on ``device``, shard it, create the cost model's group pool, wrap an executor.
 
-    Every rank calls it; the pool is lazy, so no process group is made here (each is made by its
+    At ``model_cfg.tensor_model_parallel_size`` t > 1, megatron's parallel_state must hold TP t
+    (``cpu_compat.init_model_parallel(tensor_model_parallel_size=t)``); ``cost`` may be the per-GPU
+    or the unit cost model. Every rank calls it; the pool is lazy, so no process group is made here (each is made by its
     members when a micro-batch first uses it, see ``group_pool``).
     ``timeout``: the pool's process-group timeout (None: torch.distributed's default).
     ``recompute``: the run's activation recomputation (--recompute-*; default none), validated
@@ -57,7 +59,8 @@ def build_runtime(
         recompute.validate(model_cfg.num_layers, sharding)
     model = build_gpt_model(model_cfg, device=device)
     shard_model(model, sharding)
-    pool = GroupPool.from_cost_model(cost, timeout=timeout)
+    # At TP t the plans' groups are unit groups (planner over N/t units): the pool pairs the same TP ranks.
+    pool = GroupPool.from_cost_model(cost, timeout=timeout, tensor_parallel_size=model_cfg.tensor_model_parallel_size)
     return Runtime(
         model=model, pool=pool, executor=FlexSPExecutor(model, pool, sharding_mode=sharding, recompute=recompute)
     )

@@ -11,12 +11,18 @@ per-layer collectives line up on every rank. The optimizer step is the trainer's
 Before any work, the plan is checked on every rank (partition of ranks, pool membership, head
 divisibility, sequence lengths) and a fingerprint of it is compared across ranks in one small
 collective, so a bad or inconsistent plan fails on every rank within seconds instead of hanging.
+
+Tensor parallelism (issue 20, contract C6): a model built at TP t runs plans of
+``tensor_parallel_size`` t, whose groups are unit groups; rank r takes the group of unit r // t,
+exchanges with the same TP rank of the group's other units (``GroupPool.members``), and all t
+ranks of a unit process the same tokens. The reported loss sums over one rank per unit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,6 +138,7 @@ class FlexSPExecutor:
         learned = getattr(cfg, "position_embedding_type", None) == "learned_absolute"
         self.max_positions = int(cfg.max_position_embeddings) if learned else 0
         self.device = next(model.parameters()).device
+        self._init_tensor_parallel(cfg, pool)
         if self.bf16 and sharding_mode == "ddp" and self.device.type != "cuda":
             raise ValueError(
                 "bf16 with sharding_mode='ddp' needs CUDA (megatron's linear layers restore autocast "
@@ -140,6 +147,19 @@ class FlexSPExecutor:
         self.time_cuda = time_cuda and self.device.type == "cuda"
         self._a2a_reset, self._a2a_read = _a2a_stats_reader()
         self.set_recompute(recompute or RecomputeConfig())
+
+    def _init_tensor_parallel(self, cfg, pool) -> None:
+        """This rank's unit and TP size; the pool must pair units the same way (contract C6)."""
+        self.tp = int(getattr(cfg, "tensor_model_parallel_size", 1) or 1)
+        pool_tp = int(getattr(pool, "tensor_parallel_size", 1))
+        if pool_tp != self.tp:
+            raise ValueError(
+                f"FlexSPExecutor: the model is tensor-parallel over {self.tp} ranks but the group pool "
+                f"pairs units of {pool_tp}: build the pool with tensor_parallel_size={self.tp}"
+            )
+        self.unit = self.rank // self.tp
+        self.sequence_parallel = bool(getattr(cfg, "sequence_parallel", False))
+        self.loss_group = loss_mod.token_group(self.tp)
 
     def set_recompute(self, recompute: RecomputeConfig) -> None:
         """Change the run's recomputation (the profiler measures every mode on one model)."""
@@ -152,16 +172,23 @@ class FlexSPExecutor:
         """None if the plan is runnable here, else the reason (never raises)."""
         try:
             validate_plan(plan, world_size=self.world_size, num_sequences=len(sequences))
+            plan_tp = getattr(plan, "tensor_parallel_size", 1)
+            if plan_tp != self.tp:
+                raise PlanError(
+                    f"plan is for tensor_parallel_size {plan_tp}, but the model is tensor-parallel over {self.tp} ranks"
+                )
+            heads = None if self.num_heads is None else self.num_heads // self.tp  # this rank's heads
             for m, mb in enumerate(plan.micro_batches):
                 try:
                     self.pool.check_partition([g.ranks for g in mb.groups])
                 except ValueError as e:
                     raise PlanError(f"micro-batch {m}: {e}") from None
                 for gi, g in enumerate(mb.groups):
-                    if self.num_heads is not None and self.num_heads % g.degree:
+                    if heads is not None and heads % g.degree:
+                        per_rank = "" if self.tp == 1 else f" / tensor-parallel size {self.tp}"
                         raise PlanError(
                             f"micro-batch {m} group {gi} (ranks {g.ranks}): degree {g.degree} does not "
-                            f"divide num_attention_heads {self.num_heads}"
+                            f"divide num_attention_heads {self.num_heads}{per_rank}"
                         )
             for i, s in enumerate(sequences):
                 if not isinstance(s, Tensor) or s.dim() != 1:
@@ -239,7 +266,10 @@ class FlexSPExecutor:
         recompute_mode: str = "none",
     ) -> dict[str, Any]:
         # An empty group packs one block of padding only (loss mask 0): same collectives, no loss.
-        sl = pack_group(seqs, active.rank, active.world_size, pad_multiple=self.pad_multiple)
+        pad = self.pad_multiple
+        if self.sequence_parallel:  # megatron's TP-sequence parallelism splits each rank's slice over t
+            pad = math.lcm(pad, active.world_size * self.tp)
+        sl = pack_group(seqs, active.rank, active.world_size, pad_multiple=pad)
         dev = self.device
         psp = packed_seq_params(sl, active, dev)  # the group travels with the data, built once per micro-batch
         attach_spec(psp, self.recompute.spec_for(recompute_mode))  # so does the micro-batch's recomputation
@@ -296,10 +326,10 @@ class FlexSPExecutor:
         loss_parts: list[Tensor] = []  # summed once at the end: no device sync per micro-batch
         per_mb: list[dict[str, Any]] = []
         for m, mb in enumerate(plan.micro_batches):
-            g = mb.group_of(self.rank)
+            g = mb.group_of(self.unit)  # groups are unit groups (units = ranks at TP 1)
             seqs = [sequences[i] for i in g.sequences]
             self._a2a_reset()
-            with sp_group(self.pool, g.ranks) as active:
+            with sp_group(self.pool, self.pool.members(g.ranks)) as active:
                 r = self._forward_backward(seqs, active, global_tokens, forward_only, getattr(g, "recompute", "none"))
             r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()  # a recomputed attention's exchanges included
             r.update(
@@ -317,7 +347,7 @@ class FlexSPExecutor:
         if self.sync_grads and self.sharding_mode == "ddp" and not forward_only:
             finish_grad_sync(self.model)
         loss_sum = float(torch.stack(loss_parts).double().sum().item())
-        loss = loss_mod.all_reduce_loss(loss_sum, global_tokens)
+        loss = loss_mod.all_reduce_loss(loss_sum, global_tokens, group=self.loss_group)  # each token once
         stats = dict(
             totals,
             rank=self.rank,

@@ -75,7 +75,8 @@ def plot_plan(plan: Plan, cost: CostModel, path: str | Path, title: str | None =
     ax.set_xlim(0, max(t0, 1e-9) / 1000.0)
     ax.set_ylim(ws, 0)
     ax.set_xlabel("estimated time (s); red lines end micro-batches")
-    ax.set_ylabel("rank")
+    t = plan.tensor_parallel_size
+    ax.set_ylabel("rank" if t == 1 else f"unit ({t} GPUs each)")
     ax.legend(handles=_legend(plan, colour, Patch), loc="lower right", fontsize=7)
     ax.set_title(
         title

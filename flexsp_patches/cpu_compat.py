@@ -240,7 +240,7 @@ def apply(force_cpu: bool = False) -> None:
 
 
 def init_model_parallel(
-    seed: int = 1234, *, device_type: str | None = None, tensor_model_parallel_size: int = 1
+    seed: int = 1234, *, device_type: str | None = None, tensor_model_parallel_size: int | None = None
 ) -> None:
     """Initialise megatron.core.parallel_state (tp = t, pp = cp = 1) and megatron's RNG tracker.
 
@@ -249,7 +249,8 @@ def init_model_parallel(
     t > 1 megatron's TP groups are the units of t consecutive ranks (its default order), so its
     data-parallel group of a rank is the ranks with the same TP rank, one per unit: the ranks
     FlexSP's SP groups and FSDP2 work over. Idempotent: an already initialised parallel_state is
-    kept if it has the same tp and pp = 1, and rejected with a clear error otherwise.
+    kept (and the tracker reseeded) if it has pp = 1 and the requested tp (None: any tp, so a later
+    call that only reseeds keeps the run's TP), and rejected with a clear error otherwise.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -260,6 +261,9 @@ def init_model_parallel(
         raise RuntimeError(
             "init_model_parallel: torch.distributed is not initialised; call torch.distributed.init_process_group first"
         )
+    if tensor_model_parallel_size is None:
+        keep = ps.model_parallel_is_initialized()
+        tensor_model_parallel_size = ps.get_tensor_model_parallel_world_size() if keep else 1
     t = int(tensor_model_parallel_size)
     if t < 1 or dist.get_world_size() % t:
         raise ValueError(

@@ -64,6 +64,11 @@ class Trainer:
         timeout_s = 60.0 * cfg.distributed.timeout_minutes
         self.device = init_distributed(env, cfg.distributed.backend, timeout_s=timeout_s)
         setup_logging(env.rank)
+        from flexsp_patches import cpu_compat
+
+        # TP units (issue 20): megatron's TP groups exist before seeding, which then keeps them.
+        t = cfg.model.tensor_model_parallel_size
+        cpu_compat.init_model_parallel(cfg.train.seed, device_type=self.device.type, tensor_model_parallel_size=t)
         seed_everything(cfg.train.seed, self.device.type, env.rank)
         fx = cfg.flexsp
         log.info(

@@ -131,3 +131,16 @@ def test_background_planner_hands_over_plans_over_units():
             validate_plan(plan, per_gpu, world_size=8, num_sequences=6)
         hook.update(cost=unit_cost_model(per_gpu, 2))  # a recalibrated unit model keeps planning over units
         assert hook.get_plan(3)[0].tensor_parallel_size == 2
+
+
+def test_a_saved_unit_cost_model_starts_a_run_at_its_own_tp_only(monkeypatch, tmp_path):
+    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)
+    unit = unit_cost_model(preset("cpu-tiny", 4), 2)  # what --flexsp-save-calibrated writes for a TP 2 run
+    path = tmp_path / "calibrated.json"
+    unit.save(path)
+    args = A.parse_args([*GQA, "--tensor-model-parallel-size", "2", "--flexsp-cost-model", str(path)])
+    cfgs = configs_from_args(args, _env(4, 2))
+    assert cfgs.cost.to_dict() == unit.to_dict()  # used as it is: not divided over TP a second time
+    args = A.parse_args([*GQA, "--flexsp-cost-model", str(path)])
+    with pytest.raises(A.ArgumentError, match="is over units of TP 2, the run has --tensor-model-parallel-size 1"):
+        configs_from_args(args, _env(4, 2))

@@ -25,7 +25,7 @@ import torch
 from megatron.flexsp.planner.costmodel import CostModel, CostModelError
 from megatron.flexsp.planner.presets import load_cost_model
 from megatron.flexsp.planner.prior import ModelShape, analytic_cost_model, with_recompute_modes
-from megatron.flexsp.planner.tensor_parallel import check_tensor_parallel, unit_cost_model
+from megatron.flexsp.planner.tensor_parallel import check_tensor_parallel, unit_cost_model, unit_size
 
 from .arguments import ArgumentError
 from .distributed import set_local_device
@@ -59,7 +59,9 @@ class ResolvedCostModel:
 
 
 def shape_mismatch(cost: CostModel, args: argparse.Namespace) -> str | None:
-    """Why ``cost`` was not made for this model (layers, hidden size, heads, query groups), or None."""
+    """Why ``cost`` was not made for this model (layers, hidden size, heads, query groups), or None. A unit
+    cost model (a calibrated one saved at TP t) holds heads / t and query groups / t per unit."""
+    t = unit_size(cost)
     for field, flag in (
         ("num_layers", "num_layers"),
         ("hidden_size", "hidden_size"),
@@ -67,6 +69,8 @@ def shape_mismatch(cost: CostModel, args: argparse.Namespace) -> str | None:
         ("num_query_groups", "num_query_groups"),
     ):
         want, have = getattr(args, flag), getattr(cost, field)
+        if have is not None and field in ("num_attention_heads", "num_query_groups"):
+            have *= t
         if have is not None and want != have:
             return f"it was made for {field.replace('_', ' ')} {have}, the model has {want}"
     return None
@@ -163,7 +167,14 @@ def tensor_parallel_units(
 
     Why here: the TP group must lie in one node, and both the launch (LOCAL_WORLD_SIZE) and the cost model
     say what a node is; the checks name the first thing that makes t impossible (ArgumentError, exit 2)."""
-    t = args.tensor_model_parallel_size
+    t, made_for = args.tensor_model_parallel_size, unit_size(start.cost)
+    if made_for != 1:  # a unit model already (e.g. --flexsp-save-calibrated of a TP run): only at its own t
+        if made_for != t:
+            raise ArgumentError(
+                f"cost model '{start.cost.name}' is over units of TP {made_for}, the run has "
+                f"--tensor-model-parallel-size {t}: give the per-GPU cost model"
+            )
+        return start
     if t == 1:
         return start
     if local_ranks % t and local_ranks < world_size:

@@ -21,13 +21,22 @@ there. Plain data parallel likewise all-reduces over the same-TP-rank ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["MODES", "shard_model", "finish_grad_sync", "sharding_mode_of", "broadcast_params", "full_state_dict"]
+__all__ = [
+    "MODES",
+    "shard_model",
+    "finish_grad_sync",
+    "sharding_mode_of",
+    "broadcast_params",
+    "full_state_dict",
+    "tensor_parallel_grad_norm",
+]
 
 MODES = ("fsdp2", "ddp")
 
@@ -112,6 +121,10 @@ def shard_model(
     if getattr(model, "_flexsp_sharding", None) is not None:
         raise RuntimeError(f"shard_model: model is already sharded ({model._flexsp_sharding})")
     tp = _tp_size(model)
+    # megatron marks TP-split parameters; FSDP2 replaces the parameters but keeps their names
+    model._flexsp_tp_partitioned = {
+        n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)
+    }
     explicit = group is not None
     group = _data_parallel_group(model, group)
     if sync_params:
@@ -225,3 +238,34 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             t = t.full_tensor()
         out[name] = t.cpu().clone()
     return out
+
+
+def tensor_parallel_grad_norm(model: nn.Module, max_norm: float, norm_of: Callable[..., float]) -> float:
+    """The whole model's gradient L2 norm, each parameter once; clipped to ``max_norm`` (> 0) like ``norm_of``.
+
+    Why: at TP > 1 a rank holds one partition of the split parameters and a whole copy of the
+    replicated ones (norms), so the norm of its own gradients is neither the model's nor the same
+    on every rank, and clipping by it would change the training. The split parameters' squares
+    are summed over the TP group, the replicated ones counted once (megatron's rule).
+    ``norm_of(params, max_norm)`` is the trainer's clip function (norm over all ranks' shards,
+    ``max_norm <= 0`` only measures); at TP 1 it does all the work.
+    """
+    tp = _tp_size(model)
+    if tp == 1:
+        return norm_of(model.parameters(), max_norm)
+    from megatron.core import parallel_state as ps
+
+    split = getattr(model, "_flexsp_tp_partitioned", set())
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    part = [p for n, p in named if n in split]
+    whole = [p for n, p in named if n not in split]
+    dev = next(model.parameters()).device
+    sq = torch.tensor([norm_of(part, 0.0) ** 2], dtype=torch.float64, device=dev)
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=ps.get_tensor_model_parallel_group())
+    total = math.sqrt(float(sq.item()) + norm_of(whole, 0.0) ** 2)
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if coef < 1.0:
+            for _, p in named:
+                p.grad.mul_(coef)
+    return total

@@ -26,6 +26,7 @@ from megatron.flexsp.planner.api import PlannerConfig
 from megatron.flexsp.planner.plan import Plan
 from megatron.flexsp.runtime.build import build_runtime
 from megatron.flexsp.runtime.executor import StepResult
+from megatron.flexsp.runtime.sharding import tensor_parallel_grad_norm
 
 from .checkpointer import Checkpointer
 from .configs import TrainerConfigs
@@ -257,7 +258,8 @@ class Trainer:
         plan, info, seqs = self._batch(k)
         lr = self.scheduler.set_for_next_step()
         result, exec_ms, extra = self.run_step(k, plan, seqs)  # gradients are global sums afterwards
-        gnorm = clip_grad_norm(self.model.parameters(), self.cfg.optimizer.clip_grad)
+        # each parameter once: at TP > 1 the TP partitions' norms add up over the unit (issue 20)
+        gnorm = tensor_parallel_grad_norm(self.model, self.cfg.optimizer.clip_grad, clip_grad_norm)
         loss = float(result.loss)
         maxima = self._step_maxima(it, plan, result, loss, gnorm)
         if self.guard.check(maxima.nonfinite > 0, it, loss, gnorm):

@@ -155,7 +155,7 @@ def test_unknown_flag_stops_argparse(capsys):
             False,
             "--lr-warmup-iters 30 is above --lr-decay-iters 20",
         ),
-        (["--tensor-model-parallel-size", "2"], 4, False, "must be 1"),
+        (["--tensor-model-parallel-size", "3"], 4, False, "does not divide the world size 4"),
         (["--hidden-dropout", "1.0"], 4, False, "--hidden-dropout must be below 1"),
         (["--split", "0,1,0"], 4, False, "the training share must be positive"),
         (["--tokenizer-type", "GPT2BPETokenizer"], 4, False, "is not supported"),

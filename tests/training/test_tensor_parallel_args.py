@@ -45,7 +45,6 @@ def _launch(monkeypatch, world: int, local: int) -> None:
     ],
 )
 def test_impossible_settings_exit_2_with_one_line(monkeypatch, capsys, argv, world, message):
-    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)  # the checks hold whether or not the runtime is ready
     _launch(monkeypatch, world, world)
     if "--tensor-model-parallel-size" not in argv:
         argv = [*argv, "--tensor-model-parallel-size", "4"] if "--sequence-parallel" not in argv else argv
@@ -55,20 +54,20 @@ def test_impossible_settings_exit_2_with_one_line(monkeypatch, capsys, argv, wor
     assert not dist.is_initialized()
 
 
-def test_tp_is_refused_until_the_runtime_runs_units(monkeypatch, capsys):
-    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", False)
-    _launch(monkeypatch, 4, 2)
-    assert main([*GQA, "--tensor-model-parallel-size", "2"]) == 2
+def test_the_padded_vocabulary_must_split_over_tp(monkeypatch, capsys):
+    _launch(monkeypatch, 4, 4)
+    # the byte vocabulary (257 ids) padded to a multiple of 2 is 258: TP 4 cannot split it
+    argv = [*GQA, "--tensor-model-parallel-size", "4", "--make-vocab-size-divisible-by", "2", "--num-query-groups", "4"]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "must be 1 until the runtime runs tensor-parallel units" in err[0]
+    assert len(err) == 1 and "does not divide the padded vocabulary 258" in err[0]
 
 
 def _env(world: int, local: int) -> LaunchEnv:
     return LaunchEnv(rank=0, world_size=world, local_rank=0, local_world_size=local, master_addr="x", master_port=1)
 
 
-def test_node_size_limits_the_tp_group(monkeypatch, tmp_path):
-    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)
+def test_node_size_limits_the_tp_group(tmp_path):
     args = A.parse_args([*GQA, "--tensor-model-parallel-size", "2"])
     with pytest.raises(A.ArgumentError, match="does not divide the 3 ranks per node"):
         configs_from_args(args, _env(6, 3))
@@ -82,8 +81,7 @@ def test_node_size_limits_the_tp_group(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["flexsp", "static", "megatron-hybrid-cp", "megatron-dynamic-cp"])
-def test_valid_tp_plans_over_units_with_the_unit_model(monkeypatch, mode):
-    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)
+def test_valid_tp_plans_over_units_with_the_unit_model(mode):
     extra = ["--context-parallel-size", "2"] if mode == "static" else []
     args = A.parse_args([*GQA, "--tensor-model-parallel-size", "2", "--sp-mode", mode, *extra])
     cfgs = configs_from_args(args, _env(4, 2))
@@ -133,8 +131,7 @@ def test_background_planner_hands_over_plans_over_units():
         assert hook.get_plan(3)[0].tensor_parallel_size == 2
 
 
-def test_a_saved_unit_cost_model_starts_a_run_at_its_own_tp_only(monkeypatch, tmp_path):
-    monkeypatch.setattr(A, "TENSOR_PARALLEL_RUNTIME", True)
+def test_a_saved_unit_cost_model_starts_a_run_at_its_own_tp_only(tmp_path):
     unit = unit_cost_model(preset("cpu-tiny", 4), 2)  # what --flexsp-save-calibrated writes for a TP 2 run
     path = tmp_path / "calibrated.json"
     unit.save(path)

@@ -33,6 +33,7 @@ __all__ = [
     "parse_args",
     "validate_args",
     "validate_against_cost",
+    "check_tensor_parallel_vocab",
     "resolve_vocab_size",
     "padded_vocab_size",
     "parse_data_path",
@@ -156,10 +157,6 @@ def _validate_model(args: argparse.Namespace) -> None:
         )
 
 
-# Flipped by the runtime side of issue 20 once the executor runs plans over tensor-parallel units end to end.
-TENSOR_PARALLEL_RUNTIME = False
-
-
 def _validate_tensor_parallel(args: argparse.Namespace, world_size: int, has_cuda: bool) -> None:
     """--tensor-model-parallel-size t: world/t units of t consecutive ranks, heads and kv groups split over t;
     --sequence-parallel only where reduce-scatter exists. (The node size is checked with the cost model.)"""
@@ -177,10 +174,15 @@ def _validate_tensor_parallel(args: argparse.Namespace, world_size: int, has_cud
     backend = args.distributed_backend or ("nccl" if has_cuda else "gloo")
     if sp and backend != "nccl":
         _err(f"--sequence-parallel needs NCCL reduce-scatter, which the {backend} backend lacks (drop it on gloo)")
-    if not TENSOR_PARALLEL_RUNTIME:
+
+
+def check_tensor_parallel_vocab(padded_vocab: int, tp: int) -> None:
+    """The vocab-parallel embedding splits the padded table over the TP group: t must divide it. (The padding
+    stays TP-independent, --make-vocab-size-divisible-by alone, so a checkpoint keeps its table at any t.)"""
+    if padded_vocab % tp:
         _err(
-            f"--tensor-model-parallel-size {t}: must be 1 until the runtime runs tensor-parallel units (the planner "
-            "already plans over them: flexsp-plan --tensor-model-parallel-size)"
+            f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary {padded_vocab}: raise "
+            "--make-vocab-size-divisible-by to a multiple of it"
         )
 
 

@@ -116,6 +116,9 @@ def configs_from_args(args: argparse.Namespace, env: LaunchEnv) -> TrainerConfig
     cuda = device is None
     A.validate_args(args, env.world_size, has_cuda=cuda)
     vocab = A.resolve_vocab_size(args)  # the tokenizer's: the data's token ids stay below it
+    A.check_tensor_parallel_vocab(
+        A.padded_vocab_size(vocab, args.make_vocab_size_divisible_by), args.tensor_model_parallel_size
+    )
     start = resolve_cost_model(
         args,
         world_size=env.world_size,

@@ -134,10 +134,21 @@ def shard_model(
         model._flexsp_group = group
         return model
 
+    _fully_shard(
+        model,
+        _device_mesh(next(model.parameters()).device.type, group, tp if not explicit else 1),
+        reshard_after_forward,
+        mp_policy,
+    )
+    model._flexsp_sharding = "fsdp2"
+    model._flexsp_group = group
+    return model
+
+
+def _fully_shard(model: nn.Module, mesh, reshard_after_forward: bool, mp_policy) -> None:
+    """FSDP2 over ``mesh``: each transformer layer, then the root; gradients summed, not averaged."""
     from torch.distributed.fsdp import fully_shard
 
-    device_type = next(model.parameters()).device.type
-    mesh = _device_mesh(device_type, group, tp if not explicit else 1)
     kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     cfg = getattr(model, "_flexsp_cfg", None)
     if mp_policy is None and cfg is not None and getattr(cfg, "bf16", False):
@@ -155,9 +166,6 @@ def shard_model(
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     _sum_gradients(model)
-    model._flexsp_sharding = "fsdp2"
-    model._flexsp_group = group
-    return model
 
 
 def _sum_gradients(model: nn.Module) -> None:

@@ -101,7 +101,8 @@ def _reference_body(rank, world_size, kind, steps):
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(step)
-    return dict(losses=losses, init=init, grads=grads)
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return dict(losses=losses, init=init, grads=grads, final=final)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,7 @@ def _tp_body(rank, world_size, t, kind, plan_kind, mode, steps):
     from megatron.flexsp.runtime.executor import FlexSPExecutor
     from megatron.flexsp.runtime.group_pool import GroupPool
     from megatron.flexsp.runtime.model import build_gpt_model
-    from megatron.flexsp.runtime.sharding import shard_model
+    from megatron.flexsp.runtime.sharding import full_state_dict, shard_model, split_tensor_parallel
 
     cpu_compat.init_model_parallel(seed=3, device_type="cpu", tensor_model_parallel_size=t)
     units = world_size // t
@@ -139,7 +140,20 @@ def _tp_body(rank, world_size, t, kind, plan_kind, mode, steps):
             grads = {n: _full(p.grad) for n, p in model.named_parameters()}
         opt.step()
         losses.append(res.loss)
-    return dict(losses=losses, init=init, grads=grads, layout=layout, degrees=degrees, tp_rank=rank % t)
+    final = full_state_dict(model)  # TP partitions joined: the 1-process model's tensors
+    resplit = split_tensor_parallel(final, model)
+    local = {n: _full(p) for n, p in model.named_parameters()}
+    resplit_ok = resplit.keys() == local.keys() and all(torch.equal(resplit[n], local[n]) for n in local)
+    return dict(
+        losses=losses,
+        init=init,
+        grads=grads,
+        layout=layout,
+        degrees=degrees,
+        tp_rank=rank % t,
+        final=final,
+        resplit_ok=resplit_ok,
+    )
 
 
 def _slice(full: torch.Tensor, dim: int, stride: int, t: int, j: int) -> torch.Tensor:
@@ -170,6 +184,11 @@ def _check(results, ref, t, expected_degrees):
             assert torch.allclose(r["grads"][n], gpart, rtol=1e-4, atol=1e-7), (n, j)
     scale = max(float(g.abs().max()) for g in ref["grads"].values())
     assert scale > 1e3 * max(worst, 1e-12)
+    for r in results:  # the trained model, gathered over TP (what a checkpoint would hold), and split back
+        assert r["final"].keys() == ref["final"].keys()
+        for n, want in ref["final"].items():
+            assert torch.allclose(r["final"][n], want, rtol=1e-5, atol=1e-6), n
+        assert r["resplit_ok"]
 
 
 def _run(world, t, kind, plan_kind, mode, steps, expected_degrees):

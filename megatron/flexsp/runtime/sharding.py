@@ -36,6 +36,8 @@ __all__ = [
     "broadcast_params",
     "full_state_dict",
     "tensor_parallel_grad_norm",
+    "gather_tensor_parallel",
+    "split_tensor_parallel",
 ]
 
 MODES = ("fsdp2", "ddp")
@@ -122,9 +124,7 @@ def shard_model(
         raise RuntimeError(f"shard_model: model is already sharded ({model._flexsp_sharding})")
     tp = _tp_size(model)
     # megatron marks TP-split parameters; FSDP2 replaces the parameters but keeps their names
-    model._flexsp_tp_partitioned = {
-        n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)
-    }
+    model._flexsp_tp_layout = _tp_layout(model)
     explicit = group is not None
     group = _data_parallel_group(model, group)
     if sync_params:
@@ -238,14 +238,17 @@ def finish_grad_sync(model: nn.Module, bucket_numel: int = 1 << 25) -> None:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU copy of the parameters, the same on every rank (collective for FSDP2)."""
+    """Full (unsharded) CPU copy of the parameters, the same on every rank (collective for FSDP2).
+
+    At TP > 1 the TP partitions are joined too (``gather_tensor_parallel``): the 1-process model's tensors.
+    """
     out = {}
     for name, p in model.named_parameters():
         t = p.detach()
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         out[name] = t.cpu().clone()
-    return out
+    return gather_tensor_parallel(out, model)
 
 
 def tensor_parallel_grad_norm(model: nn.Module, max_norm: float, norm_of: Callable[..., float]) -> float:
@@ -263,7 +266,7 @@ def tensor_parallel_grad_norm(model: nn.Module, max_norm: float, norm_of: Callab
         return norm_of(model.parameters(), max_norm)
     from megatron.core import parallel_state as ps
 
-    split = getattr(model, "_flexsp_tp_partitioned", set())
+    split = _tp_layout(model)
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     part = [p for n, p in named if n in split]
     whole = [p for n, p in named if n not in split]
@@ -277,3 +280,59 @@ def tensor_parallel_grad_norm(model: nn.Module, max_norm: float, norm_of: Callab
             for _, p in named:
                 p.grad.mul_(coef)
     return total
+
+
+def _tp_layout(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """name -> (partition dim, stride) of every TP-split parameter (recorded by shard_model, else read now)."""
+    layout = getattr(model, "_flexsp_tp_layout", None)
+    if layout is None:
+        layout = {
+            n: (int(p.partition_dim), int(getattr(p, "partition_stride", 1)))
+            for n, p in model.named_parameters()
+            if getattr(p, "tensor_model_parallel", False)
+        }
+    return layout
+
+
+def gather_tensor_parallel(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (TP 1) tensors of ``state``, this rank's TP partitions of ``model``: a checkpoint then
+    holds the model as a 1-process run would, whatever t (collective over the TP group).
+
+    Megatron splits a tensor into t * stride chunks along its partition dim and gives TP rank j the
+    chunks j, j + t, ... (stride 2: SwiGLU's FC1 keeps its gate and up halves per rank), so the
+    whole tensor is, for each of the stride blocks, the ranks' pieces of that block in rank order.
+    """
+    if _tp_size(model) == 1:
+        return dict(state)
+    from megatron.core import parallel_state as ps
+
+    group, t = ps.get_tensor_model_parallel_group(), _tp_size(model)
+    layout, out = _tp_layout(model), {}
+    for name in sorted(state):  # the same order on every rank of the TP group
+        part = state[name]
+        if name not in layout:
+            out[name] = part
+            continue
+        dim, stride = layout[name]
+        parts = [torch.empty_like(part) for _ in range(t)]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        pieces = [p.chunk(stride, dim=dim) for p in parts]
+        out[name] = torch.cat([pieces[j][k] for k in range(stride) for j in range(t)], dim=dim)
+    return out
+
+
+def split_tensor_parallel(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """This TP rank's partitions of whole (TP 1) tensors: the inverse of ``gather_tensor_parallel`` (local)."""
+    t = _tp_size(model)
+    if t == 1:
+        return dict(state)
+    from megatron.core import parallel_state as ps
+
+    j, layout = ps.get_tensor_model_parallel_rank(), _tp_layout(model)
+    out = {}
+    for name, full in state.items():
+        if name in layout:
+            dim, stride = layout[name]
+            full = torch.cat(full.chunk(t * stride, dim=dim)[j::t], dim=dim)
+        out[name] = full
+    return out

@@ -100,8 +100,9 @@ def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous_one(tmp_pat
 @pytest.mark.slow  # three torchrun launches: ~1.5 min on 2 cores
 def test_async_torch_dist_checkpoints_resume_on_the_same_and_on_fewer_ranks(tmp_path):
     """The trainer's own path: --async-save torch_dist checkpoints every 2 iterations of a 2-rank run;
-    resumed from iteration 4 on 2 ranks the losses are the uninterrupted run's bit for bit, on 1 rank
-    (resharded, same batches) within 1e-5."""
+    resumed from iteration 4 on 2 ranks the losses are the uninterrupted run's (as in the flipped-byte
+    test; bit for bit in test_ckpt_dist, where no planner budget is involved), on 1 rank (resharded,
+    same batches) within 1e-5."""
     ckpt, m1 = tmp_path / "ckpt", tmp_path / "a.jsonl"
     rc = _run(
         BASE
@@ -123,6 +124,8 @@ def test_async_torch_dist_checkpoints_resume_on_the_same_and_on_fewer_ranks(tmp_
     assert "written in the background" in log and f"saved checkpoint {ckpt / 'iter_0000004'} (in the background" in log
     meta = json.loads((ckpt / "iter_0000004" / "meta.json").read_text())
     assert meta["ckpt_format"] == "torch_dist" and meta["world_size"] == 2
+    # the last save (iteration 6) was in flight when training ended: the exit waited for it
+    assert (ckpt / "latest").read_text().strip() == "iter_0000006" and not list(ckpt.glob(".tmp-*"))
     first = _losses(m1)
     for nproc in (2, 1):
         m = tmp_path / f"r{nproc}.jsonl"
@@ -132,8 +135,8 @@ def test_async_torch_dist_checkpoints_resume_on_the_same_and_on_fewer_ranks(tmp_
         assert rc == 0, log[-3000:]
         got = _losses(m)
         assert sorted(got) == [5, 6]
-        if nproc == 2:
-            assert got == {5: first[5], 6: first[6]}, (got, first)
+        if nproc == 2:  # the same state; plans under a wall-clock budget may sum in another order on a busy host
+            assert all(abs(got[i] - first[i]) <= 2e-5 * abs(first[i]) + 1e-6 for i in (5, 6)), (got, first)
         else:
             assert "written by 2 ranks; this run has 1" in log
             assert abs(got[5] - first[5]) <= 1e-5 * abs(first[5]), (got, first)

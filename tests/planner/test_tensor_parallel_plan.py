@@ -118,3 +118,14 @@ def test_recompute_modes_scale_by_what_tp_splits():
     assert sp.recompute["full"].activation_mb_per_token == pytest.approx(full / 4)
     assert sp.recompute["selective"].activation_mb_per_token == pytest.approx(sel / 4)
     assert unit.recompute["full"].compute_factor == cost.recompute["full"].compute_factor
+
+
+def test_a_unit_model_is_never_divided_twice():
+    from megatron.flexsp.planner.costmodel import CostModel, CostModelError
+
+    unit = unit_cost_model(tiny_cost(gpus_per_node=4, heads=8), 2)
+    again = CostModel.from_dict(json.loads(json.dumps(unit.to_dict())))  # saved and read back
+    assert unit_cost_model(again, 2).to_dict() == unit.to_dict()
+    for t in (1, 4):
+        with pytest.raises(CostModelError, match="is over units of TP 2"):
+            unit_cost_model(again, t)

@@ -78,6 +78,11 @@ def check_tensor_parallel(cost: CostModel, tp: int, world_size: int | None = Non
     g = cost.gpus_per_node
     if world_size is not None and world_size % tp:
         raise CostModelError(f"tensor-model-parallel size {tp} does not divide the world size {world_size}")
+    made = unit_size(cost)  # a unit model (e.g. a calibrated one saved by a TP run) serves its own t only
+    if made == tp:
+        return
+    if made != 1:
+        raise CostModelError(f"cost model '{cost.name}' is over units of TP {made}, not {tp}: give the per-GPU model")
     if g % tp:
         raise CostModelError(
             f"tensor-model-parallel size {tp} does not divide gpus_per_node {g}: a TP group must lie in one node"
@@ -156,9 +161,10 @@ def _unit_bandwidths(cost: CostModel, tp: int) -> dict[int, float]:
 
 
 def unit_cost_model(cost: CostModel, tp: int, *, sequence_parallel: bool = False) -> CostModel:
-    """The cost model of one unit of ``tp`` GPUs (module docstring); ``tp == 1`` returns ``cost``."""
+    """The cost model of one unit of ``tp`` GPUs (module docstring); ``tp == 1`` or a unit model of ``tp``
+    already returns ``cost`` (never divided twice)."""
     check_tensor_parallel(cost, tp)
-    if tp == 1:
+    if tp == 1 or unit_size(cost) == tp:
         return cost
     d = copy.deepcopy(cost.to_dict())
     e = _bytes_per_element(cost)

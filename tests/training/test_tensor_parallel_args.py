@@ -69,6 +69,15 @@ def _env(world: int, local: int) -> LaunchEnv:
     return LaunchEnv(rank=0, world_size=world, local_rank=0, local_world_size=local, master_addr="x", master_port=1)
 
 
+def test_a_too_long_seq_length_names_the_units(monkeypatch, capsys):
+    _launch(monkeypatch, 4, 2)
+    # cpu-tiny at TP 2: 2 units hold (1024 - 512) MB / (1 MB * 22/34 replicated share) * 2 = 1582 tokens
+    assert main([*GQA, "--tensor-model-parallel-size", "2", "--seq-length", "2048"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the largest (2 units of 2 ranks) holds 1582 tokens" in err[0]
+    assert err[0].endswith("(or --sequence-parallel on NCCL)")
+
+
 def test_node_size_limits_the_tp_group(tmp_path):
     args = A.parse_args([*GQA, "--tensor-model-parallel-size", "2"])
     with pytest.raises(A.ArgumentError, match="does not divide the 3 ranks per node"):

@@ -323,9 +323,12 @@ def validate_against_cost(args: argparse.Namespace, world_size: int, cost: CostM
     holding = [d for d in allowed if cost.fits(args.seq_length, d)]
     if not holding:
         biggest = max(allowed)
+        t = args.tensor_model_parallel_size  # at TP t the degrees count units of t ranks
+        size = f"{biggest} ranks" if t == 1 else f"{biggest} units of {t} ranks"
         _err(
-            f"--seq-length {args.seq_length} does not fit any SP group: the largest ({biggest} ranks) holds "
+            f"--seq-length {args.seq_length} does not fit any SP group: the largest ({size}) holds "
             f"{cost.capacity(biggest)} tokens under cost model '{cost.name}'; lower --seq-length or add ranks"
+            + ("" if t == 1 or getattr(args, "sequence_parallel", False) else " (or --sequence-parallel on NCCL)")
         )
     cp = args.context_parallel_size
     if cp is not None:

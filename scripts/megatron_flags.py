@@ -68,6 +68,10 @@ _COPIED: dict[str, bool] = {
     "--rotary-base": False,
     "--rope-scaling-factor": False,
     "--make-vocab-size-divisible-by": False,
+    # checkpoints and recomputation (issues 18, 19): Megatron-LM's names and values
+    "--ckpt-format": False,
+    "--recompute-method": False,
+    "--recompute-num-layers": False,
 }
 SAME_VALUE = tuple(_COPIED)
 SAME_SWITCH = (
@@ -78,6 +82,8 @@ SAME_SWITCH = (
     "--untie-embeddings-and-output-weights",
     "--add-qkv-bias",
     "--use-rope-scaling",
+    "--async-save",
+    "--finetune",
 )
 # FlexSP-only: no Megatron counterpart; dropped from the vanilla command (value-taking ones).
 FLEXSP_ONLY_VALUE = (
@@ -158,6 +164,7 @@ def _parse(argv: Sequence[str]) -> dict[str, object]:
                     "--tensor-model-parallel-size",
                     "--pipeline-model-parallel-size",
                     "--model-preset",
+                    "--recompute-granularity",
                 )
             )
             if a not in known:
@@ -267,6 +274,12 @@ def translate(
             m.append(name)
     if "--data-path" in flags:
         m += ["--data-path", *flags["--data-path"]]  # type: ignore[misc]
+    granularity = flags.get("--recompute-granularity")
+    if granularity == "auto":  # Megatron-LM fixes one mode per run; its long-context users run full
+        m += ["--recompute-granularity", "full"]
+        notes.append("--recompute-granularity auto -> full on the Megatron side (Megatron-LM has no per-group choice)")
+    elif granularity is not None:
+        m += ["--recompute-granularity", str(granularity)]
     tok = flags.get("--tokenizer-type")
     vocab = flags.get("--vocab-size")
     if tok in (None, "ByteTokenizer"):

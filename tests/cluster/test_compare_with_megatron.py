@@ -196,3 +196,31 @@ def test_table_tokens_per_s(tmp_path):
     with pytest.raises(megatron_flags.FlagError, match="elapsed time per iteration"):
         (tmp_path / "empty.log").write_text("no training here\n")
         megatron_flags.table(str(fm), str(tmp_path / "empty.log"), gbs=4, seq_length=2048, cp=4)
+
+
+@pytest.mark.parametrize(
+    "extra, expected, note",
+    [
+        (
+            ["--ckpt-format", "torch_dist", "--async-save", "--finetune"],
+            ["--ckpt-format", "torch_dist", "--async-save", "--finetune"],
+            "",
+        ),
+        (
+            ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"],
+            ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"],
+            "",
+        ),
+        (["--recompute-granularity", "auto"], ["--recompute-granularity", "full"], "auto -> full"),
+    ],
+)
+def test_checkpoint_and_recompute_flags_keep_megatron_names(extra, expected, note):
+    """Issues 18/19: Megatron-LM has these flags under the same names; FlexSP's per-group auto becomes full."""
+    out = megatron_flags.translate(FLEXSP + extra, world_size=8, cp=4)
+    m = out["megatron"]
+    for flag in expected:
+        assert flag in m, flag
+    for a, b in zip(expected, expected[1:]):
+        if not b.startswith("--"):
+            assert m[m.index(a) + 1] == b
+    assert note in " ".join(out["notes"])

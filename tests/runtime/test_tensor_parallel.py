@@ -68,12 +68,16 @@ def _docs(lengths_per_step: list[list[int]]) -> list[list[torch.Tensor]]:
 
 
 def _cfg(t: int, kind: str):
-    """The tiny GQA model (4 heads, 2 kv groups), or for TP 4 one with 8 heads in 4 kv groups and a
-    tied output layer (the trainer's default)."""
+    """The tiny GQA model (4 heads, 2 kv groups), or for TP 4 one with 8 heads in 4 kv groups, a tied
+    output layer (the trainer's default) and linear biases."""
     cfg = tiny_gpt_config(vocab_size=VOCAB, seed=11, tensor_model_parallel_size=t)
     if kind == "mha8":
         cfg = dataclasses.replace(
-            cfg, num_attention_heads=8, num_query_groups=4, share_embeddings_and_output_weights=True
+            cfg,
+            num_attention_heads=8,
+            num_query_groups=4,
+            share_embeddings_and_output_weights=True,
+            add_bias_linear=True,  # column-parallel biases are split, row-parallel ones replicated over the unit
         )
     return cfg
 

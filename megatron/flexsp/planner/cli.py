@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=PlannerConfig.gap,
         help="FlexSP stops improving once its plan is within this fraction of the lower bound",
     )
-    p.add_argument("--static-degree", type=int, default=None, help="force the static baseline's degree")
+    p.add_argument(
+        "--static-degree", type=int, default=None, help="force the static baseline's degree (units at TP > 1)"
+    )
     _add_tensor_parallel_args(p)
     _add_output_args(p)
     return p

@@ -213,6 +213,13 @@ def _check_tensor_parallel_setup(cfg: GPTConfig) -> None:
             raise ValueError(
                 f"--sequence-parallel needs a backend with reduce-scatter (NCCL); this run's TP group uses {backend}"
             )
+        import importlib.util
+
+        if cfg.transformer_impl == "local" and importlib.util.find_spec("apex") is None:
+            raise ValueError(
+                "--sequence-parallel needs --transformer-impl transformer_engine (or Apex's fused norms): "
+                "megatron's torch norms of the local layer spec do not support it"
+            )
 
 
 def build_gpt_model(cfg: GPTConfig, *, device: torch.device | str | None = None, flexsp_attention: bool = True):

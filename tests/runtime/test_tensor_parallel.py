@@ -118,7 +118,13 @@ def _tp_body(rank, world_size, t, kind, plan_kind, mode, steps):
     from megatron.flexsp.runtime.executor import FlexSPExecutor
     from megatron.flexsp.runtime.group_pool import GroupPool
     from megatron.flexsp.runtime.model import build_gpt_model
-    from megatron.flexsp.runtime.sharding import full_state_dict, shard_model, split_tensor_parallel
+    from megatron.flexsp.runtime.sharding import (
+        full_state_dict,
+        shard_model,
+        split_tensor_parallel,
+        tensor_parallel_grad_norm,
+    )
+    from megatron.flexsp.training.optimizer import clip_grad_norm
 
     cpu_compat.init_model_parallel(seed=3, device_type="cpu", tensor_model_parallel_size=t)
     units = world_size // t
@@ -134,7 +140,7 @@ def _tp_body(rank, world_size, t, kind, plan_kind, mode, steps):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     ex = FlexSPExecutor(model, pool, sharding_mode=mode)
     make = _flexsp_plan if plan_kind == "flexsp" else _one_group_plan
-    losses, grads, degrees = [], None, set()
+    losses, grads, degrees, gnorm = [], None, set(), None
     for lengths, docs in zip(_long_tail_batches(steps), _docs(_long_tail_batches(steps))):
         plan = make(world_size, t, lengths)
         opt.zero_grad(set_to_none=True)
@@ -142,6 +148,7 @@ def _tp_body(rank, world_size, t, kind, plan_kind, mode, steps):
         degrees |= {r["degree"] for r in res.micro_batch_stats}
         if grads is None:
             grads = {n: _full(p.grad) for n, p in model.named_parameters()}
+            gnorm = tensor_parallel_grad_norm(model, 0.0, clip_grad_norm)  # the trainer's norm; measure only
         opt.step()
         losses.append(res.loss)
     final = full_state_dict(model)  # TP partitions joined: the 1-process model's tensors
@@ -157,6 +164,7 @@ def _tp_body(rank, world_size, t, kind, plan_kind, mode, steps):
         tp_rank=rank % t,
         final=final,
         resplit_ok=resplit_ok,
+        gnorm=gnorm,
     )
 
 
@@ -186,6 +194,9 @@ def _check(results, ref, t, expected_degrees):
             assert r["grads"][n].shape == gpart.shape, n
             worst = max(worst, float((r["grads"][n] - gpart).abs().max()))
             assert torch.allclose(r["grads"][n], gpart, rtol=1e-4, atol=1e-7), (n, j)
+    ref_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in ref["grads"].values())))
+    for r in results:  # each parameter once: not this rank's partition alone, not the replicated norms t times
+        assert r["gnorm"] == pytest.approx(ref_norm, rel=1e-5)
     scale = max(float(g.abs().max()) for g in ref["grads"].values())
     assert scale > 1e3 * max(worst, 1e-12)
     for r in results:  # the trained model, gathered over TP (what a checkpoint would hold), and split back

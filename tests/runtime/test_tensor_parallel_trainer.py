@@ -29,12 +29,6 @@ BASE = tiny_gpt(
 )
 
 
-def _gate_open() -> bool:
-    from megatron.flexsp.training import arguments as A
-
-    return bool(getattr(A, "TENSOR_PARALLEL_RUNTIME", True))
-
-
 def _train(rank, world_size, t, out_dir):
     from megatron.flexsp.training import arguments as A
     from megatron.flexsp.training.configs import configs_from_args
@@ -49,7 +43,6 @@ def _train(rank, world_size, t, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _gate_open(), reason="the trainer still refuses --tensor-model-parallel-size > 1 (H6's gate)")
 def test_trainer_tp2_equals_tp1(tmp_path):
     tp1 = run_distributed(_train, 4, 1, str(tmp_path), timeout=400)[0]
     tp2 = run_distributed(_train, 4, 2, str(tmp_path), timeout=400)[0]

@@ -66,19 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    src = p.add_argument_group("lengths (give exactly one)")
-    src.add_argument(
-        "lengths",
-        nargs="?",
-        help="text file (one length per line), .npy, or Megatron dataset prefix "
-        "(PREFIX.bin/.idx; a document of n ids has length n - 1)",
-    )
-    src.add_argument(
-        "--synthetic",
-        type=int,
-        metavar="N",
-        help="N synthetic long-tail lengths (log-normal body, Pareto tail up to --max-seq-len)",
-    )
+    _add_length_args(p)
     p.add_argument(
         "--cost-model",
         default="gpt-7b",
@@ -121,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tensor_parallel_args(p)
     _add_output_args(p)
     return p
+
+
+def _add_length_args(p: argparse.ArgumentParser) -> None:
+    """Where the lengths come from: a file or dataset, or the synthetic generator."""
+    src = p.add_argument_group("lengths (give exactly one)")
+    src.add_argument(
+        "lengths",
+        nargs="?",
+        help="text file (one length per line), .npy, or Megatron dataset prefix "
+        "(PREFIX.bin/.idx; a document of n ids has length n - 1)",
+    )
+    src.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        help="N synthetic long-tail lengths (log-normal body, Pareto tail up to --max-seq-len)",
+    )
 
 
 def _add_tensor_parallel_args(p: argparse.ArgumentParser) -> None:

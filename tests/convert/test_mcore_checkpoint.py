@@ -270,7 +270,7 @@ def _tp_body(rank, world_size, tmp):
     cpu_compat._seed_cpu_tracker(3)
     flags = VARIANTS["llama_like"]
     cfg = _cfg(flags, 3)
-    cfg.extra = {"tensor_model_parallel_size": 2}
+    cfg.tensor_model_parallel_size = 2
     tp = build_gpt_model(cfg, flexsp_attention=False)  # megatron's stock model, every linear split over 2 ranks
     ids = torch.tensor([[5, 17, 3, 250, 9, 42, 7, 7, 1, 299]])
     with torch.no_grad():

@@ -334,6 +334,11 @@ def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="on resume, take this run's LR-schedule flags instead of refusing a changed schedule",
     )
+    _exit_flags(c)
+
+
+def _exit_flags(c: argparse._ArgumentGroup) -> None:
+    """When a run saves and exits on its own: a signal or a wall-clock deadline (same group as checkpoints)."""
     c.add_argument(
         "--exit-signal-handler",
         action=argparse.BooleanOptionalAction,

@@ -249,9 +249,7 @@ def _int_list(v: Any, where: str) -> list[int]:
 def micro_batch_ms(mb: MicroBatch, lengths: Sequence[int], cost: CostModel) -> float:
     """Slowest group of the micro-batch (groups holding no sequence cost nothing)."""
     times = [
-        cost.group_time_ms([lengths[i] for i in g.sequences], g.degree, getattr(g, "recompute", "none"))
-        for g in mb.groups
-        if g.sequences
+        cost.group_time_ms([lengths[i] for i in g.sequences], g.degree, g.recompute) for g in mb.groups if g.sequences
     ]
     return max(times, default=0.0)
 

@@ -151,7 +151,7 @@ class FlexSPExecutor:
     def _init_tensor_parallel(self, cfg, pool) -> None:
         """This rank's unit and TP size; the pool must pair units the same way (contract C6)."""
         self.tp = int(getattr(cfg, "tensor_model_parallel_size", 1) or 1)
-        pool_tp = int(getattr(pool, "tensor_parallel_size", 1))
+        pool_tp = int(pool.tensor_parallel_size)
         if pool_tp != self.tp:
             raise ValueError(
                 f"FlexSPExecutor: the model is tensor-parallel over {self.tp} ranks but the group pool "
@@ -172,7 +172,7 @@ class FlexSPExecutor:
         """None if the plan is runnable here, else the reason (never raises)."""
         try:
             validate_plan(plan, world_size=self.world_size, num_sequences=len(sequences))
-            plan_tp = getattr(plan, "tensor_parallel_size", 1)
+            plan_tp = plan.tensor_parallel_size
             if plan_tp != self.tp:
                 raise PlanError(
                     f"plan is for tensor_parallel_size {plan_tp}, but the model is tensor-parallel over {self.tp} ranks"
@@ -330,7 +330,7 @@ class FlexSPExecutor:
             seqs = [sequences[i] for i in g.sequences]
             self._a2a_reset()
             with sp_group(self.pool, self.pool.members(g.ranks)) as active:
-                r = self._forward_backward(seqs, active, global_tokens, forward_only, getattr(g, "recompute", "none"))
+                r = self._forward_backward(seqs, active, global_tokens, forward_only, g.recompute)
             r["a2a_ms"], r["a2a_bytes"] = self._a2a_read()  # a recomputed attention's exchanges included
             r.update(
                 micro_batch=m,
@@ -338,7 +338,7 @@ class FlexSPExecutor:
                 degree=g.degree,
                 sequences=list(g.sequences),
                 empty_group=not seqs,
-                recompute=self.recompute.spec_for(getattr(g, "recompute", "none")).mode,
+                recompute=self.recompute.spec_for(g.recompute).mode,
             )
             per_mb.append(r)
             loss_parts.append(r.pop("loss_sum"))

@@ -82,7 +82,7 @@ class OnlineCalibration:
                         compute_ms=max(gathered[s] for s in slots),
                         a2a_ms=max(gathered[s + 1] for s in slots) if g.degree > 1 else 0.0,
                         peak_mb=peak if peak > 0 else None,
-                        mode=getattr(g, "recompute", "none"),  # a recomputing group refits its mode's factor
+                        mode=g.recompute,  # a recomputing group refits its mode's factor
                     )
                 )
         return out

@@ -42,8 +42,11 @@ def _launch(monkeypatch, world: int, local: int) -> None:
         (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 4, "--sequence-parallel needs NCCL"),
         (["--sequence-parallel"], 4, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
         (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4, "pipeline parallelism"),
-        (["--tensor-model-parallel-size", "2", "--save", "/tmp/x"], 4, "checkpoints of tensor-parallel runs"),
-        (["--tensor-model-parallel-size", "2", "--load", "/tmp/x"], 4, "checkpoints of tensor-parallel runs"),
+        (
+            ["--tensor-model-parallel-size", "2", "--save", "/tmp/x", "--ckpt-format", "torch"],
+            4,
+            "--ckpt-format torch cannot save a run at --tensor-model-parallel-size 2",
+        ),
     ],
 )
 def test_impossible_settings_exit_2_with_one_line(monkeypatch, capsys, argv, world, message):

@@ -38,6 +38,7 @@ __all__ = [
     "tensor_parallel_grad_norm",
     "gather_tensor_parallel",
     "split_tensor_parallel",
+    "tensor_parallel_layout",
 ]
 
 MODES = ("fsdp2", "ddp")
@@ -292,6 +293,17 @@ def _tp_layout(model: nn.Module) -> dict[str, tuple[int, int]]:
             if getattr(p, "tensor_model_parallel", False)
         }
     return layout
+
+
+def tensor_parallel_layout(model: nn.Module) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    """(t, this rank's TP rank, name -> (partition dim, stride) of the split parameters); (1, 0, {}) at TP 1.
+    What a checkpoint needs to store the partitions as parts of the whole tensors."""
+    t = _tp_size(model)
+    if t == 1:
+        return 1, 0, {}
+    from megatron.core import parallel_state as ps
+
+    return t, ps.get_tensor_model_parallel_rank(), _tp_layout(model)
 
 
 def gather_tensor_parallel(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -174,12 +174,10 @@ def _validate_tensor_parallel(args: argparse.Namespace, world_size: int, has_cud
     backend = args.distributed_backend or ("nccl" if has_cuda else "gloo")
     if sp and backend != "nccl":
         _err(f"--sequence-parallel needs NCCL reduce-scatter, which the {backend} backend lacks (drop it on gloo)")
-    if args.save or args.load:
-        # Both formats would store each TP rank's partition under the same names: a resume at TP 2 was seen to
-        # diverge (loss 5.67 instead of 5.35 at the next step). Refused until checkpoints record the TP layout.
+    if args.save and getattr(args, "ckpt_format", "torch_dist") == "torch":
         _err(
-            f"--save/--load with --tensor-model-parallel-size {t}: checkpoints of tensor-parallel runs are not "
-            "supported yet (the TP partitions are not recorded); train without them or at TP 1"
+            f"--ckpt-format torch cannot save a run at --tensor-model-parallel-size {t} (it holds whole tensors on "
+            "rank 0): use --ckpt-format torch_dist, the default, which stores whole tensors and loads at any TP size"
         )
 
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from .checkpoint_format import CheckpointError, UnsafeCheckpointError, safe_globals
+from .checkpoint_tp import PieceSavePlanner, TensorParallelPiece, has_pieces, load_plan_with_pieces, lookup_piece
 
 __all__ = [
     "DIST_DIR",
@@ -69,7 +70,14 @@ def stage(tree: Any) -> Any:
             )
         return t.detach().to("cpu", copy=True)
 
-    return tree_map_only(torch.Tensor, copy, tree)
+    def walk(obj: Any) -> Any:  # pieces (TP partitions as boxes of the whole tensor) copy their local tensor
+        if isinstance(obj, TensorParallelPiece):
+            return obj.staged()
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        return tree_map_only(torch.Tensor, copy, obj)
+
+    return walk(tree)
 
 
 # ------------------------------------------------------------------------------ safe reading
@@ -119,7 +127,29 @@ class SafeReader(FileSystemReader):
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor entries (the optimizer's param_groups) read with ``weights_only=True`` and the allow-list."""
+    """Non-tensor entries (the optimizer's param_groups) read with ``weights_only=True`` and the allow-list;
+    tensor-parallel pieces (``checkpoint_tp``) read box by box."""
+
+    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        if not has_pieces(state_dict):
+            return super().set_up_planner(state_dict, metadata, is_coordinator)
+        # DCP's own set-up first re-creates meta-device tensors and drops every leaf type it does not
+        # know (a piece would become None); nothing here is on the meta device, so only flatten.
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+        self.original_state_dict = state_dict
+        self.state_dict, self.mappings = flatten_state_dict(state_dict)
+        self.metadata, self.is_coordinator = metadata, is_coordinator
+        return None
+
+    def create_local_plan(self):
+        if not has_pieces(self.state_dict):
+            return super().create_local_plan()
+        return load_plan_with_pieces(self.state_dict, self.metadata, not self.allow_partial_load)
+
+    def lookup_tensor(self, index) -> torch.Tensor:
+        view = lookup_piece(self.state_dict, index)
+        return view if view is not None else super().lookup_tensor(index)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         from torch.distributed.checkpoint._traverse import set_element  # the helper DCP's own planner uses
@@ -151,7 +181,8 @@ def write_shards(dist_dir: Path, state: dict[str, Any], group: Any = None) -> No
     import torch.distributed.checkpoint as dcp
 
     writer = FileSystemWriter(str(dist_dir), sync_files=True)
-    dcp.save(state, storage_writer=writer, process_group=group, no_dist=not on())  # no_dist: one process, no warning
+    planner = PieceSavePlanner()  # TP partitions as boxes of the whole tensors (checkpoint_tp)
+    dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not on())  # no_dist: 1 process
 
 
 def load_shards(dist_dir: Path, state: dict[str, Any], group: Any = None) -> None:

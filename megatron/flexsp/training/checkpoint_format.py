@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint_tp import TensorParallelPiece
+
 __all__ = [
     "CKPT_FORMATS",
     "FORMAT_VERSION",
@@ -112,7 +114,7 @@ def state_dict_options(load: bool = False):
 
 def model_signature(state: dict[str, Any]) -> dict[str, list[int]]:
     """Parameter/buffer names and shapes: what must match for a checkpoint to fit a model."""
-    return {k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: list(v.shape) for k, v in state.items() if isinstance(v, (torch.Tensor, TensorParallelPiece))}
 
 
 def iter_name(iteration: int) -> str:
@@ -197,8 +199,14 @@ def nonfinite_tensors(state: Any, prefix: str = "", limit: int = 4) -> list[str]
     def walk(obj: Any, name: str) -> None:
         if len(found) >= limit:
             return
-        if isinstance(obj, torch.Tensor):
-            t = obj.to_local() if hasattr(obj, "to_local") else obj
+        if isinstance(obj, (torch.Tensor, TensorParallelPiece)):
+            t = (
+                obj.local
+                if isinstance(obj, TensorParallelPiece)
+                else obj.to_local()
+                if hasattr(obj, "to_local")
+                else obj
+            )
             if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
                 found.append(name or "<tensor>")
         elif isinstance(obj, Mapping):

@@ -22,7 +22,7 @@ from typing import Any
 from megatron.flexsp.planner.calibration import CostCalibrator, GroupSample
 from megatron.flexsp.planner.costmodel import CostModel
 from megatron.flexsp.planner.plan import Plan
-from megatron.flexsp.planner.tensor_parallel import unit_gpu_ranks
+from megatron.flexsp.planner.tensor_parallel import unit_gpu_ranks, unit_size
 from megatron.flexsp.runtime.executor import StepResult
 
 __all__ = ["OnlineCalibration", "SLOTS_PER_RANK"]
@@ -142,8 +142,20 @@ class OnlineCalibration:
         return None if self.calibrator is None else self.calibrator.state_dict()
 
     def load_state_dict(self, state: dict[str, Any] | None) -> CostModel | None:
-        """Restore the calibration (rank 0); the model in force, for the planner."""
+        """Restore the calibration (rank 0); the model in force, for the planner.
+
+        A calibration made at another TP size is not restored: it fitted a cost model over units of
+        that size (compute / t, TP all-reduces), which would make this run plan over the wrong units."""
         if self.calibrator is None or not state:
+            return None
+        saved, now = unit_size(CostModel.from_dict(state["base"])), unit_size(self.calibrator.base)
+        if saved != now:
+            log.warning(
+                "the checkpoint's cost-model calibration was made at tensor-parallel size %d, this run has %d: "
+                "not restored (calibration starts again from this run's cost model)",
+                saved,
+                now,
+            )
             return None
         self.calibrator.load_state_dict(state)
         return self.calibrator.current

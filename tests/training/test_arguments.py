@@ -312,3 +312,17 @@ def test_parser_defaults_are_the_configs_defaults(monkeypatch):
             checked.append(f.name)
     assert {"plan_ahead", "gap", "lr", "eval_iters", "timeout_minutes", "split", "rotary_base"} <= set(checked)
     assert args.flexsp_calibrate == ("on" if C.FlexSPConfig.calibrate else "off")
+
+
+def test_the_prior_counts_a_tied_output_layer_once():
+    """Megatron ties the output layer to the embedding unless --untie-embeddings-and-output-weights: the prior's
+    model states (parameters, gradients, Adam moments) hold the V x h table once when tied."""
+    from megatron.flexsp.planner.prior import num_parameters
+    from megatron.flexsp.training.cost_setup import _shape
+
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
+    tied, untied = (
+        _shape(A.parse_args(argv + extra), 384) for extra in ([], ["--untie-embeddings-and-output-weights"])
+    )
+    assert tied.tied_embeddings and not untied.tied_embeddings
+    assert num_parameters(untied) - num_parameters(tied) == 384 * 64

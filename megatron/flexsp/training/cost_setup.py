@@ -129,6 +129,7 @@ def _prior(
 
 
 def _shape(args: argparse.Namespace, vocab_size: int) -> ModelShape:
+    """The model as the prior sees it; tied embeddings (Megatron's default) hold V h parameters once."""
     return ModelShape(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -137,6 +138,7 @@ def _shape(args: argparse.Namespace, vocab_size: int) -> ModelShape:
         num_query_groups=args.num_query_groups,
         ffn_hidden_size=args.ffn_hidden_size,
         swiglu=bool(args.swiglu),
+        tied_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
     )
 
 

@@ -1,6 +1,8 @@
 """The README's continued pre-training workflow on the tiny Llama, end to end: convert a Hugging Face
 directory, train it with FlexSP on 2 gloo ranks (``pretrain_gpt_flexsp.py --load CKPT --finetune``
-with the flags the converter printed), export the trained checkpoint, load it with transformers.
+with the flags the converter printed), export the trained checkpoint, load it with transformers;
+once at TP 1 (2 ranks as 2 SP units) and once at TP 2 (one unit: the one-file converted checkpoint
+split over the TP group on load, the torch_dist checkpoint written as whole tensors).
 
 Reference: transformers' loss of the exported model on a set of documents must equal the product's
 evaluation loss (the FlexSP executor, forward only, under SP groups of degree 2 and 1) of the
@@ -58,7 +60,8 @@ def _run(cmd: list[str]) -> str:
 
 
 @pytest.mark.slow  # converts, trains 3 iterations under torchrun, exports: ~1-2 min on 2 cores
-def test_convert_finetune_export_loads_in_transformers_with_the_products_loss(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_convert_finetune_export_loads_in_transformers_with_the_products_loss(tmp_path, tp):
     from transformers import AutoModelForCausalLM
 
     # vocabulary 384 = 3 x 128: the trainer's data (byte tokenizer, 258 ids) fits, and like the real models
@@ -78,6 +81,7 @@ def test_convert_finetune_export_loads_in_transformers_with_the_products_loss(tm
             "--mock-data", "--mock-data-min-len", "8", "--seq-length", "48",
             "--global-batch-size", "4", "--train-iters", "3", "--lr", "1e-2", "--lr-warmup-iters", "0",
             "--seed", "3", "--flexsp-time-limit", "1", "--no-progress-bar", "--save", str(save),
+            "--tensor-model-parallel-size", str(tp),
         ],
         log,
         nproc=2,

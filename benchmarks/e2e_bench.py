@@ -174,8 +174,8 @@ def run_stats(records: Sequence[Mapping[str, Any]], name: str = "run") -> RunSta
     body = recs[w:]
     iter_ms = [float(r["iter_ms"]) for r in body]
     total_s = sum(iter_ms) / 1e3
-    est_err_iter = [
-        abs(float(r["estimated_ms"]) - float(r["iter_ms"])) / float(r["iter_ms"])
+    est_err_iter = [  # the whole-iteration claim where the trainer records it (older metrics: f+b only)
+        abs(float(r.get("estimated_iter_ms") or r["estimated_ms"]) - float(r["iter_ms"])) / float(r["iter_ms"])
         for r in body
         if r.get("estimated_ms") is not None and float(r["iter_ms"]) > 0
     ]
@@ -505,9 +505,10 @@ def pairs_table(pairs: Sequence[PairResult], baseline: str = "static") -> str:
 
 LEGEND = """\
 columns: tokens/s, ms/iter = medians over the iterations after warm-up (summary.py's rule: {warm});
-  est ms = median of the plans' cost-model estimates;
-  err/iter = median |est - measured iteration ms| / measured iteration ms (iteration: plan wait, data,
-             forward+backward, grad sync, optimizer step);
+  est ms = median of the cost model's forward+backward estimates of the plans (the model in force when each ran);
+  err/iter = median |est iter - measured iteration ms| / measured iteration ms (iteration: plan wait, data,
+             forward+backward, grad sync, optimizer step; est iter = est + the recent steps' time outside
+             forward+backward, the trainer's estimated_iter_ms);
   err/f+b  = median |est - measured forward+backward ms| / forward+backward ms (the executor's compute_ms:
              slowest rank, all-to-all included, which is what the cost model describes);
   plan%wall = sum of solve_time_s / sum of iteration time (planner wall time per iteration);

@@ -50,6 +50,9 @@ class IterationRecord:
     plan_wait_ms: float = 0.0
     solve_time_s: float = 0.0
     num_sequences: int = 0
+    # the cost model's whole-iteration claim: estimated_ms (forward + backward) plus the step's other
+    # parts (optimizer, gradient sync, plan wait, data) as recently measured; None until one was measured
+    estimated_iter_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -70,6 +73,7 @@ class IterationRecord:
             "tokens_per_s": self.tokens_per_s,
             "iter_ms": self.iter_ms,
             "estimated_ms": self.estimated_ms,
+            "estimated_iter_ms": self.estimated_iter_ms,
             "micro_batches": self.micro_batches,
             "sp_mode": self.sp_mode,
             "groups_by_degree": {str(k): v for k, v in sorted(self.groups_by_degree.items())},
@@ -88,7 +92,7 @@ class IterationRecord:
 def format_line(r: IterationRecord, train_iters: int) -> str:
     """Megatron-like console line."""
     groups = " ".join(f"d{d}x{n}" for d, n in sorted(r.groups_by_degree.items()))
-    est = f"{r.estimated_ms:.1f}" if r.estimated_ms is not None else "-"
+    est = f"{r.estimated_iter_ms or r.estimated_ms:.1f}" if r.estimated_ms is not None else "-"
     src = "" if r.plan_source in ("planner", "inline") else f" | plan {r.plan_source}"
     if r.extra.get("baseline_exec_ms") and r.extra.get("exec_ms"):
         src += f" | step {r.extra['exec_ms']:.0f} ms vs {r.extra['baseline_mode']} {r.extra['baseline_exec_ms']:.0f} ms"

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.flexsp.planner.api import PlannerConfig
-from megatron.flexsp.planner.plan import Plan
+from megatron.flexsp.planner.plan import Plan, estimate_plan_ms
 from megatron.flexsp.runtime.build import build_runtime
 from megatron.flexsp.runtime.executor import StepResult
 from megatron.flexsp.runtime.sharding import tensor_parallel_grad_norm
@@ -105,6 +105,7 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.calibration = OnlineCalibration(cfg.cost, enabled=fx.calibrate, rank=env.rank, world_size=env.world_size)
         self.iter_ms: list[float] = []  # recent iteration times: --flexsp-time-limit auto follows them
+        self.rest_ms: list[float] = []  # recent iteration time outside forward + backward (estimated_iter_ms)
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
             self._resumable_state(),
@@ -205,6 +206,7 @@ class Trainer:
     def _after_step(self, plan: Plan, record: IterationRecord, gathered: list[float]) -> None:
         """Feed the planner what this step measured: calibration samples, the iteration time."""
         self.iter_ms = (self.iter_ms + [record.iter_ms])[-5:]
+        self.rest_ms = (self.rest_ms + [max(0.0, record.iter_ms - record.compute_ms)])[-5:]
         self._update_time_limit()
         if gathered:
             calibrated = self.calibration.ingest(plan, gathered)
@@ -212,6 +214,17 @@ class Trainer:
                 self.hook.update(cost=calibrated)
         if self.env.rank == 0:
             record.extra.update(self.calibration.coefficients(), planner_time_limit_s=self.hook.cfg.time_limit_s)
+
+    def _estimates(self, plan: Plan) -> tuple[float | None, float | None]:
+        """The cost model's claims about this step: forward + backward (the model in force now, so a plan
+        made ahead of a calibration is judged by what the planner knows when it runs), and the whole
+        iteration (plus the median of the recent steps' time outside forward + backward: optimizer,
+        gradient sync, plan wait and data, which no plan changes)."""
+        if plan.estimated_time_ms is None:
+            return None, None
+        fwd_bwd = estimate_plan_ms(plan, self.hook.cost) if self.env.rank == 0 else plan.estimated_time_ms
+        rest = float(np.median(self.rest_ms)) if self.rest_ms else None
+        return fwd_bwd, (fwd_bwd + rest if rest is not None else None)
 
     def plan_now(self, lengths: list[int], cfg: PlannerConfig, *, fallback: bool = False) -> Plan:
         """Plan ``lengths`` on rank 0 right now and give every rank the same Plan (one JSON crossing)."""
@@ -273,6 +286,7 @@ class Trainer:
         # the paired baseline's step (--flexsp-compare-with) is not part of this mode's iteration
         iter_ms = (time.perf_counter() - t0) * 1e3 - float(extra.get("baseline_exec_ms", 0.0))
         extra.update(exec_ms=exec_ms, planner_cpu_s=info.cpu_s)
+        estimated_ms, estimated_iter_ms = self._estimates(plan)
         record = IterationRecord(
             iteration=it,
             loss=loss,
@@ -280,7 +294,8 @@ class Trainer:
             grad_norm=gnorm,
             tokens=sum(plan.lengths),
             iter_ms=iter_ms,
-            estimated_ms=plan.estimated_time_ms,
+            estimated_ms=estimated_ms,
+            estimated_iter_ms=estimated_iter_ms,
             micro_batches=plan.num_micro_batches,
             sp_mode=self.cfg.flexsp.sp_mode,
             groups_by_degree=plan.degree_histogram(),

@@ -105,7 +105,9 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.calibration = OnlineCalibration(cfg.cost, enabled=fx.calibrate, rank=env.rank, world_size=env.world_size)
         self.iter_ms: list[float] = []  # recent iteration times: --flexsp-time-limit auto follows them
-        self.rest_ms: list[float] = []  # recent iteration time outside forward + backward (estimated_iter_ms)
+        # recent iteration time outside forward + backward (estimated_iter_ms); None: this process's first
+        # step is still to come, which also pays one-time costs (the first plan's wait, lazy set-up): not kept
+        self.rest_ms: list[float] | None = None
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
             self._resumable_state(),
@@ -206,7 +208,9 @@ class Trainer:
     def _after_step(self, plan: Plan, record: IterationRecord, gathered: list[float]) -> None:
         """Feed the planner what this step measured: calibration samples, the iteration time."""
         self.iter_ms = (self.iter_ms + [record.iter_ms])[-5:]
-        self.rest_ms = (self.rest_ms + [max(0.0, record.iter_ms - record.compute_ms)])[-5:]
+        self.rest_ms = (
+            [] if self.rest_ms is None else (self.rest_ms + [max(0.0, record.iter_ms - record.compute_ms)])[-5:]
+        )
         self._update_time_limit()
         if gathered:
             calibrated = self.calibration.ingest(plan, gathered)

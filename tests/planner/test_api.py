@@ -142,3 +142,28 @@ def test_planner_never_imports_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_deadline_too_tight_for_every_seed_skips_the_homogeneous_one(monkeypatch):
+    """1024 GPUs x 8192 code-corpus sequences in 4.5 s used to run the homogeneous seed first and skip Megatron's
+    dynamic-CP plan, which was the better one (FlexSP then lost to it, 0.93x). The rules go strongest first: here the
+    dynamic-CP seed takes 0.4 s of a 1 s deadline, hybrid CP fits the rest, the homogeneous one no longer does; FlexSP's
+    plan is then never estimated slower than Megatron's rule (the independent reference, called directly)."""
+    import time
+
+    import megatron.flexsp.planner.api as api
+
+    cost = preset("gpt-7b", 64)
+    lengths = longtail_lengths(128, max_len=196608, seed=3, min_len=1).tolist()
+    real = api.dynamic_cp_plan
+
+    def slow_dynamic_cp(*a, **kw):
+        time.sleep(0.4)
+        return real(*a, **kw)
+
+    predicted = {"megatron-dynamic-cp": 0.45, "megatron-hybrid-cp": 0.01, "homogeneous": 0.4}
+    monkeypatch.setattr(api, "dynamic_cp_plan", slow_dynamic_cp)
+    monkeypatch.setattr(api, "_predicted_s", lambda name, n, ws: predicted[name])
+    p = plan_global_batch(lengths, cost, PlannerConfig(world_size=64, method="flexsp", time_limit_s=1.0))
+    assert p.solver.extra["baselines_skipped"] == ["homogeneous"]
+    assert p.estimated_time_ms <= dynamic_cp_plan(lengths, cost, 64).estimated_time_ms * (1 + 1e-12)

@@ -4,10 +4,10 @@ Used by the trainer's planner hook (background process on rank 0), by ``flexsp-p
 the benchmarks. Every plan returned here has passed ``validate_plan`` against the cost model,
 so the runtime can trust it.
 
-``flexsp`` plans under ONE deadline (``time_limit_s`` from the call): first the best
-homogeneous plan (batch-adaptive) and the plans of Megatron's hybrid-CP and dynamic-CP rules for
-the same batch (milliseconds; each skipped when its predicted cost would take more than half the
-time left), then the FlexSP
+``flexsp`` plans under ONE deadline (``time_limit_s`` from the call): first the plans of
+Megatron's dynamic-CP and hybrid-CP rules and the best homogeneous plan (batch-adaptive) for the
+same batch, strongest first (milliseconds at 64 GPUs, up to 2 s at 1024; each skipped when its
+predicted cost would take more than half the time left), then the FlexSP
 solver, which gets the rest of the time and starts from those plans as seeds (they use the same
 candidate groups, so they lie in FlexSP's search space) and improves on them until the deadline
 or until its plan is within ``gap`` of the lower bound. The best plan is returned, so FlexSP is
@@ -61,15 +61,16 @@ def _check_lengths(lengths: Sequence[int], config: PlannerConfig) -> list[int]:
     return out
 
 
-# Predicted seconds of the baselines (measured on the 2-core development machine, x2 slack), so
-# that a tight deadline skips a baseline instead of overrunning: hybrid-CP scans groups per
-# sequence, the homogeneous packer sorts and packs per degree.
+# Predicted seconds of the baselines, so that a tight deadline skips a baseline instead of overrunning.
+# Measured on the 2-core development machine (code-corpus batches, gpt-7b; 64 x 512 / 256 x 2048 /
+# 1024 x 8192): homogeneous 0.011 / 0.054 / 1.63 s (it packs every degree over every rank), hybrid-CP
+# 0.012 / 0.087 / 0.18 s, dynamic-CP 0.027 / 0.13 / 1.66 s; the forms below lie 1.2-2x above those.
 def _predicted_s(name: str, n: int, world_size: int) -> float:
     if name == "megatron-hybrid-cp":
-        return 1e-3 + 1.6e-7 * n * world_size
-    if name == "megatron-dynamic-cp":  # 1024 ranks x 8192 sequences: 2.0-2.7 s on 2 quiet cores
-        return 1e-3 + 4e-7 * n * world_size
-    return 1e-3 + 2e-5 * n
+        return 1e-3 + 4e-5 * n
+    if name == "megatron-dynamic-cp":
+        return 2e-3 + 2.5e-7 * n * world_size
+    return 1e-3 + 2.5e-5 * n + 2e-7 * n * world_size
 
 
 def _memory_bound_seed(
@@ -103,10 +104,12 @@ def _flexsp(
 ) -> Plan:
     baselines: list[tuple[str, Plan]] = []
     skipped = []
+    # strongest first: where the deadline cannot fit them all (1024 GPUs x 8192 sequences in 4.5 s), the one
+    # skipped should be the homogeneous plan, which the Megatron rules beat on every batch measured
     seeds = (
-        ("homogeneous", batch_adaptive_plan),
-        ("megatron-hybrid-cp", hybrid_cp_plan),
         ("megatron-dynamic-cp", dynamic_cp_plan),
+        ("megatron-hybrid-cp", hybrid_cp_plan),
+        ("homogeneous", batch_adaptive_plan),
     )
     for name, build in seeds:
         need = _predicted_s(name, len(lengths), config.world_size) * len(modes)

@@ -1,4 +1,5 @@
-"""The flags of pretrain_gpt_flexsp.py, by concern: Megatron's names and meanings, FlexSP's own.
+"""The flags of pretrain_gpt_flexsp.py, by concern: Megatron's names and meanings (here), parallelism and FlexSP's own
+(``flags_flexsp``).
 
 Why apart from ``arguments`` (parsing's derived defaults and validation): the parser is the
 command line's documentation, and every default it shares with a config is read from that
@@ -9,7 +10,6 @@ so the command line, the configs and the components built without argparse agree
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import fields as dataclass_fields
 
 from megatron.flexsp.data.build import DataConfig
@@ -18,84 +18,37 @@ from megatron.flexsp.planner.model_presets import MODEL_ARCHS, MODEL_PRESET_NAME
 from megatron.flexsp.runtime.model import GPTConfig
 
 from .config_types import (
-    AUTO_TIME_LIMIT_CAP_S,
-    AUTO_TIME_LIMIT_FRACTION,
-    AUTO_TIME_LIMIT_MIN_S,
-    DistributedConfig,
-    FlexSPConfig,
     LoggingConfig,
     OptimizerConfig,
     TrainConfig,
 )
-from .resilience import EXIT_HUNG, EXIT_NONFINITE, WATCHDOG_SHARE_OF_TIMEOUT
+from .flag_types import ATTN_ALIASES, nonneg_float, nonneg_int, positive_float, positive_int
+from .flags_flexsp import flexsp_planner_flags, flexsp_run_flags, parallelism_flags
+from .resilience import EXIT_NONFINITE
 
 __all__ = ["ATTN_ALIASES", "SP_MODES", "build_parser", "preset_flag_defaults"]
 
-# Megatron's --attention-backend names map onto the FlexSP attention backends.
-ATTN_ALIASES = {
-    "auto": "auto",
-    "sdpa": "sdpa",
-    "flash": "flash",
-    "te": "te",
-    "fused": "te",
-    "unfused": "sdpa",
-    "local": "sdpa",
-}
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
-
-
-def _time_limit(s: str) -> float | None:
-    """'auto' (None: set from the measured iteration time) or seconds > 0."""
-    return None if s == "auto" else _positive_float(s)
-
 
 def _model_flags(m: argparse._ArgumentGroup) -> None:
-    m.add_argument("--num-layers", type=_positive_int, default=2)
-    m.add_argument("--hidden-size", type=_positive_int, default=64)
-    m.add_argument("--ffn-hidden-size", type=_positive_int, default=None, help="default 4*hidden (or the SwiGLU size)")
-    m.add_argument("--num-attention-heads", type=_positive_int, default=4)
+    m.add_argument("--num-layers", type=positive_int, default=2)
+    m.add_argument("--hidden-size", type=positive_int, default=64)
+    m.add_argument("--ffn-hidden-size", type=positive_int, default=None, help="default 4*hidden (or the SwiGLU size)")
+    m.add_argument("--num-attention-heads", type=positive_int, default=4)
     m.add_argument("--group-query-attention", action="store_true")
-    m.add_argument("--num-query-groups", type=_positive_int, default=None)
+    m.add_argument("--num-query-groups", type=positive_int, default=None)
     m.add_argument(
         "--position-embedding-type", choices=["learned_absolute", "rope"], default=GPTConfig.position_embedding_type
     )
     m.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default=GPTConfig.normalization)
     m.add_argument("--swiglu", action="store_true")
-    m.add_argument("--max-position-embeddings", type=_positive_int, default=None, help="default: --seq-length")
+    m.add_argument("--max-position-embeddings", type=positive_int, default=None, help="default: --seq-length")
     m.add_argument(
         "--seq-length",
-        type=_positive_int,
+        type=positive_int,
         default=2048,
         help="longest document kept (tokens of model input); longer ones are truncated or dropped (--overlong)",
     )
-    m.add_argument("--vocab-size", type=_positive_int, default=None, help="default: the tokenizer's vocabulary")
+    m.add_argument("--vocab-size", type=positive_int, default=None, help="default: the tokenizer's vocabulary")
     m.add_argument(
         "--tokenizer-type",
         default=None,
@@ -104,15 +57,15 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
     )
     m.add_argument("--tokenizer-model", default=None, help="local path of a HuggingFace tokenizer")
     m.add_argument("--init-method-std", type=float, default=GPTConfig.init_method_std)
-    m.add_argument("--rotary-base", type=_positive_int, default=GPTConfig.rotary_base)
+    m.add_argument("--rotary-base", type=positive_int, default=GPTConfig.rotary_base)
     m.add_argument(
         "--hidden-dropout",
-        type=_nonneg_float,
+        type=nonneg_float,
         default=GPTConfig.hidden_dropout,
         help="default 0 (Megatron: 0.1): with dropout, sp-modes no longer give bit-comparable losses",
     )
     m.add_argument(
-        "--attention-dropout", type=_nonneg_float, default=GPTConfig.attention_dropout, help="default 0 (Megatron: 0.1)"
+        "--attention-dropout", type=nonneg_float, default=GPTConfig.attention_dropout, help="default 0 (Megatron: 0.1)"
     )
     _checkpoint_model_flags(m)
 
@@ -132,7 +85,7 @@ def _checkpoint_model_flags(m: argparse._ArgumentGroup) -> None:
         help="separate output-layer weights (Llama, Mistral, Qwen2.5-7B); without it the output layer reuses "
         "the word embeddings (tied), as in Megatron",
     )
-    m.add_argument("--norm-epsilon", type=_positive_float, default=GPTConfig.norm_epsilon, help="RMSNorm/LayerNorm eps")
+    m.add_argument("--norm-epsilon", type=positive_float, default=GPTConfig.norm_epsilon, help="RMSNorm/LayerNorm eps")
     m.add_argument("--add-qkv-bias", action="store_true", help="a bias on the q, k, v projections only (Qwen2)")
     m.add_argument(
         "--disable-bias-linear",
@@ -142,10 +95,10 @@ def _checkpoint_model_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--use-rope-scaling", action="store_true", help="Llama 3.1's RoPE frequency scaling (original context 8192)"
     )
-    m.add_argument("--rope-scaling-factor", type=_positive_float, default=GPTConfig.rope_scaling_factor)
+    m.add_argument("--rope-scaling-factor", type=positive_float, default=GPTConfig.rope_scaling_factor)
     m.add_argument(
         "--make-vocab-size-divisible-by",
-        type=_positive_int,
+        type=positive_int,
         default=128,
         help="pad the embedding table to a multiple of this (Megatron's default 128); the pad rows are "
         "never a target or an input",
@@ -164,26 +117,26 @@ def preset_flag_defaults(name: str) -> dict[str, object]:
 def _training_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument(
         "--global-batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=TrainConfig.global_batch_size,
         help="documents per global batch",
     )
     t.add_argument(
         "--micro-batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=TrainConfig.micro_batch_size,
         help="accepted for Megatron compatibility and ignored: the planner chooses micro-batches",
     )
-    t.add_argument("--train-iters", type=_positive_int, default=TrainConfig.train_iters)
-    t.add_argument("--lr", type=_nonneg_float, default=OptimizerConfig.lr)
-    t.add_argument("--min-lr", type=_nonneg_float, default=OptimizerConfig.min_lr)
-    t.add_argument("--lr-warmup-iters", type=_nonneg_int, default=OptimizerConfig.lr_warmup_iters)
-    t.add_argument("--lr-decay-iters", type=_positive_int, default=None, help="default: --train-iters")
+    t.add_argument("--train-iters", type=positive_int, default=TrainConfig.train_iters)
+    t.add_argument("--lr", type=nonneg_float, default=OptimizerConfig.lr)
+    t.add_argument("--min-lr", type=nonneg_float, default=OptimizerConfig.min_lr)
+    t.add_argument("--lr-warmup-iters", type=nonneg_int, default=OptimizerConfig.lr_warmup_iters)
+    t.add_argument("--lr-decay-iters", type=positive_int, default=None, help="default: --train-iters")
     t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default=OptimizerConfig.lr_decay_style)
-    t.add_argument("--weight-decay", type=_nonneg_float, default=OptimizerConfig.weight_decay)
+    t.add_argument("--weight-decay", type=nonneg_float, default=OptimizerConfig.weight_decay)
     t.add_argument(
         "--clip-grad",
-        type=_nonneg_float,
+        type=nonneg_float,
         default=OptimizerConfig.clip_grad,
         help="global gradient-norm clip; 0 disables",
     )
@@ -194,22 +147,22 @@ def _training_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU only)")
     t.add_argument(
         "--eval-interval",
-        type=_nonneg_int,
+        type=nonneg_int,
         default=TrainConfig.eval_interval,
         help="validate every N iterations; 0 disables",
     )
     t.add_argument(
-        "--eval-iters", type=_positive_int, default=TrainConfig.eval_iters, help="global batches per validation"
+        "--eval-iters", type=positive_int, default=TrainConfig.eval_iters, help="global batches per validation"
     )
     t.add_argument(
         "--exit-interval",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="save (if --save) and exit after the iteration divisible by this value",
     )
     t.add_argument(
         "--max-skipped-steps",
-        type=_positive_int,
+        type=positive_int,
         default=TrainConfig.max_skipped_steps,
         help="a step whose loss or gradient norm is not finite is skipped (no update); this many in a "
         f"row stop the run with exit code {EXIT_NONFINITE}",
@@ -258,20 +211,20 @@ def _data_flags(d: argparse._ArgumentGroup) -> None:
     )
     d.add_argument("--split", default=DataConfig.split, help="train,valid,test weights of the documents")
     d.add_argument("--mock-data", action="store_true", help="random tokens with a long-tail length distribution")
-    d.add_argument("--mock-data-num-docs", type=_positive_int, default=20000)
+    d.add_argument("--mock-data-num-docs", type=positive_int, default=20000)
     d.add_argument(
         "--mock-data-median",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="default: --seq-length / 16, at least --mock-data-min-len",
     )
-    d.add_argument("--mock-data-sigma", type=_nonneg_float, default=1.0)
-    d.add_argument("--mock-data-tail-frac", type=_nonneg_float, default=0.05)
-    d.add_argument("--mock-data-pareto-alpha", type=_nonneg_float, default=1.2)
-    d.add_argument("--mock-data-min-len", type=_positive_int, default=16)
+    d.add_argument("--mock-data-sigma", type=nonneg_float, default=1.0)
+    d.add_argument("--mock-data-tail-frac", type=nonneg_float, default=0.05)
+    d.add_argument("--mock-data-pareto-alpha", type=nonneg_float, default=1.2)
+    d.add_argument("--mock-data-min-len", type=positive_int, default=16)
     d.add_argument(
         "--mock-data-max-len",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="longest generated document (default: --seq-length; longer ones exercise --overlong)",
     )
@@ -295,17 +248,17 @@ def _checkpoint_flags(c: argparse._ArgumentGroup) -> None:
 
     c.add_argument("--save", default=None, help="checkpoint directory to write")
     c.add_argument("--load", default=None, help="checkpoint directory to resume from")
-    c.add_argument("--save-interval", type=_positive_int, default=None)
+    c.add_argument("--save-interval", type=positive_int, default=None)
     c.add_argument("--no-save-final", action="store_true", help="do not save at the end of training")
     c.add_argument(
         "--keep-latest-k",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="keep only the newest K checkpoints in --save (default: keep all)",
     )
     c.add_argument(
         "--load-step",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="resume from this iteration's checkpoint instead of the newest one",
     )
@@ -354,142 +307,19 @@ def _exit_flags(c: argparse._ArgumentGroup) -> None:
     )
     c.add_argument(
         "--exit-duration-in-mins",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="save (if --save) and exit 0 at the first iteration boundary after this many minutes",
     )
 
 
 def _logging_flags(lg: argparse._ArgumentGroup) -> None:
-    lg.add_argument("--log-interval", type=_positive_int, default=LoggingConfig.log_interval)
+    lg.add_argument("--log-interval", type=positive_int, default=LoggingConfig.log_interval)
     lg.add_argument("--tensorboard-dir", default=None)
     lg.add_argument("--wandb-project", default=None)
     lg.add_argument("--wandb-exp-name", default=None)
     lg.add_argument("--metrics-file", default=None, help="append one JSON object per logged iteration")
     lg.add_argument("--no-progress-bar", action="store_true")
-
-
-def _parallelism_flags(par: argparse._ArgumentGroup) -> None:
-    par.add_argument(
-        "--distributed-backend", choices=["nccl", "gloo"], default=None, help="default: nccl with CUDA, gloo otherwise"
-    )
-    par.add_argument(
-        "--distributed-timeout-minutes",
-        type=_positive_float,
-        default=DistributedConfig.timeout_minutes,
-        help="collectives (process groups, SP groups) fail after this long; a rank that makes no "
-        f"iteration progress for {WATCHDOG_SHARE_OF_TIMEOUT:.0%}% of it dumps its stacks, names the ranks "
-        f"that went silent and exits (exit code {EXIT_HUNG})",
-    )
-    par.add_argument(
-        "--context-parallel-size",
-        type=_positive_int,
-        default=None,
-        help="the SP degree of --sp-mode static (vanilla Megatron CP / Ulysses); default: the smallest "
-        "degree that holds --seq-length",
-    )
-    par.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=GPTConfig.transformer_impl)
-    par.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=sorted(ATTN_ALIASES),
-        help="sdpa (CPU/GPU), flash (flash-attn varlen), te (Transformer Engine); Megatron names "
-        "fused->te, unfused/local->sdpa; auto: te or flash when installed on GPU, else sdpa",
-    )
-    par.add_argument(
-        "--tensor-model-parallel-size",
-        type=_positive_int,
-        default=1,
-        help="TP size t: the ranks form world/t units of t consecutive ranks inside a node (one TP group each), "
-        "and the planner builds SP groups from whole units",
-    )
-    par.add_argument(
-        "--sequence-parallel",
-        action="store_true",
-        help="Megatron's TP-sequence parallelism (activations split over the TP group); needs NCCL reduce-scatter",
-    )
-    par.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
-
-
-def _flexsp_planner_flags(f: argparse._ArgumentGroup) -> None:
-    """How plans are made: the sp-mode, the cost model and its calibration, the planner's budget."""
-    f.add_argument(
-        "--sp-mode",
-        choices=list(SP_MODES),
-        default=FlexSPConfig.sp_mode,
-        help="flexsp: heterogeneous SP groups planned per batch; static: one degree (vanilla Megatron CP a2a / "
-        "Ulysses); batch-adaptive: the best single degree per batch; megatron-hybrid-cp: the rule of "
-        "megatron.core's BalancedCPScheduler; megatron-dynamic-cp: the rule of Megatron-LM's "
-        "--dynamic-context-parallel (power-of-two CP sizes, s^2/c workload)",
-    )
-    f.add_argument(
-        "--flexsp-cost-model",
-        default=None,
-        help="cost-model JSON (flexsp-profile) or preset name; default 'cpu-tiny' on CPU. Without one that "
-        "fits the model (layers, hidden, heads), the run starts from an analytic prior built from the "
-        "model shape and a quick measurement of the device, and calibrates it online",
-    )
-    f.add_argument(
-        "--flexsp-time-limit",
-        type=_time_limit,
-        default=FlexSPConfig.time_limit_s,
-        metavar="auto|SECONDS",
-        help="planner time limit per global batch (s), which bounds the whole solve; also the longest "
-        f"wait for a late plan. auto (default): {AUTO_TIME_LIMIT_FRACTION:.0%}% of the measured iteration "
-        f"time, from {AUTO_TIME_LIMIT_MIN_S:g} s to {AUTO_TIME_LIMIT_CAP_S:g} s",
-    )
-    f.add_argument(
-        "--flexsp-gap",
-        type=_nonneg_float,
-        default=FlexSPConfig.gap,
-        help="the planner stops improving once its plan is within this fraction of the lower bound",
-    )
-    f.add_argument(
-        "--flexsp-calibrate",
-        choices=["on", "off"],
-        default="on" if FlexSPConfig.calibrate else "off",
-        help="refit the cost model from the measured time of every SP group while training; later "
-        "plans use the refitted model",
-    )
-    f.add_argument(
-        "--flexsp-save-calibrated",
-        default=None,
-        metavar="FILE",
-        help="write the calibrated cost model here at the end (and at every checkpoint); "
-        "--flexsp-cost-model and flexsp-plan accept it",
-    )
-    f.add_argument(
-        "--flexsp-plan-ahead",
-        type=_nonneg_int,
-        default=FlexSPConfig.plan_ahead,
-        help="global batches planned ahead in a background process on rank 0 (0: plan inline)",
-    )
-
-
-def _flexsp_run_flags(f: argparse._ArgumentGroup) -> None:
-    """What else a run does with plans and model states: dumps, profiling, a paired baseline, sharding."""
-    f.add_argument("--flexsp-dump-plans", default=None, metavar="DIR", help="write every plan as JSON here")
-    f.add_argument(
-        "--flexsp-profile",
-        default=None,
-        metavar="FILE",
-        help="profile this model on these ranks instead of training (as flexsp-profile does) and write "
-        "the cost-model JSON to FILE",
-    )
-    f.add_argument(
-        "--flexsp-compare-with",
-        choices=[m for m in SP_MODES if m != "flexsp"],
-        default=None,
-        help="also run every global batch under this baseline's plan (same model, same batch, right "
-        "before the real step; its gradients are dropped) and log both times: a paired comparison "
-        "in the same run conditions, immune to load drift on shared machines",
-    )
-    f.add_argument(
-        "--flexsp-sharding",
-        choices=["fsdp2", "ddp"],
-        default=FlexSPConfig.sharding,
-        help="model-state sharding: fsdp2 (ZeRO-3) or ddp (replicated, for debugging)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p.add_argument_group("data"))
     _checkpoint_flags(p.add_argument_group("checkpointing"))
     _logging_flags(p.add_argument_group("logging"))
-    _parallelism_flags(p.add_argument_group("parallelism"))
+    parallelism_flags(p.add_argument_group("parallelism"))
     flexsp = p.add_argument_group("flexsp")
-    _flexsp_planner_flags(flexsp)
-    _flexsp_run_flags(flexsp)
+    flexsp_planner_flags(flexsp)
+    flexsp_run_flags(flexsp)
     return p

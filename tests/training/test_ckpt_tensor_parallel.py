@@ -51,12 +51,12 @@ def _steps(model, opt, ex, t, first: int, last: int) -> list[float]:
     return losses
 
 
-def _train_and_save(rank, world_size, t, kind, path, fmt):
+def _train_and_save(rank, world_size, t, kind, path, fmt, mode="fsdp2"):
     """The uninterrupted run: SAVE_AT steps, a checkpoint, the rest; the saved model as 1-process tensors."""
     from megatron.flexsp.runtime.sharding import full_state_dict
     from megatron.flexsp.training import checkpointing as ckpt
 
-    model, opt, ex = _setup(t, kind, seed=11)
+    model, opt, ex = _setup(t, kind, seed=11, mode=mode)
     _steps(model, opt, ex, t, 0, SAVE_AT)
     saved = full_state_dict(model)
     if fmt == "async":  # written in the background while the next steps update the parameters in place
@@ -69,10 +69,10 @@ def _train_and_save(rank, world_size, t, kind, path, fmt):
     return dict(after=_steps(model, opt, ex, t, SAVE_AT, STEPS), saved=saved)
 
 
-def _resume(rank, world_size, t, kind, path):
+def _resume(rank, world_size, t, kind, path, mode="fsdp2"):
     from megatron.flexsp.training import checkpointing as ckpt
 
-    model, opt, ex = _setup(t, kind, seed=99)  # another init: everything must come from the checkpoint
+    model, opt, ex = _setup(t, kind, seed=99, mode=mode)  # another init: everything must come from the checkpoint
     loaded = ckpt.load_checkpoint(path, model, opt)
     assert loaded.iteration == SAVE_AT
     return _steps(model, opt, ex, t, SAVE_AT, STEPS)
@@ -160,3 +160,15 @@ def test_boxes_cut_the_whole_tensor_as_megatron_splits_it(dim, stride, t):
                 assert torch.equal(local.narrow(b.dim, b.start, b.length), src)
                 covered[tuple(slice(o, o + n) for o, n in zip(b.offsets, b.sizes))] += 1
     assert bool((covered == 1).all())  # every element once: DCP's coverage check holds
+
+
+@pytest.mark.slow  # three launches of 4 gloo ranks: ~1 min on 2 shared cores
+def test_tp2_two_units_replicated_checkpoint_resumes_replicated_and_sharded(tmp_path):
+    """Without FSDP2 (--flexsp-sharding ddp) both units hold each TP partition whole: their identical boxes are
+    written once. Resumed at TP 2 replicated bit for bit, and at TP 4 with FSDP2 within 1e-5."""
+    out = run_distributed(_train_and_save, 4, 2, "mha8", tmp_path, "torch_dist", "ddp", timeout=400)
+    resumes = {
+        (4, 2): run_distributed(_resume, 4, 2, "mha8", tmp_path, "ddp", timeout=400)[0],
+        (4, 4): run_distributed(_resume, 4, 4, "mha8", tmp_path, "fsdp2", timeout=400)[0],
+    }
+    _check(tmp_path, out[0]["saved"], out[0]["after"], resumes, exact={(4, 2)})

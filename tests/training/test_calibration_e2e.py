@@ -41,7 +41,7 @@ def _distorted_cost_model(path: Path) -> None:
     path.write_text(json.dumps(d))
 
 
-def _train(rank, world_size, out_dir, iters, extra):
+def _records(rank, world_size, out_dir, iters, extra):
     from megatron.flexsp.training import arguments as A
     from megatron.flexsp.training.configs import configs_from_args
     from megatron.flexsp.training.distributed import launch_env
@@ -49,7 +49,13 @@ def _train(rank, world_size, out_dir, iters, extra):
 
     args = A.parse_args(ARGS + ["--train-iters", str(iters), "--flexsp-cost-model", f"{out_dir}/cost.json"] + extra)
     env = launch_env()
-    return [(r.iteration, r.loss, r.extra.get("cost_alpha2")) for r in train(configs_from_args(args, env), env)]
+    return [r.to_json() for r in train(configs_from_args(args, env), env)]
+
+
+def _train(rank, world_size, out_dir, iters, extra):
+    return [
+        (r["iteration"], r["loss"], r.get("cost_alpha2")) for r in _records(rank, world_size, out_dir, iters, extra)
+    ]
 
 
 @pytest.mark.slow  # end to end, >= 9 s on 2 cores: CI's slow step runs it
@@ -104,17 +110,6 @@ def test_calibration_moves_the_model_and_a_resumed_run_plans_as_the_uninterrupte
     assert a["estimated_time_ms"] == b["estimated_time_ms"]  # same model: the same estimate to the last digit
     for (it, loss, _), (it2, loss2, _) in zip(recs[12:], again):
         assert it == it2 and loss == pytest.approx(loss2, rel=2e-5)
-
-
-def _records(rank, world_size, out_dir, iters, extra):
-    from megatron.flexsp.training import arguments as A
-    from megatron.flexsp.training.configs import configs_from_args
-    from megatron.flexsp.training.distributed import launch_env
-    from megatron.flexsp.training.loop import train
-
-    args = A.parse_args(ARGS + ["--train-iters", str(iters), "--flexsp-cost-model", f"{out_dir}/cost.json"] + extra)
-    env = launch_env()
-    return [r.to_json() for r in train(configs_from_args(args, env), env)]
 
 
 def test_the_iteration_estimate_is_the_fwd_bwd_claim_plus_the_measured_rest(tmp_path):

@@ -130,8 +130,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """Non-tensor entries (the optimizer's param_groups) read with ``weights_only=True`` and the allow-list;
     tensor-parallel pieces (``checkpoint_tp``) read box by box."""
 
+    pieces = False  # whether the state holds pieces, decided once in set_up_planner
+
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
-        if not has_pieces(state_dict):
+        self.pieces = has_pieces(state_dict)
+        if not self.pieces:
             return super().set_up_planner(state_dict, metadata, is_coordinator)
         # DCP's own set-up first re-creates meta-device tensors and drops every leaf type it does not
         # know (a piece would become None); nothing here is on the meta device, so only flatten.
@@ -143,7 +146,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         return None
 
     def create_local_plan(self):
-        if not has_pieces(self.state_dict):
+        if not self.pieces:
             return super().create_local_plan()
         return load_plan_with_pieces(self.state_dict, self.metadata, not self.allow_partial_load)
 

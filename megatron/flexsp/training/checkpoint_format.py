@@ -200,13 +200,7 @@ def nonfinite_tensors(state: Any, prefix: str = "", limit: int = 4) -> list[str]
         if len(found) >= limit:
             return
         if isinstance(obj, (torch.Tensor, TensorParallelPiece)):
-            t = (
-                obj.local
-                if isinstance(obj, TensorParallelPiece)
-                else obj.to_local()
-                if hasattr(obj, "to_local")
-                else obj
-            )
+            t = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor's or a piece's own data
             if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
                 found.append(name or "<tensor>")
         elif isinstance(obj, Mapping):

@@ -80,6 +80,10 @@ class TensorParallelPiece:
                 return self.local.narrow(b.dim, b.start, b.length)
         raise KeyError(f"no box at {tuple(offsets)}")
 
+    def to_local(self) -> torch.Tensor:
+        """The rank's own data, as a DTensor's ``to_local`` (so tensor walkers treat both alike)."""
+        return self.local
+
     def staged(self) -> TensorParallelPiece:
         """A host copy for an asynchronous save (training goes on updating ``local`` in place)."""
         return TensorParallelPiece(self.local.detach().to("cpu", copy=True), self.shape, self.boxes)
@@ -199,10 +203,8 @@ class PieceSavePlanner(DefaultSavePlanner):
         return plan
 
     def lookup_object(self, index: MetadataIndex) -> Any:
-        obj = self.state_dict.get(index.fqn)
-        if isinstance(obj, TensorParallelPiece):
-            return obj.box_tensor(tuple(index.offset)).contiguous()
-        return super().lookup_object(index)
+        view = lookup_piece(self.state_dict, index)
+        return view.contiguous() if view is not None else super().lookup_object(index)
 
 
 def load_plan_with_pieces(state_dict: dict[str, Any], metadata: Any, strict: bool):

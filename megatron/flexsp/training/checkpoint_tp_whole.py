@@ -50,20 +50,21 @@ def _mismatches(template: Any, skel: Any, path: str, out: list[str]) -> None:
             _mismatches(v, sub, f"{path}.{k}" if path else str(k), out)
 
 
+def _region(whole: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:
+    """The box of ``whole`` at ``offsets`` of ``sizes`` (a view)."""
+    for d, (o, n) in enumerate(zip(offsets, sizes)):
+        whole = whole.narrow(d, o, n)
+    return whole
+
+
 def _place(template: Any, whole: torch.Tensor) -> None:
     """Copy this rank's part of the whole tensor into the template's storage."""
     if isinstance(template, TensorParallelPiece):
         for b in template.boxes:
-            src = whole
-            for d, (o, n) in enumerate(zip(b.offsets, b.sizes)):
-                src = src.narrow(d, o, n)
-            template.local.narrow(b.dim, b.start, b.length).copy_(src)
+            template.local.narrow(b.dim, b.start, b.length).copy_(_region(whole, b.offsets, b.sizes))
     elif hasattr(template, "__create_chunk_list__"):  # DTensor: its FSDP2 shard
         (chunk,) = template.__create_chunk_list__()
-        src = whole
-        for d, (o, n) in enumerate(zip(chunk.offsets, chunk.sizes)):
-            src = src.narrow(d, o, n)
-        template.to_local().copy_(src)
+        template.to_local().copy_(_region(whole, chunk.offsets, chunk.sizes))
     else:
         template.copy_(whole)
 
